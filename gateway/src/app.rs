@@ -1,0 +1,153 @@
+//! The gateway application: state, router, and a listener it binds itself (port 0 in tests).
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use cmdflow_shared::bus::Bus;
+use cmdflow_shared::lock::Locks;
+use cmdflow_shared::{Config, store};
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::error::ApiError;
+use crate::routes::{commands, events, health};
+
+/// The largest request body: a batch of events (each event is still at most 256 KiB).
+pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    pub bus: Arc<Bus>,
+    pub locks: Locks,
+    /// Command kinds that `POST /v1/commands` accepts.
+    pub kinds: Arc<BTreeSet<String>>,
+}
+
+#[derive(OpenApi)]
+#[openapi(info(
+    title = "cmdflow",
+    description = "Durable commands and events: publish events, start commands, read their state and history."
+))]
+struct ApiDoc;
+
+/// The router and the OpenAPI document generated from the same handlers.
+pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
+    let (api, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(events::post_events))
+        .routes(routes!(commands::start_command))
+        .routes(routes!(commands::get_command))
+        .routes(routes!(commands::get_history))
+        .routes(routes!(health::healthz))
+        .routes(routes!(health::readyz))
+        .with_state(state)
+        .split_for_parts();
+    let doc = openapi.clone();
+    let router = api
+        .route("/openapi.json", get(move || async move { axum::Json(doc) }))
+        .fallback(|| async { ApiError::NotFound("no such endpoint".to_owned()).into_response() })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            REQUEST_TIMEOUT,
+        ))
+        .layer(TraceLayer::new_for_http());
+    (router, openapi)
+}
+
+/// A built gateway: a bound listener and its router.
+pub struct Application {
+    listener: TcpListener,
+    router: Router,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Bus(#[from] cmdflow_shared::bus::BusError),
+    #[error(transparent)]
+    Lock(#[from] cmdflow_shared::lock::LockError),
+}
+
+impl Application {
+    /// Connects to the services and binds `config.http_addr`.
+    pub async fn build(
+        config: &Config,
+        kinds: BTreeSet<String>,
+    ) -> Result<Application, BuildError> {
+        let pool = store::connect(&config.database_url, config.database_pool_size).await?;
+        let bus = Bus::connect(&config.amqp_url, &config.namespace, "cmdflow-gateway").await?;
+        Self::build_with(config, kinds, pool, bus).await
+    }
+
+    /// Builds on connections the caller already holds.
+    pub async fn build_with(
+        config: &Config,
+        kinds: BTreeSet<String>,
+        pool: PgPool,
+        bus: Arc<Bus>,
+    ) -> Result<Application, BuildError> {
+        let locks = Locks::new(
+            &config.redis_url_list(),
+            &config.namespace,
+            config.lock_ttl,
+            config.lock_wait,
+        )?;
+        locks.check_quorum().await?;
+        let state = AppState {
+            pool,
+            bus,
+            locks,
+            kinds: Arc::new(kinds),
+        };
+        let listener = TcpListener::bind(&config.http_addr)
+            .await
+            .map_err(|source| BuildError::Bind {
+                addr: config.http_addr.clone(),
+                source,
+            })?;
+        let (router, _) = router(state);
+        Ok(Application { listener, router })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    pub fn port(&self) -> u16 {
+        self.local_addr().port()
+    }
+
+    /// Serves until `shutdown` fires, then finishes the requests in flight.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> std::io::Result<()> {
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await
+    }
+}

@@ -1,0 +1,254 @@
+//! Client subcommands: they talk to the gateway at `CMDFLOW_URL`, sending `CMDFLOW_TOKEN` as a
+//! bearer token when set.
+
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+pub struct Client {
+    base: String,
+    http: reqwest::Client,
+    token: Option<String>,
+}
+
+impl Client {
+    pub fn from_env() -> anyhow::Result<Client> {
+        let base =
+            std::env::var("CMDFLOW_URL").unwrap_or_else(|_| "http://127.0.0.1:8080".to_owned());
+        Self::new(&base, std::env::var("CMDFLOW_TOKEN").ok())
+    }
+
+    pub fn new(base: &str, token: Option<String>) -> anyhow::Result<Client> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .context("cannot build the HTTP client")?;
+        Ok(Client {
+            base: base.trim_end_matches('/').to_owned(),
+            http,
+            token,
+        })
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> anyhow::Result<Value> {
+        let req = match &self.token {
+            Some(token) => req.bearer_auth(token),
+            None => req,
+        };
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the gateway at {}", self.base))?;
+        let status = resp.status();
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            let code = body.get("code").and_then(Value::as_str).unwrap_or("error");
+            let detail = body.get("detail").and_then(Value::as_str).unwrap_or("");
+            bail!("the gateway answered {status}: {code}: {detail}");
+        }
+        Ok(body)
+    }
+
+    pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        self.send(self.http.get(format!("{}{path}", self.base)))
+            .await
+    }
+
+    pub async fn post(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> anyhow::Result<Value> {
+        self.send(
+            self.http
+                .post(format!("{}{path}", self.base))
+                .header(reqwest::header::CONTENT_TYPE, content_type)
+                .body(body),
+        )
+        .await
+    }
+}
+
+fn parse_object(flag: &str, raw: &str) -> anyhow::Result<Value> {
+    let value: Value = serde_json::from_str(raw).with_context(|| format!("{flag} is not JSON"))?;
+    if !value.is_object() {
+        bail!("{flag} must be a JSON object");
+    }
+    Ok(value)
+}
+
+pub struct EmitArgs {
+    pub event_type: Option<String>,
+    pub command: Option<String>,
+    pub data: String,
+    pub source: String,
+    pub id: Option<String>,
+    pub correlation: Option<String>,
+    pub file: Option<String>,
+}
+
+pub async fn emit(client: &Client, args: EmitArgs) -> anyhow::Result<()> {
+    let body = match &args.file {
+        Some(path) => {
+            let mut buf = Vec::new();
+            if path == "-" {
+                std::io::stdin()
+                    .read_to_end(&mut buf)
+                    .context("cannot read standard input")?;
+            } else {
+                buf = std::fs::read(path).with_context(|| format!("cannot read {path}"))?;
+            }
+            buf
+        }
+        None => {
+            let event = json!({
+                "specversion": "1.0",
+                "id": args.id.unwrap_or_else(|| Uuid::now_v7().to_string()),
+                "source": args.source,
+                "type": args.event_type,
+                "time": chrono::Utc::now().to_rfc3339(),
+                "commandid": args.command,
+                "correlationid": args.correlation,
+                "datacontenttype": "application/json",
+                "data": parse_object("--data", &args.data)?,
+            });
+            serde_json::to_vec(&event)?
+        }
+    };
+    let accepted = client
+        .post("/v1/events", "application/cloudevents+json", body)
+        .await?;
+    for id in accepted["ids"].as_array().into_iter().flatten() {
+        println!("accepted {}", id.as_str().unwrap_or_default());
+    }
+    Ok(())
+}
+
+pub async fn start(
+    client: &Client,
+    kind: &str,
+    owner: &str,
+    data: &str,
+    wait: bool,
+) -> anyhow::Result<()> {
+    let body = json!({ "kind": kind, "owner": owner, "data": parse_object("--data", data)? });
+    let started = client
+        .post(
+            "/v1/commands",
+            "application/json",
+            serde_json::to_vec(&body)?,
+        )
+        .await?;
+    let id = started["command_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    println!("started {id}");
+    if wait {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match client.get(&format!("/v1/commands/{id}")).await {
+                Ok(command) if command["state"] != "pending" => {
+                    print_command(&command);
+                    return Ok(());
+                }
+                Ok(_) | Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Ok(_) | Err(_) => bail!("command {id} did not start within 30s"),
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn show(client: &Client, id: &str) -> anyhow::Result<()> {
+    let command = client
+        .get(&format!("/v1/commands/{}", urlencode(id)))
+        .await?;
+    print_command(&command);
+    Ok(())
+}
+
+pub async fn history(client: &Client, id: &str) -> anyhow::Result<()> {
+    let mut after = 0;
+    println!(
+        "{:>6}  {:<32}  {:<13}  {:<20}  detail",
+        "seq", "at", "entry", "event"
+    );
+    loop {
+        let page = client
+            .get(&format!(
+                "/v1/commands/{}/history?after={after}&limit=1000",
+                urlencode(id)
+            ))
+            .await?;
+        for e in page["entries"].as_array().into_iter().flatten() {
+            let what = match e["entry"].as_str() {
+                Some("state_changed") => format!(
+                    "{} → {}",
+                    e["from_state"].as_str().unwrap_or("?"),
+                    e["to_state"].as_str().unwrap_or("?")
+                ),
+                _ => e["event_type"].as_str().unwrap_or("").to_owned(),
+            };
+            println!(
+                "{:>6}  {:<32}  {:<13}  {:<20}  {}",
+                e["seq"].to_string(),
+                e["at"].as_str().unwrap_or(""),
+                e["entry"].as_str().unwrap_or(""),
+                what,
+                if e["detail"].is_null() {
+                    String::new()
+                } else {
+                    e["detail"].to_string()
+                }
+            );
+        }
+        match page["next_after"].as_i64() {
+            Some(next) => after = next,
+            None => return Ok(()),
+        }
+    }
+}
+
+fn print_command(c: &Value) {
+    let field = |k: &str| match &c[k] {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".to_owned(),
+        other => other.to_string(),
+    };
+    println!("command  {}", field("id"));
+    println!("kind     {}", field("kind"));
+    println!("owner    {}", field("owner"));
+    println!("state    {} (version {})", field("state"), field("version"));
+    println!("data     {}", field("data"));
+    if !c["result"].is_null() {
+        println!("result   {}", field("result"));
+    }
+    if !c["reason"].is_null() {
+        println!("reason   {}", field("reason"));
+    }
+    println!("created  {}", field("created_at"));
+    println!("updated  {}", field("updated_at"));
+    if !c["ended_at"].is_null() {
+        println!("ended    {}", field("ended_at"));
+    }
+}
+
+/// Keeps an id from changing the path it is put in.
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b == b'-' {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,101 @@
+//! Server roles: `up`, `gateway`, `worker`, `migrate`.
+
+use std::collections::BTreeSet;
+
+use anyhow::Context;
+use cmdflow_shared::bus::Bus;
+use cmdflow_shared::config::redact_url;
+use cmdflow_shared::{Config, store};
+use cmdflow_workers::{Registry, Worker};
+use sqlx::migrate::MigrateDatabase;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::Application;
+
+/// Cancels the token on SIGINT or SIGTERM.
+pub fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let trigger = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let term = std::future::pending::<()>();
+        tokio::select! {
+            _ = ctrl_c => {}
+            () = term => {}
+        }
+        tracing::info!("Stopping: finishing the work in flight.");
+        trigger.cancel();
+    });
+    token
+}
+
+/// Creates the database if it does not exist, then applies the migrations.
+pub async fn migrate(config: &Config) -> anyhow::Result<()> {
+    let url = &config.database_url;
+    let exists = sqlx::Postgres::database_exists(url)
+        .await
+        .with_context(|| format!("cannot connect to PostgreSQL at {}", redact_url(url)))?;
+    if !exists {
+        sqlx::Postgres::create_database(url)
+            .await
+            .with_context(|| format!("cannot create the database at {}", redact_url(url)))?;
+        tracing::info!(database = %redact_url(url), "Created the database.");
+    }
+    let pool = store::connect(url, 2).await?;
+    store::migrate(&pool).await?;
+    pool.close().await;
+    Ok(())
+}
+
+fn kinds(registry: &Registry) -> BTreeSet<String> {
+    registry.kinds().map(str::to_owned).collect()
+}
+
+pub async fn up(config: Config) -> anyhow::Result<()> {
+    migrate(&config).await?;
+    let registry = Registry::builtin();
+    let pool = store::connect(&config.database_url, config.database_pool_size).await?;
+    let bus = Bus::connect(&config.amqp_url, &config.namespace, "cmdflow-up").await?;
+    let worker = Worker::build_with(&config, registry.clone(), pool.clone(), bus.clone()).await?;
+    let app = Application::build_with(&config, kinds(&registry), pool, bus.clone()).await?;
+    let shutdown = shutdown_on_signals();
+    println!(
+        "cmdflow is up: gateway http://{} · namespace {} · kinds {}",
+        app.local_addr(),
+        config.namespace,
+        registry.kinds().collect::<Vec<_>>().join(", ")
+    );
+    let worker_task = tokio::spawn(worker.run_until_stopped(shutdown.clone()));
+    let served = app.run_until_stopped(shutdown.clone()).await;
+    shutdown.cancel();
+    worker_task.await.context("the worker task failed")?;
+    bus.close().await;
+    served.context("the gateway stopped with an error")
+}
+
+pub async fn gateway(config: Config) -> anyhow::Result<()> {
+    let registry = Registry::builtin();
+    let app = Application::build(&config, kinds(&registry)).await?;
+    tracing::info!(addr = %app.local_addr(), "Gateway listening.");
+    let shutdown = shutdown_on_signals();
+    app.run_until_stopped(shutdown).await?;
+    Ok(())
+}
+
+pub async fn worker(config: Config) -> anyhow::Result<()> {
+    let worker = Worker::build(&config, Registry::builtin()).await?;
+    let shutdown = shutdown_on_signals();
+    tracing::info!(namespace = %config.namespace, concurrency = config.concurrency, "Worker started.");
+    worker.run_until_stopped(shutdown).await;
+    Ok(())
+}

@@ -1,0 +1,108 @@
+//! Gateway errors and their one mapping to HTTP. 4xx bodies are stable `{code, detail}`;
+//! 5xx bodies say nothing internal (the log has the chain).
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use cmdflow_shared::bus::BusError;
+use cmdflow_shared::contract::EnvelopeError;
+use cmdflow_shared::store::StoreError;
+use serde::Serialize;
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// Stable machine-readable code, e.g. `invalid_field`.
+    pub code: &'static str,
+    /// What is wrong, for a person.
+    pub detail: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    MalformedJson(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("{field}: {reason}")]
+    InvalidField { field: String, reason: String },
+    #[error("{0}")]
+    UnknownKind(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("the event broker could not confirm the message: {0}")]
+    BrokerUnavailable(#[source] BusError),
+    #[error("database: {0}")]
+    Database(#[source] StoreError),
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;
+
+impl ApiError {
+    pub fn invalid(field: &str, reason: impl Into<String>) -> Self {
+        Self::InvalidField {
+            field: field.to_owned(),
+            reason: reason.into(),
+        }
+    }
+
+    fn parts(&self) -> (StatusCode, &'static str, String) {
+        match self {
+            Self::MalformedJson(d) => (StatusCode::BAD_REQUEST, "malformed_json", d.clone()),
+            Self::BadRequest(d) => (StatusCode::BAD_REQUEST, "bad_request", d.clone()),
+            Self::TooLarge(d) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large", d.clone()),
+            Self::UnsupportedMediaType(d) => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                d.clone(),
+            ),
+            Self::InvalidField { .. } => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_field",
+                self.to_string(),
+            ),
+            Self::UnknownKind(d) => (StatusCode::UNPROCESSABLE_ENTITY, "unknown_kind", d.clone()),
+            Self::NotFound(d) => (StatusCode::NOT_FOUND, "not_found", d.clone()),
+            Self::BrokerUnavailable(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "broker_unavailable",
+                "the event broker did not confirm every event; send them again (events are deduplicated by id)"
+                    .to_owned(),
+            ),
+            Self::Database(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "database_unavailable",
+                "the database did not answer; try again".to_owned(),
+            ),
+        }
+    }
+}
+
+impl From<EnvelopeError> for ApiError {
+    fn from(e: EnvelopeError) -> Self {
+        match e {
+            EnvelopeError::Malformed(d) => Self::MalformedJson(format!("malformed JSON: {d}")),
+            EnvelopeError::TooLarge(_) => Self::TooLarge(e.to_string()),
+            EnvelopeError::Invalid { field, reason } => Self::InvalidField { field, reason },
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        Self::Database(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code, detail) = self.parts();
+        if status.is_server_error() {
+            tracing::error!(error = %self, "Request failed.");
+        }
+        (status, Json(ErrorBody { code, detail })).into_response()
+    }
+}

@@ -1,0 +1,246 @@
+//! Commands: start one, read one, read its history.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use chrono::{DateTime, Utc};
+use cmdflow_shared::contract::types::COMMAND_START;
+use cmdflow_shared::domain::{Kind, Owner};
+use cmdflow_shared::store::{self, HistoryRow};
+use cmdflow_shared::{Command, CommandId, CommandState, Event};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+use crate::app::AppState;
+use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::routes::events::publish_all;
+use crate::routes::json_body;
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub struct StartCommand {
+    /// A registered command kind, e.g. `demo.counter`.
+    pub kind: String,
+    /// `kind:id`, e.g. `member:42`.
+    pub owner: String,
+    /// The command's initial data (a JSON object).
+    #[schema(value_type = Object)]
+    pub data: Option<Value>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Started {
+    pub command_id: CommandId,
+    /// The id of the `command.start` event that creates it.
+    pub event_id: String,
+}
+
+/// Starts a command: publishes its `command.start` event and answers once the broker confirms.
+#[utoipa::path(post, path = "/v1/commands", tag = "commands",
+    request_body(content = StartCommand, content_type = "application/json"),
+    responses(
+        (status = 202, description = "The start event was confirmed by the broker", body = Started),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 413, description = "Too large", body = ErrorBody),
+        (status = 415, description = "Wrong content type", body = ErrorBody),
+        (status = 422, description = "Invalid field or unknown kind", body = ErrorBody),
+        (status = 503, description = "The broker did not confirm; resend", body = ErrorBody)))]
+pub async fn start_command(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<(StatusCode, Json<Started>)> {
+    let body = json_body(&headers, body, &["application/json"])?;
+    let event = start_event(&state, &body)?;
+    let command_id = event.commandid.unwrap_or_default();
+    publish_all(&state, std::slice::from_ref(&event)).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(Started {
+            command_id,
+            event_id: event.id,
+        }),
+    ))
+}
+
+/// Validates a start request and builds its event.
+fn start_event(state: &AppState, body: &[u8]) -> ApiResult<Event> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::MalformedJson(format!("malformed JSON: {e}")))?;
+    let Value::Object(mut obj) = value else {
+        return Err(ApiError::invalid(
+            "body",
+            "must be a JSON object {kind, owner, data}",
+        ));
+    };
+    let kind = match obj.remove("kind") {
+        Some(Value::String(s)) => {
+            Kind::parse(&s).map_err(|e| ApiError::invalid("kind", e.to_string()))?
+        }
+        Some(_) => return Err(ApiError::invalid("kind", "must be a string")),
+        None => return Err(ApiError::invalid("kind", "is required")),
+    };
+    if !state.kinds.contains(kind.as_str()) {
+        let known: Vec<&str> = state.kinds.iter().map(String::as_str).collect();
+        return Err(ApiError::UnknownKind(format!(
+            "unknown command kind `{kind}`; known kinds: {}",
+            known.join(", ")
+        )));
+    }
+    let owner = match obj.remove("owner") {
+        Some(Value::String(s)) => {
+            Owner::parse(&s).map_err(|e| ApiError::invalid("owner", e.to_string()))?
+        }
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "owner",
+                "must be a string such as member:42",
+            ));
+        }
+        None => return Err(ApiError::invalid("owner", "is required")),
+    };
+    let data = match obj.remove("data") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(map)) => map,
+        Some(_) => return Err(ApiError::invalid("data", "must be a JSON object")),
+    };
+    if let Some(extra) = obj.keys().next() {
+        return Err(ApiError::invalid(
+            extra,
+            "is not a field of a command start (kind, owner, data)",
+        ));
+    }
+    let id = CommandId::new();
+    let mut start = Map::new();
+    start.insert("kind".into(), json!(kind));
+    start.insert("owner".into(), json!(owner.to_string()));
+    start.insert("data".into(), Value::Object(data));
+    let mut event = Event::new("cmdflow/gateway", COMMAND_START, start);
+    event.commandid = Some(id);
+    event.subject = Some(owner.to_string());
+    event.correlationid = Some(id.to_string());
+    let size = event.to_bytes().len();
+    if size > cmdflow_shared::contract::MAX_EVENT_BYTES {
+        return Err(ApiError::TooLarge(format!(
+            "the command's start event would be {size} bytes; at most 262144 bytes are accepted"
+        )));
+    }
+    Ok(event)
+}
+
+pub fn parse_id(raw: &str) -> ApiResult<CommandId> {
+    raw.parse::<CommandId>()
+        .map_err(|e| ApiError::BadRequest(e.to_string()))
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct CommandView {
+    pub id: CommandId,
+    pub kind: String,
+    pub owner: String,
+    pub state: CommandState,
+    #[schema(value_type = Object)]
+    pub data: Value,
+    pub version: i64,
+    pub parent_id: Option<CommandId>,
+    pub root_id: CommandId,
+    #[schema(value_type = Option<Object>)]
+    pub result: Option<Value>,
+    pub reason: Option<String>,
+    #[schema(value_type = Option<Object>)]
+    pub ui: Option<Value>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub ended_at: Option<DateTime<Utc>>,
+}
+
+impl From<Command> for CommandView {
+    fn from(c: Command) -> Self {
+        Self {
+            id: c.id,
+            kind: c.kind,
+            owner: c.owner,
+            state: c.state,
+            data: c.data,
+            version: c.version,
+            parent_id: c.parent_id,
+            root_id: c.root_id,
+            result: c.result,
+            reason: c.reason,
+            ui: c.ui,
+            created_at: c.created_at,
+            updated_at: c.updated_at,
+            ended_at: c.ended_at,
+        }
+    }
+}
+
+/// A command: state, data, version, owner, timestamps.
+#[utoipa::path(get, path = "/v1/commands/{id}", tag = "commands",
+    params(("id" = String, Path, description = "Command id (UUID)")),
+    responses(
+        (status = 200, body = CommandView),
+        (status = 400, description = "Not a command id", body = ErrorBody),
+        (status = 404, description = "No such command", body = ErrorBody)))]
+pub async fn get_command(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+) -> ApiResult<Json<CommandView>> {
+    let id = parse_id(&raw)?;
+    let command = store::get_command(&state.pool, id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no command {id}")))?;
+    Ok(Json(command.into()))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct HistoryQuery {
+    /// Return entries after this `seq` (the cursor from the previous page).
+    pub after: Option<i64>,
+    /// Page size, 1 to 1000 (default 100).
+    pub limit: Option<i64>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct History {
+    pub command_id: CommandId,
+    pub entries: Vec<HistoryRow>,
+    /// Pass as `after` for the next page; absent on the last page.
+    pub next_after: Option<i64>,
+}
+
+/// A command's history in order: events received and emitted, state changes, ignored events.
+#[utoipa::path(get, path = "/v1/commands/{id}/history", tag = "commands",
+    params(("id" = String, Path, description = "Command id (UUID)"), HistoryQuery),
+    responses(
+        (status = 200, body = History),
+        (status = 400, description = "Not a command id", body = ErrorBody),
+        (status = 404, description = "No such command", body = ErrorBody),
+        (status = 422, description = "Invalid query", body = ErrorBody)))]
+pub async fn get_history(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+    query: Result<Query<HistoryQuery>, QueryRejection>,
+) -> ApiResult<Json<History>> {
+    let id = parse_id(&raw)?;
+    let Query(query) = query.map_err(|e| ApiError::invalid("query", e.body_text()))?;
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::invalid("limit", "must be between 1 and 1000"));
+    }
+    if store::get_command(&state.pool, id).await?.is_none() {
+        return Err(ApiError::NotFound(format!("no command {id}")));
+    }
+    let entries = store::history(&state.pool, id, query.after.unwrap_or(0), limit).await?;
+    let next_after = if entries.len() as i64 == limit {
+        entries.last().map(|e| e.seq)
+    } else {
+        None
+    };
+    Ok(Json(History {
+        command_id: id,
+        entries,
+        next_after,
+    }))
+}

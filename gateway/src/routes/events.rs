@@ -1,0 +1,73 @@
+//! `POST /v1/events`: one CloudEvent or a batch, validated, published with confirms, and
+//! answered 202 only once the broker has confirmed every one.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderMap, StatusCode};
+use cmdflow_shared::Event;
+use cmdflow_shared::contract::parse_batch;
+use lapin::types::FieldTable;
+use serde::Serialize;
+
+use crate::app::AppState;
+use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::routes::json_body;
+
+pub const EVENT_CONTENT_TYPES: &[&str] = &[
+    "application/json",
+    "application/cloudevents+json",
+    "application/cloudevents-batch+json",
+];
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Accepted {
+    /// The ids of the accepted events, in the order sent.
+    pub ids: Vec<String>,
+}
+
+/// Publishes one CloudEvent, or a JSON array of them.
+#[utoipa::path(post, path = "/v1/events", tag = "events",
+    request_body(content = Event, description = "A CloudEvent 1.0 (structured JSON), or an array of them",
+        content_type = "application/cloudevents+json"),
+    responses(
+        (status = 202, description = "Every event was confirmed by the broker", body = Accepted),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 413, description = "An event or the body is too large", body = ErrorBody),
+        (status = 415, description = "Wrong content type", body = ErrorBody),
+        (status = 422, description = "An invalid field, named in `detail`", body = ErrorBody),
+        (status = 503, description = "The broker did not confirm; resend", body = ErrorBody)))]
+pub async fn post_events(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<(StatusCode, Json<Accepted>)> {
+    let body = json_body(&headers, body, EVENT_CONTENT_TYPES)?;
+    let events = parse_batch(&body)?;
+    publish_all(&state, &events).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(Accepted {
+            ids: events.into_iter().map(|e| e.id).collect(),
+        }),
+    ))
+}
+
+/// Publishes events concurrently; fails with 503 unless the broker confirmed every one.
+pub async fn publish_all(state: &AppState, events: &[Event]) -> ApiResult<()> {
+    let results = futures::future::join_all(events.iter().map(|event| {
+        let body = event.to_bytes();
+        async move {
+            state
+                .bus
+                .publish_event(&event.ty, &event.id, &body, FieldTable::default())
+                .await
+        }
+    }))
+    .await;
+    for result in results {
+        result.map_err(ApiError::BrokerUnavailable)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,72 @@
+//! Liveness and readiness.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde::Serialize;
+
+use crate::app::AppState;
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Health {
+    pub status: &'static str,
+    /// Per dependency: `ok` or what is wrong.
+    pub checks: BTreeMap<&'static str, String>,
+}
+
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/healthz", tag = "health",
+    responses((status = 200, description = "The process is alive", body = Health)))]
+pub async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: "ok",
+        checks: BTreeMap::new(),
+    })
+}
+
+/// Readiness: PostgreSQL, RabbitMQ and a majority of the Redis masters answer.
+#[utoipa::path(get, path = "/readyz", tag = "health",
+    responses(
+        (status = 200, description = "Ready", body = Health),
+        (status = 503, description = "A dependency is down", body = Health)))]
+pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
+    let within = Duration::from_secs(2);
+    let pg = async {
+        match tokio::time::timeout(within, cmdflow_shared::store::ping(&state.pool)).await {
+            Ok(Ok(())) => "ok".to_owned(),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "no answer within 2s".to_owned(),
+        }
+    };
+    let amqp = async {
+        match tokio::time::timeout(within, state.bus.connection()).await {
+            Ok(Ok(_)) => "ok".to_owned(),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "no answer within 2s".to_owned(),
+        }
+    };
+    let redis = async {
+        match state.locks.check_quorum().await {
+            Ok(_) => "ok".to_owned(),
+            Err(e) => e.to_string(),
+        }
+    };
+    let (pg, amqp, redis) = tokio::join!(pg, amqp, redis);
+    let ready = [&pg, &amqp, &redis].iter().all(|c| *c == "ok");
+    let checks = BTreeMap::from([("postgres", pg), ("rabbitmq", amqp), ("redis", redis)]);
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(Health {
+            status: if ready { "ready" } else { "not_ready" },
+            checks,
+        }),
+    )
+}

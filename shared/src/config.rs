@@ -1,0 +1,220 @@
+//! Configuration: compiled-in defaults pointing at local services, then an optional TOML file
+//! (`CMDFLOW_CONFIG`), then `CMDFLOW_…` environment variables. Validated once at start-up.
+
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// PostgreSQL URL (`CMDFLOW_DATABASE_URL`).
+    pub database_url: String,
+    /// Connections in the PostgreSQL pool of one process.
+    pub database_pool_size: u32,
+    /// AMQP URL of RabbitMQ (`CMDFLOW_AMQP_URL`).
+    pub amqp_url: String,
+    /// Redis masters for Redlock, comma-separated (`CMDFLOW_REDIS_URLS`).
+    pub redis_urls: String,
+    /// Prefix of every exchange, queue and lock key (`CMDFLOW_NAMESPACE`).
+    pub namespace: String,
+    /// Where the gateway listens (`CMDFLOW_HTTP_ADDR`).
+    pub http_addr: String,
+    /// Unacknowledged deliveries a worker holds (`CMDFLOW_PREFETCH`).
+    pub prefetch: u16,
+    /// Events a worker processes at once (`CMDFLOW_CONCURRENCY`).
+    pub concurrency: usize,
+    /// Whether workers take the Redlock lock (`CMDFLOW_LOCK_ENABLED`). Off only for tests and
+    /// benchmarks: the guarded update in PostgreSQL still fences every write.
+    pub lock_enabled: bool,
+    /// Redlock TTL; the lock is extended while a handler runs (`CMDFLOW_LOCK_TTL`, e.g. `30s`).
+    #[serde(with = "humantime_serde")]
+    pub lock_ttl: Duration,
+    /// How long a worker waits for a busy lock before it hands the event to a short delay
+    /// (`CMDFLOW_LOCK_WAIT`).
+    #[serde(with = "humantime_serde")]
+    pub lock_wait: Duration,
+    /// The delay before an event that found its lock busy is tried again (`CMDFLOW_BUSY_DELAY`).
+    #[serde(with = "humantime_serde")]
+    pub busy_delay: Duration,
+    /// Delays between attempts after a retryable error, comma-separated
+    /// (`CMDFLOW_RETRY_DELAYS`, e.g. `1s,10s,1m,10m`). After the last one, the event is a dead letter.
+    pub retry_delays: String,
+    /// Age after which the outbox sweeper republishes an unconfirmed row (`CMDFLOW_OUTBOX_SWEEP_AFTER`).
+    #[serde(with = "humantime_serde")]
+    pub outbox_sweep_after: Duration,
+    /// Log format: `json` or `pretty` (`CMDFLOW_LOG_FORMAT`).
+    pub log_format: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            database_url: "postgres://postgres@127.0.0.1:5432/cmdflow".to_owned(),
+            database_pool_size: 16,
+            amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned(),
+            redis_urls: "redis://127.0.0.1:6379/".to_owned(),
+            namespace: "cmdflow".to_owned(),
+            http_addr: "127.0.0.1:8080".to_owned(),
+            prefetch: 64,
+            concurrency: 32,
+            lock_enabled: true,
+            lock_ttl: Duration::from_secs(30),
+            lock_wait: Duration::from_millis(200),
+            busy_delay: Duration::from_millis(100),
+            retry_delays: "1s,10s,1m,10m".to_owned(),
+            outbox_sweep_after: Duration::from_secs(10),
+            log_format: "pretty".to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("configuration: {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+impl Config {
+    /// Defaults, then the file named by `CMDFLOW_CONFIG` if any, then `CMDFLOW_…` variables.
+    pub fn load() -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Ok(path) = std::env::var("CMDFLOW_CONFIG") {
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        let config: Config = figment
+            .merge(Env::prefixed("CMDFLOW_").ignore(&["config", "url", "token"]))
+            .extract()
+            .map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, reason: &str| {
+            Err(ConfigError::Invalid {
+                field,
+                reason: reason.to_owned(),
+            })
+        };
+        if self.redis_url_list().is_empty() {
+            return invalid("redis_urls", "name at least one Redis master");
+        }
+        if self.namespace.is_empty()
+            || !self
+                .namespace
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return invalid(
+                "namespace",
+                "must be non-empty ASCII letters, digits, - or _",
+            );
+        }
+        if self.concurrency == 0 || self.prefetch == 0 {
+            return invalid("concurrency", "concurrency and prefetch must be at least 1");
+        }
+        if self.lock_ttl < Duration::from_secs(1) {
+            return invalid("lock_ttl", "must be at least 1s");
+        }
+        self.retry_delay_list()?;
+        if !matches!(self.log_format.as_str(), "json" | "pretty") {
+            return invalid("log_format", "must be `json` or `pretty`");
+        }
+        Ok(())
+    }
+
+    pub fn redis_url_list(&self) -> Vec<String> {
+        self.redis_urls
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    pub fn retry_delay_list(&self) -> Result<Vec<Duration>, ConfigError> {
+        self.retry_delays
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                let d = humantime::parse_duration(s).map_err(|e| ConfigError::Invalid {
+                    field: "retry_delays",
+                    reason: format!("`{s}`: {e}"),
+                })?;
+                if d.is_zero() {
+                    return Err(ConfigError::Invalid {
+                        field: "retry_delays",
+                        reason: "a delay must be longer than zero".to_owned(),
+                    });
+                }
+                Ok(d)
+            })
+            .collect()
+    }
+}
+
+/// A URL fit for a log line or an error message: the password is replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((userinfo, host)) = rest.split_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+        assert_eq!(Config::default().retry_delay_list().unwrap().len(), 4);
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        let config = Config {
+            retry_delays: "1s,soon".to_owned(),
+            ..Config::default()
+        };
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("retry_delays")
+        );
+        let config = Config {
+            namespace: "a b".to_owned(),
+            ..Config::default()
+        };
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("namespace")
+        );
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("amqp://guest:secret@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(redact_url("redis://127.0.0.1/"), "redis://127.0.0.1/");
+    }
+}

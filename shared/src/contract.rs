@@ -1,0 +1,471 @@
+//! The wire contract: CloudEvents 1.0 in structured JSON mode, with cmdflow's extension
+//! attributes `commandid`, `correlationid` and `causationid`.
+//!
+//! Every event that enters cmdflow, through the gateway or straight from RabbitMQ, is parsed
+//! by [`Event::parse`], which says precisely what is wrong with a bad one.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use crate::domain::{CommandId, check_dotted_name};
+
+/// The largest event accepted, serialized.
+pub const MAX_EVENT_BYTES: usize = 256 * 1024;
+/// The longest `id`.
+pub const MAX_ID_LEN: usize = 128;
+/// The longest `source`, `subject`, `correlationid` or `causationid`.
+pub const MAX_ATTR_LEN: usize = 512;
+
+/// Engine event types (`command.` prefix and the time events).
+pub mod types {
+    /// Starts a command: `data = {kind, owner, data}`, addressed to the new command's id.
+    pub const COMMAND_START: &str = "command.start";
+    pub const COMMAND_ABORT: &str = "command.abort";
+    pub const COMMAND_COMPLETED: &str = "command.completed";
+    pub const COMMAND_FAILED: &str = "command.failed";
+    pub const COMMAND_ABORTED: &str = "command.aborted";
+}
+
+/// A validated CloudEvent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Event {
+    /// Always `1.0`.
+    pub specversion: String,
+    /// Unique per `source`; at most 128 characters.
+    pub id: String,
+    pub source: String,
+    /// A dotted lower-case name such as `quote.requested`; the routing key.
+    #[serde(rename = "type")]
+    pub ty: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    /// The command this event is addressed to; absent for a broadcast.
+    #[serde(default)]
+    pub commandid: Option<CommandId>,
+    #[serde(default)]
+    pub correlationid: Option<String>,
+    #[serde(default)]
+    pub causationid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datacontenttype: Option<String>,
+    #[schema(value_type = Object)]
+    pub data: Map<String, Value>,
+    /// Other CloudEvents extension attributes, kept as they came.
+    #[serde(flatten)]
+    #[schema(value_type = Object)]
+    pub extensions: BTreeMap<String, Value>,
+}
+
+/// What is wrong with an incoming event. Each variant maps to one HTTP status at the gateway
+/// and to a dead-letter reason at the worker.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("malformed JSON: {0}")]
+    Malformed(String),
+    #[error("the event is {0} bytes; at most 262144 bytes (256 KiB) are accepted")]
+    TooLarge(usize),
+    #[error("{field}: {reason}")]
+    Invalid { field: String, reason: String },
+}
+
+impl EnvelopeError {
+    fn invalid(field: &str, reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            field: field.to_owned(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Prefixes the field with its place in a batch, as in `[3].type`.
+    pub fn in_batch(self, index: usize) -> Self {
+        match self {
+            Self::Invalid { field, reason } => Self::Invalid {
+                field: format!("[{index}].{field}"),
+                reason,
+            },
+            other => other,
+        }
+    }
+}
+
+const KNOWN: [&str; 11] = [
+    "specversion",
+    "id",
+    "source",
+    "type",
+    "time",
+    "subject",
+    "commandid",
+    "correlationid",
+    "causationid",
+    "datacontenttype",
+    "data",
+];
+
+impl Event {
+    /// Parses and validates one event from its JSON bytes.
+    pub fn parse(bytes: &[u8]) -> Result<Event, EnvelopeError> {
+        if bytes.len() > MAX_EVENT_BYTES {
+            return Err(EnvelopeError::TooLarge(bytes.len()));
+        }
+        let value: Value =
+            serde_json::from_slice(bytes).map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
+        Self::from_value(value, bytes.len())
+    }
+
+    /// Validates an already-parsed JSON value, whose serialized size is `size`.
+    pub fn from_value(value: Value, size: usize) -> Result<Event, EnvelopeError> {
+        if size > MAX_EVENT_BYTES {
+            return Err(EnvelopeError::TooLarge(size));
+        }
+        let Value::Object(mut obj) = value else {
+            return Err(EnvelopeError::invalid(
+                "event",
+                "must be a JSON object (a CloudEvent)",
+            ));
+        };
+
+        let specversion = required_str(&mut obj, "specversion")?;
+        if specversion != "1.0" {
+            return Err(EnvelopeError::invalid(
+                "specversion",
+                format!("must be \"1.0\", got {:?}", clip(&specversion)),
+            ));
+        }
+        let id = required_str(&mut obj, "id")?;
+        check_len("id", &id, MAX_ID_LEN)?;
+        let source = required_str(&mut obj, "source")?;
+        check_len("source", &source, MAX_ATTR_LEN)?;
+        let ty = required_str(&mut obj, "type")?;
+        check_dotted_name(&ty, 2).map_err(|e| EnvelopeError::invalid("type", e.to_string()))?;
+
+        let time = match optional_str(&mut obj, "time")? {
+            None => None,
+            Some(t) => Some(
+                DateTime::parse_from_rfc3339(&t)
+                    .map_err(|_| {
+                        EnvelopeError::invalid(
+                            "time",
+                            "must be an RFC 3339 timestamp such as 2026-11-26T10:00:00Z",
+                        )
+                    })?
+                    .with_timezone(&Utc),
+            ),
+        };
+        let subject = optional_str(&mut obj, "subject")?;
+        if let Some(s) = &subject {
+            check_len("subject", s, MAX_ATTR_LEN)?;
+        }
+        let commandid = match optional_str(&mut obj, "commandid")? {
+            None => None,
+            Some(s) => Some(s.parse::<CommandId>().map_err(|_| {
+                EnvelopeError::invalid(
+                    "commandid",
+                    format!("must be a command id (a UUID), got {:?}", clip(&s)),
+                )
+            })?),
+        };
+        let correlationid = optional_str(&mut obj, "correlationid")?;
+        if let Some(s) = &correlationid {
+            check_len("correlationid", s, MAX_ATTR_LEN)?;
+        }
+        let causationid = optional_str(&mut obj, "causationid")?;
+        if let Some(s) = &causationid {
+            check_len("causationid", s, MAX_ATTR_LEN)?;
+        }
+        let datacontenttype = optional_str(&mut obj, "datacontenttype")?;
+        if let Some(ct) = &datacontenttype
+            && !is_json_content_type(ct)
+        {
+            return Err(EnvelopeError::invalid(
+                "datacontenttype",
+                format!("must be application/json when present, got {:?}", clip(ct)),
+            ));
+        }
+        let data = match obj.remove("data") {
+            None | Some(Value::Null) => Map::new(),
+            Some(Value::Object(map)) => map,
+            Some(_) => {
+                return Err(EnvelopeError::invalid("data", "must be a JSON object"));
+            }
+        };
+        if obj.contains_key("data_base64") {
+            return Err(EnvelopeError::invalid(
+                "data_base64",
+                "binary data is not accepted; send a JSON object in `data`",
+            ));
+        }
+        let mut extensions = BTreeMap::new();
+        for (name, value) in obj {
+            if !is_extension_name(&name) {
+                return Err(EnvelopeError::invalid(
+                    &clip(&name),
+                    "is not a CloudEvents attribute: extension names are 1 to 20 lower-case letters or digits",
+                ));
+            }
+            if matches!(value, Value::Object(_) | Value::Array(_)) {
+                return Err(EnvelopeError::invalid(
+                    &name,
+                    "an extension attribute must be a string, number, boolean or null",
+                ));
+            }
+            extensions.insert(name, value);
+        }
+
+        Ok(Event {
+            specversion,
+            id,
+            source,
+            ty,
+            time,
+            subject,
+            commandid,
+            correlationid,
+            causationid,
+            datacontenttype,
+            data,
+            extensions,
+        })
+    }
+
+    /// A new event emitted by cmdflow itself, with a fresh id and the time set.
+    pub fn new(source: &str, ty: &str, data: Map<String, Value>) -> Event {
+        Event {
+            specversion: "1.0".to_owned(),
+            id: Uuid::now_v7().to_string(),
+            source: source.to_owned(),
+            ty: ty.to_owned(),
+            time: Some(Utc::now()),
+            subject: None,
+            commandid: None,
+            correlationid: None,
+            causationid: None,
+            datacontenttype: Some("application/json".to_owned()),
+            data,
+            extensions: BTreeMap::new(),
+        }
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        // Serializing plain data (strings, maps, numbers) cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// Parses the body of `POST /v1/events`: one event, or a JSON array of them.
+pub fn parse_batch(bytes: &[u8]) -> Result<Vec<Event>, EnvelopeError> {
+    let value: Value =
+        serde_json::from_slice(bytes).map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
+    match value {
+        Value::Array(items) => {
+            if items.is_empty() {
+                return Err(EnvelopeError::invalid(
+                    "events",
+                    "the batch is empty; send at least one event",
+                ));
+            }
+            items
+                .into_iter()
+                .enumerate()
+                .map(|(i, item)| {
+                    let size = serde_json::to_vec(&item).map(|v| v.len()).unwrap_or(0);
+                    Event::from_value(item, size).map_err(|e| e.in_batch(i))
+                })
+                .collect()
+        }
+        single => Ok(vec![Event::from_value(single, bytes.len())?]),
+    }
+}
+
+fn is_json_content_type(ct: &str) -> bool {
+    let base = ct.split(';').next().unwrap_or("").trim();
+    base.eq_ignore_ascii_case("application/json") || base.to_ascii_lowercase().ends_with("+json")
+}
+
+fn is_extension_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 20
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && !KNOWN.contains(&name)
+}
+
+fn clip(s: &str) -> String {
+    match s.char_indices().nth(40) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_owned(),
+    }
+}
+
+fn required_str(obj: &mut Map<String, Value>, field: &str) -> Result<String, EnvelopeError> {
+    match obj.remove(field) {
+        None | Some(Value::Null) => Err(EnvelopeError::invalid(field, "is required")),
+        Some(Value::String(s)) if s.is_empty() => {
+            Err(EnvelopeError::invalid(field, "must not be empty"))
+        }
+        Some(Value::String(s)) => Ok(s),
+        Some(_) => Err(EnvelopeError::invalid(field, "must be a string")),
+    }
+}
+
+fn optional_str(
+    obj: &mut Map<String, Value>,
+    field: &str,
+) -> Result<Option<String>, EnvelopeError> {
+    match obj.remove(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Err(EnvelopeError::invalid(
+            field,
+            "must not be empty when present (omit it or send null)",
+        )),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(EnvelopeError::invalid(field, "must be a string")),
+    }
+}
+
+fn check_len(field: &str, value: &str, max: usize) -> Result<(), EnvelopeError> {
+    if value.chars().count() > max {
+        return Err(EnvelopeError::invalid(
+            field,
+            format!("must be at most {max} characters"),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(EnvelopeError::invalid(
+            field,
+            "must not contain control characters",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn good() -> Value {
+        json!({
+            "specversion": "1.0", "id": "e-1", "source": "web-frontend",
+            "type": "quote.requested", "time": "2026-11-26T10:00:00Z",
+            "subject": "visitor:cookie-7f3a", "commandid": null,
+            "correlationid": "visitor:cookie-7f3a", "causationid": null,
+            "datacontenttype": "application/json", "data": {"total": 3}
+        })
+    }
+
+    fn parse(v: Value) -> Result<Event, EnvelopeError> {
+        Event::parse(&serde_json::to_vec(&v).unwrap())
+    }
+
+    fn field_of(err: EnvelopeError) -> String {
+        match err {
+            EnvelopeError::Invalid { field, .. } => field,
+            other => panic!("expected an invalid field, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_good_event_parses_and_round_trips() {
+        let event = parse(good()).unwrap();
+        assert_eq!(event.ty, "quote.requested");
+        assert_eq!(event.data["total"], 3);
+        let again = Event::parse(&event.to_bytes()).unwrap();
+        assert_eq!(again, event);
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let cases: Vec<(&str, Value, &str)> = vec![
+            ("specversion", json!("0.3"), "specversion"),
+            ("id", json!(""), "id"),
+            ("id", json!("x".repeat(129)), "id"),
+            ("id", json!(7), "id"),
+            ("source", json!(""), "source"),
+            ("type", json!("QuoteRequested"), "type"),
+            ("type", json!("quote"), "type"),
+            ("time", json!("yesterday"), "time"),
+            ("commandid", json!("../../etc/passwd"), "commandid"),
+            ("data", json!([1, 2]), "data"),
+            ("data", json!("text"), "data"),
+            ("datacontenttype", json!("text/xml"), "datacontenttype"),
+        ];
+        for (key, value, field) in cases {
+            let mut v = good();
+            v[key] = value;
+            assert_eq!(field_of(parse(v).unwrap_err()), field, "{key}");
+        }
+        let mut v = good();
+        v.as_object_mut().unwrap().remove("source");
+        assert_eq!(field_of(parse(v).unwrap_err()), "source");
+        let mut v = good();
+        v["Bad-Ext"] = json!(1);
+        assert_eq!(field_of(parse(v).unwrap_err()), "Bad-Ext");
+    }
+
+    #[test]
+    fn extensions_are_kept() {
+        let mut v = good();
+        v["traceparent"] = json!("00-abc-def-01");
+        let event = parse(v).unwrap();
+        assert_eq!(event.extensions["traceparent"], "00-abc-def-01");
+        assert!(
+            String::from_utf8(event.to_bytes())
+                .unwrap()
+                .contains("traceparent")
+        );
+    }
+
+    #[test]
+    fn too_large_and_malformed() {
+        let mut v = good();
+        v["data"] = json!({"blob": "x".repeat(MAX_EVENT_BYTES)});
+        assert!(matches!(parse(v), Err(EnvelopeError::TooLarge(_))));
+        assert!(matches!(
+            Event::parse(b"{nope"),
+            Err(EnvelopeError::Malformed(_))
+        ));
+        let deep = "[".repeat(10_000) + &"]".repeat(10_000);
+        assert!(matches!(
+            Event::parse(deep.as_bytes()),
+            Err(EnvelopeError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn batches_name_the_bad_index() {
+        let mut bad = good();
+        bad["type"] = json!("nope");
+        let body = serde_json::to_vec(&json!([good(), bad])).unwrap();
+        assert_eq!(field_of(parse_batch(&body).unwrap_err()), "[1].type");
+        let body = serde_json::to_vec(&json!([good(), good()])).unwrap();
+        assert_eq!(parse_batch(&body).unwrap().len(), 2);
+        assert!(parse_batch(b"[]").is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn parse_never_panics_and_errors_say_something(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            if let Err(e) = Event::parse(&bytes) {
+                prop_assert!(!e.to_string().is_empty());
+            }
+        }
+
+        #[test]
+        fn any_string_field_value_never_panics(key in proptest::sample::select(KNOWN.to_vec()), s in "\\PC{0,200}") {
+            let mut v = good();
+            v[key] = json!(s);
+            if let Err(e) = parse(v) {
+                prop_assert!(!e.to_string().is_empty());
+            }
+        }
+    }
+}

@@ -1,0 +1,488 @@
+//! The domain model: command ids, owners, kinds and the command state machine.
+//!
+//! Values that come from outside (HTTP bodies, AMQP messages) are parsed through the
+//! constructors here, so an invalid owner or kind cannot exist past the edge.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+/// A command's identity: a UUIDv7, so ids sort by creation time.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    sqlx::Type,
+    utoipa::ToSchema,
+)]
+#[sqlx(transparent)]
+#[serde(transparent)]
+#[schema(value_type = String, format = Uuid)]
+pub struct CommandId(Uuid);
+
+impl CommandId {
+    pub fn new() -> Self {
+        Self(Uuid::now_v7())
+    }
+
+    pub fn as_uuid(&self) -> Uuid {
+        self.0
+    }
+}
+
+impl Default for CommandId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl From<Uuid> for CommandId {
+    fn from(value: Uuid) -> Self {
+        Self(value)
+    }
+}
+
+impl fmt::Display for CommandId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl FromStr for CommandId {
+    type Err = DomainError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Uuid::try_parse(s)
+            .map(Self)
+            .map_err(|_| DomainError::CommandId(truncate(s, 64)))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DomainError {
+    #[error(
+        "`{0}` is not a command id (expected a UUID such as 0192f0c1-7a3b-7c2d-9e4f-5a6b7c8d9e0f)"
+    )]
+    CommandId(String),
+    #[error(
+        "`{0}` is not an owner: expected `kind:id` with kind one of admin, system, visitor, lead, member, client, supplier, shipper, vendor"
+    )]
+    OwnerKind(String),
+    #[error("owner id {0}")]
+    OwnerId(&'static str),
+    #[error("`{0}` is not a valid name: {1}")]
+    Name(String, &'static str),
+    #[error("a command cannot go from {from} to {to}")]
+    Transition {
+        from: CommandState,
+        to: CommandState,
+    },
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_owned(),
+    }
+}
+
+/// Who a command is attributed to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OwnerKind {
+    Admin,
+    System,
+    Visitor,
+    Lead,
+    Member,
+    Client,
+    Supplier,
+    Shipper,
+    Vendor,
+}
+
+impl OwnerKind {
+    pub const ALL: [OwnerKind; 9] = [
+        Self::Admin,
+        Self::System,
+        Self::Visitor,
+        Self::Lead,
+        Self::Member,
+        Self::Client,
+        Self::Supplier,
+        Self::Shipper,
+        Self::Vendor,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Admin => "admin",
+            Self::System => "system",
+            Self::Visitor => "visitor",
+            Self::Lead => "lead",
+            Self::Member => "member",
+            Self::Client => "client",
+            Self::Supplier => "supplier",
+            Self::Shipper => "shipper",
+            Self::Vendor => "vendor",
+        }
+    }
+}
+
+/// `kind:id`, for example `member:42` or `visitor:cookie-7f3a`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Owner {
+    kind: OwnerKind,
+    id: String,
+}
+
+impl Owner {
+    pub const MAX_ID_LEN: usize = 128;
+
+    pub fn new(kind: OwnerKind, id: &str) -> Result<Self, DomainError> {
+        if id.is_empty() {
+            return Err(DomainError::OwnerId("must not be empty"));
+        }
+        if id.len() > Self::MAX_ID_LEN {
+            return Err(DomainError::OwnerId("must be at most 128 bytes"));
+        }
+        if !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@' | b'+'))
+        {
+            return Err(DomainError::OwnerId(
+                "may hold only ASCII letters, digits and - _ . @ +",
+            ));
+        }
+        Ok(Self {
+            kind,
+            id: id.to_owned(),
+        })
+    }
+
+    pub fn parse(s: &str) -> Result<Self, DomainError> {
+        let (kind, id) = s
+            .split_once(':')
+            .ok_or_else(|| DomainError::OwnerKind(truncate(s, 64)))?;
+        let kind = OwnerKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == kind)
+            .ok_or_else(|| DomainError::OwnerKind(truncate(s, 64)))?;
+        Self::new(kind, id)
+    }
+
+    pub fn kind(&self) -> OwnerKind {
+        self.kind
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn system() -> Self {
+        Self {
+            kind: OwnerKind::System,
+            id: "cmdflow".to_owned(),
+        }
+    }
+}
+
+impl fmt::Display for Owner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.kind.as_str(), self.id)
+    }
+}
+
+impl FromStr for Owner {
+    type Err = DomainError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
+impl Serialize for Owner {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Owner {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Self::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Checks a dotted lower-case name such as `quote.requested` or `demo.counter`:
+/// segments of `[a-z0-9_]`, starting with a letter, joined by dots, at most 64 bytes.
+pub fn check_dotted_name(s: &str, min_segments: usize) -> Result<(), DomainError> {
+    let bad = |why| Err(DomainError::Name(truncate(s, 64), why));
+    if s.is_empty() || s.len() > 64 {
+        return bad("must be 1 to 64 bytes long");
+    }
+    let segments: Vec<&str> = s.split('.').collect();
+    if segments.len() < min_segments {
+        return bad("must be dotted lower-case words, such as `quote.requested`");
+    }
+    for seg in segments {
+        let mut bytes = seg.bytes();
+        match bytes.next() {
+            Some(b'a'..=b'z') => {}
+            _ => return bad("each dot-separated word must start with a lower-case letter"),
+        }
+        if !bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
+            return bad("words may hold only lower-case letters, digits and `_`");
+        }
+    }
+    Ok(())
+}
+
+/// A command kind, such as `quote` or `demo.counter`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Kind(String);
+
+impl Kind {
+    pub fn parse(s: &str) -> Result<Self, DomainError> {
+        check_dotted_name(s, 1)?;
+        Ok(Self(s.to_owned()))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for Kind {
+    type Error = DomainError;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        Self::parse(&value)
+    }
+}
+
+impl From<Kind> for String {
+    fn from(value: Kind) -> Self {
+        value.0
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The command state machine: `pending → running ⇄ waiting → completed | failed | aborted`.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type, utoipa::ToSchema,
+)]
+#[sqlx(type_name = "command_state", rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
+pub enum CommandState {
+    Pending,
+    Running,
+    Waiting,
+    Completed,
+    Failed,
+    Aborted,
+}
+
+impl CommandState {
+    pub const ALL: [CommandState; 6] = [
+        Self::Pending,
+        Self::Running,
+        Self::Waiting,
+        Self::Completed,
+        Self::Failed,
+        Self::Aborted,
+    ];
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Completed | Self::Failed | Self::Aborted)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Running => "running",
+            Self::Waiting => "waiting",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Aborted => "aborted",
+        }
+    }
+
+    /// The one place that says which moves are legal. Staying in a non-terminal state is
+    /// allowed (an event that changes only data); nothing leaves a terminal state, and
+    /// nothing returns to `pending`.
+    pub fn transition(self, to: CommandState) -> Result<CommandState, DomainError> {
+        use CommandState::*;
+        let legal = match (self, to) {
+            (Completed | Failed | Aborted, _) => false,
+            (_, Pending) => self == Pending,
+            (Pending | Running | Waiting, Running | Waiting) => true,
+            (Pending | Running | Waiting, Completed | Failed | Aborted) => true,
+        };
+        if legal {
+            Ok(to)
+        } else {
+            Err(DomainError::Transition { from: self, to })
+        }
+    }
+}
+
+impl fmt::Display for CommandState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A command as stored: the row a handler decides on.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct Command {
+    pub id: CommandId,
+    pub kind: String,
+    pub owner: String,
+    pub parent_id: Option<CommandId>,
+    pub root_id: CommandId,
+    pub depth: i32,
+    pub state: CommandState,
+    pub data: Value,
+    pub result: Option<Value>,
+    pub reason: Option<String>,
+    pub ui: Option<Value>,
+    pub version: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub ended_at: Option<DateTime<Utc>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn owners_parse_and_print_back() {
+        let owner = Owner::parse("member:42").unwrap();
+        assert_eq!(owner.kind(), OwnerKind::Member);
+        assert_eq!(owner.id(), "42");
+        assert_eq!(owner.to_string(), "member:42");
+        assert_eq!(
+            Owner::parse("visitor:cookie-7f3a").unwrap().to_string(),
+            "visitor:cookie-7f3a"
+        );
+    }
+
+    #[test]
+    fn bad_owners_are_refused_with_a_reason() {
+        for bad in [
+            "member",
+            "pirate:1",
+            "member:",
+            "member:a b",
+            "member:x'; drop table commands;--",
+            ":42",
+        ] {
+            let err = Owner::parse(bad).unwrap_err();
+            assert!(!err.to_string().is_empty(), "{bad}");
+        }
+        assert!(Owner::parse(&format!("lead:{}", "x".repeat(129))).is_err());
+    }
+
+    #[test]
+    fn dotted_names() {
+        for good in ["quote.requested", "demo.counter", "command.abort", "a1.b_2"] {
+            check_dotted_name(good, 2).unwrap();
+        }
+        for bad in [
+            "Quote.requested",
+            "quote",
+            "quote..requested",
+            ".quote",
+            "quote.",
+            "1quote.x",
+            "quote.re-quested",
+            "",
+        ] {
+            assert!(check_dotted_name(bad, 2).is_err(), "{bad}");
+        }
+        Kind::parse("quote").unwrap();
+    }
+
+    #[test]
+    fn command_ids_are_v7_and_parse_back() {
+        let id = CommandId::new();
+        assert_eq!(id.as_uuid().get_version_num(), 7);
+        assert_eq!(id.to_string().parse::<CommandId>().unwrap(), id);
+        assert!("../../etc/passwd".parse::<CommandId>().is_err());
+    }
+
+    #[test]
+    fn legal_moves() {
+        use CommandState::*;
+        assert_eq!(Pending.transition(Running), Ok(Running));
+        assert_eq!(Running.transition(Waiting), Ok(Waiting));
+        assert_eq!(Waiting.transition(Running), Ok(Running));
+        assert_eq!(Running.transition(Completed), Ok(Completed));
+        assert_eq!(Pending.transition(Aborted), Ok(Aborted));
+        assert!(Running.transition(Pending).is_err());
+        assert!(Completed.transition(Running).is_err());
+        assert!(Failed.transition(Failed).is_err());
+    }
+
+    fn any_state() -> impl Strategy<Value = CommandState> {
+        proptest::sample::select(CommandState::ALL.to_vec())
+    }
+
+    proptest! {
+        #[test]
+        fn nothing_leaves_a_terminal_state(from in any_state(), to in any_state()) {
+            if from.is_terminal() {
+                prop_assert!(from.transition(to).is_err());
+            }
+        }
+
+        #[test]
+        fn every_live_state_can_end(from in any_state(), to in any_state()) {
+            if !from.is_terminal() && to.is_terminal() {
+                prop_assert_eq!(from.transition(to), Ok(to));
+            }
+        }
+
+        #[test]
+        fn nothing_returns_to_pending(from in any_state()) {
+            prop_assert_eq!(from.transition(CommandState::Pending).is_ok(), from == CommandState::Pending);
+        }
+
+        #[test]
+        fn any_walk_of_legal_moves_ends_at_most_once(steps in proptest::collection::vec(any_state(), 0..20)) {
+            let mut state = CommandState::Pending;
+            let mut ended = 0;
+            for step in steps {
+                if let Ok(next) = state.transition(step) {
+                    if next.is_terminal() { ended += 1; }
+                    state = next;
+                }
+            }
+            prop_assert!(ended <= 1);
+        }
+
+        #[test]
+        fn owner_parse_never_panics_and_round_trips(s in "\\PC{0,80}") {
+            if let Ok(owner) = Owner::parse(&s) {
+                prop_assert_eq!(owner.to_string(), s);
+            }
+        }
+    }
+}

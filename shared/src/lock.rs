@@ -1,0 +1,171 @@
+//! The per-command mutex: Redlock over the independent Redis masters of `CMDFLOW_REDIS_URLS`
+//! (majority quorum, TTL, extension while a handler runs, compare-and-delete release), through
+//! the `rslock` crate. Key: `{namespace}:lock:{command_id}`.
+//!
+//! Redlock is the mutex, not the fence: a lock can be lost to a pause or a Redis failure, so every
+//! write is still a guarded update in PostgreSQL (see `store::update_command`).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use rslock::{LockError as RedlockError, LockManager};
+use tokio::task::JoinHandle;
+
+use crate::config::redact_url;
+use crate::domain::CommandId;
+
+/// How often a busy lock is tried again while a worker waits for it.
+const RETRY_STEP: Duration = Duration::from_millis(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("invalid Redis URL {url}: {reason}")]
+    Url { url: String, reason: String },
+    #[error("cannot reach a majority of the Redis masters: {0}")]
+    NoQuorum(String),
+    #[error("Redlock: {0}")]
+    Redlock(String),
+}
+
+/// Takes and releases per-command locks.
+#[derive(Clone)]
+pub struct Locks {
+    manager: LockManager,
+    clients: Vec<(String, redis::Client)>,
+    prefix: String,
+    ttl: Duration,
+    wait: Duration,
+}
+
+/// A lock held on one command. Release it explicitly: dropping it leaves the key until its TTL.
+pub struct Held {
+    lock: rslock::Lock,
+    key: String,
+    extender: JoinHandle<()>,
+    lost: Arc<AtomicBool>,
+}
+
+impl Held {
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Whether an extension failed: the lock may now be held by someone else. The guarded update
+    /// still protects the row; this is for logs and metrics.
+    pub fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::Relaxed)
+    }
+}
+
+impl Locks {
+    pub fn new(
+        urls: &[String],
+        namespace: &str,
+        ttl: Duration,
+        wait: Duration,
+    ) -> Result<Self, LockError> {
+        let clients = urls
+            .iter()
+            .map(|url| {
+                redis::Client::open(url.as_str())
+                    .map(|c| (redact_url(url), c))
+                    .map_err(|e| LockError::Url {
+                        url: redact_url(url),
+                        reason: e.to_string(),
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut manager =
+            LockManager::from_clients(clients.iter().map(|(_, c)| c.clone()).collect());
+        // rslock waits a random 0..delay between tries; many short tries keep the wait brief.
+        let tries = (wait.as_millis() / (RETRY_STEP.as_millis() / 2).max(1)).clamp(1, 1000) as u32;
+        manager.set_retry(tries, RETRY_STEP);
+        Ok(Self {
+            manager,
+            clients,
+            prefix: format!("{namespace}:lock:"),
+            ttl,
+            wait,
+        })
+    }
+
+    pub fn key(&self, id: CommandId) -> String {
+        format!("{}{}", self.prefix, id)
+    }
+
+    /// Pings every master. Ok when a majority answers; the error names the ones that did not.
+    pub async fn check_quorum(&self) -> Result<usize, LockError> {
+        let results =
+            futures::future::join_all(self.clients.iter().map(|(url, client)| async move {
+                let ping = async {
+                    let mut conn = client.get_multiplexed_async_connection().await?;
+                    redis::cmd("PING").query_async::<String>(&mut conn).await
+                };
+                match tokio::time::timeout(Duration::from_secs(2), ping).await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(format!("{url}: {e}")),
+                    Err(_) => Err(format!("{url}: no answer within 2s")),
+                }
+            }))
+            .await;
+        let up = results.iter().filter(|r| r.is_ok()).count();
+        if up > self.clients.len() / 2 {
+            Ok(up)
+        } else {
+            let down: Vec<String> = results.into_iter().filter_map(Result::err).collect();
+            Err(LockError::NoQuorum(format!(
+                "cannot connect to Redis at {}",
+                down.join("; ")
+            )))
+        }
+    }
+
+    /// Tries to take the lock of `id` for up to the configured wait. `Ok(None)` means busy, or no
+    /// majority of masters could be reached: either way, not now.
+    pub async fn acquire(&self, id: CommandId) -> Result<Option<Held>, LockError> {
+        let key = self.key(id);
+        let attempt = self.manager.lock(key.as_bytes(), self.ttl);
+        let lock = match tokio::time::timeout(self.wait + self.ttl / 10, attempt).await {
+            Ok(Ok(lock)) => lock,
+            Ok(Err(RedlockError::Unavailable | RedlockError::TtlExceeded)) | Err(_) => {
+                return Ok(None);
+            }
+            Ok(Err(e)) => return Err(LockError::Redlock(e.to_string())),
+        };
+        let lost = Arc::new(AtomicBool::new(false));
+        let extender = {
+            let manager = self.manager.clone();
+            let ttl = self.ttl;
+            let lost = lost.clone();
+            let probe = rslock::Lock {
+                resource: lock.resource.clone(),
+                val: lock.val.clone(),
+                validity_time: lock.validity_time,
+                lock_manager: manager.clone(),
+            };
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(ttl / 3).await;
+                    if manager.extend(&probe, ttl).await.is_err() {
+                        lost.store(true, Ordering::Relaxed);
+                        tracing::warn!(lock.key = %String::from_utf8_lossy(&probe.resource), "Could not extend a lock; the guarded update still fences the row.");
+                        return;
+                    }
+                }
+            })
+        };
+        Ok(Some(Held {
+            lock,
+            key,
+            extender,
+            lost,
+        }))
+    }
+
+    /// Stops extending and deletes the key on every master where it still holds our value.
+    pub async fn release(&self, held: Held) {
+        held.extender.abort();
+        self.manager.unlock(&held.lock).await;
+    }
+}

@@ -1,0 +1,59 @@
+//! Command kinds: each is a pure handler, `decide(&Command, &Event) -> Result<Decision, HandlerError>`.
+//! The registry maps kind names to handlers.
+
+pub mod demo;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use cmdflow_shared::{Command, Decision, Event, HandlerError};
+
+/// A command kind. `decide` does no I/O: the engine applies what it returns.
+pub trait Handler: Send + Sync + 'static {
+    fn decide(&self, command: &Command, event: &Event) -> Result<Decision, HandlerError>;
+}
+
+impl<F> Handler for F
+where
+    F: Fn(&Command, &Event) -> Result<Decision, HandlerError> + Send + Sync + 'static,
+{
+    fn decide(&self, command: &Command, event: &Event) -> Result<Decision, HandlerError> {
+        self(command, event)
+    }
+}
+
+/// Kind name → handler.
+#[derive(Clone, Default)]
+pub struct Registry {
+    kinds: BTreeMap<String, Arc<dyn Handler>>,
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The kinds cmdflow ships with.
+    pub fn builtin() -> Self {
+        let mut registry = Self::new();
+        demo::register(&mut registry);
+        registry
+    }
+
+    pub fn register(&mut self, kind: &str, handler: impl Handler) -> &mut Self {
+        self.kinds.insert(kind.to_owned(), Arc::new(handler));
+        self
+    }
+
+    pub fn get(&self, kind: &str) -> Option<&Arc<dyn Handler>> {
+        self.kinds.get(kind)
+    }
+
+    pub fn contains(&self, kind: &str) -> bool {
+        self.kinds.contains_key(kind)
+    }
+
+    pub fn kinds(&self) -> impl Iterator<Item = &str> {
+        self.kinds.keys().map(String::as_str)
+    }
+}

@@ -1,0 +1,83 @@
+//! cmdflow's worker role: the engine that applies events to commands, the command kinds, and
+//! the loops that run beside it (the outbox sweeper).
+
+pub mod engine;
+pub mod handlers;
+
+use std::sync::Arc;
+
+use cmdflow_shared::bus::Bus;
+use cmdflow_shared::lock::Locks;
+use cmdflow_shared::{Config, store};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+pub use engine::{Applied, Disposition, Engine, EngineSettings};
+pub use handlers::Registry;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Config(#[from] cmdflow_shared::config::ConfigError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Bus(#[from] cmdflow_shared::bus::BusError),
+    #[error(transparent)]
+    Lock(#[from] cmdflow_shared::lock::LockError),
+}
+
+/// A worker: its engine and the connections it was built with.
+pub struct Worker {
+    engine: Arc<Engine>,
+}
+
+impl Worker {
+    /// Connects to the three services (failing with one clear line if one is unreachable),
+    /// declares the topology and builds the engine.
+    pub async fn build(config: &Config, registry: Registry) -> Result<Worker, WorkerError> {
+        let pool = store::connect(&config.database_url, config.database_pool_size).await?;
+        let bus = Bus::connect(&config.amqp_url, &config.namespace, "cmdflow-worker").await?;
+        Self::build_with(config, registry, pool, bus).await
+    }
+
+    /// Builds on connections the caller already holds (one process running several roles).
+    pub async fn build_with(
+        config: &Config,
+        registry: Registry,
+        pool: PgPool,
+        bus: Arc<Bus>,
+    ) -> Result<Worker, WorkerError> {
+        let settings = EngineSettings::from_config(config)?;
+        let locks = if config.lock_enabled {
+            let locks = Locks::new(
+                &config.redis_url_list(),
+                &config.namespace,
+                config.lock_ttl,
+                config.lock_wait,
+            )?;
+            locks.check_quorum().await?;
+            Some(locks)
+        } else {
+            tracing::warn!(
+                "Redlock is disabled: only the guarded update fences concurrent writers."
+            );
+            None
+        };
+        bus.declare_topology(&settings.delay_queues()).await?;
+        let engine = Arc::new(Engine::new(pool, bus, locks, Arc::new(registry), settings));
+        Ok(Worker { engine })
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// Consumes and sweeps until `shutdown` fires; then drains in-flight events and returns.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) {
+        let sweeper =
+            tokio::spawn(Arc::clone(&self.engine).sweep_outbox_until_stopped(shutdown.clone()));
+        Arc::clone(&self.engine).run_until_stopped(shutdown).await;
+        drop(sweeper.await);
+    }
+}
