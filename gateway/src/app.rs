@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use cmdflow_shared::bus::Bus;
 use cmdflow_shared::lock::Locks;
@@ -23,7 +23,7 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::routes::{commands, events, health};
 
 /// The largest request body: a batch of events (each event is still at most 256 KiB).
@@ -67,8 +67,47 @@ pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
             StatusCode::REQUEST_TIMEOUT,
             REQUEST_TIMEOUT,
         ))
+        .layer(axum::middleware::map_response(json_errors))
         .layer(TraceLayer::new_for_http());
     (router, openapi)
+}
+
+/// Gives error responses produced by layers and the router itself (413 from the body limit,
+/// 408 from the timeout, 405) the same `{code, detail}` body as the handlers' errors.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !status.is_client_error() || is_json {
+        return response;
+    }
+    let (code, detail) = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => (
+            "too_large",
+            format!("the body is larger than {MAX_BODY_BYTES} bytes"),
+        ),
+        StatusCode::REQUEST_TIMEOUT => (
+            "timeout",
+            format!("the request took longer than {REQUEST_TIMEOUT:?}"),
+        ),
+        StatusCode::METHOD_NOT_ALLOWED => (
+            "method_not_allowed",
+            "this endpoint does not take that method".to_owned(),
+        ),
+        other => (
+            "bad_request",
+            other.canonical_reason().unwrap_or("bad request").to_owned(),
+        ),
+    };
+    let mut replaced = (status, axum::Json(ErrorBody { code, detail })).into_response();
+    for (name, value) in response.headers() {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            replaced.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    replaced
 }
 
 /// A built gateway: a bound listener and its router.

@@ -7,8 +7,13 @@ use tracing_subscriber::prelude::*;
 
 /// Installs the global subscriber once. `RUST_LOG` filters (default `info`).
 pub fn init(format: &str) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,lapin=warn,sqlx=warn"));
+    init_with_default(format, "info,lapin=warn,sqlx=warn");
+}
+
+/// Like [`init`], with another filter when `RUST_LOG` is unset.
+pub fn init_with_default(format: &str, default_filter: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let registry = tracing_subscriber::registry().with(filter);
     let result = if format == "json" {
         registry

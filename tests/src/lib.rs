@@ -1,1 +1,307 @@
+//! Test harness: each test gets its own PostgreSQL database, RabbitMQ namespace and lock-key
+//! prefix on the real local services, and runs the gateway and workers in-process on port 0.
 
+pub mod proxy;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cmdflow_gateway::Application;
+use cmdflow_shared::bus::Bus;
+use cmdflow_shared::{Config, store};
+use cmdflow_workers::{Registry, Worker};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// The server that hosts the per-test databases.
+pub fn admin_url() -> String {
+    std::env::var("CMDFLOW_TEST_ADMIN_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+fn base_config() -> Config {
+    let mut config = Config::default();
+    if let Ok(url) = std::env::var("CMDFLOW_TEST_AMQP_URL") {
+        config.amqp_url = url;
+    }
+    if let Ok(urls) = std::env::var("CMDFLOW_TEST_REDIS_URLS") {
+        config.redis_urls = urls;
+    }
+    // Short delays, so retry schedules run in a test's time.
+    config.retry_delays = "100ms,200ms,300ms".to_owned();
+    config.busy_delay = Duration::from_millis(20);
+    config.lock_wait = Duration::from_millis(50);
+    config.outbox_sweep_after = Duration::from_secs(1);
+    config.database_pool_size = 8;
+    config.concurrency = 16;
+    config.prefetch = 32;
+    config.http_addr = "127.0.0.1:0".to_owned();
+    config
+}
+
+/// One test's isolated world.
+pub struct TestEnv {
+    pub config: Config,
+    pub pool: PgPool,
+    pub bus: Arc<Bus>,
+    database: String,
+    tasks: Vec<(CancellationToken, JoinHandle<()>)>,
+}
+
+/// A gateway running in the test.
+pub struct RunningGateway {
+    pub url: String,
+    pub shutdown: CancellationToken,
+}
+
+impl TestEnv {
+    pub async fn new() -> TestEnv {
+        Self::with(|_| {}).await
+    }
+
+    /// A fresh database (migrated), namespace and lock prefix; `adjust` can change the config.
+    pub async fn with(adjust: impl FnOnce(&mut Config)) -> TestEnv {
+        cmdflow_shared::telemetry::init_with_default("pretty", "warn,lapin=error");
+        let suffix = Uuid::new_v4().simple().to_string()[..12].to_owned();
+        let database = format!("cmdflow_t_{suffix}");
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&admin_url())
+            .await
+            .expect(
+                "PostgreSQL must be running for the integration tests (see scripts/services.sh)",
+            );
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {database}")))
+            .execute(&admin)
+            .await
+            .expect("create the test database");
+        admin.close().await;
+
+        let mut config = base_config();
+        let base = admin_url();
+        let server = base.rsplit_once('/').map(|(s, _)| s).unwrap_or(&base);
+        config.database_url = format!("{server}/{database}");
+        config.namespace = format!("t{suffix}");
+        adjust(&mut config);
+        config.validate().expect("valid test config");
+
+        let pool = store::connect(&config.database_url, config.database_pool_size)
+            .await
+            .expect("connect to the test database");
+        store::migrate(&pool).await.expect("migrate");
+        let bus = Bus::connect(&config.amqp_url, &config.namespace, "cmdflow-test")
+            .await
+            .expect("RabbitMQ must be running for the integration tests");
+        let settings = cmdflow_workers::EngineSettings::from_config(&config).expect("settings");
+        bus.declare_topology(&settings.delay_queues())
+            .await
+            .expect("declare topology");
+        TestEnv {
+            config,
+            pool,
+            bus,
+            database,
+            tasks: Vec::new(),
+        }
+    }
+
+    /// Starts a gateway on port 0 and returns its base URL.
+    pub async fn start_gateway(&mut self) -> RunningGateway {
+        self.start_gateway_with(|_| {}).await
+    }
+
+    pub async fn start_gateway_with(&mut self, adjust: impl FnOnce(&mut Config)) -> RunningGateway {
+        let mut config = self.config.clone();
+        adjust(&mut config);
+        let kinds = Registry::builtin().kinds().map(str::to_owned).collect();
+        let app = Application::build(&config, kinds)
+            .await
+            .expect("build the gateway");
+        let url = format!("http://{}", app.local_addr());
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        let handle = tokio::spawn(async move {
+            app.run_until_stopped(token).await.expect("gateway ran");
+        });
+        self.tasks.push((shutdown.clone(), handle));
+        RunningGateway { url, shutdown }
+    }
+
+    /// Builds a worker on its own connections (a separate instance, as in another process).
+    pub async fn build_worker(&self, adjust: impl FnOnce(&mut Config)) -> Worker {
+        let mut config = self.config.clone();
+        adjust(&mut config);
+        Worker::build(&config, Registry::builtin())
+            .await
+            .expect("build a worker")
+    }
+
+    /// Starts a worker instance; returns the token that stops it.
+    pub async fn start_worker(&mut self) -> CancellationToken {
+        self.start_worker_with(|_| {}).await
+    }
+
+    pub async fn start_worker_with(
+        &mut self,
+        adjust: impl FnOnce(&mut Config),
+    ) -> CancellationToken {
+        let worker = self.build_worker(adjust).await;
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(worker.run_until_stopped(shutdown.clone()));
+        self.tasks.push((shutdown.clone(), handle));
+        shutdown
+    }
+
+    /// Stops everything, deletes the namespace's exchanges and queues, drops the database.
+    pub async fn cleanup(mut self) {
+        for (token, _) in &self.tasks {
+            token.cancel();
+        }
+        for (_, handle) in self.tasks.drain(..) {
+            drop(tokio::time::timeout(Duration::from_secs(10), handle).await);
+        }
+        let settings =
+            cmdflow_workers::EngineSettings::from_config(&self.config).expect("settings");
+        drop(self.bus.delete_topology(&settings.delay_queues()).await);
+        self.bus.close().await;
+        self.pool.close().await;
+        if let Ok(admin) = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&admin_url())
+            .await
+        {
+            drop(
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                    self.database
+                )))
+                .execute(&admin)
+                .await,
+            );
+            admin.close().await;
+        }
+    }
+
+    /// Publishes raw bytes to the events exchange, as an upstream service would.
+    pub async fn publish_raw(&self, routing_key: &str, body: &[u8]) {
+        self.bus
+            .publish_event(routing_key, "raw", body, Default::default())
+            .await
+            .expect("publish");
+    }
+
+    /// A message waiting in the dead-letter queue, if any: (body, headers).
+    pub async fn get_dead_letter(&self) -> Option<(Vec<u8>, lapin::types::FieldTable)> {
+        let channel = self.bus.channel().await.expect("channel");
+        let got = channel
+            .basic_get(
+                self.bus.topology().dead_queue().as_str().into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .expect("basic.get");
+        drop(channel.close(200, "done".into()).await);
+        got.map(|m| {
+            let delivery = m.delivery;
+            (
+                delivery.data,
+                delivery.properties.headers().clone().unwrap_or_default(),
+            )
+        })
+    }
+
+    /// Messages ready in a queue.
+    pub async fn queue_depth(&self, queue: &str) -> u32 {
+        let channel = self.bus.channel().await.expect("channel");
+        let q = channel
+            .queue_declare(
+                queue.into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                Default::default(),
+            )
+            .await
+            .expect("passive declare");
+        drop(channel.close(200, "done".into()).await);
+        q.message_count()
+    }
+
+    pub async fn command(&self, id: &str) -> Option<cmdflow_shared::Command> {
+        store::get_command(&self.pool, id.parse().expect("command id"))
+            .await
+            .expect("read command")
+    }
+}
+
+/// A CloudEvent as JSON, addressed to `command` when given.
+pub fn event(ty: &str, command: Option<&str>, data: Value) -> Value {
+    json!({
+        "specversion": "1.0",
+        "id": Uuid::now_v7().to_string(),
+        "source": "tests",
+        "type": ty,
+        "commandid": command,
+        "data": data,
+    })
+}
+
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("http client")
+}
+
+/// Posts JSON with a content type; returns (status, body).
+pub async fn post(url: &str, content_type: &str, body: &[u8]) -> (u16, Value) {
+    let resp = http()
+        .post(url)
+        .header("content-type", content_type)
+        .body(body.to_vec())
+        .send()
+        .await
+        .expect("request");
+    let status = resp.status().as_u16();
+    let body = resp.json().await.unwrap_or(Value::Null);
+    (status, body)
+}
+
+pub async fn get(url: &str) -> (u16, Value) {
+    let resp = http().get(url).send().await.expect("request");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// Starts a command through the gateway; returns its id.
+pub async fn start_command(gateway: &str, kind: &str, owner: &str, data: Value) -> String {
+    let body = serde_json::to_vec(&json!({"kind": kind, "owner": owner, "data": data}))
+        .unwrap_or_default();
+    let (status, body) = post(&format!("{gateway}/v1/commands"), "application/json", &body).await;
+    assert_eq!(status, 202, "start {kind}: {body}");
+    body["command_id"].as_str().expect("command_id").to_owned()
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `within`.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {within:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}

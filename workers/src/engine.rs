@@ -30,6 +30,7 @@ use sqlx::PgPool;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::handlers::Registry;
 
@@ -158,8 +159,12 @@ impl Engine {
             return Disposition::Ack(Applied::Unmatched);
         };
         let span = tracing::info_span!("event", command.id = %command_id, event.id = %event.id, event.type = %event.ty);
-        let _enter = span.enter();
+        self.process_addressed(command_id, &event)
+            .instrument(span)
+            .await
+    }
 
+    async fn process_addressed(&self, command_id: CommandId, event: &Event) -> Disposition {
         let held = match &self.locks {
             None => None,
             Some(locks) => match locks.acquire(command_id).await {
@@ -168,7 +173,7 @@ impl Engine {
                 Err(e) => return Disposition::Retry(e.to_string()),
             },
         };
-        let disposition = self.process_locked(command_id, &event).await;
+        let disposition = self.process_locked(command_id, event).await;
         if let (Some(locks), Some(held)) = (&self.locks, held) {
             if held.is_lost() {
                 tracing::warn!(
@@ -434,7 +439,7 @@ impl Engine {
             Disposition::Ack(_) => Ok(()),
             Disposition::Busy => {
                 let busy = bus::header_u32(headers, HEADER_BUSY) + 1;
-                if busy % 100 == 0 {
+                if busy.is_multiple_of(100) {
                     tracing::warn!(
                         busy,
                         "An event keeps finding its lock busy (or Redis without a majority)."

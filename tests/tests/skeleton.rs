@@ -1,0 +1,533 @@
+//! The walking skeleton end to end: gateway → RabbitMQ → worker → PostgreSQL, with Redlock.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use cmdflow_shared::bus::{self, HEADER_ERROR_CLASS, HEADER_REASON};
+use cmdflow_tests::{TestEnv, event, eventually, get, post, start_command};
+use futures::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicQosOptions};
+use serde_json::{Value, json};
+
+const CE: &str = "application/cloudevents+json";
+
+async fn count_of(env: &TestEnv, id: &str) -> Option<i64> {
+    env.command(id).await.and_then(|c| c.data["count"].as_i64())
+}
+
+async fn wait_count(env: &TestEnv, id: &str, want: i64, within: Duration) {
+    eventually(within, &format!("count {want}"), || async {
+        (count_of(env, id).await == Some(want)).then_some(())
+    })
+    .await;
+}
+
+async fn post_event(gateway: &str, ev: &Value) -> (u16, Value) {
+    post(
+        &format!("{gateway}/v1/events"),
+        CE,
+        &serde_json::to_vec(ev).unwrap(),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_counter_goes_through_and_its_history_is_in_order() {
+    let mut env = TestEnv::new().await;
+    let gw = env.start_gateway().await;
+    env.start_worker().await;
+
+    let id = start_command(&gw.url, "demo.counter", "member:42", json!({})).await;
+    for _ in 0..5 {
+        let (status, body) = post_event(
+            &gw.url,
+            &event("demo.increment", Some(&id), json!({"by": 2})),
+        )
+        .await;
+        assert_eq!(status, 202, "{body}");
+        assert_eq!(body["ids"].as_array().unwrap().len(), 1);
+    }
+    wait_count(&env, &id, 10, Duration::from_secs(20)).await;
+    let (status, _) = post_event(&gw.url, &event("demo.finish", Some(&id), json!({}))).await;
+    assert_eq!(status, 202);
+
+    let command = eventually(Duration::from_secs(20), "completion", || async {
+        let (status, body) = get(&format!("{}/v1/commands/{id}", gw.url)).await;
+        (status == 200 && body["state"] == "completed").then_some(body)
+    })
+    .await;
+    assert_eq!(command["data"]["count"], 10);
+    assert_eq!(command["result"]["count"], 10);
+    assert_eq!(command["owner"], "member:42");
+    assert_eq!(command["kind"], "demo.counter");
+    assert_eq!(command["version"], 7, "start + 5 increments + finish");
+    assert!(command["ended_at"].is_string());
+
+    let (status, history) = get(&format!("{}/v1/commands/{id}/history", gw.url)).await;
+    assert_eq!(status, 200);
+    let entries: Vec<(String, String)> = history["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let what = match e["entry"].as_str().unwrap() {
+                "state_changed" => format!(
+                    "{}→{}",
+                    e["from_state"].as_str().unwrap(),
+                    e["to_state"].as_str().unwrap()
+                ),
+                _ => e["event_type"].as_str().unwrap_or_default().to_owned(),
+            };
+            (e["entry"].as_str().unwrap().to_owned(), what)
+        })
+        .collect();
+    let mut expected = vec![
+        ("received".to_owned(), "command.start".to_owned()),
+        ("state_changed".to_owned(), "pending→running".to_owned()),
+    ];
+    expected.extend((0..5).map(|_| ("received".to_owned(), "demo.increment".to_owned())));
+    expected.push(("received".to_owned(), "demo.finish".to_owned()));
+    expected.push(("state_changed".to_owned(), "running→completed".to_owned()));
+    assert_eq!(entries, expected);
+
+    // Paging walks the same entries.
+    let (_, page) = get(&format!("{}/v1/commands/{id}/history?limit=4", gw.url)).await;
+    assert_eq!(page["entries"].as_array().unwrap().len(), 4);
+    let next = page["next_after"].as_i64().unwrap();
+    let (_, rest) = get(&format!(
+        "{}/v1/commands/{id}/history?after={next}&limit=100",
+        gw.url
+    ))
+    .await;
+    assert_eq!(rest["entries"].as_array().unwrap().len(), entries.len() - 4);
+    assert!(rest["next_after"].is_null());
+
+    // A terminal command ignores what comes after, and says so in its history.
+    post_event(&gw.url, &event("demo.increment", Some(&id), json!({}))).await;
+    eventually(Duration::from_secs(10), "ignored entry", || async {
+        let (_, h) = get(&format!("{}/v1/commands/{id}/history", gw.url)).await;
+        h["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["entry"] == "ignored")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(count_of(&env, &id).await, Some(10));
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_same_event_published_twice_is_applied_once() {
+    let mut env = TestEnv::new().await;
+    let gw = env.start_gateway().await;
+    env.start_worker().await;
+    let id = start_command(&gw.url, "demo.counter", "lead:7", json!({})).await;
+
+    let ev = event("demo.increment", Some(&id), json!({"by": 5}));
+    for _ in 0..3 {
+        assert_eq!(post_event(&gw.url, &ev).await.0, 202);
+    }
+    // A marker event after the duplicates: once it is applied, the duplicates were seen.
+    assert_eq!(
+        post_event(
+            &gw.url,
+            &event("demo.increment", Some(&id), json!({"by": 1}))
+        )
+        .await
+        .0,
+        202
+    );
+    wait_count(&env, &id, 6, Duration::from_secs(20)).await;
+    // Give any stray duplicate time to land, then check nothing moved.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(count_of(&env, &id).await, Some(6));
+    let received: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM command_events WHERE command_id = $1::uuid AND event_id = $2 AND entry = 'received'",
+    )
+    .bind(&id)
+    .bind(ev["id"].as_str().unwrap())
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(received, 1);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_event_redelivered_after_a_worker_died_before_its_ack_is_applied_once() {
+    let mut env = TestEnv::new().await;
+    let gw = env.start_gateway().await;
+    // A worker that will "die": it takes the delivery, commits, and never acks.
+    let doomed = env.build_worker(|_| {}).await;
+    let id = start_command(&gw.url, "demo.counter", "member:1", json!({})).await;
+
+    let channel = env.bus.channel().await.unwrap();
+    channel
+        .basic_qos(1, BasicQosOptions::default())
+        .await
+        .unwrap();
+    let mut consumer = channel
+        .basic_consume(
+            env.bus.topology().work_queue().as_str().into(),
+            "doomed".into(),
+            BasicConsumeOptions::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    // The start event first.
+    let start = consumer.next().await.unwrap().unwrap();
+    let outcome = doomed.engine().process(&start.data).await;
+    doomed.engine().settle(&start, &outcome).await;
+
+    let ev = event("demo.increment", Some(&id), json!({"by": 3}));
+    assert_eq!(post_event(&gw.url, &ev).await.0, 202);
+    let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(!delivery.redelivered);
+    let outcome = doomed.engine().process(&delivery.data).await;
+    assert!(matches!(
+        outcome,
+        cmdflow_workers::Disposition::Ack(cmdflow_workers::Applied::Applied)
+    ));
+    assert_eq!(
+        count_of(&env, &id).await,
+        Some(3),
+        "committed before the crash"
+    );
+    // The worker dies: its channel goes away without an ack.
+    channel.close(320, "worker died".into()).await.unwrap();
+    drop(doomed);
+
+    // A healthy worker gets the redelivery and must change nothing.
+    env.start_worker().await;
+    let work = env.bus.topology().work_queue();
+    eventually(
+        Duration::from_secs(20),
+        "the redelivery to be settled",
+        || async { (env.queue_depth(&work).await == 0).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        post_event(
+            &gw.url,
+            &event("demo.increment", Some(&id), json!({"by": 1}))
+        )
+        .await
+        .0,
+        202
+    );
+    wait_count(&env, &id, 4, Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(count_of(&env, &id).await, Some(4));
+    let received: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM command_events WHERE event_id = $1 AND entry = 'received'",
+    )
+    .bind(ev["id"].as_str().unwrap())
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(received, 1);
+    env.cleanup().await;
+}
+
+async fn two_thousand_increments_on_one_counter(lock_enabled: bool) {
+    let mut env = TestEnv::with(|c| {
+        c.lock_enabled = lock_enabled;
+        // Contention on one command is the point: keep retrying busy locks quickly.
+        c.retry_delays = "50ms,100ms,200ms,400ms,800ms".to_owned();
+    })
+    .await;
+    let gw = env.start_gateway().await;
+    env.start_worker().await;
+    env.start_worker().await;
+    let id = start_command(&gw.url, "demo.counter", "system:bench", json!({})).await;
+
+    let batch: Vec<Value> = (0..2000)
+        .map(|_| event("demo.increment", Some(&id), json!({})))
+        .collect();
+    for chunk in batch.chunks(200) {
+        let (status, body) = post(
+            &format!("{}/v1/events", gw.url),
+            "application/cloudevents-batch+json",
+            &serde_json::to_vec(chunk).unwrap(),
+        )
+        .await;
+        assert_eq!(status, 202, "{body}");
+    }
+    wait_count(&env, &id, 2000, Duration::from_secs(120)).await;
+    let command = env.command(&id).await.unwrap();
+    assert_eq!(command.version, 2001);
+    assert!(
+        env.get_dead_letter().await.is_none(),
+        "no increment may be dead-lettered"
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn two_thousand_increments_from_two_workers_end_exact() {
+    two_thousand_increments_on_one_counter(true).await;
+}
+
+#[tokio::test]
+async fn without_the_lock_the_guarded_update_still_keeps_the_count_exact() {
+    two_thousand_increments_on_one_counter(false).await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_its_status_and_code() {
+    let mut env = TestEnv::new().await;
+    let gw = env.start_gateway().await;
+    let events = format!("{}/v1/events", gw.url);
+    let commands = format!("{}/v1/commands", gw.url);
+
+    let (s, b) = post(&events, CE, b"{not json").await;
+    assert_eq!(
+        (s, b["code"].as_str()),
+        (400, Some("malformed_json")),
+        "{b}"
+    );
+
+    let (s, b) = post(
+        &events,
+        "text/plain",
+        &serde_json::to_vec(&event("a.b", None, json!({}))).unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (s, b["code"].as_str()),
+        (415, Some("unsupported_media_type")),
+        "{b}"
+    );
+
+    let big = event("demo.big", None, json!({"blob": "x".repeat(300 * 1024)}));
+    let (s, b) = post(&events, CE, &serde_json::to_vec(&big).unwrap()).await;
+    assert_eq!((s, b["code"].as_str()), (413, Some("too_large")), "{b}");
+
+    let huge = vec![b' '; 5 * 1024 * 1024];
+    let (s, b) = post(&events, CE, &huge).await;
+    assert_eq!((s, b["code"].as_str()), (413, Some("too_large")), "{b}");
+
+    for (field, value) in [
+        ("type", json!("NotDotted")),
+        ("id", json!("")),
+        ("specversion", json!("0.3")),
+        ("data", json!([1])),
+        ("commandid", json!("../../etc/passwd")),
+    ] {
+        let mut ev = event("demo.increment", None, json!({}));
+        ev[field] = value;
+        let (s, b) = post(&events, CE, &serde_json::to_vec(&ev).unwrap()).await;
+        assert_eq!(
+            (s, b["code"].as_str()),
+            (422, Some("invalid_field")),
+            "{field}: {b}"
+        );
+        assert!(
+            b["detail"].as_str().unwrap().starts_with(field),
+            "{field}: {b}"
+        );
+    }
+
+    let (s, b) = post(
+        &commands,
+        "application/json",
+        br#"{"kind":"no.such","owner":"member:1"}"#,
+    )
+    .await;
+    assert_eq!((s, b["code"].as_str()), (422, Some("unknown_kind")), "{b}");
+    let (s, b) = post(
+        &commands,
+        "application/json",
+        br#"{"kind":"demo.counter","owner":"pirate:1"}"#,
+    )
+    .await;
+    assert_eq!((s, b["code"].as_str()), (422, Some("invalid_field")), "{b}");
+    assert!(b["detail"].as_str().unwrap().starts_with("owner"));
+    let (s, b) = post(
+        &commands,
+        "application/json",
+        br#"{"kind":"demo.counter","owner":"member:1","data":7}"#,
+    )
+    .await;
+    assert_eq!((s, b["code"].as_str()), (422, Some("invalid_field")), "{b}");
+    assert!(b["detail"].as_str().unwrap().starts_with("data"));
+
+    let unknown = uuid::Uuid::now_v7();
+    let (s, b) = get(&format!("{}/v1/commands/{unknown}", gw.url)).await;
+    assert_eq!((s, b["code"].as_str()), (404, Some("not_found")), "{b}");
+    let (s, b) = get(&format!("{}/v1/commands/{unknown}/history", gw.url)).await;
+    assert_eq!((s, b["code"].as_str()), (404, Some("not_found")), "{b}");
+    let (s, b) = get(&format!("{}/v1/commands/not-a-uuid", gw.url)).await;
+    assert_eq!((s, b["code"].as_str()), (400, Some("bad_request")), "{b}");
+
+    // Nothing reached the store.
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM commands")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 0);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn permanently_bad_events_go_to_dead_letters_at_once_with_their_reason() {
+    let mut env = TestEnv::new().await;
+    let gw = env.start_gateway().await;
+    env.start_worker().await;
+    let id = start_command(&gw.url, "demo.counter", "member:5", json!({})).await;
+    wait_count(&env, &id, 0, Duration::from_secs(20)).await;
+
+    // Published straight to the broker, bypassing the gateway's validation.
+    env.publish_raw("demo.increment", b"{\"specversion\":\"1.0\",\"id\":7}")
+        .await;
+    let (body, headers) = eventually(Duration::from_secs(20), "a dead letter", || {
+        env.get_dead_letter()
+    })
+    .await;
+    assert_eq!(
+        body, b"{\"specversion\":\"1.0\",\"id\":7}",
+        "kept byte for byte"
+    );
+    assert_eq!(
+        bus::header_str(Some(&headers), HEADER_ERROR_CLASS).as_deref(),
+        Some("invalid_event")
+    );
+    let reason = bus::header_str(Some(&headers), HEADER_REASON).unwrap();
+    assert!(reason.contains("id: must be a string"), "{reason}");
+    assert_eq!(
+        bus::header_u32(Some(&headers), bus::HEADER_ATTEMPT),
+        0,
+        "no retry for a permanent error"
+    );
+
+    // A handler refusal is permanent too.
+    let bad = event("demo.increment", Some(&id), json!({"by": "two"}));
+    assert_eq!(post_event(&gw.url, &bad).await.0, 202);
+    let (body, headers) = eventually(Duration::from_secs(20), "a dead letter", || {
+        env.get_dead_letter()
+    })
+    .await;
+    let dead: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(dead["id"], bad["id"]);
+    let reason = bus::header_str(Some(&headers), HEADER_REASON).unwrap();
+    assert!(reason.contains("`by` must be an integer"), "{reason}");
+    assert_eq!(
+        bus::header_str(Some(&headers), HEADER_ERROR_CLASS).as_deref(),
+        Some("permanent")
+    );
+    assert_eq!(count_of(&env, &id).await, Some(0));
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_retryable_failure_is_retried_on_schedule_then_dead_lettered() {
+    let mut env = TestEnv::new().await;
+    let gw = env.start_gateway().await;
+    env.start_worker().await;
+    // Addressed to a command that never comes: retryable (its start may be in flight), 3 delays.
+    let ghost = uuid::Uuid::now_v7().to_string();
+    let ev = event("demo.increment", Some(&ghost), json!({}));
+    let sent = std::time::Instant::now();
+    assert_eq!(post_event(&gw.url, &ev).await.0, 202);
+    let (_, headers) = eventually(Duration::from_secs(20), "a dead letter", || {
+        env.get_dead_letter()
+    })
+    .await;
+    assert!(
+        sent.elapsed() >= Duration::from_millis(600),
+        "100+200+300 ms of delays first"
+    );
+    assert_eq!(bus::header_u32(Some(&headers), bus::HEADER_ATTEMPT), 3);
+    assert_eq!(
+        bus::header_str(Some(&headers), HEADER_ERROR_CLASS).as_deref(),
+        Some("retries_exhausted")
+    );
+    let reason = bus::header_str(Some(&headers), HEADER_REASON).unwrap();
+    assert!(
+        reason.contains("gave up after 4 attempts") && reason.contains(&ghost),
+        "{reason}"
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn with_the_broker_unreachable_the_gateway_answers_503_and_recovers() {
+    let proxy = cmdflow_tests::proxy::Proxy::start("127.0.0.1:5672")
+        .await
+        .unwrap();
+    let amqp = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port());
+    let mut env = TestEnv::new().await;
+    let gw = env.start_gateway_with(|c| c.amqp_url = amqp.clone()).await;
+    env.start_worker_with(|c| c.amqp_url = amqp.clone()).await;
+    let id = start_command(&gw.url, "demo.counter", "member:9", json!({})).await;
+    wait_count(&env, &id, 0, Duration::from_secs(20)).await;
+
+    proxy.cut().await;
+    for _ in 0..3 {
+        let (s, b) = post_event(&gw.url, &event("demo.increment", Some(&id), json!({}))).await;
+        assert_eq!(
+            (s, b["code"].as_str()),
+            (503, Some("broker_unavailable")),
+            "{b}"
+        );
+    }
+    let (s, b) = get(&format!("{}/readyz", gw.url)).await;
+    assert_eq!(s, 503, "{b}");
+    assert_ne!(b["checks"]["rabbitmq"], "ok");
+
+    // The broker comes back: both the gateway and the worker recover without a restart.
+    proxy.restore();
+    let accepted = eventually(Duration::from_secs(30), "a 202 after recovery", || async {
+        let (s, _) = post_event(
+            &gw.url,
+            &event("demo.increment", Some(&id), json!({"by": 7})),
+        )
+        .await;
+        (s == 202).then_some(())
+    })
+    .await;
+    let () = accepted;
+    wait_count(&env, &id, 7, Duration::from_secs(30)).await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn health_readiness_and_openapi() {
+    let mut env = TestEnv::new().await;
+    let gw = env.start_gateway().await;
+    let (s, _) = get(&format!("{}/healthz", gw.url)).await;
+    assert_eq!(s, 200);
+    let (s, b) = get(&format!("{}/readyz", gw.url)).await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["checks"]["postgres"], "ok");
+    assert_eq!(b["checks"]["rabbitmq"], "ok");
+    assert_eq!(b["checks"]["redis"], "ok");
+
+    let (s, doc) = get(&format!("{}/openapi.json", gw.url)).await;
+    assert_eq!(s, 200);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    for (path, method) in [
+        ("/v1/events", "post"),
+        ("/v1/commands", "post"),
+        ("/v1/commands/{id}", "get"),
+        ("/v1/commands/{id}/history", "get"),
+        ("/healthz", "get"),
+        ("/readyz", "get"),
+    ] {
+        assert!(
+            doc["paths"][path][method].is_object(),
+            "{method} {path} missing from the OpenAPI document"
+        );
+    }
+    let (s, b) = get(&format!("{}/v1/nothing-here", gw.url)).await;
+    assert_eq!((s, b["code"].as_str()), (404, Some("not_found")));
+    env.cleanup().await;
+}
