@@ -46,7 +46,9 @@ CREATE TABLE command_events (
     from_state  command_state,
     to_state    command_state,
     detail      jsonb,
-    at          timestamptz NOT NULL DEFAULT now()
+    -- When the line was written (not when its transaction began), so latencies measured
+    -- against it include the work of the transaction.
+    at          timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 CREATE INDEX command_events_by_command ON command_events (command_id, seq);
 

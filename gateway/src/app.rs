@@ -53,6 +53,8 @@ pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(commands::start_command))
         .routes(routes!(commands::get_command))
         .routes(routes!(commands::get_history))
+        .routes(routes!(commands::get_tree))
+        .routes(routes!(commands::abort_command))
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
         .with_state(state)

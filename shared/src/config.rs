@@ -45,6 +45,10 @@ pub struct Config {
     /// Age after which the outbox sweeper republishes an unconfirmed row (`CMDFLOW_OUTBOX_SWEEP_AFTER`).
     #[serde(with = "humantime_serde")]
     pub outbox_sweep_after: Duration,
+    /// Deepest level of a command tree; a command there cannot spawn (`CMDFLOW_MAX_DEPTH`).
+    pub max_depth: i32,
+    /// Most children one decision may spawn (`CMDFLOW_MAX_CHILDREN`).
+    pub max_children: usize,
     /// Log format: `json` or `pretty` (`CMDFLOW_LOG_FORMAT`).
     pub log_format: String,
 }
@@ -66,6 +70,8 @@ impl Default for Config {
             busy_delay: Duration::from_millis(100),
             retry_delays: "1s,10s,1m,10m".to_owned(),
             outbox_sweep_after: Duration::from_secs(10),
+            max_depth: 16,
+            max_children: 1000,
             log_format: "pretty".to_owned(),
         }
     }
@@ -122,6 +128,9 @@ impl Config {
             return invalid("lock_ttl", "must be at least 1s");
         }
         self.retry_delay_list()?;
+        if self.max_depth < 1 || self.max_children < 1 {
+            return invalid("max_depth", "max_depth and max_children must be at least 1");
+        }
         if !matches!(self.log_format.as_str(), "json" | "pretty") {
             return invalid("log_format", "must be `json` or `pretty`");
         }

@@ -28,6 +28,18 @@ pub mod types {
     pub const COMMAND_COMPLETED: &str = "command.completed";
     pub const COMMAND_FAILED: &str = "command.failed";
     pub const COMMAND_ABORTED: &str = "command.aborted";
+    /// A fan-in group settled: `data = {group, policy, outcome, total, completed, failed, aborted, outcomes}`.
+    pub const CHILDREN_SETTLED: &str = "children.settled";
+
+    /// Whether `ty` is a child's report to its parent (an ACK).
+    pub fn is_ack(ty: &str) -> bool {
+        matches!(ty, COMMAND_COMPLETED | COMMAND_FAILED | COMMAND_ABORTED)
+    }
+
+    /// Engine events a handler may leave unhandled without it being an error.
+    pub fn is_engine_event(ty: &str) -> bool {
+        is_ack(ty) || matches!(ty, CHILDREN_SETTLED | COMMAND_ABORT)
+    }
 }
 
 /// A validated CloudEvent.

@@ -3,6 +3,7 @@
 //! A `Decision` is plain data, so a handler is a pure function tested without any server.
 //! The engine applies the whole decision in the one transaction of the event.
 
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::contract::Event;
@@ -33,6 +34,105 @@ pub struct Emit {
     pub to: Option<crate::domain::CommandId>,
 }
 
+/// How a parent waits on a group of children.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FanIn {
+    /// Complete when every child completes; fail fast on the first failure and abort the rest.
+    All,
+    /// The first completion wins and the others are aborted; fail when none can complete.
+    Any,
+    /// Complete when `n` children complete (the rest are aborted); fail once `n` cannot be reached.
+    Quorum(u32),
+    /// Wait for every child whatever its outcome, and hand all the outcomes to the parent.
+    AllSettled,
+}
+
+impl FanIn {
+    /// Parses `all`, `any`, `all_settled` or `quorum:N`.
+    pub fn parse(s: &str) -> Result<FanIn, String> {
+        match s {
+            "all" => Ok(Self::All),
+            "any" => Ok(Self::Any),
+            "all_settled" => Ok(Self::AllSettled),
+            other => match other.strip_prefix("quorum:").map(str::parse::<u32>) {
+                Some(Ok(n)) if n >= 1 => Ok(Self::Quorum(n)),
+                _ => Err(format!(
+                    "`{other}` is not a fan-in policy: use all, any, all_settled or quorum:N (N ≥ 1)"
+                )),
+            },
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::All => "all",
+            Self::Any => "any",
+            Self::Quorum(_) => "quorum",
+            Self::AllSettled => "all_settled",
+        }
+    }
+}
+
+/// What happens to a child when its parent ends while the child still runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ParentClose {
+    /// The child is aborted (the default: nothing is left running unowned).
+    #[default]
+    Abort,
+    /// The child runs on by itself.
+    Abandon,
+}
+
+impl ParentClose {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Abort => "abort",
+            Self::Abandon => "abandon",
+        }
+    }
+}
+
+/// A child command to create.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChildSpec {
+    pub kind: String,
+    pub data: Map<String, Value>,
+    /// Defaults to the parent's owner.
+    pub owner: Option<String>,
+    pub parent_close: ParentClose,
+}
+
+impl ChildSpec {
+    pub fn new(kind: &str, data: Map<String, Value>) -> Self {
+        Self {
+            kind: kind.to_owned(),
+            data,
+            owner: None,
+            parent_close: ParentClose::Abort,
+        }
+    }
+}
+
+/// Children the parent waits for, under one fan-in policy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpawnGroup {
+    pub name: String,
+    pub policy: FanIn,
+    /// The group fails if it has not settled by then (delivered as a time event).
+    pub deadline: Option<std::time::Duration>,
+    pub children: Vec<ChildSpec>,
+}
+
+/// Which children to abort.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AbortChildren {
+    All,
+    Group(String),
+    Ids(Vec<crate::domain::CommandId>),
+}
+
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Decision {
     pub state: Option<CommandState>,
@@ -41,6 +141,11 @@ pub struct Decision {
     pub outcome: Option<Outcome>,
     /// What a UI should say about the command while it is open; `Some(Value::Null)` clears it.
     pub ui: Option<Value>,
+    /// Children to wait for, by group.
+    pub spawn_groups: Vec<SpawnGroup>,
+    /// Children started fire-and-forget: they never report back.
+    pub spawn_detached: Vec<ChildSpec>,
+    pub abort_children: Option<AbortChildren>,
 }
 
 impl Decision {
@@ -96,6 +201,53 @@ impl Decision {
         self.outcome = Some(outcome);
         self
     }
+
+    /// Sends an event addressed to one command.
+    pub fn send(
+        mut self,
+        to: crate::domain::CommandId,
+        ty: &str,
+        data: Map<String, Value>,
+    ) -> Self {
+        self.emit.push(Emit {
+            ty: ty.to_owned(),
+            data,
+            to: Some(to),
+        });
+        self
+    }
+
+    /// Spawns children the command waits for, as one fan-in group.
+    pub fn spawn_group(mut self, name: &str, policy: FanIn, children: Vec<ChildSpec>) -> Self {
+        self.spawn_groups.push(SpawnGroup {
+            name: name.to_owned(),
+            policy,
+            deadline: None,
+            children,
+        });
+        self
+    }
+
+    /// Spawns a child that never reports back.
+    pub fn spawn_detached(mut self, child: ChildSpec) -> Self {
+        self.spawn_detached.push(child);
+        self
+    }
+
+    pub fn abort_children(mut self, which: AbortChildren) -> Self {
+        self.abort_children = Some(which);
+        self
+    }
+
+    /// Children this decision creates, waited for or not.
+    pub fn spawn_count(&self) -> usize {
+        self.spawn_detached.len()
+            + self
+                .spawn_groups
+                .iter()
+                .map(|g| g.children.len())
+                .sum::<usize>()
+    }
 }
 
 /// Why a handler refused an event. Every variant is permanent: retrying the same event against
@@ -141,6 +293,14 @@ pub fn apply_data(current: &Value, change: &DataChange) -> Value {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn fan_in_policies_parse() {
+        assert_eq!(FanIn::parse("all"), Ok(FanIn::All));
+        assert_eq!(FanIn::parse("quorum:3"), Ok(FanIn::Quorum(3)));
+        assert!(FanIn::parse("quorum:0").is_err());
+        assert!(FanIn::parse("most").unwrap_err().contains("all_settled"));
+    }
 
     #[test]
     fn patch_sets_and_removes_keys() {

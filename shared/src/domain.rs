@@ -362,6 +362,10 @@ pub struct Command {
     pub reason: Option<String>,
     pub ui: Option<Value>,
     pub version: i64,
+    /// The fan-in group this child reports to; `None` for roots and fire-and-forget children.
+    pub group_name: Option<String>,
+    /// `abort` or `abandon`: what happens to this child when its parent ends first.
+    pub parent_close: String,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub ended_at: Option<DateTime<Utc>>,

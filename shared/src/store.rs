@@ -72,13 +72,17 @@ pub struct NewCommand {
     pub root_id: CommandId,
     pub depth: i32,
     pub data: Value,
+    /// The fan-in group the child reports to; `None` for a root or a fire-and-forget child.
+    pub group_name: Option<String>,
+    /// `abort` or `abandon`.
+    pub parent_close: String,
 }
 
 /// Inserts a command in `pending` unless its id exists. Returns whether it was created.
 pub async fn insert_command(tx: &mut Tx<'_>, new: &NewCommand) -> Result<bool> {
     let done = sqlx::query(
-        "INSERT INTO commands (id, kind, owner, parent_id, root_id, depth, state, data)
-         VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7)
+        "INSERT INTO commands (id, kind, owner, parent_id, root_id, depth, state, data, group_name, parent_close)
+         VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $8, $9)
          ON CONFLICT (id) DO NOTHING",
     )
     .bind(new.id)
@@ -88,6 +92,210 @@ pub async fn insert_command(tx: &mut Tx<'_>, new: &NewCommand) -> Result<bool> {
     .bind(new.root_id)
     .bind(new.depth)
     .bind(&new.data)
+    .bind(&new.group_name)
+    .bind(&new.parent_close)
+    .execute(&mut **tx)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Inserts children in `pending`, in one statement.
+pub async fn insert_children(tx: &mut Tx<'_>, children: &[NewCommand]) -> Result<()> {
+    if children.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<Value> = children
+        .iter()
+        .map(|c| {
+            serde_json::json!({
+                "id": c.id, "kind": c.kind, "owner": c.owner, "parent_id": c.parent_id,
+                "root_id": c.root_id, "depth": c.depth, "data": c.data,
+                "group_name": c.group_name, "parent_close": c.parent_close,
+            })
+        })
+        .collect();
+    sqlx::query(
+        "INSERT INTO commands (id, kind, owner, parent_id, root_id, depth, state, data, group_name, parent_close)
+         SELECT (e->>'id')::uuid, e->>'kind', e->>'owner', (e->>'parent_id')::uuid, (e->>'root_id')::uuid,
+                (e->>'depth')::int, 'pending', e->'data', e->>'group_name', e->>'parent_close'
+           FROM jsonb_array_elements($1) AS e",
+    )
+    .bind(Value::Array(rows))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// A parent's fan-in group.
+#[derive(Debug, Clone, sqlx::FromRow, Serialize, utoipa::ToSchema)]
+pub struct GroupRow {
+    #[serde(skip)]
+    pub parent_id: CommandId,
+    pub name: String,
+    pub policy: String,
+    pub quorum: Option<i32>,
+    pub total: i32,
+    pub completed: i32,
+    pub failed: i32,
+    pub aborted: i32,
+    /// Child id → `{state, kind, result | reason}`.
+    #[schema(value_type = Object)]
+    pub outcomes: Value,
+    /// `open`, `succeeded` or `failed`.
+    pub state: String,
+    pub deadline_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub settled_at: Option<DateTime<Utc>>,
+}
+
+const GROUP_COLUMNS: &str = "parent_id, name, policy, quorum, total, completed, failed, aborted, outcomes, state, deadline_at, created_at, settled_at";
+
+/// Creates a group, or adds `add_total` children to the open group of that name. `None` when a
+/// group of that name has already settled.
+pub async fn upsert_group(
+    tx: &mut Tx<'_>,
+    parent: CommandId,
+    name: &str,
+    policy: &str,
+    quorum: Option<i32>,
+    add_total: i32,
+    deadline_at: Option<DateTime<Utc>>,
+) -> Result<Option<GroupRow>> {
+    const SQL: &str = concat!(
+        "INSERT INTO child_groups (parent_id, name, policy, quorum, total, deadline_at)
+         VALUES ($1, $2, $3, $4, $5, $6)
+         ON CONFLICT (parent_id, name) DO UPDATE SET total = child_groups.total + EXCLUDED.total
+          WHERE child_groups.state = 'open'
+         RETURNING ",
+        "parent_id, name, policy, quorum, total, completed, failed, aborted, outcomes, state, deadline_at, created_at, settled_at"
+    );
+    Ok(sqlx::query_as::<_, GroupRow>(SQL)
+        .bind(parent)
+        .bind(name)
+        .bind(policy)
+        .bind(quorum)
+        .bind(add_total)
+        .bind(deadline_at)
+        .fetch_optional(&mut **tx)
+        .await?)
+}
+
+/// A group, locked until the transaction ends.
+pub async fn lock_group(
+    tx: &mut Tx<'_>,
+    parent: CommandId,
+    name: &str,
+) -> Result<Option<GroupRow>> {
+    const SQL: &str = concat!(
+        "SELECT parent_id, name, policy, quorum, total, completed, failed, aborted, outcomes, state, deadline_at, created_at, settled_at",
+        " FROM child_groups WHERE parent_id = $1 AND name = $2 FOR UPDATE"
+    );
+    Ok(sqlx::query_as::<_, GroupRow>(SQL)
+        .bind(parent)
+        .bind(name)
+        .fetch_optional(&mut **tx)
+        .await?)
+}
+
+pub async fn save_group(tx: &mut Tx<'_>, g: &GroupRow) -> Result<()> {
+    sqlx::query(
+        "UPDATE child_groups
+            SET completed = $3, failed = $4, aborted = $5, outcomes = $6, state = $7,
+                settled_at = CASE WHEN $7 <> 'open' THEN coalesce(settled_at, now()) END
+          WHERE parent_id = $1 AND name = $2",
+    )
+    .bind(g.parent_id)
+    .bind(&g.name)
+    .bind(g.completed)
+    .bind(g.failed)
+    .bind(g.aborted)
+    .bind(&g.outcomes)
+    .bind(&g.state)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+pub async fn groups_of(pool: &PgPool, parent: CommandId) -> Result<Vec<GroupRow>> {
+    const SQL: &str = concat!(
+        "SELECT parent_id, name, policy, quorum, total, completed, failed, aborted, outcomes, state, deadline_at, created_at, settled_at",
+        " FROM child_groups WHERE parent_id = $1 ORDER BY created_at, name"
+    );
+    debug_assert!(SQL.contains(GROUP_COLUMNS));
+    Ok(sqlx::query_as::<_, GroupRow>(SQL)
+        .bind(parent)
+        .fetch_all(pool)
+        .await?)
+}
+
+/// Open children of `parent`: all of them, or one group's; only those whose parent-close
+/// policy is `abort` when `abortable_only`.
+pub async fn open_children(
+    tx: &mut Tx<'_>,
+    parent: CommandId,
+    group: Option<&str>,
+    abortable_only: bool,
+) -> Result<Vec<CommandId>> {
+    Ok(sqlx::query_scalar(
+        "SELECT id FROM commands
+          WHERE parent_id = $1 AND state IN ('pending', 'running', 'waiting')
+            AND ($2::text IS NULL OR group_name = $2)
+            AND (NOT $3 OR parent_close = 'abort')
+          ORDER BY id",
+    )
+    .bind(parent)
+    .bind(group)
+    .bind(abortable_only)
+    .fetch_all(&mut **tx)
+    .await?)
+}
+
+/// How many children a command has, and how many are still open.
+pub async fn children_counts(pool: &PgPool, parent: CommandId) -> Result<(i64, i64)> {
+    let (total, open): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE state IN ('pending', 'running', 'waiting'))
+           FROM commands WHERE parent_id = $1",
+    )
+    .bind(parent)
+    .fetch_one(pool)
+    .await?;
+    Ok((total, open))
+}
+
+/// A command and all its descendants (at most `limit` rows), parents before children.
+pub async fn subtree(pool: &PgPool, id: CommandId, limit: i64) -> Result<Vec<Command>> {
+    Ok(sqlx::query_as::<_, Command>(
+        "WITH RECURSIVE tree AS (
+             SELECT c.*, 0 AS level FROM commands c WHERE c.id = $1
+             UNION ALL
+             SELECT c.*, t.level + 1 FROM commands c JOIN tree t ON c.parent_id = t.id
+         )
+         SELECT id, kind, owner, parent_id, root_id, depth, state, data, result, reason, ui, version,
+                group_name, parent_close, created_at, updated_at, ended_at
+           FROM tree ORDER BY level, id LIMIT $2",
+    )
+    .bind(id)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Records that a broadcast event started `kind`. `false` when it already did.
+pub async fn record_event_start(
+    tx: &mut Tx<'_>,
+    source: &str,
+    event_id: &str,
+    kind: &str,
+    command: CommandId,
+) -> Result<bool> {
+    let done = sqlx::query(
+        "INSERT INTO event_starts (source, event_id, kind, command_id) VALUES ($1, $2, $3, $4)
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(source)
+    .bind(event_id)
+    .bind(kind)
+    .bind(command)
     .execute(&mut **tx)
     .await?;
     Ok(done.rows_affected() == 1)
@@ -96,7 +304,7 @@ pub async fn insert_command(tx: &mut Tx<'_>, new: &NewCommand) -> Result<bool> {
 /// Reads a command and locks its row until the transaction ends.
 pub async fn lock_command(tx: &mut Tx<'_>, id: CommandId) -> Result<Option<Command>> {
     const SQL: &str = concat!(
-        "SELECT id, kind, owner, parent_id, root_id, depth, state, data, result, reason, ui, version, created_at, updated_at, ended_at",
+        "SELECT id, kind, owner, parent_id, root_id, depth, state, data, result, reason, ui, version, group_name, parent_close, created_at, updated_at, ended_at",
         " FROM commands WHERE id = $1 FOR UPDATE"
     );
     Ok(sqlx::query_as::<_, Command>(SQL)
@@ -107,7 +315,7 @@ pub async fn lock_command(tx: &mut Tx<'_>, id: CommandId) -> Result<Option<Comma
 
 pub async fn get_command(pool: &PgPool, id: CommandId) -> Result<Option<Command>> {
     const SQL: &str = concat!(
-        "SELECT id, kind, owner, parent_id, root_id, depth, state, data, result, reason, ui, version, created_at, updated_at, ended_at",
+        "SELECT id, kind, owner, parent_id, root_id, depth, state, data, result, reason, ui, version, group_name, parent_close, created_at, updated_at, ended_at",
         " FROM commands WHERE id = $1"
     );
     Ok(sqlx::query_as::<_, Command>(SQL)

@@ -10,6 +10,19 @@ pub fn init(format: &str) {
     init_with_default(format, "info,lapin=warn,sqlx=warn");
 }
 
+/// For tests: logs go through the test harness's capture, so a failing test shows its logs
+/// and a passing one stays quiet. `RUST_LOG` filters (default `warn`).
+pub fn init_for_tests() {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,lapin=error"));
+    drop(
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(fmt::layer().compact().with_test_writer())
+            .try_init(),
+    );
+}
+
 /// Like [`init`], with another filter when `RUST_LOG` is unset.
 pub fn init_with_default(format: &str, default_filter: &str) {
     let filter =

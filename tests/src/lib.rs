@@ -66,7 +66,7 @@ impl TestEnv {
 
     /// A fresh database (migrated), namespace and lock prefix; `adjust` can change the config.
     pub async fn with(adjust: impl FnOnce(&mut Config)) -> TestEnv {
-        cmdflow_shared::telemetry::init_with_default("pretty", "warn,lapin=error");
+        cmdflow_shared::telemetry::init_for_tests();
         let suffix = Uuid::new_v4().simple().to_string()[..12].to_owned();
         let database = format!("cmdflow_t_{suffix}");
         let admin = PgPoolOptions::new()

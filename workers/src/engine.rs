@@ -5,6 +5,8 @@
 //! [`Engine::apply`] is the part that runs in a transaction it is handed, so several deliveries
 //! for different commands can later share one transaction (group commit) without a rewrite.
 
+mod apply;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,20 +14,16 @@ use cmdflow_shared::bus::{
     self, Bus, BusError, HEADER_ATTEMPT, HEADER_BUSY, HEADER_ERROR_CLASS, HEADER_LAST_ERROR,
     HEADER_REASON,
 };
-use cmdflow_shared::contract::types::COMMAND_START;
-use cmdflow_shared::decision::{Outcome, apply_data};
-use cmdflow_shared::domain::{Kind, Owner};
 use cmdflow_shared::lock::Locks;
-use cmdflow_shared::store::{self, EntryKind, HistoryEntry, NewCommand, OutboxRow, StoreError, Tx};
-use cmdflow_shared::{CommandId, CommandState, Event};
+use cmdflow_shared::store::{self, OutboxRow, StoreError};
+use cmdflow_shared::{CommandId, Event};
 use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 use sqlx::PgPool;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -74,6 +72,8 @@ pub struct EngineSettings {
     pub retry_delays: Vec<Duration>,
     pub busy_delay: Duration,
     pub outbox_sweep_after: Duration,
+    pub max_depth: i32,
+    pub max_children: usize,
 }
 
 impl EngineSettings {
@@ -86,6 +86,8 @@ impl EngineSettings {
             retry_delays: config.retry_delay_list()?,
             busy_delay: config.busy_delay,
             outbox_sweep_after: config.outbox_sweep_after,
+            max_depth: config.max_depth,
+            max_children: config.max_children,
         })
     }
 
@@ -99,24 +101,19 @@ impl EngineSettings {
     }
 }
 
+/// What an event is applied to.
+enum Target<'a> {
+    Command(CommandId),
+    /// A broadcast event that starts commands of these kinds.
+    Broadcast(&'a [String]),
+}
+
 pub struct Engine {
     pool: PgPool,
     bus: Arc<Bus>,
     locks: Option<Locks>,
     registry: Arc<Registry>,
     settings: EngineSettings,
-}
-
-/// The data of a `command.start` event.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct StartData {
-    kind: String,
-    owner: String,
-    #[serde(default)]
-    data: Option<Value>,
-    #[serde(default)]
-    parent_id: Option<CommandId>,
 }
 
 impl Engine {
@@ -141,61 +138,90 @@ impl Engine {
         &self.settings
     }
 
-    /// Processes one message body: lock, transaction, commit, outbox, release. Does not ack.
+    /// Processes one message body: lock, transaction, commit, publish the outbox, release.
+    /// Does not ack: [`Engine::settle`] does, according to the returned disposition.
     pub async fn process(&self, body: &[u8]) -> Disposition {
+        self.process_inner(body, true).await.0
+    }
+
+    /// Like [`Engine::process`], but stops right after the commit and leaves the outbox rows
+    /// unpublished: what a worker that dies between commit and publish leaves behind. The
+    /// sweeper publishes them.
+    pub async fn process_without_publishing(&self, body: &[u8]) -> (Disposition, Vec<OutboxRow>) {
+        self.process_inner(body, false).await
+    }
+
+    async fn process_inner(&self, body: &[u8], publish: bool) -> (Disposition, Vec<OutboxRow>) {
         let event = match Event::parse(body) {
             Ok(event) => event,
             Err(e) => {
-                return Disposition::Dead {
+                let dead = Disposition::Dead {
                     class: "invalid_event",
                     reason: format!("invalid event: {e}"),
                 };
+                return (dead, Vec::new());
             }
         };
-        let Some(command_id) = event.commandid else {
-            // Broadcast events start or wake commands once the registry maps types to kinds;
-            // until then nothing is waiting for them.
-            tracing::debug!(event.id = %event.id, event.type = %event.ty, "No command is addressed by this broadcast event.");
-            return Disposition::Ack(Applied::Unmatched);
-        };
-        let span = tracing::info_span!("event", command.id = %command_id, event.id = %event.id, event.type = %event.ty);
-        self.process_addressed(command_id, &event)
-            .instrument(span)
-            .await
-    }
-
-    async fn process_addressed(&self, command_id: CommandId, event: &Event) -> Disposition {
-        let held = match &self.locks {
-            None => None,
-            Some(locks) => match locks.acquire(command_id).await {
-                Ok(Some(held)) => Some(held),
-                Ok(None) => return Disposition::Busy,
-                Err(e) => return Disposition::Retry(e.to_string()),
-            },
-        };
-        let disposition = self.process_locked(command_id, event).await;
-        if let (Some(locks), Some(held)) = (&self.locks, held) {
-            if held.is_lost() {
-                tracing::warn!(
-                    lock.key = held.key(),
-                    "The lock was lost while the event was processed."
-                );
+        let span = tracing::info_span!("event", command.id = tracing::field::Empty, event.id = %event.id, event.type = %event.ty);
+        async {
+            let Some(command_id) = event.commandid else {
+                let kinds = self.registry.kinds_started_by(&event.ty);
+                if kinds.is_empty() {
+                    tracing::debug!("No command is addressed or started by this broadcast event.");
+                    return (Disposition::Ack(Applied::Unmatched), Vec::new());
+                }
+                // New commands have fresh ids: nobody else can hold their lock.
+                return self
+                    .transact(&event, Target::Broadcast(kinds), publish)
+                    .await;
+            };
+            tracing::Span::current().record("command.id", tracing::field::display(command_id));
+            let held = match &self.locks {
+                None => None,
+                Some(locks) => match locks.acquire(command_id).await {
+                    Ok(Some(held)) => Some(held),
+                    Ok(None) => return (Disposition::Busy, Vec::new()),
+                    Err(e) => return (Disposition::Retry(e.to_string()), Vec::new()),
+                },
+            };
+            let done = self
+                .transact(&event, Target::Command(command_id), publish)
+                .await;
+            if let (Some(locks), Some(held)) = (&self.locks, held) {
+                if held.is_lost() {
+                    tracing::warn!(
+                        lock.key = held.key(),
+                        "The lock was lost while the event was processed."
+                    );
+                }
+                locks.release(held).await;
             }
-            locks.release(held).await;
+            done
         }
-        disposition
+        .instrument(span)
+        .await
     }
 
-    async fn process_locked(&self, command_id: CommandId, event: &Event) -> Disposition {
+    /// One transaction for one event: apply, commit, then publish the outbox when asked.
+    async fn transact(
+        &self,
+        event: &Event,
+        target: Target<'_>,
+        publish: bool,
+    ) -> (Disposition, Vec<OutboxRow>) {
         let mut tx = match self.pool.begin().await {
             Ok(tx) => tx,
-            Err(e) => return Disposition::Retry(format!("PostgreSQL: {e}")),
+            Err(e) => return (Disposition::Retry(format!("PostgreSQL: {e}")), Vec::new()),
         };
-        let (applied, outbox) = match self.apply(&mut tx, command_id, event).await {
+        let applied = match target {
+            Target::Command(id) => self.apply(&mut tx, id, event).await,
+            Target::Broadcast(kinds) => self.apply_broadcast_start(&mut tx, event, kinds).await,
+        };
+        let (applied, outbox) = match applied {
             Ok(done) => done,
             Err(e) => {
                 drop(tx.rollback().await);
-                return match e {
+                let disposition = match e {
                     ApplyError::Store(e) => Disposition::Retry(e.to_string()),
                     ApplyError::NotFound(_) => Disposition::Retry(e.to_string()),
                     ApplyError::Permanent(reason) => Disposition::Dead {
@@ -203,198 +229,23 @@ impl Engine {
                         reason,
                     },
                 };
+                return (disposition, Vec::new());
             }
         };
         if applied == Applied::Duplicate {
             drop(tx.rollback().await);
-            return Disposition::Ack(applied);
+            return (Disposition::Ack(applied), Vec::new());
         }
         if let Err(e) = tx.commit().await {
-            return Disposition::Retry(format!("PostgreSQL commit: {e}"));
+            return (
+                Disposition::Retry(format!("PostgreSQL commit: {e}")),
+                Vec::new(),
+            );
         }
-        self.publish_outbox(&outbox).await;
-        Disposition::Ack(applied)
-    }
-
-    /// Applies one event to one command inside `tx`: create on start, lock the row, dedupe,
-    /// decide, guarded update, history, outbox. Returns the outbox rows to publish after commit.
-    pub async fn apply(
-        &self,
-        tx: &mut Tx<'_>,
-        command_id: CommandId,
-        event: &Event,
-    ) -> Result<(Applied, Vec<OutboxRow>), ApplyError> {
-        let mut created = false;
-        if event.ty == COMMAND_START {
-            let new = self.new_command(command_id, event)?;
-            created = store::insert_command(tx, &new).await?;
+        if publish {
+            self.publish_outbox(&outbox).await;
         }
-        let Some(command) = store::lock_command(tx, command_id).await? else {
-            return Err(ApplyError::NotFound(command_id));
-        };
-        if !store::mark_processed(tx, command_id, &event.source, &event.id).await? {
-            tracing::debug!("Already applied; ignoring the redelivery.");
-            return Ok((Applied::Duplicate, Vec::new()));
-        }
-
-        let ignore = if command.state.is_terminal() {
-            Some(format!(
-                "the command is {}; a terminal command accepts no more events",
-                command.state
-            ))
-        } else if event.ty == COMMAND_START && !created {
-            Some("the command already exists; a second start changes nothing".to_owned())
-        } else {
-            None
-        };
-        if let Some(reason) = ignore {
-            store::append_history(
-                tx,
-                command_id,
-                command.version,
-                &[HistoryEntry {
-                    entry: EntryKind::Ignored,
-                    event_id: Some(event.id.clone()),
-                    event_type: Some(event.ty.clone()),
-                    from_state: None,
-                    to_state: None,
-                    detail: Some(json!({ "reason": reason, "source": event.source })),
-                }],
-            )
-            .await?;
-            return Ok((Applied::Ignored, Vec::new()));
-        }
-
-        let handler = self.registry.get(&command.kind).ok_or_else(|| {
-            ApplyError::Permanent(format!("unknown command kind `{}`", command.kind))
-        })?;
-        let decision = handler.decide(&command, event).map_err(|e| {
-            ApplyError::Permanent(format!(
-                "handler {} refused {}: {e}",
-                command.kind, event.ty
-            ))
-        })?;
-
-        let mut next = command.clone();
-        let default_state = if command.state == CommandState::Pending {
-            CommandState::Running
-        } else {
-            command.state
-        };
-        let target = match &decision.outcome {
-            Some(Outcome::Complete(result)) => {
-                next.result = Some(result.clone());
-                CommandState::Completed
-            }
-            Some(Outcome::Fail(reason)) => {
-                next.reason = Some(reason.clone());
-                CommandState::Failed
-            }
-            None => decision.state.unwrap_or(default_state),
-        };
-        next.state = command.state.transition(target).map_err(|e| {
-            ApplyError::Permanent(format!(
-                "handler {} decided an illegal move: {e}",
-                command.kind
-            ))
-        })?;
-        if let Some(change) = &decision.data {
-            next.data = apply_data(&command.data, change);
-        }
-        if let Some(ui) = &decision.ui {
-            next.ui = if ui.is_null() { None } else { Some(ui.clone()) };
-        }
-        if next.state.is_terminal() {
-            next.ui = None;
-        }
-        store::update_command(tx, &next, command.version).await?;
-
-        let emitted: Vec<Event> = decision
-            .emit
-            .iter()
-            .map(|emit| {
-                let mut out = Event::new(
-                    &format!("cmdflow/{}", command.kind),
-                    &emit.ty,
-                    emit.data.clone(),
-                );
-                out.commandid = emit.to;
-                out.subject = Some(command.owner.clone());
-                out.causationid = Some(event.id.clone());
-                out.correlationid = event
-                    .correlationid
-                    .clone()
-                    .or_else(|| Some(command.root_id.to_string()));
-                out
-            })
-            .collect();
-
-        let mut history = vec![HistoryEntry {
-            entry: EntryKind::Received,
-            event_id: Some(event.id.clone()),
-            event_type: Some(event.ty.clone()),
-            from_state: None,
-            to_state: None,
-            detail: Some(json!({ "source": event.source, "data": event.data })),
-        }];
-        if next.state != command.state {
-            history.push(HistoryEntry {
-                entry: EntryKind::StateChanged,
-                event_id: Some(event.id.clone()),
-                event_type: None,
-                from_state: Some(command.state),
-                to_state: Some(next.state),
-                detail: match (&next.result, &next.reason, next.state) {
-                    (Some(result), _, CommandState::Completed) => Some(json!({ "result": result })),
-                    (_, Some(reason), CommandState::Failed) => Some(json!({ "reason": reason })),
-                    _ => None,
-                },
-            });
-        }
-        history.extend(emitted.iter().map(|out| HistoryEntry {
-            entry: EntryKind::Emitted,
-            event_id: Some(out.id.clone()),
-            event_type: Some(out.ty.clone()),
-            from_state: None,
-            to_state: None,
-            detail: Some(json!({ "commandid": out.commandid, "data": out.data })),
-        }));
-        store::append_history(tx, command_id, command.version + 1, &history).await?;
-        let outbox = store::insert_outbox(tx, command_id, &emitted).await?;
-        Ok((Applied::Applied, outbox))
-    }
-
-    fn new_command(&self, id: CommandId, event: &Event) -> Result<NewCommand, ApplyError> {
-        let start: StartData = serde_json::from_value(Value::Object(event.data.clone()))
-            .map_err(|e| ApplyError::Permanent(format!("invalid command.start data: {e}")))?;
-        let kind = Kind::parse(&start.kind)
-            .map_err(|e| ApplyError::Permanent(format!("invalid command.start data: kind: {e}")))?;
-        if !self.registry.contains(kind.as_str()) {
-            return Err(ApplyError::Permanent(format!(
-                "unknown command kind `{kind}`"
-            )));
-        }
-        let owner = Owner::parse(&start.owner).map_err(|e| {
-            ApplyError::Permanent(format!("invalid command.start data: owner: {e}"))
-        })?;
-        let data = match start.data {
-            None | Some(Value::Null) => json!({}),
-            Some(Value::Object(map)) => Value::Object(map),
-            Some(_) => {
-                return Err(ApplyError::Permanent(
-                    "invalid command.start data: data must be a JSON object".into(),
-                ));
-            }
-        };
-        Ok(NewCommand {
-            id,
-            kind: kind.to_string(),
-            owner: owner.to_string(),
-            parent_id: start.parent_id,
-            root_id: id,
-            depth: 0,
-            data,
-        })
+        (Disposition::Ack(applied), outbox)
     }
 
     /// Publishes committed outbox rows with confirms and deletes the confirmed ones. A row that

@@ -2,6 +2,7 @@
 //! the loops that run beside it (the outbox sweeper).
 
 pub mod engine;
+pub mod fanin;
 pub mod handlers;
 
 use std::sync::Arc;

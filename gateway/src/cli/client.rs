@@ -216,6 +216,52 @@ pub async fn history(client: &Client, id: &str) -> anyhow::Result<()> {
     }
 }
 
+pub async fn tree(client: &Client, id: &str) -> anyhow::Result<()> {
+    let tree = client
+        .get(&format!("/v1/commands/{}/tree", urlencode(id)))
+        .await?;
+    fn walk(node: &Value, depth: usize) {
+        let outcome = match node["state"].as_str() {
+            Some("completed") if !node["result"].is_null() => format!(" → {}", node["result"]),
+            Some("failed" | "aborted") => format!(" ({})", node["reason"].as_str().unwrap_or("")),
+            _ => String::new(),
+        };
+        println!(
+            "{}{} {} [{}]{}",
+            "  ".repeat(depth),
+            node["id"].as_str().unwrap_or(""),
+            node["kind"].as_str().unwrap_or(""),
+            node["state"].as_str().unwrap_or(""),
+            outcome
+        );
+        for child in node["children"].as_array().into_iter().flatten() {
+            walk(child, depth + 1);
+        }
+    }
+    walk(&tree["root"], 0);
+    if tree["truncated"] == true {
+        println!("… cut at {} nodes", tree["nodes"]);
+    }
+    Ok(())
+}
+
+pub async fn abort(client: &Client, id: &str, reason: Option<String>) -> anyhow::Result<()> {
+    let body = serde_json::to_vec(&json!({ "reason": reason }))?;
+    let accepted = client
+        .post(
+            &format!("/v1/commands/{}/abort", urlencode(id)),
+            "application/json",
+            body,
+        )
+        .await?;
+    println!(
+        "abort accepted for {} (event {})",
+        id,
+        accepted["event_id"].as_str().unwrap_or("")
+    );
+    Ok(())
+}
+
 fn print_command(c: &Value) {
     let field = |k: &str| match &c[k] {
         Value::String(s) => s.clone(),
@@ -226,6 +272,29 @@ fn print_command(c: &Value) {
     println!("kind     {}", field("kind"));
     println!("owner    {}", field("owner"));
     println!("state    {} (version {})", field("state"), field("version"));
+    if !c["parent_id"].is_null() {
+        println!("parent   {} (group {})", field("parent_id"), field("group"));
+    }
+    if let Some(children) = c["children"].as_object()
+        && children["total"].as_i64().unwrap_or(0) > 0
+    {
+        println!(
+            "children {} open of {}",
+            children["open"], children["total"]
+        );
+        for g in children["groups"].as_array().into_iter().flatten() {
+            println!(
+                "  group {} ({}): {} · {} completed, {} failed, {} aborted of {}",
+                g["name"].as_str().unwrap_or(""),
+                g["policy"].as_str().unwrap_or(""),
+                g["state"].as_str().unwrap_or(""),
+                g["completed"],
+                g["failed"],
+                g["aborted"],
+                g["total"]
+            );
+        }
+    }
     println!("data     {}", field("data"));
     if !c["result"].is_null() {
         println!("result   {}", field("result"));

@@ -101,4 +101,17 @@ pub enum Cmd {
     /// Show a command's history.
     #[command(after_help = "Example:\n  cmdflow history 0192f0c1-7a3b-7c2d-9e4f-5a6b7c8d9e0f")]
     History { id: String },
+    /// Show a command's tree: every descendant with its state.
+    #[command(after_help = "Example:\n  cmdflow tree 0192f0c1-7a3b-7c2d-9e4f-5a6b7c8d9e0f")]
+    Tree { id: String },
+    /// Abort a command and its open descendants.
+    #[command(
+        after_help = "Example:\n  cmdflow abort 0192f0c1-7a3b-7c2d-9e4f-5a6b7c8d9e0f --reason 'customer cancelled'"
+    )]
+    Abort {
+        id: String,
+        /// Why; recorded in every aborted command's history.
+        #[arg(long)]
+        reason: Option<String>,
+    },
 }

@@ -6,7 +6,7 @@ use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use chrono::{DateTime, Utc};
-use cmdflow_shared::contract::types::COMMAND_START;
+use cmdflow_shared::contract::types::{COMMAND_ABORT, COMMAND_START};
 use cmdflow_shared::domain::{Kind, Owner};
 use cmdflow_shared::store::{self, HistoryRow};
 use cmdflow_shared::{Command, CommandId, CommandState, Event};
@@ -137,6 +137,9 @@ pub fn parse_id(raw: &str) -> ApiResult<CommandId> {
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct CommandView {
     pub id: CommandId,
+    /// Its children: how many, how many still open, and its fan-in groups.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub children: Option<ChildrenView>,
     pub kind: String,
     pub owner: String,
     pub state: CommandState,
@@ -145,6 +148,10 @@ pub struct CommandView {
     pub version: i64,
     pub parent_id: Option<CommandId>,
     pub root_id: CommandId,
+    /// The fan-in group it reports to, if its parent waits for it.
+    pub group: Option<String>,
+    /// `abort` or `abandon`: what happens to it when its parent ends first.
+    pub parent_close: String,
     #[schema(value_type = Option<Object>)]
     pub result: Option<Value>,
     pub reason: Option<String>,
@@ -155,10 +162,19 @@ pub struct CommandView {
     pub ended_at: Option<DateTime<Utc>>,
 }
 
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ChildrenView {
+    pub total: i64,
+    /// Children not yet completed, failed or aborted.
+    pub open: i64,
+    pub groups: Vec<store::GroupRow>,
+}
+
 impl From<Command> for CommandView {
     fn from(c: Command) -> Self {
         Self {
             id: c.id,
+            children: None,
             kind: c.kind,
             owner: c.owner,
             state: c.state,
@@ -166,6 +182,8 @@ impl From<Command> for CommandView {
             version: c.version,
             parent_id: c.parent_id,
             root_id: c.root_id,
+            group: c.group_name,
+            parent_close: c.parent_close,
             result: c.result,
             reason: c.reason,
             ui: c.ui,
@@ -191,7 +209,169 @@ pub async fn get_command(
     let command = store::get_command(&state.pool, id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no command {id}")))?;
-    Ok(Json(command.into()))
+    let (total, open) = store::children_counts(&state.pool, id).await?;
+    let groups = store::groups_of(&state.pool, id).await?;
+    let mut view = CommandView::from(command);
+    view.children = Some(ChildrenView {
+        total,
+        open,
+        groups,
+    });
+    Ok(Json(view))
+}
+
+/// The largest tree `GET /v1/commands/{id}/tree` returns.
+const MAX_TREE_NODES: i64 = 10_000;
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct TreeNode {
+    pub id: CommandId,
+    pub kind: String,
+    pub owner: String,
+    pub state: CommandState,
+    pub group: Option<String>,
+    #[schema(value_type = Option<Object>)]
+    pub result: Option<Value>,
+    pub reason: Option<String>,
+    pub ended_at: Option<DateTime<Utc>>,
+    #[schema(no_recursion)]
+    pub children: Vec<TreeNode>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Tree {
+    pub root: TreeNode,
+    /// Nodes returned; the tree is cut at 10,000.
+    pub nodes: usize,
+    pub truncated: bool,
+}
+
+/// A command and all its descendants, with states and outcomes.
+#[utoipa::path(get, path = "/v1/commands/{id}/tree", tag = "commands",
+    params(("id" = String, Path, description = "Command id (UUID)")),
+    responses(
+        (status = 200, body = Tree),
+        (status = 400, description = "Not a command id", body = ErrorBody),
+        (status = 404, description = "No such command", body = ErrorBody)))]
+pub async fn get_tree(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+) -> ApiResult<Json<Tree>> {
+    let id = parse_id(&raw)?;
+    let rows = store::subtree(&state.pool, id, MAX_TREE_NODES + 1).await?;
+    if rows.is_empty() {
+        return Err(ApiError::NotFound(format!("no command {id}")));
+    }
+    let truncated = rows.len() as i64 > MAX_TREE_NODES;
+    let rows: Vec<Command> = rows.into_iter().take(MAX_TREE_NODES as usize).collect();
+    let nodes = rows.len();
+    let mut by_parent: std::collections::HashMap<CommandId, Vec<Command>> =
+        std::collections::HashMap::new();
+    let mut root = None;
+    for row in rows {
+        match row.parent_id {
+            Some(parent) if row.id != id => by_parent.entry(parent).or_default().push(row),
+            _ => root = Some(row),
+        }
+    }
+    fn build(
+        c: Command,
+        by_parent: &mut std::collections::HashMap<CommandId, Vec<Command>>,
+    ) -> TreeNode {
+        let kids = by_parent.remove(&c.id).unwrap_or_default();
+        TreeNode {
+            id: c.id,
+            kind: c.kind,
+            owner: c.owner,
+            state: c.state,
+            group: c.group_name,
+            result: c.result,
+            reason: c.reason,
+            ended_at: c.ended_at,
+            children: kids.into_iter().map(|k| build(k, by_parent)).collect(),
+        }
+    }
+    let root = root.ok_or_else(|| ApiError::NotFound(format!("no command {id}")))?;
+    Ok(Json(Tree {
+        root: build(root, &mut by_parent),
+        nodes,
+        truncated,
+    }))
+}
+
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+pub struct AbortRequest {
+    /// Why; recorded in the history of every aborted command.
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct AbortAccepted {
+    pub command_id: CommandId,
+    /// The id of the `command.abort` event.
+    pub event_id: String,
+}
+
+/// Aborts a command and, through it, every open descendant. A command that has already ended
+/// ignores the abort, and its history says so.
+#[utoipa::path(post, path = "/v1/commands/{id}/abort", tag = "commands",
+    params(("id" = String, Path, description = "Command id (UUID)")),
+    request_body(content = Option<AbortRequest>, content_type = "application/json"),
+    responses(
+        (status = 202, description = "The abort event was confirmed by the broker", body = AbortAccepted),
+        (status = 400, description = "Not a command id, or malformed JSON", body = ErrorBody),
+        (status = 404, description = "No such command", body = ErrorBody),
+        (status = 422, description = "Invalid field", body = ErrorBody),
+        (status = 503, description = "The broker did not confirm; resend", body = ErrorBody)))]
+pub async fn abort_command(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<(StatusCode, Json<AbortAccepted>)> {
+    let id = parse_id(&raw)?;
+    let body = body
+        .map_err(|e| ApiError::BadRequest(format!("could not read the body: {}", e.body_text())))?;
+    let request = if body.is_empty() {
+        AbortRequest::default()
+    } else {
+        let body = json_body(&headers, Ok(body), &["application/json"])?;
+        serde_json::from_slice::<AbortRequest>(&body).map_err(|e| {
+            ApiError::invalid("body", format!("expected {{\"reason\": string}}: {e}"))
+        })?
+    };
+    if let Some(reason) = &request.reason
+        && reason.chars().count() > 1000
+    {
+        return Err(ApiError::invalid(
+            "reason",
+            "must be at most 1000 characters",
+        ));
+    }
+    let command = store::get_command(&state.pool, id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no command {id}")))?;
+    let mut data = Map::new();
+    data.insert(
+        "reason".into(),
+        json!(
+            request
+                .reason
+                .unwrap_or_else(|| "aborted through the API".to_owned())
+        ),
+    );
+    let mut event = Event::new("cmdflow/gateway", COMMAND_ABORT, data);
+    event.commandid = Some(id);
+    event.subject = Some(command.owner);
+    event.correlationid = Some(command.root_id.to_string());
+    publish_all(&state, std::slice::from_ref(&event)).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(AbortAccepted {
+            command_id: id,
+            event_id: event.id,
+        }),
+    ))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]

@@ -1,1 +1,380 @@
-fn main() {}
+//! The load generator: runs workloads against a fresh namespace and database on the real
+//! services, with worker processes it starts itself, and prints one JSON line per result.
+//!
+//! - W1: N single-step `demo.increment` events spread over 1,000 counters.
+//! - W4: 2,000 increments on one counter; the count must be exact.
+//!
+//! Events are published straight to RabbitMQ with confirms, as an upstream service would, each
+//! carrying its send time; latency is from publish to the history row written in the event's
+//! transaction. Build in release mode: `cargo build --release -p cmdflow-gateway -p cmdflow-tests`.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use cmdflow_shared::bus::Bus;
+use cmdflow_shared::{Config, store};
+use cmdflow_workers::{EngineSettings, Registry, Worker};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+#[derive(Debug, Parser)]
+#[command(about = "cmdflow load generator: prints one JSON line per workload")]
+struct Args {
+    /// Workloads to run, comma-separated: w1, w4.
+    #[arg(long, default_value = "w1,w4")]
+    workloads: String,
+    /// W1: number of increments.
+    #[arg(long, default_value_t = 20_000)]
+    events: usize,
+    /// W1: number of counters the increments are spread over.
+    #[arg(long, default_value_t = 1_000)]
+    counters: usize,
+    /// W4: increments on the one counter.
+    #[arg(long, default_value_t = 2_000)]
+    hot_events: usize,
+    /// Worker processes to start.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// Run the workers inside this process instead of starting `cmdflow worker` processes.
+    #[arg(long)]
+    in_process: bool,
+    /// Concurrency of each worker.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Prefetch of each worker.
+    #[arg(long, default_value_t = 64)]
+    prefetch: u16,
+    /// Turn Redlock off (the guarded update still fences).
+    #[arg(long)]
+    no_lock: bool,
+    /// Server for the per-run database.
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432")]
+    pg_server: String,
+    /// Keep the database and queues afterwards.
+    #[arg(long)]
+    keep: bool,
+}
+
+struct Run {
+    args: Args,
+    config: Config,
+    pool: PgPool,
+    bus: std::sync::Arc<Bus>,
+    database: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    cmdflow_shared::telemetry::init_with_default("pretty", "warn,lapin=error");
+    let args = Args::parse();
+    let run = Run::prepare(args).await?;
+    let shutdown = CancellationToken::new();
+    let mut children = run.start_workers(&shutdown).await?;
+
+    let mut failed = None;
+    for workload in run.args.workloads.split(',').map(str::trim) {
+        let result = match workload {
+            "w1" => run.w1().await,
+            "w4" => run.w4().await,
+            other => Err(anyhow::anyhow!("unknown workload {other}")),
+        };
+        match result {
+            Ok(line) => println!("{line}"),
+            Err(e) => {
+                eprintln!("loadgen: {workload}: {e:#}");
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    shutdown.cancel();
+    for child in &mut children {
+        drop(child.start_kill());
+        drop(child.wait().await);
+    }
+    run.cleanup().await;
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+impl Run {
+    async fn prepare(args: Args) -> anyhow::Result<Run> {
+        let suffix = Uuid::new_v4().simple().to_string()[..10].to_owned();
+        let database = format!("cmdflow_load_{suffix}");
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&format!("{}/postgres", args.pg_server))
+            .await
+            .context("connect to PostgreSQL")?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {database}")))
+            .execute(&admin)
+            .await?;
+        admin.close().await;
+
+        let config = Config {
+            database_url: format!("{}/{database}", args.pg_server),
+            namespace: format!("load{suffix}"),
+            concurrency: args.concurrency,
+            prefetch: args.prefetch,
+            lock_enabled: !args.no_lock,
+            database_pool_size: (args.concurrency as u32).clamp(4, 32),
+            busy_delay: Duration::from_millis(20),
+            lock_wait: Duration::from_millis(50),
+            ..Config::default()
+        };
+        config.validate()?;
+        let pool = store::connect(&config.database_url, 8).await?;
+        store::migrate(&pool).await?;
+        let bus = Bus::connect(&config.amqp_url, &config.namespace, "cmdflow-loadgen").await?;
+        let settings = EngineSettings::from_config(&config)?;
+        bus.declare_topology(&settings.delay_queues()).await?;
+        Ok(Run {
+            args,
+            config,
+            pool,
+            bus,
+            database,
+        })
+    }
+
+    async fn start_workers(&self, shutdown: &CancellationToken) -> anyhow::Result<Vec<Child>> {
+        if self.args.in_process {
+            for _ in 0..self.args.workers {
+                let worker = Worker::build(&self.config, Registry::builtin()).await?;
+                tokio::spawn(worker.run_until_stopped(shutdown.clone()));
+            }
+            return Ok(Vec::new());
+        }
+        let bin = cmdflow_binary()?;
+        let mut children = Vec::new();
+        for _ in 0..self.args.workers {
+            let child = Command::new(&bin)
+                .arg("worker")
+                .env("CMDFLOW_DATABASE_URL", &self.config.database_url)
+                .env("CMDFLOW_AMQP_URL", &self.config.amqp_url)
+                .env("CMDFLOW_REDIS_URLS", &self.config.redis_urls)
+                .env("CMDFLOW_NAMESPACE", &self.config.namespace)
+                .env("CMDFLOW_CONCURRENCY", self.config.concurrency.to_string())
+                .env("CMDFLOW_PREFETCH", self.config.prefetch.to_string())
+                .env("CMDFLOW_LOCK_ENABLED", self.config.lock_enabled.to_string())
+                .env(
+                    "CMDFLOW_DATABASE_POOL_SIZE",
+                    self.config.database_pool_size.to_string(),
+                )
+                .env("CMDFLOW_BUSY_DELAY", "20ms")
+                .env("CMDFLOW_LOCK_WAIT", "50ms")
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .with_context(|| format!("start {}", bin.display()))?;
+            children.push(child);
+        }
+        Ok(children)
+    }
+
+    async fn cleanup(self) {
+        if self.args.keep {
+            eprintln!(
+                "kept database {} and namespace {}",
+                self.database, self.config.namespace
+            );
+            return;
+        }
+        let settings = EngineSettings::from_config(&self.config).unwrap();
+        drop(self.bus.delete_topology(&settings.delay_queues()).await);
+        self.pool.close().await;
+        if let Ok(admin) = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&format!("{}/postgres", self.args.pg_server))
+            .await
+        {
+            drop(
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                    self.database
+                )))
+                .execute(&admin)
+                .await,
+            );
+        }
+    }
+
+    /// Starts `n` counters and waits until all are running.
+    async fn start_counters(&self, n: usize) -> anyhow::Result<Vec<Uuid>> {
+        let ids: Vec<Uuid> = (0..n).map(|_| Uuid::now_v7()).collect();
+        let events: Vec<Value> = ids
+            .iter()
+            .map(|id| {
+                json!({
+                    "specversion": "1.0", "id": Uuid::now_v7().to_string(), "source": "loadgen",
+                    "type": "command.start", "commandid": id.to_string(),
+                    "data": {"kind": "demo.counter", "owner": "system:loadgen", "data": {}},
+                })
+            })
+            .collect();
+        self.publish_all(&events).await?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let running: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM commands WHERE id = ANY($1) AND state = 'running'",
+            )
+            .bind(&ids)
+            .fetch_one(&self.pool)
+            .await?;
+            if running as usize == n {
+                return Ok(ids);
+            }
+            if Instant::now() > deadline {
+                bail!("only {running} of {n} counters started within 120s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn publish_all(&self, events: &[Value]) -> anyhow::Result<()> {
+        for chunk in events.chunks(500) {
+            let results = futures::future::join_all(chunk.iter().map(|event| {
+                let body = serde_json::to_vec(event).unwrap();
+                let ty = event["type"].as_str().unwrap().to_owned();
+                let id = event["id"].as_str().unwrap().to_owned();
+                async move {
+                    self.bus
+                        .publish_event(&ty, &id, &body, Default::default())
+                        .await
+                }
+            }))
+            .await;
+            for r in results {
+                r?;
+            }
+        }
+        Ok(())
+    }
+
+    fn increments(&self, targets: &[Uuid], n: usize) -> Vec<Value> {
+        (0..n)
+            .map(|i| {
+                json!({
+                    "specversion": "1.0", "id": Uuid::now_v7().to_string(), "source": "loadgen",
+                    "type": "demo.increment", "commandid": targets[i % targets.len()].to_string(),
+                    "data": {"by": 1},
+                })
+            })
+            .collect()
+    }
+
+    /// Publishes `events` (stamping each with its send time), waits until the counters of
+    /// `targets` add up to `expected`, and reports throughput and latency.
+    async fn measure(
+        &self,
+        name: &str,
+        targets: &[Uuid],
+        mut events: Vec<Value>,
+    ) -> anyhow::Result<Value> {
+        let expected = events.len() as i64;
+        let started = Instant::now();
+        let publisher = async {
+            for chunk in events.chunks_mut(500) {
+                let now_us = chrono::Utc::now().timestamp_micros();
+                for e in chunk.iter_mut() {
+                    e["data"]["sent_us"] = json!(now_us);
+                }
+                self.publish_all(chunk).await?;
+            }
+            anyhow::Ok(started.elapsed())
+        };
+        let drain = async {
+            let deadline = Instant::now() + Duration::from_secs(900);
+            loop {
+                let total: Option<i64> = sqlx::query_scalar(
+                    "SELECT sum((data->>'count')::bigint)::bigint FROM commands WHERE id = ANY($1)",
+                )
+                .bind(targets)
+                .fetch_one(&self.pool)
+                .await?;
+                if total.unwrap_or(0) >= expected {
+                    return anyhow::Ok(total.unwrap_or(0));
+                }
+                if Instant::now() > deadline {
+                    bail!("{name}: only {total:?} of {expected} applied within 900s");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        let (published_in, total) = tokio::try_join!(publisher, drain)?;
+        let elapsed = started.elapsed();
+        if total != expected {
+            bail!(
+                "{name}: counters add up to {total}, expected {expected} (lost or doubled events)"
+            );
+        }
+        let mut latencies: Vec<f64> = sqlx::query_scalar(
+            "SELECT (extract(epoch FROM at) * 1e6 - (detail->'data'->>'sent_us')::float8) / 1000.0
+               FROM command_events
+              WHERE command_id = ANY($1) AND entry = 'received' AND event_type = 'demo.increment'",
+        )
+        .bind(targets)
+        .fetch_all(&self.pool)
+        .await?;
+        latencies.sort_by(f64::total_cmp);
+        let pct = |p: f64| {
+            if latencies.is_empty() {
+                return 0.0;
+            }
+            let i = ((latencies.len() as f64 - 1.0) * p).round() as usize;
+            (latencies[i] * 100.0).round() / 100.0
+        };
+        Ok(json!({
+            "workload": name,
+            "events": expected,
+            "commands": targets.len(),
+            "workers": self.args.workers,
+            "in_process": self.args.in_process,
+            "concurrency": self.args.concurrency,
+            "prefetch": self.args.prefetch,
+            "lock": !self.args.no_lock,
+            "published_s": (published_in.as_secs_f64() * 1000.0).round() / 1000.0,
+            "elapsed_s": (elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
+            "events_per_s": (expected as f64 / elapsed.as_secs_f64()).round(),
+            "latency_ms": {"p50": pct(0.5), "p99": pct(0.99), "max": pct(1.0)},
+            "exact": true,
+        }))
+    }
+
+    async fn w1(&self) -> anyhow::Result<Value> {
+        let counters = self.start_counters(self.args.counters).await?;
+        let events = self.increments(&counters, self.args.events);
+        self.measure("W1", &counters, events).await
+    }
+
+    async fn w4(&self) -> anyhow::Result<Value> {
+        let counter = self.start_counters(1).await?;
+        let events = self.increments(&counter, self.args.hot_events);
+        self.measure("W4", &counter, events).await
+    }
+}
+
+/// `cmdflow` from the same target directory as this binary.
+fn cmdflow_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let bin = exe.with_file_name("cmdflow");
+    if !bin.exists() {
+        bail!(
+            "{} not found: build it with `cargo build --release -p cmdflow-gateway`, or pass --in-process",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}

@@ -2,9 +2,18 @@
 //!
 //! - `demo.noop` completes on start (and fails instead when its data says `{"fail": true}`).
 //! - `demo.counter` adds `data.by` (default 1) to `data.count` on each `demo.increment`
-//!   addressed to it, and completes with `{count}` on `demo.finish`.
+//!   addressed to it, and completes with `{count}` on `demo.finish` (it fails on start when its
+//!   data says `{"fail": true}`). A broadcast
+//!   `demo.requested` starts one, owned by the event's subject.
+//! - `demo.fanout` spawns `data.children` (default 10) children of `data.child_kind` (default
+//!   `demo.noop`, with `data.child_data`) under `data.policy` (default `all`; `any`,
+//!   `all_settled`, `quorum:N`), and completes when the group settles, or fails if it fails.
+//!   Children listed in `data.fail_children` (indexes) get `{"fail": true}`. With
+//!   `data.detached = true` the children are fire-and-forget and the fan-out completes on
+//!   `demo.finish`.
 
-use cmdflow_shared::contract::types::COMMAND_START;
+use cmdflow_shared::contract::types::{self, CHILDREN_SETTLED, COMMAND_START};
+use cmdflow_shared::decision::{ChildSpec, FanIn};
 use cmdflow_shared::{Command, CommandState, Decision, Event, HandlerError};
 use serde_json::{Map, Value, json};
 
@@ -14,9 +23,15 @@ pub const NOOP: &str = "demo.noop";
 pub const COUNTER: &str = "demo.counter";
 pub const INCREMENT: &str = "demo.increment";
 pub const FINISH: &str = "demo.finish";
+pub const FANOUT: &str = "demo.fanout";
+pub const REQUESTED: &str = "demo.requested";
 
 pub fn register(registry: &mut Registry) {
-    registry.register(NOOP, noop).register(COUNTER, counter);
+    registry
+        .register(NOOP, noop)
+        .register(COUNTER, counter)
+        .register(FANOUT, fanout)
+        .start_on(REQUESTED, COUNTER);
 }
 
 pub fn noop(command: &Command, event: &Event) -> Result<Decision, HandlerError> {
@@ -37,6 +52,9 @@ pub fn counter(command: &Command, event: &Event) -> Result<Decision, HandlerErro
             .ok_or_else(|| HandlerError::InvalidData("data.count must be an integer".into()))?,
     };
     match event.ty.as_str() {
+        COMMAND_START if command.data.get("fail") == Some(&Value::Bool(true)) => {
+            Ok(Decision::fail("demo.counter was asked to fail"))
+        }
         COMMAND_START => {
             let mut patch = Map::new();
             patch.insert("count".into(), json!(count));
@@ -59,7 +77,92 @@ pub fn counter(command: &Command, event: &Event) -> Result<Decision, HandlerErro
             Ok(Decision::nothing().with_patch(patch))
         }
         FINISH => Ok(Decision::complete(json!({ "count": count }))),
+        REQUESTED => Ok(Decision::nothing().with_state(CommandState::Running)),
         _ => Err(HandlerError::unexpected(COUNTER, event)),
+    }
+}
+
+pub fn fanout(command: &Command, event: &Event) -> Result<Decision, HandlerError> {
+    let data = &command.data;
+    match event.ty.as_str() {
+        COMMAND_START => {
+            let n = match data.get("children") {
+                None => 10,
+                Some(v) => v.as_u64().ok_or_else(|| {
+                    HandlerError::InvalidData("`children` must be a non-negative integer".into())
+                })?,
+            };
+            let policy = match data.get("policy") {
+                None => FanIn::All,
+                Some(Value::String(s)) => FanIn::parse(s).map_err(HandlerError::InvalidData)?,
+                Some(_) => {
+                    return Err(HandlerError::InvalidData(
+                        "`policy` must be a string".into(),
+                    ));
+                }
+            };
+            let child_kind = match data.get("child_kind") {
+                None => NOOP,
+                Some(v) => v.as_str().ok_or_else(|| {
+                    HandlerError::InvalidData("`child_kind` must be a string".into())
+                })?,
+            };
+            let child_data = match data.get("child_data") {
+                None => Map::new(),
+                Some(Value::Object(map)) => map.clone(),
+                Some(_) => {
+                    return Err(HandlerError::InvalidData(
+                        "`child_data` must be an object".into(),
+                    ));
+                }
+            };
+            let fail: Vec<u64> = match data.get("fail_children") {
+                None => Vec::new(),
+                Some(v) => serde_json::from_value(v.clone()).map_err(|_| {
+                    HandlerError::InvalidData("`fail_children` must be a list of indexes".into())
+                })?,
+            };
+            let detached = data.get("detached") == Some(&Value::Bool(true));
+            let specs: Vec<ChildSpec> = (0..n)
+                .map(|i| {
+                    let mut d = child_data.clone();
+                    d.insert("index".into(), json!(i));
+                    if fail.contains(&i) {
+                        d.insert("fail".into(), json!(true));
+                    }
+                    ChildSpec::new(child_kind, d)
+                })
+                .collect();
+            let decision = Decision::nothing().with_state(CommandState::Running);
+            if detached {
+                Ok(specs.into_iter().fold(decision, Decision::spawn_detached))
+            } else {
+                Ok(decision.spawn_group("children", policy, specs))
+            }
+        }
+        CHILDREN_SETTLED => {
+            let outcome = event.data.get("outcome").and_then(Value::as_str);
+            let count = |k: &str| event.data.get(k).and_then(Value::as_i64).unwrap_or(0);
+            if outcome == Some("succeeded") {
+                Ok(Decision::complete(json!({
+                    "completed": count("completed"),
+                    "failed": count("failed"),
+                    "aborted": count("aborted"),
+                    "outcomes": event.data.get("outcomes").cloned().unwrap_or(Value::Null),
+                })))
+            } else {
+                Ok(Decision::fail(format!(
+                    "the children's group failed: {} completed, {} failed, {} aborted of {}",
+                    count("completed"),
+                    count("failed"),
+                    count("aborted"),
+                    count("total")
+                )))
+            }
+        }
+        FINISH => Ok(Decision::complete(json!({}))),
+        ty if types::is_engine_event(ty) => Ok(Decision::nothing()),
+        _ => Err(HandlerError::unexpected(FANOUT, event)),
     }
 }
 
@@ -85,6 +188,8 @@ mod tests {
             reason: None,
             ui: None,
             version: 1,
+            group_name: None,
+            parent_close: "abort".into(),
             created_at: Utc::now(),
             updated_at: Utc::now(),
             ended_at: None,
@@ -137,6 +242,49 @@ mod tests {
             counter(&c, &event(INCREMENT, json!({}))),
             Err(HandlerError::Refused(_))
         ));
+    }
+
+    #[test]
+    fn fanout_spawns_its_group_and_follows_its_outcome() {
+        let c = command(
+            FANOUT,
+            json!({"children": 3, "policy": "quorum:2", "fail_children": [1]}),
+        );
+        let d = fanout(&c, &event(COMMAND_START, json!({}))).unwrap();
+        assert_eq!(d.spawn_groups.len(), 1);
+        let group = &d.spawn_groups[0];
+        assert_eq!(group.policy, FanIn::Quorum(2));
+        assert_eq!(group.children.len(), 3);
+        assert_eq!(group.children[1].data["fail"], true);
+        assert!(group.children[0].data.get("fail").is_none());
+
+        let ok = fanout(
+            &c,
+            &event(
+                CHILDREN_SETTLED,
+                json!({"outcome": "succeeded", "completed": 2}),
+            ),
+        )
+        .unwrap();
+        assert!(matches!(ok.outcome, Some(Outcome::Complete(_))));
+        let bad = fanout(
+            &c,
+            &event(
+                CHILDREN_SETTLED,
+                json!({"outcome": "failed", "failed": 2, "total": 3}),
+            ),
+        )
+        .unwrap();
+        assert!(matches!(bad.outcome, Some(Outcome::Fail(ref r)) if r.contains("2 failed")));
+
+        let c = command(FANOUT, json!({"policy": "most"}));
+        assert!(matches!(
+            fanout(&c, &event(COMMAND_START, json!({}))),
+            Err(HandlerError::InvalidData(_))
+        ));
+        let c = command(FANOUT, json!({"children": 2, "detached": true}));
+        let d = fanout(&c, &event(COMMAND_START, json!({}))).unwrap();
+        assert_eq!((d.spawn_detached.len(), d.spawn_groups.len()), (2, 0));
     }
 
     #[test]

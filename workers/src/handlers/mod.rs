@@ -22,10 +22,11 @@ where
     }
 }
 
-/// Kind name → handler.
+/// Kind name → handler, and broadcast event type → the kinds it starts.
 #[derive(Clone, Default)]
 pub struct Registry {
     kinds: BTreeMap<String, Arc<dyn Handler>>,
+    starts: BTreeMap<String, Vec<String>>,
 }
 
 impl Registry {
@@ -43,6 +44,24 @@ impl Registry {
     pub fn register(&mut self, kind: &str, handler: impl Handler) -> &mut Self {
         self.kinds.insert(kind.to_owned(), Arc::new(handler));
         self
+    }
+
+    /// A broadcast event of type `event_type` starts a command of `kind` (owned by the event's
+    /// `subject`), once per event.
+    pub fn start_on(&mut self, event_type: &str, kind: &str) -> &mut Self {
+        self.starts
+            .entry(event_type.to_owned())
+            .or_default()
+            .push(kind.to_owned());
+        self
+    }
+
+    /// The kinds a broadcast event of this type starts.
+    pub fn kinds_started_by(&self, event_type: &str) -> &[String] {
+        self.starts
+            .get(event_type)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
     }
 
     pub fn get(&self, kind: &str) -> Option<&Arc<dyn Handler>> {

@@ -1,0 +1,87 @@
+//! The `cmdflow` binary: an unreachable service stops it with one clear line, no panic.
+
+use std::process::Command;
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_cmdflow"))
+        .args(args)
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "off")
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("run cmdflow");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.code().unwrap_or(-1), stderr)
+}
+
+fn assert_one_clear_line(stderr: &str, service: &str, url: &str) {
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line, got: {stderr}");
+    assert!(lines[0].contains(service), "names {service}: {stderr}");
+    assert!(lines[0].contains(url), "names {url}: {stderr}");
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("backtrace"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn an_unreachable_database_stops_the_worker_with_one_line() {
+    let (code, stderr) = run(
+        &["worker"],
+        &[(
+            "CMDFLOW_DATABASE_URL",
+            "postgres://postgres:hunter2@127.0.0.1:1/cmdflow",
+        )],
+    );
+    assert_ne!(code, 0);
+    assert_one_clear_line(
+        &stderr,
+        "PostgreSQL",
+        "postgres://postgres:***@127.0.0.1:1/cmdflow",
+    );
+    assert!(
+        !stderr.contains("hunter2"),
+        "the password stays out of the message"
+    );
+}
+
+#[test]
+fn an_unreachable_broker_stops_the_gateway_with_one_line() {
+    let (code, stderr) = run(
+        &["gateway", "--http", "127.0.0.1:0"],
+        &[
+            ("CMDFLOW_AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f"),
+            (
+                "CMDFLOW_DATABASE_URL",
+                "postgres://postgres@127.0.0.1:5432/postgres",
+            ),
+        ],
+    );
+    assert_ne!(code, 0);
+    assert_one_clear_line(&stderr, "RabbitMQ", "amqp://guest:***@127.0.0.1:1/%2f");
+}
+
+#[test]
+fn unreachable_redis_stops_the_worker_with_one_line() {
+    let (code, stderr) = run(
+        &["worker"],
+        &[
+            ("CMDFLOW_REDIS_URLS", "redis://127.0.0.1:1/"),
+            (
+                "CMDFLOW_DATABASE_URL",
+                "postgres://postgres@127.0.0.1:5432/postgres",
+            ),
+            ("CMDFLOW_NAMESPACE", "cli-test"),
+        ],
+    );
+    assert_ne!(code, 0);
+    assert_one_clear_line(&stderr, "Redis", "redis://127.0.0.1:1/");
+}
+
+#[test]
+fn a_bad_setting_names_its_field() {
+    let (code, stderr) = run(&["worker"], &[("CMDFLOW_RETRY_DELAYS", "1s,soon")]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("retry_delays"), "{stderr}");
+}

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Runs every check: the services the integration tests need, formatting, clippy, then all the
+# tests (unit and integration, against the real local services).
+#
+#   ./scripts/test.sh                 everything
+#   ./scripts/test.sh -- --nocapture  extra arguments go to `cargo test --workspace`
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+die() { printf 'test.sh: %s\n' "$*" >&2; exit 1; }
+
+if ! command -v cargo >/dev/null 2>&1; then
+    [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
+fi
+command -v cargo >/dev/null 2>&1 ||
+    die "cargo not found. cmdflow needs a Rust toolchain >= 1.94; install it with rustup."
+rustc_version=$(rustc --version | awk '{print $2}')
+printf '1.94.0\n%s\n' "$rustc_version" | sort -V -C ||
+    die "rustc $rustc_version is too old; cmdflow needs >= 1.94: rustup update stable"
+command -v cc >/dev/null 2>&1 ||
+    die "no C compiler/linker (cc) found; install one, e.g. apt-get install -y build-essential"
+cargo fmt --version >/dev/null 2>&1 || die "rustfmt is missing: rustup component add rustfmt"
+cargo clippy --version >/dev/null 2>&1 || die "clippy is missing: rustup component add clippy"
+
+step "services"
+bash scripts/services.sh
+
+step "cargo fmt --all -- --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "cargo test --workspace $*"
+cargo test --workspace "$@"
+
+step "all checks passed"

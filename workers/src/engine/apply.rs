@@ -1,0 +1,634 @@
+//! Applying one event to one command inside a transaction: create on start, lock the row,
+//! dedupe, fold a child's ACK into its fan-in group, decide, check limits, guarded update,
+//! spawn children, cascade aborts, report to the parent, history, outbox.
+
+use chrono::Utc;
+use cmdflow_shared::contract::types::{
+    self, CHILDREN_SETTLED, COMMAND_ABORT, COMMAND_ABORTED, COMMAND_COMPLETED, COMMAND_FAILED,
+    COMMAND_START,
+};
+use cmdflow_shared::decision::{AbortChildren, ChildSpec, Decision, FanIn, Outcome, apply_data};
+use cmdflow_shared::domain::{Kind, Owner};
+use cmdflow_shared::store::{self, EntryKind, GroupRow, HistoryEntry, NewCommand, OutboxRow, Tx};
+use cmdflow_shared::{Command, CommandId, CommandState, Event, HandlerError};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use super::{Applied, ApplyError, Engine};
+use crate::fanin::{Tally, Verdict, evaluate};
+
+/// The data of a `command.start` event.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StartData {
+    kind: String,
+    owner: String,
+    #[serde(default)]
+    data: Option<Value>,
+    #[serde(default)]
+    parent_id: Option<CommandId>,
+}
+
+/// The data of a child's ACK to its parent.
+#[derive(Debug, Deserialize)]
+struct AckData {
+    child_id: CommandId,
+    group: String,
+    #[serde(default)]
+    kind: Option<String>,
+    #[serde(default)]
+    result: Option<Value>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+fn obj(value: Value) -> Map<String, Value> {
+    match value {
+        Value::Object(map) => map,
+        _ => Map::new(),
+    }
+}
+
+impl Engine {
+    /// Applies one event addressed to `command_id` inside `tx`. Returns the outbox rows to
+    /// publish after commit.
+    pub async fn apply(
+        &self,
+        tx: &mut Tx<'_>,
+        command_id: CommandId,
+        event: &Event,
+    ) -> Result<(Applied, Vec<OutboxRow>), ApplyError> {
+        if event.ty == COMMAND_START {
+            // A child's row is created by its parent; a root's by its start event.
+            let new = self.new_command(command_id, event)?;
+            if new.parent_id.is_none() {
+                store::insert_command(tx, &new).await?;
+            }
+        }
+        let Some(command) = store::lock_command(tx, command_id).await? else {
+            return Err(ApplyError::NotFound(command_id));
+        };
+        if !store::mark_processed(tx, command_id, &event.source, &event.id).await? {
+            tracing::debug!("Already applied; ignoring the redelivery.");
+            return Ok((Applied::Duplicate, Vec::new()));
+        }
+        let starting = command.state == CommandState::Pending && command.version == 0;
+        let ignore = if command.state.is_terminal() {
+            Some(match event.ty.as_str() {
+                COMMAND_ABORT => {
+                    format!("abort reached a {} command; nothing to do", command.state)
+                }
+                ty if types::is_ack(ty) => format!(
+                    "a child's report reached a {} parent; nothing to do",
+                    command.state
+                ),
+                _ => format!(
+                    "the command is {}; a terminal command accepts no more events",
+                    command.state
+                ),
+            })
+        } else if event.ty == COMMAND_START && !starting {
+            Some("the command has already started; a second start changes nothing".to_owned())
+        } else {
+            None
+        };
+        if let Some(reason) = ignore {
+            store::append_history(
+                tx,
+                command_id,
+                command.version,
+                &[HistoryEntry {
+                    entry: EntryKind::Ignored,
+                    event_id: Some(event.id.clone()),
+                    event_type: Some(event.ty.clone()),
+                    from_state: None,
+                    to_state: None,
+                    detail: Some(json!({ "reason": reason, "source": event.source })),
+                }],
+            )
+            .await?;
+            return Ok((Applied::Ignored, Vec::new()));
+        }
+        let outbox = self.decide_and_apply(tx, command, event).await?;
+        Ok((Applied::Applied, outbox))
+    }
+
+    /// Handles a broadcast event registered to start commands: one new command per kind, at most
+    /// once per event (by source and id), each owned by the event's `subject`.
+    pub async fn apply_broadcast_start(
+        &self,
+        tx: &mut Tx<'_>,
+        event: &Event,
+        kinds: &[String],
+    ) -> Result<(Applied, Vec<OutboxRow>), ApplyError> {
+        let owner = event
+            .subject
+            .as_deref()
+            .ok_or_else(|| {
+                ApplyError::Permanent(format!(
+                    "{} starts a command, so it needs `subject` set to the owner (such as visitor:cookie-7f3a)",
+                    event.ty
+                ))
+            })
+            .and_then(|s| {
+                Owner::parse(s).map_err(|e| ApplyError::Permanent(format!("subject: {e}")))
+            })?;
+        let mut outbox = Vec::new();
+        let mut applied = Applied::Duplicate;
+        for kind in kinds {
+            let id = CommandId::new();
+            if !store::record_event_start(tx, &event.source, &event.id, kind, id).await? {
+                continue;
+            }
+            let new = NewCommand {
+                id,
+                kind: kind.clone(),
+                owner: owner.to_string(),
+                parent_id: None,
+                root_id: id,
+                depth: 0,
+                data: Value::Object(event.data.clone()),
+                group_name: None,
+                parent_close: "abort".to_owned(),
+            };
+            store::insert_command(tx, &new).await?;
+            let command = store::lock_command(tx, id)
+                .await?
+                .ok_or(ApplyError::NotFound(id))?;
+            store::mark_processed(tx, id, &event.source, &event.id).await?;
+            outbox.extend(self.decide_and_apply(tx, command, event).await?);
+            applied = Applied::Applied;
+        }
+        Ok((applied, outbox))
+    }
+
+    async fn decide_and_apply(
+        &self,
+        tx: &mut Tx<'_>,
+        command: Command,
+        event: &Event,
+    ) -> Result<Vec<OutboxRow>, ApplyError> {
+        let mut out: Vec<Event> = Vec::new();
+        let mut notes: Vec<String> = Vec::new();
+
+        if types::is_ack(&event.ty) {
+            self.fold_ack(tx, &command, event, &mut out, &mut notes)
+                .await?;
+        }
+
+        let handler = self.registry.get(&command.kind).ok_or_else(|| {
+            ApplyError::Permanent(format!("unknown command kind `{}`", command.kind))
+        })?;
+        let aborting = event.ty == COMMAND_ABORT;
+        let mut decision = match handler.decide(&command, event) {
+            Ok(decision) => decision,
+            Err(HandlerError::UnexpectedEvent { .. }) if types::is_engine_event(&event.ty) => {
+                Decision::nothing()
+            }
+            Err(e) if aborting => {
+                notes.push(format!("the handler's cleanup failed: {e}"));
+                Decision::nothing()
+            }
+            Err(e) => {
+                return Err(ApplyError::Permanent(format!(
+                    "handler {} refused {}: {e}",
+                    command.kind, event.ty
+                )));
+            }
+        };
+        if let Err(reason) = self.check_limits(&command, &decision) {
+            notes.push(reason.clone());
+            decision = Decision::fail(reason);
+        }
+
+        let mut next = command.clone();
+        let default_state = if command.state == CommandState::Pending {
+            CommandState::Running
+        } else {
+            command.state
+        };
+        let target = if aborting {
+            next.reason = Some(
+                event
+                    .data
+                    .get("reason")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| format!("aborted by {}", event.source)),
+            );
+            CommandState::Aborted
+        } else {
+            match &decision.outcome {
+                Some(Outcome::Complete(result)) => {
+                    next.result = Some(result.clone());
+                    CommandState::Completed
+                }
+                Some(Outcome::Fail(reason)) => {
+                    next.reason = Some(reason.clone());
+                    CommandState::Failed
+                }
+                None => decision.state.unwrap_or(default_state),
+            }
+        };
+        next.state = command.state.transition(target).map_err(|e| {
+            ApplyError::Permanent(format!(
+                "handler {} decided an illegal move: {e}",
+                command.kind
+            ))
+        })?;
+        if let Some(change) = &decision.data {
+            next.data = apply_data(&command.data, change);
+        }
+        if let Some(ui) = &decision.ui {
+            next.ui = if ui.is_null() { None } else { Some(ui.clone()) };
+        }
+        if next.state.is_terminal() {
+            next.ui = None;
+        }
+
+        for emit in &decision.emit {
+            out.push(self.engine_event(&command, event, &emit.ty, emit.data.clone(), emit.to));
+        }
+        self.spawn(tx, &command, event, &decision, &mut out).await?;
+
+        // Aborts: the ones the handler asked for, and on ending, every open child whose
+        // parent-close policy is `abort`. Each child is told once.
+        let mut to_abort: Vec<(CommandId, String)> = Vec::new();
+        if let Some(which) = &decision.abort_children {
+            let ids = match which {
+                AbortChildren::All => store::open_children(tx, command.id, None, false).await?,
+                AbortChildren::Group(g) => {
+                    store::open_children(tx, command.id, Some(g), false).await?
+                }
+                AbortChildren::Ids(ids) => {
+                    let open = store::open_children(tx, command.id, None, false).await?;
+                    ids.iter().copied().filter(|id| open.contains(id)).collect()
+                }
+            };
+            to_abort.extend(
+                ids.into_iter()
+                    .map(|id| (id, format!("aborted by its parent {}", command.id))),
+            );
+        }
+        if next.state.is_terminal() {
+            let reason = format!("its parent {} ended ({})", command.id, next.state);
+            for id in store::open_children(tx, command.id, None, true).await? {
+                to_abort.push((id, reason.clone()));
+            }
+        }
+        to_abort.sort_by_key(|(id, _)| *id);
+        to_abort.dedup_by_key(|(id, _)| *id);
+        for (id, reason) in to_abort {
+            let mut data = Map::new();
+            data.insert("reason".into(), json!(reason));
+            out.push(self.engine_event(&command, event, COMMAND_ABORT, data, Some(id)));
+        }
+
+        // A child that ends reports to its parent, if the parent waits for it.
+        if next.state.is_terminal()
+            && let (Some(parent), Some(group)) = (command.parent_id, &command.group_name)
+        {
+            let (ty, mut data) = match next.state {
+                CommandState::Completed => (
+                    COMMAND_COMPLETED,
+                    obj(json!({ "result": next.result.clone().unwrap_or(Value::Null) })),
+                ),
+                CommandState::Failed => (COMMAND_FAILED, obj(json!({ "reason": next.reason }))),
+                _ => (COMMAND_ABORTED, obj(json!({ "reason": next.reason }))),
+            };
+            data.insert("child_id".into(), json!(command.id));
+            data.insert("kind".into(), json!(command.kind));
+            data.insert("group".into(), json!(group));
+            out.push(self.engine_event(&command, event, ty, data, Some(parent)));
+        }
+
+        store::update_command(tx, &next, command.version).await?;
+
+        let mut detail = obj(json!({ "source": event.source, "data": event.data }));
+        if !notes.is_empty() {
+            detail.insert("notes".into(), json!(notes));
+        }
+        let mut history = vec![HistoryEntry {
+            entry: EntryKind::Received,
+            event_id: Some(event.id.clone()),
+            event_type: Some(event.ty.clone()),
+            from_state: None,
+            to_state: None,
+            detail: Some(Value::Object(detail)),
+        }];
+        if next.state != command.state {
+            history.push(HistoryEntry {
+                entry: EntryKind::StateChanged,
+                event_id: Some(event.id.clone()),
+                event_type: None,
+                from_state: Some(command.state),
+                to_state: Some(next.state),
+                detail: match next.state {
+                    CommandState::Completed => Some(json!({ "result": next.result })),
+                    CommandState::Failed | CommandState::Aborted => {
+                        Some(json!({ "reason": next.reason }))
+                    }
+                    _ => None,
+                },
+            });
+        }
+        history.extend(out.iter().map(|e| HistoryEntry {
+            entry: EntryKind::Emitted,
+            event_id: Some(e.id.clone()),
+            event_type: Some(e.ty.clone()),
+            from_state: None,
+            to_state: None,
+            detail: Some(json!({ "commandid": e.commandid, "data": e.data })),
+        }));
+        store::append_history(tx, command.id, command.version + 1, &history).await?;
+        Ok(store::insert_outbox(tx, command.id, &out).await?)
+    }
+
+    /// An event cmdflow emits on behalf of `command`, chained to the event that caused it.
+    fn engine_event(
+        &self,
+        command: &Command,
+        cause: &Event,
+        ty: &str,
+        data: Map<String, Value>,
+        to: Option<CommandId>,
+    ) -> Event {
+        let mut e = Event::new(&format!("cmdflow/{}", command.kind), ty, data);
+        e.commandid = to;
+        e.subject = Some(command.owner.clone());
+        e.causationid = Some(cause.id.clone());
+        e.correlationid = cause
+            .correlationid
+            .clone()
+            .or_else(|| Some(command.root_id.to_string()));
+        e
+    }
+
+    /// Refuses decisions that would let a tree run away. The reason fails the command.
+    fn check_limits(&self, command: &Command, decision: &Decision) -> Result<(), String> {
+        let n = decision.spawn_count();
+        if n == 0 {
+            return Ok(());
+        }
+        let max = self.settings.max_children;
+        if n > max {
+            return Err(format!(
+                "limit: a decision may spawn at most {max} children; this one spawned {n}"
+            ));
+        }
+        if command.depth + 1 > self.settings.max_depth {
+            return Err(format!(
+                "limit: the tree may be at most {} levels deep; {} at depth {} cannot spawn children",
+                self.settings.max_depth, command.kind, command.depth
+            ));
+        }
+        for group in &decision.spawn_groups {
+            if group.name.is_empty() || group.name.len() > 64 {
+                return Err("a group name must be 1 to 64 bytes".to_owned());
+            }
+            if let FanIn::Quorum(q) = group.policy
+                && q as usize > group.children.len()
+            {
+                return Err(format!(
+                    "group {}: quorum:{q} needs at least {q} children; it has {}",
+                    group.name,
+                    group.children.len()
+                ));
+            }
+        }
+        let specs = decision
+            .spawn_detached
+            .iter()
+            .chain(decision.spawn_groups.iter().flat_map(|g| g.children.iter()));
+        for spec in specs {
+            if !self.registry.contains(&spec.kind) {
+                return Err(format!("cannot spawn unknown command kind `{}`", spec.kind));
+            }
+            if let Some(owner) = &spec.owner {
+                Owner::parse(owner).map_err(|e| format!("child owner: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates the decision's children as rows in this transaction, opens their groups, and
+    /// queues their start events.
+    async fn spawn(
+        &self,
+        tx: &mut Tx<'_>,
+        parent: &Command,
+        cause: &Event,
+        decision: &Decision,
+        out: &mut Vec<Event>,
+    ) -> Result<(), ApplyError> {
+        if decision.spawn_count() == 0 {
+            return Ok(());
+        }
+        let mut rows = Vec::with_capacity(decision.spawn_count());
+        let mut child = |spec: &ChildSpec, group: Option<&str>| {
+            let id = CommandId::new();
+            let owner = spec.owner.clone().unwrap_or_else(|| parent.owner.clone());
+            rows.push(NewCommand {
+                id,
+                kind: spec.kind.clone(),
+                owner: owner.clone(),
+                parent_id: Some(parent.id),
+                root_id: parent.root_id,
+                depth: parent.depth + 1,
+                data: Value::Object(spec.data.clone()),
+                group_name: group.map(str::to_owned),
+                parent_close: spec.parent_close.as_str().to_owned(),
+            });
+            let start = obj(json!({
+                "kind": spec.kind, "owner": owner, "data": spec.data, "parent_id": parent.id,
+            }));
+            out.push(self.engine_event(parent, cause, COMMAND_START, start, Some(id)));
+        };
+        for spec in &decision.spawn_detached {
+            child(spec, None);
+        }
+        for group in &decision.spawn_groups {
+            for spec in &group.children {
+                child(spec, Some(&group.name));
+            }
+        }
+        store::insert_children(tx, &rows).await?;
+        for group in &decision.spawn_groups {
+            let quorum = match group.policy {
+                FanIn::Quorum(q) => Some(q as i32),
+                _ => None,
+            };
+            let deadline_at = group
+                .deadline
+                .and_then(|d| chrono::Duration::from_std(d).ok())
+                .map(|d| Utc::now() + d);
+            let row = store::upsert_group(
+                tx,
+                parent.id,
+                &group.name,
+                group.policy.name(),
+                quorum,
+                group.children.len() as i32,
+                deadline_at,
+            )
+            .await?
+            .ok_or_else(|| {
+                ApplyError::Permanent(format!(
+                    "group {} of {} has already settled; spawn into a new group",
+                    group.name, parent.id
+                ))
+            })?;
+            // An empty group settles at once, so a parent never waits on nothing.
+            if row.total == 0 {
+                let mut row = row;
+                self.settle_if_decided(tx, parent, cause, &mut row, out)
+                    .await?;
+                store::save_group(tx, &row).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Folds a child's ACK into its group: counts it once, and settles the group when its policy
+    /// says so.
+    async fn fold_ack(
+        &self,
+        tx: &mut Tx<'_>,
+        parent: &Command,
+        event: &Event,
+        out: &mut Vec<Event>,
+        notes: &mut Vec<String>,
+    ) -> Result<(), ApplyError> {
+        let ack: AckData = match serde_json::from_value(Value::Object(event.data.clone())) {
+            Ok(ack) => ack,
+            Err(e) => {
+                notes.push(format!("not a child's report ({e}); no group counted it"));
+                return Ok(());
+            }
+        };
+        let Some(mut group) = store::lock_group(tx, parent.id, &ack.group).await? else {
+            notes.push(format!("no group {} on this command", ack.group));
+            return Ok(());
+        };
+        let child = ack.child_id.to_string();
+        if group.outcomes.get(&child).is_some() {
+            notes.push(format!("child {child} has already reported; counted once"));
+            return Ok(());
+        }
+        let state = match event.ty.as_str() {
+            COMMAND_COMPLETED => {
+                group.completed += 1;
+                "completed"
+            }
+            COMMAND_FAILED => {
+                group.failed += 1;
+                "failed"
+            }
+            COMMAND_ABORTED => {
+                group.aborted += 1;
+                "aborted"
+            }
+            _ => return Ok(()),
+        };
+        let mut outcome = obj(json!({ "state": state, "kind": ack.kind }));
+        match state {
+            "completed" => outcome.insert("result".into(), ack.result.unwrap_or(Value::Null)),
+            _ => outcome.insert("reason".into(), json!(ack.reason)),
+        };
+        if let Value::Object(map) = &mut group.outcomes {
+            map.insert(child, Value::Object(outcome));
+        }
+        if group.state == "open" {
+            self.settle_if_decided(tx, parent, event, &mut group, out)
+                .await?;
+        } else {
+            notes.push(format!("group {} had already {}", group.name, group.state));
+        }
+        store::save_group(tx, &group).await?;
+        Ok(())
+    }
+
+    /// When the group's policy decides it, freezes it, aborts its open members, and tells the
+    /// parent with one `children.settled` event.
+    async fn settle_if_decided(
+        &self,
+        tx: &mut Tx<'_>,
+        parent: &Command,
+        cause: &Event,
+        group: &mut GroupRow,
+        out: &mut Vec<Event>,
+    ) -> Result<(), ApplyError> {
+        let policy = match (group.policy.as_str(), group.quorum) {
+            ("quorum", Some(q)) => FanIn::Quorum(q.max(0) as u32),
+            (name, _) => FanIn::parse(name).unwrap_or(FanIn::All),
+        };
+        let tally = Tally {
+            total: group.total.max(0) as u32,
+            completed: group.completed.max(0) as u32,
+            failed: group.failed.max(0) as u32,
+            aborted: group.aborted.max(0) as u32,
+        };
+        let verdict = evaluate(policy, tally);
+        if verdict == Verdict::Open {
+            return Ok(());
+        }
+        group.state = verdict.as_str().to_owned();
+        let reason = format!("group {} settled ({})", group.name, verdict.as_str());
+        for id in store::open_children(tx, parent.id, Some(&group.name), false).await? {
+            let data = obj(json!({ "reason": reason }));
+            out.push(self.engine_event(parent, cause, COMMAND_ABORT, data, Some(id)));
+        }
+        let data = obj(json!({
+            "group": group.name,
+            "policy": group.policy,
+            "quorum": group.quorum,
+            "outcome": verdict.as_str(),
+            "total": group.total,
+            "completed": group.completed,
+            "failed": group.failed,
+            "aborted": group.aborted,
+            "outcomes": group.outcomes,
+        }));
+        out.push(self.engine_event(parent, cause, CHILDREN_SETTLED, data, Some(parent.id)));
+        Ok(())
+    }
+
+    pub(super) fn new_command(
+        &self,
+        id: CommandId,
+        event: &Event,
+    ) -> Result<NewCommand, ApplyError> {
+        let start: StartData = serde_json::from_value(Value::Object(event.data.clone()))
+            .map_err(|e| ApplyError::Permanent(format!("invalid command.start data: {e}")))?;
+        let kind = Kind::parse(&start.kind)
+            .map_err(|e| ApplyError::Permanent(format!("invalid command.start data: kind: {e}")))?;
+        if !self.registry.contains(kind.as_str()) {
+            return Err(ApplyError::Permanent(format!(
+                "unknown command kind `{kind}`"
+            )));
+        }
+        let owner = Owner::parse(&start.owner).map_err(|e| {
+            ApplyError::Permanent(format!("invalid command.start data: owner: {e}"))
+        })?;
+        let data = match start.data {
+            None | Some(Value::Null) => json!({}),
+            Some(Value::Object(map)) => Value::Object(map),
+            Some(_) => {
+                return Err(ApplyError::Permanent(
+                    "invalid command.start data: data must be a JSON object".into(),
+                ));
+            }
+        };
+        Ok(NewCommand {
+            id,
+            kind: kind.to_string(),
+            owner: owner.to_string(),
+            parent_id: start.parent_id,
+            root_id: id,
+            depth: 0,
+            data,
+            group_name: None,
+            parent_close: "abort".to_owned(),
+        })
+    }
+}
