@@ -285,6 +285,42 @@ async fn a_fire_and_forget_child_sends_no_ack() {
 }
 
 #[tokio::test]
+async fn the_parent_close_policy_aborts_or_abandons_children_still_running() {
+    let mut env = TestEnv::new().await;
+    let gw = env.start_gateway().await;
+    env.start_worker().await;
+    let spec = |abandon: bool| json!({"children": 2, "detached": true, "child_kind": "demo.counter", "abandon": abandon});
+    let aborting = start_command(&gw.url, "demo.fanout", "member:20", spec(false)).await;
+    let abandoning = start_command(&gw.url, "demo.fanout", "member:21", spec(true)).await;
+    let aborted_kids = wait_children_running(&env, &aborting, 2).await;
+    let abandoned_kids = wait_children_running(&env, &abandoning, 2).await;
+    send(&gw.url, &event("demo.finish", Some(&aborting), json!({}))).await;
+    send(&gw.url, &event("demo.finish", Some(&abandoning), json!({}))).await;
+    wait_state(&env, &aborting, CommandState::Completed).await;
+    wait_state(&env, &abandoning, CommandState::Completed).await;
+    for kid in &aborted_kids {
+        let c = wait_state(&env, kid, CommandState::Aborted).await;
+        assert!(c.reason.unwrap().contains("ended (completed)"));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for kid in &abandoned_kids {
+        assert_eq!(
+            state_of(&env, kid).await,
+            Some(CommandState::Running),
+            "an abandoned child runs on"
+        );
+        send(&gw.url, &event("demo.increment", Some(kid), json!({}))).await;
+    }
+    for kid in &abandoned_kids {
+        eventually(WAIT, "the abandoned child to keep counting", || async {
+            (env.command(kid).await.unwrap().data["count"] == 1).then_some(())
+        })
+        .await;
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn aborting_the_root_of_a_three_level_tree_leaves_no_orphans() {
     let mut env = TestEnv::new().await;
     let gw = env.start_gateway().await;

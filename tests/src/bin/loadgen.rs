@@ -2,6 +2,7 @@
 //! services, with worker processes it starts itself, and prints one JSON line per result.
 //!
 //! - W1: N single-step `demo.increment` events spread over 1,000 counters.
+//! - W2: 1,000 `demo.fanout` parents × 10 `demo.noop` children (one persisted step each).
 //! - W4: 2,000 increments on one counter; the count must be exact.
 //!
 //! Events are published straight to RabbitMQ with confirms, as an upstream service would, each
@@ -29,8 +30,8 @@ use uuid::Uuid;
 #[derive(Debug, Parser)]
 #[command(about = "cmdflow load generator: prints one JSON line per workload")]
 struct Args {
-    /// Workloads to run, comma-separated: w1, w4.
-    #[arg(long, default_value = "w1,w4")]
+    /// Workloads to run, comma-separated: w1, w2, w4.
+    #[arg(long, default_value = "w1,w2,w4")]
     workloads: String,
     /// W1: number of increments.
     #[arg(long, default_value_t = 20_000)]
@@ -38,6 +39,12 @@ struct Args {
     /// W1: number of counters the increments are spread over.
     #[arg(long, default_value_t = 1_000)]
     counters: usize,
+    /// W2: parents.
+    #[arg(long, default_value_t = 1_000)]
+    parents: usize,
+    /// W2: children per parent.
+    #[arg(long, default_value_t = 10)]
+    children: usize,
     /// W4: increments on the one counter.
     #[arg(long, default_value_t = 2_000)]
     hot_events: usize,
@@ -84,6 +91,7 @@ async fn main() -> anyhow::Result<()> {
     for workload in run.args.workloads.split(',').map(str::trim) {
         let result = match workload {
             "w1" => run.w1().await,
+            "w2" => run.w2().await,
             "w4" => run.w4().await,
             other => Err(anyhow::anyhow!("unknown workload {other}")),
         };
@@ -329,13 +337,7 @@ impl Run {
         .fetch_all(&self.pool)
         .await?;
         latencies.sort_by(f64::total_cmp);
-        let pct = |p: f64| {
-            if latencies.is_empty() {
-                return 0.0;
-            }
-            let i = ((latencies.len() as f64 - 1.0) * p).round() as usize;
-            (latencies[i] * 100.0).round() / 100.0
-        };
+        let pct = |p: f64| percentile(&latencies, p);
         Ok(json!({
             "workload": name,
             "events": expected,
@@ -359,11 +361,104 @@ impl Run {
         self.measure("W1", &counters, events).await
     }
 
+    async fn w2(&self) -> anyhow::Result<Value> {
+        let parents: Vec<Uuid> = (0..self.args.parents).map(|_| Uuid::now_v7()).collect();
+        let started = Instant::now();
+        let mut events: Vec<Value> = parents
+            .iter()
+            .map(|id| {
+                json!({
+                    "specversion": "1.0", "id": Uuid::now_v7().to_string(), "source": "loadgen",
+                    "type": "command.start", "commandid": id.to_string(),
+                    "data": {"kind": "demo.fanout", "owner": "system:loadgen",
+                             "data": {"children": self.args.children}},
+                })
+            })
+            .collect();
+        for chunk in events.chunks_mut(500) {
+            let now_us = chrono::Utc::now().timestamp_micros();
+            for e in chunk.iter_mut() {
+                e["data"]["data"]["sent_us"] = json!(now_us);
+            }
+            self.publish_all(chunk).await?;
+        }
+        let deadline = Instant::now() + Duration::from_secs(900);
+        loop {
+            let (done, failed): (i64, i64) = sqlx::query_as(
+                "SELECT count(*) FILTER (WHERE state = 'completed'), count(*) FILTER (WHERE state IN ('failed', 'aborted'))
+                   FROM commands WHERE id = ANY($1)",
+            )
+            .bind(&parents)
+            .fetch_one(&self.pool)
+            .await?;
+            if failed > 0 {
+                bail!("W2: {failed} parents failed or were aborted");
+            }
+            if done as usize == parents.len() {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "W2: only {done} of {} parents completed within 900s",
+                    parents.len()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let elapsed = started.elapsed();
+        let (children, steps): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM commands WHERE root_id = ANY($1) AND parent_id IS NOT NULL AND state = 'completed'),
+                    (SELECT count(*) FROM command_events e JOIN commands c ON c.id = e.command_id
+                      WHERE c.root_id = ANY($1) AND e.entry = 'received')",
+        )
+        .bind(&parents)
+        .fetch_one(&self.pool)
+        .await?;
+        let expected_children = (self.args.parents * self.args.children) as i64;
+        if children != expected_children {
+            bail!("W2: {children} children completed, expected {expected_children}");
+        }
+        let mut latencies: Vec<f64> = sqlx::query_scalar(
+            "SELECT (extract(epoch FROM ended_at) * 1e6 - (data->>'sent_us')::float8) / 1000.0
+               FROM commands WHERE id = ANY($1)",
+        )
+        .bind(&parents)
+        .fetch_all(&self.pool)
+        .await?;
+        latencies.sort_by(f64::total_cmp);
+        let secs = elapsed.as_secs_f64();
+        Ok(json!({
+            "workload": "W2",
+            "parents": self.args.parents,
+            "children_per_parent": self.args.children,
+            "workers": self.args.workers,
+            "in_process": self.args.in_process,
+            "concurrency": self.args.concurrency,
+            "prefetch": self.args.prefetch,
+            "lock": !self.args.no_lock,
+            "elapsed_s": (secs * 1000.0).round() / 1000.0,
+            "parents_per_s": (self.args.parents as f64 / secs * 10.0).round() / 10.0,
+            "steps": steps,
+            "steps_per_s": (steps as f64 / secs).round(),
+            "parent_latency_ms": {"p50": percentile(&latencies, 0.5), "p99": percentile(&latencies, 0.99), "max": percentile(&latencies, 1.0)},
+            "exact": true,
+        }))
+    }
+
     async fn w4(&self) -> anyhow::Result<Value> {
         let counter = self.start_counters(1).await?;
         let events = self.increments(&counter, self.args.hot_events);
         self.measure("W4", &counter, events).await
     }
+}
+
+/// The `p` quantile of sorted values, rounded to 0.01.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    (sorted[i] * 100.0).round() / 100.0
 }
 
 /// `cmdflow` from the same target directory as this binary.

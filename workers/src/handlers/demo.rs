@@ -10,10 +10,10 @@
 //!   `all_settled`, `quorum:N`), and completes when the group settles, or fails if it fails.
 //!   Children listed in `data.fail_children` (indexes) get `{"fail": true}`. With
 //!   `data.detached = true` the children are fire-and-forget and the fan-out completes on
-//!   `demo.finish`.
+//!   `demo.finish`; with `data.abandon = true` they run on when the fan-out ends first.
 
 use cmdflow_shared::contract::types::{self, CHILDREN_SETTLED, COMMAND_START};
-use cmdflow_shared::decision::{ChildSpec, FanIn};
+use cmdflow_shared::decision::{ChildSpec, FanIn, ParentClose};
 use cmdflow_shared::{Command, CommandState, Decision, Event, HandlerError};
 use serde_json::{Map, Value, json};
 
@@ -123,6 +123,11 @@ pub fn fanout(command: &Command, event: &Event) -> Result<Decision, HandlerError
                 })?,
             };
             let detached = data.get("detached") == Some(&Value::Bool(true));
+            let parent_close = if data.get("abandon") == Some(&Value::Bool(true)) {
+                ParentClose::Abandon
+            } else {
+                ParentClose::Abort
+            };
             let specs: Vec<ChildSpec> = (0..n)
                 .map(|i| {
                     let mut d = child_data.clone();
@@ -130,7 +135,10 @@ pub fn fanout(command: &Command, event: &Event) -> Result<Decision, HandlerError
                     if fail.contains(&i) {
                         d.insert("fail".into(), json!(true));
                     }
-                    ChildSpec::new(child_kind, d)
+                    ChildSpec {
+                        parent_close,
+                        ..ChildSpec::new(child_kind, d)
+                    }
                 })
                 .collect();
             let decision = Decision::nothing().with_state(CommandState::Running);
