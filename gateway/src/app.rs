@@ -1,6 +1,5 @@
 //! The gateway application: state, router, and a listener it binds itself (port 0 in tests).
 
-use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +12,7 @@ use axum::routing::get;
 use cmdflow_shared::bus::Bus;
 use cmdflow_shared::lock::Locks;
 use cmdflow_shared::{Config, store};
+use cmdflow_workers::Registry;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -35,8 +35,8 @@ pub struct AppState {
     pub pool: PgPool,
     pub bus: Arc<Bus>,
     pub locks: Locks,
-    /// Command kinds that `POST /v1/commands` accepts.
-    pub kinds: Arc<BTreeSet<String>>,
+    /// The command kinds `POST /v1/commands` accepts, with their start-data checks.
+    pub registry: Arc<Registry>,
 }
 
 #[derive(OpenApi)]
@@ -50,6 +50,7 @@ struct ApiDoc;
 pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
     let (api, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(events::post_events))
+        .routes(routes!(events::get_unmatched))
         .routes(routes!(commands::start_command))
         .routes(routes!(commands::get_command))
         .routes(routes!(commands::get_history))
@@ -136,19 +137,16 @@ pub enum BuildError {
 
 impl Application {
     /// Connects to the services and binds `config.http_addr`.
-    pub async fn build(
-        config: &Config,
-        kinds: BTreeSet<String>,
-    ) -> Result<Application, BuildError> {
+    pub async fn build(config: &Config, registry: Registry) -> Result<Application, BuildError> {
         let pool = store::connect(&config.database_url, config.database_pool_size).await?;
         let bus = Bus::connect(&config.amqp_url, &config.namespace, "cmdflow-gateway").await?;
-        Self::build_with(config, kinds, pool, bus).await
+        Self::build_with(config, registry, pool, bus).await
     }
 
     /// Builds on connections the caller already holds.
     pub async fn build_with(
         config: &Config,
-        kinds: BTreeSet<String>,
+        registry: Registry,
         pool: PgPool,
         bus: Arc<Bus>,
     ) -> Result<Application, BuildError> {
@@ -163,7 +161,7 @@ impl Application {
             pool,
             bus,
             locks,
-            kinds: Arc::new(kinds),
+            registry: Arc::new(registry),
         };
         let listener = TcpListener::bind(&config.http_addr)
             .await

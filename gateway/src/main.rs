@@ -57,6 +57,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             config.validate()?;
             roles::worker(config).await
         }
+        Cmd::Scheduler => roles::scheduler(server_config()?).await,
         Cmd::Migrate => {
             let config = server_config()?;
             roles::migrate(&config).await?;

@@ -49,6 +49,12 @@ pub struct Config {
     pub max_depth: i32,
     /// Most children one decision may spawn (`CMDFLOW_MAX_CHILDREN`).
     pub max_children: usize,
+    /// How long broadcast events are kept to match waits registered just after them
+    /// (`CMDFLOW_EARLY_EVENT_WINDOW`).
+    #[serde(with = "humantime_serde")]
+    pub early_event_window: Duration,
+    /// Timers one scheduler claims per transaction (`CMDFLOW_SCHEDULER_BATCH`).
+    pub scheduler_batch: i64,
     /// Log format: `json` or `pretty` (`CMDFLOW_LOG_FORMAT`).
     pub log_format: String,
 }
@@ -72,6 +78,8 @@ impl Default for Config {
             outbox_sweep_after: Duration::from_secs(10),
             max_depth: 16,
             max_children: 1000,
+            early_event_window: Duration::from_secs(300),
+            scheduler_batch: 500,
             log_format: "pretty".to_owned(),
         }
     }

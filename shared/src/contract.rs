@@ -31,6 +31,13 @@ pub mod types {
     /// A fan-in group settled: `data = {group, policy, outcome, total, completed, failed, aborted, outcomes}`.
     pub const CHILDREN_SETTLED: &str = "children.settled";
 
+    /// A timer fired: `data = {name, due_at, fired_at}`, addressed to its command.
+    pub const TIMER_FIRED: &str = "timer.fired";
+    /// A wait's timeout passed before its event: `data = {type, key, due_at, fired_at}`.
+    pub const WAIT_TIMED_OUT: &str = "wait.timed_out";
+    /// A fan-in group's deadline passed: `data = {group, due_at, fired_at}`.
+    pub const CHILDREN_DEADLINE: &str = "children.deadline";
+
     /// Whether `ty` is a child's report to its parent (an ACK).
     pub fn is_ack(ty: &str) -> bool {
         matches!(ty, COMMAND_COMPLETED | COMMAND_FAILED | COMMAND_ABORTED)
@@ -38,7 +45,7 @@ pub mod types {
 
     /// Engine events a handler may leave unhandled without it being an error.
     pub fn is_engine_event(ty: &str) -> bool {
-        is_ack(ty) || matches!(ty, CHILDREN_SETTLED | COMMAND_ABORT)
+        is_ack(ty) || matches!(ty, CHILDREN_SETTLED | COMMAND_ABORT | CHILDREN_DEADLINE)
     }
 }
 

@@ -8,6 +8,7 @@ use serde_json::{Map, Value};
 
 use crate::contract::Event;
 use crate::domain::CommandState;
+use crate::time::{TimerSpec, TimerWhen};
 
 /// How the command's `data` changes.
 #[derive(Debug, Clone, PartialEq)]
@@ -146,6 +147,25 @@ pub struct Decision {
     /// Children started fire-and-forget: they never report back.
     pub spawn_detached: Vec<ChildSpec>,
     pub abort_children: Option<AbortChildren>,
+    /// Timers to set (a name that exists is replaced) or cancel.
+    pub timers: Vec<TimerOp>,
+    /// Events to wait for.
+    pub waits: Vec<WaitSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum TimerOp {
+    Set(TimerSpec),
+    Cancel(String),
+}
+
+/// "Wake me when the next broadcast event of this type with this correlation id arrives."
+#[derive(Debug, Clone, PartialEq)]
+pub struct WaitSpec {
+    pub event_type: String,
+    pub key: String,
+    /// When it passes first, `wait.timed_out` arrives instead.
+    pub timeout: Option<std::time::Duration>,
 }
 
 impl Decision {
@@ -228,6 +248,15 @@ impl Decision {
         self
     }
 
+    /// Gives the group `name` of this decision a deadline: if it has not settled by then, it
+    /// fails and its open children are aborted.
+    pub fn with_group_deadline(mut self, name: &str, deadline: std::time::Duration) -> Self {
+        for group in self.spawn_groups.iter_mut().filter(|g| g.name == name) {
+            group.deadline = Some(deadline);
+        }
+        self
+    }
+
     /// Spawns a child that never reports back.
     pub fn spawn_detached(mut self, child: ChildSpec) -> Self {
         self.spawn_detached.push(child);
@@ -236,6 +265,56 @@ impl Decision {
 
     pub fn abort_children(mut self, which: AbortChildren) -> Self {
         self.abort_children = Some(which);
+        self
+    }
+
+    /// Sets (or replaces) the timer `name` to fire after `delay`.
+    pub fn after(self, name: &str, delay: std::time::Duration) -> Self {
+        self.timer(name, TimerWhen::After(delay))
+    }
+
+    /// Sets (or replaces) the timer `name` to fire at `at` (at once when it is past).
+    pub fn at(self, name: &str, at: chrono::DateTime<chrono::Utc>) -> Self {
+        self.timer(name, TimerWhen::At(at))
+    }
+
+    /// Sets (or replaces) the recurring timer `name` on a cron schedule in the IANA zone `tz`.
+    /// It belongs to the command: it stops when the command ends.
+    pub fn cron(self, name: &str, expr: &str, tz: &str) -> Self {
+        self.timer(
+            name,
+            TimerWhen::Cron {
+                expr: expr.to_owned(),
+                tz: tz.to_owned(),
+            },
+        )
+    }
+
+    fn timer(mut self, name: &str, when: TimerWhen) -> Self {
+        self.timers.push(TimerOp::Set(TimerSpec {
+            name: name.to_owned(),
+            when,
+        }));
+        self
+    }
+
+    pub fn cancel_timer(mut self, name: &str) -> Self {
+        self.timers.push(TimerOp::Cancel(name.to_owned()));
+        self
+    }
+
+    /// Waits for the next broadcast `event_type` whose `correlationid` is `key`.
+    pub fn wait_for(
+        mut self,
+        event_type: &str,
+        key: &str,
+        timeout: Option<std::time::Duration>,
+    ) -> Self {
+        self.waits.push(WaitSpec {
+            event_type: event_type.to_owned(),
+            key: key.to_owned(),
+            timeout,
+        });
         self
     }
 

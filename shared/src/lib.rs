@@ -9,6 +9,7 @@ pub mod domain;
 pub mod lock;
 pub mod store;
 pub mod telemetry;
+pub mod time;
 
 pub use config::Config;
 pub use contract::Event;

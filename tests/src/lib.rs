@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use cmdflow_gateway::Application;
 use cmdflow_shared::bus::Bus;
 use cmdflow_shared::{Config, store};
+use cmdflow_workers::scheduler::Scheduler;
 use cmdflow_workers::{Registry, Worker};
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -118,8 +119,7 @@ impl TestEnv {
     pub async fn start_gateway_with(&mut self, adjust: impl FnOnce(&mut Config)) -> RunningGateway {
         let mut config = self.config.clone();
         adjust(&mut config);
-        let kinds = Registry::builtin().kinds().map(str::to_owned).collect();
-        let app = Application::build(&config, kinds)
+        let app = Application::build(&config, Registry::builtin())
             .await
             .expect("build the gateway");
         let url = format!("http://{}", app.local_addr());
@@ -139,6 +139,36 @@ impl TestEnv {
         Worker::build(&config, Registry::builtin())
             .await
             .expect("build a worker")
+    }
+
+    /// Starts a worker with its own registry and clock.
+    pub async fn start_worker_custom(
+        &mut self,
+        registry: Registry,
+        clock: Arc<dyn cmdflow_shared::time::Clock>,
+    ) -> CancellationToken {
+        let worker = Worker::build(&self.config, registry)
+            .await
+            .expect("build a worker")
+            .with_clock(clock);
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(worker.run_until_stopped(shutdown.clone()));
+        self.tasks.push((shutdown.clone(), handle));
+        shutdown
+    }
+
+    /// A scheduler on this world's database and broker, with the given clock (not running).
+    pub fn scheduler(&self, clock: Arc<dyn cmdflow_shared::time::Clock>) -> Scheduler {
+        Scheduler::new(self.pool.clone(), self.bus.clone(), &self.config).with_clock(clock)
+    }
+
+    /// Starts a scheduler on the wall clock.
+    pub fn start_scheduler(&mut self) -> CancellationToken {
+        let scheduler = Scheduler::new(self.pool.clone(), self.bus.clone(), &self.config);
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(scheduler.run_until_stopped(shutdown.clone()));
+        self.tasks.push((shutdown.clone(), handle));
+        shutdown
     }
 
     /// Starts a worker instance; returns the token that stops it.

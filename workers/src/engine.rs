@@ -16,6 +16,7 @@ use cmdflow_shared::bus::{
 };
 use cmdflow_shared::lock::Locks;
 use cmdflow_shared::store::{self, OutboxRow, StoreError};
+use cmdflow_shared::time::{Clock, SystemClock};
 use cmdflow_shared::{CommandId, Event};
 use futures::StreamExt;
 use lapin::message::Delivery;
@@ -74,6 +75,7 @@ pub struct EngineSettings {
     pub outbox_sweep_after: Duration,
     pub max_depth: i32,
     pub max_children: usize,
+    pub early_event_window: Duration,
 }
 
 impl EngineSettings {
@@ -88,6 +90,7 @@ impl EngineSettings {
             outbox_sweep_after: config.outbox_sweep_after,
             max_depth: config.max_depth,
             max_children: config.max_children,
+            early_event_window: config.early_event_window,
         })
     }
 
@@ -114,6 +117,7 @@ pub struct Engine {
     locks: Option<Locks>,
     registry: Arc<Registry>,
     settings: EngineSettings,
+    clock: Arc<dyn Clock>,
 }
 
 impl Engine {
@@ -131,7 +135,22 @@ impl Engine {
             locks,
             registry,
             settings,
+            clock: Arc::new(SystemClock),
         }
+    }
+
+    /// Uses `clock` for "now" (when timers are due).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub fn bus(&self) -> &Arc<Bus> {
+        &self.bus
     }
 
     pub fn settings(&self) -> &EngineSettings {
@@ -165,12 +184,9 @@ impl Engine {
         let span = tracing::info_span!("event", command.id = tracing::field::Empty, event.id = %event.id, event.type = %event.ty);
         async {
             let Some(command_id) = event.commandid else {
+                // Starts new commands (fresh ids: nobody else can hold their lock) and wakes
+                // waiters (their rows are claimed under a key lock, not the command lock).
                 let kinds = self.registry.kinds_started_by(&event.ty);
-                if kinds.is_empty() {
-                    tracing::debug!("No command is addressed or started by this broadcast event.");
-                    return (Disposition::Ack(Applied::Unmatched), Vec::new());
-                }
-                // New commands have fresh ids: nobody else can hold their lock.
                 return self
                     .transact(&event, Target::Broadcast(kinds), publish)
                     .await;
@@ -215,7 +231,7 @@ impl Engine {
         };
         let applied = match target {
             Target::Command(id) => self.apply(&mut tx, id, event).await,
-            Target::Broadcast(kinds) => self.apply_broadcast_start(&mut tx, event, kinds).await,
+            Target::Broadcast(kinds) => self.apply_broadcast(&mut tx, event, kinds).await,
         };
         let (applied, outbox) = match applied {
             Ok(done) => done,

@@ -4,6 +4,7 @@
 pub mod engine;
 pub mod fanin;
 pub mod handlers;
+pub mod scheduler;
 
 use std::sync::Arc;
 
@@ -68,6 +69,14 @@ impl Worker {
         bus.declare_topology(&settings.delay_queues()).await?;
         let engine = Arc::new(Engine::new(pool, bus, locks, Arc::new(registry), settings));
         Ok(Worker { engine })
+    }
+
+    /// Uses `clock` for "now" when timers are set (tests).
+    pub fn with_clock(self, clock: Arc<dyn cmdflow_shared::time::Clock>) -> Self {
+        let engine = Arc::try_unwrap(self.engine)
+            .map(|e| Arc::new(e.with_clock(clock)))
+            .unwrap_or_else(|shared| shared);
+        Worker { engine }
     }
 
     pub fn engine(&self) -> &Arc<Engine> {

@@ -46,6 +46,9 @@ pub enum Cmd {
         #[arg(long, env = "CMDFLOW_CONCURRENCY")]
         concurrency: Option<usize>,
     },
+    /// Run the scheduler role only: turn due timers into events. Several may run at once.
+    #[command(after_help = "Example:\n  cmdflow scheduler")]
+    Scheduler,
     /// Create the database if needed and apply the migrations.
     #[command(
         after_help = "Example:\n  CMDFLOW_DATABASE_URL=postgres://postgres@db/cmdflow cmdflow migrate"

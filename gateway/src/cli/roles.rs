@@ -1,11 +1,10 @@
 //! Server roles: `up`, `gateway`, `worker`, `migrate`.
 
-use std::collections::BTreeSet;
-
 use anyhow::Context;
 use cmdflow_shared::bus::Bus;
 use cmdflow_shared::config::redact_url;
 use cmdflow_shared::{Config, store};
+use cmdflow_workers::scheduler::Scheduler;
 use cmdflow_workers::{Registry, Worker};
 use sqlx::migrate::MigrateDatabase;
 use tokio_util::sync::CancellationToken;
@@ -57,38 +56,48 @@ pub async fn migrate(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn kinds(registry: &Registry) -> BTreeSet<String> {
-    registry.kinds().map(str::to_owned).collect()
-}
-
 pub async fn up(config: Config) -> anyhow::Result<()> {
     migrate(&config).await?;
     let registry = Registry::builtin();
     let pool = store::connect(&config.database_url, config.database_pool_size).await?;
     let bus = Bus::connect(&config.amqp_url, &config.namespace, "cmdflow-up").await?;
     let worker = Worker::build_with(&config, registry.clone(), pool.clone(), bus.clone()).await?;
-    let app = Application::build_with(&config, kinds(&registry), pool, bus.clone()).await?;
+    let scheduler = Scheduler::new(pool.clone(), bus.clone(), &config);
+    let kinds = registry.kinds().collect::<Vec<_>>().join(", ");
+    let app = Application::build_with(&config, registry, pool, bus.clone()).await?;
     let shutdown = shutdown_on_signals();
     println!(
         "cmdflow is up: gateway http://{} · namespace {} · kinds {}",
         app.local_addr(),
         config.namespace,
-        registry.kinds().collect::<Vec<_>>().join(", ")
+        kinds
     );
     let worker_task = tokio::spawn(worker.run_until_stopped(shutdown.clone()));
+    let scheduler_task = tokio::spawn(scheduler.run_until_stopped(shutdown.clone()));
     let served = app.run_until_stopped(shutdown.clone()).await;
     shutdown.cancel();
     worker_task.await.context("the worker task failed")?;
+    scheduler_task.await.context("the scheduler task failed")?;
     bus.close().await;
     served.context("the gateway stopped with an error")
 }
 
 pub async fn gateway(config: Config) -> anyhow::Result<()> {
-    let registry = Registry::builtin();
-    let app = Application::build(&config, kinds(&registry)).await?;
+    let app = Application::build(&config, Registry::builtin()).await?;
     tracing::info!(addr = %app.local_addr(), "Gateway listening.");
     let shutdown = shutdown_on_signals();
     app.run_until_stopped(shutdown).await?;
+    Ok(())
+}
+
+pub async fn scheduler(config: Config) -> anyhow::Result<()> {
+    let pool = store::connect(&config.database_url, 4).await?;
+    let bus = Bus::connect(&config.amqp_url, &config.namespace, "cmdflow-scheduler").await?;
+    let shutdown = shutdown_on_signals();
+    tracing::info!(namespace = %config.namespace, "Scheduler started.");
+    Scheduler::new(pool, bus, &config)
+        .run_until_stopped(shutdown)
+        .await;
     Ok(())
 }
 

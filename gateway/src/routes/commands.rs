@@ -81,8 +81,8 @@ fn start_event(state: &AppState, body: &[u8]) -> ApiResult<Event> {
         Some(_) => return Err(ApiError::invalid("kind", "must be a string")),
         None => return Err(ApiError::invalid("kind", "is required")),
     };
-    if !state.kinds.contains(kind.as_str()) {
-        let known: Vec<&str> = state.kinds.iter().map(String::as_str).collect();
+    if !state.registry.contains(kind.as_str()) {
+        let known: Vec<&str> = state.registry.kinds().collect();
         return Err(ApiError::UnknownKind(format!(
             "unknown command kind `{kind}`; known kinds: {}",
             known.join(", ")
@@ -105,6 +105,9 @@ fn start_event(state: &AppState, body: &[u8]) -> ApiResult<Event> {
         Some(Value::Object(map)) => map,
         Some(_) => return Err(ApiError::invalid("data", "must be a JSON object")),
     };
+    if let Err(reason) = state.registry.check_start(kind.as_str(), &data) {
+        return Err(ApiError::invalid("data", reason));
+    }
     if let Some(extra) = obj.keys().next() {
         return Err(ApiError::invalid(
             extra,
@@ -140,6 +143,12 @@ pub struct CommandView {
     /// Its children: how many, how many still open, and its fan-in groups.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub children: Option<ChildrenView>,
+    /// Its timers (one-shot and recurring), which end with it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timers: Option<Vec<store::time::TimerRow>>,
+    /// The events it waits for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waits: Option<Vec<store::time::WaitRow>>,
     pub kind: String,
     pub owner: String,
     pub state: CommandState,
@@ -175,6 +184,8 @@ impl From<Command> for CommandView {
         Self {
             id: c.id,
             children: None,
+            timers: None,
+            waits: None,
             kind: c.kind,
             owner: c.owner,
             state: c.state,
@@ -211,7 +222,11 @@ pub async fn get_command(
         .ok_or_else(|| ApiError::NotFound(format!("no command {id}")))?;
     let (total, open) = store::children_counts(&state.pool, id).await?;
     let groups = store::groups_of(&state.pool, id).await?;
+    let timers = store::time::timers_of(&state.pool, id).await?;
+    let waits = store::time::waits_of(&state.pool, id).await?;
     let mut view = CommandView::from(command);
+    view.timers = Some(timers);
+    view.waits = Some(waits);
     view.children = Some(ChildrenView {
         total,
         open,

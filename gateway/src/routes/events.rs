@@ -71,3 +71,39 @@ pub async fn publish_all(state: &AppState, events: &[Event]) -> ApiResult<()> {
     }
     Ok(())
 }
+
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+pub struct UnmatchedQuery {
+    /// Only events of this type.
+    #[serde(rename = "type")]
+    pub event_type: Option<String>,
+    /// At most this many, newest first (1 to 1000, default 100).
+    pub limit: Option<i64>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Unmatched {
+    pub events: Vec<cmdflow_shared::store::time::UnmatchedRow>,
+}
+
+/// Broadcast events that started no command and woke no waiter, newest first.
+#[utoipa::path(get, path = "/v1/events/unmatched", tag = "events",
+    params(UnmatchedQuery),
+    responses(
+        (status = 200, body = Unmatched),
+        (status = 422, description = "Invalid query", body = ErrorBody)))]
+pub async fn get_unmatched(
+    State(state): State<AppState>,
+    query: Result<axum::extract::Query<UnmatchedQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<Unmatched>> {
+    let axum::extract::Query(query) =
+        query.map_err(|e| ApiError::invalid("query", e.body_text()))?;
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::invalid("limit", "must be between 1 and 1000"));
+    }
+    let events =
+        cmdflow_shared::store::time::unmatched(&state.pool, query.event_type.as_deref(), limit)
+            .await?;
+    Ok(Json(Unmatched { events }))
+}

@@ -4,12 +4,16 @@
 
 use chrono::Utc;
 use cmdflow_shared::contract::types::{
-    self, CHILDREN_SETTLED, COMMAND_ABORT, COMMAND_ABORTED, COMMAND_COMPLETED, COMMAND_FAILED,
-    COMMAND_START,
+    self, CHILDREN_DEADLINE, CHILDREN_SETTLED, COMMAND_ABORT, COMMAND_ABORTED, COMMAND_COMPLETED,
+    COMMAND_FAILED, COMMAND_START,
 };
-use cmdflow_shared::decision::{AbortChildren, ChildSpec, Decision, FanIn, Outcome, apply_data};
+use cmdflow_shared::decision::{
+    AbortChildren, ChildSpec, Decision, FanIn, Outcome, TimerOp, WaitSpec, apply_data,
+};
 use cmdflow_shared::domain::{Kind, Owner};
+use cmdflow_shared::store::time::{self, NewTimer};
 use cmdflow_shared::store::{self, EntryKind, GroupRow, HistoryEntry, NewCommand, OutboxRow, Tx};
+use cmdflow_shared::time::{TimerSpec, check_delay};
 use cmdflow_shared::{Command, CommandId, CommandState, Event, HandlerError};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -40,6 +44,11 @@ struct AckData {
     result: Option<Value>,
     #[serde(default)]
     reason: Option<String>,
+}
+
+/// The engine's name for the timer of a wait's timeout.
+pub fn wait_timer_name(event_type: &str, key: &str) -> String {
+    format!("wait:{event_type}:{key}")
 }
 
 fn obj(value: Value) -> Map<String, Value> {
@@ -113,51 +122,88 @@ impl Engine {
         Ok((Applied::Applied, outbox))
     }
 
-    /// Handles a broadcast event registered to start commands: one new command per kind, at most
-    /// once per event (by source and id), each owned by the event's `subject`.
-    pub async fn apply_broadcast_start(
+    /// Handles a broadcast event: starts the kinds registered for its type (one new command per
+    /// kind, at most once per event, owned by the event's `subject`), wakes every command waiting
+    /// for its (type, correlation id), keeps it for the early-event window, and records it as
+    /// unmatched when it did neither.
+    pub async fn apply_broadcast(
         &self,
         tx: &mut Tx<'_>,
         event: &Event,
         kinds: &[String],
     ) -> Result<(Applied, Vec<OutboxRow>), ApplyError> {
-        let owner = event
-            .subject
-            .as_deref()
-            .ok_or_else(|| {
-                ApplyError::Permanent(format!(
-                    "{} starts a command, so it needs `subject` set to the owner (such as visitor:cookie-7f3a)",
-                    event.ty
-                ))
-            })
-            .and_then(|s| {
-                Owner::parse(s).map_err(|e| ApplyError::Permanent(format!("subject: {e}")))
-            })?;
         let mut outbox = Vec::new();
         let mut applied = Applied::Duplicate;
-        for kind in kinds {
-            let id = CommandId::new();
-            if !store::record_event_start(tx, &event.source, &event.id, kind, id).await? {
-                continue;
+        let mut matched = !kinds.is_empty();
+        if !kinds.is_empty() {
+            let owner = event
+                .subject
+                .as_deref()
+                .ok_or_else(|| {
+                    ApplyError::Permanent(format!(
+                        "{} starts a command, so it needs `subject` set to the owner (such as visitor:cookie-7f3a)",
+                        event.ty
+                    ))
+                })
+                .and_then(|s| {
+                    Owner::parse(s).map_err(|e| ApplyError::Permanent(format!("subject: {e}")))
+                })?;
+            for kind in kinds {
+                let id = CommandId::new();
+                if !store::record_event_start(tx, &event.source, &event.id, kind, id).await? {
+                    continue;
+                }
+                let new = NewCommand {
+                    id,
+                    kind: kind.clone(),
+                    owner: owner.to_string(),
+                    parent_id: None,
+                    root_id: id,
+                    depth: 0,
+                    data: Value::Object(event.data.clone()),
+                    group_name: None,
+                    parent_close: "abort".to_owned(),
+                };
+                store::insert_command(tx, &new).await?;
+                let command = store::lock_command(tx, id)
+                    .await?
+                    .ok_or(ApplyError::NotFound(id))?;
+                store::mark_processed(tx, id, &event.source, &event.id).await?;
+                outbox.extend(self.decide_and_apply(tx, command, event).await?);
+                applied = Applied::Applied;
             }
-            let new = NewCommand {
-                id,
-                kind: kind.clone(),
-                owner: owner.to_string(),
-                parent_id: None,
-                root_id: id,
-                depth: 0,
-                data: Value::Object(event.data.clone()),
-                group_name: None,
-                parent_close: "abort".to_owned(),
-            };
-            store::insert_command(tx, &new).await?;
-            let command = store::lock_command(tx, id)
-                .await?
-                .ok_or(ApplyError::NotFound(id))?;
-            store::mark_processed(tx, id, &event.source, &event.id).await?;
-            outbox.extend(self.decide_and_apply(tx, command, event).await?);
-            applied = Applied::Applied;
+        }
+        let body = serde_json::to_value(event).unwrap_or(Value::Null);
+        if let Some(key) = &event.correlationid {
+            time::lock_key(tx, &event.ty, key).await?;
+            if time::record_recent(tx, &event.source, &event.id, &event.ty, key, &body).await? {
+                for waiter in time::take_waiters(tx, &event.ty, key).await? {
+                    time::cancel_timer(tx, waiter, &wait_timer_name(&event.ty, key)).await?;
+                    let mut copy = event.clone();
+                    copy.commandid = Some(waiter);
+                    outbox.extend(
+                        store::insert_outbox(tx, waiter, std::slice::from_ref(&copy)).await?,
+                    );
+                    matched = true;
+                    applied = Applied::Applied;
+                }
+            } else {
+                // Seen before: its waiters were woken then.
+                matched = true;
+            }
+        }
+        if !matched {
+            time::record_unmatched(
+                tx,
+                &event.source,
+                &event.id,
+                &event.ty,
+                event.correlationid.as_deref(),
+                &body,
+            )
+            .await?;
+            tracing::info!(event.type = %event.ty, "A broadcast event matched nothing; kept as unmatched.");
+            applied = Applied::Unmatched;
         }
         Ok((applied, outbox))
     }
@@ -173,6 +219,10 @@ impl Engine {
 
         if types::is_ack(&event.ty) {
             self.fold_ack(tx, &command, event, &mut out, &mut notes)
+                .await?;
+        }
+        if event.ty == CHILDREN_DEADLINE {
+            self.group_deadline(tx, &command, event, &mut out, &mut notes)
                 .await?;
         }
 
@@ -250,6 +300,12 @@ impl Engine {
             out.push(self.engine_event(&command, event, &emit.ty, emit.data.clone(), emit.to));
         }
         self.spawn(tx, &command, event, &decision, &mut out).await?;
+        if next.state.is_terminal() {
+            // A command's timers and waits belong to it: they end with it.
+            time::clear_time(tx, command.id).await?;
+        } else {
+            self.apply_time(tx, &command, &decision, &mut out).await?;
+        }
 
         // Aborts: the ones the handler asked for, and on ending, every open child whose
         // parent-close policy is `abort`. Each child is told once.
@@ -366,6 +422,40 @@ impl Engine {
 
     /// Refuses decisions that would let a tree run away. The reason fails the command.
     fn check_limits(&self, command: &Command, decision: &Decision) -> Result<(), String> {
+        let now = self.clock.now();
+        for op in &decision.timers {
+            match op {
+                TimerOp::Set(spec) => {
+                    if spec.name.starts_with("wait:") || spec.name.starts_with("group:") {
+                        return Err(format!(
+                            "timer {}: names starting with wait: or group: are the engine's",
+                            spec.name
+                        ));
+                    }
+                    spec.first_due(now)
+                        .map_err(|e| format!("timer {}: {e}", spec.name))?;
+                }
+                TimerOp::Cancel(name) => {
+                    cmdflow_shared::time::check_name(name)
+                        .map_err(|e| format!("cancel timer: {e}"))?;
+                }
+            }
+        }
+        for wait in &decision.waits {
+            cmdflow_shared::domain::check_dotted_name(&wait.event_type, 2)
+                .map_err(|e| format!("wait: event type: {e}"))?;
+            if wait.key.is_empty() || wait.key.chars().count() > 512 {
+                return Err("wait: the correlation key must be 1 to 512 characters".to_owned());
+            }
+            if let Some(t) = wait.timeout {
+                check_delay(t).map_err(|e| format!("wait timeout: {e}"))?;
+            }
+        }
+        for group in &decision.spawn_groups {
+            if let Some(d) = group.deadline {
+                check_delay(d).map_err(|e| format!("group {} deadline: {e}", group.name))?;
+            }
+        }
         let n = decision.spawn_count();
         if n == 0 {
             return Ok(());
@@ -478,6 +568,21 @@ impl Engine {
                     group.name, parent.id
                 ))
             })?;
+            if let Some(due_at) = deadline_at {
+                time::upsert_timer(
+                    tx,
+                    &NewTimer {
+                        command: parent.id,
+                        name: &format!("group:{}", group.name),
+                        kind: "group_deadline",
+                        due_at,
+                        cron: None,
+                        tz: None,
+                        payload: Some(json!({ "group": group.name })),
+                    },
+                )
+                .await?;
+            }
             // An empty group settles at once, so a parent never waits on nothing.
             if row.total == 0 {
                 let mut row = row;
@@ -573,6 +678,7 @@ impl Engine {
             return Ok(());
         }
         group.state = verdict.as_str().to_owned();
+        time::cancel_timer(tx, parent.id, &format!("group:{}", group.name)).await?;
         let reason = format!("group {} settled ({})", group.name, verdict.as_str());
         for id in store::open_children(tx, parent.id, Some(&group.name), false).await? {
             let data = obj(json!({ "reason": reason }));
@@ -590,6 +696,148 @@ impl Engine {
             "outcomes": group.outcomes,
         }));
         out.push(self.engine_event(parent, cause, CHILDREN_SETTLED, data, Some(parent.id)));
+        Ok(())
+    }
+
+    /// Sets and cancels the decision's timers, and registers its waits. A wait whose event
+    /// arrived shortly before (within the early-event window) is matched at once.
+    async fn apply_time(
+        &self,
+        tx: &mut Tx<'_>,
+        command: &Command,
+        decision: &Decision,
+        out: &mut Vec<Event>,
+    ) -> Result<(), ApplyError> {
+        let now = self.clock.now();
+        for op in &decision.timers {
+            match op {
+                TimerOp::Set(spec) => self.set_timer(tx, command.id, spec, now).await?,
+                TimerOp::Cancel(name) => {
+                    time::cancel_timer(tx, command.id, name).await?;
+                }
+            }
+        }
+        for wait in &decision.waits {
+            self.register_wait(tx, command, wait, now, out).await?;
+        }
+        Ok(())
+    }
+
+    async fn set_timer(
+        &self,
+        tx: &mut Tx<'_>,
+        command: CommandId,
+        spec: &TimerSpec,
+        now: chrono::DateTime<Utc>,
+    ) -> Result<(), ApplyError> {
+        let due_at = spec
+            .first_due(now)
+            .map_err(|e| ApplyError::Permanent(format!("timer {}: {e}", spec.name)))?;
+        let kind = match &spec.when {
+            cmdflow_shared::time::TimerWhen::After(_) => "after",
+            cmdflow_shared::time::TimerWhen::At(_) => "at",
+            cmdflow_shared::time::TimerWhen::Cron { .. } => "cron",
+        };
+        let (cron, tz) = spec.cron().unzip();
+        time::upsert_timer(
+            tx,
+            &NewTimer {
+                command,
+                name: &spec.name,
+                kind,
+                due_at,
+                cron,
+                tz,
+                payload: None,
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn register_wait(
+        &self,
+        tx: &mut Tx<'_>,
+        command: &Command,
+        wait: &WaitSpec,
+        now: chrono::DateTime<Utc>,
+        out: &mut Vec<Event>,
+    ) -> Result<(), ApplyError> {
+        time::lock_key(tx, &wait.event_type, &wait.key).await?;
+        let window = self.settings.early_event_window;
+        if let Some(body) =
+            time::early_match(tx, command.id, &wait.event_type, &wait.key, window).await?
+        {
+            // The event came first: deliver it now, and register nothing.
+            if let Ok(mut early) = serde_json::from_value::<Event>(body) {
+                early.commandid = Some(command.id);
+                out.push(early);
+                return Ok(());
+            }
+        }
+        let timeout_at = wait
+            .timeout
+            .and_then(|t| chrono::Duration::from_std(t).ok())
+            .map(|t| now + t);
+        time::insert_wait(tx, command.id, &wait.event_type, &wait.key, timeout_at).await?;
+        if let Some(due_at) = timeout_at {
+            time::upsert_timer(
+                tx,
+                &NewTimer {
+                    command: command.id,
+                    name: &wait_timer_name(&wait.event_type, &wait.key),
+                    kind: "wait_timeout",
+                    due_at,
+                    cron: None,
+                    tz: None,
+                    payload: Some(json!({ "type": wait.event_type, "key": wait.key })),
+                },
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// A group's deadline passed: if it is still open, it fails and its open children are aborted.
+    async fn group_deadline(
+        &self,
+        tx: &mut Tx<'_>,
+        parent: &Command,
+        event: &Event,
+        out: &mut Vec<Event>,
+        notes: &mut Vec<String>,
+    ) -> Result<(), ApplyError> {
+        let Some(name) = event.data.get("group").and_then(Value::as_str) else {
+            notes.push("a deadline without a group".to_owned());
+            return Ok(());
+        };
+        let Some(mut group) = store::lock_group(tx, parent.id, name).await? else {
+            notes.push(format!("no group {name} on this command"));
+            return Ok(());
+        };
+        if group.state != "open" {
+            notes.push(format!("group {name} had already {}", group.state));
+            return Ok(());
+        }
+        group.state = "failed".to_owned();
+        let reason = format!("group {name} missed its deadline");
+        for id in store::open_children(tx, parent.id, Some(name), false).await? {
+            out.push(self.engine_event(
+                parent,
+                event,
+                COMMAND_ABORT,
+                obj(json!({ "reason": reason })),
+                Some(id),
+            ));
+        }
+        let data = obj(json!({
+            "group": group.name, "policy": group.policy, "quorum": group.quorum,
+            "outcome": "failed", "deadline": true, "total": group.total,
+            "completed": group.completed, "failed": group.failed, "aborted": group.aborted,
+            "outcomes": group.outcomes,
+        }));
+        out.push(self.engine_event(parent, event, CHILDREN_SETTLED, data, Some(parent.id)));
+        store::save_group(tx, &group).await?;
         Ok(())
     }
 

@@ -10,9 +10,12 @@
 //!   `all_settled`, `quorum:N`), and completes when the group settles, or fails if it fails.
 //!   Children listed in `data.fail_children` (indexes) get `{"fail": true}`. With
 //!   `data.detached = true` the children are fire-and-forget and the fan-out completes on
-//!   `demo.finish`; with `data.abandon = true` they run on when the fan-out ends first.
+//!   `demo.finish`; with `data.abandon = true` they run on when the fan-out ends first. With
+//!   `data.deadline_ms` the group fails if it has not settled in time.
 
 use cmdflow_shared::contract::types::{self, CHILDREN_SETTLED, COMMAND_START};
+use std::time::Duration;
+
 use cmdflow_shared::decision::{ChildSpec, FanIn, ParentClose};
 use cmdflow_shared::{Command, CommandState, Decision, Event, HandlerError};
 use serde_json::{Map, Value, json};
@@ -145,7 +148,13 @@ pub fn fanout(command: &Command, event: &Event) -> Result<Decision, HandlerError
             if detached {
                 Ok(specs.into_iter().fold(decision, Decision::spawn_detached))
             } else {
-                Ok(decision.spawn_group("children", policy, specs))
+                let decision = decision.spawn_group("children", policy, specs);
+                match data.get("deadline_ms").and_then(Value::as_u64) {
+                    Some(ms) => {
+                        Ok(decision.with_group_deadline("children", Duration::from_millis(ms)))
+                    }
+                    None => Ok(decision),
+                }
             }
         }
         CHILDREN_SETTLED => {

@@ -2,6 +2,7 @@
 //! The registry maps kind names to handlers.
 
 pub mod demo;
+pub mod demo_time;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -27,7 +28,12 @@ where
 pub struct Registry {
     kinds: BTreeMap<String, Arc<dyn Handler>>,
     starts: BTreeMap<String, Vec<String>>,
+    checks: BTreeMap<String, StartCheck>,
 }
+
+/// Checks a kind's start data at the gateway, so a bad request gets a 422 instead of a failed
+/// command. The reason names the field.
+pub type StartCheck = fn(&serde_json::Map<String, serde_json::Value>) -> Result<(), String>;
 
 impl Registry {
     pub fn new() -> Self {
@@ -38,12 +44,31 @@ impl Registry {
     pub fn builtin() -> Self {
         let mut registry = Self::new();
         demo::register(&mut registry);
+        demo_time::register(&mut registry);
         registry
     }
 
     pub fn register(&mut self, kind: &str, handler: impl Handler) -> &mut Self {
         self.kinds.insert(kind.to_owned(), Arc::new(handler));
         self
+    }
+
+    /// Checks the start data of `kind` at the gateway.
+    pub fn check_start_with(&mut self, kind: &str, check: StartCheck) -> &mut Self {
+        self.checks.insert(kind.to_owned(), check);
+        self
+    }
+
+    /// Runs the start-data check of `kind`, if it has one.
+    pub fn check_start(
+        &self,
+        kind: &str,
+        data: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(), String> {
+        match self.checks.get(kind) {
+            Some(check) => check(data),
+            None => Ok(()),
+        }
     }
 
     /// A broadcast event of type `event_type` starts a command of `kind` (owned by the event's

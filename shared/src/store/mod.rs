@@ -148,8 +148,6 @@ pub struct GroupRow {
     pub settled_at: Option<DateTime<Utc>>,
 }
 
-const GROUP_COLUMNS: &str = "parent_id, name, policy, quorum, total, completed, failed, aborted, outcomes, state, deadline_at, created_at, settled_at";
-
 /// Creates a group, or adds `add_total` children to the open group of that name. `None` when a
 /// group of that name has already settled.
 pub async fn upsert_group(
@@ -221,7 +219,6 @@ pub async fn groups_of(pool: &PgPool, parent: CommandId) -> Result<Vec<GroupRow>
         "SELECT parent_id, name, policy, quorum, total, completed, failed, aborted, outcomes, state, deadline_at, created_at, settled_at",
         " FROM child_groups WHERE parent_id = $1 ORDER BY created_at, name"
     );
-    debug_assert!(SQL.contains(GROUP_COLUMNS));
     Ok(sqlx::query_as::<_, GroupRow>(SQL)
         .bind(parent)
         .fetch_all(pool)
@@ -531,3 +528,5 @@ pub async fn outbox_backlog(pool: &PgPool) -> Result<i64> {
         .fetch_one(pool)
         .await?)
 }
+
+pub mod time;

@@ -1,0 +1,337 @@
+//! Statements for time events and waits: timers (claimed by the scheduler with
+//! `FOR UPDATE SKIP LOCKED`), waits, recent broadcast events and unmatched events.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::PgPool;
+
+use super::{Result, Tx};
+use crate::domain::CommandId;
+
+#[derive(Debug, Clone, sqlx::FromRow, Serialize, utoipa::ToSchema)]
+pub struct TimerRow {
+    #[serde(skip)]
+    pub command_id: CommandId,
+    pub name: String,
+    /// `after`, `at`, `cron`, `wait_timeout` or `group_deadline`.
+    pub kind: String,
+    pub due_at: DateTime<Utc>,
+    pub cron: Option<String>,
+    pub tz: Option<String>,
+    #[schema(value_type = Option<Object>)]
+    pub payload: Option<Value>,
+    /// How often it has fired (a cron timer fires again and again).
+    pub fired: i32,
+    pub last_fired_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A timer to set; a name that exists on the command is replaced.
+pub struct NewTimer<'a> {
+    pub command: CommandId,
+    pub name: &'a str,
+    pub kind: &'a str,
+    pub due_at: DateTime<Utc>,
+    pub cron: Option<&'a str>,
+    pub tz: Option<&'a str>,
+    pub payload: Option<Value>,
+}
+
+pub async fn upsert_timer(tx: &mut Tx<'_>, t: &NewTimer<'_>) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO timers (command_id, name, kind, due_at, cron, tz, payload)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)
+         ON CONFLICT (command_id, name) DO UPDATE
+            SET kind = EXCLUDED.kind, due_at = EXCLUDED.due_at, cron = EXCLUDED.cron,
+                tz = EXCLUDED.tz, payload = EXCLUDED.payload, fired = 0, last_fired_at = NULL,
+                created_at = now()",
+    )
+    .bind(t.command)
+    .bind(t.name)
+    .bind(t.kind)
+    .bind(t.due_at)
+    .bind(t.cron)
+    .bind(t.tz)
+    .bind(&t.payload)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+pub async fn cancel_timer(tx: &mut Tx<'_>, command: CommandId, name: &str) -> Result<bool> {
+    let done = sqlx::query("DELETE FROM timers WHERE command_id = $1 AND name = $2")
+        .bind(command)
+        .bind(name)
+        .execute(&mut **tx)
+        .await?;
+    Ok(done.rows_affected() > 0)
+}
+
+/// Removes every timer and wait of a command that has ended.
+pub async fn clear_time(tx: &mut Tx<'_>, command: CommandId) -> Result<()> {
+    sqlx::query("DELETE FROM timers WHERE command_id = $1")
+        .bind(command)
+        .execute(&mut **tx)
+        .await?;
+    sqlx::query("DELETE FROM waits WHERE command_id = $1")
+        .bind(command)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+pub async fn timers_of(pool: &PgPool, command: CommandId) -> Result<Vec<TimerRow>> {
+    const SQL: &str = concat!(
+        "SELECT command_id, name, kind, due_at, cron, tz, payload, fired, last_fired_at, created_at FROM timers",
+        " WHERE command_id = $1 ORDER BY due_at, name"
+    );
+    Ok(sqlx::query_as::<_, TimerRow>(SQL)
+        .bind(command)
+        .fetch_all(pool)
+        .await?)
+}
+
+/// Locks up to `limit` timers due at `now`, oldest first, skipping those another scheduler holds.
+pub async fn claim_due(tx: &mut Tx<'_>, now: DateTime<Utc>, limit: i64) -> Result<Vec<TimerRow>> {
+    const SQL: &str = concat!(
+        "SELECT command_id, name, kind, due_at, cron, tz, payload, fired, last_fired_at, created_at FROM timers",
+        " WHERE due_at <= $1 ORDER BY due_at LIMIT $2 FOR UPDATE SKIP LOCKED"
+    );
+    Ok(sqlx::query_as::<_, TimerRow>(SQL)
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&mut **tx)
+        .await?)
+}
+
+/// The claim query's plan, for showing that it stays an index scan.
+pub async fn explain_claim(pool: &PgPool) -> Result<Vec<String>> {
+    Ok(sqlx::query_scalar(
+        "EXPLAIN SELECT command_id, name FROM timers WHERE due_at <= now() ORDER BY due_at LIMIT 500 FOR UPDATE SKIP LOCKED",
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
+pub async fn rearm(
+    tx: &mut Tx<'_>,
+    t: &TimerRow,
+    next: DateTime<Utc>,
+    fired_at: DateTime<Utc>,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE timers SET due_at = $3, fired = fired + 1, last_fired_at = $4
+          WHERE command_id = $1 AND name = $2",
+    )
+    .bind(t.command_id)
+    .bind(&t.name)
+    .bind(next)
+    .bind(fired_at)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+pub async fn delete_timer(tx: &mut Tx<'_>, t: &TimerRow) -> Result<()> {
+    sqlx::query("DELETE FROM timers WHERE command_id = $1 AND name = $2")
+        .bind(t.command_id)
+        .bind(&t.name)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// The earliest due time of any timer.
+pub async fn next_due(pool: &PgPool) -> Result<Option<DateTime<Utc>>> {
+    Ok(sqlx::query_scalar("SELECT min(due_at) FROM timers")
+        .fetch_one(pool)
+        .await?)
+}
+
+#[derive(Debug, Clone, sqlx::FromRow, Serialize, utoipa::ToSchema)]
+pub struct WaitRow {
+    pub event_type: String,
+    pub correlation_key: String,
+    pub timeout_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Serializes everything that matches or registers waits on one (type, key), so an event and a
+/// wait racing each other always meet: whichever commits second sees the first.
+pub async fn lock_key(tx: &mut Tx<'_>, event_type: &str, key: &str) -> Result<()> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1 || chr(31) || $2, 0))")
+        .bind(event_type)
+        .bind(key)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+pub async fn insert_wait(
+    tx: &mut Tx<'_>,
+    command: CommandId,
+    event_type: &str,
+    key: &str,
+    timeout_at: Option<DateTime<Utc>>,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO waits (command_id, event_type, correlation_key, timeout_at) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (command_id, event_type, correlation_key) DO UPDATE SET timeout_at = EXCLUDED.timeout_at",
+    )
+    .bind(command)
+    .bind(event_type)
+    .bind(key)
+    .bind(timeout_at)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Ends one command's wait; `false` when it had already ended (the other side won).
+pub async fn take_wait(
+    tx: &mut Tx<'_>,
+    command: CommandId,
+    event_type: &str,
+    key: &str,
+) -> Result<bool> {
+    let done = sqlx::query(
+        "DELETE FROM waits WHERE command_id = $1 AND event_type = $2 AND correlation_key = $3",
+    )
+    .bind(command)
+    .bind(event_type)
+    .bind(key)
+    .execute(&mut **tx)
+    .await?;
+    Ok(done.rows_affected() > 0)
+}
+
+/// Ends every wait on (type, key) and returns the waiting commands.
+pub async fn take_waiters(tx: &mut Tx<'_>, event_type: &str, key: &str) -> Result<Vec<CommandId>> {
+    Ok(sqlx::query_scalar(
+        "DELETE FROM waits WHERE event_type = $1 AND correlation_key = $2 RETURNING command_id",
+    )
+    .bind(event_type)
+    .bind(key)
+    .fetch_all(&mut **tx)
+    .await?)
+}
+
+pub async fn waits_of(pool: &PgPool, command: CommandId) -> Result<Vec<WaitRow>> {
+    Ok(sqlx::query_as::<_, WaitRow>(
+        "SELECT event_type, correlation_key, timeout_at, created_at FROM waits WHERE command_id = $1 ORDER BY created_at",
+    )
+    .bind(command)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Keeps a broadcast event for the early-event window. `false` when it was already kept: the
+/// event is a redelivery and has been matched before.
+pub async fn record_recent(
+    tx: &mut Tx<'_>,
+    source: &str,
+    event_id: &str,
+    event_type: &str,
+    key: &str,
+    body: &Value,
+) -> Result<bool> {
+    let done = sqlx::query(
+        "INSERT INTO recent_events (source, event_id, event_type, correlation_key, body)
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+    )
+    .bind(source)
+    .bind(event_id)
+    .bind(event_type)
+    .bind(key)
+    .bind(body)
+    .execute(&mut **tx)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// The earliest event on (type, key) within the window that `command` has not yet received.
+pub async fn early_match(
+    tx: &mut Tx<'_>,
+    command: CommandId,
+    event_type: &str,
+    key: &str,
+    window: Duration,
+) -> Result<Option<Value>> {
+    Ok(sqlx::query_scalar(
+        "SELECT r.body FROM recent_events r
+          WHERE r.event_type = $2 AND r.correlation_key = $3
+            AND r.received_at >= clock_timestamp() - make_interval(secs => $4)
+            AND NOT EXISTS (SELECT 1 FROM processed_events p
+                             WHERE p.command_id = $1 AND p.source = r.source AND p.event_id = r.event_id)
+          ORDER BY r.received_at LIMIT 1",
+    )
+    .bind(command)
+    .bind(event_type)
+    .bind(key)
+    .bind(window.as_secs_f64())
+    .fetch_optional(&mut **tx)
+    .await?)
+}
+
+/// Forgets broadcast events older than the window.
+pub async fn prune_recent(pool: &PgPool, window: Duration) -> Result<u64> {
+    let done = sqlx::query(
+        "DELETE FROM recent_events WHERE received_at < clock_timestamp() - make_interval(secs => $1)",
+    )
+    .bind(window.as_secs_f64())
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+pub async fn record_unmatched(
+    tx: &mut Tx<'_>,
+    source: &str,
+    event_id: &str,
+    event_type: &str,
+    key: Option<&str>,
+    body: &Value,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO unmatched_events (source, event_id, event_type, correlation_key, body)
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+    )
+    .bind(source)
+    .bind(event_id)
+    .bind(event_type)
+    .bind(key)
+    .bind(body)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+#[derive(Debug, Clone, sqlx::FromRow, Serialize, utoipa::ToSchema)]
+pub struct UnmatchedRow {
+    pub source: String,
+    pub event_id: String,
+    pub event_type: String,
+    pub correlation_key: Option<String>,
+    #[schema(value_type = Object)]
+    pub body: Value,
+    pub received_at: DateTime<Utc>,
+}
+
+/// Unmatched events, newest first, optionally of one type.
+pub async fn unmatched(
+    pool: &PgPool,
+    event_type: Option<&str>,
+    limit: i64,
+) -> Result<Vec<UnmatchedRow>> {
+    Ok(sqlx::query_as::<_, UnmatchedRow>(
+        "SELECT source, event_id, event_type, correlation_key, body, received_at FROM unmatched_events
+          WHERE ($1::text IS NULL OR event_type = $1) ORDER BY received_at DESC LIMIT $2",
+    )
+    .bind(event_type)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}

@@ -1,0 +1,560 @@
+//! Time events and waits end to end: timers, the scheduler, waits for external events.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use cmdflow_shared::contract::types::COMMAND_START;
+use cmdflow_shared::time::{Clock, ManualClock, SystemClock};
+use cmdflow_shared::{Command, CommandState, Decision, Event, HandlerError};
+use cmdflow_tests::{TestEnv, event, eventually, get, post, start_command};
+use cmdflow_workers::Registry;
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn wait_state(env: &TestEnv, id: &str, want: CommandState) -> Command {
+    eventually(WAIT, &format!("{id} to be {want}"), || async {
+        env.command(id).await.filter(|c| c.state == want)
+    })
+    .await
+}
+
+async fn received(env: &TestEnv, id: &str, ty: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM command_events WHERE command_id = $1::uuid AND entry = 'received' AND event_type = $2",
+    )
+    .bind(id)
+    .bind(ty)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap()
+}
+
+async fn timers(env: &TestEnv, id: &str) -> Vec<(String, DateTime<Utc>, i32)> {
+    sqlx::query_as(
+        "SELECT name, due_at, fired FROM timers WHERE command_id = $1::uuid ORDER BY name",
+    )
+    .bind(id)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap()
+}
+
+async fn send(gateway: &str, ev: &Value) {
+    let (status, body) = post(
+        &format!("{gateway}/v1/events"),
+        "application/cloudevents+json",
+        &serde_json::to_vec(ev).unwrap(),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+}
+
+fn broadcast(ty: &str, key: &str, data: Value) -> Value {
+    let mut e = event(ty, None, data);
+    e["correlationid"] = json!(key);
+    e
+}
+
+/// `test.timers`: sets timer `t` in 60 s on start; `test.move` moves it to 100 ms; `test.cancel`
+/// cancels it; completes with the firing.
+fn timers_kind(_: &Command, event: &Event) -> Result<Decision, HandlerError> {
+    match event.ty.as_str() {
+        COMMAND_START => Ok(Decision::nothing()
+            .with_state(CommandState::Waiting)
+            .after("t", Duration::from_secs(60))),
+        "test.move" => Ok(Decision::nothing().after("t", Duration::from_millis(100))),
+        "test.cancel" => Ok(Decision::nothing().cancel_timer("t")),
+        "timer.fired" => Ok(Decision::complete(Value::Object(event.data.clone()))),
+        _ => Err(HandlerError::unexpected("test.timers", event)),
+    }
+}
+
+fn registry_with_timers() -> Registry {
+    let mut registry = Registry::builtin();
+    registry.register("test.timers", timers_kind);
+    registry
+}
+
+/// A command started straight through the broker (the gateway only knows built-in kinds).
+async fn start_raw(env: &TestEnv, kind: &str, data: Value) -> String {
+    let id = uuid::Uuid::now_v7().to_string();
+    let start = json!({
+        "specversion": "1.0", "id": uuid::Uuid::now_v7().to_string(), "source": "tests",
+        "type": "command.start", "commandid": id,
+        "data": {"kind": kind, "owner": "system:tests", "data": data},
+    });
+    env.publish_raw("command.start", &serde_json::to_vec(&start).unwrap())
+        .await;
+    id
+}
+
+#[tokio::test]
+async fn a_one_shot_timer_fires_once() {
+    let mut env = TestEnv::new().await;
+    let gw = env.start_gateway().await;
+    env.start_worker().await;
+    env.start_scheduler();
+    let id = start_command(&gw.url, "demo.timer", "member:1", json!({"after_ms": 200})).await;
+    let done = wait_state(&env, &id, CommandState::Completed).await;
+    let result = done.result.unwrap();
+    let due: DateTime<Utc> = serde_json::from_value(result["due_at"].clone()).unwrap();
+    let fired: DateTime<Utc> = serde_json::from_value(result["fired_at"].clone()).unwrap();
+    assert!(fired >= due, "never early");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(received(&env, &id, "timer.fired").await, 1);
+    assert!(timers(&env, &id).await.is_empty());
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn replacing_a_timer_by_name_moves_it_and_cancel_means_never() {
+    let mut env = TestEnv::new().await;
+    let gw = env.start_gateway().await;
+    env.start_worker_custom(registry_with_timers(), Arc::new(SystemClock))
+        .await;
+    env.start_scheduler();
+
+    let moved = start_raw(&env, "test.timers", json!({})).await;
+    wait_state(&env, &moved, CommandState::Waiting).await;
+    let before = timers(&env, &moved).await;
+    assert_eq!(before.len(), 1);
+    send(&gw.url, &event("test.move", Some(&moved), json!({}))).await;
+    wait_state(&env, &moved, CommandState::Completed).await;
+    assert_eq!(received(&env, &moved, "timer.fired").await, 1);
+
+    let cancelled = start_raw(&env, "test.timers", json!({})).await;
+    wait_state(&env, &cancelled, CommandState::Waiting).await;
+    send(&gw.url, &event("test.cancel", Some(&cancelled), json!({}))).await;
+    eventually(WAIT, "the timer gone", || async {
+        timers(&env, &cancelled).await.is_empty().then_some(())
+    })
+    .await;
+    // Even a scheduler an hour ahead finds nothing to fire for it.
+    let ahead = env.scheduler(Arc::new(ManualClock::new(
+        Utc::now() + chrono::Duration::hours(1),
+    )));
+    ahead.fire_due().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(received(&env, &cancelled, "timer.fired").await, 0);
+    assert_eq!(
+        env.command(&cancelled).await.unwrap().state,
+        CommandState::Waiting
+    );
+    env.cleanup().await;
+}
+
+fn berlin(y: i32, m: u32, d: u32, h: u32, min: u32) -> DateTime<Utc> {
+    chrono_tz::Europe::Berlin
+        .with_ymd_and_hms(y, m, d, h, min, 0)
+        .unwrap()
+        .with_timezone(&Utc)
+}
+
+#[tokio::test]
+async fn cron_crosses_the_weekend_and_a_dst_change_in_berlin() {
+    let mut env = TestEnv::new().await;
+    let gw = env.start_gateway().await;
+    // Friday 2026-11-27, 22:30 in Berlin.
+    let clock = Arc::new(ManualClock::new(berlin(2026, 11, 27, 22, 30)));
+    env.start_worker_custom(Registry::builtin(), clock.clone())
+        .await;
+    let scheduler = env.scheduler(clock.clone());
+
+    let id = start_command(
+        &gw.url,
+        "demo.timer",
+        "admin:1",
+        json!({"cron": "0 * * * 1-5", "tz": "Europe/Berlin", "times": 3}),
+    )
+    .await;
+    let first = eventually(WAIT, "the cron timer", || async {
+        timers(&env, &id).await.pop()
+    })
+    .await;
+    assert_eq!(
+        first.1,
+        berlin(2026, 11, 27, 23, 0),
+        "the next weekday hour"
+    );
+
+    clock.set(berlin(2026, 11, 27, 23, 0));
+    assert_eq!(scheduler.fire_due().await.unwrap(), 1);
+    let rearmed = timers(&env, &id).await.pop().unwrap();
+    assert_eq!(
+        rearmed.1,
+        berlin(2026, 11, 30, 0, 0),
+        "Friday 23:00 is followed by Monday 00:00"
+    );
+    assert_eq!(rearmed.2, 1);
+
+    // Across the spring-forward change (2026-03-29, 02:00 CET → 03:00 CEST): hourly slots skip
+    // the nonexistent 02:00.
+    clock.set(Utc.with_ymd_and_hms(2026, 3, 28, 23, 30, 0).unwrap()); // 00:30 CET
+    let dst = start_command(
+        &gw.url,
+        "demo.timer",
+        "admin:1",
+        json!({"name": "hourly", "cron": "0 * * * *", "tz": "Europe/Berlin", "times": 5}),
+    )
+    .await;
+    let first = eventually(WAIT, "the hourly timer", || async {
+        timers(&env, &dst).await.pop()
+    })
+    .await;
+    assert_eq!(
+        first.1,
+        Utc.with_ymd_and_hms(2026, 3, 29, 0, 0, 0).unwrap(),
+        "01:00 CET"
+    );
+    clock.set(first.1);
+    assert_eq!(scheduler.fire_due().await.unwrap(), 1);
+    let next = timers(&env, &dst).await.pop().unwrap();
+    assert_eq!(
+        next.1,
+        Utc.with_ymd_and_hms(2026, 3, 29, 1, 0, 0).unwrap(),
+        "03:00 CEST, one real hour after 01:00 CET"
+    );
+    clock.set(next.1);
+    assert_eq!(scheduler.fire_due().await.unwrap(), 1);
+    let after = timers(&env, &dst).await.pop().unwrap();
+    assert_eq!(
+        after.1,
+        Utc.with_ymd_and_hms(2026, 3, 29, 2, 0, 0).unwrap(),
+        "04:00 CEST: one real hour later"
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn two_schedulers_never_fire_a_timer_twice() {
+    let mut env = TestEnv::new().await;
+    let gw = env.start_gateway().await;
+    env.start_worker().await;
+    let n = 200;
+    let mut ids = Vec::new();
+    for i in 0..n {
+        ids.push(
+            start_command(
+                &gw.url,
+                "demo.timer",
+                &format!("lead:{i}"),
+                json!({"after_ms": 0}),
+            )
+            .await,
+        );
+    }
+    eventually(WAIT, "every timer set", || async {
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM timers")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+        (count == n).then_some(())
+    })
+    .await;
+    let a = env.scheduler(Arc::new(SystemClock));
+    let b = env.scheduler(Arc::new(SystemClock));
+    let (mut fired_a, mut fired_b) = (0, 0);
+    loop {
+        let (x, y) = tokio::join!(a.fire_due(), b.fire_due());
+        let (x, y) = (x.unwrap(), y.unwrap());
+        fired_a += x;
+        fired_b += y;
+        if x == 0 && y == 0 {
+            break;
+        }
+    }
+    assert_eq!(
+        fired_a + fired_b,
+        n as usize,
+        "each timer fired by exactly one scheduler"
+    );
+    for id in &ids {
+        wait_state(&env, id, CommandState::Completed).await;
+        assert_eq!(received(&env, id, "timer.fired").await, 1);
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn after_downtime_overdue_timers_fire_once_and_cron_is_rearmed() {
+    let mut env = TestEnv::new().await;
+    let gw = env.start_gateway().await;
+    let start = Utc::now();
+    let clock = Arc::new(ManualClock::new(start));
+    env.start_worker_custom(Registry::builtin(), clock.clone())
+        .await;
+    let scheduler = env.scheduler(clock.clone());
+    let once = start_command(
+        &gw.url,
+        "demo.timer",
+        "member:2",
+        json!({"after_ms": 60_000}),
+    )
+    .await;
+    let every_minute = start_command(
+        &gw.url,
+        "demo.timer",
+        "member:2",
+        json!({"cron": "* * * * *", "times": 100}),
+    )
+    .await;
+    wait_state(&env, &once, CommandState::Waiting).await;
+    wait_state(&env, &every_minute, CommandState::Waiting).await;
+
+    // The scheduler was down for ten minutes.
+    clock.advance(Duration::from_secs(600));
+    assert_eq!(
+        scheduler.fire_due().await.unwrap(),
+        2,
+        "one firing each, not one per missed minute"
+    );
+    assert_eq!(scheduler.fire_due().await.unwrap(), 0);
+    wait_state(&env, &once, CommandState::Completed).await;
+    let cron = timers(&env, &every_minute).await.pop().unwrap();
+    assert!(cron.1 > clock.now(), "re-armed after now");
+    assert!(cron.1 <= clock.now() + chrono::Duration::minutes(1));
+    assert_eq!(cron.2, 1);
+    eventually(WAIT, "the cron firing applied", || async {
+        (received(&env, &every_minute, "timer.fired").await == 1).then_some(())
+    })
+    .await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_command_that_ends_takes_its_timers_with_it() {
+    let mut env = TestEnv::new().await;
+    let gw = env.start_gateway().await;
+    env.start_worker().await;
+    let id = start_command(
+        &gw.url,
+        "demo.timer",
+        "member:3",
+        json!({"cron": "*/5 * * * *", "times": 10}),
+    )
+    .await;
+    eventually(WAIT, "the timer", || async {
+        (!timers(&env, &id).await.is_empty()).then_some(())
+    })
+    .await;
+    let (_, view) = get(&format!("{}/v1/commands/{id}", gw.url)).await;
+    assert_eq!(
+        view["timers"][0]["cron"], "*/5 * * * *",
+        "visible on the command"
+    );
+    send(&gw.url, &event("demo.finish", Some(&id), json!({}))).await;
+    wait_state(&env, &id, CommandState::Completed).await;
+    assert!(timers(&env, &id).await.is_empty());
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_timer_in_the_past_fires_at_once() {
+    let mut env = TestEnv::new().await;
+    let gw = env.start_gateway().await;
+    env.start_worker().await;
+    env.start_scheduler();
+    let id = start_command(
+        &gw.url,
+        "demo.timer",
+        "member:4",
+        json!({"at": "2000-01-01T00:00:00Z"}),
+    )
+    .await;
+    let done = wait_state(&env, &id, CommandState::Completed).await;
+    assert_eq!(done.result.unwrap()["due_at"], "2000-01-01T00:00:00Z");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn bad_time_input_gets_a_422_or_fails_the_command_with_its_reason() {
+    let mut env = TestEnv::new().await;
+    let gw = env.start_gateway().await;
+    env.start_worker().await;
+    for (data, needle) in [
+        (json!({"cron": "61 * * * *"}), "cron"),
+        (json!({"cron": "0 * * * *", "tz": "Mars/Olympus"}), "tz"),
+        (json!({"after_ms": -1}), "after_ms"),
+        (json!({"after_ms": 999_999_999_999_999i64}), "after_ms"),
+        (json!({"name": "x".repeat(300)}), "name"),
+    ] {
+        let body =
+            serde_json::to_vec(&json!({"kind": "demo.timer", "owner": "member:5", "data": data}))
+                .unwrap();
+        let (status, b) = post(
+            &format!("{}/v1/commands", gw.url),
+            "application/json",
+            &body,
+        )
+        .await;
+        assert_eq!(
+            (status, b["code"].as_str()),
+            (422, Some("invalid_field")),
+            "{b}"
+        );
+        assert!(
+            b["detail"].as_str().unwrap().contains(needle),
+            "{needle}: {b}"
+        );
+    }
+    // Past the gateway (straight to the broker), the decision fails the command, and says why.
+    let id = start_raw(&env, "demo.timer", json!({"cron": "61 * * * *"})).await;
+    let failed = wait_state(&env, &id, CommandState::Failed).await;
+    assert!(
+        failed
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("invalid cron expression"),
+        "{failed:?}"
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_wait_completes_on_its_event_before_the_timeout() {
+    let mut env = TestEnv::new().await;
+    let gw = env.start_gateway().await;
+    env.start_worker().await;
+    env.start_scheduler();
+    let id = start_command(
+        &gw.url,
+        "demo.wait",
+        "member:42",
+        json!({"type": "special.clicked", "key": "member:42", "timeout_ms": 30_000}),
+    )
+    .await;
+    wait_state(&env, &id, CommandState::Waiting).await;
+    let (_, view) = get(&format!("{}/v1/commands/{id}", gw.url)).await;
+    assert_eq!(
+        view["waits"][0]["event_type"], "special.clicked",
+        "visible on the command"
+    );
+    let click = broadcast("special.clicked", "member:42", json!({"offer": "spring"}));
+    send(&gw.url, &click).await;
+    let done = wait_state(&env, &id, CommandState::Completed).await;
+    let result = done.result.unwrap();
+    assert_eq!(result["data"]["offer"], "spring");
+    assert_eq!(result["id"], click["id"]);
+    assert!(
+        timers(&env, &id).await.is_empty(),
+        "the timeout went with the wait"
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_wait_times_out_when_nothing_comes() {
+    let mut env = TestEnv::new().await;
+    let gw = env.start_gateway().await;
+    env.start_worker().await;
+    env.start_scheduler();
+    let id = start_command(
+        &gw.url,
+        "demo.wait",
+        "member:43",
+        json!({"type": "special.clicked", "key": "member:43", "timeout_ms": 300}),
+    )
+    .await;
+    let done = wait_state(&env, &id, CommandState::Completed).await;
+    assert_eq!(done.result.unwrap()["timed_out"], true);
+    // The event that comes too late wakes nobody: it is kept as unmatched.
+    let late = broadcast("special.clicked", "member:43", json!({}));
+    send(&gw.url, &late).await;
+    eventually(WAIT, "the late event listed as unmatched", || async {
+        let (_, list) = get(&format!(
+            "{}/v1/events/unmatched?type=special.clicked",
+            gw.url
+        ))
+        .await;
+        list["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["event_id"] == late["id"])
+            .then_some(())
+    })
+    .await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_event_just_before_its_wait_still_matches() {
+    let mut env = TestEnv::new().await;
+    let gw = env.start_gateway().await;
+    env.start_worker().await;
+    env.start_scheduler();
+    let early = broadcast("special.clicked", "member:44", json!({"early": true}));
+    send(&gw.url, &early).await;
+    eventually(WAIT, "the early event recorded", || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM recent_events WHERE correlation_key = 'member:44'",
+        )
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+        (n == 1).then_some(())
+    })
+    .await;
+    let id = start_command(
+        &gw.url,
+        "demo.wait",
+        "member:44",
+        json!({"type": "special.clicked", "key": "member:44", "timeout_ms": 30_000}),
+    )
+    .await;
+    let done = wait_state(&env, &id, CommandState::Completed).await;
+    assert_eq!(done.result.unwrap()["id"], early["id"]);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn two_waiters_on_one_key_both_get_the_event_once() {
+    let mut env = TestEnv::new().await;
+    let gw = env.start_gateway().await;
+    env.start_worker().await;
+    let spec = json!({"type": "quote.accepted", "key": "client:9"});
+    let a = start_command(&gw.url, "demo.wait", "client:9", spec.clone()).await;
+    let b = start_command(&gw.url, "demo.wait", "client:9", spec).await;
+    wait_state(&env, &a, CommandState::Waiting).await;
+    wait_state(&env, &b, CommandState::Waiting).await;
+    let accepted = broadcast("quote.accepted", "client:9", json!({"total": 120}));
+    send(&gw.url, &accepted).await;
+    send(&gw.url, &accepted).await; // a redelivery wakes nobody twice
+    for id in [&a, &b] {
+        let done = wait_state(&env, id, CommandState::Completed).await;
+        assert_eq!(done.result.unwrap()["id"], accepted["id"]);
+        assert_eq!(received(&env, id, "quote.accepted").await, 1);
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_group_deadline_fails_the_group_and_aborts_what_still_runs() {
+    let mut env = TestEnv::new().await;
+    let gw = env.start_gateway().await;
+    env.start_worker().await;
+    env.start_scheduler();
+    let parent = start_command(
+        &gw.url,
+        "demo.fanout",
+        "admin:2",
+        json!({"children": 3, "child_kind": "demo.counter", "deadline_ms": 300}),
+    )
+    .await;
+    let failed = wait_state(&env, &parent, CommandState::Failed).await;
+    assert!(failed.reason.unwrap().contains("0 completed"));
+    let aborted: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM commands WHERE parent_id = $1::uuid AND state = 'aborted' AND reason LIKE '%deadline%'",
+    )
+    .bind(&parent)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(aborted, 3);
+    env.cleanup().await;
+}

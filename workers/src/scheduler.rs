@@ -1,0 +1,248 @@
+//! The scheduler: turns due timers into events. Timers live in PostgreSQL; the scheduler claims
+//! the due ones with `FOR UPDATE SKIP LOCKED` (so replicas never fire one twice), publishes each
+//! with a publisher confirm, then deletes a one-shot timer or re-arms a cron timer, all before its
+//! transaction commits. It sleeps until the earliest due time, and `LISTEN/NOTIFY` wakes it when
+//! a timer is added or moved: no busy polling.
+//!
+//! Each firing has a deterministic event id (`timer:{command}:{name}:{due_at µs}`), so a firing
+//! published twice (a crash between publish and commit) is applied once by its command.
+//!
+//! Catch-up after downtime: every overdue one-shot timer fires once. An overdue cron timer fires
+//! once, not once per missed slot, and is re-armed at its next occurrence after now.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use cmdflow_shared::bus::Bus;
+use cmdflow_shared::contract::types::{CHILDREN_DEADLINE, TIMER_FIRED, WAIT_TIMED_OUT};
+use cmdflow_shared::store::StoreError;
+use cmdflow_shared::store::time::{self as timestore, TimerRow};
+use cmdflow_shared::time::{Clock, SystemClock, next_cron};
+use cmdflow_shared::{Config, Event};
+use lapin::types::FieldTable;
+use serde_json::{Map, Value, json};
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use tokio_util::sync::CancellationToken;
+
+/// The channel the `timers` trigger notifies.
+pub const TIMER_CHANNEL: &str = "cmdflow_timers";
+/// The longest the scheduler sleeps without a notification (a safety net, not polling).
+const MAX_SLEEP: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("PostgreSQL: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error(transparent)]
+    Bus(#[from] cmdflow_shared::bus::BusError),
+}
+
+pub struct Scheduler {
+    pool: PgPool,
+    bus: Arc<Bus>,
+    clock: Arc<dyn Clock>,
+    batch: i64,
+    early_event_window: Duration,
+}
+
+impl Scheduler {
+    pub fn new(pool: PgPool, bus: Arc<Bus>, config: &Config) -> Self {
+        Self {
+            pool,
+            bus,
+            clock: Arc::new(SystemClock),
+            batch: config.scheduler_batch.max(1),
+            early_event_window: config.early_event_window,
+        }
+    }
+
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Fires the timers due now (one batch). Returns how many fired.
+    pub async fn fire_due(&self) -> Result<usize, SchedulerError> {
+        let now = self.clock.now();
+        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+        let due = timestore::claim_due(&mut tx, now, self.batch).await?;
+        if due.is_empty() {
+            return Ok(0);
+        }
+        let mut events = Vec::with_capacity(due.len());
+        for timer in &due {
+            if let Some(event) = self.firing(&mut tx, timer, now).await? {
+                events.push(event);
+            }
+        }
+        // Publish before commit: if a publish fails, the claim rolls back and the timers fire
+        // later under the same ids; if the commit fails after publishing, the ids dedupe.
+        let published = futures::future::join_all(events.iter().map(|e| {
+            let body = e.to_bytes();
+            async move {
+                self.bus
+                    .publish_event(&e.ty, &e.id, &body, FieldTable::default())
+                    .await
+            }
+        }))
+        .await;
+        for result in published {
+            result?;
+        }
+        for timer in &due {
+            match (&timer.cron, &timer.tz) {
+                (Some(expr), Some(tz)) => {
+                    // Fires once after downtime, then moves to the next slot after now.
+                    let after = now.max(timer.due_at);
+                    match next_cron(expr, tz, after) {
+                        Ok(next) => timestore::rearm(&mut tx, timer, next, now).await?,
+                        Err(e) => {
+                            tracing::error!(command.id = %timer.command_id, timer = %timer.name, error = %e, "A cron timer has no next occurrence; removing it.");
+                            timestore::delete_timer(&mut tx, timer).await?;
+                        }
+                    }
+                }
+                _ => timestore::delete_timer(&mut tx, timer).await?,
+            }
+        }
+        tx.commit().await.map_err(StoreError::from)?;
+        Ok(events.len())
+    }
+
+    /// The event a due timer becomes. A wait's timeout fires only if the wait is still open: the
+    /// wait row is the arbiter between the event and its timeout.
+    async fn firing(
+        &self,
+        tx: &mut cmdflow_shared::store::Tx<'_>,
+        timer: &TimerRow,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Event>, SchedulerError> {
+        let payload = timer.payload.clone().unwrap_or(Value::Null);
+        let times = |mut data: Map<String, Value>| {
+            data.insert("due_at".into(), json!(timer.due_at));
+            data.insert("fired_at".into(), json!(now));
+            data
+        };
+        let (ty, data) = match timer.kind.as_str() {
+            "wait_timeout" => {
+                let ty = payload
+                    .get("type")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
+                let key = payload
+                    .get("key")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
+                if !timestore::take_wait(tx, timer.command_id, ty, key).await? {
+                    return Ok(None);
+                }
+                let mut data = Map::new();
+                data.insert("type".into(), json!(ty));
+                data.insert("key".into(), json!(key));
+                (WAIT_TIMED_OUT, times(data))
+            }
+            "group_deadline" => {
+                let mut data = Map::new();
+                data.insert(
+                    "group".into(),
+                    payload.get("group").cloned().unwrap_or(Value::Null),
+                );
+                (CHILDREN_DEADLINE, times(data))
+            }
+            _ => {
+                let mut data = Map::new();
+                data.insert("name".into(), json!(timer.name));
+                if let Some(cron) = &timer.cron {
+                    data.insert("cron".into(), json!(cron));
+                }
+                (TIMER_FIRED, times(data))
+            }
+        };
+        let mut event = Event::new("cmdflow/scheduler", ty, data);
+        event.id = format!(
+            "timer:{}:{}:{}",
+            timer.command_id,
+            timer.name,
+            timer.due_at.timestamp_micros()
+        );
+        event.commandid = Some(timer.command_id);
+        event.time = Some(now);
+        Ok(Some(event))
+    }
+
+    /// Fires until nothing is due, then returns the earliest upcoming due time.
+    pub async fn catch_up(&self) -> Result<Option<DateTime<Utc>>, SchedulerError> {
+        loop {
+            let fired = self.fire_due().await?;
+            if (fired as i64) < self.batch {
+                break;
+            }
+        }
+        Ok(timestore::next_due(&self.pool).await?)
+    }
+
+    /// Runs until `shutdown` fires: fire what is due, sleep until the next due time or a
+    /// notification, repeat. Errors are logged and retried after a pause.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) {
+        let mut listener = match self.listen().await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot LISTEN for timer changes; waking every second instead.");
+                None
+            }
+        };
+        let mut last_prune = std::time::Instant::now();
+        loop {
+            let sleep_for = match self.catch_up().await {
+                Ok(Some(next)) => (next - self.clock.now())
+                    .to_std()
+                    .unwrap_or(Duration::ZERO)
+                    .min(MAX_SLEEP),
+                Ok(None) => MAX_SLEEP,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Firing timers failed; trying again shortly.");
+                    Duration::from_millis(500)
+                }
+            };
+            if last_prune.elapsed() > Duration::from_secs(30) {
+                last_prune = std::time::Instant::now();
+                match timestore::prune_recent(&self.pool, self.early_event_window).await {
+                    Ok(n) if n > 0 => tracing::debug!(pruned = n, "Forgot old broadcast events."),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "Could not prune recent events."),
+                }
+            }
+            if sleep_for.is_zero() {
+                continue;
+            }
+            let wake = async {
+                match listener.as_mut() {
+                    Some(l) => {
+                        if l.recv().await.is_err() {
+                            // The connection dropped; recv reconnects on the next call.
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        // Drain the notifications already queued: one recomputation covers them.
+                        while l.next_buffered().is_some() {}
+                    }
+                    None => tokio::time::sleep(Duration::from_secs(1)).await,
+                }
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(sleep_for) => {}
+                () = wake => {}
+            }
+        }
+    }
+
+    async fn listen(&self) -> Result<PgListener, sqlx::Error> {
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen(TIMER_CHANNEL).await?;
+        Ok(listener)
+    }
+}
