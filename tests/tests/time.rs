@@ -548,13 +548,16 @@ async fn a_group_deadline_fails_the_group_and_aborts_what_still_runs() {
     .await;
     let failed = wait_state(&env, &parent, CommandState::Failed).await;
     assert!(failed.reason.unwrap().contains("0 completed"));
-    let aborted: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM commands WHERE parent_id = $1::uuid AND state = 'aborted' AND reason LIKE '%deadline%'",
-    )
-    .bind(&parent)
-    .fetch_one(&env.pool)
-    .await
-    .unwrap();
-    assert_eq!(aborted, 3);
+    eventually(WAIT, "the three children aborted for the deadline", || async {
+        let aborted: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM commands WHERE parent_id = $1::uuid AND state = 'aborted' AND reason LIKE '%deadline%'",
+        )
+        .bind(&parent)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+        (aborted == 3).then_some(())
+    })
+    .await;
     env.cleanup().await;
 }
