@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use cmdflow_gateway::Application;
 use cmdflow_shared::bus::Bus;
-use cmdflow_shared::{Config, store};
+use cmdflow_shared::{CommandState, Config, store};
 use cmdflow_workers::scheduler::Scheduler;
 use cmdflow_workers::{Registry, Worker};
 use serde_json::{Value, json};
@@ -263,6 +263,28 @@ impl TestEnv {
         q.message_count()
     }
 
+    /// Waits (up to a minute) until command `id` is in state `want`, and returns it.
+    pub async fn wait_state(&self, id: &str, want: CommandState) -> cmdflow_shared::Command {
+        eventually(
+            Duration::from_secs(60),
+            &format!("{id} to be {want}"),
+            || async { self.command(id).await.filter(|c| c.state == want) },
+        )
+        .await
+    }
+
+    /// How many events of type `ty` command `id` has received (applied).
+    pub async fn received(&self, id: &str, ty: &str) -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM command_events WHERE command_id = $1::uuid AND entry = 'received' AND event_type = $2",
+        )
+        .bind(id)
+        .bind(ty)
+        .fetch_one(&self.pool)
+        .await
+        .expect("count received events")
+    }
+
     pub async fn command(&self, id: &str) -> Option<cmdflow_shared::Command> {
         store::get_command(&self.pool, id.parse().expect("command id"))
             .await
@@ -307,6 +329,18 @@ pub async fn get(url: &str) -> (u16, Value) {
     let resp = http().get(url).send().await.expect("request");
     let status = resp.status().as_u16();
     (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// Posts one event to the gateway and expects a 202.
+pub async fn send(gateway: &str, ev: &Value) {
+    let body = serde_json::to_vec(ev).unwrap_or_default();
+    let (status, answer) = post(
+        &format!("{gateway}/v1/events"),
+        "application/cloudevents+json",
+        &body,
+    )
+    .await;
+    assert_eq!(status, 202, "{answer}");
 }
 
 /// Starts a command through the gateway; returns its id.

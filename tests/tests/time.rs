@@ -9,29 +9,11 @@ use chrono::{DateTime, TimeZone, Utc};
 use cmdflow_shared::contract::types::COMMAND_START;
 use cmdflow_shared::time::{Clock, ManualClock, SystemClock};
 use cmdflow_shared::{Command, CommandState, Decision, Event, HandlerError};
-use cmdflow_tests::{TestEnv, event, eventually, get, post, start_command};
+use cmdflow_tests::{TestEnv, event, eventually, get, post, send, start_command};
 use cmdflow_workers::Registry;
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-async fn wait_state(env: &TestEnv, id: &str, want: CommandState) -> Command {
-    eventually(WAIT, &format!("{id} to be {want}"), || async {
-        env.command(id).await.filter(|c| c.state == want)
-    })
-    .await
-}
-
-async fn received(env: &TestEnv, id: &str, ty: &str) -> i64 {
-    sqlx::query_scalar(
-        "SELECT count(*) FROM command_events WHERE command_id = $1::uuid AND entry = 'received' AND event_type = $2",
-    )
-    .bind(id)
-    .bind(ty)
-    .fetch_one(&env.pool)
-    .await
-    .unwrap()
-}
 
 async fn timers(env: &TestEnv, id: &str) -> Vec<(String, DateTime<Utc>, i32)> {
     sqlx::query_as(
@@ -41,16 +23,6 @@ async fn timers(env: &TestEnv, id: &str) -> Vec<(String, DateTime<Utc>, i32)> {
     .fetch_all(&env.pool)
     .await
     .unwrap()
-}
-
-async fn send(gateway: &str, ev: &Value) {
-    let (status, body) = post(
-        &format!("{gateway}/v1/events"),
-        "application/cloudevents+json",
-        &serde_json::to_vec(ev).unwrap(),
-    )
-    .await;
-    assert_eq!(status, 202, "{body}");
 }
 
 fn broadcast(ty: &str, key: &str, data: Value) -> Value {
@@ -99,13 +71,13 @@ async fn a_one_shot_timer_fires_once() {
     env.start_worker().await;
     env.start_scheduler();
     let id = start_command(&gw.url, "demo.timer", "member:1", json!({"after_ms": 200})).await;
-    let done = wait_state(&env, &id, CommandState::Completed).await;
+    let done = env.wait_state(&id, CommandState::Completed).await;
     let result = done.result.unwrap();
     let due: DateTime<Utc> = serde_json::from_value(result["due_at"].clone()).unwrap();
     let fired: DateTime<Utc> = serde_json::from_value(result["fired_at"].clone()).unwrap();
     assert!(fired >= due, "never early");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(received(&env, &id, "timer.fired").await, 1);
+    assert_eq!(env.received(&id, "timer.fired").await, 1);
     assert!(timers(&env, &id).await.is_empty());
     env.cleanup().await;
 }
@@ -119,15 +91,15 @@ async fn replacing_a_timer_by_name_moves_it_and_cancel_means_never() {
     env.start_scheduler();
 
     let moved = start_raw(&env, "test.timers", json!({})).await;
-    wait_state(&env, &moved, CommandState::Waiting).await;
+    env.wait_state(&moved, CommandState::Waiting).await;
     let before = timers(&env, &moved).await;
     assert_eq!(before.len(), 1);
     send(&gw.url, &event("test.move", Some(&moved), json!({}))).await;
-    wait_state(&env, &moved, CommandState::Completed).await;
-    assert_eq!(received(&env, &moved, "timer.fired").await, 1);
+    env.wait_state(&moved, CommandState::Completed).await;
+    assert_eq!(env.received(&moved, "timer.fired").await, 1);
 
     let cancelled = start_raw(&env, "test.timers", json!({})).await;
-    wait_state(&env, &cancelled, CommandState::Waiting).await;
+    env.wait_state(&cancelled, CommandState::Waiting).await;
     send(&gw.url, &event("test.cancel", Some(&cancelled), json!({}))).await;
     eventually(WAIT, "the timer gone", || async {
         timers(&env, &cancelled).await.is_empty().then_some(())
@@ -139,7 +111,7 @@ async fn replacing_a_timer_by_name_moves_it_and_cancel_means_never() {
     )));
     ahead.fire_due().await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(received(&env, &cancelled, "timer.fired").await, 0);
+    assert_eq!(env.received(&cancelled, "timer.fired").await, 0);
     assert_eq!(
         env.command(&cancelled).await.unwrap().state,
         CommandState::Waiting
@@ -273,8 +245,8 @@ async fn two_schedulers_never_fire_a_timer_twice() {
         "each timer fired by exactly one scheduler"
     );
     for id in &ids {
-        wait_state(&env, id, CommandState::Completed).await;
-        assert_eq!(received(&env, id, "timer.fired").await, 1);
+        env.wait_state(id, CommandState::Completed).await;
+        assert_eq!(env.received(id, "timer.fired").await, 1);
     }
     env.cleanup().await;
 }
@@ -302,8 +274,8 @@ async fn after_downtime_overdue_timers_fire_once_and_cron_is_rearmed() {
         json!({"cron": "* * * * *", "times": 100}),
     )
     .await;
-    wait_state(&env, &once, CommandState::Waiting).await;
-    wait_state(&env, &every_minute, CommandState::Waiting).await;
+    env.wait_state(&once, CommandState::Waiting).await;
+    env.wait_state(&every_minute, CommandState::Waiting).await;
 
     // The scheduler was down for ten minutes.
     clock.advance(Duration::from_secs(600));
@@ -313,13 +285,13 @@ async fn after_downtime_overdue_timers_fire_once_and_cron_is_rearmed() {
         "one firing each, not one per missed minute"
     );
     assert_eq!(scheduler.fire_due().await.unwrap(), 0);
-    wait_state(&env, &once, CommandState::Completed).await;
+    env.wait_state(&once, CommandState::Completed).await;
     let cron = timers(&env, &every_minute).await.pop().unwrap();
     assert!(cron.1 > clock.now(), "re-armed after now");
     assert!(cron.1 <= clock.now() + chrono::Duration::minutes(1));
     assert_eq!(cron.2, 1);
     eventually(WAIT, "the cron firing applied", || async {
-        (received(&env, &every_minute, "timer.fired").await == 1).then_some(())
+        (env.received(&every_minute, "timer.fired").await == 1).then_some(())
     })
     .await;
     env.cleanup().await;
@@ -347,7 +319,7 @@ async fn a_command_that_ends_takes_its_timers_with_it() {
         "visible on the command"
     );
     send(&gw.url, &event("demo.finish", Some(&id), json!({}))).await;
-    wait_state(&env, &id, CommandState::Completed).await;
+    env.wait_state(&id, CommandState::Completed).await;
     assert!(timers(&env, &id).await.is_empty());
     env.cleanup().await;
 }
@@ -365,7 +337,7 @@ async fn a_timer_in_the_past_fires_at_once() {
         json!({"at": "2000-01-01T00:00:00Z"}),
     )
     .await;
-    let done = wait_state(&env, &id, CommandState::Completed).await;
+    let done = env.wait_state(&id, CommandState::Completed).await;
     assert_eq!(done.result.unwrap()["due_at"], "2000-01-01T00:00:00Z");
     env.cleanup().await;
 }
@@ -403,7 +375,7 @@ async fn bad_time_input_gets_a_422_or_fails_the_command_with_its_reason() {
     }
     // Past the gateway (straight to the broker), the decision fails the command, and says why.
     let id = start_raw(&env, "demo.timer", json!({"cron": "61 * * * *"})).await;
-    let failed = wait_state(&env, &id, CommandState::Failed).await;
+    let failed = env.wait_state(&id, CommandState::Failed).await;
     assert!(
         failed
             .reason
@@ -428,7 +400,7 @@ async fn a_wait_completes_on_its_event_before_the_timeout() {
         json!({"type": "special.clicked", "key": "member:42", "timeout_ms": 30_000}),
     )
     .await;
-    wait_state(&env, &id, CommandState::Waiting).await;
+    env.wait_state(&id, CommandState::Waiting).await;
     let (_, view) = get(&format!("{}/v1/commands/{id}", gw.url)).await;
     assert_eq!(
         view["waits"][0]["event_type"], "special.clicked",
@@ -436,7 +408,7 @@ async fn a_wait_completes_on_its_event_before_the_timeout() {
     );
     let click = broadcast("special.clicked", "member:42", json!({"offer": "spring"}));
     send(&gw.url, &click).await;
-    let done = wait_state(&env, &id, CommandState::Completed).await;
+    let done = env.wait_state(&id, CommandState::Completed).await;
     let result = done.result.unwrap();
     assert_eq!(result["data"]["offer"], "spring");
     assert_eq!(result["id"], click["id"]);
@@ -460,7 +432,7 @@ async fn a_wait_times_out_when_nothing_comes() {
         json!({"type": "special.clicked", "key": "member:43", "timeout_ms": 300}),
     )
     .await;
-    let done = wait_state(&env, &id, CommandState::Completed).await;
+    let done = env.wait_state(&id, CommandState::Completed).await;
     assert_eq!(done.result.unwrap()["timed_out"], true);
     // The event that comes too late wakes nobody: it is kept as unmatched.
     let late = broadcast("special.clicked", "member:43", json!({}));
@@ -507,7 +479,7 @@ async fn an_event_just_before_its_wait_still_matches() {
         json!({"type": "special.clicked", "key": "member:44", "timeout_ms": 30_000}),
     )
     .await;
-    let done = wait_state(&env, &id, CommandState::Completed).await;
+    let done = env.wait_state(&id, CommandState::Completed).await;
     assert_eq!(done.result.unwrap()["id"], early["id"]);
     env.cleanup().await;
 }
@@ -520,15 +492,15 @@ async fn two_waiters_on_one_key_both_get_the_event_once() {
     let spec = json!({"type": "quote.accepted", "key": "client:9"});
     let a = start_command(&gw.url, "demo.wait", "client:9", spec.clone()).await;
     let b = start_command(&gw.url, "demo.wait", "client:9", spec).await;
-    wait_state(&env, &a, CommandState::Waiting).await;
-    wait_state(&env, &b, CommandState::Waiting).await;
+    env.wait_state(&a, CommandState::Waiting).await;
+    env.wait_state(&b, CommandState::Waiting).await;
     let accepted = broadcast("quote.accepted", "client:9", json!({"total": 120}));
     send(&gw.url, &accepted).await;
     send(&gw.url, &accepted).await; // a redelivery wakes nobody twice
     for id in [&a, &b] {
-        let done = wait_state(&env, id, CommandState::Completed).await;
+        let done = env.wait_state(id, CommandState::Completed).await;
         assert_eq!(done.result.unwrap()["id"], accepted["id"]);
-        assert_eq!(received(&env, id, "quote.accepted").await, 1);
+        assert_eq!(env.received(id, "quote.accepted").await, 1);
     }
     env.cleanup().await;
 }
@@ -546,7 +518,7 @@ async fn a_group_deadline_fails_the_group_and_aborts_what_still_runs() {
         json!({"children": 3, "child_kind": "demo.counter", "deadline_ms": 300}),
     )
     .await;
-    let failed = wait_state(&env, &parent, CommandState::Failed).await;
+    let failed = env.wait_state(&parent, CommandState::Failed).await;
     assert!(failed.reason.unwrap().contains("0 completed"));
     eventually(WAIT, "the three children aborted for the deadline", || async {
         let aborted: i64 = sqlx::query_scalar(

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use cmdflow_shared::CommandState;
-use cmdflow_tests::{TestEnv, event, eventually, get, post, start_command};
+use cmdflow_tests::{TestEnv, event, eventually, get, post, send, start_command};
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions};
 use serde_json::{Value, json};
@@ -14,13 +14,6 @@ const WAIT: Duration = Duration::from_secs(60);
 
 async fn state_of(env: &TestEnv, id: &str) -> Option<CommandState> {
     env.command(id).await.map(|c| c.state)
-}
-
-async fn wait_state(env: &TestEnv, id: &str, want: CommandState) -> cmdflow_shared::Command {
-    eventually(WAIT, &format!("{id} to be {want}"), || async {
-        env.command(id).await.filter(|c| c.state == want)
-    })
-    .await
 }
 
 async fn children(env: &TestEnv, parent: &str) -> Vec<(String, CommandState, Option<String>)> {
@@ -44,16 +37,6 @@ async fn history(env: &TestEnv, id: &str) -> Vec<(String, Option<String>, Option
     .fetch_all(&env.pool)
     .await
     .unwrap()
-}
-
-async fn send(gateway: &str, ev: &Value) {
-    let (status, body) = post(
-        &format!("{gateway}/v1/events"),
-        "application/cloudevents+json",
-        &serde_json::to_vec(ev).unwrap(),
-    )
-    .await;
-    assert_eq!(status, 202, "{body}");
 }
 
 async fn wait_children_running(env: &TestEnv, parent: &str, n: usize) -> Vec<String> {
@@ -84,7 +67,7 @@ async fn a_hundred_parents_with_ten_children_each_all_complete() {
         );
     }
     for parent in &parents {
-        let done = wait_state(&env, parent, CommandState::Completed).await;
+        let done = env.wait_state(parent, CommandState::Completed).await;
         assert_eq!(done.result.as_ref().unwrap()["completed"], 10);
         let kids = children(&env, parent).await;
         assert_eq!(kids.len(), 10);
@@ -136,7 +119,7 @@ async fn under_all_one_failing_child_fails_the_parent_and_aborts_its_siblings() 
         json!({"children": 5, "child_kind": "demo.counter", "fail_children": [2]}),
     )
     .await;
-    let failed = wait_state(&env, &parent, CommandState::Failed).await;
+    let failed = env.wait_state(&parent, CommandState::Failed).await;
     assert!(
         failed.reason.unwrap().contains("1 failed"),
         "the reason counts the failure"
@@ -174,7 +157,7 @@ async fn under_any_the_first_completion_wins_and_the_rest_are_aborted() {
     .await;
     let kids = wait_children_running(&env, &parent, 4).await;
     send(&gw.url, &event("demo.finish", Some(&kids[2]), json!({}))).await;
-    let done = wait_state(&env, &parent, CommandState::Completed).await;
+    let done = env.wait_state(&parent, CommandState::Completed).await;
     assert_eq!(done.result.unwrap()["completed"], 1);
     for (i, kid) in kids.iter().enumerate() {
         let want = if i == 2 {
@@ -182,7 +165,7 @@ async fn under_any_the_first_completion_wins_and_the_rest_are_aborted() {
         } else {
             CommandState::Aborted
         };
-        wait_state(&env, kid, want).await;
+        env.wait_state(kid, want).await;
     }
     env.cleanup().await;
 }
@@ -199,7 +182,7 @@ async fn all_settled_reports_every_outcome() {
         json!({"children": 4, "policy": "all_settled", "fail_children": [1, 3]}),
     )
     .await;
-    let done = wait_state(&env, &parent, CommandState::Completed).await;
+    let done = env.wait_state(&parent, CommandState::Completed).await;
     let result = done.result.unwrap();
     assert_eq!(
         (result["completed"].as_i64(), result["failed"].as_i64()),
@@ -234,15 +217,15 @@ async fn quorum_completes_when_enough_children_complete() {
     .await;
     let kids = wait_children_running(&env, &parent, 3).await;
     send(&gw.url, &event("demo.finish", Some(&kids[0]), json!({}))).await;
-    wait_state(&env, &kids[0], CommandState::Completed).await;
+    env.wait_state(&kids[0], CommandState::Completed).await;
     assert_eq!(
         state_of(&env, &parent).await,
         Some(CommandState::Running),
         "one of two is not a quorum"
     );
     send(&gw.url, &event("demo.finish", Some(&kids[1]), json!({}))).await;
-    wait_state(&env, &parent, CommandState::Completed).await;
-    wait_state(&env, &kids[2], CommandState::Aborted).await;
+    env.wait_state(&parent, CommandState::Completed).await;
+    env.wait_state(&kids[2], CommandState::Aborted).await;
     env.cleanup().await;
 }
 
@@ -280,7 +263,7 @@ async fn a_fire_and_forget_child_sends_no_ack() {
     );
     assert_eq!(state_of(&env, &parent).await, Some(CommandState::Running));
     send(&gw.url, &event("demo.finish", Some(&parent), json!({}))).await;
-    wait_state(&env, &parent, CommandState::Completed).await;
+    env.wait_state(&parent, CommandState::Completed).await;
     env.cleanup().await;
 }
 
@@ -296,10 +279,10 @@ async fn the_parent_close_policy_aborts_or_abandons_children_still_running() {
     let abandoned_kids = wait_children_running(&env, &abandoning, 2).await;
     send(&gw.url, &event("demo.finish", Some(&aborting), json!({}))).await;
     send(&gw.url, &event("demo.finish", Some(&abandoning), json!({}))).await;
-    wait_state(&env, &aborting, CommandState::Completed).await;
-    wait_state(&env, &abandoning, CommandState::Completed).await;
+    env.wait_state(&aborting, CommandState::Completed).await;
+    env.wait_state(&abandoning, CommandState::Completed).await;
     for kid in &aborted_kids {
-        let c = wait_state(&env, kid, CommandState::Aborted).await;
+        let c = env.wait_state(kid, CommandState::Aborted).await;
         assert!(c.reason.unwrap().contains("ended (completed)"));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -457,7 +440,7 @@ async fn a_duplicated_ack_is_counted_once() {
     assert_eq!(state_of(&env, &parent).await, Some(CommandState::Running));
 
     send(&gw.url, &event("demo.finish", Some(&kids[1]), json!({}))).await;
-    let done = wait_state(&env, &parent, CommandState::Completed).await;
+    let done = env.wait_state(&parent, CommandState::Completed).await;
     assert_eq!(done.result.unwrap()["completed"], 2);
     env.cleanup().await;
 }
@@ -505,7 +488,7 @@ async fn a_worker_killed_between_commit_and_publish_is_covered_by_the_sweeper() 
 
     // A live worker's sweeper publishes what was left, and the tree completes.
     env.start_worker().await;
-    wait_state(&env, &parent, CommandState::Completed).await;
+    env.wait_state(&parent, CommandState::Completed).await;
     eventually(WAIT, "an empty outbox", || async {
         (cmdflow_shared::store::outbox_backlog(&env.pool)
             .await
@@ -528,7 +511,7 @@ async fn the_width_and_depth_limits_fail_the_command_with_their_reason() {
     env.start_worker().await;
 
     let wide = start_command(&gw.url, "demo.fanout", "member:10", json!({"children": 6})).await;
-    let failed = wait_state(&env, &wide, CommandState::Failed).await;
+    let failed = env.wait_state(&wide, CommandState::Failed).await;
     assert!(
         failed
             .reason
@@ -549,7 +532,7 @@ async fn the_width_and_depth_limits_fail_the_command_with_their_reason() {
         json!({"children": 1, "child_kind": "demo.fanout", "child_data": {"children": 1}}),
     )
     .await;
-    wait_state(&env, &deep, CommandState::Failed).await;
+    env.wait_state(&deep, CommandState::Failed).await;
     let kids = children(&env, &deep).await;
     assert_eq!(kids.len(), 1);
     let child = env.command(&kids[0].0).await.unwrap();

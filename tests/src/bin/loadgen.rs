@@ -3,6 +3,7 @@
 //!
 //! - W1: N single-step `demo.increment` events spread over 1,000 counters.
 //! - W2: 1,000 `demo.fanout` parents × 10 `demo.noop` children (one persisted step each).
+//! - W3: 10,000 timers due uniformly over 30 s: firing lateness, missed and doubled firings.
 //! - W4: 2,000 increments on one counter; the count must be exact.
 //!
 //! Events are published straight to RabbitMQ with confirms, as an upstream service would, each
@@ -19,6 +20,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use cmdflow_shared::bus::Bus;
 use cmdflow_shared::{Config, store};
+use cmdflow_workers::scheduler::Scheduler;
 use cmdflow_workers::{EngineSettings, Registry, Worker};
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -30,8 +32,8 @@ use uuid::Uuid;
 #[derive(Debug, Parser)]
 #[command(about = "cmdflow load generator: prints one JSON line per workload")]
 struct Args {
-    /// Workloads to run, comma-separated: w1, w2, w4.
-    #[arg(long, default_value = "w1,w2,w4")]
+    /// Workloads to run, comma-separated: w1, w2, w3, w4.
+    #[arg(long, default_value = "w1,w2,w3,w4")]
     workloads: String,
     /// W1: number of increments.
     #[arg(long, default_value_t = 20_000)]
@@ -45,6 +47,15 @@ struct Args {
     /// W2: children per parent.
     #[arg(long, default_value_t = 10)]
     children: usize,
+    /// W3: timers.
+    #[arg(long, default_value_t = 10_000)]
+    timers: usize,
+    /// W3: the span over which the timers are due, in seconds.
+    #[arg(long, default_value_t = 30)]
+    timer_span_s: u64,
+    /// W3: scheduler replicas.
+    #[arg(long, default_value_t = 1)]
+    schedulers: usize,
     /// W4: increments on the one counter.
     #[arg(long, default_value_t = 2_000)]
     hot_events: usize,
@@ -92,6 +103,7 @@ async fn main() -> anyhow::Result<()> {
         let result = match workload {
             "w1" => run.w1().await,
             "w2" => run.w2().await,
+            "w3" => run.w3().await,
             "w4" => run.w4().await,
             other => Err(anyhow::anyhow!("unknown workload {other}")),
         };
@@ -162,13 +174,19 @@ impl Run {
                 let worker = Worker::build(&self.config, Registry::builtin()).await?;
                 tokio::spawn(worker.run_until_stopped(shutdown.clone()));
             }
+            for _ in 0..self.args.schedulers {
+                let scheduler = Scheduler::new(self.pool.clone(), self.bus.clone(), &self.config);
+                tokio::spawn(scheduler.run_until_stopped(shutdown.clone()));
+            }
             return Ok(Vec::new());
         }
         let bin = cmdflow_binary()?;
         let mut children = Vec::new();
-        for _ in 0..self.args.workers {
+        let roles = std::iter::repeat_n("worker", self.args.workers)
+            .chain(std::iter::repeat_n("scheduler", self.args.schedulers));
+        for role in roles {
             let child = Command::new(&bin)
-                .arg("worker")
+                .arg(role)
                 .env("CMDFLOW_DATABASE_URL", &self.config.database_url)
                 .env("CMDFLOW_AMQP_URL", &self.config.amqp_url)
                 .env("CMDFLOW_REDIS_URLS", &self.config.redis_urls)
@@ -442,6 +460,154 @@ impl Run {
             "steps_per_s": (steps as f64 / secs).round(),
             "parent_latency_ms": {"p50": percentile(&latencies, 0.5), "p99": percentile(&latencies, 0.99), "max": percentile(&latencies, 1.0)},
             "exact": true,
+        }))
+    }
+
+    async fn w3(&self) -> anyhow::Result<Value> {
+        use futures::StreamExt;
+        use lapin::options::{
+            BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions,
+        };
+        // A probe queue sees every `timer.fired` the schedulers publish, to count doubles.
+        let probe = format!("{}.w3probe", self.config.namespace);
+        let channel = self.bus.channel().await?;
+        channel
+            .queue_declare(
+                probe.as_str().into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    ..Default::default()
+                },
+                Default::default(),
+            )
+            .await?;
+        channel
+            .queue_bind(
+                probe.as_str().into(),
+                self.bus.topology().events_exchange().as_str().into(),
+                "timer.fired".into(),
+                QueueBindOptions::default(),
+                Default::default(),
+            )
+            .await?;
+        let mut consumer = channel
+            .basic_consume(
+                probe.as_str().into(),
+                "w3probe".into(),
+                BasicConsumeOptions::default(),
+                Default::default(),
+            )
+            .await?;
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
+            String,
+            u32,
+        >::new()));
+        let counter = {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                while let Some(Ok(delivery)) = consumer.next().await {
+                    if let Ok(e) = serde_json::from_slice::<Value>(&delivery.data) {
+                        let id = e["id"].as_str().unwrap_or_default().to_owned();
+                        *seen.lock().unwrap().entry(id).or_default() += 1;
+                    }
+                    drop(delivery.acker.ack(BasicAckOptions::default()).await);
+                }
+            })
+        };
+
+        let n = self.args.timers;
+        let span_us = (self.args.timer_span_s * 1_000_000) as i64;
+        // Leave time to create the commands (about 1,000 starts/s) before the first timer is due,
+        // so the measurement is of firing, not of a start backlog.
+        let lead = chrono::Duration::milliseconds(5_000 + n as i64 * 1_000 / 800);
+        let t0 = chrono::Utc::now() + lead;
+        let ids: Vec<Uuid> = (0..n).map(|_| Uuid::now_v7()).collect();
+        let starts: Vec<Value> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let at = t0 + chrono::Duration::microseconds(span_us * i as i64 / n as i64);
+                json!({
+                    "specversion": "1.0", "id": Uuid::now_v7().to_string(), "source": "loadgen",
+                    "type": "command.start", "commandid": id.to_string(),
+                    "data": {"kind": "demo.timer", "owner": "system:loadgen",
+                             "data": {"at": at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)}},
+                })
+            })
+            .collect();
+        self.publish_all(&starts).await?;
+        let all_waiting = async {
+            loop {
+                let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM timers")
+                    .fetch_one(&self.pool)
+                    .await?;
+                if waiting as usize >= n || chrono::Utc::now() >= t0 {
+                    return anyhow::Ok(chrono::Utc::now());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        let ready_at = all_waiting.await?;
+        let created_in = (ready_at - (t0 - lead)).num_milliseconds();
+        let ready_before_first_due = ready_at < t0;
+        let deadline = Instant::now() + Duration::from_secs(self.args.timer_span_s + 120);
+        loop {
+            let done: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM commands WHERE id = ANY($1) AND state = 'completed'",
+            )
+            .bind(&ids)
+            .fetch_one(&self.pool)
+            .await?;
+            if done as usize == n {
+                break;
+            }
+            if Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Let stray doubles, if any, reach the probe.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        counter.abort();
+        drop(channel.close(200, "done".into()).await);
+        let rows: Vec<(f64, f64)> = sqlx::query_as(
+            "SELECT ((extract(epoch FROM (result->>'fired_at')::timestamptz) - extract(epoch FROM (result->>'due_at')::timestamptz)) * 1000.0)::float8,
+                    ((extract(epoch FROM e.at) - extract(epoch FROM (result->>'due_at')::timestamptz)) * 1000.0)::float8
+               FROM commands c JOIN command_events e ON e.command_id = c.id AND e.entry = 'received' AND e.event_type = 'timer.fired'
+              WHERE c.id = ANY($1) AND c.state = 'completed'",
+        )
+        .bind(&ids)
+        .fetch_all(&self.pool)
+        .await?;
+        let applied_twice: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT command_id FROM command_events
+               WHERE command_id = ANY($1) AND entry = 'received' AND event_type = 'timer.fired'
+               GROUP BY command_id HAVING count(*) > 1) d",
+        )
+        .bind(&ids)
+        .fetch_one(&self.pool)
+        .await?;
+        let published: Vec<u32> = seen.lock().unwrap().values().copied().collect();
+        let doubled_publishes = published.iter().filter(|c| **c > 1).count();
+        let fired = rows.len();
+        let mut lateness: Vec<f64> = rows.iter().map(|r| r.0).collect();
+        let mut applied: Vec<f64> = rows.iter().map(|r| r.1).collect();
+        lateness.sort_by(f64::total_cmp);
+        applied.sort_by(f64::total_cmp);
+        Ok(json!({
+            "workload": "W3",
+            "timers": n,
+            "span_s": self.args.timer_span_s,
+            "schedulers": self.args.schedulers,
+            "workers": self.args.workers,
+            "created_in_ms": created_in,
+            "ready_before_first_due": ready_before_first_due,
+            "fired": fired,
+            "missed": n - fired,
+            "doubled_publishes": doubled_publishes,
+            "applied_twice": applied_twice,
+            "lateness_ms": {"p50": percentile(&lateness, 0.5), "p99": percentile(&lateness, 0.99), "max": percentile(&lateness, 1.0)},
+            "due_to_commit_ms": {"p50": percentile(&applied, 0.5), "p99": percentile(&applied, 0.99), "max": percentile(&applied, 1.0)},
         }))
     }
 

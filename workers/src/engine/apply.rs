@@ -677,9 +677,27 @@ impl Engine {
         if verdict == Verdict::Open {
             return Ok(());
         }
+        let reason = format!("group {} settled ({})", group.name, verdict.as_str());
+        self.close_group(tx, parent, cause, group, verdict, &reason, false, out)
+            .await
+    }
+
+    /// Freezes a group at its verdict, cancels its deadline, aborts its open members, and tells
+    /// the parent with one `children.settled` event.
+    #[allow(clippy::too_many_arguments)]
+    async fn close_group(
+        &self,
+        tx: &mut Tx<'_>,
+        parent: &Command,
+        cause: &Event,
+        group: &mut GroupRow,
+        verdict: Verdict,
+        reason: &str,
+        deadline: bool,
+        out: &mut Vec<Event>,
+    ) -> Result<(), ApplyError> {
         group.state = verdict.as_str().to_owned();
         time::cancel_timer(tx, parent.id, &format!("group:{}", group.name)).await?;
-        let reason = format!("group {} settled ({})", group.name, verdict.as_str());
         for id in store::open_children(tx, parent.id, Some(&group.name), false).await? {
             let data = obj(json!({ "reason": reason }));
             out.push(self.engine_event(parent, cause, COMMAND_ABORT, data, Some(id)));
@@ -689,6 +707,7 @@ impl Engine {
             "policy": group.policy,
             "quorum": group.quorum,
             "outcome": verdict.as_str(),
+            "deadline": deadline,
             "total": group.total,
             "completed": group.completed,
             "failed": group.failed,
@@ -819,24 +838,18 @@ impl Engine {
             notes.push(format!("group {name} had already {}", group.state));
             return Ok(());
         }
-        group.state = "failed".to_owned();
         let reason = format!("group {name} missed its deadline");
-        for id in store::open_children(tx, parent.id, Some(name), false).await? {
-            out.push(self.engine_event(
-                parent,
-                event,
-                COMMAND_ABORT,
-                obj(json!({ "reason": reason })),
-                Some(id),
-            ));
-        }
-        let data = obj(json!({
-            "group": group.name, "policy": group.policy, "quorum": group.quorum,
-            "outcome": "failed", "deadline": true, "total": group.total,
-            "completed": group.completed, "failed": group.failed, "aborted": group.aborted,
-            "outcomes": group.outcomes,
-        }));
-        out.push(self.engine_event(parent, event, CHILDREN_SETTLED, data, Some(parent.id)));
+        self.close_group(
+            tx,
+            parent,
+            event,
+            &mut group,
+            Verdict::Failed,
+            &reason,
+            true,
+            out,
+        )
+        .await?;
         store::save_group(tx, &group).await?;
         Ok(())
     }
