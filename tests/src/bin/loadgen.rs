@@ -5,6 +5,8 @@
 //! - W2: 1,000 `demo.fanout` parents × 10 `demo.noop` children (one persisted step each).
 //! - W3: 10,000 timers due uniformly over 30 s: firing lateness, missed and doubled firings.
 //! - W4: 2,000 increments on one counter; the count must be exact.
+//! - timers1m: 1,000,000 pending timers: the claim's plan, and the scheduler's memory while it
+//!   fires 20,000 due ones among them (run with `--workers 0`; nothing consumes the firings).
 //!
 //! Events are published straight to RabbitMQ with confirms, as an upstream service would, each
 //! carrying its send time; latency is from publish to the history row written in the event's
@@ -105,6 +107,7 @@ async fn main() -> anyhow::Result<()> {
             "w2" => run.w2().await,
             "w3" => run.w3().await,
             "w4" => run.w4().await,
+            "timers1m" => run.timers_1m().await,
             other => Err(anyhow::anyhow!("unknown workload {other}")),
         };
         match result {
@@ -608,6 +611,63 @@ impl Run {
             "applied_twice": applied_twice,
             "lateness_ms": {"p50": percentile(&lateness, 0.5), "p99": percentile(&lateness, 0.99), "max": percentile(&lateness, 1.0)},
             "due_to_commit_ms": {"p50": percentile(&applied, 0.5), "p99": percentile(&applied, 0.99), "max": percentile(&applied, 1.0)},
+        }))
+    }
+
+    async fn timers_1m(&self) -> anyhow::Result<Value> {
+        sqlx::query(
+            "INSERT INTO timers (command_id, name, kind, due_at)
+             SELECT gen_random_uuid(), 'pending', 'at', now() + interval '1 day' + g * interval '1 ms'
+               FROM generate_series(1, 1000000) g",
+        )
+        .execute(&self.pool)
+        .await?;
+        sqlx::query(
+            "INSERT INTO timers (command_id, name, kind, due_at)
+             SELECT gen_random_uuid(), 'due', 'at', now() + interval '2 seconds' + g * interval '1 ms'
+               FROM generate_series(1, 20000) g",
+        )
+        .execute(&self.pool)
+        .await?;
+        sqlx::query("ANALYZE timers").execute(&self.pool).await?;
+        let plan = cmdflow_shared::store::time::explain_claim(&self.pool).await?;
+        let rss = || -> u64 {
+            std::fs::read_to_string("/proc/self/status")
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find(|l| l.starts_with("VmRSS:"))
+                        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+                })
+                .unwrap_or(0)
+        };
+        let before = rss();
+        let shutdown = CancellationToken::new();
+        let scheduler = Scheduler::new(self.pool.clone(), self.bus.clone(), &self.config);
+        let task = tokio::spawn(scheduler.run_until_stopped(shutdown.clone()));
+        let mut samples = Vec::new();
+        let started = Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            samples.push(rss());
+            let left: i64 = sqlx::query_scalar("SELECT count(*) FROM timers WHERE name = 'due'")
+                .fetch_one(&self.pool)
+                .await?;
+            if left == 0 || started.elapsed() > Duration::from_secs(120) {
+                break;
+            }
+        }
+        let fired_in = started.elapsed();
+        shutdown.cancel();
+        drop(task.await);
+        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM timers").fetch_one(&self.pool).await?;
+        Ok(json!({
+            "workload": "timers1m",
+            "pending_timers": pending,
+            "due_fired": 20000,
+            "fired_in_s": (fired_in.as_secs_f64() * 10.0).round() / 10.0,
+            "claim_plan": plan,
+            "scheduler_rss_kb": {"before": before, "min": samples.iter().min(), "max": samples.iter().max(), "samples": samples},
         }))
     }
 
