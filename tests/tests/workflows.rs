@@ -582,3 +582,88 @@ async fn a_broadcast_event_starts_its_registered_kind_once() {
     assert!(reason.contains("subject"), "{reason}");
     env.cleanup().await;
 }
+
+/// `test.cleanup`: runs until aborted; on abort it records its cleanup in its data and emits
+/// `test.cleaned_up`.
+fn cleanup_kind(
+    _: &cmdflow_shared::Command,
+    event: &cmdflow_shared::Event,
+) -> Result<cmdflow_shared::Decision, cmdflow_shared::HandlerError> {
+    use cmdflow_shared::Decision;
+    match event.ty.as_str() {
+        "command.start" => Ok(Decision::nothing().with_state(CommandState::Running)),
+        "command.abort" => Ok(Decision::nothing()
+            .with_patch(json!({"cleaned_up": true}).as_object().unwrap().clone())
+            .emit("test.cleaned_up", serde_json::Map::new())),
+        _ => Err(cmdflow_shared::HandlerError::unexpected(
+            "test.cleanup",
+            event,
+        )),
+    }
+}
+
+#[tokio::test]
+async fn an_aborted_command_gets_to_clean_up() {
+    let mut env = TestEnv::new().await;
+    let gw = env.start_gateway().await;
+    let mut registry = cmdflow_workers::Registry::builtin();
+    registry.register("test.cleanup", cleanup_kind);
+    env.start_worker_custom(
+        registry,
+        std::sync::Arc::new(cmdflow_shared::time::SystemClock),
+    )
+    .await;
+    let id = uuid::Uuid::now_v7().to_string();
+    let start = json!({
+        "specversion": "1.0", "id": uuid::Uuid::now_v7().to_string(), "source": "tests",
+        "type": "command.start", "commandid": id, "correlationid": "corr-7",
+        "data": {"kind": "test.cleanup", "owner": "member:30", "data": {}},
+    });
+    env.publish_raw("command.start", &serde_json::to_vec(&start).unwrap())
+        .await;
+    env.wait_state(&id, CommandState::Running).await;
+    let (status, accepted) = post(
+        &format!("{}/v1/commands/{id}/abort", gw.url),
+        "application/json",
+        br#"{"reason": "stop"}"#,
+    )
+    .await;
+    assert_eq!(status, 202);
+    let aborted = env.wait_state(&id, CommandState::Aborted).await;
+    assert_eq!(
+        aborted.data["cleaned_up"], true,
+        "the cleanup decision was applied"
+    );
+    assert_eq!(aborted.reason.as_deref(), Some("stop"));
+    // The cleanup's event went out, chained to the abort that caused it.
+    let (event_id, body): (String, Value) = eventually(WAIT, "the emitted event", || async {
+        sqlx::query_as("SELECT event_id, detail FROM command_events WHERE command_id = $1::uuid AND entry = 'emitted' AND event_type = 'test.cleaned_up'")
+            .bind(&id)
+            .fetch_optional(&env.pool)
+            .await
+            .unwrap()
+    })
+    .await;
+    assert!(!event_id.is_empty());
+    assert_eq!(body["commandid"], Value::Null, "a broadcast");
+    let abort_id = accepted["event_id"].as_str().unwrap();
+    let unmatched = eventually(WAIT, "the broadcast kept as unmatched", || async {
+        let (_, list) = get(&format!(
+            "{}/v1/events/unmatched?type=test.cleaned_up",
+            gw.url
+        ))
+        .await;
+        list["events"].as_array().and_then(|a| a.first().cloned())
+    })
+    .await;
+    assert_eq!(
+        unmatched["body"]["causationid"], abort_id,
+        "causationid names the abort"
+    );
+    assert_eq!(
+        unmatched["body"]["correlationid"],
+        aborted.root_id.to_string(),
+        "correlationid follows the tree"
+    );
+    env.cleanup().await;
+}

@@ -660,7 +660,9 @@ impl Run {
         let fired_in = started.elapsed();
         shutdown.cancel();
         drop(task.await);
-        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM timers").fetch_one(&self.pool).await?;
+        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM timers")
+            .fetch_one(&self.pool)
+            .await?;
         Ok(json!({
             "workload": "timers1m",
             "pending_timers": pending,
