@@ -1,0 +1,721 @@
+#!/usr/bin/env bash
+# Render the Kubernetes manifests under k8s/ with kustomize and validate every document.
+#
+#   scripts/k8s-validate.sh            # exits non-zero if any document is invalid
+#
+# What is checked, per rendered document:
+#   * core kinds (v1, apps, batch, autoscaling, policy, networking.k8s.io, ...): strict JSON-schema
+#     validation (unknown fields rejected) against the Kubernetes OpenAPI schemas bundled in the
+#     PyPI package kubernetes-validate, for the oldest Kubernetes we support and the newest one the
+#     package ships (K8S_VERSIONS below);
+#   * CRD kinds (ScaledObject, TriggerAuthentication, ServiceMonitor, RabbitmqCluster, CNPG
+#     Cluster): not in those schemas. Each gets a minimal strict schema kept in this script (the
+#     fields we use and their known siblings, types, required fields), and the KEDA and Prometheus
+#     Operator kinds are also type-checked with the upstream-generated models of the npm packages
+#     @kubernetes-models/keda and @kubernetes-models/prometheus-operator. Any other CRD kind fails;
+#   * cross-references the schemas cannot see: selectors that select nothing, scale targets,
+#     ConfigMaps and Secrets that do not exist, named ports, the namespace, image tags, resource
+#     requests/limits and the hardened securityContext on every container.
+# Targets: each overlay (dev, prod); the dev overlay plus base/archiver.yaml (not yet in the
+# kustomization); base/secret.example.yaml on its own.
+#
+# Tools (installed on first use, reused afterwards; cache in $CMDFLOW_K8S_VALIDATE_CACHE, default
+# ~/.cache/cmdflow-k8s-validate):
+#   kubernetes-validate  pip, into a venv in the cache (schemas ship inside the wheel, so no network
+#                        is needed to validate)
+#   kustomize            a `kustomize` binary if on PATH, else `kubectl kustomize` (kubectl embeds
+#                        kustomize v5). If neither exists, `apt-get install kubectl` is tried; it
+#                        works where a Kubernetes apt source is configured (Debian's own
+#                        kubernetes-client is kubectl 1.20, whose kustomize is too old)
+#   node + npm packages  optional: the machine's node and npm install the two packages into the
+#                        cache; without node the upstream CRD type check is reported as skipped
+#                        (the minimal CRD schemas still run)
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CACHE_DIR=${CMDFLOW_K8S_VALIDATE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/cmdflow-k8s-validate}
+KUBERNETES_VALIDATE_VERSION=1.37.0
+# Oldest supported (1.30: the gateway's preStop `sleep` action) and newest shipped by the package.
+K8S_VERSIONS=${CMDFLOW_K8S_VERSIONS:-1.30,1.37}
+NPM_PACKAGES=(@kubernetes-models/keda@2.0.0 @kubernetes-models/prometheus-operator@6.0.0)
+
+say() { printf '%s\n' "$*"; }
+die() { printf 'k8s-validate: %s\n' "$*" >&2; exit 2; }
+
+apt_install() {
+    command -v apt-get >/dev/null 2>&1 || return 1
+    [ "$(id -u)" = 0 ] || return 1
+    # Refresh the lists only when they are missing.
+    if ! compgen -G '/var/lib/apt/lists/*_Packages' >/dev/null; then
+        apt-get update -qq >/dev/null 2>&1 || true
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null 2>&1
+}
+
+mkdir -p "$CACHE_DIR"
+
+# --- Python + kubernetes-validate ------------------------------------------------------------------
+PY_SYS=$(command -v python3 || true)
+if [ -z "$PY_SYS" ]; then
+    apt_install python3 python3-venv || die "python3 is missing and could not be installed"
+    PY_SYS=$(command -v python3)
+fi
+VENV="$CACHE_DIR/venv"
+PY="$VENV/bin/python"
+if ! "$PY" -c "import kubernetes_validate, sys; sys.exit(kubernetes_validate.__version__ != '$KUBERNETES_VALIDATE_VERSION')" 2>/dev/null; then
+    say "==> installing kubernetes-validate $KUBERNETES_VALIDATE_VERSION into $VENV"
+    if [ ! -x "$PY" ]; then
+        rm -rf "$VENV"
+        if ! "$PY_SYS" -m venv "$VENV" >/dev/null 2>&1; then
+            rm -rf "$VENV"
+            apt_install python3-venv || die "cannot create a venv (python3-venv missing)"
+            "$PY_SYS" -m venv "$VENV" || die "cannot create a venv in $VENV"
+        fi
+    fi
+    "$PY" -m pip install --quiet --disable-pip-version-check \
+        "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" \
+        || die "pip install kubernetes-validate==$KUBERNETES_VALIDATE_VERSION failed"
+fi
+
+# --- kustomize ----------------------------------------------------------------------------------
+if command -v kustomize >/dev/null 2>&1; then
+    RENDER=(kustomize build)
+    RENDER_DESC="kustomize $(kustomize version 2>/dev/null | head -n1)"
+else
+    if ! command -v kubectl >/dev/null 2>&1; then
+        apt_install kubectl || true
+    fi
+    command -v kubectl >/dev/null 2>&1 \
+        || die "neither kustomize nor kubectl found (install kubectl >= 1.27 or kustomize v5)"
+    RENDER=(kubectl kustomize)
+    RENDER_DESC="kubectl kustomize ($(kubectl version --client 2>/dev/null | tr '\n' ' ' | sed 's/ *$//'))"
+fi
+
+# --- node + upstream CRD models (optional) --------------------------------------------------------
+NODE_DIR="$CACHE_DIR/npm"
+NODE_SCRIPT=""
+NODE_DESC="skipped (node/npm not available)"
+if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then
+    mkdir -p "$NODE_DIR"
+    [ -f "$NODE_DIR/package.json" ] || printf '{ "private": true }\n' >"$NODE_DIR/package.json"
+    installed=1
+    for spec in "${NPM_PACKAGES[@]}"; do
+        name=${spec%@*}
+        version=${spec##*@}
+        have=$(node -p "require('$NODE_DIR/node_modules/$name/package.json').version" 2>/dev/null || true)
+        [ "$have" = "$version" ] || installed=0
+    done
+    if [ "$installed" = 0 ]; then
+        say "==> installing ${NPM_PACKAGES[*]} into $NODE_DIR"
+        npm install --prefix "$NODE_DIR" --no-audit --no-fund --loglevel=error \
+            "${NPM_PACKAGES[@]}" >/dev/null 2>&1 || true
+        installed=1
+        for spec in "${NPM_PACKAGES[@]}"; do
+            [ -f "$NODE_DIR/node_modules/${spec%@*}/package.json" ] || installed=0
+        done
+    fi
+    if [ "$installed" = 1 ]; then
+        NODE_SCRIPT="$NODE_DIR/validate-crds.mjs"
+        cat >"$NODE_SCRIPT" <<'JS'
+// Type-checks CRD documents with the models generated from the upstream Go types.
+// argv[2]: a JSON array of documents. Prints a JSON array of {ok, error}.
+import { readFileSync } from "node:fs";
+const models = {
+  "keda.sh/v1alpha1": await import("@kubernetes-models/keda/keda.sh/v1alpha1"),
+  "monitoring.coreos.com/v1": await import(
+    "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1"
+  ),
+};
+const docs = JSON.parse(readFileSync(process.argv[2], "utf8"));
+const results = docs.map((doc) => {
+  const Model = models[doc.apiVersion]?.[doc.kind];
+  if (!Model) return { ok: false, error: `no upstream model for ${doc.apiVersion} ${doc.kind}` };
+  try {
+    new Model(doc).validate();
+    return { ok: true };
+  } catch (e) {
+    return { ok: false, error: String(e?.message ?? e) };
+  }
+});
+process.stdout.write(JSON.stringify(results));
+JS
+        NODE_DESC="node $(node --version) + ${NPM_PACKAGES[*]}"
+    else
+        NODE_DESC="skipped (npm install of ${NPM_PACKAGES[*]} failed)"
+    fi
+fi
+
+say "==> tools"
+say "    schemas    kubernetes-validate $KUBERNETES_VALIDATE_VERSION (pip, venv $VENV), Kubernetes ${K8S_VERSIONS//,/ + }, strict"
+say "    render     $RENDER_DESC"
+say "    CRD types  $NODE_DESC"
+
+# --- render ---------------------------------------------------------------------------------------
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+TARGETS=()
+render() { # name, directory, output
+    if ! "${RENDER[@]}" "$2" >"$3" 2>"$WORK/render.err"; then
+        say "FAIL  cannot render $1 ($2):"
+        sed 's/^/      /' "$WORK/render.err"
+        exit 1
+    fi
+}
+for overlay in "$ROOT"/k8s/overlays/*/; do
+    name=$(basename "$overlay")
+    render "overlay $name" "$overlay" "$WORK/$name.yaml"
+    TARGETS+=("overlay $name|$WORK/$name.yaml|overlay|")
+done
+# The archiver is not in the base kustomization yet: render it on top of the dev overlay, so that
+# its references, namespace and image are checked as they will be once it is enabled.
+if [ -f "$ROOT/k8s/base/archiver.yaml" ] && [ -d "$ROOT/k8s/overlays/dev" ]; then
+    mkdir -p "$WORK/archiver"
+    cp "$ROOT/k8s/base/archiver.yaml" "$WORK/archiver/"
+    dev_ns=$(sed -n 's/^namespace: *//p' "$ROOT/k8s/overlays/dev/kustomization.yaml")
+    cat >"$WORK/archiver/kustomization.yaml" <<EOF
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+namespace: $dev_ns
+resources:
+  - $(realpath --relative-to="$WORK/archiver" "$ROOT/k8s/overlays/dev")
+  - archiver.yaml
+EOF
+    sed -n '/^images:/,/^[a-z]/{/^images:/p;/^  /p}' "$ROOT/k8s/overlays/dev/kustomization.yaml" \
+        >>"$WORK/archiver/kustomization.yaml"
+    render "dev + base/archiver.yaml" "$WORK/archiver" "$WORK/archiver.yaml"
+    TARGETS+=("dev + base/archiver.yaml|$WORK/archiver.yaml|focus:$ROOT/k8s/base/archiver.yaml|")
+fi
+if [ -f "$ROOT/k8s/base/secret.example.yaml" ]; then
+    TARGETS+=("base/secret.example.yaml|$ROOT/k8s/base/secret.example.yaml|file|")
+fi
+
+# --- validate -------------------------------------------------------------------------------------
+"$PY" - "$K8S_VERSIONS" "$NODE_SCRIPT" "$NODE_DIR" "${TARGETS[@]}" <<'PY'
+import functools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import jsonschema
+import kubernetes_validate
+import kubernetes_validate.utils as kv_utils
+import yaml
+
+versions = sys.argv[1].split(",")
+node_script, node_dir = sys.argv[2], sys.argv[3]
+targets = [t.split("|") for t in sys.argv[4:]]
+
+# kubernetes-validate re-reads the (large) definitions file for every call: cache it.
+if hasattr(kv_utils, "schema_contents"):
+    kv_utils.schema_contents = functools.lru_cache(maxsize=None)(kv_utils.schema_contents)
+
+CORE_GROUPS = {
+    "", "apps", "batch", "autoscaling", "policy", "networking.k8s.io", "rbac.authorization.k8s.io",
+    "storage.k8s.io", "scheduling.k8s.io", "coordination.k8s.io", "discovery.k8s.io",
+    "node.k8s.io", "admissionregistration.k8s.io", "apiextensions.k8s.io", "certificates.k8s.io",
+    "events.k8s.io", "flowcontrol.apiserver.k8s.io", "resource.k8s.io",
+}
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
+                  "PriorityClass", "StorageClass", "PersistentVolume", "IngressClass",
+                  "ValidatingWebhookConfiguration", "MutatingWebhookConfiguration"}
+# Secrets created outside the repository (k8s/README.md, "Create the Secret").
+EXTERNAL_SECRETS = {"cmdflow-secrets"}
+WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "CronJob"}
+
+# ---- minimal schemas for the CRD kinds -------------------------------------------------------------
+S = {"type": "string"}
+I = {"type": "integer"}
+B = {"type": "boolean"}
+ANYOBJ = {"type": "object"}
+ANYARR = {"type": "array"}
+STRMAP = {"type": "object", "additionalProperties": S}
+QUANTITY = {"anyOf": [{"type": "number"}, {"type": "string", "pattern":
+            r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+|[numkMGTPE]|Ki|Mi|Gi|Ti|Pi|Ei)?$"}]}
+DURATION = {"type": "string", "pattern":
+            r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"}
+DNS_SUBDOMAIN = {"type": "string", "maxLength": 253,
+                 "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"}
+
+
+def obj(props, required=(), extra=False, **kw):
+    return {"type": "object", "properties": props, "required": list(required),
+            "additionalProperties": extra, **kw}
+
+
+def arr(items, **kw):
+    return {"type": "array", "items": items, **kw}
+
+
+RESOURCES = obj({"requests": {"type": "object", "additionalProperties": QUANTITY},
+                 "limits": {"type": "object", "additionalProperties": QUANTITY},
+                 "claims": ANYARR})
+LABEL_SELECTOR = obj({"matchLabels": STRMAP, "matchExpressions": arr(obj(
+    {"key": S, "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+     "values": arr(S)}, required=["key", "operator"]))})
+METADATA = obj({"name": DNS_SUBDOMAIN, "namespace": S, "labels": STRMAP, "annotations": STRMAP},
+               required=["name"])
+
+
+def crd(api_version, kind, spec):
+    return obj({"apiVersion": {"const": api_version}, "kind": {"const": kind},
+                "metadata": METADATA, "spec": spec},
+               required=["apiVersion", "kind", "metadata", "spec"])
+
+
+RABBITMQ_TRIGGER_METADATA = obj({
+    "host": S, "hostFromEnv": S, "protocol": {"enum": ["auto", "amqp", "http"]},
+    "mode": {"enum": ["QueueLength", "MessageRate"]},
+    "value": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"},
+    "activationValue": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"},
+    "queueName": {"type": "string", "minLength": 1}, "vhostName": S, "useRegex": S,
+    "excludeUnacknowledged": S, "operation": S, "pageSize": S, "timeout": S, "unsafeSsl": S,
+}, required=["queueName", "mode", "value"])
+
+CRD_SCHEMAS = {
+    ("keda.sh/v1alpha1", "ScaledObject"): crd("keda.sh/v1alpha1", "ScaledObject", obj({
+        "scaleTargetRef": obj({"apiVersion": S, "kind": S, "name": S,
+                               "envSourceContainerName": S}, required=["name"]),
+        "pollingInterval": I, "cooldownPeriod": I, "initialCooldownPeriod": I,
+        "idleReplicaCount": I, "minReplicaCount": {"type": "integer", "minimum": 0},
+        "maxReplicaCount": {"type": "integer", "minimum": 1},
+        "advanced": obj({"restoreToOriginalReplicaCount": B,
+                         "horizontalPodAutoscalerConfig": ANYOBJ, "scalingModifiers": ANYOBJ}),
+        "fallback": obj({"failureThreshold": I, "replicas": I, "behavior": S},
+                        required=["failureThreshold", "replicas"]),
+        "triggers": arr({
+            **obj({"type": S, "name": S, "metadata": STRMAP, "useCachedMetrics": B,
+                   "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
+                   "authenticationRef": obj({"name": S, "kind": {"enum": [
+                       "TriggerAuthentication", "ClusterTriggerAuthentication"]}},
+                       required=["name"])},
+                  required=["type", "metadata"]),
+            "if": {"properties": {"type": {"const": "rabbitmq"}}},
+            "then": {"properties": {"metadata": RABBITMQ_TRIGGER_METADATA}},
+        }, minItems=1),
+    }, required=["scaleTargetRef", "triggers"])),
+    ("keda.sh/v1alpha1", "TriggerAuthentication"): crd(
+        "keda.sh/v1alpha1", "TriggerAuthentication", obj({
+            "secretTargetRef": arr(obj({"parameter": S, "name": S, "key": S},
+                                       required=["parameter", "name", "key"]), minItems=1),
+            "configMapTargetRef": arr(obj({"parameter": S, "name": S, "key": S},
+                                          required=["parameter", "name", "key"])),
+            "env": arr(obj({"parameter": S, "name": S, "containerName": S},
+                           required=["parameter", "name"])),
+            "podIdentity": ANYOBJ, "hashiCorpVault": ANYOBJ, "azureKeyVault": ANYOBJ,
+            "awsSecretManager": ANYOBJ, "gcpSecretManager": ANYOBJ,
+            "boundServiceAccountToken": ANYARR, "filePath": S,
+        }, minProperties=1)),
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): crd(
+        "monitoring.coreos.com/v1", "ServiceMonitor", obj({
+            "selector": LABEL_SELECTOR,
+            "namespaceSelector": obj({"any": B, "matchNames": arr(S)}),
+            "endpoints": arr(obj({
+                "port": S, "targetPort": {"type": ["integer", "string"]}, "path": S,
+                "scheme": {"enum": ["http", "https", "HTTP", "HTTPS"]},
+                "interval": DURATION, "scrapeTimeout": DURATION, "params": ANYOBJ,
+                "honorLabels": B, "honorTimestamps": B, "trackTimestampsStaleness": B,
+                "relabelings": ANYARR, "metricRelabelings": ANYARR, "tlsConfig": ANYOBJ,
+                "bearerTokenSecret": ANYOBJ, "basicAuth": ANYOBJ, "authorization": ANYOBJ,
+                "oauth2": ANYOBJ, "followRedirects": B, "enableHttp2": B, "filterRunning": B,
+                "proxyUrl": S,
+            }), minItems=1),
+            "jobLabel": S, "targetLabels": arr(S), "podTargetLabels": arr(S),
+            "sampleLimit": I, "targetLimit": I, "labelLimit": I, "labelNameLengthLimit": I,
+            "labelValueLengthLimit": I, "keepDroppedTargets": I, "attachMetadata": ANYOBJ,
+            "scrapeProtocols": arr(S), "fallbackScrapeProtocol": S, "scrapeClass": S,
+            "bodySizeLimit": S,
+        }, required=["selector", "endpoints"])),
+    ("rabbitmq.com/v1beta1", "RabbitmqCluster"): crd(
+        "rabbitmq.com/v1beta1", "RabbitmqCluster", obj({
+            "replicas": {"type": "integer", "minimum": 0}, "image": S,
+            "imagePullSecrets": ANYARR,
+            "service": obj({"type": {"enum": ["ClusterIP", "LoadBalancer", "NodePort"]},
+                            "annotations": STRMAP, "ipFamilyPolicy": S}),
+            "persistence": obj({"storageClassName": S, "storage": QUANTITY}),
+            "resources": RESOURCES, "affinity": ANYOBJ, "tolerations": ANYARR,
+            "rabbitmq": obj({"additionalPlugins": arr(S), "additionalConfig": S,
+                             "advancedConfig": S, "envConfig": S, "erlangInetConfig": S}),
+            "tls": ANYOBJ, "override": ANYOBJ, "skipPostDeploySteps": B,
+            "terminationGracePeriodSeconds": I, "delayStartSeconds": I,
+            "autoEnableAllFeatureFlags": B, "secretBackend": ANYOBJ,
+        })),
+    ("postgresql.cnpg.io/v1", "Cluster"): crd("postgresql.cnpg.io/v1", "Cluster", obj({
+        "instances": {"type": "integer", "minimum": 1}, "description": S, "imageName": S,
+        "imageCatalogRef": ANYOBJ, "imagePullPolicy": S, "imagePullSecrets": ANYARR,
+        "primaryUpdateStrategy": {"enum": ["unsupervised", "supervised"]},
+        "primaryUpdateMethod": {"enum": ["switchover", "restart"]},
+        "bootstrap": obj({
+            "initdb": obj({"database": S, "owner": S, "secret": obj({"name": S}, ["name"]),
+                           "encoding": S, "locale": S, "localeCollate": S, "localeCType": S,
+                           "dataChecksums": B, "walSegmentSize": I, "options": arr(S),
+                           "postInitSQL": arr(S), "postInitApplicationSQL": arr(S),
+                           "postInitTemplateSQL": arr(S), "import": ANYOBJ}),
+            "recovery": ANYOBJ, "pg_basebackup": ANYOBJ}),
+        "postgresql": obj({
+            # CloudNativePG wants every parameter value as a string.
+            "parameters": STRMAP, "pg_hba": arr(S), "pg_ident": arr(S),
+            "shared_preload_libraries": arr(S), "synchronous": ANYOBJ,
+            "syncReplicaElectionConstraint": ANYOBJ, "ldap": ANYOBJ, "promotionTimeout": I,
+            "enableAlterSystem": B}),
+        "storage": obj({"size": QUANTITY, "storageClass": S, "resizeInUseVolumes": B,
+                        "pvcTemplate": ANYOBJ}),
+        "walStorage": obj({"size": QUANTITY, "storageClass": S, "resizeInUseVolumes": B,
+                           "pvcTemplate": ANYOBJ}),
+        "resources": RESOURCES, "affinity": ANYOBJ, "topologySpreadConstraints": ANYARR,
+        "monitoring": ANYOBJ, "backup": ANYOBJ, "superuserSecret": ANYOBJ,
+        "enableSuperuserAccess": B, "managed": ANYOBJ, "minSyncReplicas": I,
+        "maxSyncReplicas": I, "startDelay": I, "stopDelay": I, "smartShutdownTimeout": I,
+        "switchoverDelay": I, "failoverDelay": I, "priorityClassName": S,
+        "nodeMaintenanceWindow": ANYOBJ, "env": ANYARR, "envFrom": ANYARR,
+        "certificates": ANYOBJ, "serviceAccountTemplate": ANYOBJ, "replica": ANYOBJ,
+        "externalClusters": ANYARR, "logLevel": {"enum": ["error", "warning", "info", "debug",
+                                                           "trace"]},
+        "plugins": ANYARR, "projectedVolumeTemplate": ANYOBJ, "ephemeralVolumeSource": ANYOBJ,
+        "ephemeralVolumesSizeLimit": ANYOBJ, "tablespaces": ANYARR, "seccompProfile": ANYOBJ,
+        "inheritedMetadata": ANYOBJ, "enablePDB": B, "postgresUID": I, "postgresGID": I,
+        "probes": ANYOBJ, "livenessProbeTimeout": I, "schedulerName": S,
+    }, required=["instances", "storage"])),
+}
+UPSTREAM_MODELS = {("keda.sh/v1alpha1", "ScaledObject"), ("keda.sh/v1alpha1", "TriggerAuthentication"),
+                   ("monitoring.coreos.com/v1", "ServiceMonitor")}
+
+
+def group_of(api_version):
+    return api_version.split("/")[0] if "/" in api_version else ""
+
+
+def ref(doc):
+    return f"{doc.get('apiVersion', '?')} {doc.get('kind', '?')}/{(doc.get('metadata') or {}).get('name', '?')}"
+
+
+def schema_error(e):
+    path = ".".join(str(p) for p in e.absolute_path) or "(document)"
+    return f"{path}: {e.message}"
+
+
+def validate_core(doc):
+    errors = []
+    for v in versions:
+        try:
+            kubernetes_validate.validate(doc, v, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            errors.append(f"Kubernetes {v}: {schema_error(e)}")
+        except kubernetes_validate.SchemaNotFoundError:
+            errors.append(f"Kubernetes {v}: no schema for {doc['apiVersion']} {doc['kind']}"
+                          " (misspelt or removed API?)")
+    return errors
+
+
+def validate_crd(doc):
+    schema = CRD_SCHEMAS.get((doc.get("apiVersion"), doc.get("kind")))
+    if schema is None:
+        return None
+    validator = jsonschema.Draft202012Validator(schema)
+    errs = sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
+    return [f"minimal schema: {schema_error(e)}" for e in errs]
+
+
+def run_upstream(docs):
+    """Returns one result per doc: None (skipped) or a list of errors."""
+    if not node_script or not docs:
+        return [None] * len(docs)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(docs, f)
+    try:
+        out = subprocess.run(["node", node_script, f.name], cwd=node_dir, capture_output=True,
+                             text=True, timeout=120)
+    finally:
+        os.unlink(f.name)
+    if out.returncode != 0:
+        msg = (out.stderr.strip().splitlines() or ["node failed"])[-1]
+        return [[f"upstream model check could not run: {msg}"]] * len(docs)
+    return [[] if r["ok"] else [f"upstream model: {r['error']}"] for r in json.loads(out.stdout)]
+
+
+# ---- cross-reference checks ------------------------------------------------------------------------
+def matches(selector, labels):
+    if not selector:
+        return False
+    for k, v in (selector.get("matchLabels") or {}).items():
+        if labels.get(k) != v:
+            return False
+    for e in selector.get("matchExpressions") or []:
+        k, op, vals = e["key"], e["operator"], e.get("values") or []
+        if op == "In" and labels.get(k) not in vals:
+            return False
+        if op == "NotIn" and k in labels and labels[k] in vals:
+            return False
+        if op == "Exists" and k not in labels:
+            return False
+        if op == "DoesNotExist" and k in labels:
+            return False
+    return True
+
+
+def pod_template(doc):
+    spec = doc.get("spec") or {}
+    if doc.get("kind") == "CronJob":
+        spec = ((spec.get("jobTemplate") or {}).get("spec")) or {}
+    return spec.get("template") or {}
+
+
+def containers(pod_spec):
+    for key in ("initContainers", "containers"):
+        for c in pod_spec.get(key) or []:
+            yield key, c
+
+
+def cross_check(docs, mode, expected_ns):
+    """Returns {doc index: [errors]} and {doc index: number of checks made}."""
+    problems = {}
+    checks = {}
+
+    def check(i, ok, msg):
+        checks[i] = checks.get(i, 0) + 1
+        if not ok:
+            problems.setdefault(i, []).append(msg)
+
+    by_kind = {}
+    for i, d in enumerate(docs):
+        by_kind.setdefault(d.get("kind"), []).append((i, d))
+    names = lambda kind: {d["metadata"]["name"] for _, d in by_kind.get(kind, [])}
+    configmaps, secrets = names("ConfigMap"), names("Secret") | EXTERNAL_SECRETS
+    workloads = [(i, d) for i, d in enumerate(docs) if d.get("kind") in WORKLOADS]
+    pods = [(i, d, pod_template(d)) for i, d in workloads]
+    seen = {}
+    for i, d in enumerate(docs):
+        key = (group_of(d["apiVersion"]), d["kind"], d["metadata"].get("namespace"),
+               d["metadata"]["name"])
+        check(i, key not in seen, f"duplicate of document {seen.get(key)}")
+        seen.setdefault(key, i)
+        if mode != "file" and expected_ns is not None:
+            if d["kind"] in CLUSTER_SCOPED:
+                check(i, "namespace" not in d["metadata"], "cluster-scoped kind has a namespace")
+            else:
+                check(i, d["metadata"].get("namespace") == expected_ns,
+                      f"namespace is {d['metadata'].get('namespace')!r}, expected {expected_ns!r}")
+
+    for i, d, tpl in pods:
+        spec = tpl.get("spec") or {}
+        labels = (tpl.get("metadata") or {}).get("labels") or {}
+        sel = (d.get("spec") or {}).get("selector")
+        if d["kind"] not in ("Job", "CronJob"):
+            check(i, matches(sel, labels), "spec.selector does not match the pod template labels")
+        psc = spec.get("securityContext") or {}
+        if mode != "file":
+            sa_docs = [s for _, s in by_kind.get("ServiceAccount", [])
+                       if s["metadata"]["name"] == spec.get("serviceAccountName", "default")]
+            token = spec.get("automountServiceAccountToken")
+            if token is None and sa_docs:
+                token = sa_docs[0].get("automountServiceAccountToken")
+            check(i, token is False, "pod would mount a service account token it does not need")
+        for key, c in containers(spec):
+            where = f"{key}[{c.get('name')}]"
+            res = c.get("resources") or {}
+            for kind in ("requests", "limits"):
+                for r in ("cpu", "memory"):
+                    check(i, r in (res.get(kind) or {}), f"{where}: resources.{kind}.{r} missing")
+            csc = c.get("securityContext") or {}
+            check(i, csc.get("runAsNonRoot", psc.get("runAsNonRoot")) is True,
+                  f"{where}: runAsNonRoot is not true")
+            check(i, csc.get("allowPrivilegeEscalation") is False,
+                  f"{where}: allowPrivilegeEscalation is not false")
+            check(i, csc.get("readOnlyRootFilesystem") is True,
+                  f"{where}: readOnlyRootFilesystem is not true")
+            check(i, "ALL" in ((csc.get("capabilities") or {}).get("drop") or []),
+                  f"{where}: capabilities.drop lacks ALL")
+            seccomp = (csc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type")
+            check(i, seccomp in ("RuntimeDefault", "Localhost"),
+                  f"{where}: seccompProfile is not RuntimeDefault")
+            image = c.get("image", "")
+            if mode != "file":
+                check(i, ("@" in image or ":" in image.rsplit("/", 1)[-1])
+                      and not image.endswith(":latest"),
+                      f"{where}: image {image!r} has no pinned tag (images: in the overlay?)")
+            ports = {p.get("name") for p in c.get("ports") or []}
+            for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+                port = (((c.get(probe) or {}).get("httpGet") or (c.get(probe) or {}).get(
+                    "tcpSocket") or {}).get("port"))
+                if isinstance(port, str):
+                    check(i, port in ports, f"{where}: {probe} uses unknown port name {port!r}")
+            if mode == "file":
+                continue
+            for ef in c.get("envFrom") or []:
+                if "configMapRef" in ef and not ef["configMapRef"].get("optional"):
+                    check(i, ef["configMapRef"]["name"] in configmaps,
+                          f"{where}: envFrom ConfigMap {ef['configMapRef']['name']!r} not found")
+                if "secretRef" in ef and not ef["secretRef"].get("optional"):
+                    check(i, ef["secretRef"]["name"] in secrets,
+                          f"{where}: envFrom Secret {ef['secretRef']['name']!r} not found")
+            for e in c.get("env") or []:
+                vf = e.get("valueFrom") or {}
+                if "configMapKeyRef" in vf:
+                    check(i, vf["configMapKeyRef"]["name"] in configmaps,
+                          f"{where}: env {e['name']}: ConfigMap not found")
+                if "secretKeyRef" in vf:
+                    check(i, vf["secretKeyRef"]["name"] in secrets,
+                          f"{where}: env {e['name']}: Secret {vf['secretKeyRef']['name']!r} "
+                          "not found (and not a documented external Secret)")
+        if mode != "file":
+            for v in spec.get("volumes") or []:
+                if "configMap" in v:
+                    check(i, v["configMap"]["name"] in configmaps,
+                          f"volume {v['name']}: ConfigMap not found")
+                if "secret" in v:
+                    check(i, v["secret"]["secretName"] in secrets,
+                          f"volume {v['name']}: Secret not found")
+            sa = spec.get("serviceAccountName")
+            if sa:
+                check(i, sa in names("ServiceAccount"), f"ServiceAccount {sa!r} not found")
+
+    if mode == "file":
+        return problems, checks
+
+    def selected(selector):
+        return [(j, d, t) for j, d, t in pods
+                if matches(selector, (t.get("metadata") or {}).get("labels") or {})]
+
+    for i, d in by_kind.get("Service", []):
+        sel = d["spec"].get("selector")
+        if not sel:
+            continue
+        hit = selected({"matchLabels": sel})
+        check(i, bool(hit), "selector matches no pod template")
+        for p in d["spec"].get("ports") or []:
+            tp = p.get("targetPort")
+            if isinstance(tp, str):
+                names_ = {cp.get("name") for _, _, t in hit
+                          for _, c in containers(t.get("spec") or {}) for cp in c.get("ports") or []}
+                check(i, tp in names_, f"targetPort {tp!r} is no container port of the selected pods")
+    for kind in ("PodDisruptionBudget",):
+        for i, d in by_kind.get(kind, []):
+            check(i, bool(selected(d["spec"].get("selector"))), "selector matches no pod template")
+    for i, d in by_kind.get("NetworkPolicy", []):
+        ps = d["spec"].get("podSelector") or {}
+        if ps:
+            check(i, bool(selected(ps)), "podSelector matches no pod template")
+    targets_scaled = {}
+    for i, d in by_kind.get("HorizontalPodAutoscaler", []):
+        t = d["spec"]["scaleTargetRef"]
+        check(i, t["name"] in names(t["kind"]), f"scaleTargetRef {t['kind']}/{t['name']} not found")
+        check(i, d["spec"].get("minReplicas", 1) <= d["spec"]["maxReplicas"],
+              "minReplicas > maxReplicas")
+        targets_scaled.setdefault((t["kind"], t["name"]), []).append(i)
+    for i, d in by_kind.get("ScaledObject", []):
+        t = d["spec"]["scaleTargetRef"]
+        kind = t.get("kind", "Deployment")
+        check(i, t["name"] in names(kind), f"scaleTargetRef {kind}/{t['name']} not found")
+        check(i, d["spec"].get("minReplicaCount", 0) <= d["spec"].get("maxReplicaCount", 100),
+              "minReplicaCount > maxReplicaCount")
+        targets_scaled.setdefault((kind, t["name"]), []).append(i)
+        for trig in d["spec"].get("triggers") or []:
+            auth = (trig.get("authenticationRef") or {}).get("name")
+            if auth:
+                check(i, auth in names("TriggerAuthentication"),
+                      f"authenticationRef {auth!r} not found")
+    for (kind, name), idx in targets_scaled.items():
+        for i in idx:
+            check(i, len(idx) == 1, f"{kind}/{name} is scaled by {len(idx)} autoscalers")
+    for i, d in by_kind.get("TriggerAuthentication", []):
+        for s in d["spec"].get("secretTargetRef") or []:
+            check(i, s["name"] in secrets, f"secretTargetRef Secret {s['name']!r} not found")
+    for i, d in by_kind.get("ServiceMonitor", []):
+        svcs = [s for _, s in by_kind.get("Service", [])
+                if matches(d["spec"]["selector"], s["metadata"].get("labels") or {})]
+        check(i, bool(svcs), "selector matches no Service")
+        ports = {p.get("name") for s in svcs for p in s["spec"].get("ports") or []}
+        for ep in d["spec"].get("endpoints") or []:
+            if "port" in ep:
+                check(i, ep["port"] in ports, f"endpoint port {ep['port']!r} not on the Service")
+    return problems, checks
+
+
+# ---- main ------------------------------------------------------------------------------------------
+summary = []
+total_bad = 0
+for name, path, mode, _ in targets:
+    focus = None
+    if mode.startswith("focus:"):
+        with open(mode[len("focus:"):]) as f:
+            focus = {(d["kind"], d["metadata"]["name"]) for d in yaml.safe_load_all(f) if d}
+        mode = "overlay"
+    with open(path) as f:
+        docs = [d for d in yaml.safe_load_all(f) if d]
+    expected_ns = None
+    if mode == "overlay":
+        nss = [d["metadata"]["name"] for d in docs if d.get("kind") == "Namespace"]
+        expected_ns = nss[0] if len(nss) == 1 else None
+    print(f"==> {name}: {len(docs)} document{'s' if len(docs) != 1 else ''}" + (f", namespace {expected_ns}" if expected_ns else "")
+          + (f" (reporting the {len(focus)} added by the file)" if focus else ""))
+
+    results = []   # (status, detail, errors)
+    upstream_idx = []
+    for d in docs:
+        errs = []
+        if not isinstance(d, dict) or not all(k in d for k in ("apiVersion", "kind", "metadata")):
+            results.append(("FAIL", "not a Kubernetes object", ["apiVersion/kind/metadata missing"]))
+            continue
+        if group_of(d["apiVersion"]) in CORE_GROUPS:
+            errs = validate_core(d)
+            results.append(("core", f"schema {' + '.join(versions)} strict", errs))
+        else:
+            errs = validate_crd(d)
+            if errs is None:
+                results.append(("FAIL", "unknown CRD kind", [
+                    f"{d['apiVersion']} {d['kind']} is neither a core kind nor a CRD this script "
+                    "knows: add a minimal schema to scripts/k8s-validate.sh"]))
+                continue
+            detail = "CRD: not in the Kubernetes schemas; minimal schema"
+            if (d["apiVersion"], d["kind"]) in UPSTREAM_MODELS:
+                upstream_idx.append(len(results))
+            results.append(("crd", detail, errs))
+    upstream = run_upstream([docs[i] for i in upstream_idx])
+    for i, res in zip(upstream_idx, upstream):
+        status, detail, errs = results[i]
+        if res is None:
+            detail += " (upstream model check skipped: no node)"
+        else:
+            detail += " + upstream model"
+            errs = errs + res
+        results[i] = (status, detail, errs)
+
+    problems, checks = cross_check(docs, mode, expected_ns)
+    counts = {"core": 0, "crd": 0, "upstream": 0, "bad": 0}
+    shown = set()
+    for i, (d, (status, detail, errs)) in enumerate(zip(docs, results)):
+        errs = errs + [f"cross-check: {p}" for p in problems.get(i, [])]
+        if focus is not None and (d.get("kind"), d.get("metadata", {}).get("name")) not in focus:
+            continue  # the overlay's own documents are reported under the overlay's target
+        errs = list(dict.fromkeys(errs))  # one schema error can be reported by two subschemas
+        shown.add(i)
+        label = "FAIL" if errs or status == "FAIL" else ("ok  " if status == "core" else "CRD ")
+        print(f"  {label}  {ref(d):<62} {detail}")
+        for e in errs:
+            print(f"          - {e}")
+        if errs or status == "FAIL":
+            counts["bad"] += 1
+        else:
+            counts["core" if status == "core" else "crd"] += 1
+            counts["upstream"] += "upstream model" in detail and "skipped" not in detail
+    made = sum(n for i, n in checks.items() if i in shown)
+    failed = sum(len(v) for i, v in problems.items() if i in shown)
+    print(f"      cross-checks: {made - failed} passed, {failed} failed")
+    parts = [f"{counts['core']} validated against the Kubernetes schemas"]
+    if counts["crd"]:
+        parts.append(f"{counts['crd']} CRDs (not in those schemas) checked with minimal schemas"
+                     f" ({counts['upstream']} also with upstream models)")
+    parts.append(f"{counts['bad']} invalid")
+    line = f"{name}: {len(shown)} document{'s' if len(shown) != 1 else ''}: " + ", ".join(parts)
+    summary.append(line)
+    total_bad += counts["bad"]
+
+print("==> summary")
+for line in summary:
+    print(f"  {line}")
+if total_bad:
+    print(f"k8s-validate: FAILED: {total_bad} invalid document(s)")
+    sys.exit(1)
+print("k8s-validate: OK: every document is valid")
+PY
