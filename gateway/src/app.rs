@@ -24,7 +24,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::error::{ApiError, ErrorBody};
-use crate::routes::{commands, events, health};
+use crate::routes::{commands, events, health, owners};
 
 /// The largest request body: a batch of events (each event is still at most 256 KiB).
 pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
@@ -56,6 +56,8 @@ pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(commands::get_history))
         .routes(routes!(commands::get_tree))
         .routes(routes!(commands::abort_command))
+        .routes(routes!(owners::get_feed))
+        .routes(routes!(owners::read_message))
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
         .with_state(state)

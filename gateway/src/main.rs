@@ -92,6 +92,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => client::start(&Client::from_env()?, &kind, &owner, &data, wait).await,
         Cmd::Show { id } => client::show(&Client::from_env()?, &id).await,
         Cmd::History { id } => client::history(&Client::from_env()?, &id).await,
+        Cmd::Feed { owner, kind, limit } => {
+            client::feed(&Client::from_env()?, &owner, kind.as_deref(), limit).await
+        }
         Cmd::Tree { id } => client::tree(&Client::from_env()?, &id).await,
         Cmd::Abort { id, reason } => client::abort(&Client::from_env()?, &id, reason).await,
     }

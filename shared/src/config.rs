@@ -55,6 +55,11 @@ pub struct Config {
     pub early_event_window: Duration,
     /// Timers one scheduler claims per transaction (`CMDFLOW_SCHEDULER_BATCH`).
     pub scheduler_batch: i64,
+    /// SMTP server for e-mails, `smtp://host[:port]` (`CMDFLOW_SMTP_URL`). Without it, e-mails
+    /// are kept and shown in the app.
+    pub smtp_url: Option<String>,
+    /// The sender of e-mails (`CMDFLOW_MAIL_FROM`).
+    pub mail_from: String,
     /// Log format: `json` or `pretty` (`CMDFLOW_LOG_FORMAT`).
     pub log_format: String,
 }
@@ -80,6 +85,8 @@ impl Default for Config {
             max_children: 1000,
             early_event_window: Duration::from_secs(300),
             scheduler_batch: 500,
+            smtp_url: None,
+            mail_from: "cmdflow <cmdflow@localhost>".to_owned(),
             log_format: "pretty".to_owned(),
         }
     }

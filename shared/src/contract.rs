@@ -38,6 +38,10 @@ pub mod types {
     /// A fan-in group's deadline passed: `data = {group, due_at, fired_at}`.
     pub const CHILDREN_DEADLINE: &str = "children.deadline";
 
+    /// Joins two identities of one person: `data = {from, to}` (owners), e.g. a visitor's
+    /// cookie to the member it signed up as. History and pending conditions follow the person.
+    pub const OWNER_LINKED: &str = "owner.linked";
+
     /// Whether `ty` is a child's report to its parent (an ACK).
     pub fn is_ack(ty: &str) -> bool {
         matches!(ty, COMMAND_COMPLETED | COMMAND_FAILED | COMMAND_ABORTED)

@@ -151,6 +151,32 @@ pub struct Decision {
     pub timers: Vec<TimerOp>,
     /// Events to wait for.
     pub waits: Vec<WaitSpec>,
+    /// Messages to send, rendered from templates with the person's own data.
+    pub messages: Vec<MessageSpec>,
+}
+
+/// Where a message goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Channel {
+    /// Stored and shown in the app, with a read/unread state.
+    InApp,
+    /// Sent by SMTP (and shown in the app too); kept in the app when no SMTP server is set.
+    Email,
+}
+
+/// An automatic, personal answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MessageSpec {
+    /// The template's name, e.g. `quote_submitted`.
+    pub template: String,
+    pub channel: Channel,
+    /// The owner it is for; the command's owner when `None`.
+    pub to: Option<String>,
+    /// The e-mail address, for the e-mail channel.
+    pub email: Option<String>,
+    /// Extra values for the template.
+    pub vars: Map<String, Value>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -314,6 +340,37 @@ impl Decision {
             event_type: event_type.to_owned(),
             key: key.to_owned(),
             timeout,
+        });
+        self
+    }
+
+    /// Sends a message rendered from `template` to the command's owner.
+    pub fn message(mut self, template: &str, channel: Channel, vars: Map<String, Value>) -> Self {
+        self.messages.push(MessageSpec {
+            template: template.to_owned(),
+            channel,
+            to: None,
+            email: None,
+            vars,
+        });
+        self
+    }
+
+    /// Sends a message to someone else than the command's owner.
+    pub fn message_to(
+        mut self,
+        to: &str,
+        email: Option<&str>,
+        template: &str,
+        channel: Channel,
+        vars: Map<String, Value>,
+    ) -> Self {
+        self.messages.push(MessageSpec {
+            template: template.to_owned(),
+            channel,
+            to: Some(to.to_owned()),
+            email: email.map(str::to_owned),
+            vars,
         });
         self
     }

@@ -2,6 +2,7 @@
 //! prefix on the real local services, and runs the gateway and workers in-process on port 0.
 
 pub mod proxy;
+pub mod smtp;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -76,6 +76,8 @@ pub struct EngineSettings {
     pub max_depth: i32,
     pub max_children: usize,
     pub early_event_window: Duration,
+    /// Whether e-mails are sent (an SMTP server is configured) or kept in the app.
+    pub smtp_enabled: bool,
 }
 
 impl EngineSettings {
@@ -91,6 +93,7 @@ impl EngineSettings {
             max_depth: config.max_depth,
             max_children: config.max_children,
             early_event_window: config.early_event_window,
+            smtp_enabled: config.smtp_url.is_some(),
         })
     }
 
@@ -118,6 +121,7 @@ pub struct Engine {
     registry: Arc<Registry>,
     settings: EngineSettings,
     clock: Arc<dyn Clock>,
+    templates: crate::messages::Templates,
 }
 
 impl Engine {
@@ -136,6 +140,7 @@ impl Engine {
             registry,
             settings,
             clock: Arc::new(SystemClock),
+            templates: crate::messages::Templates::builtin(),
         }
     }
 

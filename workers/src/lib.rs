@@ -4,6 +4,7 @@
 pub mod engine;
 pub mod fanin;
 pub mod handlers;
+pub mod messages;
 pub mod scheduler;
 
 use std::sync::Arc;
@@ -32,6 +33,8 @@ pub enum WorkerError {
 /// A worker: its engine and the connections it was built with.
 pub struct Worker {
     engine: Arc<Engine>,
+    /// `(smtp_url, from)` when e-mails are sent.
+    mail: Option<(String, String)>,
 }
 
 impl Worker {
@@ -68,7 +71,11 @@ impl Worker {
         };
         bus.declare_topology(&settings.delay_queues()).await?;
         let engine = Arc::new(Engine::new(pool, bus, locks, Arc::new(registry), settings));
-        Ok(Worker { engine })
+        let mail = config
+            .smtp_url
+            .clone()
+            .map(|url| (url, config.mail_from.clone()));
+        Ok(Worker { engine, mail })
     }
 
     /// Uses `clock` for "now" when timers are set (tests).
@@ -76,7 +83,10 @@ impl Worker {
         let engine = Arc::try_unwrap(self.engine)
             .map(|e| Arc::new(e.with_clock(clock)))
             .unwrap_or_else(|shared| shared);
-        Worker { engine }
+        Worker {
+            engine,
+            mail: self.mail,
+        }
     }
 
     pub fn engine(&self) -> &Arc<Engine> {
@@ -87,7 +97,18 @@ impl Worker {
     pub async fn run_until_stopped(self, shutdown: CancellationToken) {
         let sweeper =
             tokio::spawn(Arc::clone(&self.engine).sweep_outbox_until_stopped(shutdown.clone()));
+        let mailer = self.mail.map(|(url, from)| {
+            tokio::spawn(messages::send_until_stopped(
+                self.engine.pool().clone(),
+                url,
+                from,
+                shutdown.clone(),
+            ))
+        });
         Arc::clone(&self.engine).run_until_stopped(shutdown).await;
         drop(sweeper.await);
+        if let Some(mailer) = mailer {
+            drop(mailer.await);
+        }
     }
 }

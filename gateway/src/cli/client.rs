@@ -216,6 +216,62 @@ pub async fn history(client: &Client, id: &str) -> anyhow::Result<()> {
     }
 }
 
+pub async fn feed(
+    client: &Client,
+    owner: &str,
+    kind: Option<&str>,
+    limit: u32,
+) -> anyhow::Result<()> {
+    let mut path = format!("/v1/owners/{}/feed?limit={limit}", urlencode(owner));
+    if let Some(kind) = kind {
+        path.push_str(&format!("&kind={}", urlencode(kind)));
+    }
+    let feed = client.get(&path).await?;
+    println!(
+        "person   {}",
+        feed["identities"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!("pending");
+    for p in feed["pending"].as_array().into_iter().flatten() {
+        println!(
+            "  {:<22} {}  ({})",
+            p["code"].as_str().unwrap_or(""),
+            p["text"].as_str().unwrap_or(""),
+            p["command_id"].as_str().unwrap_or("")
+        );
+    }
+    println!("history");
+    for c in feed["history"].as_array().into_iter().flatten() {
+        println!(
+            "  {}  {:<14} {:<10} {}",
+            c["created_at"].as_str().unwrap_or(""),
+            c["kind"].as_str().unwrap_or(""),
+            c["state"].as_str().unwrap_or(""),
+            c["command_id"].as_str().unwrap_or("")
+        );
+    }
+    println!("messages");
+    for m in feed["messages"].as_array().into_iter().flatten() {
+        let read = if m["read"] == true {
+            "read  "
+        } else {
+            "unread"
+        };
+        println!(
+            "  {read} {:<6} {}",
+            m["channel"].as_str().unwrap_or(""),
+            m["subject"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
 pub async fn tree(client: &Client, id: &str) -> anyhow::Result<()> {
     let tree = client
         .get(&format!("/v1/commands/{}/tree", urlencode(id)))

@@ -104,6 +104,19 @@ pub enum Cmd {
     /// Show a command's history.
     #[command(after_help = "Example:\n  cmdflow history 0192f0c1-7a3b-7c2d-9e4f-5a6b7c8d9e0f")]
     History { id: String },
+    /// Show what a person's UI shows: pending conditions, history and messages.
+    #[command(
+        after_help = "Examples:\n  cmdflow feed member:42\n  cmdflow feed member:42 --kind query --limit 10"
+    )]
+    Feed {
+        owner: String,
+        /// Only history of this kind.
+        #[arg(long)]
+        kind: Option<String>,
+        /// History entries to show.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
     /// Show a command's tree: every descendant with its state.
     #[command(after_help = "Example:\n  cmdflow tree 0192f0c1-7a3b-7c2d-9e4f-5a6b7c8d9e0f")]
     Tree { id: String },

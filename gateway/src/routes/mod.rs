@@ -4,6 +4,7 @@
 pub mod commands;
 pub mod events;
 pub mod health;
+pub mod owners;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;

@@ -529,4 +529,5 @@ pub async fn outbox_backlog(pool: &PgPool) -> Result<i64> {
         .await?)
 }
 
+pub mod people;
 pub mod time;

@@ -5,10 +5,10 @@
 use chrono::Utc;
 use cmdflow_shared::contract::types::{
     self, CHILDREN_DEADLINE, CHILDREN_SETTLED, COMMAND_ABORT, COMMAND_ABORTED, COMMAND_COMPLETED,
-    COMMAND_FAILED, COMMAND_START,
+    COMMAND_FAILED, COMMAND_START, OWNER_LINKED,
 };
 use cmdflow_shared::decision::{
-    AbortChildren, ChildSpec, Decision, FanIn, Outcome, TimerOp, WaitSpec, apply_data,
+    AbortChildren, Channel, ChildSpec, Decision, FanIn, Outcome, TimerOp, WaitSpec, apply_data,
 };
 use cmdflow_shared::domain::{Kind, Owner};
 use cmdflow_shared::store::time::{self, NewTimer};
@@ -173,6 +173,28 @@ impl Engine {
                 applied = Applied::Applied;
             }
         }
+        if event.ty == OWNER_LINKED {
+            let field = |name: &str| {
+                event
+                    .data
+                    .get(name)
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| {
+                        ApplyError::Permanent(format!(
+                            "owner.linked needs data.{name}, an owner such as member:42"
+                        ))
+                    })
+                    .and_then(|s| {
+                        Owner::parse(s).map_err(|e| {
+                            ApplyError::Permanent(format!("owner.linked data.{name}: {e}"))
+                        })
+                    })
+            };
+            let (from, to) = (field("from")?, field("to")?);
+            store::people::link(tx, &from.to_string(), &to.to_string()).await?;
+            matched = true;
+            applied = Applied::Applied;
+        }
         let body = serde_json::to_value(event).unwrap_or(Value::Null);
         if let Some(key) = &event.correlationid {
             time::lock_key(tx, &event.ty, key).await?;
@@ -250,6 +272,16 @@ impl Engine {
             notes.push(reason.clone());
             decision = Decision::fail(reason);
         }
+        // Render every message before anything is applied: a template error fails the command
+        // with the template's name, and no half-rendered message goes out.
+        let rendered = match self.render_messages(&command, event, &decision) {
+            Ok(rendered) => rendered,
+            Err(reason) => {
+                notes.push(reason.clone());
+                decision = Decision::fail(reason);
+                Vec::new()
+            }
+        };
 
         let mut next = command.clone();
         let default_state = if command.state == CommandState::Pending {
@@ -292,7 +324,9 @@ impl Engine {
         if let Some(ui) = &decision.ui {
             next.ui = if ui.is_null() { None } else { Some(ui.clone()) };
         }
-        if next.state.is_terminal() {
+        // A hint ends with its command, unless the ending decision sets one that outlives it
+        // (such as "your membership is approved").
+        if next.state.is_terminal() && decision.ui.is_none() {
             next.ui = None;
         }
 
@@ -359,6 +393,13 @@ impl Engine {
         }
 
         store::update_command(tx, &next, command.version).await?;
+        for (i, m) in rendered.iter().enumerate() {
+            let trigger = format!(
+                "{}/{}/{}/{}/{i}",
+                command.id, event.source, event.id, m.template
+            );
+            store::people::insert_message(tx, m, command.id, &trigger).await?;
+        }
 
         let mut detail = obj(json!({ "source": event.source, "data": event.data }));
         if !notes.is_empty() {
@@ -852,6 +893,53 @@ impl Engine {
         .await?;
         store::save_group(tx, &group).await?;
         Ok(())
+    }
+
+    /// Renders the decision's messages with the person's own data.
+    fn render_messages(
+        &self,
+        command: &Command,
+        event: &Event,
+        decision: &Decision,
+    ) -> Result<Vec<store::people::NewMessage>, String> {
+        let now = self.clock.now();
+        decision
+            .messages
+            .iter()
+            .map(|spec| {
+                let mut context = command.data.as_object().cloned().unwrap_or_default();
+                for (k, v) in &spec.vars {
+                    context.insert(k.clone(), v.clone());
+                }
+                let to = spec.to.clone().unwrap_or_else(|| command.owner.clone());
+                if !context.contains_key("name") {
+                    context.insert("name".into(), json!(to.split_once(':').map_or(to.as_str(), |(_, id)| id)));
+                }
+                context.insert("owner".into(), json!(to));
+                context.insert("now".into(), json!(now));
+                context.insert("command".into(), json!({"id": command.id, "kind": command.kind, "created_at": command.created_at}));
+                context.insert("event".into(), json!({"type": event.ty, "data": event.data, "time": event.time}));
+                let (subject, body) = self.templates.render(&spec.template, &Value::Object(context))?;
+                let delivery = match (spec.channel, &spec.email) {
+                    (Channel::InApp, _) => "in_app",
+                    (Channel::Email, None) => return Err(format!("template {}: an e-mail needs an address", spec.template)),
+                    (Channel::Email, Some(_)) if self.settings.smtp_enabled => "pending",
+                    (Channel::Email, Some(_)) => "kept",
+                };
+                Ok(store::people::NewMessage {
+                    owner: to,
+                    template: spec.template.clone(),
+                    channel: match spec.channel {
+                        Channel::InApp => "in_app",
+                        Channel::Email => "email",
+                    },
+                    subject,
+                    body,
+                    email_to: spec.email.clone(),
+                    delivery,
+                })
+            })
+            .collect()
     }
 
     pub(super) fn new_command(

@@ -1,6 +1,7 @@
 //! Command kinds: each is a pure handler, `decide(&Command, &Event) -> Result<Decision, HandlerError>`.
 //! The registry maps kind names to handlers.
 
+pub mod business;
 pub mod demo;
 pub mod demo_time;
 
@@ -43,6 +44,7 @@ impl Registry {
     /// The kinds cmdflow ships with.
     pub fn builtin() -> Self {
         let mut registry = Self::new();
+        business::register(&mut registry);
         demo::register(&mut registry);
         demo_time::register(&mut registry);
         registry

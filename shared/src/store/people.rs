@@ -1,0 +1,189 @@
+//! Statements about people: identities joined by `owner.linked`, messages, and the owner feed
+//! (history, pending conditions, messages), each read by index.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::{Result, Tx};
+use crate::domain::{CommandId, CommandState};
+
+/// A rendered message to store.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub owner: String,
+    pub template: String,
+    pub channel: &'static str,
+    pub subject: String,
+    pub body: String,
+    pub email_to: Option<String>,
+    pub delivery: &'static str,
+}
+
+/// Stores a message once per trigger key; a redelivered trigger stores nothing.
+pub async fn insert_message(
+    tx: &mut Tx<'_>,
+    m: &NewMessage,
+    command: CommandId,
+    trigger: &str,
+) -> Result<bool> {
+    let done = sqlx::query(
+        "INSERT INTO messages (id, owner, command_id, trigger_key, template, channel, subject, body, email_to, delivery)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (trigger_key) DO NOTHING",
+    )
+    .bind(Uuid::now_v7())
+    .bind(&m.owner)
+    .bind(command)
+    .bind(trigger)
+    .bind(&m.template)
+    .bind(m.channel)
+    .bind(&m.subject)
+    .bind(&m.body)
+    .bind(&m.email_to)
+    .bind(m.delivery)
+    .execute(&mut **tx)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Joins two identities of one person: `from` (say, a cookie) now belongs to whoever `to` is.
+/// Every id already linked to `from`'s person follows.
+pub async fn link(tx: &mut Tx<'_>, from: &str, to: &str) -> Result<String> {
+    let person: String =
+        sqlx::query_scalar("SELECT coalesce((SELECT person FROM identities WHERE owner = $1), $1)")
+            .bind(to)
+            .fetch_one(&mut **tx)
+            .await?;
+    let old: String =
+        sqlx::query_scalar("SELECT coalesce((SELECT person FROM identities WHERE owner = $1), $1)")
+            .bind(from)
+            .fetch_one(&mut **tx)
+            .await?;
+    sqlx::query("UPDATE identities SET person = $2, linked_at = now() WHERE person = $1")
+        .bind(&old)
+        .bind(&person)
+        .execute(&mut **tx)
+        .await?;
+    let mut owners = vec![from, to, old.as_str()];
+    owners.sort_unstable();
+    owners.dedup();
+    for owner in owners {
+        sqlx::query(
+            "INSERT INTO identities (owner, person) VALUES ($1, $2)
+             ON CONFLICT (owner) DO UPDATE SET person = EXCLUDED.person, linked_at = now()",
+        )
+        .bind(owner)
+        .bind(&person)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(person)
+}
+
+/// Every owner id of the person `owner` belongs to (at least `owner` itself).
+pub async fn owners_of(pool: &PgPool, owner: &str) -> Result<Vec<String>> {
+    let mut owners: Vec<String> = sqlx::query_scalar(
+        "SELECT i.owner FROM identities i
+          WHERE i.person = coalesce((SELECT person FROM identities WHERE owner = $1), $1)",
+    )
+    .bind(owner)
+    .fetch_all(pool)
+    .await?;
+    if !owners.iter().any(|o| o == owner) {
+        owners.push(owner.to_owned());
+    }
+    owners.sort();
+    Ok(owners)
+}
+
+#[derive(Debug, Clone, sqlx::FromRow, Serialize, utoipa::ToSchema)]
+pub struct FeedCommand {
+    pub command_id: CommandId,
+    pub kind: String,
+    pub owner: String,
+    pub state: CommandState,
+    #[schema(value_type = Object)]
+    pub data: Value,
+    #[schema(value_type = Option<Object>)]
+    pub result: Option<Value>,
+    pub created_at: DateTime<Utc>,
+    pub ended_at: Option<DateTime<Utc>>,
+}
+
+/// A person's commands, newest first, before the cursor `(created_at, id)`, optionally of one kind.
+pub async fn history(
+    pool: &PgPool,
+    owners: &[String],
+    kind: Option<&str>,
+    before: Option<(DateTime<Utc>, CommandId)>,
+    limit: i64,
+) -> Result<Vec<FeedCommand>> {
+    let (before_at, before_id) = before.unzip();
+    Ok(sqlx::query_as::<_, FeedCommand>(
+        "SELECT id AS command_id, kind, owner, state, data, result, created_at, ended_at
+           FROM commands
+          WHERE owner = ANY($1) AND parent_id IS NULL
+            AND ($2::text IS NULL OR kind = $2)
+            AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4))
+          ORDER BY created_at DESC, id DESC
+          LIMIT $5",
+    )
+    .bind(owners)
+    .bind(kind)
+    .bind(before_at)
+    .bind(before_id)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Commands carrying a UI hint: the person's pending conditions, newest first.
+pub async fn hinted(pool: &PgPool, owners: &[String]) -> Result<Vec<(CommandId, Value)>> {
+    Ok(sqlx::query_as(
+        "SELECT id, ui FROM commands WHERE owner = ANY($1) AND ui IS NOT NULL ORDER BY updated_at DESC LIMIT 100",
+    )
+    .bind(owners)
+    .fetch_all(pool)
+    .await?)
+}
+
+#[derive(Debug, Clone, sqlx::FromRow, Serialize, utoipa::ToSchema)]
+pub struct MessageRow {
+    pub id: Uuid,
+    pub owner: String,
+    pub command_id: CommandId,
+    pub template: String,
+    /// `in_app` or `email`.
+    pub channel: String,
+    pub subject: String,
+    pub body: String,
+    /// `in_app`, `pending`, `sent` or `kept` (no SMTP: shown in the app).
+    pub delivery: String,
+    pub read: bool,
+    pub created_at: DateTime<Utc>,
+}
+
+pub async fn messages(pool: &PgPool, owners: &[String], limit: i64) -> Result<Vec<MessageRow>> {
+    Ok(sqlx::query_as::<_, MessageRow>(
+        "SELECT id, owner, command_id, template, channel, subject, body, delivery, read_at IS NOT NULL AS read, created_at
+           FROM messages WHERE owner = ANY($1) ORDER BY created_at DESC LIMIT $2",
+    )
+    .bind(owners)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Marks a message read; `false` when the person has no such message.
+pub async fn mark_read(pool: &PgPool, owners: &[String], id: Uuid) -> Result<bool> {
+    let done = sqlx::query(
+        "UPDATE messages SET read_at = coalesce(read_at, now()) WHERE id = $1 AND owner = ANY($2)",
+    )
+    .bind(id)
+    .bind(owners)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
