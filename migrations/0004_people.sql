@@ -34,6 +34,10 @@ CREATE INDEX messages_owner_recent ON messages (owner, created_at DESC);
 CREATE INDEX messages_owner_unread ON messages (owner) WHERE read_at IS NULL;
 CREATE INDEX messages_to_send ON messages (created_at) WHERE delivery = 'pending';
 
+-- One open funnel command per person and funnel.
+CREATE UNIQUE INDEX commands_one_open_funnel ON commands (owner, kind)
+    WHERE kind LIKE 'funnel.%' AND state IN ('pending', 'running', 'waiting');
+
 -- Conditions a UI should show: commands with a `ui` hint, open or (for conditions that outlive
 -- the command, such as an approved membership) ended.
 CREATE INDEX commands_owner_ui ON commands (owner, updated_at DESC) WHERE ui IS NOT NULL;

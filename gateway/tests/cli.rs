@@ -85,3 +85,41 @@ fn a_bad_setting_names_its_field() {
     assert_ne!(code, 0);
     assert!(stderr.contains("retry_delays"), "{stderr}");
 }
+
+#[test]
+fn a_bad_funnel_file_stops_start_up_with_its_precise_error() {
+    let dir = std::env::temp_dir().join(format!("cmdflow-funnels-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("broken.toml"),
+        r#"
+version = 1
+name = "broken"
+title = "Broken"
+start_on = "lead.created"
+initial = "lead"
+final = ["done"]
+[[stages]]
+name = "lead"
+transitions = [{ on = "visitor.arrived", to = "visiter" }]
+[[stages]]
+name = "done"
+"#,
+    )
+    .unwrap();
+    let (code, stderr) = run(
+        &["worker"],
+        &[("CMDFLOW_FUNNELS_DIR", dir.to_str().unwrap())],
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("broken.toml: funnel broken: stages[0] (lead).transitions[0].to: unknown stage `visiter`"),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.lines().filter(|l| !l.trim().is_empty()).count(),
+        1,
+        "{stderr}"
+    );
+}

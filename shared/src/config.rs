@@ -60,6 +60,9 @@ pub struct Config {
     pub smtp_url: Option<String>,
     /// The sender of e-mails (`CMDFLOW_MAIL_FROM`).
     pub mail_from: String,
+    /// A folder of funnel definitions (`*.toml`) to run instead of the shipped ones
+    /// (`CMDFLOW_FUNNELS_DIR`). An invalid file stops start-up with its precise error.
+    pub funnels_dir: Option<String>,
     /// Log format: `json` or `pretty` (`CMDFLOW_LOG_FORMAT`).
     pub log_format: String,
 }
@@ -86,6 +89,7 @@ impl Default for Config {
             early_event_window: Duration::from_secs(300),
             scheduler_batch: 500,
             smtp_url: None,
+            funnels_dir: None,
             mail_from: "cmdflow <cmdflow@localhost>".to_owned(),
             log_format: "pretty".to_owned(),
         }

@@ -33,6 +33,9 @@ pub struct Emit {
     pub data: Map<String, Value>,
     /// Addressed to one command, or broadcast by type when `None`.
     pub to: Option<crate::domain::CommandId>,
+    /// The `correlationid` to set (by default the cause's, or the root command's id). A
+    /// broadcast correlated by a person wakes that person's waits and funnels.
+    pub correlation: Option<String>,
 }
 
 /// How a parent waits on a group of children.
@@ -153,6 +156,8 @@ pub struct Decision {
     pub waits: Vec<WaitSpec>,
     /// Messages to send, rendered from templates with the person's own data.
     pub messages: Vec<MessageSpec>,
+    /// End every wait the command has (before registering this decision's waits).
+    pub stop_waiting: bool,
 }
 
 /// Where a message goes.
@@ -239,6 +244,23 @@ impl Decision {
             ty: ty.to_owned(),
             data,
             to: None,
+            correlation: None,
+        });
+        self
+    }
+
+    /// Broadcasts an event with an explicit correlation id (such as the person's owner id).
+    pub fn emit_correlated(
+        mut self,
+        ty: &str,
+        data: Map<String, Value>,
+        correlation: &str,
+    ) -> Self {
+        self.emit.push(Emit {
+            ty: ty.to_owned(),
+            data,
+            to: None,
+            correlation: Some(correlation.to_owned()),
         });
         self
     }
@@ -259,6 +281,7 @@ impl Decision {
             ty: ty.to_owned(),
             data,
             to: Some(to),
+            correlation: None,
         });
         self
     }
@@ -372,6 +395,12 @@ impl Decision {
             email: email.map(str::to_owned),
             vars,
         });
+        self
+    }
+
+    /// Ends every wait the command has; this decision's own waits are registered after.
+    pub fn stop_waiting(mut self) -> Self {
+        self.stop_waiting = true;
         self
     }
 

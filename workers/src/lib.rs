@@ -3,6 +3,7 @@
 
 pub mod engine;
 pub mod fanin;
+pub mod funnels;
 pub mod handlers;
 pub mod messages;
 pub mod scheduler;

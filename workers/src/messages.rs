@@ -38,6 +38,27 @@ const BUILTIN: &[(&str, &str)] = &[
         "membership_reminder",
         include_str!("../templates/membership_reminder.txt"),
     ),
+    (
+        "funnel_welcome",
+        include_str!("../templates/funnel_welcome.txt"),
+    ),
+    (
+        "funnel_nudge",
+        include_str!("../templates/funnel_nudge.txt"),
+    ),
+    ("funnel_done", include_str!("../templates/funnel_done.txt")),
+    (
+        "visitor_nudge",
+        include_str!("../templates/visitor_nudge.txt"),
+    ),
+    (
+        "application_received",
+        include_str!("../templates/application_received.txt"),
+    ),
+    (
+        "application_reminder",
+        include_str!("../templates/application_reminder.txt"),
+    ),
 ];
 
 /// Compiled templates.

@@ -38,6 +38,15 @@ pub fn shutdown_on_signals() -> CancellationToken {
     token
 }
 
+/// The command kinds, with the funnels of `CMDFLOW_FUNNELS_DIR` when set. An invalid funnel
+/// file stops start-up with its file, funnel and field.
+fn registry(config: &Config) -> anyhow::Result<Registry> {
+    match &config.funnels_dir {
+        None => Ok(Registry::builtin()),
+        Some(dir) => Ok(Registry::with_funnels_from(std::path::Path::new(dir))?),
+    }
+}
+
 /// Creates the database if it does not exist, then applies the migrations.
 pub async fn migrate(config: &Config) -> anyhow::Result<()> {
     let url = &config.database_url;
@@ -58,7 +67,7 @@ pub async fn migrate(config: &Config) -> anyhow::Result<()> {
 
 pub async fn up(config: Config) -> anyhow::Result<()> {
     migrate(&config).await?;
-    let registry = Registry::builtin();
+    let registry = registry(&config)?;
     let pool = store::connect(&config.database_url, config.database_pool_size).await?;
     let bus = Bus::connect(&config.amqp_url, &config.namespace, "cmdflow-up").await?;
     let worker = Worker::build_with(&config, registry.clone(), pool.clone(), bus.clone()).await?;
@@ -83,7 +92,7 @@ pub async fn up(config: Config) -> anyhow::Result<()> {
 }
 
 pub async fn gateway(config: Config) -> anyhow::Result<()> {
-    let app = Application::build(&config, Registry::builtin()).await?;
+    let app = Application::build(&config, registry(&config)?).await?;
     tracing::info!(addr = %app.local_addr(), "Gateway listening.");
     let shutdown = shutdown_on_signals();
     app.run_until_stopped(shutdown).await?;
@@ -102,7 +111,7 @@ pub async fn scheduler(config: Config) -> anyhow::Result<()> {
 }
 
 pub async fn worker(config: Config) -> anyhow::Result<()> {
-    let worker = Worker::build(&config, Registry::builtin()).await?;
+    let worker = Worker::build(&config, registry(&config)?).await?;
     let shutdown = shutdown_on_signals();
     tracing::info!(namespace = %config.namespace, concurrency = config.concurrency, "Worker started.");
     worker.run_until_stopped(shutdown).await;

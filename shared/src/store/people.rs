@@ -48,6 +48,17 @@ pub async fn insert_message(
     Ok(done.rows_affected() == 1)
 }
 
+/// Whether `owner` has an open command of `kind`.
+pub async fn has_open(tx: &mut Tx<'_>, owner: &str, kind: &str) -> Result<bool> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM commands WHERE owner = $1 AND kind = $2 AND state IN ('pending', 'running', 'waiting'))",
+    )
+    .bind(owner)
+    .bind(kind)
+    .fetch_one(&mut **tx)
+    .await?)
+}
+
 /// Joins two identities of one person: `from` (say, a cookie) now belongs to whoever `to` is.
 /// Every id already linked to `from`'s person follows.
 pub async fn link(tx: &mut Tx<'_>, from: &str, to: &str) -> Result<String> {

@@ -83,6 +83,19 @@ pub async fn clear_time(tx: &mut Tx<'_>, command: CommandId) -> Result<()> {
     Ok(())
 }
 
+/// Ends every wait of a command, with the timers of their timeouts.
+pub async fn clear_waits(tx: &mut Tx<'_>, command: CommandId) -> Result<()> {
+    sqlx::query("DELETE FROM timers WHERE command_id = $1 AND kind = 'wait_timeout'")
+        .bind(command)
+        .execute(&mut **tx)
+        .await?;
+    sqlx::query("DELETE FROM waits WHERE command_id = $1")
+        .bind(command)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
 pub async fn timers_of(pool: &PgPool, command: CommandId) -> Result<Vec<TimerRow>> {
     const SQL: &str = concat!(
         "SELECT command_id, name, kind, due_at, cron, tz, payload, fired, last_fired_at, created_at FROM timers",

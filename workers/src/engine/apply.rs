@@ -153,6 +153,13 @@ impl Engine {
                 if !store::record_event_start(tx, &event.source, &event.id, kind, id).await? {
                     continue;
                 }
+                if kind.starts_with("funnel.")
+                    && store::people::has_open(tx, &owner.to_string(), kind).await?
+                {
+                    // One funnel command per person and funnel: this person is already in it.
+                    matched = true;
+                    continue;
+                }
                 let new = NewCommand {
                     id,
                     kind: kind.clone(),
@@ -331,7 +338,11 @@ impl Engine {
         }
 
         for emit in &decision.emit {
-            out.push(self.engine_event(&command, event, &emit.ty, emit.data.clone(), emit.to));
+            let mut e = self.engine_event(&command, event, &emit.ty, emit.data.clone(), emit.to);
+            if let Some(key) = &emit.correlation {
+                e.correlationid = Some(key.clone());
+            }
+            out.push(e);
         }
         self.spawn(tx, &command, event, &decision, &mut out).await?;
         if next.state.is_terminal() {
@@ -776,6 +787,9 @@ impl Engine {
                     time::cancel_timer(tx, command.id, name).await?;
                 }
             }
+        }
+        if decision.stop_waiting {
+            time::clear_waits(tx, command.id).await?;
         }
         for wait in &decision.waits {
             self.register_wait(tx, command, wait, now, out).await?;

@@ -9,7 +9,9 @@
 //! - `membership`: applied, then pending approval (`membership.pending`, and a message), approved
 //!   (`membership.approved`) or rejected (`membership.rejected`) by an admin event. While pending,
 //!   a reminder goes to the approvers every weekday at 10:00 (`data.approvers_tz`, default
-//!   Europe/Berlin). An approval leaves the condition `membership.approved` on the ended command.
+//!   Europe/Berlin). An approval leaves the condition `membership.approved` on the ended command,
+//!   and broadcasts `member.approved` (or `member.rejected`) correlated by the person, for their
+//!   funnels.
 
 use cmdflow_shared::contract::types::{COMMAND_START, TIMER_FIRED};
 use cmdflow_shared::decision::Channel;
@@ -78,6 +80,14 @@ pub fn query(command: &Command, event: &Event) -> Result<Decision, HandlerError>
     }
 }
 
+/// The person's own data a command carries (name, e-mail), for the events it sends about them.
+fn person_data(command: &Command) -> Map<String, Value> {
+    ["name", "email"]
+        .into_iter()
+        .filter_map(|k| command.data.get(k).map(|v| (k.to_owned(), v.clone())))
+        .collect()
+}
+
 pub fn membership(command: &Command, event: &Event) -> Result<Decision, HandlerError> {
     let email = command
         .data
@@ -122,7 +132,8 @@ pub fn membership(command: &Command, event: &Event) -> Result<Decision, HandlerE
         "membership.approved" => {
             let decision =
                 Decision::complete(json!({ "approved": true, "by": event.data.get("by") }))
-                    .with_ui(hint("membership.approved", "Your membership is approved"));
+                    .with_ui(hint("membership.approved", "Your membership is approved"))
+                    .emit_correlated("member.approved", person_data(command), &command.owner);
             Ok(to_applicant(decision, "membership_approved", Map::new()))
         }
         "membership.rejected" => {
@@ -133,7 +144,8 @@ pub fn membership(command: &Command, event: &Event) -> Result<Decision, HandlerE
             );
             let decision = Decision::complete(
                 json!({ "approved": false, "reason": event.data.get("reason") }),
-            );
+            )
+            .emit_correlated("member.rejected", person_data(command), &command.owner);
             Ok(to_applicant(decision, "membership_rejected", vars))
         }
         _ => Err(HandlerError::unexpected(MEMBERSHIP, event)),

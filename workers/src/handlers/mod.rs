@@ -41,8 +41,30 @@ impl Registry {
         Self::default()
     }
 
-    /// The kinds cmdflow ships with.
+    /// The kinds cmdflow ships with, and the funnels shipped in `workers/funnels/`.
     pub fn builtin() -> Self {
+        let mut registry = Self::kinds_only();
+        let kinds = registry.kinds().map(str::to_owned).collect();
+        match crate::funnels::load(None, &crate::messages::Templates::builtin(), &kinds) {
+            Ok(defs) => crate::funnels::register(&mut registry, defs),
+            // The shipped funnels are validated by a unit test; this cannot happen in a build
+            // that passed its tests.
+            Err(e) => tracing::error!(error = %e, "A built-in funnel is invalid; funnels are off."),
+        }
+        registry
+    }
+
+    /// The built-in kinds, with the funnels of every `*.toml` in `dir` instead of the shipped
+    /// ones. An invalid file is an error that names the file, the funnel and the field.
+    pub fn with_funnels_from(dir: &std::path::Path) -> Result<Self, crate::funnels::FunnelError> {
+        let mut registry = Self::kinds_only();
+        let kinds = registry.kinds().map(str::to_owned).collect();
+        let defs = crate::funnels::load(Some(dir), &crate::messages::Templates::builtin(), &kinds)?;
+        crate::funnels::register(&mut registry, defs);
+        Ok(registry)
+    }
+
+    fn kinds_only() -> Self {
         let mut registry = Self::new();
         business::register(&mut registry);
         demo::register(&mut registry);
