@@ -5,6 +5,8 @@
 //! - W2: 1,000 `demo.fanout` parents × 10 `demo.noop` children (one persisted step each).
 //! - W3: 10,000 timers due uniformly over 30 s: firing lateness, missed and doubled firings.
 //! - W4: 2,000 increments on one counter; the count must be exact.
+//! - feed: the owner feed with 1,000,000 commands of 100,000 owners in the table, under 50
+//!   concurrent requests (run with `--workers 0 --schedulers 0`).
 //! - timers1m: 1,000,000 pending timers: the claim's plan, and the scheduler's memory while it
 //!   fires 20,000 due ones among them (run with `--workers 0`; nothing consumes the firings).
 //!
@@ -108,6 +110,7 @@ async fn main() -> anyhow::Result<()> {
             "w3" => run.w3().await,
             "w4" => run.w4().await,
             "timers1m" => run.timers_1m().await,
+            "feed" => run.feed().await,
             other => Err(anyhow::anyhow!("unknown workload {other}")),
         };
         match result {
@@ -611,6 +614,109 @@ impl Run {
             "applied_twice": applied_twice,
             "lateness_ms": {"p50": percentile(&lateness, 0.5), "p99": percentile(&lateness, 0.99), "max": percentile(&lateness, 1.0)},
             "due_to_commit_ms": {"p50": percentile(&applied, 0.5), "p99": percentile(&applied, 0.99), "max": percentile(&applied, 1.0)},
+        }))
+    }
+
+    async fn feed(&self) -> anyhow::Result<Value> {
+        let owners = 100_000;
+        let seeded = Instant::now();
+        // 10 commands per owner over the last 30 days: queries, quotes (every third unfinished,
+        // with its hint), memberships; a message for every tenth owner; 10% of owners linked.
+        sqlx::query(
+            "INSERT INTO commands (id, kind, owner, root_id, state, data, result, ui, created_at, updated_at, ended_at)
+             SELECT id, kind, owner, id, state::command_state, data, NULL, ui, at, at, CASE WHEN state = 'completed' THEN at END
+               FROM (
+                 SELECT gen_random_uuid() AS id,
+                        (ARRAY['query', 'query', 'query', 'query', 'query', 'quote', 'quote', 'membership', 'query', 'query'])[1 + g % 10] AS kind,
+                        'member:' || (g % $1) AS owner,
+                        CASE WHEN g % 10 = 5 AND g % 3 = 0 THEN 'running' ELSE 'completed' END AS state,
+                        jsonb_build_object('q', 'search ' || g) AS data,
+                        CASE WHEN g % 10 = 5 AND g % 3 = 0
+                             THEN '{\"code\": \"quote.unfinished\", \"text\": \"Here is that quote you started but never finished\"}'::jsonb END AS ui,
+                        now() - (g % 2592000) * interval '1 second' AS at
+                   FROM generate_series(1, 1000000) g
+               ) s",
+        )
+        .bind(owners as i64)
+        .execute(&self.pool)
+        .await?;
+        sqlx::query(
+            "INSERT INTO messages (id, owner, command_id, trigger_key, template, channel, subject, body, delivery)
+             SELECT gen_random_uuid(), 'member:' || g, gen_random_uuid(), 'seed/' || g, 'quote_submitted', 'in_app',
+                    'Your quote is on its way', 'Hello', 'in_app'
+               FROM generate_series(0, $1 - 1, 10) g",
+        )
+        .bind(owners as i64)
+        .execute(&self.pool)
+        .await?;
+        sqlx::query(
+            "INSERT INTO identities (owner, person)
+             SELECT 'visitor:c' || g, 'member:' || g FROM generate_series(0, $1 - 1, 10) g
+             UNION ALL SELECT 'member:' || g, 'member:' || g FROM generate_series(0, $1 - 1, 10) g",
+        )
+        .bind(owners as i64)
+        .execute(&self.pool)
+        .await?;
+        sqlx::query("ANALYZE").execute(&self.pool).await?;
+        let seeded_in = seeded.elapsed();
+        let commands: i64 = sqlx::query_scalar("SELECT count(*) FROM commands").fetch_one(&self.pool).await?;
+        let plan: Vec<String> = sqlx::query_scalar(
+            "EXPLAIN SELECT id, kind, owner, state, data, result, created_at, ended_at FROM commands
+              WHERE owner = ANY('{member:42,visitor:c42}') AND parent_id IS NULL
+              ORDER BY created_at DESC, id DESC LIMIT 20",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+
+        let config = Config {
+            http_addr: "127.0.0.1:0".to_owned(),
+            ..self.config.clone()
+        };
+        let app = cmdflow_gateway::Application::build_with(&config, Registry::builtin(), self.pool.clone(), self.bus.clone()).await?;
+        let base = format!("http://{}", app.local_addr());
+        let stop = CancellationToken::new();
+        tokio::spawn(app.run_until_stopped(stop.clone()));
+        let client = reqwest::Client::new();
+        let duration = Duration::from_secs(20);
+        let started = Instant::now();
+        let workers: Vec<_> = (0..50)
+            .map(|w| {
+                let client = client.clone();
+                let base = base.clone();
+                tokio::spawn(async move {
+                    let mut lat = Vec::new();
+                    let mut i: u64 = w;
+                    while started.elapsed() < duration {
+                        i = i.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        let owner = (i >> 33) % owners as u64;
+                        let url = format!("{base}/v1/owners/member:{owner}/feed");
+                        let t = Instant::now();
+                        let ok = client.get(&url).send().await.map(|r| r.status().is_success()).unwrap_or(false);
+                        if ok {
+                            lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                        }
+                    }
+                    lat
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for w in workers {
+            all.extend(w.await?);
+        }
+        let secs = started.elapsed().as_secs_f64();
+        stop.cancel();
+        all.sort_by(f64::total_cmp);
+        Ok(json!({
+            "workload": "feed",
+            "commands": commands,
+            "owners": owners,
+            "concurrency": 50,
+            "seeded_in_s": (seeded_in.as_secs_f64() * 10.0).round() / 10.0,
+            "requests": all.len(),
+            "requests_per_s": (all.len() as f64 / secs).round(),
+            "latency_ms": {"p50": percentile(&all, 0.5), "p99": percentile(&all, 0.99), "max": percentile(&all, 1.0)},
+            "history_plan": plan,
         }))
     }
 
