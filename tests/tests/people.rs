@@ -310,3 +310,56 @@ async fn an_email_reaches_the_smtp_server_and_without_one_is_kept_in_the_app() {
     );
     env.cleanup().await;
 }
+
+/// `test.badmessage`: sends the approvers' reminder without the values its template needs.
+fn bad_message_kind(
+    _: &cmdflow_shared::Command,
+    event: &cmdflow_shared::Event,
+) -> Result<cmdflow_shared::Decision, cmdflow_shared::HandlerError> {
+    match event.ty.as_str() {
+        "command.start" => Ok(cmdflow_shared::Decision::nothing().message(
+            "membership_reminder",
+            cmdflow_shared::decision::Channel::InApp,
+            serde_json::Map::new(),
+        )),
+        _ => Err(cmdflow_shared::HandlerError::unexpected(
+            "test.badmessage",
+            event,
+        )),
+    }
+}
+
+#[tokio::test]
+async fn a_template_error_fails_the_command_with_the_template_name_and_sends_nothing() {
+    let mut env = TestEnv::new().await;
+    let mut registry = cmdflow_workers::Registry::builtin();
+    registry.register("test.badmessage", bad_message_kind);
+    env.start_worker_custom(
+        registry,
+        std::sync::Arc::new(cmdflow_shared::time::SystemClock),
+    )
+    .await;
+    let id = uuid::Uuid::now_v7().to_string();
+    let start = json!({
+        "specversion": "1.0", "id": uuid::Uuid::now_v7().to_string(), "source": "tests",
+        "type": "command.start", "commandid": id,
+        "data": {"kind": "test.badmessage", "owner": "member:50", "data": {}},
+    });
+    env.publish_raw("command.start", &serde_json::to_vec(&start).unwrap())
+        .await;
+    let failed = env.wait_state(&id, CommandState::Failed).await;
+    assert!(
+        failed
+            .reason
+            .as_deref()
+            .unwrap()
+            .starts_with("template membership_reminder:"),
+        "{failed:?}"
+    );
+    let messages: i64 = sqlx::query_scalar("SELECT count(*) FROM messages")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(messages, 0, "nothing half-rendered went out");
+    env.cleanup().await;
+}

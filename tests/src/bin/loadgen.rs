@@ -659,7 +659,9 @@ impl Run {
         .await?;
         sqlx::query("ANALYZE").execute(&self.pool).await?;
         let seeded_in = seeded.elapsed();
-        let commands: i64 = sqlx::query_scalar("SELECT count(*) FROM commands").fetch_one(&self.pool).await?;
+        let commands: i64 = sqlx::query_scalar("SELECT count(*) FROM commands")
+            .fetch_one(&self.pool)
+            .await?;
         let plan: Vec<String> = sqlx::query_scalar(
             "EXPLAIN SELECT id, kind, owner, state, data, result, created_at, ended_at FROM commands
               WHERE owner = ANY('{member:42,visitor:c42}') AND parent_id IS NULL
@@ -672,7 +674,13 @@ impl Run {
             http_addr: "127.0.0.1:0".to_owned(),
             ..self.config.clone()
         };
-        let app = cmdflow_gateway::Application::build_with(&config, Registry::builtin(), self.pool.clone(), self.bus.clone()).await?;
+        let app = cmdflow_gateway::Application::build_with(
+            &config,
+            Registry::builtin(),
+            self.pool.clone(),
+            self.bus.clone(),
+        )
+        .await?;
         let base = format!("http://{}", app.local_addr());
         let stop = CancellationToken::new();
         tokio::spawn(app.run_until_stopped(stop.clone()));
@@ -687,11 +695,18 @@ impl Run {
                     let mut lat = Vec::new();
                     let mut i: u64 = w;
                     while started.elapsed() < duration {
-                        i = i.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        i = i
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
                         let owner = (i >> 33) % owners as u64;
                         let url = format!("{base}/v1/owners/member:{owner}/feed");
                         let t = Instant::now();
-                        let ok = client.get(&url).send().await.map(|r| r.status().is_success()).unwrap_or(false);
+                        let ok = client
+                            .get(&url)
+                            .send()
+                            .await
+                            .map(|r| r.status().is_success())
+                            .unwrap_or(false);
                         if ok {
                             lat.push(t.elapsed().as_secs_f64() * 1000.0);
                         }
