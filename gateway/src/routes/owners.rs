@@ -77,9 +77,19 @@ pub async fn get_feed(
         return Err(ApiError::invalid("limit", "must be between 1 and 100"));
     }
     let before = query.cursor.as_deref().map(parse_cursor).transpose()?;
-    let owners = people::owners_of(&state.pool, &owner.to_string()).await?;
-    let history =
-        people::history(&state.pool, &owners, query.kind.as_deref(), before, limit).await?;
+    let people::FeedRows {
+        owners,
+        history,
+        hinted,
+        messages,
+    } = people::feed(
+        &state.pool,
+        &owner.to_string(),
+        query.kind.as_deref(),
+        before,
+        limit,
+    )
+    .await?;
     let next_cursor = (history.len() as i64 == limit)
         .then(|| {
             history
@@ -87,8 +97,7 @@ pub async fn get_feed(
                 .map(|c| format!("{}_{}", c.created_at.timestamp_micros(), c.command_id))
         })
         .flatten();
-    let mut pending: Vec<Pending> = people::hinted(&state.pool, &owners)
-        .await?
+    let mut pending: Vec<Pending> = hinted
         .into_iter()
         .filter_map(|(command_id, ui)| {
             let code = ui.get("code").and_then(Value::as_str)?.to_owned();
@@ -104,7 +113,6 @@ pub async fn get_feed(
             })
         })
         .collect();
-    let messages = people::messages(&state.pool, &owners, 50).await?;
     pending.extend(messages.iter().filter(|m| !m.read).map(|m| Pending {
         code: "message.unread".to_owned(),
         text: if m.channel == "email" {

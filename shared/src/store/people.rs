@@ -2,7 +2,7 @@
 //! (history, pending conditions, messages), each read by index.
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -109,7 +109,7 @@ pub async fn owners_of(pool: &PgPool, owner: &str) -> Result<Vec<String>> {
     Ok(owners)
 }
 
-#[derive(Debug, Clone, sqlx::FromRow, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, sqlx::FromRow, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FeedCommand {
     pub command_id: CommandId,
     pub kind: String,
@@ -123,44 +123,7 @@ pub struct FeedCommand {
     pub ended_at: Option<DateTime<Utc>>,
 }
 
-/// A person's commands, newest first, before the cursor `(created_at, id)`, optionally of one kind.
-pub async fn history(
-    pool: &PgPool,
-    owners: &[String],
-    kind: Option<&str>,
-    before: Option<(DateTime<Utc>, CommandId)>,
-    limit: i64,
-) -> Result<Vec<FeedCommand>> {
-    let (before_at, before_id) = before.unzip();
-    Ok(sqlx::query_as::<_, FeedCommand>(
-        "SELECT id AS command_id, kind, owner, state, data, result, created_at, ended_at
-           FROM commands
-          WHERE owner = ANY($1) AND parent_id IS NULL
-            AND ($2::text IS NULL OR kind = $2)
-            AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4))
-          ORDER BY created_at DESC, id DESC
-          LIMIT $5",
-    )
-    .bind(owners)
-    .bind(kind)
-    .bind(before_at)
-    .bind(before_id)
-    .bind(limit)
-    .fetch_all(pool)
-    .await?)
-}
-
-/// Commands carrying a UI hint: the person's pending conditions, newest first.
-pub async fn hinted(pool: &PgPool, owners: &[String]) -> Result<Vec<(CommandId, Value)>> {
-    Ok(sqlx::query_as(
-        "SELECT id, ui FROM commands WHERE owner = ANY($1) AND ui IS NOT NULL ORDER BY updated_at DESC LIMIT 100",
-    )
-    .bind(owners)
-    .fetch_all(pool)
-    .await?)
-}
-
-#[derive(Debug, Clone, sqlx::FromRow, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, sqlx::FromRow, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MessageRow {
     pub id: Uuid,
     pub owner: String,
@@ -176,15 +139,63 @@ pub struct MessageRow {
     pub created_at: DateTime<Utc>,
 }
 
-pub async fn messages(pool: &PgPool, owners: &[String], limit: i64) -> Result<Vec<MessageRow>> {
-    Ok(sqlx::query_as::<_, MessageRow>(
-        "SELECT id, owner, command_id, template, channel, subject, body, delivery, read_at IS NOT NULL AS read, created_at
-           FROM messages WHERE owner = ANY($1) ORDER BY created_at DESC LIMIT $2",
+/// Everything the feed shows, read in one round trip: the person's owner ids, a page of history,
+/// the commands carrying UI hints, and the latest messages.
+pub struct FeedRows {
+    pub owners: Vec<String>,
+    pub history: Vec<FeedCommand>,
+    pub hinted: Vec<(CommandId, Value)>,
+    pub messages: Vec<MessageRow>,
+}
+
+pub async fn feed(
+    pool: &PgPool,
+    owner: &str,
+    kind: Option<&str>,
+    before: Option<(DateTime<Utc>, CommandId)>,
+    limit: i64,
+) -> Result<FeedRows> {
+    let (before_at, before_id) = before.unzip();
+    let (owners, history, hinted, messages): (Vec<String>, Value, Value, Value) = sqlx::query_as(
+        "WITH p AS (SELECT coalesce((SELECT person FROM identities WHERE owner = $1), $1) AS person),
+              o AS (SELECT array_agg(DISTINCT x ORDER BY x) AS owners
+                      FROM (SELECT i.owner AS x FROM identities i, p WHERE i.person = p.person
+                            UNION ALL SELECT $1) s)
+         SELECT o.owners,
+                (SELECT coalesce(json_agg(h), '[]'::json) FROM (
+                    SELECT c.id AS command_id, c.kind, c.owner, c.state, c.data, c.result, c.created_at, c.ended_at
+                      FROM commands c
+                     WHERE c.owner = ANY(o.owners) AND c.parent_id IS NULL
+                       AND ($2::text IS NULL OR c.kind = $2)
+                       AND ($3::timestamptz IS NULL OR (c.created_at, c.id) < ($3, $4))
+                     ORDER BY c.created_at DESC, c.id DESC LIMIT $5) h),
+                (SELECT coalesce(json_agg(json_build_array(u.id, u.ui)), '[]'::json) FROM (
+                    SELECT c.id, c.ui FROM commands c
+                     WHERE c.owner = ANY(o.owners) AND c.ui IS NOT NULL
+                     ORDER BY c.updated_at DESC LIMIT 100) u),
+                (SELECT coalesce(json_agg(m), '[]'::json) FROM (
+                    SELECT g.id, g.owner, g.command_id, g.template, g.channel, g.subject, g.body, g.delivery,
+                           g.read_at IS NOT NULL AS read, g.created_at
+                      FROM messages g WHERE g.owner = ANY(o.owners)
+                     ORDER BY g.created_at DESC LIMIT 50) m)
+           FROM o",
     )
-    .bind(owners)
+    .bind(owner)
+    .bind(kind)
+    .bind(before_at)
+    .bind(before_id)
     .bind(limit)
-    .fetch_all(pool)
-    .await?)
+    .fetch_one(pool)
+    .await?;
+    let decode = |what: &str, e: serde_json::Error| {
+        super::StoreError::Database(sqlx::Error::Decode(format!("feed {what}: {e}").into()))
+    };
+    Ok(FeedRows {
+        owners,
+        history: serde_json::from_value(history).map_err(|e| decode("history", e))?,
+        hinted: serde_json::from_value(hinted).map_err(|e| decode("hints", e))?,
+        messages: serde_json::from_value(messages).map_err(|e| decode("messages", e))?,
+    })
 }
 
 /// Marks a message read; `false` when the person has no such message.

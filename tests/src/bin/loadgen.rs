@@ -674,10 +674,11 @@ impl Run {
             http_addr: "127.0.0.1:0".to_owned(),
             ..self.config.clone()
         };
+        let gateway_pool = store::connect(&config.database_url, 16).await?;
         let app = cmdflow_gateway::Application::build_with(
             &config,
             Registry::builtin(),
-            self.pool.clone(),
+            gateway_pool,
             self.bus.clone(),
         )
         .await?;
