@@ -26,6 +26,33 @@ pub fn admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
 }
 
+/// Creates database `name` on the server of `admin` (a URL to an existing database).
+pub async fn create_database(admin: &str, name: &str) -> Result<(), sqlx::Error> {
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(admin)
+        .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&pool)
+        .await?;
+    pool.close().await;
+    Ok(())
+}
+
+/// Drops database `name`, disconnecting whoever is still on it. Best effort (clean-up).
+pub async fn drop_database(admin: &str, name: &str) {
+    if let Ok(pool) = PgPoolOptions::new().max_connections(1).connect(admin).await {
+        drop(
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+            )))
+            .execute(&pool)
+            .await,
+        );
+        pool.close().await;
+    }
+}
+
 fn base_config() -> Config {
     let mut config = Config::default();
     if let Ok(url) = std::env::var("CMDFLOW_TEST_AMQP_URL") {
@@ -71,18 +98,9 @@ impl TestEnv {
         cmdflow_shared::telemetry::init_for_tests();
         let suffix = Uuid::new_v4().simple().to_string()[..12].to_owned();
         let database = format!("cmdflow_t_{suffix}");
-        let admin = PgPoolOptions::new()
-            .max_connections(1)
-            .connect(&admin_url())
-            .await
-            .expect(
-                "PostgreSQL must be running for the integration tests (see scripts/services.sh)",
-            );
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {database}")))
-            .execute(&admin)
-            .await
-            .expect("create the test database");
-        admin.close().await;
+        create_database(&admin_url(), &database).await.expect(
+            "PostgreSQL must be running for the integration tests (see scripts/services.sh)",
+        );
 
         let mut config = base_config();
         let base = admin_url();
@@ -201,21 +219,7 @@ impl TestEnv {
         drop(self.bus.delete_topology(&settings.delay_queues()).await);
         self.bus.close().await;
         self.pool.close().await;
-        if let Ok(admin) = PgPoolOptions::new()
-            .max_connections(1)
-            .connect(&admin_url())
-            .await
-        {
-            drop(
-                sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                    self.database
-                )))
-                .execute(&admin)
-                .await,
-            );
-            admin.close().await;
-        }
+        drop_database(&admin_url(), &self.database).await;
     }
 
     /// Publishes raw bytes to the events exchange, as an upstream service would.

@@ -28,7 +28,6 @@ use cmdflow_workers::scheduler::Scheduler;
 use cmdflow_workers::{EngineSettings, Registry, Worker};
 use serde_json::{Value, json};
 use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -138,15 +137,10 @@ impl Run {
     async fn prepare(args: Args) -> anyhow::Result<Run> {
         let suffix = Uuid::new_v4().simple().to_string()[..10].to_owned();
         let database = format!("cmdflow_load_{suffix}");
-        let admin = PgPoolOptions::new()
-            .max_connections(1)
-            .connect(&format!("{}/postgres", args.pg_server))
+        let admin = format!("{}/postgres", args.pg_server);
+        cmdflow_tests::create_database(&admin, &database)
             .await
             .context("connect to PostgreSQL")?;
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {database}")))
-            .execute(&admin)
-            .await?;
-        admin.close().await;
 
         let config = Config {
             database_url: format!("{}/{database}", args.pg_server),
@@ -227,20 +221,8 @@ impl Run {
         let settings = EngineSettings::from_config(&self.config).unwrap();
         drop(self.bus.delete_topology(&settings.delay_queues()).await);
         self.pool.close().await;
-        if let Ok(admin) = PgPoolOptions::new()
-            .max_connections(1)
-            .connect(&format!("{}/postgres", self.args.pg_server))
-            .await
-        {
-            drop(
-                sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                    self.database
-                )))
-                .execute(&admin)
-                .await,
-            );
-        }
+        cmdflow_tests::drop_database(&format!("{}/postgres", self.args.pg_server), &self.database)
+            .await;
     }
 
     /// Starts `n` counters and waits until all are running.
