@@ -39,6 +39,39 @@ pub async fn create_database(admin: &str, name: &str) -> Result<(), sqlx::Error>
     Ok(())
 }
 
+/// Drops, once per test process, the databases of test runs that ended more than an hour ago
+/// without cleaning up (a failed test stops before its clean-up). Their names carry their
+/// creation time.
+async fn sweep_stale_databases() {
+    static SWEPT: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    SWEPT
+        .get_or_init(|| async {
+            let Ok(pool) = PgPoolOptions::new()
+                .max_connections(1)
+                .connect(&admin_url())
+                .await
+            else {
+                return;
+            };
+            let names: Vec<String> = sqlx::query_scalar(
+                "SELECT datname FROM pg_database WHERE datname LIKE 'cmdflow\\_t\\_%'",
+            )
+            .fetch_all(&pool)
+            .await
+            .unwrap_or_default();
+            pool.close().await;
+            let cutoff = chrono::Utc::now().timestamp() - 3600;
+            for name in names {
+                let created = name.split('_').nth(2).and_then(|t| t.parse::<i64>().ok());
+                // Names without a time are from before this scheme: stale too.
+                if created.is_none_or(|t| t < cutoff) {
+                    drop_database(&admin_url(), &name).await;
+                }
+            }
+        })
+        .await;
+}
+
 /// Drops database `name`, disconnecting whoever is still on it. Best effort (clean-up).
 pub async fn drop_database(admin: &str, name: &str) {
     if let Ok(pool) = PgPoolOptions::new().max_connections(1).connect(admin).await {
@@ -96,8 +129,9 @@ impl TestEnv {
     /// A fresh database (migrated), namespace and lock prefix; `adjust` can change the config.
     pub async fn with(adjust: impl FnOnce(&mut Config)) -> TestEnv {
         cmdflow_shared::telemetry::init_for_tests();
+        sweep_stale_databases().await;
         let suffix = Uuid::new_v4().simple().to_string()[..12].to_owned();
-        let database = format!("cmdflow_t_{suffix}");
+        let database = format!("cmdflow_t_{}_{suffix}", chrono::Utc::now().timestamp());
         create_database(&admin_url(), &database).await.expect(
             "PostgreSQL must be running for the integration tests (see scripts/services.sh)",
         );
