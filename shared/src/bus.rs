@@ -41,6 +41,15 @@ pub const HEADER_ERROR_CLASS: &str = "x-cmdflow-error-class";
 /// Header carrying the last retryable error of an event being retried.
 pub const HEADER_LAST_ERROR: &str = "x-cmdflow-last-error";
 
+/// Header carrying the routing key the event was first published with.
+pub const HEADER_ROUTING_KEY: &str = "x-cmdflow-routing-key";
+/// Header carrying when the event first failed (RFC 3339).
+pub const HEADER_FIRST_FAILURE: &str = "x-cmdflow-first-failure";
+/// Header carrying the errors of every attempt, a JSON array of strings.
+pub const HEADER_ERRORS: &str = "x-cmdflow-errors";
+/// Header carrying the id of a dead-lettering, so a redelivered dead letter is kept once.
+pub const HEADER_DEAD_ID: &str = "x-cmdflow-dead-id";
+
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const DELIVERY_LIMIT: i64 = 20;
 

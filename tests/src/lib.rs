@@ -264,24 +264,16 @@ impl TestEnv {
             .expect("publish");
     }
 
-    /// A message waiting in the dead-letter queue, if any: (body, headers).
-    pub async fn get_dead_letter(&self) -> Option<(Vec<u8>, lapin::types::FieldTable)> {
-        let channel = self.bus.channel().await.expect("channel");
-        let got = channel
-            .basic_get(
-                self.bus.topology().dead_queue().as_str().into(),
-                lapin::options::BasicGetOptions { no_ack: true },
-            )
+    /// The first dead letter kept (by a worker's keeper) after `after_id`, if any.
+    pub async fn dead_letter_after(
+        &self,
+        after_id: i64,
+    ) -> Option<cmdflow_shared::store::dead::DeadLetter> {
+        let filter = cmdflow_shared::store::dead::Filter::default();
+        cmdflow_shared::store::dead::list(&self.pool, &filter, after_id, 1)
             .await
-            .expect("basic.get");
-        drop(channel.close(200, "done".into()).await);
-        got.map(|m| {
-            let delivery = m.delivery;
-            (
-                delivery.data,
-                delivery.properties.headers().clone().unwrap_or_default(),
-            )
-        })
+            .expect("list dead letters")
+            .pop()
     }
 
     /// Messages ready in a queue.

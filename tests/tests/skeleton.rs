@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use cmdflow_shared::bus::{self, HEADER_ERROR_CLASS, HEADER_REASON};
 use cmdflow_tests::{TestEnv, event, eventually, get, post, start_command};
 use futures::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicQosOptions};
@@ -265,7 +264,7 @@ async fn two_thousand_increments_on_one_counter(lock_enabled: bool) {
     let command = env.command(&id).await.unwrap();
     assert_eq!(command.version, 2001);
     assert!(
-        env.get_dead_letter().await.is_none(),
+        env.dead_letter_after(0).await.is_none(),
         "no increment may be dead-lettered"
     );
     env.cleanup().await;
@@ -388,41 +387,45 @@ async fn permanently_bad_events_go_to_dead_letters_at_once_with_their_reason() {
     // Published straight to the broker, bypassing the gateway's validation.
     env.publish_raw("demo.increment", b"{\"specversion\":\"1.0\",\"id\":7}")
         .await;
-    let (body, headers) = eventually(Duration::from_secs(20), "a dead letter", || {
-        env.get_dead_letter()
+    let first = eventually(Duration::from_secs(20), "a dead letter", || {
+        env.dead_letter_after(0)
     })
     .await;
     assert_eq!(
-        body, b"{\"specversion\":\"1.0\",\"id\":7}",
+        first.body, b"{\"specversion\":\"1.0\",\"id\":7}",
         "kept byte for byte"
     );
-    assert_eq!(
-        bus::header_str(Some(&headers), HEADER_ERROR_CLASS).as_deref(),
-        Some("invalid_event")
+    assert_eq!(first.error_class, "invalid_event");
+    assert!(
+        first.reason.contains("id: must be a string"),
+        "{}",
+        first.reason
     );
-    let reason = bus::header_str(Some(&headers), HEADER_REASON).unwrap();
-    assert!(reason.contains("id: must be a string"), "{reason}");
-    assert_eq!(
-        bus::header_u32(Some(&headers), bus::HEADER_ATTEMPT),
-        0,
-        "no retry for a permanent error"
-    );
+    assert_eq!(first.attempts, 1, "no retry for a permanent error");
+    assert_eq!(first.signature, "invalid_event:demo.increment");
 
     // A handler refusal is permanent too.
     let bad = event("demo.increment", Some(&id), json!({"by": "two"}));
     assert_eq!(post_event(&gw.url, &bad).await.0, 202);
-    let (body, headers) = eventually(Duration::from_secs(20), "a dead letter", || {
-        env.get_dead_letter()
+    let second = eventually(Duration::from_secs(20), "a second dead letter", || {
+        env.dead_letter_after(first.id)
     })
     .await;
-    let dead: Value = serde_json::from_slice(&body).unwrap();
+    let dead: Value = serde_json::from_slice(&second.body).unwrap();
     assert_eq!(dead["id"], bad["id"]);
-    let reason = bus::header_str(Some(&headers), HEADER_REASON).unwrap();
-    assert!(reason.contains("`by` must be an integer"), "{reason}");
-    assert_eq!(
-        bus::header_str(Some(&headers), HEADER_ERROR_CLASS).as_deref(),
-        Some("permanent")
+    assert!(
+        second.reason.contains("`by` must be an integer"),
+        "{}",
+        second.reason
     );
+    assert_eq!(second.error_class, "permanent");
+    assert_eq!(
+        second.kind.as_deref(),
+        Some("demo.counter"),
+        "the command's kind is kept"
+    );
+    assert_eq!(second.owner.as_deref(), Some("member:5"), "and its owner");
+    assert_eq!(second.signature, "permanent:demo.counter");
     assert_eq!(count_of(&env, &id).await, Some(0));
     env.cleanup().await;
 }
@@ -437,24 +440,44 @@ async fn a_retryable_failure_is_retried_on_schedule_then_dead_lettered() {
     let ev = event("demo.increment", Some(&ghost), json!({}));
     let sent = std::time::Instant::now();
     assert_eq!(post_event(&gw.url, &ev).await.0, 202);
-    let (_, headers) = eventually(Duration::from_secs(20), "a dead letter", || {
-        env.get_dead_letter()
+    let dead = eventually(Duration::from_secs(20), "a dead letter", || {
+        env.dead_letter_after(0)
     })
     .await;
     assert!(
         sent.elapsed() >= Duration::from_millis(600),
         "100+200+300 ms of delays first"
     );
-    assert_eq!(bus::header_u32(Some(&headers), bus::HEADER_ATTEMPT), 3);
-    assert_eq!(
-        bus::header_str(Some(&headers), HEADER_ERROR_CLASS).as_deref(),
-        Some("retries_exhausted")
-    );
-    let reason = bus::header_str(Some(&headers), HEADER_REASON).unwrap();
+    assert_eq!(dead.attempts, 4);
+    assert_eq!(dead.error_class, "retries_exhausted");
     assert!(
-        reason.contains("gave up after 4 attempts") && reason.contains(&ghost),
-        "{reason}"
+        dead.reason.contains("gave up after 4 attempts") && dead.reason.contains(&ghost),
+        "{}",
+        dead.reason
     );
+    assert_eq!(
+        dead.routing_key, "demo.increment",
+        "the original routing key, for replays"
+    );
+    assert_eq!(
+        dead.error_chain.as_array().unwrap().len(),
+        4,
+        "three retried errors, then the verdict with the fourth"
+    );
+    assert!(dead.first_failed_at < dead.last_failed_at);
+    // Each attempt is recorded with its error.
+    let attempts: Vec<(i32, String)> = sqlx::query_as(
+        "SELECT attempt, error FROM event_attempts WHERE event_id = $1 ORDER BY attempt",
+    )
+    .bind(ev["id"].as_str().unwrap())
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        attempts.iter().map(|a| a.0).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
+    assert!(attempts.iter().all(|a| a.1.contains("does not exist")));
     env.cleanup().await;
 }
 

@@ -575,10 +575,8 @@ async fn a_broadcast_event_starts_its_registered_kind_once() {
 
     // Without a subject there is no owner: a dead letter that says why.
     send(&gw.url, &event("demo.requested", None, json!({}))).await;
-    let (_, headers) = eventually(WAIT, "a dead letter", || env.get_dead_letter()).await;
-    let reason =
-        cmdflow_shared::bus::header_str(Some(&headers), cmdflow_shared::bus::HEADER_REASON)
-            .unwrap();
+    let dead = eventually(WAIT, "a dead letter", || env.dead_letter_after(0)).await;
+    let reason = dead.reason;
     assert!(reason.contains("subject"), "{reason}");
     env.cleanup().await;
 }

@@ -325,7 +325,8 @@ impl Engine {
             Disposition::Retry(error) => match self.settings.retry_delays.get(attempt as usize) {
                 Some(delay) => {
                     tracing::warn!(attempt = attempt + 1, error = %error, delay = ?delay, "Retrying an event after a retryable error.");
-                    let mut h = headers.cloned().unwrap_or_default();
+                    self.record_attempt(delivery, attempt + 1, error).await;
+                    let mut h = failure_headers(delivery, error);
                     h.insert(
                         HEADER_ATTEMPT.into(),
                         AMQPValue::LongLongInt((attempt + 1).into()),
@@ -334,6 +335,7 @@ impl Engine {
                     self.forward_delay(delivery, *delay, h).await
                 }
                 None => {
+                    self.record_attempt(delivery, attempt + 1, error).await;
                     self.dead_letter(
                         delivery,
                         "retries_exhausted",
@@ -369,8 +371,16 @@ impl Engine {
         &self,
         delivery: &Delivery,
         delay: Duration,
-        headers: FieldTable,
+        mut headers: FieldTable,
     ) -> Result<(), BusError> {
+        // The delay queue sends it back through the work queue under another routing key:
+        // keep the original, for dead letters and replays.
+        if bus::header_str(Some(&headers), bus::HEADER_ROUTING_KEY).is_none() {
+            headers.insert(
+                bus::HEADER_ROUTING_KEY.into(),
+                bus::string(delivery.routing_key.as_str()),
+            );
+        }
         let props = delivery.properties.clone().with_headers(headers);
         let queue = self.bus.topology().retry_queue(delay);
         // The default exchange routes by queue name.
@@ -388,18 +398,38 @@ impl Engine {
             reason,
             "An event became a dead letter."
         );
-        let mut h = delivery.properties.headers().clone().unwrap_or_default();
+        let mut h = failure_headers(delivery, reason);
         h.insert(HEADER_REASON.into(), bus::string(&clip(reason)));
         h.insert(HEADER_ERROR_CLASS.into(), bus::string(class));
         h.insert(
-            "x-cmdflow-routing-key".into(),
-            AMQPValue::LongString(delivery.routing_key.as_str().into()),
+            bus::HEADER_DEAD_ID.into(),
+            bus::string(&uuid::Uuid::now_v7().to_string()),
         );
+        let routing_key = bus::header_str(Some(&h), bus::HEADER_ROUTING_KEY)
+            .unwrap_or_else(|| delivery.routing_key.as_str().to_owned());
         let props = delivery.properties.clone().with_headers(h);
         let dlx = self.bus.topology().dead_letter_exchange();
         self.bus
-            .publish(&dlx, delivery.routing_key.as_str(), &delivery.data, props)
+            .publish(&dlx, &routing_key, &delivery.data, props)
             .await
+    }
+
+    /// Records a failed attempt (best effort: the headers carry the errors too).
+    async fn record_attempt(&self, delivery: &Delivery, attempt: u32, error: &str) {
+        let event = Event::parse(&delivery.data).ok();
+        let result = store::dead::record_attempt(
+            &self.pool,
+            event.as_ref().map(|e| e.source.as_str()),
+            event.as_ref().map(|e| e.id.as_str()),
+            event.as_ref().map(|e| e.ty.as_str()),
+            event.as_ref().and_then(|e| e.commandid),
+            attempt as i32,
+            &clip(error),
+        )
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "Could not record a failed attempt.");
+        }
     }
 
     /// Consumes the work queue until `shutdown` fires, reconnecting to the broker as needed.
@@ -538,6 +568,30 @@ impl Engine {
         tx.commit().await?;
         Ok(confirmed.len())
     }
+}
+
+/// The delivery's headers with the failure history added: the first failure time and the chain
+/// of errors.
+fn failure_headers(delivery: &Delivery, error: &str) -> FieldTable {
+    let mut h = delivery.properties.headers().clone().unwrap_or_default();
+    if bus::header_str(Some(&h), bus::HEADER_FIRST_FAILURE).is_none() {
+        h.insert(
+            bus::HEADER_FIRST_FAILURE.into(),
+            bus::string(&chrono::Utc::now().to_rfc3339()),
+        );
+    }
+    let mut chain: Vec<String> = bus::header_str(Some(&h), bus::HEADER_ERRORS)
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_default();
+    chain.push(clip(error));
+    if chain.len() > 20 {
+        chain.drain(..chain.len() - 20);
+    }
+    h.insert(
+        bus::HEADER_ERRORS.into(),
+        bus::string(&serde_json::to_string(&chain).unwrap_or_default()),
+    );
+    h
 }
 
 fn clip(s: &str) -> String {

@@ -1,6 +1,7 @@
 //! cmdflow's worker role: the engine that applies events to commands, the command kinds, and
 //! the loops that run beside it (the outbox sweeper).
 
+pub mod dead_letters;
 pub mod engine;
 pub mod fanin;
 pub mod funnels;
@@ -106,8 +107,14 @@ impl Worker {
                 shutdown.clone(),
             ))
         });
+        let keeper = tokio::spawn(dead_letters::keep_until_stopped(
+            self.engine.pool().clone(),
+            Arc::clone(self.engine.bus()),
+            shutdown.clone(),
+        ));
         Arc::clone(&self.engine).run_until_stopped(shutdown).await;
         drop(sweeper.await);
+        drop(keeper.await);
         if let Some(mailer) = mailer {
             drop(mailer.await);
         }

@@ -529,5 +529,6 @@ pub async fn outbox_backlog(pool: &PgPool) -> Result<i64> {
         .await?)
 }
 
+pub mod dead;
 pub mod people;
 pub mod time;

@@ -1,0 +1,343 @@
+//! Statements for operations: failed attempts, dead letters (filtered, grouped by failure
+//! signature, replayed, discarded), replay jobs and the audit of what ops did.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::{Result, Tx};
+use crate::domain::CommandId;
+
+pub async fn record_attempt(
+    pool: &PgPool,
+    source: Option<&str>,
+    event_id: Option<&str>,
+    event_type: Option<&str>,
+    command: Option<CommandId>,
+    attempt: i32,
+    error: &str,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO event_attempts (event_source, event_id, event_type, command_id, attempt, error)
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(source)
+    .bind(event_id)
+    .bind(event_type)
+    .bind(command)
+    .bind(attempt)
+    .bind(error)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// A dead letter to keep.
+#[derive(Debug, Clone)]
+pub struct NewDeadLetter {
+    pub dead_id: Option<String>,
+    pub event_source: Option<String>,
+    pub event_id: Option<String>,
+    pub event_type: Option<String>,
+    pub routing_key: String,
+    pub command_id: Option<CommandId>,
+    pub body: Vec<u8>,
+    pub reason: String,
+    pub error_class: String,
+    pub error_chain: Value,
+    pub attempts: i32,
+    pub first_failed_at: DateTime<Utc>,
+    pub last_failed_at: DateTime<Utc>,
+}
+
+/// Keeps a dead letter (once per dead-lettering), with the kind and owner of its command and its
+/// failure signature. Returns whether it was new.
+pub async fn keep(pool: &PgPool, d: &NewDeadLetter) -> Result<bool> {
+    let done = sqlx::query(
+        "INSERT INTO dead_letters (dead_id, event_source, event_id, event_type, routing_key, command_id, kind, owner,
+                                   body, reason, error_class, error_chain, signature, attempts, first_failed_at, last_failed_at)
+         SELECT $1, $2, $3, $4, $5, $6, c.kind, c.owner, $7, $8, $9, $10,
+                $9 || ':' || coalesce(c.kind, $4, $5), $11, $12, $13
+           FROM (SELECT 1) one LEFT JOIN commands c ON c.id = $6
+         ON CONFLICT (dead_id) DO NOTHING",
+    )
+    .bind(&d.dead_id)
+    .bind(&d.event_source)
+    .bind(&d.event_id)
+    .bind(&d.event_type)
+    .bind(&d.routing_key)
+    .bind(d.command_id)
+    .bind(&d.body)
+    .bind(&d.reason)
+    .bind(&d.error_class)
+    .bind(&d.error_chain)
+    .bind(d.attempts)
+    .bind(d.first_failed_at)
+    .bind(d.last_failed_at)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Which dead letters an operation applies to. Every field narrows; none means all open ones.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema, utoipa::IntoParams)]
+pub struct Filter {
+    /// Event type.
+    #[serde(rename = "type")]
+    pub event_type: Option<String>,
+    /// Command kind.
+    pub kind: Option<String>,
+    /// Owner, `kind:id`.
+    pub owner: Option<String>,
+    /// Funnel name: dead letters of the `funnel.{name}` commands.
+    pub funnel: Option<String>,
+    /// Failure signature (`error_class:kind`).
+    pub signature: Option<String>,
+    /// Failed at or after (RFC 3339).
+    pub since: Option<DateTime<Utc>>,
+    /// Failed before (RFC 3339).
+    pub until: Option<DateTime<Utc>>,
+    /// `dead` (default), `replayed` or `discarded`.
+    pub state: Option<String>,
+    /// Exactly these dead letters.
+    #[param(value_type = Option<Vec<i64>>)]
+    pub ids: Option<Vec<i64>>,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow, Serialize, utoipa::ToSchema)]
+pub struct DeadLetter {
+    pub id: i64,
+    pub event_source: Option<String>,
+    pub event_id: Option<String>,
+    pub event_type: Option<String>,
+    pub routing_key: String,
+    pub command_id: Option<CommandId>,
+    pub kind: Option<String>,
+    pub owner: Option<String>,
+    #[serde(skip)]
+    pub body: Vec<u8>,
+    pub reason: String,
+    pub error_class: String,
+    #[schema(value_type = Vec<String>)]
+    pub error_chain: Value,
+    pub signature: String,
+    pub attempts: i32,
+    pub first_failed_at: DateTime<Utc>,
+    pub last_failed_at: DateTime<Utc>,
+    pub state: String,
+    pub replayed_at: Option<DateTime<Utc>>,
+    pub discarded_at: Option<DateTime<Utc>>,
+    pub discard_reason: Option<String>,
+}
+
+const WHERE: &str = "
+   WHERE state = coalesce($1, 'dead')
+     AND ($2::text IS NULL OR event_type = $2)
+     AND ($3::text IS NULL OR kind = $3)
+     AND ($4::text IS NULL OR owner = $4)
+     AND ($5::text IS NULL OR kind = 'funnel.' || $5)
+     AND ($6::text IS NULL OR signature = $6)
+     AND ($7::timestamptz IS NULL OR last_failed_at >= $7)
+     AND ($8::timestamptz IS NULL OR last_failed_at < $8)
+     AND ($9::bigint[] IS NULL OR id = ANY($9))";
+
+macro_rules! bind_filter {
+    ($q:expr, $f:expr) => {
+        $q.bind(&$f.state)
+            .bind(&$f.event_type)
+            .bind(&$f.kind)
+            .bind(&$f.owner)
+            .bind(&$f.funnel)
+            .bind(&$f.signature)
+            .bind($f.since)
+            .bind($f.until)
+            .bind(&$f.ids)
+    };
+}
+
+const COLUMNS: &str = "SELECT id, event_source, event_id, event_type, routing_key, command_id, kind, owner, body, reason,
+        error_class, error_chain, signature, attempts, first_failed_at, last_failed_at, state, replayed_at,
+        discarded_at, discard_reason FROM dead_letters";
+
+/// A page of dead letters matching `filter`, oldest first, after `after_id`.
+pub async fn list(
+    pool: &PgPool,
+    filter: &Filter,
+    after_id: i64,
+    limit: i64,
+) -> Result<Vec<DeadLetter>> {
+    let sql = format!("{COLUMNS} {WHERE} AND id > $10 ORDER BY id LIMIT $11");
+    Ok(bind_filter!(
+        sqlx::query_as::<_, DeadLetter>(sqlx::AssertSqlSafe(sql)),
+        filter
+    )
+    .bind(after_id)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
+pub async fn count(pool: &PgPool, filter: &Filter) -> Result<i64> {
+    let sql = format!("SELECT count(*) FROM dead_letters {WHERE}");
+    Ok(
+        bind_filter!(sqlx::query_scalar(sqlx::AssertSqlSafe(sql)), filter)
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
+pub async fn get(pool: &PgPool, id: i64) -> Result<Option<DeadLetter>> {
+    let sql = format!("{COLUMNS} WHERE id = $1");
+    Ok(sqlx::query_as::<_, DeadLetter>(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .fetch_optional(pool)
+        .await?)
+}
+
+#[derive(Debug, Clone, sqlx::FromRow, Serialize, utoipa::ToSchema)]
+pub struct Group {
+    pub signature: String,
+    pub count: i64,
+    pub first_failed_at: DateTime<Utc>,
+    pub last_failed_at: DateTime<Utc>,
+    /// The reason of the latest one.
+    pub reason: String,
+}
+
+/// Dead letters matching `filter`, grouped by failure signature, largest group first.
+pub async fn groups(pool: &PgPool, filter: &Filter) -> Result<Vec<Group>> {
+    let sql = format!(
+        "SELECT signature, count(*) AS count, min(first_failed_at) AS first_failed_at,
+                max(last_failed_at) AS last_failed_at,
+                (array_agg(reason ORDER BY id DESC))[1] AS reason
+           FROM dead_letters {WHERE} GROUP BY signature ORDER BY count(*) DESC, signature"
+    );
+    Ok(
+        bind_filter!(sqlx::query_as::<_, Group>(sqlx::AssertSqlSafe(sql)), filter)
+            .fetch_all(pool)
+            .await?,
+    )
+}
+
+/// Discards the dead letters matching `filter`; returns how many.
+pub async fn discard(pool: &PgPool, filter: &Filter, reason: &str) -> Result<i64> {
+    let sql = format!(
+        "UPDATE dead_letters SET state = 'discarded', discarded_at = now(), discard_reason = $10 {WHERE}"
+    );
+    let done = bind_filter!(sqlx::query(sqlx::AssertSqlSafe(sql)), filter)
+        .bind(reason)
+        .execute(pool)
+        .await?;
+    Ok(done.rows_affected() as i64)
+}
+
+pub async fn mark_replayed(tx: &mut Tx<'_>, ids: &[i64]) -> Result<()> {
+    sqlx::query("UPDATE dead_letters SET state = 'replayed', replayed_at = now() WHERE id = ANY($1) AND state = 'dead'")
+        .bind(ids)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+pub async fn audit(
+    pool: &PgPool,
+    actor: &str,
+    action: &str,
+    filter: &Filter,
+    count: i64,
+    detail: Option<&str>,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO ops_audit (actor, action, filter, count, detail) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(actor)
+    .bind(action)
+    .bind(serde_json::to_value(filter).unwrap_or(Value::Null))
+    .bind(count as i32)
+    .bind(detail)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+#[derive(Debug, Clone, sqlx::FromRow, Serialize, utoipa::ToSchema)]
+pub struct ReplayJob {
+    pub id: Uuid,
+    pub actor: String,
+    #[schema(value_type = Object)]
+    pub filter: Value,
+    /// Dead letters per second, or unthrottled.
+    pub rate: Option<i32>,
+    pub total: i32,
+    pub replayed: i32,
+    pub last_id: i64,
+    /// `running`, `finished` or `interrupted`.
+    pub state: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+pub async fn create_job(
+    pool: &PgPool,
+    actor: &str,
+    filter: &Filter,
+    rate: Option<i32>,
+    total: i64,
+) -> Result<ReplayJob> {
+    Ok(sqlx::query_as::<_, ReplayJob>(
+        "INSERT INTO replay_jobs (id, actor, filter, rate, total, state) VALUES ($1, $2, $3, $4, $5, 'running')
+         RETURNING id, actor, filter, rate, total, replayed, last_id, state, created_at, updated_at",
+    )
+    .bind(Uuid::now_v7())
+    .bind(actor)
+    .bind(serde_json::to_value(filter).unwrap_or(Value::Null))
+    .bind(rate)
+    .bind(total as i32)
+    .fetch_one(pool)
+    .await?)
+}
+
+pub async fn get_job(pool: &PgPool, id: Uuid) -> Result<Option<ReplayJob>> {
+    Ok(sqlx::query_as::<_, ReplayJob>(
+        "SELECT id, actor, filter, rate, total, replayed, last_id, state, created_at, updated_at FROM replay_jobs WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await?)
+}
+
+/// Sets a job's state; `from` guards the move (`None`: any).
+pub async fn set_job_state(
+    pool: &PgPool,
+    id: Uuid,
+    state: &str,
+    from: Option<&str>,
+) -> Result<bool> {
+    let done = sqlx::query(
+        "UPDATE replay_jobs SET state = $2, updated_at = now() WHERE id = $1 AND ($3::text IS NULL OR state = $3)",
+    )
+    .bind(id)
+    .bind(state)
+    .bind(from)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Records a replayed batch: its dead letters are `replayed` and the job's cursor moves past them.
+pub async fn advance_job(pool: &PgPool, job: Uuid, ids: &[i64]) -> Result<()> {
+    let mut tx = pool.begin().await?;
+    mark_replayed(&mut tx, ids).await?;
+    sqlx::query(
+        "UPDATE replay_jobs SET replayed = replayed + $2, last_id = greatest(last_id, $3), updated_at = now() WHERE id = $1",
+    )
+    .bind(job)
+    .bind(ids.len() as i32)
+    .bind(ids.iter().copied().max().unwrap_or(0))
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}

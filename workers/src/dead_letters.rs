@@ -1,0 +1,146 @@
+//! The dead-letter keeper: consumes `{ns}.dead` into the `dead_letters` table, with the original
+//! event byte for byte, the reason and error chain, the attempts and failure times, the command's
+//! kind and owner, and a failure signature for grouping. Ops replay or discard them from there.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use cmdflow_shared::Event;
+use cmdflow_shared::bus::{self, Bus, BusError};
+use cmdflow_shared::store::dead::{self, NewDeadLetter};
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use serde_json::Value;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+/// What a dead-letter message says about its failure.
+pub fn describe(delivery: &Delivery) -> NewDeadLetter {
+    let headers = delivery.properties.headers().as_ref();
+    let event = Event::parse(&delivery.data).ok();
+    let now = Utc::now();
+    let first = bus::header_str(headers, bus::HEADER_FIRST_FAILURE)
+        .and_then(|s| DateTime::parse_from_rfc3339(&s).ok())
+        .map(|t| t.with_timezone(&Utc))
+        .unwrap_or(now);
+    // RabbitMQ's own dead-lettering (the delivery limit) carries `x-death` instead of our reason.
+    let by_broker = headers.and_then(|h| h.inner().get("x-death")).is_some();
+    let reason = bus::header_str(headers, bus::HEADER_REASON).unwrap_or_else(|| {
+        if by_broker {
+            "the broker's delivery limit was reached (a worker kept failing on it)".to_owned()
+        } else {
+            "no reason given".to_owned()
+        }
+    });
+    let error_class = bus::header_str(headers, bus::HEADER_ERROR_CLASS).unwrap_or_else(|| {
+        if by_broker {
+            "delivery_limit"
+        } else {
+            "unknown"
+        }
+        .to_owned()
+    });
+    let chain: Value = bus::header_str(headers, bus::HEADER_ERRORS)
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_else(|| Value::Array(vec![Value::String(reason.clone())]));
+    // The header counts the retries before this delivery; this delivery was one more attempt.
+    let attempts = bus::header_u32(headers, bus::HEADER_ATTEMPT) + 1;
+    NewDeadLetter {
+        dead_id: bus::header_str(headers, bus::HEADER_DEAD_ID).or_else(|| {
+            delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|m| m.as_str().to_owned())
+        }),
+        event_source: event.as_ref().map(|e| e.source.clone()),
+        event_id: event.as_ref().map(|e| e.id.clone()),
+        event_type: event.as_ref().map(|e| e.ty.clone()),
+        routing_key: bus::header_str(headers, bus::HEADER_ROUTING_KEY)
+            .unwrap_or_else(|| delivery.routing_key.as_str().to_owned()),
+        command_id: event.as_ref().and_then(|e| e.commandid),
+        body: delivery.data.clone(),
+        reason,
+        error_class,
+        error_chain: chain,
+        attempts: attempts as i32,
+        first_failed_at: first,
+        last_failed_at: now,
+    }
+}
+
+/// Keeps dead letters until `shutdown` fires, reconnecting to the broker as needed.
+pub async fn keep_until_stopped(pool: PgPool, bus: Arc<Bus>, shutdown: CancellationToken) {
+    loop {
+        match keep(&pool, &bus, &shutdown).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, queue.name = %bus.topology().dead_queue(), "The dead-letter keeper lost the broker; reconnecting.");
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
+}
+
+async fn keep(pool: &PgPool, bus: &Bus, shutdown: &CancellationToken) -> Result<(), BusError> {
+    let channel = bus.channel().await?;
+    channel.basic_qos(50, BasicQosOptions::default()).await?;
+    let queue = bus.topology().dead_queue();
+    let mut consumer = channel
+        .basic_consume(
+            queue.as_str().into(),
+            "cmdflow-dead-letter-keeper".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    loop {
+        let next = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            next = consumer.next() => next,
+        };
+        let delivery = match next {
+            Some(Ok(delivery)) => delivery,
+            Some(Err(e)) => return Err(e.into()),
+            None => {
+                return Err(BusError::Connect {
+                    url: bus.url(),
+                    reason: "the dead-letter consumer was cancelled".into(),
+                });
+            }
+        };
+        let letter = describe(&delivery);
+        match dead::keep(pool, &letter).await {
+            Ok(_) => {
+                drop(delivery.acker.ack(BasicAckOptions::default()).await);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "Could not keep a dead letter; it stays in the queue.");
+                drop(
+                    delivery
+                        .acker
+                        .nack(BasicNackOptions {
+                            requeue: true,
+                            ..BasicNackOptions::default()
+                        })
+                        .await,
+                );
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// Headers for a replayed event: the original's, without the failure history, so it gets a fresh
+/// retry budget; marked with the dead letter it came from.
+pub fn replay_headers(id: i64) -> FieldTable {
+    let mut h = FieldTable::default();
+    h.insert("x-cmdflow-replayed-from".into(), AMQPValue::LongLongInt(id));
+    h
+}
