@@ -24,7 +24,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::error::{ApiError, ErrorBody};
-use crate::routes::{commands, events, health, owners};
+use crate::routes::{commands, dead_letters, events, health, owners};
 
 /// The largest request body: a batch of events (each event is still at most 256 KiB).
 pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
@@ -56,6 +56,14 @@ pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(commands::get_history))
         .routes(routes!(commands::get_tree))
         .routes(routes!(commands::abort_command))
+        .routes(routes!(dead_letters::list))
+        .routes(routes!(dead_letters::groups))
+        .routes(routes!(dead_letters::show))
+        .routes(routes!(dead_letters::replay))
+        .routes(routes!(dead_letters::replay_status))
+        .routes(routes!(dead_letters::interrupt))
+        .routes(routes!(dead_letters::resume))
+        .routes(routes!(dead_letters::discard))
         .routes(routes!(owners::get_feed))
         .routes(routes!(owners::read_message))
         .routes(routes!(health::healthz))

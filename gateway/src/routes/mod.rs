@@ -2,6 +2,7 @@
 //! generated from the code.
 
 pub mod commands;
+pub mod dead_letters;
 pub mod events;
 pub mod health;
 pub mod owners;

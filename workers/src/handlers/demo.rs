@@ -3,7 +3,8 @@
 //! - `demo.noop` completes on start (and fails instead when its data says `{"fail": true}`).
 //! - `demo.counter` adds `data.by` (default 1) to `data.count` on each `demo.increment`
 //!   addressed to it, and completes with `{count}` on `demo.finish` (it fails on start when its
-//!   data says `{"fail": true}`). A broadcast
+//!   data says `{"fail": true}`). `demo.freeze` makes it refuse increments (a handler failure
+//!   controlled by data, for dead-letter tests) until `demo.unfreeze`. A broadcast
 //!   `demo.requested` starts one, owned by the event's subject.
 //! - `demo.fanout` spawns `data.children` (default 10) children of `data.child_kind` (default
 //!   `demo.noop`, with `data.child_data`) under `data.policy` (default `all`; `any`,
@@ -64,6 +65,14 @@ pub fn counter(command: &Command, event: &Event) -> Result<Decision, HandlerErro
             Ok(Decision::nothing()
                 .with_state(CommandState::Running)
                 .with_patch(patch))
+        }
+        INCREMENT if command.data.get("frozen") == Some(&Value::Bool(true)) => Err(
+            HandlerError::Refused("the counter is frozen (send demo.unfreeze)".into()),
+        ),
+        "demo.freeze" | "demo.unfreeze" => {
+            let mut patch = Map::new();
+            patch.insert("frozen".into(), json!(event.ty == "demo.freeze"));
+            Ok(Decision::nothing().with_patch(patch))
         }
         INCREMENT => {
             let by = match event.data.get("by") {

@@ -1,0 +1,248 @@
+//! Operations on dead letters: kept, grouped, dry-run, replayed once, resumed, discarded, audited.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use cmdflow_tests::{TestEnv, event, eventually, get, post, send, start_command};
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+async fn count(env: &TestEnv, id: &str) -> i64 {
+    env.command(id).await.unwrap().data["count"]
+        .as_i64()
+        .unwrap()
+}
+
+async fn op(gateway: &str, path: &str, body: Value) -> (u16, Value) {
+    post(
+        &format!("{gateway}/v1/dead-letters/{path}"),
+        "application/json",
+        &serde_json::to_vec(&body).unwrap(),
+    )
+    .await
+}
+
+/// A frozen counter refuses increments: each becomes a dead letter until it is unfrozen.
+async fn frozen_counter_with_dead_increments(env: &TestEnv, gateway: &str, n: usize) -> String {
+    let id = start_command(gateway, "demo.counter", "member:60", json!({})).await;
+    send(gateway, &event("demo.freeze", Some(&id), json!({}))).await;
+    eventually(WAIT, "frozen", || async {
+        (env.command(&id).await?.data["frozen"] == true).then_some(())
+    })
+    .await;
+    for _ in 0..n {
+        send(gateway, &event("demo.increment", Some(&id), json!({}))).await;
+    }
+    eventually(WAIT, "the dead letters kept", || async {
+        let (_, groups) = get(&format!(
+            "{gateway}/v1/dead-letters/groups?kind=demo.counter"
+        ))
+        .await;
+        (groups["groups"][0]["count"] == n).then_some(())
+    })
+    .await;
+    id
+}
+
+async fn wait_job(gateway: &str, job: &str, state: &str) -> Value {
+    eventually(WAIT, &format!("replay {job} {state}"), || async {
+        let (_, j) = get(&format!("{gateway}/v1/dead-letters/replays/{job}")).await;
+        (j["state"] == state).then_some(j)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn dead_letters_are_grouped_dry_run_replayed_once_and_replaying_twice_changes_nothing() {
+    let mut env = TestEnv::new().await;
+    let gw = env.start_gateway().await;
+    env.start_worker().await;
+    let id = frozen_counter_with_dead_increments(&env, &gw.url, 5).await;
+    // Another kind of failure, in another group.
+    env.publish_raw("demo.increment", b"{not an event").await;
+    env.publish_raw("demo.increment", b"{not an event either")
+        .await;
+    let groups = eventually(WAIT, "two groups, complete", || async {
+        let (_, g) = get(&format!("{}/v1/dead-letters/groups", gw.url)).await;
+        let counts: Vec<i64> = g["groups"]
+            .as_array()?
+            .iter()
+            .filter_map(|x| x["count"].as_i64())
+            .collect();
+        (counts == [5, 2]).then_some(g)
+    })
+    .await;
+    assert_eq!(groups["groups"][0]["signature"], "permanent:demo.counter");
+    assert_eq!(groups["groups"][0]["count"], 5);
+    assert!(
+        groups["groups"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("frozen")
+    );
+    assert_eq!(
+        groups["groups"][1]["signature"],
+        "invalid_event:demo.increment"
+    );
+    assert_eq!(groups["groups"][1]["count"], 2);
+
+    // Filters and one dead letter.
+    let (_, page) = get(&format!(
+        "{}/v1/dead-letters?owner=member:60&limit=2",
+        gw.url
+    ))
+    .await;
+    assert_eq!(page["dead_letters"].as_array().unwrap().len(), 2);
+    let first = page["dead_letters"][0]["id"].as_i64().unwrap();
+    let (status, one) = get(&format!("{}/v1/dead-letters/{first}", gw.url)).await;
+    assert_eq!(status, 200);
+    assert_eq!(one["body"]["type"], "demo.increment", "the original event");
+    assert_eq!(one["kind"], "demo.counter");
+
+    // A dry run counts and changes nothing.
+    let (status, dry) = op(
+        &gw.url,
+        "replay",
+        json!({"signature": "permanent:demo.counter", "dry_run": true}),
+    )
+    .await;
+    assert_eq!((status, dry["count"].as_i64()), (200, Some(5)), "{dry}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(count(&env, &id).await, 0);
+
+    // The handler is fixed (the counter unfrozen); replaying the group applies each once.
+    send(&gw.url, &event("demo.unfreeze", Some(&id), json!({}))).await;
+    eventually(WAIT, "unfrozen", || async {
+        (env.command(&id).await?.data["frozen"] == false).then_some(())
+    })
+    .await;
+    let (status, started) = op(
+        &gw.url,
+        "replay",
+        json!({"signature": "permanent:demo.counter"}),
+    )
+    .await;
+    assert_eq!(status, 202, "{started}");
+    let job = started["job"]["id"].as_str().unwrap().to_owned();
+    let done = wait_job(&gw.url, &job, "finished").await;
+    assert_eq!(done["replayed"], 5);
+    eventually(WAIT, "count 5", || async {
+        (count(&env, &id).await == 5).then_some(())
+    })
+    .await;
+
+    // Replaying the same dead letters again (now `replayed`) changes nothing.
+    let (status, again) = op(
+        &gw.url,
+        "replay",
+        json!({"signature": "permanent:demo.counter", "state": "replayed"}),
+    )
+    .await;
+    assert_eq!(status, 202);
+    wait_job(&gw.url, again["job"]["id"].as_str().unwrap(), "finished").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        count(&env, &id).await,
+        5,
+        "each replayed event is processed once"
+    );
+    let (_, left) = get(&format!("{}/v1/dead-letters/groups", gw.url)).await;
+    assert_eq!(
+        left["groups"].as_array().unwrap().len(),
+        1,
+        "only the invalid events are still dead"
+    );
+
+    // Discard the rest, with a reason; audited.
+    let (status, b) = op(
+        &gw.url,
+        "discard",
+        json!({"signature": "invalid_event:demo.increment"}),
+    )
+    .await;
+    assert_eq!(
+        (status, b["code"].as_str()),
+        (422, Some("invalid_field")),
+        "a reason is required: {b}"
+    );
+    let (status, discarded) = op(
+        &gw.url,
+        "discard",
+        json!({"signature": "invalid_event:demo.increment", "reason": "garbage from a test"}),
+    )
+    .await;
+    assert_eq!((status, discarded["count"].as_i64()), (200, Some(2)));
+    let (_, none) = get(&format!("{}/v1/dead-letters/groups", gw.url)).await;
+    assert!(none["groups"].as_array().unwrap().is_empty());
+    let audit: Vec<(String, String, i32)> =
+        sqlx::query_as("SELECT action, actor, count FROM ops_audit ORDER BY id")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        audit,
+        vec![
+            ("replay".to_owned(), "api".to_owned(), 5),
+            ("replay".to_owned(), "api".to_owned(), 5),
+            ("discard".to_owned(), "api".to_owned(), 2)
+        ]
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_interrupted_replay_resumes_and_replays_the_rest_once() {
+    let mut env = TestEnv::new().await;
+    let gw = env.start_gateway().await;
+    env.start_worker().await;
+    let id = frozen_counter_with_dead_increments(&env, &gw.url, 30).await;
+    send(&gw.url, &event("demo.unfreeze", Some(&id), json!({}))).await;
+    eventually(WAIT, "unfrozen", || async {
+        (env.command(&id).await?.data["frozen"] == false).then_some(())
+    })
+    .await;
+
+    let (status, started) = op(
+        &gw.url,
+        "replay",
+        json!({"kind": "demo.counter", "rate": 10}),
+    )
+    .await;
+    assert_eq!(status, 202);
+    let job = started["job"]["id"].as_str().unwrap().to_owned();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (status, _) = post(
+        &format!("{}/v1/dead-letters/replays/{job}/interrupt", gw.url),
+        "application/json",
+        b"",
+    )
+    .await;
+    assert_eq!(status, 200);
+    let stopped = wait_job(&gw.url, &job, "interrupted").await;
+    tokio::time::sleep(Duration::from_millis(1200)).await; // the batch in flight ends
+    let (_, stopped_after) = get(&format!("{}/v1/dead-letters/replays/{job}", gw.url)).await;
+    let halfway = stopped_after["replayed"].as_i64().unwrap();
+    assert!(
+        halfway > 0 && halfway < 30,
+        "throttled to 10/s, interrupted part way: {stopped} {stopped_after}"
+    );
+
+    let (status, _) = post(
+        &format!("{}/v1/dead-letters/replays/{job}/resume", gw.url),
+        "application/json",
+        b"",
+    )
+    .await;
+    assert_eq!(status, 202);
+    let done = wait_job(&gw.url, &job, "finished").await;
+    assert_eq!(done["replayed"], 30);
+    eventually(WAIT, "count 30", || async {
+        (count(&env, &id).await == 30).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(count(&env, &id).await, 30, "nothing replayed twice");
+    env.cleanup().await;
+}
