@@ -95,6 +95,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Feed { owner, kind, limit } => {
             client::feed(&Client::from_env()?, &owner, kind.as_deref(), limit).await
         }
+        Cmd::Dlq(cmd) => cmdflow_gateway::cli::dlq::run(&Client::from_env()?, cmd).await,
         Cmd::Tree { id } => client::tree(&Client::from_env()?, &id).await,
         Cmd::Abort { id, reason } => client::abort(&Client::from_env()?, &id, reason).await,
     }

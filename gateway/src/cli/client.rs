@@ -38,6 +38,9 @@ impl Client {
             Some(token) => req.bearer_auth(token),
             None => req,
         };
+        // Who runs ops commands, for the audit.
+        let actor = std::env::var("USER").unwrap_or_else(|_| "cli".to_owned());
+        let req = req.header("x-cmdflow-actor", format!("cli:{actor}"));
         let resp = req
             .send()
             .await
@@ -366,7 +369,7 @@ fn print_command(c: &Value) {
 }
 
 /// Keeps an id from changing the path it is put in.
-fn urlencode(s: &str) -> String {
+pub fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| {
             if b.is_ascii_alphanumeric() || b == b'-' {

@@ -2,6 +2,7 @@
 //! subcommands (`emit`, `start`, `show`, `history`) that talk to the gateway at `CMDFLOW_URL`.
 
 pub mod client;
+pub mod dlq;
 pub mod roles;
 
 use clap::{Parser, Subcommand};
@@ -20,6 +21,104 @@ use clap::{Parser, Subcommand};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Cmd,
+}
+
+/// Which dead letters: every flag narrows.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct DlqFilter {
+    /// Event type.
+    #[arg(long = "type")]
+    pub event_type: Option<String>,
+    /// Command kind.
+    #[arg(long)]
+    pub kind: Option<String>,
+    /// Owner, `kind:id`.
+    #[arg(long)]
+    pub owner: Option<String>,
+    /// Funnel name.
+    #[arg(long)]
+    pub funnel: Option<String>,
+    /// Failure signature (`error_class:kind`), as `dlq groups` shows it.
+    #[arg(long)]
+    pub signature: Option<String>,
+    /// Failed at or after (RFC 3339).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Failed before (RFC 3339).
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Exactly these dead letters (repeat the flag).
+    #[arg(long = "id")]
+    pub ids: Vec<i64>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCmd {
+    /// List dead letters.
+    #[command(
+        after_help = "Examples:\n  cmdflow dlq list --kind quote\n  cmdflow dlq list --owner member:42 --json"
+    )]
+    List {
+        #[command(flatten)]
+        filter: DlqFilter,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Group dead letters by failure signature, with counts.
+    #[command(after_help = "Example:\n  cmdflow dlq groups")]
+    Groups {
+        #[command(flatten)]
+        filter: DlqFilter,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one dead letter, with its original event.
+    #[command(after_help = "Example:\n  cmdflow dlq show 42")]
+    Show {
+        id: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replay dead letters (each is applied once; commands dedupe by event id).
+    #[command(
+        after_help = "Examples:\n  cmdflow dlq replay --signature permanent:quote --dry-run\n  cmdflow dlq replay --funnel visitor_to_member --rate 100\n  cmdflow dlq replay --resume 0192f0c1-..."
+    )]
+    Replay {
+        #[command(flatten)]
+        filter: DlqFilter,
+        /// Only count what would be replayed.
+        #[arg(long)]
+        dry_run: bool,
+        /// Replays per second.
+        #[arg(long)]
+        rate: Option<u32>,
+        /// Resume an interrupted replay job.
+        #[arg(long)]
+        resume: Option<String>,
+        /// Start the job and return at once, without following its progress.
+        #[arg(long)]
+        detach: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Discard dead letters, with a reason.
+    #[command(
+        after_help = "Example:\n  cmdflow dlq discard --signature invalid_event:demo.increment --reason 'test traffic'"
+    )]
+    Discard {
+        #[command(flatten)]
+        filter: DlqFilter,
+        /// Why (required; kept in the audit).
+        #[arg(long)]
+        reason: String,
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -117,6 +216,9 @@ pub enum Cmd {
         #[arg(long, default_value_t = 20)]
         limit: u32,
     },
+    /// Dead letters: list, group, show, replay, discard.
+    #[command(subcommand)]
+    Dlq(DlqCmd),
     /// Show a command's tree: every descendant with its state.
     #[command(after_help = "Example:\n  cmdflow tree 0192f0c1-7a3b-7c2d-9e4f-5a6b7c8d9e0f")]
     Tree { id: String },
