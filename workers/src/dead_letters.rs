@@ -181,16 +181,16 @@ pub async fn run_replay(
             continue;
         }
         let started = Instant::now();
-        for letter in &batch {
+        // One batch in flight at once: the confirms are pipelined, not awaited one by one.
+        let exchange = bus.topology().events_exchange();
+        let published = futures::future::join_all(batch.iter().map(|letter| {
             let props = bus::event_properties(letter.event_id.as_deref().unwrap_or_default())
                 .with_headers(replay_headers(letter.id));
-            bus.publish(
-                &bus.topology().events_exchange(),
-                &letter.routing_key,
-                &letter.body,
-                props,
-            )
-            .await?;
+            bus.publish(&exchange, &letter.routing_key, &letter.body, props)
+        }))
+        .await;
+        for result in published {
+            result?;
         }
         let ids: Vec<i64> = batch.iter().map(|l| l.id).collect();
         dead::advance_job(pool, id, &ids).await?;

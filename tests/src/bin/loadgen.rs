@@ -7,6 +7,8 @@
 //! - W4: 2,000 increments on one counter; the count must be exact.
 //! - feed: the owner feed with 1,000,000 commands of 100,000 owners in the table, under 50
 //!   concurrent requests (run with `--workers 0 --schedulers 0`).
+//! - replay: replay 100,000 dead letters at full speed, then 10,000 with a rate of 1,000/s
+//!   (run with `--workers 0 --schedulers 0`; the replayed events wait in the work queue).
 //! - timers1m: 1,000,000 pending timers: the claim's plan, and the scheduler's memory while it
 //!   fires 20,000 due ones among them (run with `--workers 0`; nothing consumes the firings).
 //!
@@ -110,6 +112,7 @@ async fn main() -> anyhow::Result<()> {
             "w4" => run.w4().await,
             "timers1m" => run.timers_1m().await,
             "feed" => run.feed().await,
+            "replay" => run.replay().await,
             other => Err(anyhow::anyhow!("unknown workload {other}")),
         };
         match result {
@@ -716,6 +719,53 @@ impl Run {
             "latency_ms": {"p50": percentile(&all, 0.5), "p99": percentile(&all, 0.99), "max": percentile(&all, 1.0)},
             "history_plan": plan,
         }))
+    }
+
+    async fn replay(&self) -> anyhow::Result<Value> {
+        use cmdflow_shared::store::dead::{self, Filter};
+        let seed = |n: i64, signature: &'static str| {
+            let pool = self.pool.clone();
+            async move {
+                sqlx::query(
+                    "INSERT INTO dead_letters (dead_id, event_source, event_id, event_type, routing_key, body, reason,
+                                               error_class, signature, attempts, first_failed_at, last_failed_at)
+                     SELECT gen_random_uuid()::text, 'loadgen', e.id, 'demo.increment', 'demo.increment',
+                            convert_to(json_build_object('specversion', '1.0', 'id', e.id, 'source', 'loadgen',
+                                       'type', 'demo.increment', 'commandid', gen_random_uuid(), 'data', json_build_object())::text, 'UTF8'),
+                            'seeded', 'permanent', $2, 1, now(), now()
+                       FROM (SELECT gen_random_uuid()::text AS id FROM generate_series(1, $1)) e",
+                )
+                .bind(n)
+                .bind(signature)
+                .execute(&pool)
+                .await
+            }
+        };
+        seed(100_000, "permanent:full").await?;
+        seed(10_000, "permanent:throttled").await?;
+        let mut lines = Vec::new();
+        for (signature, rate) in [
+            ("permanent:full", None),
+            ("permanent:throttled", Some(1000)),
+        ] {
+            let filter = Filter {
+                signature: Some(signature.to_owned()),
+                ..Filter::default()
+            };
+            let total = dead::count(&self.pool, &filter).await?;
+            let job = dead::create_job(&self.pool, "loadgen", &filter, rate, total).await?;
+            let started = Instant::now();
+            let done =
+                cmdflow_workers::dead_letters::run_replay(&self.pool, &self.bus, job.id).await?;
+            let secs = started.elapsed().as_secs_f64();
+            lines.push(json!({
+                "replayed": done.replayed,
+                "rate_limit": rate,
+                "elapsed_s": (secs * 100.0).round() / 100.0,
+                "replayed_per_s": (f64::from(done.replayed) / secs).round(),
+            }));
+        }
+        Ok(json!({ "workload": "replay", "runs": lines }))
     }
 
     async fn timers_1m(&self) -> anyhow::Result<Value> {
