@@ -73,6 +73,7 @@ pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
     let doc = openapi.clone();
     let router = api
         .route("/openapi.json", get(move || async move { axum::Json(doc) }))
+        .route("/metrics", get(metrics_text))
         .fallback(|| async { ApiError::NotFound("no such endpoint".to_owned()).into_response() })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES))
@@ -83,6 +84,25 @@ pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .layer(axum::middleware::map_response(json_errors))
         .layer(TraceLayer::new_for_http());
     (router, openapi)
+}
+
+/// Prometheus text for every series of this process (all roles it runs).
+pub async fn metrics_text() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        cmdflow_shared::metrics::install().render(),
+    )
+}
+
+/// Serves `/metrics` and `/healthz` on `addr`, for the roles without the gateway's listener.
+pub async fn serve_metrics(addr: &str, shutdown: CancellationToken) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr).await?;
+    let router = Router::new()
+        .route("/metrics", get(metrics_text))
+        .route("/healthz", get(|| async { "ok" }));
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
 }
 
 /// Gives error responses produced by layers and the router itself (413 from the body limit,

@@ -32,6 +32,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let server_config = || -> anyhow::Result<Config> {
         let config = Config::load()?;
         telemetry::init(&config.log_format);
+        cmdflow_shared::metrics::install();
         Ok(config)
     };
     match cli.command {

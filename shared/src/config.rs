@@ -63,6 +63,9 @@ pub struct Config {
     /// A folder of funnel definitions (`*.toml`) to run instead of the shipped ones
     /// (`CMDFLOW_FUNNELS_DIR`). An invalid file stops start-up with its precise error.
     pub funnels_dir: Option<String>,
+    /// Where the `worker` and `scheduler` roles serve `/metrics` and `/healthz`
+    /// (`CMDFLOW_METRICS_ADDR`); the gateway serves them on its own address.
+    pub metrics_addr: String,
     /// Log format: `json` or `pretty` (`CMDFLOW_LOG_FORMAT`).
     pub log_format: String,
 }
@@ -90,6 +93,7 @@ impl Default for Config {
             scheduler_batch: 500,
             smtp_url: None,
             funnels_dir: None,
+            metrics_addr: "127.0.0.1:9091".to_owned(),
             mail_from: "cmdflow <cmdflow@localhost>".to_owned(),
             log_format: "pretty".to_owned(),
         }

@@ -7,6 +7,7 @@ pub mod contract;
 pub mod decision;
 pub mod domain;
 pub mod lock;
+pub mod metrics;
 pub mod store;
 pub mod telemetry;
 pub mod time;

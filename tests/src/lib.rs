@@ -129,6 +129,7 @@ impl TestEnv {
     /// A fresh database (migrated), namespace and lock prefix; `adjust` can change the config.
     pub async fn with(adjust: impl FnOnce(&mut Config)) -> TestEnv {
         cmdflow_shared::telemetry::init_for_tests();
+        cmdflow_shared::metrics::install();
         sweep_stale_databases().await;
         let suffix = Uuid::new_v4().simple().to_string()[..12].to_owned();
         let database = format!("cmdflow_t_{}_{suffix}", chrono::Utc::now().timestamp());

@@ -554,3 +554,75 @@ async fn health_readiness_and_openapi() {
     assert_eq!((s, b["code"].as_str()), (404, Some("not_found")));
     env.cleanup().await;
 }
+
+/// The value of one series in Prometheus text, 0 when absent.
+fn series(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn metrics_expose_the_fleet_and_move_as_events_flow() {
+    let mut env = TestEnv::new().await;
+    let gw = env.start_gateway().await;
+    env.start_worker().await;
+    let id = start_command(&gw.url, "demo.counter", "member:70", json!({})).await;
+    wait_count(&env, &id, 0, Duration::from_secs(20)).await;
+    let metrics = || async {
+        let resp = cmdflow_tests::http()
+            .get(format!("{}/metrics", gw.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.text().await.unwrap()
+    };
+    let before = metrics().await;
+    let applied = [("type", "demo.increment"), ("outcome", "applied")];
+    let received = [("type", "demo.increment")];
+    let applied_before = series(&before, "cmdflow_events_processed_total", &applied);
+    let received_before = series(&before, "cmdflow_events_received_total", &received);
+    for _ in 0..3 {
+        assert_eq!(
+            post_event(&gw.url, &event("demo.increment", Some(&id), json!({})))
+                .await
+                .0,
+            202
+        );
+    }
+    wait_count(&env, &id, 3, Duration::from_secs(20)).await;
+    let after = eventually(Duration::from_secs(10), "the counters to move", || async {
+        let text = metrics().await;
+        (series(&text, "cmdflow_events_processed_total", &applied) >= applied_before + 3.0)
+            .then_some(text)
+    })
+    .await;
+    assert!(series(&after, "cmdflow_events_received_total", &received) >= received_before + 3.0);
+    assert!(
+        series(
+            &after,
+            "cmdflow_handler_seconds_count",
+            &[("type", "demo.increment")]
+        ) >= 3.0
+    );
+    for name in [
+        "cmdflow_events_received_total",
+        "cmdflow_events_processed_total",
+        "cmdflow_handler_seconds",
+        "cmdflow_event_latency_seconds",
+        "cmdflow_lock_wait_seconds",
+    ] {
+        assert!(
+            after.contains(&format!("# HELP {name}")),
+            "{name} is described"
+        );
+    }
+    env.cleanup().await;
+}

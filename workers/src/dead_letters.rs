@@ -120,6 +120,11 @@ async fn keep(pool: &PgPool, bus: &Bus, shutdown: &CancellationToken) -> Result<
         match dead::keep(pool, &letter).await {
             Ok(_) => {
                 drop(delivery.acker.ack(BasicAckOptions::default()).await);
+                metrics::counter!(cmdflow_shared::metrics::DEAD_LETTERS_KEPT, "class" => letter.error_class.clone())
+                    .increment(1);
+                if let Ok(open) = dead::count(pool, &Filter::default()).await {
+                    metrics::gauge!(cmdflow_shared::metrics::DEAD_LETTERS_OPEN).set(open as f64);
+                }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "Could not keep a dead letter; it stays in the queue.");

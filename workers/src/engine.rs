@@ -15,6 +15,7 @@ use cmdflow_shared::bus::{
     HEADER_REASON,
 };
 use cmdflow_shared::lock::Locks;
+use cmdflow_shared::metrics as cm;
 use cmdflow_shared::store::{self, OutboxRow, StoreError};
 use cmdflow_shared::time::{Clock, SystemClock};
 use cmdflow_shared::{CommandId, Event};
@@ -176,6 +177,42 @@ impl Engine {
     }
 
     async fn process_inner(&self, body: &[u8], publish: bool) -> (Disposition, Vec<OutboxRow>) {
+        let started = Instant::now();
+        let (disposition, outbox, ty, time) = self.process_unmeasured(body, publish).await;
+        let outcome = match &disposition {
+            Disposition::Ack(Applied::Applied) => "applied",
+            Disposition::Ack(Applied::Duplicate) => "duplicate",
+            Disposition::Ack(Applied::Ignored) => "ignored",
+            Disposition::Ack(Applied::Unmatched) => "unmatched",
+            Disposition::Busy => "busy",
+            Disposition::Retry(_) => "retry",
+            Disposition::Dead { .. } => "dead",
+        };
+        metrics::counter!(cm::EVENTS_PROCESSED, "type" => ty.clone(), "outcome" => outcome)
+            .increment(1);
+        if outcome == "applied" {
+            metrics::histogram!(cm::HANDLER_SECONDS, "type" => ty.clone())
+                .record(started.elapsed().as_secs_f64());
+            if let Some(time) = time {
+                let latency =
+                    (chrono::Utc::now() - time).num_microseconds().unwrap_or(0) as f64 / 1e6;
+                metrics::histogram!(cm::EVENT_LATENCY_SECONDS, "type" => ty)
+                    .record(latency.max(0.0));
+            }
+        }
+        (disposition, outbox)
+    }
+
+    async fn process_unmeasured(
+        &self,
+        body: &[u8],
+        publish: bool,
+    ) -> (
+        Disposition,
+        Vec<OutboxRow>,
+        String,
+        Option<chrono::DateTime<chrono::Utc>>,
+    ) {
         let event = match Event::parse(body) {
             Ok(event) => event,
             Err(e) => {
@@ -183,11 +220,12 @@ impl Engine {
                     class: "invalid_event",
                     reason: format!("invalid event: {e}"),
                 };
-                return (dead, Vec::new());
+                return (dead, Vec::new(), "invalid".to_owned(), None);
             }
         };
+        let (ty, time) = (event.ty.clone(), event.time);
         let span = tracing::info_span!("event", command.id = tracing::field::Empty, event.id = %event.id, event.type = %event.ty);
-        async {
+        let (disposition, outbox) = async {
             let Some(command_id) = event.commandid else {
                 // Starts new commands (fresh ids: nobody else can hold their lock) and wakes
                 // waiters (their rows are claimed under a key lock, not the command lock).
@@ -199,11 +237,20 @@ impl Engine {
             tracing::Span::current().record("command.id", tracing::field::display(command_id));
             let held = match &self.locks {
                 None => None,
-                Some(locks) => match locks.acquire(command_id).await {
-                    Ok(Some(held)) => Some(held),
-                    Ok(None) => return (Disposition::Busy, Vec::new()),
-                    Err(e) => return (Disposition::Retry(e.to_string()), Vec::new()),
-                },
+                Some(locks) => {
+                    let waited = Instant::now();
+                    let taken = locks.acquire(command_id).await;
+                    metrics::histogram!(cm::LOCK_WAIT_SECONDS)
+                        .record(waited.elapsed().as_secs_f64());
+                    match taken {
+                        Ok(Some(held)) => Some(held),
+                        Ok(None) => {
+                            metrics::counter!(cm::LOCK_BUSY).increment(1);
+                            return (Disposition::Busy, Vec::new());
+                        }
+                        Err(e) => return (Disposition::Retry(e.to_string()), Vec::new()),
+                    }
+                }
             };
             let done = self
                 .transact(&event, Target::Command(command_id), publish)
@@ -220,7 +267,8 @@ impl Engine {
             done
         }
         .instrument(span)
-        .await
+        .await;
+        (disposition, outbox, ty, time)
     }
 
     /// One transaction for one event: apply, commit, then publish the outbox when asked.
@@ -534,6 +582,9 @@ impl Engine {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(published = n, "Swept outbox rows left behind."),
                 Err(e) => tracing::warn!(error = %e, "Outbox sweep failed; trying again later."),
+            }
+            if let Ok(backlog) = store::outbox_backlog(&self.pool).await {
+                metrics::gauge!(cm::OUTBOX_BACKLOG).set(backlog as f64);
             }
         }
     }

@@ -94,6 +94,13 @@ impl Scheduler {
             result?;
         }
         for timer in &due {
+            let late = (now - timer.due_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
+            metrics::histogram!(cmdflow_shared::metrics::TIMER_LATENESS_SECONDS)
+                .record(late.max(0.0));
+            metrics::counter!(cmdflow_shared::metrics::TIMERS_FIRED, "kind" => timer.kind.clone())
+                .increment(1);
+        }
+        for timer in &due {
             match (&timer.cron, &timer.tz) {
                 (Some(expr), Some(tz)) => {
                     // Fires once after downtime, then moves to the next slot after now.

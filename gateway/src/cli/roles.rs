@@ -47,6 +47,25 @@ fn registry(config: &Config) -> anyhow::Result<Registry> {
     }
 }
 
+/// Serves `/metrics` and `/healthz` on `CMDFLOW_METRICS_ADDR` until `shutdown`.
+async fn metrics_server(
+    config: &Config,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let addr = config.metrics_addr.clone();
+    // Bind now, so a taken port fails start-up with one line.
+    let probe = tokio::net::TcpListener::bind(&addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (CMDFLOW_METRICS_ADDR)"))?;
+    drop(probe);
+    let token = shutdown.clone();
+    Ok(tokio::spawn(async move {
+        if let Err(e) = crate::app::serve_metrics(&addr, token).await {
+            tracing::error!(error = %e, "The metrics listener stopped.");
+        }
+    }))
+}
+
 /// Creates the database if it does not exist, then applies the migrations.
 pub async fn migrate(config: &Config) -> anyhow::Result<()> {
     let url = &config.database_url;
@@ -103,17 +122,21 @@ pub async fn scheduler(config: Config) -> anyhow::Result<()> {
     let pool = store::connect(&config.database_url, 4).await?;
     let bus = Bus::connect(&config.amqp_url, &config.namespace, "cmdflow-scheduler").await?;
     let shutdown = shutdown_on_signals();
+    let metrics = metrics_server(&config, &shutdown).await?;
     tracing::info!(namespace = %config.namespace, "Scheduler started.");
     Scheduler::new(pool, bus, &config)
         .run_until_stopped(shutdown)
         .await;
+    drop(metrics.await);
     Ok(())
 }
 
 pub async fn worker(config: Config) -> anyhow::Result<()> {
     let worker = Worker::build(&config, registry(&config)?).await?;
     let shutdown = shutdown_on_signals();
+    let metrics = metrics_server(&config, &shutdown).await?;
     tracing::info!(namespace = %config.namespace, concurrency = config.concurrency, "Worker started.");
     worker.run_until_stopped(shutdown).await;
+    drop(metrics.await);
     Ok(())
 }

@@ -66,8 +66,10 @@ pub async fn publish_all(state: &AppState, events: &[Event]) -> ApiResult<()> {
         }
     }))
     .await;
-    for result in results {
+    for (event, result) in events.iter().zip(results) {
         result.map_err(ApiError::BrokerUnavailable)?;
+        metrics::counter!(cmdflow_shared::metrics::EVENTS_RECEIVED, "type" => event.ty.clone())
+            .increment(1);
     }
     Ok(())
 }

@@ -202,6 +202,7 @@ impl Run {
                     self.config.database_pool_size.to_string(),
                 )
                 .env("CMDFLOW_BUSY_DELAY", "20ms")
+                .env("CMDFLOW_METRICS_ADDR", "127.0.0.1:0")
                 .env("CMDFLOW_LOCK_WAIT", "50ms")
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::null())

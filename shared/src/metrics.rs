@@ -1,0 +1,86 @@
+//! Metrics: every name in one place, with its help text, and the Prometheus recorder. Labels have
+//! bounded cardinality (event type, outcome), never a command id.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+pub const EVENTS_RECEIVED: &str = "cmdflow_events_received_total";
+pub const EVENTS_PROCESSED: &str = "cmdflow_events_processed_total";
+pub const HANDLER_SECONDS: &str = "cmdflow_handler_seconds";
+pub const EVENT_LATENCY_SECONDS: &str = "cmdflow_event_latency_seconds";
+pub const LOCK_WAIT_SECONDS: &str = "cmdflow_lock_wait_seconds";
+pub const LOCK_BUSY: &str = "cmdflow_lock_busy_total";
+pub const OUTBOX_BACKLOG: &str = "cmdflow_outbox_backlog";
+pub const TIMER_LATENESS_SECONDS: &str = "cmdflow_timer_lateness_seconds";
+pub const TIMERS_FIRED: &str = "cmdflow_timers_fired_total";
+pub const DEAD_LETTERS_KEPT: &str = "cmdflow_dead_letters_kept_total";
+pub const DEAD_LETTERS_OPEN: &str = "cmdflow_dead_letters";
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        EVENTS_RECEIVED,
+        "Events accepted by the gateway (confirmed by the broker), by type."
+    );
+    describe_counter!(
+        EVENTS_PROCESSED,
+        "Events a worker settled, by type and outcome (applied, duplicate, ignored, unmatched, busy, retry, dead)."
+    );
+    describe_histogram!(
+        HANDLER_SECONDS,
+        Unit::Seconds,
+        "Time to apply one event: the transaction with the handler's decision, by type."
+    );
+    describe_histogram!(
+        EVENT_LATENCY_SECONDS,
+        Unit::Seconds,
+        "From the event's time to its commit, by type."
+    );
+    describe_histogram!(
+        LOCK_WAIT_SECONDS,
+        Unit::Seconds,
+        "Time spent taking a command's Redlock lock."
+    );
+    describe_counter!(
+        LOCK_BUSY,
+        "Events that found their command's lock busy and were delayed."
+    );
+    describe_gauge!(
+        OUTBOX_BACKLOG,
+        "Outbox rows not yet confirmed by the broker, as the last sweep counted."
+    );
+    describe_histogram!(
+        TIMER_LATENESS_SECONDS,
+        Unit::Seconds,
+        "How late timers fire: firing time minus due time."
+    );
+    describe_counter!(TIMERS_FIRED, "Timers the scheduler fired, by kind.");
+    describe_counter!(DEAD_LETTERS_KEPT, "Dead letters kept, by error class.");
+    describe_gauge!(
+        DEAD_LETTERS_OPEN,
+        "Dead letters waiting for ops (neither replayed nor discarded), as last counted."
+    );
+}
+
+/// Installs the process's Prometheus recorder once, and returns the handle that renders it.
+pub fn install() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let buckets = [
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ];
+            let builder = PrometheusBuilder::new()
+                .set_buckets(&buckets)
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            let handle = match builder.install_recorder() {
+                Ok(handle) => handle,
+                // Another recorder is installed (an embedding program): render an empty one.
+                Err(_) => PrometheusBuilder::new().build_recorder().handle(),
+            };
+            describe();
+            handle
+        })
+        .clone()
+}
