@@ -336,6 +336,15 @@ impl Bus {
     }
 }
 
+/// AMQP headers of an event: its `traceparent`, so a trace spans every hop.
+pub fn event_headers(event: &crate::contract::Event) -> FieldTable {
+    let mut headers = FieldTable::default();
+    if let Some(serde_json::Value::String(tp)) = event.extensions.get(crate::trace::TRACEPARENT) {
+        headers.insert(crate::trace::TRACEPARENT.into(), string(tp));
+    }
+    headers
+}
+
 /// Properties of an event message: persistent, JSON, with the event id as message id.
 pub fn event_properties(event_id: &str) -> BasicProperties {
     BasicProperties::default()

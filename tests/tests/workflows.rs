@@ -665,3 +665,49 @@ async fn an_aborted_command_gets_to_clean_up() {
     );
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn the_trace_context_goes_from_the_gateway_through_the_worker_to_the_children() {
+    let mut env = TestEnv::new().await;
+    let gw = env.start_gateway().await;
+    env.start_worker().await;
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let resp = cmdflow_tests::http()
+        .post(format!("{}/v1/commands", gw.url))
+        .header("content-type", "application/json")
+        .header("traceparent", format!("00-{trace}-00f067aa0ba902b7-01"))
+        .body(
+            serde_json::to_vec(
+                &json!({"kind": "demo.fanout", "owner": "member:80", "data": {"children": 2}}),
+            )
+            .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let parent = resp.json::<Value>().await.unwrap()["command_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    env.wait_state(&parent, CommandState::Completed).await;
+    let traced: Vec<String> = sqlx::query_scalar(
+        "SELECT e.detail->>'traceparent' FROM command_events e JOIN commands c ON c.id = e.command_id
+          WHERE c.root_id = $1::uuid AND e.entry = 'received' AND e.event_type = 'command.start'",
+    )
+    .bind(&parent)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(traced.len(), 3, "the parent's start and both children's");
+    let spans: std::collections::BTreeSet<&str> = traced
+        .iter()
+        .map(|tp| {
+            let (t, span) = cmdflow_shared::trace::parse(tp).unwrap();
+            assert_eq!(t, trace, "one trace from the gateway to the children");
+            span
+        })
+        .collect();
+    assert_eq!(spans.len(), 3, "each hop is its own span");
+    env.cleanup().await;
+}

@@ -224,7 +224,14 @@ impl Engine {
             }
         };
         let (ty, time) = (event.ty.clone(), event.time);
-        let span = tracing::info_span!("event", command.id = tracing::field::Empty, event.id = %event.id, event.type = %event.ty);
+        let trace_id = event
+            .extensions
+            .get(cmdflow_shared::trace::TRACEPARENT)
+            .and_then(Value::as_str)
+            .and_then(cmdflow_shared::trace::parse)
+            .map(|(trace, _)| trace.to_owned())
+            .unwrap_or_default();
+        let span = tracing::info_span!("event", command.id = tracing::field::Empty, event.id = %event.id, event.type = %event.ty, trace.id = %trace_id);
         let (disposition, outbox) = async {
             let Some(command_id) = event.commandid else {
                 // Starts new commands (fresh ids: nobody else can hold their lock) and wakes
@@ -331,7 +338,7 @@ impl Engine {
                 .and_then(Value::as_str)
                 .unwrap_or_default();
             self.bus
-                .publish_event(&row.event_type, id, &body, FieldTable::default())
+                .publish_event(&row.event_type, id, &body, trace_headers(&row.body))
                 .await
                 .map(|()| row.id)
         }))
@@ -605,7 +612,7 @@ impl Engine {
                 .unwrap_or_default();
             match self
                 .bus
-                .publish_event(&row.event_type, id, &body, FieldTable::default())
+                .publish_event(&row.event_type, id, &body, trace_headers(&row.body))
                 .await
             {
                 Ok(()) => confirmed.push(row.id),
@@ -643,6 +650,18 @@ fn failure_headers(delivery: &Delivery, error: &str) -> FieldTable {
         bus::string(&serde_json::to_string(&chain).unwrap_or_default()),
     );
     h
+}
+
+/// AMQP headers for an outbox row: the `traceparent` its event carries.
+fn trace_headers(body: &Value) -> FieldTable {
+    let mut headers = FieldTable::default();
+    if let Some(tp) = body
+        .get(cmdflow_shared::trace::TRACEPARENT)
+        .and_then(Value::as_str)
+    {
+        headers.insert(cmdflow_shared::trace::TRACEPARENT.into(), bus::string(tp));
+    }
+    headers
 }
 
 fn clip(s: &str) -> String {

@@ -52,7 +52,8 @@ pub async fn start_command(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<(StatusCode, Json<Started>)> {
     let body = json_body(&headers, body, &["application/json"])?;
-    let event = start_event(&state, &body)?;
+    let mut event = start_event(&state, &body)?;
+    crate::routes::events::trace(&headers, std::slice::from_mut(&mut event));
     let command_id = event.commandid.unwrap_or_default();
     publish_all(&state, std::slice::from_ref(&event)).await?;
     Ok((
@@ -379,6 +380,7 @@ pub async fn abort_command(
     event.commandid = Some(id);
     event.subject = Some(command.owner);
     event.correlationid = Some(command.root_id.to_string());
+    crate::routes::events::trace(&headers, std::slice::from_mut(&mut event));
     publish_all(&state, std::slice::from_ref(&event)).await?;
     Ok((
         StatusCode::ACCEPTED,

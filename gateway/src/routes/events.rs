@@ -7,8 +7,8 @@ use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode};
 use cmdflow_shared::Event;
+use cmdflow_shared::bus;
 use cmdflow_shared::contract::parse_batch;
-use lapin::types::FieldTable;
 use serde::Serialize;
 
 use crate::app::AppState;
@@ -44,7 +44,8 @@ pub async fn post_events(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<(StatusCode, Json<Accepted>)> {
     let body = json_body(&headers, body, EVENT_CONTENT_TYPES)?;
-    let events = parse_batch(&body)?;
+    let mut events = parse_batch(&body)?;
+    trace(&headers, &mut events);
     publish_all(&state, &events).await?;
     Ok((
         StatusCode::ACCEPTED,
@@ -54,6 +55,27 @@ pub async fn post_events(
     ))
 }
 
+/// Gives every event a `traceparent`: its own, else a child of the request's, else a new trace.
+pub fn trace(headers: &HeaderMap, events: &mut [Event]) {
+    let parent = headers
+        .get(cmdflow_shared::trace::TRACEPARENT)
+        .and_then(|v| v.to_str().ok());
+    for event in events {
+        let own = event
+            .extensions
+            .get(cmdflow_shared::trace::TRACEPARENT)
+            .and_then(|v| v.as_str())
+            .and_then(cmdflow_shared::trace::parse)
+            .is_some();
+        if !own {
+            event.extensions.insert(
+                cmdflow_shared::trace::TRACEPARENT.to_owned(),
+                serde_json::Value::String(cmdflow_shared::trace::child_of(parent)),
+            );
+        }
+    }
+}
+
 /// Publishes events concurrently; fails with 503 unless the broker confirmed every one.
 pub async fn publish_all(state: &AppState, events: &[Event]) -> ApiResult<()> {
     let results = futures::future::join_all(events.iter().map(|event| {
@@ -61,7 +83,7 @@ pub async fn publish_all(state: &AppState, events: &[Event]) -> ApiResult<()> {
         async move {
             state
                 .bus
-                .publish_event(&event.ty, &event.id, &body, FieldTable::default())
+                .publish_event(&event.ty, &event.id, &body, bus::event_headers(event))
                 .await
         }
     }))

@@ -413,6 +413,9 @@ impl Engine {
         }
 
         let mut detail = obj(json!({ "source": event.source, "data": event.data }));
+        if let Some(tp) = event.extensions.get(cmdflow_shared::trace::TRACEPARENT) {
+            detail.insert("traceparent".into(), tp.clone());
+        }
         if !notes.is_empty() {
             detail.insert("notes".into(), json!(notes));
         }
@@ -469,6 +472,17 @@ impl Engine {
             .correlationid
             .clone()
             .or_else(|| Some(command.root_id.to_string()));
+        // The trace goes on: a new span in the cause's trace.
+        if let Some(parent) = cause
+            .extensions
+            .get(cmdflow_shared::trace::TRACEPARENT)
+            .and_then(Value::as_str)
+        {
+            e.extensions.insert(
+                cmdflow_shared::trace::TRACEPARENT.to_owned(),
+                json!(cmdflow_shared::trace::child_of(Some(parent))),
+            );
+        }
         e
     }
 
