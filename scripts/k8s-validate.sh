@@ -8,8 +8,8 @@
 #     validation (unknown fields rejected) against the Kubernetes OpenAPI schemas bundled in the
 #     PyPI package kubernetes-validate, for the oldest Kubernetes we support and the newest one the
 #     package ships (K8S_VERSIONS below);
-#   * CRD kinds (ScaledObject, TriggerAuthentication, ServiceMonitor, RabbitmqCluster, CNPG
-#     Cluster): not in those schemas. Each gets a minimal strict schema kept in this script (the
+#   * CRD kinds (ScaledObject, TriggerAuthentication, ServiceMonitor, PodMonitor, RabbitmqCluster,
+#     CNPG Cluster): not in those schemas. Each gets a minimal strict schema kept in this script (the
 #     fields we use and their known siblings, types, required fields), and the KEDA and Prometheus
 #     Operator kinds are also type-checked with the upstream-generated models of the npm packages
 #     @kubernetes-models/keda and @kubernetes-models/prometheus-operator. Any other CRD kind fails;
@@ -327,6 +327,31 @@ CRD_SCHEMAS = {
             "scrapeProtocols": arr(S), "fallbackScrapeProtocol": S, "scrapeClass": S,
             "bodySizeLimit": S,
         }, required=["selector", "endpoints"])),
+    ("monitoring.coreos.com/v1", "PodMonitor"): crd(
+        "monitoring.coreos.com/v1", "PodMonitor", obj({
+            "selector": LABEL_SELECTOR,
+            "selectorMechanism": {"enum": ["RelabelConfig", "RoleSelector"]},
+            "namespaceSelector": obj({"any": B, "matchNames": arr(S)}),
+            "podMetricsEndpoints": arr(obj({
+                "port": S, "portNumber": {"type": "integer", "minimum": 1, "maximum": 65535},
+                "targetPort": {"type": ["integer", "string"]}, "path": S,
+                "scheme": {"enum": ["http", "https", "HTTP", "HTTPS"]},
+                "interval": DURATION, "scrapeTimeout": DURATION, "params": ANYOBJ,
+                "honorLabels": B, "honorTimestamps": B, "trackTimestampsStaleness": B,
+                "relabelings": ANYARR, "metricRelabelings": ANYARR, "tlsConfig": ANYOBJ,
+                "bearerTokenSecret": ANYOBJ, "basicAuth": ANYOBJ, "authorization": ANYOBJ,
+                "oauth2": ANYOBJ, "followRedirects": B, "enableHttp2": B, "filterRunning": B,
+                "proxyUrl": S, "noProxy": S, "proxyFromEnvironment": B,
+                "proxyConnectHeader": ANYOBJ,
+            }), minItems=1),
+            "jobLabel": S, "podTargetLabels": arr(S),
+            "sampleLimit": I, "targetLimit": I, "labelLimit": I, "labelNameLengthLimit": I,
+            "labelValueLengthLimit": I, "keepDroppedTargets": I, "attachMetadata": ANYOBJ,
+            "scrapeProtocols": arr(S), "fallbackScrapeProtocol": S, "scrapeClass": S,
+            "bodySizeLimit": S, "scrapeClassicHistograms": B, "scrapeNativeHistograms": B,
+            "nativeHistogramBucketLimit": I, "nativeHistogramMinBucketFactor": QUANTITY,
+            "convertClassicHistogramsToNHCB": B,
+        }, required=["selector", "podMetricsEndpoints"])),
     ("rabbitmq.com/v1beta1", "RabbitmqCluster"): crd(
         "rabbitmq.com/v1beta1", "RabbitmqCluster", obj({
             "replicas": {"type": "integer", "minimum": 0}, "image": S,
@@ -379,7 +404,8 @@ CRD_SCHEMAS = {
     }, required=["instances", "storage"])),
 }
 UPSTREAM_MODELS = {("keda.sh/v1alpha1", "ScaledObject"), ("keda.sh/v1alpha1", "TriggerAuthentication"),
-                   ("monitoring.coreos.com/v1", "ServiceMonitor")}
+                   ("monitoring.coreos.com/v1", "ServiceMonitor"),
+                   ("monitoring.coreos.com/v1", "PodMonitor")}
 
 
 def group_of(api_version):
@@ -629,6 +655,17 @@ def cross_check(docs, mode, expected_ns):
         for ep in d["spec"].get("endpoints") or []:
             if "port" in ep:
                 check(i, ep["port"] in ports, f"endpoint port {ep['port']!r} not on the Service")
+    for i, d in by_kind.get("PodMonitor", []):
+        hit = selected(d["spec"]["selector"])
+        check(i, bool(hit), "selector matches no pod template")
+        for ep in d["spec"].get("podMetricsEndpoints") or []:
+            if "port" not in ep:
+                continue
+            for _, w, t in hit:
+                ports = {cp.get("name") for _, c in containers(t.get("spec") or {})
+                         for cp in c.get("ports") or []}
+                check(i, ep["port"] in ports, f"endpoint port {ep['port']!r} is no container port "
+                      f"of {w['kind']}/{w['metadata']['name']}")
     return problems, checks
 
 
