@@ -59,6 +59,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             roles::worker(config).await
         }
         Cmd::Scheduler => roles::scheduler(server_config()?).await,
+        Cmd::Archiver => roles::archiver(server_config()?).await,
+        Cmd::Archive(cmdflow_gateway::cli::ArchiveCmd::Run { dry_run, json }) => {
+            roles::archive_run(server_config()?, dry_run, json).await
+        }
         Cmd::Migrate => {
             let config = server_config()?;
             roles::migrate(&config).await?;

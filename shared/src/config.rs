@@ -66,6 +66,18 @@ pub struct Config {
     /// Where the `worker` and `scheduler` roles serve `/metrics` and `/healthz`
     /// (`CMDFLOW_METRICS_ADDR`); the gateway serves them on its own address.
     pub metrics_addr: String,
+    /// How long ended command trees stay live before the archiver moves them
+    /// (`CMDFLOW_ARCHIVE_RETENTION`, e.g. `30d`).
+    #[serde(with = "humantime_serde")]
+    pub archive_retention: Duration,
+    /// Retention per root kind, overriding the default: `kind=duration,…`
+    /// (`CMDFLOW_ARCHIVE_RETENTION_BY_KIND`, e.g. `query=7d,quote=90d`).
+    pub archive_retention_by_kind: String,
+    /// How often the archiver runs (`CMDFLOW_ARCHIVE_INTERVAL`).
+    #[serde(with = "humantime_serde")]
+    pub archive_interval: Duration,
+    /// Trees moved per transaction (`CMDFLOW_ARCHIVE_BATCH`).
+    pub archive_batch: i64,
     /// Log format: `json` or `pretty` (`CMDFLOW_LOG_FORMAT`).
     pub log_format: String,
 }
@@ -94,6 +106,10 @@ impl Default for Config {
             smtp_url: None,
             funnels_dir: None,
             metrics_addr: "127.0.0.1:9091".to_owned(),
+            archive_retention: Duration::from_secs(30 * 24 * 3600),
+            archive_retention_by_kind: String::new(),
+            archive_interval: Duration::from_secs(60),
+            archive_batch: 200,
             mail_from: "cmdflow <cmdflow@localhost>".to_owned(),
             log_format: "pretty".to_owned(),
         }
@@ -154,6 +170,10 @@ impl Config {
         if self.max_depth < 1 || self.max_children < 1 {
             return invalid("max_depth", "max_depth and max_children must be at least 1");
         }
+        self.retention()?;
+        if self.archive_batch < 1 {
+            return invalid("archive_batch", "must be at least 1");
+        }
         if !matches!(self.log_format.as_str(), "json" | "pretty") {
             return invalid("log_format", "must be `json` or `pretty`");
         }
@@ -188,6 +208,34 @@ impl Config {
                 Ok(d)
             })
             .collect()
+    }
+}
+
+impl Config {
+    /// The archiver's retention: the default, and per kind.
+    pub fn retention(&self) -> Result<crate::store::archive::Retention, ConfigError> {
+        let by_kind = self
+            .archive_retention_by_kind
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|pair| {
+                let bad = |reason: String| ConfigError::Invalid {
+                    field: "archive_retention_by_kind",
+                    reason,
+                };
+                let (kind, d) = pair
+                    .split_once('=')
+                    .ok_or_else(|| bad(format!("`{pair}`: expected kind=duration")))?;
+                let d = humantime::parse_duration(d.trim())
+                    .map_err(|e| bad(format!("`{pair}`: {e}")))?;
+                Ok((kind.trim().to_owned(), d))
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?;
+        Ok(crate::store::archive::Retention {
+            default: self.archive_retention,
+            by_kind,
+        })
     }
 }
 

@@ -1,6 +1,7 @@
 //! cmdflow's worker role: the engine that applies events to commands, the command kinds, and
 //! the loops that run beside it (the outbox sweeper).
 
+pub mod archiver;
 pub mod dead_letters;
 pub mod engine;
 pub mod fanin;

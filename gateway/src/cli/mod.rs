@@ -122,6 +122,18 @@ pub enum DlqCmd {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum ArchiveCmd {
+    /// Move every eligible tree now, with progress; `--dry-run` only counts them.
+    #[command(after_help = "Examples:\n  cmdflow archive run --dry-run\n  cmdflow archive run")]
+    Run {
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum Cmd {
     /// Migrate, declare the topology, and run the gateway and a worker in one process.
     #[command(after_help = "Example:\n  cmdflow up --http 127.0.0.1:8080 --concurrency 32")]
@@ -148,6 +160,14 @@ pub enum Cmd {
     /// Run the scheduler role only: turn due timers into events. Several may run at once.
     #[command(after_help = "Example:\n  cmdflow scheduler")]
     Scheduler,
+    /// Run the archiver role only: move ended command trees to the archive, every interval.
+    #[command(
+        after_help = "Example:\n  CMDFLOW_ARCHIVE_RETENTION=30d CMDFLOW_ARCHIVE_RETENTION_BY_KIND=query=7d cmdflow archiver"
+    )]
+    Archiver,
+    /// Archive now (server side: talks to PostgreSQL with the server configuration).
+    #[command(subcommand)]
+    Archive(ArchiveCmd),
     /// Create the database if needed and apply the migrations.
     #[command(
         after_help = "Example:\n  CMDFLOW_DATABASE_URL=postgres://postgres@db/cmdflow cmdflow migrate"

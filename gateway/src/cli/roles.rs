@@ -91,6 +91,7 @@ pub async fn up(config: Config) -> anyhow::Result<()> {
     let bus = Bus::connect(&config.amqp_url, &config.namespace, "cmdflow-up").await?;
     let worker = Worker::build_with(&config, registry.clone(), pool.clone(), bus.clone()).await?;
     let scheduler = Scheduler::new(pool.clone(), bus.clone(), &config);
+    let archive_pool = pool.clone();
     let kinds = registry.kinds().collect::<Vec<_>>().join(", ");
     let app = Application::build_with(&config, registry, pool, bus.clone()).await?;
     let shutdown = shutdown_on_signals();
@@ -102,10 +103,18 @@ pub async fn up(config: Config) -> anyhow::Result<()> {
     );
     let worker_task = tokio::spawn(worker.run_until_stopped(shutdown.clone()));
     let scheduler_task = tokio::spawn(scheduler.run_until_stopped(shutdown.clone()));
+    let archiver_task = tokio::spawn(cmdflow_workers::archiver::run_until_stopped(
+        archive_pool,
+        config.retention()?,
+        config.archive_batch,
+        config.archive_interval,
+        shutdown.clone(),
+    ));
     let served = app.run_until_stopped(shutdown.clone()).await;
     shutdown.cancel();
     worker_task.await.context("the worker task failed")?;
     scheduler_task.await.context("the scheduler task failed")?;
+    archiver_task.await.context("the archiver task failed")?;
     bus.close().await;
     served.context("the gateway stopped with an error")
 }
@@ -128,6 +137,67 @@ pub async fn scheduler(config: Config) -> anyhow::Result<()> {
         .run_until_stopped(shutdown)
         .await;
     drop(metrics.await);
+    Ok(())
+}
+
+pub async fn archiver(config: Config) -> anyhow::Result<()> {
+    let retention = config.retention()?;
+    let pool = store::connect(&config.database_url, 2).await?;
+    let shutdown = shutdown_on_signals();
+    let metrics = metrics_server(&config, &shutdown).await?;
+    tracing::info!(interval = ?config.archive_interval, "Archiver started.");
+    cmdflow_workers::archiver::run_until_stopped(
+        pool,
+        retention,
+        config.archive_batch,
+        config.archive_interval,
+        shutdown,
+    )
+    .await;
+    drop(metrics.await);
+    Ok(())
+}
+
+pub async fn archive_run(config: Config, dry_run: bool, json: bool) -> anyhow::Result<()> {
+    let retention = config.retention()?;
+    let pool = store::connect(&config.database_url, 2).await?;
+    let eligible = store::archive::eligible(&pool, &retention).await?;
+    if dry_run {
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({ "eligible_trees": eligible, "dry_run": true })
+            );
+        } else {
+            println!("{eligible} command trees would be archived (dry run: nothing moved)");
+        }
+        return Ok(());
+    }
+    let moved = cmdflow_workers::archiver::run_all(&pool, &retention, config.archive_batch, |m| {
+        if !json {
+            let done = (m.trees * 30 / eligible.max(1)).clamp(0, 30) as usize;
+            eprint!(
+                "\r[{}{}] {}/{eligible} trees, {} rows",
+                "#".repeat(done),
+                " ".repeat(30 - done),
+                m.trees,
+                m.rows()
+            );
+        }
+    })
+    .await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "trees": moved.trees, "commands": moved.commands, "events": moved.events, "messages": moved.messages })
+        );
+    } else {
+        eprintln!();
+        println!(
+            "archived {} trees ({} commands, {} history rows, {} messages)",
+            moved.trees, moved.commands, moved.events, moved.messages
+        );
+    }
     Ok(())
 }
 

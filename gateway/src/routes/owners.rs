@@ -23,6 +23,8 @@ pub struct FeedQuery {
     pub cursor: Option<String>,
     /// Only history of this kind, e.g. `query` for "the last 10 queries you ran".
     pub kind: Option<String>,
+    /// Include archived commands in the history.
+    pub include_archived: Option<bool>,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -88,6 +90,7 @@ pub async fn get_feed(
         query.kind.as_deref(),
         before,
         limit,
+        query.include_archived.unwrap_or(false),
     )
     .await?;
     let next_cursor = (history.len() as i64 == limit)

@@ -310,10 +310,13 @@ pub async fn lock_command(tx: &mut Tx<'_>, id: CommandId) -> Result<Option<Comma
         .await?)
 }
 
+/// A command, live or archived.
 pub async fn get_command(pool: &PgPool, id: CommandId) -> Result<Option<Command>> {
     const SQL: &str = concat!(
         "SELECT id, kind, owner, parent_id, root_id, depth, state, data, result, reason, ui, version, group_name, parent_close, created_at, updated_at, ended_at",
-        " FROM commands WHERE id = $1"
+        " FROM commands WHERE id = $1",
+        " UNION ALL SELECT id, kind, owner, parent_id, root_id, depth, state, data, result, reason, ui, version, group_name, parent_close, created_at, updated_at, ended_at",
+        " FROM archive.commands WHERE id = $1 LIMIT 1"
     );
     Ok(sqlx::query_as::<_, Command>(SQL)
         .bind(id)
@@ -444,7 +447,10 @@ pub async fn history(
 ) -> Result<Vec<HistoryRow>> {
     Ok(sqlx::query_as::<_, HistoryRow>(
         "SELECT seq, version, entry, event_id, event_type, from_state, to_state, detail, at
-           FROM command_events WHERE command_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+           FROM (SELECT * FROM command_events WHERE command_id = $1 AND seq > $2
+                 UNION ALL
+                 SELECT * FROM archive.command_events WHERE command_id = $1 AND seq > $2) h
+          ORDER BY seq LIMIT $3",
     )
     .bind(command)
     .bind(after_seq)
@@ -529,6 +535,7 @@ pub async fn outbox_backlog(pool: &PgPool) -> Result<i64> {
         .await?)
 }
 
+pub mod archive;
 pub mod dead;
 pub mod people;
 pub mod time;

@@ -154,6 +154,7 @@ pub async fn feed(
     kind: Option<&str>,
     before: Option<(DateTime<Utc>, CommandId)>,
     limit: i64,
+    include_archived: bool,
 ) -> Result<FeedRows> {
     let (before_at, before_id) = before.unzip();
     let (owners, history, hinted, messages): (Vec<String>, Value, Value, Value) = sqlx::query_as(
@@ -164,7 +165,10 @@ pub async fn feed(
          SELECT o.owners,
                 (SELECT coalesce(json_agg(h), '[]'::json) FROM (
                     SELECT c.id AS command_id, c.kind, c.owner, c.state, c.data, c.result, c.created_at, c.ended_at
-                      FROM commands c
+                      FROM (SELECT id, kind, owner, state, data, result, created_at, ended_at, parent_id FROM commands
+                            UNION ALL
+                            SELECT id, kind, owner, state, data, result, created_at, ended_at, parent_id
+                              FROM archive.commands WHERE $6) c
                      WHERE c.owner = ANY(o.owners) AND c.parent_id IS NULL
                        AND ($2::text IS NULL OR c.kind = $2)
                        AND ($3::timestamptz IS NULL OR (c.created_at, c.id) < ($3, $4))
@@ -185,6 +189,7 @@ pub async fn feed(
     .bind(before_at)
     .bind(before_id)
     .bind(limit)
+    .bind(include_archived)
     .fetch_one(pool)
     .await?;
     let decode = |what: &str, e: serde_json::Error| {
