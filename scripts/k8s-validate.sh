@@ -168,7 +168,7 @@ for overlay in "$ROOT"/k8s/overlays/*/; do
 done
 # The archiver is not in the base kustomization yet: render it on top of the dev overlay, so that
 # its references, namespace and image are checked as they will be once it is enabled.
-if [ -f "$ROOT/k8s/base/archiver.yaml" ] && [ -d "$ROOT/k8s/overlays/dev" ]; then
+if [ -f "$ROOT/k8s/base/archiver.yaml" ] && [ -d "$ROOT/k8s/overlays/dev" ] && ! grep -qE '^[[:space:]]*-[[:space:]]*archiver\.yaml[[:space:]]*$' "$ROOT/k8s/base/kustomization.yaml"; then
     mkdir -p "$WORK/archiver"
     cp "$ROOT/k8s/base/archiver.yaml" "$WORK/archiver/"
     dev_ns=$(sed -n 's/^namespace: *//p' "$ROOT/k8s/overlays/dev/kustomization.yaml")

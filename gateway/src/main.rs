@@ -29,6 +29,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let json = cli.json;
     let server_config = || -> anyhow::Result<Config> {
         let config = Config::load()?;
         telemetry::init(&config.log_format);
@@ -60,7 +61,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Scheduler => roles::scheduler(server_config()?).await,
         Cmd::Archiver => roles::archiver(server_config()?).await,
-        Cmd::Archive(cmdflow_gateway::cli::ArchiveCmd::Run { dry_run, json }) => {
+        Cmd::Archive(cmdflow_gateway::cli::ArchiveCmd::Run { dry_run }) => {
             roles::archive_run(server_config()?, dry_run, json).await
         }
         Cmd::Migrate => {
@@ -87,21 +88,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 correlation,
                 file,
             };
-            client::emit(&Client::from_env()?, args).await
+            client::emit(&Client::from_env(json)?, args).await
         }
         Cmd::Start {
             kind,
             owner,
             data,
             wait,
-        } => client::start(&Client::from_env()?, &kind, &owner, &data, wait).await,
-        Cmd::Show { id } => client::show(&Client::from_env()?, &id).await,
-        Cmd::History { id } => client::history(&Client::from_env()?, &id).await,
+        } => client::start(&Client::from_env(json)?, &kind, &owner, &data, wait).await,
+        Cmd::Show { id } => client::show(&Client::from_env(json)?, &id).await,
+        Cmd::History { id } => client::history(&Client::from_env(json)?, &id).await,
         Cmd::Feed { owner, kind, limit } => {
-            client::feed(&Client::from_env()?, &owner, kind.as_deref(), limit).await
+            client::feed(&Client::from_env(json)?, &owner, kind.as_deref(), limit).await
         }
-        Cmd::Dlq(cmd) => cmdflow_gateway::cli::dlq::run(&Client::from_env()?, cmd).await,
-        Cmd::Tree { id } => client::tree(&Client::from_env()?, &id).await,
-        Cmd::Abort { id, reason } => client::abort(&Client::from_env()?, &id, reason).await,
+        Cmd::Dlq(cmd) => cmdflow_gateway::cli::dlq::run(&Client::from_env(json)?, cmd).await,
+        Cmd::Tree { id } => client::tree(&Client::from_env(json)?, &id).await,
+        Cmd::Abort { id, reason } => client::abort(&Client::from_env(json)?, &id, reason).await,
     }
 }

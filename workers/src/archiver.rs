@@ -45,7 +45,7 @@ pub async fn run_all(
     }
 }
 
-/// Runs every `interval` until `shutdown` fires.
+/// Runs every `interval` until `shutdown` fires; on shutdown it stops after the batch in flight.
 pub async fn run_until_stopped(
     pool: PgPool,
     retention: Retention,
@@ -54,16 +54,28 @@ pub async fn run_until_stopped(
     shutdown: CancellationToken,
 ) {
     loop {
-        match run_all(&pool, &retention, batch, |_| {}).await {
-            Ok(m) if m.trees > 0 => tracing::info!(
-                trees = m.trees,
-                rows = m.rows(),
-                "Archived ended command trees."
-            ),
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, "Archival failed; trying again at the next interval.")
+        let mut total = Moved::default();
+        while !shutdown.is_cancelled() {
+            match run_batch(&pool, &retention, batch).await {
+                Ok(m) if m.trees > 0 => {
+                    total.trees += m.trees;
+                    total.commands += m.commands;
+                    total.events += m.events;
+                    total.messages += m.messages;
+                }
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Archival failed; trying again at the next interval.");
+                    break;
+                }
             }
+        }
+        if total.trees > 0 {
+            tracing::info!(
+                trees = total.trees,
+                rows = total.rows(),
+                "Archived ended command trees."
+            );
         }
         tokio::select! {
             () = shutdown.cancelled() => return,

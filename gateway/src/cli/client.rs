@@ -12,13 +12,17 @@ pub struct Client {
     base: String,
     http: reqwest::Client,
     token: Option<String>,
+    /// Print the gateway's JSON rather than tables.
+    pub json: bool,
 }
 
 impl Client {
-    pub fn from_env() -> anyhow::Result<Client> {
+    pub fn from_env(json: bool) -> anyhow::Result<Client> {
         let base =
             std::env::var("CMDFLOW_URL").unwrap_or_else(|_| "http://127.0.0.1:8080".to_owned());
-        Self::new(&base, std::env::var("CMDFLOW_TOKEN").ok())
+        let mut client = Self::new(&base, std::env::var("CMDFLOW_TOKEN").ok())?;
+        client.json = json;
+        Ok(client)
     }
 
     pub fn new(base: &str, token: Option<String>) -> anyhow::Result<Client> {
@@ -30,6 +34,7 @@ impl Client {
             base: base.trim_end_matches('/').to_owned(),
             http,
             token,
+            json: false,
         })
     }
 
@@ -74,6 +79,17 @@ impl Client {
         )
         .await
     }
+}
+
+/// Prints `value` as JSON when the client is in JSON mode; says whether it did.
+fn printed_json(client: &Client, value: &Value) -> bool {
+    if client.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(value).unwrap_or_default()
+        );
+    }
+    client.json
 }
 
 fn parse_object(flag: &str, raw: &str) -> anyhow::Result<Value> {
@@ -125,6 +141,9 @@ pub async fn emit(client: &Client, args: EmitArgs) -> anyhow::Result<()> {
     let accepted = client
         .post("/v1/events", "application/cloudevents+json", body)
         .await?;
+    if printed_json(client, &accepted) {
+        return Ok(());
+    }
     for id in accepted["ids"].as_array().into_iter().flatten() {
         println!("accepted {}", id.as_str().unwrap_or_default());
     }
@@ -150,13 +169,20 @@ pub async fn start(
         .as_str()
         .unwrap_or_default()
         .to_owned();
-    println!("started {id}");
+    if !wait && printed_json(client, &started) {
+        return Ok(());
+    }
+    if !client.json {
+        println!("started {id}");
+    }
     if wait {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             match client.get(&format!("/v1/commands/{id}")).await {
                 Ok(command) if command["state"] != "pending" => {
-                    print_command(&command);
+                    if !printed_json(client, &command) {
+                        print_command(&command);
+                    }
                     return Ok(());
                 }
                 Ok(_) | Err(_) if Instant::now() < deadline => {
@@ -173,16 +199,21 @@ pub async fn show(client: &Client, id: &str) -> anyhow::Result<()> {
     let command = client
         .get(&format!("/v1/commands/{}", urlencode(id)))
         .await?;
-    print_command(&command);
+    if !printed_json(client, &command) {
+        print_command(&command);
+    }
     Ok(())
 }
 
 pub async fn history(client: &Client, id: &str) -> anyhow::Result<()> {
     let mut after = 0;
-    println!(
-        "{:>6}  {:<32}  {:<13}  {:<20}  detail",
-        "seq", "at", "entry", "event"
-    );
+    let mut all = Vec::new();
+    if !client.json {
+        println!(
+            "{:>6}  {:<32}  {:<13}  {:<20}  detail",
+            "seq", "at", "entry", "event"
+        );
+    }
     loop {
         let page = client
             .get(&format!(
@@ -191,6 +222,10 @@ pub async fn history(client: &Client, id: &str) -> anyhow::Result<()> {
             ))
             .await?;
         for e in page["entries"].as_array().into_iter().flatten() {
+            if client.json {
+                all.push(e.clone());
+                continue;
+            }
             let what = match e["entry"].as_str() {
                 Some("state_changed") => format!(
                     "{} → {}",
@@ -214,7 +249,10 @@ pub async fn history(client: &Client, id: &str) -> anyhow::Result<()> {
         }
         match page["next_after"].as_i64() {
             Some(next) => after = next,
-            None => return Ok(()),
+            None => {
+                printed_json(client, &json!({ "command_id": id, "entries": all }));
+                return Ok(());
+            }
         }
     }
 }
@@ -230,6 +268,9 @@ pub async fn feed(
         path.push_str(&format!("&kind={}", urlencode(kind)));
     }
     let feed = client.get(&path).await?;
+    if printed_json(client, &feed) {
+        return Ok(());
+    }
     println!(
         "person   {}",
         feed["identities"]
@@ -279,6 +320,9 @@ pub async fn tree(client: &Client, id: &str) -> anyhow::Result<()> {
     let tree = client
         .get(&format!("/v1/commands/{}/tree", urlencode(id)))
         .await?;
+    if printed_json(client, &tree) {
+        return Ok(());
+    }
     fn walk(node: &Value, depth: usize) {
         let outcome = match node["state"].as_str() {
             Some("completed") if !node["result"].is_null() => format!(" → {}", node["result"]),
@@ -313,6 +357,9 @@ pub async fn abort(client: &Client, id: &str, reason: Option<String>) -> anyhow:
             body,
         )
         .await?;
+    if printed_json(client, &accepted) {
+        return Ok(());
+    }
     println!(
         "abort accepted for {} (event {})",
         id,

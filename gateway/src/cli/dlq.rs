@@ -69,12 +69,9 @@ fn progress(job: &Value) -> String {
 }
 
 pub async fn run(client: &Client, cmd: DlqCmd) -> anyhow::Result<()> {
+    let json = client.json;
     match cmd {
-        DlqCmd::List {
-            filter,
-            limit,
-            json,
-        } => {
+        DlqCmd::List { filter, limit } => {
             let page = client
                 .get(&format!(
                     "/v1/dead-letters?{}&limit={limit}",
@@ -101,7 +98,7 @@ pub async fn run(client: &Client, cmd: DlqCmd) -> anyhow::Result<()> {
                 );
             }
         }
-        DlqCmd::Groups { filter, json } => {
+        DlqCmd::Groups { filter } => {
             let groups = client
                 .get(&format!("/v1/dead-letters/groups?{}", query(&filter)))
                 .await?;
@@ -123,7 +120,7 @@ pub async fn run(client: &Client, cmd: DlqCmd) -> anyhow::Result<()> {
                 );
             }
         }
-        DlqCmd::Show { id, json } => {
+        DlqCmd::Show { id } => {
             let d = client.get(&format!("/v1/dead-letters/{id}")).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&d)?);
@@ -157,7 +154,6 @@ pub async fn run(client: &Client, cmd: DlqCmd) -> anyhow::Result<()> {
             rate,
             resume,
             detach,
-            json,
         } => {
             let job = match resume {
                 Some(job) => {
@@ -245,7 +241,6 @@ pub async fn run(client: &Client, cmd: DlqCmd) -> anyhow::Result<()> {
             filter,
             reason,
             dry_run,
-            json,
         } => {
             let mut b = body(&filter);
             b.insert("reason".into(), json!(reason));

@@ -19,6 +19,9 @@ use clap::{Parser, Subcommand};
         Client subcommands talk to the gateway at CMDFLOW_URL (default http://127.0.0.1:8080)."
 )]
 pub struct Cli {
+    /// Client subcommands: print the gateway's JSON instead of tables, for scripts.
+    #[arg(long, global = true)]
+    pub json: bool,
     #[command(subcommand)]
     pub command: Cmd,
 }
@@ -63,25 +66,16 @@ pub enum DlqCmd {
         filter: DlqFilter,
         #[arg(long, default_value_t = 50)]
         limit: u32,
-        /// Print JSON for scripts.
-        #[arg(long)]
-        json: bool,
     },
     /// Group dead letters by failure signature, with counts.
     #[command(after_help = "Example:\n  cmdflow dlq groups")]
     Groups {
         #[command(flatten)]
         filter: DlqFilter,
-        #[arg(long)]
-        json: bool,
     },
     /// Show one dead letter, with its original event.
     #[command(after_help = "Example:\n  cmdflow dlq show 42")]
-    Show {
-        id: i64,
-        #[arg(long)]
-        json: bool,
-    },
+    Show { id: i64 },
     /// Replay dead letters (each is applied once; commands dedupe by event id).
     #[command(
         after_help = "Examples:\n  cmdflow dlq replay --signature permanent:quote --dry-run\n  cmdflow dlq replay --funnel visitor_to_member --rate 100\n  cmdflow dlq replay --resume 0192f0c1-..."
@@ -101,8 +95,6 @@ pub enum DlqCmd {
         /// Start the job and return at once, without following its progress.
         #[arg(long)]
         detach: bool,
-        #[arg(long)]
-        json: bool,
     },
     /// Discard dead letters, with a reason.
     #[command(
@@ -116,8 +108,6 @@ pub enum DlqCmd {
         reason: String,
         #[arg(long)]
         dry_run: bool,
-        #[arg(long)]
-        json: bool,
     },
 }
 
@@ -128,8 +118,6 @@ pub enum ArchiveCmd {
     Run {
         #[arg(long)]
         dry_run: bool,
-        #[arg(long)]
-        json: bool,
     },
 }
 

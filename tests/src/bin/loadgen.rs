@@ -9,6 +9,8 @@
 //!   concurrent requests (run with `--workers 0 --schedulers 0`).
 //! - replay: replay 100,000 dead letters at full speed, then 10,000 with a rate of 1,000/s
 //!   (run with `--workers 0 --schedulers 0`; the replayed events wait in the work queue).
+//! - archive: archive 1,000,000 ended commands with 2 history rows each, while 20 clients read
+//!   the feed (run with `--workers 0 --schedulers 0`).
 //! - timers1m: 1,000,000 pending timers: the claim's plan, and the scheduler's memory while it
 //!   fires 20,000 due ones among them (run with `--workers 0`; nothing consumes the firings).
 //!
@@ -113,6 +115,7 @@ async fn main() -> anyhow::Result<()> {
             "timers1m" => run.timers_1m().await,
             "feed" => run.feed().await,
             "replay" => run.replay().await,
+            "archive" => run.archive().await,
             other => Err(anyhow::anyhow!("unknown workload {other}")),
         };
         match result {
@@ -767,6 +770,107 @@ impl Run {
             }));
         }
         Ok(json!({ "workload": "replay", "runs": lines }))
+    }
+
+    async fn archive(&self) -> anyhow::Result<Value> {
+        let n: i64 = 1_000_000;
+        let owners: i64 = 100_000;
+        sqlx::query(
+            "INSERT INTO commands (id, kind, owner, root_id, state, data, result, created_at, updated_at, ended_at)
+             SELECT id, 'query', 'member:' || (g % $2), id, 'completed', jsonb_build_object('q', 'search ' || g),
+                    '{}'::jsonb, now() - interval '40 days', now() - interval '40 days', now() - interval '40 days'
+               FROM (SELECT gen_random_uuid() AS id, g FROM generate_series(1, $1) g) s",
+        )
+        .bind(n)
+        .bind(owners)
+        .execute(&self.pool)
+        .await?;
+        sqlx::query(
+            "INSERT INTO command_events (command_id, version, entry, event_type, from_state, to_state, at)
+             SELECT id, 1, 'received', 'command.start', NULL, NULL, created_at FROM commands
+             UNION ALL
+             SELECT id, 1, 'state_changed', NULL, 'pending', 'completed', created_at FROM commands",
+        )
+        .execute(&self.pool)
+        .await?;
+        // Live commands the feed reads while archival runs.
+        sqlx::query(
+            "INSERT INTO commands (id, kind, owner, root_id, state, data, created_at, updated_at)
+             SELECT id, 'quote', 'member:' || (g % $1), id, 'running', '{}'::jsonb, now(), now()
+               FROM (SELECT gen_random_uuid() AS id, g FROM generate_series(1, $1) g) s",
+        )
+        .bind(owners)
+        .execute(&self.pool)
+        .await?;
+        sqlx::query("ANALYZE").execute(&self.pool).await?;
+
+        let config = Config {
+            http_addr: "127.0.0.1:0".to_owned(),
+            archive_retention: Duration::from_secs(30 * 24 * 3600),
+            ..self.config.clone()
+        };
+        let gateway_pool = store::connect(&config.database_url, 16).await?;
+        let app = cmdflow_gateway::Application::build_with(
+            &config,
+            Registry::builtin(),
+            gateway_pool,
+            self.bus.clone(),
+        )
+        .await?;
+        let base = format!("http://{}", app.local_addr());
+        let stop = CancellationToken::new();
+        tokio::spawn(app.run_until_stopped(stop.clone()));
+        let client = reqwest::Client::new();
+        let readers: Vec<_> = (0..20u64)
+            .map(|w| {
+                let (client, base, stop) = (client.clone(), base.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut lat = Vec::new();
+                    let mut i = w;
+                    while !stop.is_cancelled() {
+                        i = i
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        let url = format!("{base}/v1/owners/member:{}/feed", (i >> 33) % 100_000);
+                        let t = Instant::now();
+                        if client
+                            .get(&url)
+                            .send()
+                            .await
+                            .is_ok_and(|r| r.status().is_success())
+                        {
+                            lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                        }
+                    }
+                    lat
+                })
+            })
+            .collect();
+        let retention = config.retention()?;
+        let started = Instant::now();
+        let moved =
+            cmdflow_workers::archiver::run_all(&self.pool, &retention, 1000, |_| {}).await?;
+        let secs = started.elapsed().as_secs_f64();
+        stop.cancel();
+        let mut lat = Vec::new();
+        for r in readers {
+            lat.extend(r.await?);
+        }
+        lat.sort_by(f64::total_cmp);
+        Ok(json!({
+            "workload": "archive",
+            "trees": moved.trees,
+            "rows_moved": moved.rows(),
+            "elapsed_s": (secs * 10.0).round() / 10.0,
+            "rows_per_s": (moved.rows() as f64 / secs).round(),
+            "feed_during_archival": {
+                "clients": 20,
+                "requests": lat.len(),
+                "p50_ms": percentile(&lat, 0.5),
+                "p99_ms": percentile(&lat, 0.99),
+                "max_ms": percentile(&lat, 1.0),
+            },
+        }))
     }
 
     async fn timers_1m(&self) -> anyhow::Result<Value> {
