@@ -787,9 +787,9 @@ impl Run {
         .await?;
         sqlx::query(
             "INSERT INTO command_events (command_id, version, entry, event_type, from_state, to_state, at)
-             SELECT id, 1, 'received', 'command.start', NULL, NULL, created_at FROM commands
+             SELECT id, 1, 'received', 'command.start', NULL::command_state, NULL::command_state, created_at FROM commands
              UNION ALL
-             SELECT id, 1, 'state_changed', NULL, 'pending', 'completed', created_at FROM commands",
+             SELECT id, 1, 'state_changed', NULL, 'pending'::command_state, 'completed'::command_state, created_at FROM commands",
         )
         .execute(&self.pool)
         .await?;
