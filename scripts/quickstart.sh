@@ -117,7 +117,8 @@ done
 # Each event is applied on its own; wait for all five before finishing, so that the finish is
 # not applied ahead of an increment that is still on its way.
 deadline=$((SECONDS + 30))
-until cmdflow show "$id" | grep -q '"count":10'; do
+# (Read the whole output before matching: a reader that quits early would break the pipe.)
+until grep -q '"count":10' <<<"$(cmdflow show "$id")"; do
     ((SECONDS < deadline)) || die "the five increments were not applied within 30s (see $LOG)"
     sleep 0.2
 done
@@ -126,7 +127,7 @@ echo "\$ cmdflow emit demo.finish --command $id"
 cmdflow emit demo.finish --command "$id"
 
 deadline=$((SECONDS + 30))
-until cmdflow show "$id" | grep -Eq '^state +completed'; do
+until grep -Eq '^state +completed' <<<"$(cmdflow show "$id")"; do
     ((SECONDS < deadline)) || die "command $id did not complete within 30s (see $LOG)"
     sleep 0.2
 done
