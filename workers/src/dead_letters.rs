@@ -101,6 +101,8 @@ async fn keep(pool: &PgPool, bus: &Bus, shutdown: &CancellationToken) -> Result<
             FieldTable::default(),
         )
         .await?;
+    // Counting open dead letters costs a scan: refresh the gauge at most once a second.
+    let mut counted: Option<Instant> = None;
     loop {
         let next = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
@@ -122,8 +124,12 @@ async fn keep(pool: &PgPool, bus: &Bus, shutdown: &CancellationToken) -> Result<
                 drop(delivery.acker.ack(BasicAckOptions::default()).await);
                 metrics::counter!(cmdflow_shared::metrics::DEAD_LETTERS_KEPT, "class" => letter.error_class.clone())
                     .increment(1);
-                if let Ok(open) = dead::count(pool, &Filter::default()).await {
-                    metrics::gauge!(cmdflow_shared::metrics::DEAD_LETTERS_OPEN).set(open as f64);
+                if counted.is_none_or(|at| at.elapsed() > Duration::from_secs(1)) {
+                    counted = Some(Instant::now());
+                    if let Ok(open) = dead::count(pool, &Filter::default()).await {
+                        metrics::gauge!(cmdflow_shared::metrics::DEAD_LETTERS_OPEN)
+                            .set(open as f64);
+                    }
                 }
             }
             Err(e) => {
