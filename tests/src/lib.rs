@@ -277,6 +277,23 @@ impl TestEnv {
             .pop()
     }
 
+    /// Starts a command straight through the broker, past the gateway (which only knows the
+    /// built-in kinds and checks their data); returns its id.
+    pub async fn start_raw(&self, kind: &str, owner: &str, data: Value) -> String {
+        let id = Uuid::now_v7().to_string();
+        let start = json!({
+            "specversion": "1.0", "id": Uuid::now_v7().to_string(), "source": "tests",
+            "type": "command.start", "commandid": id,
+            "data": {"kind": kind, "owner": owner, "data": data},
+        });
+        self.publish_raw(
+            "command.start",
+            &serde_json::to_vec(&start).unwrap_or_default(),
+        )
+        .await;
+        id
+    }
+
     /// Messages ready in a queue.
     pub async fn queue_depth(&self, queue: &str) -> u32 {
         let channel = self.bus.channel().await.expect("channel");

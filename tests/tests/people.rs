@@ -339,13 +339,8 @@ async fn a_template_error_fails_the_command_with_the_template_name_and_sends_not
         std::sync::Arc::new(cmdflow_shared::time::SystemClock),
     )
     .await;
-    let id = uuid::Uuid::now_v7().to_string();
-    let start = json!({
-        "specversion": "1.0", "id": uuid::Uuid::now_v7().to_string(), "source": "tests",
-        "type": "command.start", "commandid": id,
-        "data": {"kind": "test.badmessage", "owner": "member:50", "data": {}},
-    });
-    env.publish_raw("command.start", &serde_json::to_vec(&start).unwrap())
+    let id = env
+        .start_raw("test.badmessage", "member:50", json!({}))
         .await;
     let failed = env.wait_state(&id, CommandState::Failed).await;
     assert!(

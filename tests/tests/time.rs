@@ -51,19 +51,6 @@ fn registry_with_timers() -> Registry {
     registry
 }
 
-/// A command started straight through the broker (the gateway only knows built-in kinds).
-async fn start_raw(env: &TestEnv, kind: &str, data: Value) -> String {
-    let id = uuid::Uuid::now_v7().to_string();
-    let start = json!({
-        "specversion": "1.0", "id": uuid::Uuid::now_v7().to_string(), "source": "tests",
-        "type": "command.start", "commandid": id,
-        "data": {"kind": kind, "owner": "system:tests", "data": data},
-    });
-    env.publish_raw("command.start", &serde_json::to_vec(&start).unwrap())
-        .await;
-    id
-}
-
 #[tokio::test]
 async fn a_one_shot_timer_fires_once() {
     let mut env = TestEnv::new().await;
@@ -90,7 +77,9 @@ async fn replacing_a_timer_by_name_moves_it_and_cancel_means_never() {
         .await;
     env.start_scheduler();
 
-    let moved = start_raw(&env, "test.timers", json!({})).await;
+    let moved = env
+        .start_raw("test.timers", "system:tests", json!({}))
+        .await;
     env.wait_state(&moved, CommandState::Waiting).await;
     let before = timers(&env, &moved).await;
     assert_eq!(before.len(), 1);
@@ -98,7 +87,9 @@ async fn replacing_a_timer_by_name_moves_it_and_cancel_means_never() {
     env.wait_state(&moved, CommandState::Completed).await;
     assert_eq!(env.received(&moved, "timer.fired").await, 1);
 
-    let cancelled = start_raw(&env, "test.timers", json!({})).await;
+    let cancelled = env
+        .start_raw("test.timers", "system:tests", json!({}))
+        .await;
     env.wait_state(&cancelled, CommandState::Waiting).await;
     send(&gw.url, &event("test.cancel", Some(&cancelled), json!({}))).await;
     eventually(WAIT, "the timer gone", || async {
@@ -374,7 +365,9 @@ async fn bad_time_input_gets_a_422_or_fails_the_command_with_its_reason() {
         );
     }
     // Past the gateway (straight to the broker), the decision fails the command, and says why.
-    let id = start_raw(&env, "demo.timer", json!({"cron": "61 * * * *"})).await;
+    let id = env
+        .start_raw("demo.timer", "system:tests", json!({"cron": "61 * * * *"}))
+        .await;
     let failed = env.wait_state(&id, CommandState::Failed).await;
     assert!(
         failed

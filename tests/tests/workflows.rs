@@ -611,14 +611,7 @@ async fn an_aborted_command_gets_to_clean_up() {
         std::sync::Arc::new(cmdflow_shared::time::SystemClock),
     )
     .await;
-    let id = uuid::Uuid::now_v7().to_string();
-    let start = json!({
-        "specversion": "1.0", "id": uuid::Uuid::now_v7().to_string(), "source": "tests",
-        "type": "command.start", "commandid": id, "correlationid": "corr-7",
-        "data": {"kind": "test.cleanup", "owner": "member:30", "data": {}},
-    });
-    env.publish_raw("command.start", &serde_json::to_vec(&start).unwrap())
-        .await;
+    let id = env.start_raw("test.cleanup", "member:30", json!({})).await;
     env.wait_state(&id, CommandState::Running).await;
     let (status, accepted) = post(
         &format!("{}/v1/commands/{id}/abort", gw.url),

@@ -659,58 +659,16 @@ impl Run {
         .fetch_all(&self.pool)
         .await?;
 
-        let config = Config {
-            http_addr: "127.0.0.1:0".to_owned(),
-            ..self.config.clone()
-        };
-        let gateway_pool = store::connect(&config.database_url, 16).await?;
-        let app = cmdflow_gateway::Application::build_with(
-            &config,
-            Registry::builtin(),
-            gateway_pool,
-            self.bus.clone(),
-        )
-        .await?;
-        let base = format!("http://{}", app.local_addr());
-        let stop = CancellationToken::new();
-        tokio::spawn(app.run_until_stopped(stop.clone()));
-        let client = reqwest::Client::new();
-        let duration = Duration::from_secs(20);
+        let (base, stop) = self.serve_gateway(&self.config).await?;
         let started = Instant::now();
-        let workers: Vec<_> = (0..50)
-            .map(|w| {
-                let client = client.clone();
-                let base = base.clone();
-                tokio::spawn(async move {
-                    let mut lat = Vec::new();
-                    let mut i: u64 = w;
-                    while started.elapsed() < duration {
-                        i = i
-                            .wrapping_mul(6364136223846793005)
-                            .wrapping_add(1442695040888963407);
-                        let owner = (i >> 33) % owners as u64;
-                        let url = format!("{base}/v1/owners/member:{owner}/feed");
-                        let t = Instant::now();
-                        let ok = client
-                            .get(&url)
-                            .send()
-                            .await
-                            .map(|r| r.status().is_success())
-                            .unwrap_or(false);
-                        if ok {
-                            lat.push(t.elapsed().as_secs_f64() * 1000.0);
-                        }
-                    }
-                    lat
-                })
-            })
-            .collect();
+        let readers = read_feeds(&base, 50, owners as u64, stop.clone());
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        stop.cancel();
         let mut all = Vec::new();
-        for w in workers {
-            all.extend(w.await?);
+        for r in readers {
+            all.extend(r.await?);
         }
         let secs = started.elapsed().as_secs_f64();
-        stop.cancel();
         all.sort_by(f64::total_cmp);
         Ok(json!({
             "workload": "feed",
@@ -809,43 +767,8 @@ impl Run {
             archive_retention: Duration::from_secs(30 * 24 * 3600),
             ..self.config.clone()
         };
-        let gateway_pool = store::connect(&config.database_url, 16).await?;
-        let app = cmdflow_gateway::Application::build_with(
-            &config,
-            Registry::builtin(),
-            gateway_pool,
-            self.bus.clone(),
-        )
-        .await?;
-        let base = format!("http://{}", app.local_addr());
-        let stop = CancellationToken::new();
-        tokio::spawn(app.run_until_stopped(stop.clone()));
-        let client = reqwest::Client::new();
-        let readers: Vec<_> = (0..20u64)
-            .map(|w| {
-                let (client, base, stop) = (client.clone(), base.clone(), stop.clone());
-                tokio::spawn(async move {
-                    let mut lat = Vec::new();
-                    let mut i = w;
-                    while !stop.is_cancelled() {
-                        i = i
-                            .wrapping_mul(6364136223846793005)
-                            .wrapping_add(1442695040888963407);
-                        let url = format!("{base}/v1/owners/member:{}/feed", (i >> 33) % 100_000);
-                        let t = Instant::now();
-                        if client
-                            .get(&url)
-                            .send()
-                            .await
-                            .is_ok_and(|r| r.status().is_success())
-                        {
-                            lat.push(t.elapsed().as_secs_f64() * 1000.0);
-                        }
-                    }
-                    lat
-                })
-            })
-            .collect();
+        let (base, stop) = self.serve_gateway(&config).await?;
+        let readers = read_feeds(&base, 20, owners as u64, stop.clone());
         let retention = config.retention()?;
         let started = Instant::now();
         let moved =
@@ -871,6 +794,26 @@ impl Run {
                 "max_ms": percentile(&lat, 1.0),
             },
         }))
+    }
+
+    /// A gateway on port 0 with its own pool of 16, running until the returned token fires.
+    async fn serve_gateway(&self, config: &Config) -> anyhow::Result<(String, CancellationToken)> {
+        let config = Config {
+            http_addr: "127.0.0.1:0".to_owned(),
+            ..config.clone()
+        };
+        let pool = store::connect(&config.database_url, 16).await?;
+        let app = cmdflow_gateway::Application::build_with(
+            &config,
+            Registry::builtin(),
+            pool,
+            self.bus.clone(),
+        )
+        .await?;
+        let base = format!("http://{}", app.local_addr());
+        let stop = CancellationToken::new();
+        tokio::spawn(app.run_until_stopped(stop.clone()));
+        Ok((base, stop))
     }
 
     async fn timers_1m(&self) -> anyhow::Result<Value> {
@@ -937,6 +880,42 @@ impl Run {
         let events = self.increments(&counter, self.args.hot_events);
         self.measure("W4", &counter, events).await
     }
+}
+
+/// Clients that read the feed of random owners `member:0..owners` until `stop`; each returns
+/// its latencies in milliseconds.
+fn read_feeds(
+    base: &str,
+    clients: u64,
+    owners: u64,
+    stop: CancellationToken,
+) -> Vec<tokio::task::JoinHandle<Vec<f64>>> {
+    let client = reqwest::Client::new();
+    (0..clients)
+        .map(|w| {
+            let (client, base, stop) = (client.clone(), base.to_owned(), stop.clone());
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                let mut i = w;
+                while !stop.is_cancelled() {
+                    i = i
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let url = format!("{base}/v1/owners/member:{}/feed", (i >> 33) % owners);
+                    let t = Instant::now();
+                    if client
+                        .get(&url)
+                        .send()
+                        .await
+                        .is_ok_and(|r| r.status().is_success())
+                    {
+                        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                    }
+                }
+                lat
+            })
+        })
+        .collect()
 }
 
 /// The `p` quantile of sorted values, rounded to 0.01.
