@@ -6,6 +6,8 @@
 # Reuses a cmdflow that already answers on the address. Environment:
 #   CMDFLOW_HTTP_ADDR   where the gateway listens (default 127.0.0.1:8080)
 #   CARGO_TARGET_DIR    cargo's build directory (default ./target)
+#   CMDFLOW_DEV_KEY     the development key the fleet accepts (default: one generated once and
+#                       kept in $RUNDIR/cmdflow-dev-key, so a fleet reused later still accepts it)
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -17,6 +19,17 @@ LOG="$RUNDIR/cmdflow-up.log"
 PIDFILE="$RUNDIR/cmdflow-up.pid"
 BIN="${CARGO_TARGET_DIR:-target}/release/cmdflow"
 WAIT=60
+
+# Every /v1 call needs a credential: the fleet runs with a development key holding every scope,
+# and the CLI sends it as CMDFLOW_TOKEN.
+KEYFILE="$RUNDIR/cmdflow-dev-key"
+if [ -z "${CMDFLOW_DEV_KEY:-}" ]; then
+    if [ ! -s "$KEYFILE" ]; then
+        (umask 077 && printf 'cfk_%s\n' "$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n')" >"$KEYFILE")
+    fi
+    CMDFLOW_DEV_KEY=$(cat "$KEYFILE")
+fi
+export CMDFLOW_DEV_KEY CMDFLOW_TOKEN="$CMDFLOW_DEV_KEY"
 
 step() { printf '\n==> %s\n' "$*"; }
 die() { printf 'quickstart.sh: %s\n' "$*" >&2; exit 1; }

@@ -23,6 +23,7 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::auth::{self, Authenticator};
 use crate::error::{ApiError, ErrorBody};
 use crate::routes::{commands, dead_letters, events, health, owners};
 
@@ -37,14 +38,41 @@ pub struct AppState {
     pub locks: Locks,
     /// The command kinds `POST /v1/commands` accepts, with their start-data checks.
     pub registry: Arc<Registry>,
+    /// API keys, JWT keys and rate limits.
+    pub auth: Arc<Authenticator>,
 }
 
 #[derive(OpenApi)]
-#[openapi(info(
-    title = "cmdflow",
-    description = "Durable commands and events: publish events, start commands, read their state and history."
-))]
+#[openapi(
+    info(
+        title = "cmdflow",
+        description = "Durable commands and events: publish events, start commands, read their state and history. Every /v1 endpoint needs `Authorization: Bearer <API key or JWT>`."
+    ),
+    modifiers(&BearerAuth),
+    security(("bearer" = []))
+)]
 struct ApiDoc;
+
+/// Declares the bearer scheme every `/v1` endpoint uses.
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "An API key (`cfk_…`) or a JWT (HS256 or RS256) with `sub` and `scope`",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
 
 /// The router and the OpenAPI document generated from the same handlers.
 pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
@@ -68,10 +96,14 @@ pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(owners::read_message))
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
-        .with_state(state)
+        .with_state(state.clone())
         .split_for_parts();
     let doc = openapi.clone();
     let router = api
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.auth.clone(),
+            auth::middleware,
+        ))
         .route("/openapi.json", get(move || async move { axum::Json(doc) }))
         .route("/metrics", get(metrics_text))
         .fallback(|| async { ApiError::NotFound("no such endpoint".to_owned()).into_response() })
@@ -163,6 +195,8 @@ pub enum BuildError {
     Bus(#[from] cmdflow_shared::bus::BusError),
     #[error(transparent)]
     Lock(#[from] cmdflow_shared::lock::LockError),
+    #[error(transparent)]
+    Auth(#[from] auth::AuthConfigError),
 }
 
 impl Application {
@@ -180,6 +214,7 @@ impl Application {
         pool: PgPool,
         bus: Arc<Bus>,
     ) -> Result<Application, BuildError> {
+        let auth = Arc::new(Authenticator::from_config(config)?);
         let locks = Locks::new(
             &config.redis_url_list(),
             &config.namespace,
@@ -188,6 +223,7 @@ impl Application {
         )?;
         locks.check_quorum().await?;
         let state = AppState {
+            auth,
             pool,
             bus,
             locks,

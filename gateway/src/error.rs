@@ -2,7 +2,7 @@
 //! 5xx bodies say nothing internal (the log has the chain).
 
 use axum::Json;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use cmdflow_shared::bus::BusError;
 use cmdflow_shared::contract::EnvelopeError;
@@ -33,6 +33,12 @@ pub enum ApiError {
     UnknownKind(String),
     #[error("{0}")]
     NotFound(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{caller} sent more requests than its rate limit allows")]
+    RateLimited { caller: String, retry_after: u64 },
     #[error("the event broker could not confirm the message: {0}")]
     BrokerUnavailable(#[source] BusError),
     #[error("database: {0}")]
@@ -66,6 +72,13 @@ impl ApiError {
             ),
             Self::UnknownKind(d) => (StatusCode::UNPROCESSABLE_ENTITY, "unknown_kind", d.clone()),
             Self::NotFound(d) => (StatusCode::NOT_FOUND, "not_found", d.clone()),
+            Self::Unauthorized(d) => (StatusCode::UNAUTHORIZED, "unauthorized", d.clone()),
+            Self::Forbidden(d) => (StatusCode::FORBIDDEN, "forbidden", d.clone()),
+            Self::RateLimited { retry_after, .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!("{self}; try again in {retry_after} s"),
+            ),
             Self::BrokerUnavailable(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "broker_unavailable",
@@ -103,6 +116,21 @@ impl IntoResponse for ApiError {
         if status.is_server_error() {
             tracing::error!(error = %self, "Request failed.");
         }
-        (status, Json(ErrorBody { code, detail })).into_response()
+        let mut response = (status, Json(ErrorBody { code, detail })).into_response();
+        match &self {
+            Self::Unauthorized(_) => {
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"cmdflow\""),
+                );
+            }
+            Self::RateLimited { retry_after, .. } => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+            }
+            _ => {}
+        }
+        response
     }
 }

@@ -2,6 +2,7 @@
 //! serves reads from PostgreSQL; and the `cmdflow` command-line tool.
 
 pub mod app;
+pub mod auth;
 pub mod cli;
 pub mod error;
 pub mod routes;

@@ -32,6 +32,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let json = cli.json;
     let server_config = || -> anyhow::Result<Config> {
         let config = Config::load()?;
+        cmdflow_shared::tls::configure(config.tls_ca_file.as_deref())?;
         telemetry::init(&config.log_format);
         cmdflow_shared::metrics::install();
         Ok(config)

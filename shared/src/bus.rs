@@ -149,7 +149,16 @@ impl Bus {
         }
         let props = ConnectionProperties::default()
             .with_connection_name(LongString::from(self.name.as_str()));
-        let conn = tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(&self.url, props))
+        let tls = lapin::tcp::OwnedTLSConfig {
+            identity: None,
+            cert_chain: crate::tls::trust().map(|t| t.pem.clone()),
+        };
+        let runtime = lapin::runtime::default_runtime().map_err(|e| BusError::Connect {
+            url: redact_url(&self.url),
+            reason: e.to_string(),
+        })?;
+        let connect = Connection::connect_with_config(&self.url, props, tls, runtime);
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connect)
             .await
             .map_err(|_| BusError::Connect {
                 url: redact_url(&self.url),

@@ -80,6 +80,50 @@ pub struct Config {
     pub archive_batch: i64,
     /// Log format: `json` or `pretty` (`CMDFLOW_LOG_FORMAT`).
     pub log_format: String,
+    /// A development key that holds every scope (`CMDFLOW_DEV_KEY`). `cmdflow up` generates and
+    /// prints one when this is unset; other roles accept it only when it is set.
+    pub dev_key: Option<Secret>,
+    /// A TOML file of API keys, stored as SHA-256 hashes with their scopes
+    /// (`CMDFLOW_AUTH_KEYS_FILE`); see the README for its format.
+    pub auth_keys_file: Option<String>,
+    /// The shared secret of HS256 JWTs (`CMDFLOW_JWT_HS256_SECRET`).
+    pub jwt_hs256_secret: Option<Secret>,
+    /// A PEM file with the public key of RS256 JWTs (`CMDFLOW_JWT_RS256_PUBLIC_KEY_FILE`).
+    pub jwt_rs256_public_key_file: Option<String>,
+    /// When set, JWTs must carry this `iss` (`CMDFLOW_JWT_ISSUER`).
+    pub jwt_issuer: Option<String>,
+    /// When set, JWTs must carry this `aud` (`CMDFLOW_JWT_AUDIENCE`).
+    pub jwt_audience: Option<String>,
+    /// Requests per second one caller (an API key, or a token's subject) may make
+    /// (`CMDFLOW_RATE_LIMIT_PER_SECOND`); 0 turns the limit off.
+    pub rate_limit_per_second: u32,
+    /// Requests one caller may make at once above that rate (`CMDFLOW_RATE_LIMIT_BURST`).
+    pub rate_limit_burst: u32,
+    /// A PEM bundle of certificate authorities that TLS connections to RabbitMQ (`amqps://`),
+    /// PostgreSQL (`sslmode=verify-full`) and Redis (`rediss://`) trust besides the system's
+    /// (`CMDFLOW_TLS_CA_FILE`).
+    pub tls_ca_file: Option<String>,
+}
+
+/// A secret from the environment or a file: never printed, in `Debug` or in logs.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
 }
 
 impl Default for Config {
@@ -112,6 +156,15 @@ impl Default for Config {
             archive_batch: 200,
             mail_from: "cmdflow <cmdflow@localhost>".to_owned(),
             log_format: "pretty".to_owned(),
+            dev_key: None,
+            auth_keys_file: None,
+            jwt_hs256_secret: None,
+            jwt_rs256_public_key_file: None,
+            jwt_issuer: None,
+            jwt_audience: None,
+            rate_limit_per_second: 500,
+            rate_limit_burst: 1000,
+            tls_ca_file: None,
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod store;
 pub mod telemetry;
 pub mod time;
+pub mod tls;
 pub mod trace;
 
 pub use config::Config;

@@ -68,12 +68,22 @@ impl Locks {
         let clients = urls
             .iter()
             .map(|url| {
-                redis::Client::open(url.as_str())
-                    .map(|c| (redact_url(url), c))
-                    .map_err(|e| LockError::Url {
-                        url: redact_url(url),
-                        reason: e.to_string(),
-                    })
+                let trusted = crate::tls::trust().filter(|_| url.starts_with("rediss://"));
+                match trusted {
+                    Some(trust) => redis::Client::build_with_tls(
+                        url.as_str(),
+                        redis::TlsCertificates {
+                            client_tls: None,
+                            root_cert: Some(trust.pem.as_bytes().to_vec()),
+                        },
+                    ),
+                    None => redis::Client::open(url.as_str()),
+                }
+                .map(|c| (redact_url(url), c))
+                .map_err(|e| LockError::Url {
+                    url: redact_url(url),
+                    reason: e.to_string(),
+                })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let mut manager =

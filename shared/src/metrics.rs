@@ -16,9 +16,14 @@ pub const TIMER_LATENESS_SECONDS: &str = "cmdflow_timer_lateness_seconds";
 pub const TIMERS_FIRED: &str = "cmdflow_timers_fired_total";
 pub const DEAD_LETTERS_KEPT: &str = "cmdflow_dead_letters_kept_total";
 pub const DEAD_LETTERS_OPEN: &str = "cmdflow_dead_letters";
+pub const AUTH_FAILURES: &str = "cmdflow_auth_refused_total";
 
 fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        AUTH_FAILURES,
+        "Requests the gateway refused before their handler, by reason (unauthorized, forbidden, rate_limited)."
+    );
     describe_counter!(
         EVENTS_RECEIVED,
         "Events accepted by the gateway (confirmed by the broker), by type."

@@ -1,6 +1,7 @@
 //! Test harness: each test gets its own PostgreSQL database, RabbitMQ namespace and lock-key
 //! prefix on the real local services, and runs the gateway and workers in-process on port 0.
 
+pub mod fleet;
 pub mod proxy;
 pub mod smtp;
 
@@ -86,8 +87,14 @@ pub async fn drop_database(admin: &str, name: &str) {
     }
 }
 
+/// The API key every test gateway accepts with every scope; [`http`] sends it.
+pub const TEST_KEY: &str = "cfk_test_4b8f2c1e9d7a6053";
+
 fn base_config() -> Config {
     let mut config = Config::default();
+    config.dev_key = Some(cmdflow_shared::config::Secret::new(TEST_KEY));
+    // Tests send bursts far above what one caller may send in production.
+    config.rate_limit_per_second = 0;
     if let Ok(url) = std::env::var("CMDFLOW_TEST_AMQP_URL") {
         config.amqp_url = url;
     }
@@ -129,6 +136,7 @@ impl TestEnv {
     /// A fresh database (migrated), namespace and lock prefix; `adjust` can change the config.
     pub async fn with(adjust: impl FnOnce(&mut Config)) -> TestEnv {
         cmdflow_shared::telemetry::init_for_tests();
+        cmdflow_shared::tls::install_provider();
         cmdflow_shared::metrics::install();
         sweep_stale_databases().await;
         let suffix = Uuid::new_v4().simple().to_string()[..12].to_owned();
@@ -353,8 +361,15 @@ pub fn event(ty: &str, command: Option<&str>, data: Value) -> Value {
     })
 }
 
+/// An HTTP client that authenticates with [`TEST_KEY`].
 pub fn http() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        reqwest::header::HeaderValue::from_static("Bearer cfk_test_4b8f2c1e9d7a6053"),
+    );
     reqwest::Client::builder()
+        .default_headers(headers)
         .timeout(Duration::from_secs(30))
         .build()
         .expect("http client")

@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use cmdflow_shared::bus::Bus;
-use cmdflow_shared::config::redact_url;
+use cmdflow_shared::config::{Secret, redact_url};
 use cmdflow_shared::{Config, store};
 use cmdflow_workers::scheduler::Scheduler;
 use cmdflow_workers::{Registry, Worker};
@@ -84,7 +84,13 @@ pub async fn migrate(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn up(config: Config) -> anyhow::Result<()> {
+pub async fn up(mut config: Config) -> anyhow::Result<()> {
+    // A development fleet always has a key with every scope: CMDFLOW_DEV_KEY, or a new one.
+    let generated = config.dev_key.is_none();
+    let dev_key = config
+        .dev_key
+        .get_or_insert_with(|| Secret::new(crate::auth::generate_key()))
+        .clone();
     migrate(&config).await?;
     let registry = registry(&config)?;
     let pool = store::connect(&config.database_url, config.database_pool_size).await?;
@@ -101,6 +107,15 @@ pub async fn up(config: Config) -> anyhow::Result<()> {
         config.namespace,
         kinds
     );
+    if generated {
+        // Printed once, for the person who started the fleet; never logged.
+        println!(
+            "development key (every scope; set CMDFLOW_DEV_KEY to choose it): export CMDFLOW_TOKEN={}",
+            dev_key.expose()
+        );
+    } else {
+        println!("development key: the value of CMDFLOW_DEV_KEY (every scope)");
+    }
     let worker_task = tokio::spawn(worker.run_until_stopped(shutdown.clone()));
     let scheduler_task = tokio::spawn(scheduler.run_until_stopped(shutdown.clone()));
     let archiver_task = tokio::spawn(cmdflow_workers::archiver::run_until_stopped(

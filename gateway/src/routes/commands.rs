@@ -3,7 +3,7 @@
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use chrono::{DateTime, Utc};
 use cmdflow_shared::contract::types::{COMMAND_ABORT, COMMAND_START};
@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use crate::app::AppState;
+use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::routes::events::publish_all;
 use crate::routes::json_body;
@@ -48,11 +49,14 @@ pub struct Started {
         (status = 503, description = "The broker did not confirm; resend", body = ErrorBody)))]
 pub async fn start_command(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<(StatusCode, Json<Started>)> {
     let body = json_body(&headers, body, &["application/json"])?;
     let mut event = start_event(&state, &body)?;
+    let kind = event.data.get("kind").and_then(Value::as_str).unwrap_or("");
+    principal.may_publish(kind)?;
     crate::routes::events::trace(&headers, std::slice::from_mut(&mut event));
     let command_id = event.commandid.unwrap_or_default();
     publish_all(&state, std::slice::from_ref(&event)).await?;
@@ -215,12 +219,13 @@ impl From<Command> for CommandView {
         (status = 404, description = "No such command", body = ErrorBody)))]
 pub async fn get_command(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(raw): Path<String>,
 ) -> ApiResult<Json<CommandView>> {
     let id = parse_id(&raw)?;
-    let command = store::get_command(&state.pool, id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no command {id}")))?;
+    let command = store::get_command(&state.pool, id).await?;
+    principal.may_read_command(command.as_ref().map(|c| c.owner.as_str()))?;
+    let command = command.ok_or_else(|| ApiError::NotFound(format!("no command {id}")))?;
     let (total, open) = store::children_counts(&state.pool, id).await?;
     let groups = store::groups_of(&state.pool, id).await?;
     let timers = store::time::timers_of(&state.pool, id).await?;
@@ -417,6 +422,7 @@ pub struct History {
         (status = 422, description = "Invalid query", body = ErrorBody)))]
 pub async fn get_history(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(raw): Path<String>,
     query: Result<Query<HistoryQuery>, QueryRejection>,
 ) -> ApiResult<Json<History>> {
@@ -426,7 +432,9 @@ pub async fn get_history(
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::invalid("limit", "must be between 1 and 1000"));
     }
-    if store::get_command(&state.pool, id).await?.is_none() {
+    let command = store::get_command(&state.pool, id).await?;
+    principal.may_read_command(command.as_ref().map(|c| c.owner.as_str()))?;
+    if command.is_none() {
         return Err(ApiError::NotFound(format!("no command {id}")));
     }
     let entries = store::history(&state.pool, id, query.after.unwrap_or(0), limit).await?;

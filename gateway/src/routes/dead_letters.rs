@@ -5,7 +5,7 @@
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use chrono::{DateTime, Utc};
 use cmdflow_shared::store::dead::{self, DeadLetter, Filter, Group, ReplayJob};
@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::app::AppState;
+use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::routes::json_body;
 
@@ -65,13 +66,17 @@ fn check_state(state: Option<&str>) -> ApiResult<()> {
     }
 }
 
-fn actor(headers: &HeaderMap) -> String {
-    headers
+/// Who acts, for the audit: the authenticated caller, with the person it names in
+/// `x-cmdflow-actor` (the CLI sends its user) when given.
+fn actor(principal: &Principal, headers: &HeaderMap) -> String {
+    match headers
         .get("x-cmdflow-actor")
         .and_then(|v| v.to_str().ok())
         .filter(|s| !s.is_empty() && s.len() <= 200)
-        .unwrap_or("api")
-        .to_owned()
+    {
+        Some(named) => format!("{} ({named})", principal.id),
+        None => principal.id.clone(),
+    }
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -249,6 +254,7 @@ pub struct ReplayAccepted {
         (status = 422, body = ErrorBody)))]
 pub async fn replay(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<(StatusCode, Json<ReplayAccepted>)> {
@@ -265,7 +271,7 @@ pub async fn replay(
             }),
         ));
     }
-    let who = actor(&headers);
+    let who = actor(&principal, &headers);
     let job = dead::create_job(&state.pool, &who, &filter, op.rate, count).await?;
     dead::audit(
         &state.pool,
@@ -361,6 +367,7 @@ pub async fn resume(
     responses((status = 200, body = Counted), (status = 422, body = ErrorBody)))]
 pub async fn discard(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<Counted>> {
@@ -382,7 +389,7 @@ pub async fn discard(
     let count = dead::discard(&state.pool, &filter, reason).await?;
     dead::audit(
         &state.pool,
-        &actor(&headers),
+        &actor(&principal, &headers),
         "discard",
         &filter,
         count,

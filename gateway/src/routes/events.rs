@@ -3,8 +3,8 @@
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
+use axum::extract::{Extension, State};
 use axum::http::{HeaderMap, StatusCode};
 use cmdflow_shared::Event;
 use cmdflow_shared::bus;
@@ -12,6 +12,7 @@ use cmdflow_shared::contract::parse_batch;
 use serde::Serialize;
 
 use crate::app::AppState;
+use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::routes::json_body;
 
@@ -40,11 +41,15 @@ pub struct Accepted {
         (status = 503, description = "The broker did not confirm; resend", body = ErrorBody)))]
 pub async fn post_events(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<(StatusCode, Json<Accepted>)> {
     let body = json_body(&headers, body, EVENT_CONTENT_TYPES)?;
     let mut events = parse_batch(&body)?;
+    for event in &events {
+        principal.may_publish(&event.ty)?;
+    }
     trace(&headers, &mut events);
     publish_all(&state, &events).await?;
     Ok((

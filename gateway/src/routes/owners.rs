@@ -3,7 +3,7 @@
 
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use cmdflow_shared::CommandId;
@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::app::AppState;
+use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -66,13 +67,17 @@ fn parse_cursor(raw: &str) -> ApiResult<(DateTime<Utc>, CommandId)> {
     responses(
         (status = 200, body = Feed),
         (status = 400, description = "Not an owner", body = ErrorBody),
+        (status = 401, description = "No valid credential", body = ErrorBody),
+        (status = 403, description = "Not this caller's owner, and no `commands:read`", body = ErrorBody),
         (status = 422, description = "Invalid query", body = ErrorBody)))]
 pub async fn get_feed(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(raw): Path<String>,
     query: Result<Query<FeedQuery>, QueryRejection>,
 ) -> ApiResult<Json<Feed>> {
     let owner = parse_owner(&raw)?;
+    principal.may_read_owner(&owner)?;
     let Query(query) = query.map_err(|e| ApiError::invalid("query", e.body_text()))?;
     let limit = query.limit.unwrap_or(20);
     if !(1..=100).contains(&limit) {
@@ -144,9 +149,11 @@ pub async fn get_feed(
         (status = 404, description = "The person has no such message", body = ErrorBody)))]
 pub async fn read_message(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path((raw, id)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
     let owner = parse_owner(&raw)?;
+    principal.may_read_owner(&owner)?;
     let id = uuid::Uuid::try_parse(&id)
         .map_err(|_| ApiError::BadRequest("the message id must be a UUID".into()))?;
     let owners = people::owners_of(&state.pool, &owner.to_string()).await?;

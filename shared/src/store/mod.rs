@@ -42,7 +42,10 @@ pub async fn connect(url: &str, pool_size: u32) -> Result<PgPool> {
         url: redact_url(url),
         source,
     };
-    let options: PgConnectOptions = url.parse().map_err(connect_err)?;
+    let mut options: PgConnectOptions = url.parse().map_err(connect_err)?;
+    if let Some(trust) = crate::tls::trust() {
+        options = options.ssl_root_cert(trust.path.as_str());
+    }
     let pool = PgPoolOptions::new()
         .max_connections(pool_size)
         .acquire_timeout(Duration::from_secs(5))

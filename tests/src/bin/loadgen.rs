@@ -100,6 +100,7 @@ struct Run {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     cmdflow_shared::telemetry::init_with_default("pretty", "warn,lapin=error");
+    cmdflow_shared::tls::install_provider();
     let args = Args::parse();
     let run = Run::prepare(args).await?;
     let shutdown = CancellationToken::new();
@@ -798,8 +799,11 @@ impl Run {
 
     /// A gateway on port 0 with its own pool of 16, running until the returned token fires.
     async fn serve_gateway(&self, config: &Config) -> anyhow::Result<(String, CancellationToken)> {
+        // The feed clients read with the test key; they are not to be rate limited.
         let config = Config {
             http_addr: "127.0.0.1:0".to_owned(),
+            dev_key: Some(cmdflow_shared::config::Secret::new(cmdflow_tests::TEST_KEY)),
+            rate_limit_per_second: 0,
             ..config.clone()
         };
         let pool = store::connect(&config.database_url, 16).await?;
@@ -890,7 +894,7 @@ fn read_feeds(
     owners: u64,
     stop: CancellationToken,
 ) -> Vec<tokio::task::JoinHandle<Vec<f64>>> {
-    let client = reqwest::Client::new();
+    let client = cmdflow_tests::http();
     (0..clients)
         .map(|w| {
             let (client, base, stop) = (client.clone(), base.to_owned(), stop.clone());

@@ -1,0 +1,677 @@
+//! Who is calling, and what they may do.
+//!
+//! Callers send `Authorization: Bearer <credential>`, where the credential is either an API key
+//! (`cfk_…`, kept only as a SHA-256 hash in the keys file) or a JWT signed with HS256 (shared
+//! secret) or RS256 (configured public key). A credential carries scopes:
+//! - `events:publish`: post events and start commands, limited to an allow-list of event types
+//!   (and command kinds) where the key names one;
+//! - `commands:read`: read any command, its history and tree, any owner's feed;
+//! - `owner:read`: read the feed of the owner named in the token's `sub`, and that owner's
+//!   commands, nothing else;
+//! - `ops`: dead letters, replay, discard, abort.
+//!
+//! A missing or wrong credential is 401; a missing scope, or another owner's data, is 403, and
+//! the answer never says whether the other owner or command exists. Each caller (API key, or
+//! token subject) has its own rate limit; beyond it the answer is 429 with `Retry-After`.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{Method, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use cmdflow_shared::Config;
+use cmdflow_shared::domain::Owner;
+use governor::clock::Clock;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::error::ApiError;
+
+/// The prefix of every API key cmdflow generates.
+pub const KEY_PREFIX: &str = "cfk_";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scope {
+    Publish,
+    CommandsRead,
+    OwnerRead,
+    Ops,
+}
+
+impl Scope {
+    pub const ALL: [Scope; 4] = [
+        Scope::Publish,
+        Scope::CommandsRead,
+        Scope::OwnerRead,
+        Scope::Ops,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Publish => "events:publish",
+            Scope::CommandsRead => "commands:read",
+            Scope::OwnerRead => "owner:read",
+            Scope::Ops => "ops",
+        }
+    }
+
+    pub fn parse(raw: &str) -> Option<Scope> {
+        Scope::ALL.into_iter().find(|s| s.as_str() == raw)
+    }
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    /// `key:<name>` or `jwt:<sub>`: the rate-limit key and the actor in audit records.
+    pub id: String,
+    scopes: Vec<Scope>,
+    /// A JWT's `sub` when it is an owner (`kind:id`).
+    subject: Option<Owner>,
+    /// Event types (and command kinds) this caller may publish; `None` is any.
+    allowed_types: Option<Vec<String>>,
+}
+
+impl Principal {
+    pub fn has(&self, scope: Scope) -> bool {
+        self.scopes.contains(&scope)
+    }
+
+    fn scope_list(&self) -> String {
+        if self.scopes.is_empty() {
+            return "none".to_owned();
+        }
+        self.scopes
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// 403 unless the caller holds `scope`.
+    pub fn require(&self, scope: Scope) -> Result<(), ApiError> {
+        if self.has(scope) {
+            return Ok(());
+        }
+        Err(ApiError::Forbidden(format!(
+            "this needs the `{}` scope; this credential has: {}",
+            scope.as_str(),
+            self.scope_list()
+        )))
+    }
+
+    /// 403 unless the caller may read `owner`'s feed and commands: `commands:read`, or
+    /// `owner:read` with `owner` as its subject.
+    pub fn may_read_owner(&self, owner: &Owner) -> Result<(), ApiError> {
+        if self.has(Scope::CommandsRead) {
+            return Ok(());
+        }
+        if self.has(Scope::OwnerRead) {
+            if self.subject.as_ref() == Some(owner) {
+                return Ok(());
+            }
+            return Err(self.not_own());
+        }
+        Err(ApiError::Forbidden(format!(
+            "this needs the `commands:read` scope, or `owner:read` for the caller's own owner; \
+             this credential has: {}",
+            self.scope_list()
+        )))
+    }
+
+    /// Whether the caller may read a command owned by `owner` (`None`: no such command). An
+    /// `owner:read` caller gets the same 403 for another owner's command and for none at all.
+    pub fn may_read_command(&self, owner: Option<&str>) -> Result<(), ApiError> {
+        if self.has(Scope::CommandsRead) {
+            return Ok(());
+        }
+        match (owner.map(Owner::parse), &self.subject) {
+            (Some(Ok(owner)), Some(subject)) if &owner == subject => Ok(()),
+            _ => Err(self.not_own()),
+        }
+    }
+
+    /// The 403 for an `owner:read` caller asking for anything but its own data. The same text
+    /// whether or not the other owner or command exists.
+    pub fn not_own(&self) -> ApiError {
+        let own = self
+            .subject
+            .as_ref()
+            .map_or_else(|| "no owner".to_owned(), ToString::to_string);
+        ApiError::Forbidden(format!(
+            "`owner:read` covers only the token subject's own data ({own}); reading anything else \
+             needs the `commands:read` scope"
+        ))
+    }
+
+    /// 403 unless the caller may publish events of type `ty` (or start commands of kind `ty`).
+    pub fn may_publish(&self, ty: &str) -> Result<(), ApiError> {
+        self.require(Scope::Publish)?;
+        match &self.allowed_types {
+            None => Ok(()),
+            Some(allowed) if allowed.iter().any(|p| type_matches(p, ty)) => Ok(()),
+            Some(allowed) => Err(ApiError::Forbidden(format!(
+                "this credential may not publish `{ty}`; it may publish: {}",
+                allowed.join(", ")
+            ))),
+        }
+    }
+}
+
+/// `quote.*` matches `quote.started` and `quote.item.added`; anything else matches exactly.
+fn type_matches(pattern: &str, ty: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => ty.starts_with(prefix),
+        None => pattern == ty,
+    }
+}
+
+/// The SHA-256 of a key, in hex: what the keys file stores.
+pub fn hash_key(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+/// A new random API key.
+pub fn generate_key() -> String {
+    let bytes: [u8; 24] = rand::random();
+    format!("{KEY_PREFIX}{}", hex::encode(bytes))
+}
+
+/// The keys file: `[[keys]]` tables.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeysFile {
+    #[serde(default)]
+    keys: Vec<KeyEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyEntry {
+    /// Who holds the key, for audit records and rate limits.
+    name: String,
+    /// The SHA-256 of the key, hex (`cmdflow key new` prints it).
+    sha256: String,
+    scopes: Vec<String>,
+    /// Event types (and command kinds) the key may publish; `prefix.*` patterns allowed.
+    event_types: Option<Vec<String>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthConfigError {
+    #[error(
+        "no way to authenticate callers: set CMDFLOW_AUTH_KEYS_FILE, CMDFLOW_JWT_HS256_SECRET, \
+         CMDFLOW_JWT_RS256_PUBLIC_KEY_FILE or CMDFLOW_DEV_KEY"
+    )]
+    NoCredentials,
+    #[error("cannot read {what} {path}: {source}")]
+    Read {
+        what: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("keys file {path}: {reason}")]
+    KeysFile { path: String, reason: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// What a key or token grants, looked up by the key's hash.
+struct Grant {
+    name: String,
+    scopes: Vec<Scope>,
+    allowed_types: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Claims {
+    sub: String,
+    /// Space-separated scopes (OAuth2).
+    #[serde(default)]
+    scope: String,
+}
+
+pub struct Authenticator {
+    keys: HashMap<String, Grant>,
+    hs256: Option<(DecodingKey, Validation)>,
+    rs256: Option<(DecodingKey, Validation)>,
+    limiter: Option<DefaultKeyedRateLimiter<String>>,
+    checks: AtomicU64,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticator")
+            .field("keys", &self.keys.len())
+            .field("hs256", &self.hs256.is_some())
+            .field("rs256", &self.rs256.is_some())
+            .finish()
+    }
+}
+
+impl Authenticator {
+    /// Reads the keys file, JWT keys and dev key named by `config`. At least one must be set.
+    pub fn from_config(config: &Config) -> Result<Authenticator, AuthConfigError> {
+        let mut keys = HashMap::new();
+        if let Some(dev) = &config.dev_key {
+            if dev.expose().len() < 16 {
+                return Err(AuthConfigError::Invalid(
+                    "CMDFLOW_DEV_KEY must be at least 16 characters".to_owned(),
+                ));
+            }
+            keys.insert(
+                hash_key(dev.expose()),
+                Grant {
+                    name: "dev".to_owned(),
+                    scopes: Scope::ALL.to_vec(),
+                    allowed_types: None,
+                },
+            );
+        }
+        if let Some(path) = &config.auth_keys_file {
+            for (hash, grant) in load_keys(Path::new(path))? {
+                keys.insert(hash, grant);
+            }
+        }
+        let validation = |alg| {
+            let mut v = Validation::new(alg);
+            v.set_required_spec_claims(&["exp", "sub"]);
+            match &config.jwt_audience {
+                Some(aud) => v.set_audience(&[aud]),
+                None => v.validate_aud = false,
+            }
+            if let Some(iss) = &config.jwt_issuer {
+                v.set_issuer(&[iss]);
+            }
+            v
+        };
+        let hs256 = match &config.jwt_hs256_secret {
+            Some(secret) if secret.expose().len() < 32 => {
+                return Err(AuthConfigError::Invalid(
+                    "CMDFLOW_JWT_HS256_SECRET must be at least 32 bytes".to_owned(),
+                ));
+            }
+            Some(secret) => Some((
+                DecodingKey::from_secret(secret.expose().as_bytes()),
+                validation(Algorithm::HS256),
+            )),
+            None => None,
+        };
+        let rs256 = match &config.jwt_rs256_public_key_file {
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|source| AuthConfigError::Read {
+                    what: "the RS256 public key",
+                    path: path.clone(),
+                    source,
+                })?;
+                let key = DecodingKey::from_rsa_pem(&pem).map_err(|e| {
+                    AuthConfigError::Invalid(format!(
+                        "CMDFLOW_JWT_RS256_PUBLIC_KEY_FILE {path}: not an RSA public key in PEM: {e}"
+                    ))
+                })?;
+                Some((key, validation(Algorithm::RS256)))
+            }
+            None => None,
+        };
+        if keys.is_empty() && hs256.is_none() && rs256.is_none() {
+            return Err(AuthConfigError::NoCredentials);
+        }
+        let limiter = match NonZeroU32::new(config.rate_limit_per_second) {
+            None => None,
+            Some(rate) => {
+                let burst = NonZeroU32::new(config.rate_limit_burst).unwrap_or(rate);
+                Some(RateLimiter::keyed(
+                    Quota::per_second(rate).allow_burst(burst),
+                ))
+            }
+        };
+        Ok(Authenticator {
+            keys,
+            hs256,
+            rs256,
+            limiter,
+            checks: AtomicU64::new(0),
+        })
+    }
+
+    /// The caller behind an `Authorization` header value, or 401.
+    pub fn authenticate(&self, authorization: Option<&[u8]>) -> Result<Principal, ApiError> {
+        let Some(raw) = authorization else {
+            return Err(ApiError::Unauthorized(
+                "send `Authorization: Bearer <API key or JWT>`".to_owned(),
+            ));
+        };
+        let raw = std::str::from_utf8(raw)
+            .map_err(|_| ApiError::Unauthorized("the Authorization header is not text".into()))?;
+        let Some(credential) = raw
+            .strip_prefix("Bearer ")
+            .or_else(|| raw.strip_prefix("bearer "))
+        else {
+            return Err(ApiError::Unauthorized(
+                "the Authorization header must be `Bearer <API key or JWT>`".to_owned(),
+            ));
+        };
+        let credential = credential.trim();
+        if credential.matches('.').count() == 2 {
+            return self.verify_jwt(credential);
+        }
+        match self.keys.get(&hash_key(credential)) {
+            Some(grant) => Ok(Principal {
+                id: format!("key:{}", grant.name),
+                scopes: grant.scopes.clone(),
+                subject: None,
+                allowed_types: grant.allowed_types.clone(),
+            }),
+            None => Err(ApiError::Unauthorized("unknown API key".to_owned())),
+        }
+    }
+
+    fn verify_jwt(&self, token: &str) -> Result<Principal, ApiError> {
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|e| ApiError::Unauthorized(format!("not a valid JWT: {e}")))?;
+        let (key, validation) = match header.alg {
+            Algorithm::HS256 => self.hs256.as_ref(),
+            Algorithm::RS256 => self.rs256.as_ref(),
+            _ => None,
+        }
+        .ok_or_else(|| {
+            ApiError::Unauthorized(format!(
+                "tokens signed with {:?} are not accepted here",
+                header.alg
+            ))
+        })?;
+        let data = jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind;
+            let why = match e.kind() {
+                ErrorKind::ExpiredSignature => "the token has expired".to_owned(),
+                ErrorKind::InvalidSignature => "the token's signature is wrong".to_owned(),
+                ErrorKind::InvalidIssuer => "the token's issuer is not accepted".to_owned(),
+                ErrorKind::InvalidAudience => "the token's audience is not accepted".to_owned(),
+                ErrorKind::MissingRequiredClaim(claim) => {
+                    format!("the token has no `{claim}` claim")
+                }
+                _ => format!("the token is not valid: {e}"),
+            };
+            ApiError::Unauthorized(why)
+        })?;
+        let claims = data.claims;
+        Ok(Principal {
+            id: format!("jwt:{}", claims.sub),
+            scopes: claims
+                .scope
+                .split_whitespace()
+                .filter_map(Scope::parse)
+                .collect(),
+            subject: Owner::parse(&claims.sub).ok(),
+            allowed_types: None,
+        })
+    }
+
+    /// `Ok` when `principal` may make one more request now; otherwise the seconds to wait.
+    pub fn check_rate(&self, principal: &Principal) -> Result<(), u64> {
+        let Some(limiter) = &self.limiter else {
+            return Ok(());
+        };
+        // Forget callers idle long enough to be back at a full burst, now and then.
+        if self.checks.fetch_add(1, Ordering::Relaxed) % 10_000 == 9_999 {
+            limiter.retain_recent();
+        }
+        limiter.check_key(&principal.id).map_err(|not_until| {
+            let wait = not_until.wait_time_from(limiter.clock().now());
+            wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
+        })
+    }
+}
+
+fn load_keys(path: &Path) -> Result<Vec<(String, Grant)>, AuthConfigError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| AuthConfigError::Read {
+        what: "the keys file",
+        path: shown.clone(),
+        source,
+    })?;
+    let bad = |reason: String| AuthConfigError::KeysFile {
+        path: shown.clone(),
+        reason,
+    };
+    let file: KeysFile = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let mut out = Vec::with_capacity(file.keys.len());
+    for (i, entry) in file.keys.into_iter().enumerate() {
+        let at = format!("keys[{i}] ({})", entry.name);
+        if entry.name.trim().is_empty() {
+            return Err(bad(format!("keys[{i}].name is empty")));
+        }
+        let hash = entry.sha256.to_ascii_lowercase();
+        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(bad(format!(
+                "{at}.sha256 must be 64 hex digits (the SHA-256 of the key)"
+            )));
+        }
+        if entry.scopes.is_empty() {
+            return Err(bad(format!("{at}.scopes is empty")));
+        }
+        let scopes = entry
+            .scopes
+            .iter()
+            .map(|s| {
+                Scope::parse(s).ok_or_else(|| {
+                    bad(format!(
+                        "{at}.scopes: unknown scope `{s}`; known: events:publish, commands:read, owner:read, ops"
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if scopes.contains(&Scope::OwnerRead) {
+            return Err(bad(format!(
+                "{at}.scopes: `owner:read` needs an owner, so it is for JWTs (their `sub`), not keys"
+            )));
+        }
+        if let Some(types) = &entry.event_types
+            && let Some(t) = types
+                .iter()
+                .find(|t| t.is_empty() || t[..t.len().saturating_sub(1)].contains('*'))
+        {
+            return Err(bad(format!(
+                "{at}.event_types: `{t}` must be a type, or a prefix ending in `*`"
+            )));
+        }
+        out.push((
+            hash,
+            Grant {
+                name: entry.name,
+                scopes,
+                allowed_types: entry.event_types,
+            },
+        ));
+    }
+    Ok(out)
+}
+
+/// What a route needs of its caller, beyond being authenticated.
+fn route_scope(method: &Method, path: &str) -> Option<Scope> {
+    if path.starts_with("/v1/dead-letters") || path.ends_with("/abort") {
+        return Some(Scope::Ops);
+    }
+    if *method == Method::POST && (path == "/v1/events" || path == "/v1/commands") {
+        return Some(Scope::Publish);
+    }
+    if path == "/v1/events/unmatched" || path.ends_with("/tree") {
+        return Some(Scope::CommandsRead);
+    }
+    // Command and owner reads: `commands:read`, or `owner:read` checked by the handler
+    // against the owner it reads.
+    None
+}
+
+/// Authenticates every `/v1` request, applies the caller's rate limit and the route's scope,
+/// and hands the [`Principal`] to the handler.
+pub async fn middleware(
+    State(auth): State<Arc<Authenticator>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let path = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| request.uri().path().to_owned());
+    if !path.starts_with("/v1/") {
+        return next.run(request).await;
+    }
+    let principal = match auth.authenticate(
+        request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(|v| v.as_bytes()),
+    ) {
+        Ok(p) => p,
+        Err(e) => {
+            metrics::counter!(cmdflow_shared::metrics::AUTH_FAILURES, "reason" => "unauthorized")
+                .increment(1);
+            return e.into_response();
+        }
+    };
+    if let Err(retry_after) = auth.check_rate(&principal) {
+        metrics::counter!(cmdflow_shared::metrics::AUTH_FAILURES, "reason" => "rate_limited")
+            .increment(1);
+        return ApiError::RateLimited {
+            caller: principal.id,
+            retry_after,
+        }
+        .into_response();
+    }
+    let scope = route_scope(request.method(), &path);
+    let allowed = match scope {
+        Some(scope) => principal.require(scope),
+        None if principal.has(Scope::CommandsRead) || principal.has(Scope::OwnerRead) => Ok(()),
+        None => principal.require(Scope::CommandsRead),
+    };
+    if let Err(e) = allowed {
+        metrics::counter!(cmdflow_shared::metrics::AUTH_FAILURES, "reason" => "forbidden")
+            .increment(1);
+        return e.into_response();
+    }
+    request.extensions_mut().insert(principal);
+    next.run(request).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cmdflow_shared::config::Secret;
+
+    fn config() -> Config {
+        Config {
+            dev_key: Some(Secret::new("cfk_dev_0123456789abcdef")),
+            jwt_hs256_secret: Some(Secret::new("0123456789abcdef0123456789abcdef")),
+            ..Config::default()
+        }
+    }
+
+    #[test]
+    fn patterns_match_types_and_prefixes() {
+        assert!(type_matches("quote.*", "quote.started"));
+        assert!(type_matches("quote.*", "quote.item.added"));
+        assert!(!type_matches("quote.*", "quotes"));
+        assert!(type_matches("visitor.clicked", "visitor.clicked"));
+        assert!(!type_matches("visitor.clicked", "visitor.clicked.twice"));
+    }
+
+    #[test]
+    fn the_dev_key_holds_every_scope_and_a_wrong_key_is_refused() {
+        let auth = Authenticator::from_config(&config()).unwrap();
+        let p = auth
+            .authenticate(Some(b"Bearer cfk_dev_0123456789abcdef"))
+            .unwrap();
+        assert!(Scope::ALL.iter().all(|s| p.has(*s)));
+        assert_eq!(p.id, "key:dev");
+        for bad in [
+            &b"Bearer cfk_dev_0123456789abcdeX"[..],
+            b"Basic Zm9vOmJhcg==",
+            b"Bearer ",
+            b"\xff\xfe",
+        ] {
+            assert!(matches!(
+                auth.authenticate(Some(bad)),
+                Err(ApiError::Unauthorized(_))
+            ));
+        }
+        assert!(matches!(
+            auth.authenticate(None),
+            Err(ApiError::Unauthorized(_))
+        ));
+    }
+
+    #[test]
+    fn no_credentials_configured_is_an_error() {
+        let err = Authenticator::from_config(&Config::default()).unwrap_err();
+        assert!(err.to_string().contains("CMDFLOW_DEV_KEY"), "{err}");
+    }
+
+    #[test]
+    fn jwt_scopes_subject_and_expiry() {
+        let auth = Authenticator::from_config(&config()).unwrap();
+        let key = jsonwebtoken::EncodingKey::from_secret(b"0123456789abcdef0123456789abcdef");
+        let token = |exp: i64, scope: &str| {
+            jsonwebtoken::encode(
+                &jsonwebtoken::Header::new(Algorithm::HS256),
+                &serde_json::json!({"sub": "member:42", "scope": scope, "exp": exp}),
+                &key,
+            )
+            .unwrap()
+        };
+        let now = chrono::Utc::now().timestamp();
+        let p = auth
+            .authenticate(Some(
+                format!("Bearer {}", token(now + 60, "owner:read")).as_bytes(),
+            ))
+            .unwrap();
+        assert!(p.has(Scope::OwnerRead) && !p.has(Scope::CommandsRead));
+        p.may_read_owner(&Owner::parse("member:42").unwrap())
+            .unwrap();
+        let other = p
+            .may_read_owner(&Owner::parse("member:43").unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(!other.contains("member:43"), "{other}");
+        let expired = auth
+            .authenticate(Some(
+                format!("Bearer {}", token(now - 3600, "ops")).as_bytes(),
+            ))
+            .unwrap_err();
+        assert!(expired.to_string().contains("expired"), "{expired}");
+    }
+
+    #[test]
+    fn keys_file_errors_name_the_entry() {
+        let dir = std::env::temp_dir().join(format!("cmdflow-keys-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("keys.toml");
+        std::fs::write(
+            &path,
+            "[[keys]]\nname = \"shop\"\nsha256 = \"abc\"\nscopes = [\"events:publish\"]\n",
+        )
+        .unwrap();
+        let err = load_keys(&path).err().unwrap().to_string();
+        assert!(err.contains("keys[0] (shop).sha256"), "{err}");
+        std::fs::write(
+            &path,
+            format!(
+                "[[keys]]\nname = \"shop\"\nsha256 = \"{}\"\nscopes = [\"publish\"]\n",
+                hash_key("k")
+            ),
+        )
+        .unwrap();
+        let err = load_keys(&path).err().unwrap().to_string();
+        assert!(err.contains("unknown scope `publish`"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,1 @@
+//! Real `cmdflow` processes and private service instances for the fault suite.
