@@ -104,7 +104,10 @@ async fn the_fleet_runs_over_tls_to_all_three_services_and_refuses_an_untrusted_
         .await
         .err()
         .expect("an untrusted broker certificate is refused");
-    assert!(err.to_string().contains("amqps://guest:***@localhost"), "{err}");
+    assert!(
+        err.to_string().contains("amqps://guest:***@localhost"),
+        "{err}"
+    );
     let locks = Locks::new(
         std::slice::from_ref(&rediss),
         "tlsneg",
@@ -148,10 +151,15 @@ async fn the_fleet_runs_over_tls_to_all_three_services_and_refuses_an_untrusted_
     send(&gw.url, &event("demo.finish", Some(&id), json!({}))).await;
     let done = env.wait_state(&id, CommandState::Completed).await;
     assert_eq!(done.data["count"], 3);
-    assert!(amqp.handshakes.load(Ordering::SeqCst) >= 2, "gateway and worker");
-    eventually(Duration::from_secs(5), "a Redlock lock over TLS", || async {
-        (redis.handshakes.load(Ordering::SeqCst) >= 1).then_some(())
-    })
+    assert!(
+        amqp.handshakes.load(Ordering::SeqCst) >= 2,
+        "gateway and worker"
+    );
+    eventually(
+        Duration::from_secs(5),
+        "a Redlock lock over TLS",
+        || async { (redis.handshakes.load(Ordering::SeqCst) >= 1).then_some(()) },
+    )
     .await;
     env.cleanup().await;
     cmdflow_shared::tls::configure(None).unwrap();
