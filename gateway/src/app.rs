@@ -40,6 +40,8 @@ pub struct AppState {
     pub registry: Arc<Registry>,
     /// API keys, JWT keys and rate limits.
     pub auth: Arc<Authenticator>,
+    /// Fires when the gateway starts to stop: readiness turns false while requests finish.
+    pub draining: CancellationToken,
 }
 
 #[derive(OpenApi)]
@@ -126,14 +128,33 @@ pub async fn metrics_text() -> impl IntoResponse {
     )
 }
 
-/// Serves `/metrics` and `/healthz` on `addr`, for the roles without the gateway's listener.
-pub async fn serve_metrics(addr: &str, shutdown: CancellationToken) -> std::io::Result<()> {
+/// Serves `/metrics`, `/healthz` and `/readyz` on `addr`, for the roles without the gateway's
+/// listener, until `stop`. Readiness turns false (503) as soon as `draining` fires, while the
+/// role finishes its work in flight.
+pub async fn serve_metrics(
+    addr: &str,
+    draining: CancellationToken,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr).await?;
     let router = Router::new()
         .route("/metrics", get(metrics_text))
-        .route("/healthz", get(|| async { "ok" }));
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let draining = draining.is_cancelled();
+                async move {
+                    if draining {
+                        (StatusCode::SERVICE_UNAVAILABLE, "draining")
+                    } else {
+                        (StatusCode::OK, "ok")
+                    }
+                }
+            }),
+        );
     axum::serve(listener, router)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .with_graceful_shutdown(async move { stop.cancelled().await })
         .await
 }
 
@@ -179,6 +200,7 @@ async fn json_errors(response: Response) -> Response {
 pub struct Application {
     listener: TcpListener,
     router: Router,
+    draining: CancellationToken,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -222,8 +244,10 @@ impl Application {
             config.lock_wait,
         )?;
         locks.check_quorum().await?;
+        let draining = CancellationToken::new();
         let state = AppState {
             auth,
+            draining: draining.clone(),
             pool,
             bus,
             locks,
@@ -236,7 +260,11 @@ impl Application {
                 source,
             })?;
         let (router, _) = router(state);
-        Ok(Application { listener, router })
+        Ok(Application {
+            listener,
+            router,
+            draining,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -251,8 +279,12 @@ impl Application {
 
     /// Serves until `shutdown` fires, then finishes the requests in flight.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> std::io::Result<()> {
+        let draining = self.draining;
         axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .with_graceful_shutdown(async move {
+                shutdown.cancelled().await;
+                draining.cancel();
+            })
             .await
     }
 }

@@ -103,6 +103,10 @@ pub struct Config {
     /// PostgreSQL (`sslmode=verify-full`) and Redis (`rediss://`) trust besides the system's
     /// (`CMDFLOW_TLS_CA_FILE`).
     pub tls_ca_file: Option<String>,
+    /// How long a stopping process (SIGTERM) lets its in-flight events and requests finish
+    /// (`CMDFLOW_SHUTDOWN_GRACE`). Keep it below the pod's `terminationGracePeriodSeconds`.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
 }
 
 /// A secret from the environment or a file: never printed, in `Debug` or in logs.
@@ -165,6 +169,7 @@ impl Default for Config {
             rate_limit_per_second: 500,
             rate_limit_burst: 1000,
             tls_ca_file: None,
+            shutdown_grace: Duration::from_secs(25),
         }
     }
 }

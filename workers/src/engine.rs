@@ -69,6 +69,8 @@ pub enum ApplyError {
 /// The worker's settings, from [`cmdflow_shared::Config`].
 #[derive(Debug, Clone)]
 pub struct EngineSettings {
+    /// How long a stopping worker lets its in-flight events finish.
+    pub shutdown_grace: Duration,
     pub prefetch: u16,
     pub concurrency: usize,
     pub retry_delays: Vec<Duration>,
@@ -86,6 +88,7 @@ impl EngineSettings {
         config: &cmdflow_shared::Config,
     ) -> Result<Self, cmdflow_shared::config::ConfigError> {
         Ok(Self {
+            shutdown_grace: config.shutdown_grace,
             prefetch: config.prefetch,
             concurrency: config.concurrency,
             retry_delays: config.retry_delay_list()?,
@@ -572,7 +575,18 @@ impl Engine {
             );
         }
         tracker.close();
-        tracker.wait().await;
+        if tokio::time::timeout(self.settings.shutdown_grace, tracker.wait())
+            .await
+            .is_err()
+        {
+            // Their deliveries are unacknowledged: closing the channel hands them back to the
+            // broker, and whatever they committed is deduplicated when they come again.
+            tracing::warn!(
+                in_flight = tracker.len(),
+                grace = ?self.settings.shutdown_grace,
+                "Events still in flight after the shutdown grace; the broker will redeliver them."
+            );
+        }
         drop(channel.close(200, "worker stopping".into()).await);
         result
     }

@@ -47,23 +47,42 @@ fn registry(config: &Config) -> anyhow::Result<Registry> {
     }
 }
 
-/// Serves `/metrics` and `/healthz` on `CMDFLOW_METRICS_ADDR` until `shutdown`.
+/// The `/metrics`, `/healthz` and `/readyz` listener of a role without the gateway.
+struct MetricsServer {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MetricsServer {
+    /// Stops the listener once the role has finished its work.
+    async fn finish(self) {
+        self.stop.cancel();
+        drop(self.task.await);
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `CMDFLOW_METRICS_ADDR`; readiness turns false
+/// when `shutdown` fires, and the listener stays up while the role drains.
 async fn metrics_server(
     config: &Config,
     shutdown: &CancellationToken,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+) -> anyhow::Result<MetricsServer> {
     let addr = config.metrics_addr.clone();
     // Bind now, so a taken port fails start-up with one line.
     let probe = tokio::net::TcpListener::bind(&addr)
         .await
         .with_context(|| format!("cannot listen on {addr} (CMDFLOW_METRICS_ADDR)"))?;
     drop(probe);
-    let token = shutdown.clone();
-    Ok(tokio::spawn(async move {
-        if let Err(e) = crate::app::serve_metrics(&addr, token).await {
-            tracing::error!(error = %e, "The metrics listener stopped.");
-        }
-    }))
+    let (draining, stop) = (shutdown.clone(), CancellationToken::new());
+    let stopping = stop.clone();
+    Ok(MetricsServer {
+        stop,
+        task: tokio::spawn(async move {
+            if let Err(e) = crate::app::serve_metrics(&addr, draining, stopping).await {
+                tracing::error!(error = %e, "The metrics listener stopped.");
+            }
+        }),
+    })
 }
 
 /// Creates the database if it does not exist, then applies the migrations.
@@ -151,7 +170,7 @@ pub async fn scheduler(config: Config) -> anyhow::Result<()> {
     Scheduler::new(pool, bus, &config)
         .run_until_stopped(shutdown)
         .await;
-    drop(metrics.await);
+    metrics.finish().await;
     Ok(())
 }
 
@@ -169,7 +188,7 @@ pub async fn archiver(config: Config) -> anyhow::Result<()> {
         shutdown,
     )
     .await;
-    drop(metrics.await);
+    metrics.finish().await;
     Ok(())
 }
 
@@ -222,6 +241,6 @@ pub async fn worker(config: Config) -> anyhow::Result<()> {
     let metrics = metrics_server(&config, &shutdown).await?;
     tracing::info!(namespace = %config.namespace, concurrency = config.concurrency, "Worker started.");
     worker.run_until_stopped(shutdown).await;
-    drop(metrics.await);
+    metrics.finish().await;
     Ok(())
 }

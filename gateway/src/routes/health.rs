@@ -33,6 +33,16 @@ pub async fn healthz() -> Json<Health> {
         (status = 200, description = "Ready", body = Health),
         (status = 503, description = "A dependency is down", body = Health)))]
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
+    if state.draining.is_cancelled() {
+        let checks = BTreeMap::from([("shutdown", "draining".to_owned())]);
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(Health {
+                status: "draining",
+                checks,
+            }),
+        );
+    }
     let within = Duration::from_secs(2);
     let pg = async {
         match tokio::time::timeout(within, cmdflow_shared::store::ping(&state.pool)).await {
