@@ -184,6 +184,37 @@ pub fn generate_key() -> String {
     format!("{KEY_PREFIX}{}", hex::encode(bytes))
 }
 
+/// A new key and its keys-file entry, as `cmdflow key new` prints them. The scopes and types
+/// are checked as the gateway will check them.
+pub fn new_key_entry(
+    name: &str,
+    scopes: &[String],
+    event_types: &[String],
+) -> Result<String, AuthConfigError> {
+    let key = generate_key();
+    let quoted = |list: &[String]| {
+        list.iter()
+            .map(|s| serde_json::Value::String(s.clone()).to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut entry = format!(
+        "[[keys]]\nname = {}\nsha256 = \"{}\"\nscopes = [{}]\n",
+        serde_json::Value::String(name.to_owned()),
+        hash_key(&key),
+        quoted(scopes)
+    );
+    if !event_types.is_empty() {
+        entry.push_str(&format!("event_types = [{}]\n", quoted(event_types)));
+    }
+    let file: KeysFile =
+        toml::from_str(&entry).map_err(|e| AuthConfigError::Invalid(e.to_string()))?;
+    check_entries(file, "the new key")?;
+    Ok(format!(
+        "# The key (shown once; give it to its holder, e.g. as CMDFLOW_TOKEN):\n# {key}\n# Add this to the keys file (CMDFLOW_AUTH_KEYS_FILE):\n{entry}"
+    ))
+}
+
 /// The keys file: `[[keys]]` tables.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -443,6 +474,15 @@ fn load_keys(path: &Path) -> Result<Vec<(String, Grant)>, AuthConfigError> {
         reason,
     };
     let file: KeysFile = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    check_entries(file, &shown)
+}
+
+/// Checks every entry of a keys file; `shown` names the file in errors.
+fn check_entries(file: KeysFile, shown: &str) -> Result<Vec<(String, Grant)>, AuthConfigError> {
+    let bad = |reason: String| AuthConfigError::KeysFile {
+        path: shown.to_owned(),
+        reason,
+    };
     let mut out = Vec::with_capacity(file.keys.len());
     for (i, entry) in file.keys.into_iter().enumerate() {
         let at = format!("keys[{i}] ({})", entry.name);

@@ -65,6 +65,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Archive(cmdflow_gateway::cli::ArchiveCmd::Run { dry_run }) => {
             roles::archive_run(server_config()?, dry_run, json).await
         }
+        Cmd::Key(cmdflow_gateway::cli::KeyCmd::New {
+            name,
+            scopes,
+            event_types,
+        }) => {
+            print!(
+                "{}",
+                cmdflow_gateway::auth::new_key_entry(&name, &scopes, &event_types)?
+            );
+            Ok(())
+        }
         Cmd::Migrate => {
             let config = server_config()?;
             roles::migrate(&config).await?;

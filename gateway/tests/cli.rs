@@ -123,3 +123,36 @@ name = "done"
         "{stderr}"
     );
 }
+
+#[test]
+fn key_new_prints_the_key_once_and_an_entry_with_only_its_hash() {
+    let out = Command::new(env!("CARGO_BIN_EXE_cmdflow"))
+        .args(["key", "new", "--name", "shop", "--scope", "events:publish"])
+        .args(["--event-type", "quote.*"])
+        .output()
+        .expect("run cmdflow");
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    let key = text
+        .lines()
+        .find_map(|l| l.strip_prefix("# cfk_").map(|k| format!("cfk_{k}")))
+        .expect("the key");
+    assert_eq!(text.matches(&key).count(), 1, "the key shows once: {text}");
+    let entry: String = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        entry.contains(&format!(
+            "sha256 = \"{}\"",
+            cmdflow_gateway::auth::hash_key(&key)
+        )),
+        "{entry}"
+    );
+    assert!(entry.contains("event_types = [\"quote.*\"]"), "{entry}");
+
+    let (code, stderr) = run(&["key", "new", "--name", "x", "--scope", "admin"], &[]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("unknown scope `admin`"), "{stderr}");
+}

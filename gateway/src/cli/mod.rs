@@ -122,6 +122,26 @@ pub enum ArchiveCmd {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum KeyCmd {
+    /// Make a new API key: prints the key once, and the `[[keys]]` entry (with its SHA-256 only)
+    /// to add to the keys file.
+    #[command(
+        after_help = "Example:\n  cmdflow key new --name shop --scope events:publish --event-type 'quote.*'"
+    )]
+    New {
+        /// Who holds the key; shows in audit records and rate limits.
+        #[arg(long)]
+        name: String,
+        /// A scope: events:publish, commands:read or ops. Repeat for several.
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+        /// An event type (or `prefix.*`) the key may publish. Repeat for several; none is any.
+        #[arg(long = "event-type")]
+        event_types: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum Cmd {
     /// Migrate, declare the topology, and run the gateway and a worker in one process.
     #[command(after_help = "Example:\n  cmdflow up --http 127.0.0.1:8080 --concurrency 32")]
@@ -156,6 +176,9 @@ pub enum Cmd {
     /// Archive now (server side: talks to PostgreSQL with the server configuration).
     #[command(subcommand)]
     Archive(ArchiveCmd),
+    /// API keys for the gateway's keys file.
+    #[command(subcommand)]
+    Key(KeyCmd),
     /// Create the database if needed and apply the migrations.
     #[command(
         after_help = "Example:\n  CMDFLOW_DATABASE_URL=postgres://postgres@db/cmdflow cmdflow migrate"
