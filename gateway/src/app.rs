@@ -243,7 +243,10 @@ impl Application {
             config.lock_ttl,
             config.lock_wait,
         )?;
-        locks.check_quorum().await?;
+        // The gateway publishes without locks: Redis down is reported by readiness, not fatal.
+        if let Err(e) = locks.check_quorum().await {
+            tracing::warn!(error = %e, "Redis has no quorum; the gateway starts anyway (workers need it).");
+        }
         let draining = CancellationToken::new();
         let state = AppState {
             auth,

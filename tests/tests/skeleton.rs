@@ -626,3 +626,20 @@ async fn metrics_expose_the_fleet_and_move_as_events_flow() {
     }
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn the_gateway_starts_and_accepts_events_while_redis_is_down() {
+    let mut env = TestEnv::new().await;
+    let gw = env
+        .start_gateway_with(|c| c.redis_urls = "redis://127.0.0.1:1/".to_owned())
+        .await;
+    let (status, body) = get(&format!("{}/readyz", gw.url)).await;
+    assert_eq!(status, 200, "Redis does not gate the gateway: {body}");
+    assert_ne!(body["checks"]["redis"], "ok", "{body}");
+    let id = start_command(&gw.url, "demo.counter", "member:1", json!({})).await;
+    // The workers, which do need Redis, apply it.
+    env.start_worker().await;
+    env.wait_state(&id, cmdflow_shared::CommandState::Running)
+        .await;
+    env.cleanup().await;
+}
