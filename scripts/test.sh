@@ -36,4 +36,5 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "cargo test --workspace $*"
 cargo test --workspace "$@"
 
+step "k8s manifests: scripts/k8s-validate.sh" && bash scripts/k8s-validate.sh
 step "all checks passed"
