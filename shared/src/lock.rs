@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rslock::{LockError as RedlockError, LockManager};
 use tokio::task::JoinHandle;
@@ -44,6 +44,9 @@ pub struct Held {
     key: String,
     extender: JoinHandle<()>,
     lost: Arc<AtomicBool>,
+    /// Until when the lock is ours for sure: Redlock's validity (TTL less clock drift and the
+    /// time taken to acquire), pushed on by each extension.
+    valid_until: Arc<std::sync::Mutex<Instant>>,
 }
 
 impl Held {
@@ -55,6 +58,20 @@ impl Held {
     /// still protects the row; this is for logs and metrics.
     pub fn is_lost(&self) -> bool {
         self.lost.load(Ordering::Relaxed)
+    }
+
+    /// Whether the lock is still ours: no extension failed and its validity has not run out (a
+    /// process paused past its TTL finds it has). Checked before commit, so a worker that lost
+    /// its lock rolls back rather than writes; the guarded update in PostgreSQL stays the fence.
+    pub fn is_valid(&self) -> bool {
+        !self.is_lost()
+            && Instant::now() < *self.valid_until.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stops extending the lock, as a paused or stuck process would: it then runs out at its
+    /// validity.
+    pub fn stop_extending(&self) {
+        self.extender.abort();
     }
 }
 
@@ -144,10 +161,14 @@ impl Locks {
             Ok(Err(e)) => return Err(LockError::Redlock(e.to_string())),
         };
         let lost = Arc::new(AtomicBool::new(false));
+        let valid_until = Arc::new(std::sync::Mutex::new(
+            Instant::now() + Duration::from_millis(lock.validity_time as u64),
+        ));
         let extender = {
             let manager = self.manager.clone();
             let ttl = self.ttl;
             let lost = lost.clone();
+            let valid_until = valid_until.clone();
             let probe = rslock::Lock {
                 resource: lock.resource.clone(),
                 val: lock.val.clone(),
@@ -157,7 +178,12 @@ impl Locks {
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(ttl / 3).await;
-                    if manager.extend(&probe, ttl).await.is_err() {
+                    let started = Instant::now();
+                    let extended = manager.extend(&probe, ttl).await;
+                    if let Ok(lock) = &extended {
+                        *valid_until.lock().unwrap_or_else(|e| e.into_inner()) =
+                            started + Duration::from_millis(lock.validity_time as u64);
+                    } else {
                         lost.store(true, Ordering::Relaxed);
                         tracing::warn!(lock.key = %String::from_utf8_lossy(&probe.resource), "Could not extend a lock; the guarded update still fences the row.");
                         return;
@@ -170,6 +196,7 @@ impl Locks {
             key,
             extender,
             lost,
+            valid_until,
         }))
     }
 

@@ -17,9 +17,14 @@ pub const TIMERS_FIRED: &str = "cmdflow_timers_fired_total";
 pub const DEAD_LETTERS_KEPT: &str = "cmdflow_dead_letters_kept_total";
 pub const DEAD_LETTERS_OPEN: &str = "cmdflow_dead_letters";
 pub const AUTH_FAILURES: &str = "cmdflow_auth_refused_total";
+pub const LOCK_LOST: &str = "cmdflow_lock_lost_total";
 
 fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        LOCK_LOST,
+        "Events rolled back because their command's lock ran out before commit (a paused or stalled worker)."
+    );
     describe_counter!(
         AUTH_FAILURES,
         "Requests the gateway refused before their handler, by reason (unauthorized, forbidden, rate_limited)."

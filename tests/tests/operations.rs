@@ -184,9 +184,9 @@ async fn dead_letters_are_grouped_dry_run_replayed_once_and_replaying_twice_chan
     assert_eq!(
         audit,
         vec![
-            ("replay".to_owned(), "api".to_owned(), 5),
-            ("replay".to_owned(), "api".to_owned(), 5),
-            ("discard".to_owned(), "api".to_owned(), 2)
+            ("replay".to_owned(), "key:dev".to_owned(), 5),
+            ("replay".to_owned(), "key:dev".to_owned(), 5),
+            ("discard".to_owned(), "key:dev".to_owned(), 2)
         ]
     );
     env.cleanup().await;

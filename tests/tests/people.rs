@@ -100,16 +100,17 @@ async fn the_feed_pages_the_last_queries() {
     let gw = env.start_gateway().await;
     env.start_worker().await;
     let mut ids = Vec::new();
+    // One after the other: "newest" is the order the commands were created in the store.
     for i in 0..12 {
-        ids.push(
-            start_command(
-                &gw.url,
-                "query",
-                "lead:5",
-                json!({"q": format!("red chairs {i}")}),
-            )
-            .await,
-        );
+        let id = start_command(
+            &gw.url,
+            "query",
+            "lead:5",
+            json!({"q": format!("red chairs {i}")}),
+        )
+        .await;
+        env.wait_state(&id, CommandState::Completed).await;
+        ids.push(id);
     }
     for id in &ids {
         env.wait_state(id, CommandState::Completed).await;

@@ -145,9 +145,15 @@ async fn the_fleet_runs_over_tls_to_all_three_services_and_refuses_an_untrusted_
     let gw = env.start_gateway().await;
     env.start_worker().await;
     let id = start_command(&gw.url, "demo.counter", "member:1", json!({})).await;
+    env.wait_state(&id, CommandState::Running).await;
     for _ in 0..3 {
         send(&gw.url, &event("demo.increment", Some(&id), json!({}))).await;
     }
+    eventually(Duration::from_secs(30), "three increments", || async {
+        let c = env.command(&id).await?;
+        (c.data["count"] == 3).then_some(())
+    })
+    .await;
     send(&gw.url, &event("demo.finish", Some(&id), json!({}))).await;
     let done = env.wait_state(&id, CommandState::Completed).await;
     assert_eq!(done.data["count"], 3);

@@ -14,7 +14,7 @@ use cmdflow_shared::bus::{
     self, Bus, BusError, HEADER_ATTEMPT, HEADER_BUSY, HEADER_ERROR_CLASS, HEADER_LAST_ERROR,
     HEADER_REASON,
 };
-use cmdflow_shared::lock::Locks;
+use cmdflow_shared::lock::{Held, Locks};
 use cmdflow_shared::metrics as cm;
 use cmdflow_shared::store::{self, OutboxRow, StoreError};
 use cmdflow_shared::time::{Clock, SystemClock};
@@ -241,7 +241,7 @@ impl Engine {
                 // waiters (their rows are claimed under a key lock, not the command lock).
                 let kinds = self.registry.kinds_started_by(&event.ty);
                 return self
-                    .transact(&event, Target::Broadcast(kinds), publish)
+                    .transact(&event, Target::Broadcast(kinds), publish, None)
                     .await;
             };
             tracing::Span::current().record("command.id", tracing::field::display(command_id));
@@ -263,7 +263,7 @@ impl Engine {
                 }
             };
             let done = self
-                .transact(&event, Target::Command(command_id), publish)
+                .transact(&event, Target::Command(command_id), publish, held.as_ref())
                 .await;
             if let (Some(locks), Some(held)) = (&self.locks, held) {
                 if held.is_lost() {
@@ -287,6 +287,7 @@ impl Engine {
         event: &Event,
         target: Target<'_>,
         publish: bool,
+        held: Option<&Held>,
     ) -> (Disposition, Vec<OutboxRow>) {
         let mut tx = match self.pool.begin().await {
             Ok(tx) => tx,
@@ -314,6 +315,19 @@ impl Engine {
         if applied == Applied::Duplicate {
             drop(tx.rollback().await);
             return (Disposition::Ack(applied), Vec::new());
+        }
+        if let Some(held) = held
+            && !held.is_valid()
+        {
+            // Paused or stalled past the lock's validity: another worker may hold it now. Write
+            // nothing; the event comes back through the busy delay.
+            drop(tx.rollback().await);
+            metrics::counter!(cm::LOCK_LOST).increment(1);
+            tracing::warn!(
+                lock.key = held.key(),
+                "The lock ran out before commit; rolled back, the event will be tried again."
+            );
+            return (Disposition::Busy, Vec::new());
         }
         if let Err(e) = tx.commit().await {
             return (

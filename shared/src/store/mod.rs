@@ -37,6 +37,10 @@ pub enum StoreError {
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// Opens a pool and checks the server answers, so a wrong URL fails at start-up with one line.
+/// How long a connection may sit idle inside a transaction before PostgreSQL aborts it: longer
+/// than any handler, and than the default lock TTL (30 s).
+pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "60s";
+
 pub async fn connect(url: &str, pool_size: u32) -> Result<PgPool> {
     let connect_err = |source| StoreError::Connect {
         url: redact_url(url),
@@ -46,6 +50,12 @@ pub async fn connect(url: &str, pool_size: u32) -> Result<PgPool> {
     if let Some(trust) = crate::tls::trust() {
         options = options.ssl_root_cert(trust.path.as_str());
     }
+    // A process stopped mid-transaction (paused, or its host frozen) must not hold its rows
+    // for ever: PostgreSQL ends such a transaction, so the others go on.
+    options = options.options([(
+        "idle_in_transaction_session_timeout",
+        IDLE_IN_TRANSACTION_TIMEOUT,
+    )]);
     let pool = PgPoolOptions::new()
         .max_connections(pool_size)
         .acquire_timeout(Duration::from_secs(5))
