@@ -320,6 +320,39 @@ fn is_extension_name(name: &str) -> bool {
         && !KNOWN.contains(&name)
 }
 
+/// Why a value holding U+0000 is refused: PostgreSQL's `text` and `jsonb` cannot store it.
+pub const NUL_REASON: &str = "contains a NUL character (\\u0000), which cannot be stored";
+
+/// The path (`data.items[2].name`) of the first string or key in `value` holding U+0000.
+pub fn nul_at(value: &Value, path: &str) -> Option<String> {
+    let join = |key: &str| {
+        if path.is_empty() {
+            clip(key)
+        } else {
+            format!("{path}.{}", clip(key))
+        }
+    };
+    match value {
+        Value::String(s) if s.contains('\0') => Some(if path.is_empty() {
+            "value".to_owned()
+        } else {
+            path.to_owned()
+        }),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, v)| nul_at(v, &format!("{path}[{i}]"))),
+        Value::Object(map) => map.iter().find_map(|(k, v)| {
+            if k.contains('\0') {
+                Some(join(&k.replace('\0', "\\u0000")))
+            } else {
+                nul_at(v, &join(k))
+            }
+        }),
+        _ => None,
+    }
+}
+
 fn clip(s: &str) -> String {
     match s.char_indices().nth(40) {
         Some((i, _)) => format!("{}…", &s[..i]),
