@@ -129,11 +129,9 @@ impl Principal {
     /// Whether the caller may read a command owned by `owner` (`None`: no such command). An
     /// `owner:read` caller gets the same 403 for another owner's command and for none at all.
     pub fn may_read_command(&self, owner: Option<&str>) -> Result<(), ApiError> {
-        if self.has(Scope::CommandsRead) {
-            return Ok(());
-        }
-        match (owner.map(Owner::parse), &self.subject) {
-            (Some(Ok(owner)), Some(subject)) if &owner == subject => Ok(()),
+        match owner.map(Owner::parse) {
+            Some(Ok(owner)) => self.may_read_owner(&owner),
+            _ if self.has(Scope::CommandsRead) => Ok(()),
             _ => Err(self.not_own()),
         }
     }
@@ -504,7 +502,8 @@ fn check_entries(file: KeysFile, shown: &str) -> Result<Vec<(String, Grant)>, Au
             .map(|s| {
                 Scope::parse(s).ok_or_else(|| {
                     bad(format!(
-                        "{at}.scopes: unknown scope `{s}`; known: events:publish, commands:read, owner:read, ops"
+                        "{at}.scopes: unknown scope `{s}`; known: {}",
+                        Scope::ALL.map(Scope::as_str).join(", ")
                     ))
                 })
             })
@@ -573,20 +572,17 @@ pub async fn middleware(
             .map(|v| v.as_bytes()),
     ) {
         Ok(p) => p,
-        Err(e) => {
-            metrics::counter!(cmdflow_shared::metrics::AUTH_FAILURES, "reason" => "unauthorized")
-                .increment(1);
-            return e.into_response();
-        }
+        Err(e) => return refused("unauthorized", e),
     };
     if let Err(retry_after) = auth.check_rate(&principal) {
-        metrics::counter!(cmdflow_shared::metrics::AUTH_FAILURES, "reason" => "rate_limited")
-            .increment(1);
-        return ApiError::RateLimited {
-            caller: principal.id,
-            retry_after,
-        }
-        .into_response();
+        let caller = principal.id;
+        return refused(
+            "rate_limited",
+            ApiError::RateLimited {
+                caller,
+                retry_after,
+            },
+        );
     }
     let scope = route_scope(request.method(), &path);
     let allowed = match scope {
@@ -595,12 +591,16 @@ pub async fn middleware(
         None => principal.require(Scope::CommandsRead),
     };
     if let Err(e) = allowed {
-        metrics::counter!(cmdflow_shared::metrics::AUTH_FAILURES, "reason" => "forbidden")
-            .increment(1);
-        return e.into_response();
+        return refused("forbidden", e);
     }
     request.extensions_mut().insert(principal);
     next.run(request).await
+}
+
+/// The answer to a request refused before its handler, counted by `reason`.
+fn refused(reason: &'static str, error: ApiError) -> Response {
+    metrics::counter!(cmdflow_shared::metrics::AUTH_FAILURES, "reason" => reason).increment(1);
+    error.into_response()
 }
 
 #[cfg(test)]

@@ -325,13 +325,6 @@ pub const NUL_REASON: &str = "contains a NUL character (\\u0000), which cannot b
 
 /// The path (`data.items[2].name`) of the first string or key in `value` holding U+0000.
 pub fn nul_at(value: &Value, path: &str) -> Option<String> {
-    let join = |key: &str| {
-        if path.is_empty() {
-            clip(key)
-        } else {
-            format!("{path}.{}", clip(key))
-        }
-    };
     match value {
         Value::String(s) if s.contains('\0') => Some(if path.is_empty() {
             "value".to_owned()
@@ -342,15 +335,27 @@ pub fn nul_at(value: &Value, path: &str) -> Option<String> {
             .iter()
             .enumerate()
             .find_map(|(i, v)| nul_at(v, &format!("{path}[{i}]"))),
-        Value::Object(map) => map.iter().find_map(|(k, v)| {
-            if k.contains('\0') {
-                Some(join(&k.replace('\0', "\\u0000")))
-            } else {
-                nul_at(v, &join(k))
-            }
-        }),
+        Value::Object(map) => nul_in_map(map, path),
         _ => None,
     }
+}
+
+/// [`nul_at`] for the members of a JSON object at `path`.
+pub fn nul_in_map(map: &Map<String, Value>, path: &str) -> Option<String> {
+    let join = |key: &str| {
+        if path.is_empty() {
+            clip(key)
+        } else {
+            format!("{path}.{}", clip(key))
+        }
+    };
+    map.iter().find_map(|(k, v)| {
+        if k.contains('\0') {
+            Some(join(&k.replace('\0', "\\u0000")))
+        } else {
+            nul_at(v, &join(k))
+        }
+    })
 }
 
 fn clip(s: &str) -> String {

@@ -6,7 +6,6 @@
 //! write is still a guarded update in PostgreSQL (see `store::update_command`).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use rslock::{LockError as RedlockError, LockManager};
@@ -43,9 +42,9 @@ pub struct Held {
     lock: rslock::Lock,
     key: String,
     extender: JoinHandle<()>,
-    lost: Arc<AtomicBool>,
     /// Until when the lock is ours for sure: Redlock's validity (TTL less clock drift and the
-    /// time taken to acquire), pushed on by each extension.
+    /// time taken to acquire), pushed on by each extension, and pulled back to the attempt by
+    /// a failed one.
     valid_until: Arc<std::sync::Mutex<Instant>>,
 }
 
@@ -54,18 +53,11 @@ impl Held {
         &self.key
     }
 
-    /// Whether an extension failed: the lock may now be held by someone else. The guarded update
-    /// still protects the row; this is for logs and metrics.
-    pub fn is_lost(&self) -> bool {
-        self.lost.load(Ordering::Relaxed)
-    }
-
     /// Whether the lock is still ours: no extension failed and its validity has not run out (a
     /// process paused past its TTL finds it has). Checked before commit, so a worker that lost
     /// its lock rolls back rather than writes; the guarded update in PostgreSQL stays the fence.
     pub fn is_valid(&self) -> bool {
-        !self.is_lost()
-            && Instant::now() < *self.valid_until.lock().unwrap_or_else(|e| e.into_inner())
+        Instant::now() < *self.valid_until.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Stops extending the lock, as a paused or stuck process would: it then runs out at its
@@ -160,14 +152,12 @@ impl Locks {
             }
             Ok(Err(e)) => return Err(LockError::Redlock(e.to_string())),
         };
-        let lost = Arc::new(AtomicBool::new(false));
         let valid_until = Arc::new(std::sync::Mutex::new(
             Instant::now() + Duration::from_millis(lock.validity_time as u64),
         ));
         let extender = {
             let manager = self.manager.clone();
             let ttl = self.ttl;
-            let lost = lost.clone();
             let valid_until = valid_until.clone();
             let probe = rslock::Lock {
                 resource: lock.resource.clone(),
@@ -180,11 +170,12 @@ impl Locks {
                     tokio::time::sleep(ttl / 3).await;
                     let started = Instant::now();
                     let extended = manager.extend(&probe, ttl).await;
+                    let mut until = valid_until.lock().unwrap_or_else(|e| e.into_inner());
                     if let Ok(lock) = &extended {
-                        *valid_until.lock().unwrap_or_else(|e| e.into_inner()) =
-                            started + Duration::from_millis(lock.validity_time as u64);
+                        *until = started + Duration::from_millis(lock.validity_time as u64);
                     } else {
-                        lost.store(true, Ordering::Relaxed);
+                        // Someone else may hold it from now on.
+                        *until = started;
                         tracing::warn!(lock.key = %String::from_utf8_lossy(&probe.resource), "Could not extend a lock; the guarded update still fences the row.");
                         return;
                     }
@@ -195,7 +186,6 @@ impl Locks {
             lock,
             key,
             extender,
-            lost,
             valid_until,
         }))
     }

@@ -265,13 +265,9 @@ impl Engine {
             let done = self
                 .transact(&event, Target::Command(command_id), publish, held.as_ref())
                 .await;
+            // A lock lost during processing is logged by its extender, and caught before
+            // commit by `transact`.
             if let (Some(locks), Some(held)) = (&self.locks, held) {
-                if held.is_lost() {
-                    tracing::warn!(
-                        lock.key = held.key(),
-                        "The lock was lost while the event was processed."
-                    );
-                }
                 locks.release(held).await;
             }
             done

@@ -114,13 +114,8 @@ fn start_event(state: &AppState, body: &[u8]) -> ApiResult<Event> {
         return Err(ApiError::invalid("data", reason));
     }
     // The start data is stored as jsonb, which cannot hold U+0000.
-    for (key, value) in &data {
-        let path = format!("data.{key}");
-        if let Some(at) = cmdflow_shared::contract::nul_at(value, &path)
-            .or_else(|| key.contains('\0').then(|| "data".to_owned()))
-        {
-            return Err(ApiError::invalid(&at, cmdflow_shared::contract::NUL_REASON));
-        }
+    if let Some(at) = cmdflow_shared::contract::nul_in_map(&data, "data") {
+        return Err(ApiError::invalid(&at, cmdflow_shared::contract::NUL_REASON));
     }
     if let Some(extra) = obj.keys().next() {
         return Err(ApiError::invalid(
