@@ -12,7 +12,9 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
+#[path = "../../tests/corpus/replay.rs"]
+mod replay;
+
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -24,42 +26,12 @@ use cmdflow_shared::time::{
 };
 use proptest::prelude::*;
 use proptest::test_runner::{FailurePersistence, FileFailurePersistence};
+use replay::{corpus, expectation};
 use serde_json::{Map, Value, json};
 
 // ---------------------------------------------------------------------------------------------
 // The corpus
 // ---------------------------------------------------------------------------------------------
-
-/// Every input of `tests/corpus/{dir}`, by file name, sorted (seed files and notes skipped).
-fn corpus(dir: &str) -> Vec<(String, Vec<u8>)> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/corpus")
-        .join(dir);
-    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&root)
-        .unwrap_or_else(|e| panic!("{}: {e}", root.display()))
-        .map(|entry| entry.unwrap().path())
-        .filter(|p| p.is_file())
-        .map(|p| {
-            let name = p.file_name().unwrap().to_string_lossy().into_owned();
-            (name, std::fs::read(&p).unwrap())
-        })
-        .filter(|(name, _)| !name.starts_with("proptest-") && !name.starts_with("README"))
-        .collect();
-    files.sort();
-    assert!(files.len() >= 20, "{dir}: the corpus is too small");
-    files
-}
-
-/// The expectation a corpus file name carries: the part before `--`, and whether the file
-/// shows a known product bug (`bug.` prefix). A known bug is replayed for "no panic" only; its
-/// `#[ignore]`d test checks the expectation.
-fn expectation(name: &str) -> (bool, &str) {
-    let expect = name.split_once("--").map(|(e, _)| e).unwrap_or("any");
-    match expect.strip_prefix("bug.") {
-        Some(rest) => (true, rest),
-        None => (false, expect),
-    }
-}
 
 /// Where proptest keeps the seeds of failures it found, replayed first on every run.
 fn seeds(dir: &'static str) -> Option<Box<dyn FailurePersistence>> {

@@ -25,8 +25,11 @@ use uuid::Uuid;
 const START_WITHIN: Duration = Duration::from_secs(90);
 
 /// `cmdflow` from the target directory this test executable was built in: tests live in
-/// `target/<profile>/deps/`, binaries in `target/<profile>/`.
+/// `target/<profile>/deps/`, binaries in `target/<profile>/`. `CMDFLOW_BIN` names another.
 pub fn cmdflow_binary() -> PathBuf {
+    if let Ok(bin) = std::env::var("CMDFLOW_BIN") {
+        return PathBuf::from(bin);
+    }
     let exe = std::env::current_exe().expect("the test executable's path");
     let candidates: Vec<PathBuf> = exe
         .ancestors()
@@ -173,21 +176,37 @@ pub fn tail_of(path: &Path, lines: usize) -> String {
     format!("--- {} ---\n{}", path.display(), all[from..].join("\n"))
 }
 
-/// Sends `signal` (e.g. `KILL`, `TERM`) to process `pid`, or to process group `pid` when
-/// `group`. Best effort: the process may be gone already.
-pub fn signal(pid: u32, signal: &str, group: bool) {
+/// Sends `signal` (e.g. `KILL`, `TERM`, `STOP`) to process `pid`, or to process group `pid`
+/// when `group`; returns whether it was delivered (the process may be gone already).
+pub fn signal(pid: u32, signal: &str, group: bool) -> bool {
     let target = if group {
         format!("-{pid}")
     } else {
         pid.to_string()
     };
-    drop(
-        std::process::Command::new("kill")
-            .args(["-s", signal, "--", &target])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status(),
-    );
+    std::process::Command::new("kill")
+        .args(["-s", signal, "--", &target])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The sum of the series of `name` in Prometheus text whose labels include every `k="v"` of
+/// `labels`.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .fold(0.0, |a, b| a + b)
 }
 
 fn is_root() -> bool {
@@ -229,6 +248,10 @@ impl PrivateRedis {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// Kills the server (SIGKILL: every lock it held is gone) and waits until it is gone.

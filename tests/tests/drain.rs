@@ -7,45 +7,17 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use cmdflow_shared::CommandState;
+use cmdflow_tests::fleet::{cmdflow_binary, free_port, metric};
 use cmdflow_tests::{TestEnv, eventually, http};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 const COUNTERS: usize = 40;
 const INCREMENTS: usize = 3_000;
-
-fn cmdflow_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    // target/debug/deps/drain-… → target/debug/cmdflow
-    let bin = exe.parent().unwrap().parent().unwrap().join("cmdflow");
-    assert!(
-        bin.exists(),
-        "{} not found: cargo test --workspace builds it",
-        bin.display()
-    );
-    bin
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Sum of a counter's series in Prometheus text, over the lines that contain `filter`.
-fn metric_sum(text: &str, name: &str, filter: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l.contains(filter))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
 
 #[tokio::test]
 async fn sigterm_drains_a_worker_under_load_losing_and_redoing_nothing() {
@@ -142,11 +114,7 @@ async fn sigterm_drains_a_worker_under_load_losing_and_redoing_nothing() {
     )
     .await;
     let pid = worker.id().unwrap();
-    let term = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(term.success());
+    assert!(cmdflow_tests::fleet::signal(pid, "TERM", false));
     let signalled = Instant::now();
     let status = tokio::time::timeout(Duration::from_secs(30), worker.wait())
         .await
@@ -170,10 +138,10 @@ async fn sigterm_drains_a_worker_under_load_losing_and_redoing_nothing() {
 
     // A new worker (this process) takes the rest: every increment is applied exactly once, and
     // it finds nothing that the stopped one had applied without acknowledging.
-    let duplicates_before = metric_sum(
+    let duplicates_before = metric(
         &cmdflow_shared::metrics::install().render(),
-        "cmdflow_events_processed_total",
-        "outcome=\"duplicate\"",
+        cmdflow_shared::metrics::EVENTS_PROCESSED,
+        &[("outcome", "duplicate")],
     );
     env.start_worker().await;
     for id in &counters {
@@ -186,10 +154,10 @@ async fn sigterm_drains_a_worker_under_load_losing_and_redoing_nothing() {
         assert_eq!(c.version as usize, INCREMENTS / COUNTERS + 1);
     }
     assert_eq!(applied().await, (COUNTERS + INCREMENTS) as i64);
-    let duplicates = metric_sum(
+    let duplicates = metric(
         &cmdflow_shared::metrics::install().render(),
-        "cmdflow_events_processed_total",
-        "outcome=\"duplicate\"",
+        cmdflow_shared::metrics::EVENTS_PROCESSED,
+        &[("outcome", "duplicate")],
     ) - duplicates_before;
     assert_eq!(duplicates, 0.0, "nothing was redone after the drain");
     println!(

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use cmdflow_shared::CommandState;
 use cmdflow_shared::bus::Bus;
+use cmdflow_tests::fleet::{self, PrivateRedis, cmdflow_binary, free_port, metric};
 use cmdflow_tests::{TestEnv, event, eventually, post, start_command};
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -30,87 +31,58 @@ const WAIT: Duration = Duration::from_secs(60);
 // Helpers: private Redis masters, signals, real worker processes, metrics.
 // ---------------------------------------------------------------------------------------------
 
-/// Sends `signal` (`-STOP`, `-CONT`, `-9`) to `pid` with kill(1).
+/// Sends `signal` (`STOP`, `CONT`) to `pid`; the test depends on it arriving.
 fn signal(pid: u32, signal: &str) {
-    let status = Command::new("kill")
-        .arg(signal)
-        .arg(pid.to_string())
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill {signal} {pid} failed");
-}
-
-/// A free loopback port (bound and released: another process could take it in between, which
-/// only makes the spawn fail loudly).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    assert!(
+        fleet::signal(pid, signal, false),
+        "kill -{signal} {pid} failed"
+    );
 }
 
 /// Independent Redis masters, each a private `redis-server` without persistence.
 struct Masters {
-    ports: Vec<u16>,
-    children: Vec<Option<Child>>,
+    redis: Vec<PrivateRedis>,
 }
 
 impl Masters {
     async fn start(n: usize) -> Masters {
-        let mut masters = Masters {
-            ports: (0..n).map(|_| free_port()).collect(),
-            children: (0..n).map(|_| None).collect(),
-        };
-        for i in 0..n {
-            masters.restart(i).await;
+        let mut redis = Vec::with_capacity(n);
+        for _ in 0..n {
+            redis.push(PrivateRedis::start().await);
         }
-        masters
+        Masters { redis }
     }
 
     fn url(&self, i: usize) -> String {
-        format!("redis://127.0.0.1:{}/", self.ports[i])
+        self.redis[i].url()
     }
 
     /// `CMDFLOW_REDIS_URLS` for all of them.
     fn urls(&self) -> String {
-        (0..self.ports.len())
-            .map(|i| self.url(i))
+        self.redis
+            .iter()
+            .map(PrivateRedis::url)
             .collect::<Vec<_>>()
             .join(",")
     }
 
-    /// Starts master `i` (again) on its port, empty, and waits until it answers PING.
+    /// Starts master `i` again on its port, empty, and waits until it accepts connections.
     async fn restart(&mut self, i: usize) {
-        assert!(self.children[i].is_none(), "master {i} is running");
-        let child = Command::new("redis-server")
-            .args(["--port", &self.ports[i].to_string()])
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed for the Redlock tests");
-        self.children[i] = Some(child);
-        let url = self.url(i);
-        eventually(
-            Duration::from_secs(10),
-            &format!("redis-server on {url}"),
-            || async { ping(&url).await.then_some(()) },
-        )
-        .await;
+        self.redis[i].start_again().await;
     }
 
     /// SIGKILLs master `i`: its keys are gone, as after a crash without persistence.
     fn kill(&mut self, i: usize) {
-        let mut child = self.children[i].take().expect("master is running");
-        signal(child.id(), "-9");
-        drop(child.wait());
+        assert!(self.redis[i].is_running(), "master {i} is running");
+        self.redis[i].kill();
     }
 
     /// The value of `key` on master `i`, `None` when absent or the master is down.
     async fn get(&self, i: usize, key: &str) -> Option<Vec<u8>> {
         // A dead master answers nothing.
-        self.children[i].as_ref()?;
+        if !self.redis[i].is_running() {
+            return None;
+        }
         let client = redis::Client::open(self.url(i).as_str()).ok()?;
         let get = async {
             let mut conn = client.get_multiplexed_async_connection().await.ok()?;
@@ -130,10 +102,10 @@ impl Masters {
     /// The value a majority of the masters hold for `key`: who holds that Redlock lock.
     async fn holder(&self, key: &str) -> Option<Vec<u8>> {
         let mut values = Vec::new();
-        for i in 0..self.ports.len() {
+        for i in 0..self.redis.len() {
             values.extend(self.get(i, key).await);
         }
-        let quorum = self.ports.len() / 2 + 1;
+        let quorum = self.redis.len() / 2 + 1;
         values
             .iter()
             .find(|v| values.iter().filter(|w| w == v).count() >= quorum)
@@ -144,8 +116,8 @@ impl Masters {
     /// quorum-th expiry, counting masters where it is already absent.
     async fn lapse(&self, key: &str) -> Duration {
         let mut left = Vec::new();
-        for i in 0..self.ports.len() {
-            if self.children[i].is_none() {
+        for i in 0..self.redis.len() {
+            if !self.redis[i].is_running() {
                 continue;
             }
             let client = redis::Client::open(self.url(i).as_str()).unwrap();
@@ -160,8 +132,8 @@ impl Masters {
             }
         }
         left.sort_unstable();
-        let quorum = self.ports.len() / 2 + 1;
-        let absent = self.ports.len() - left.len();
+        let quorum = self.redis.len() / 2 + 1;
+        let absent = self.redis.len() - left.len();
         match quorum.checked_sub(absent + 1) {
             Some(i) => Duration::from_millis(left[i]),
             None => Duration::ZERO,
@@ -183,53 +155,6 @@ impl Masters {
             .and_then(|n| n.parse().ok())
             .unwrap_or(0)
     }
-}
-
-impl Drop for Masters {
-    fn drop(&mut self) {
-        for child in self.children.iter_mut().filter_map(Option::take) {
-            let mut child = child;
-            drop(child.kill());
-            drop(child.wait());
-        }
-    }
-}
-
-async fn ping(url: &str) -> bool {
-    let Ok(client) = redis::Client::open(url) else {
-        return false;
-    };
-    let ping = async {
-        let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-        redis::cmd("PING")
-            .query_async::<String>(&mut conn)
-            .await
-            .ok()
-    };
-    matches!(
-        tokio::time::timeout(Duration::from_secs(1), ping).await,
-        Ok(Some(_))
-    )
-}
-
-/// `cmdflow` next to this test binary's directory (`target/debug/cmdflow`), or `CMDFLOW_BIN`.
-fn cmdflow_binary() -> PathBuf {
-    if let Ok(bin) = std::env::var("CMDFLOW_BIN") {
-        return PathBuf::from(bin);
-    }
-    let exe = std::env::current_exe().unwrap();
-    // target/debug/deps/redlock-… → target/debug/cmdflow
-    let bin = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .map(|dir| dir.join("cmdflow"))
-        .unwrap();
-    assert!(
-        bin.exists(),
-        "{} not found: build it first with `cargo build -p cmdflow-gateway --bin cmdflow`",
-        bin.display()
-    );
-    bin
 }
 
 /// A real `cmdflow worker` process; SIGKILLed when dropped (also when paused).
@@ -318,22 +243,6 @@ impl Drop for WorkerProcess {
         drop(self.child.kill());
         drop(self.child.wait());
     }
-}
-
-/// The sum of the series of `name` whose labels include every `k="v"` of `labels`.
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-        .fold(0.0, |a, b| a + b)
 }
 
 /// Settled outcomes of `demo.increment` in this process (in-process workers).
@@ -656,7 +565,7 @@ async fn a_worker_paused_past_its_lock_ttl_loses_no_update() {
         let (victim, other) = (&workers[round % 2], &workers[1 - round % 2]);
         // Pause the other worker past the TTL, so whatever lock is held afterwards is the
         // victim's. (A bounded wait is the point: a Redlock key lives until its TTL.)
-        signal(other.pid(), "-STOP");
+        signal(other.pid(), "STOP");
         tokio::time::sleep(TTL + Duration::from_millis(300)).await;
 
         // Pause the victim at an instant it holds the command's lock.
@@ -670,17 +579,17 @@ async fn a_worker_paused_past_its_lock_ttl_loses_no_update() {
                 || masters.holder(&key),
             )
             .await;
-            signal(victim.pid(), "-STOP");
+            signal(victim.pid(), "STOP");
             // Both are paused now: a key on a majority is the victim's, held while it sleeps.
             if let Some(held) = masters.holder(&key).await {
                 break held;
             }
-            signal(victim.pid(), "-CONT");
+            signal(victim.pid(), "CONT");
         };
         let paused = Instant::now();
         let lapse = masters.lapse(&key).await;
         let count_at_pause = count_in(&env.pool, &id).await;
-        signal(other.pid(), "-CONT");
+        signal(other.pid(), "CONT");
 
         // The paused victim cannot extend its lock: once its TTL lapses, the other takes it.
         eventually(
@@ -712,7 +621,7 @@ async fn a_worker_paused_past_its_lock_ttl_loses_no_update() {
         .await
         .unwrap();
         let paused_for = paused.elapsed();
-        signal(victim.pid(), "-CONT");
+        signal(victim.pid(), "CONT");
         eprintln!(
             "round {round}: paused {} for {:.1}s holding the lock (due to lapse in {:.2}s); \
              {} took it over after {:.2}s; count {count_at_pause} → {count_before_resume} \

@@ -11,6 +11,9 @@
 
 #![allow(clippy::unwrap_used)]
 
+#[path = "../../tests/corpus/replay.rs"]
+mod replay;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -23,6 +26,7 @@ use cmdflow_workers::handlers::demo_time::{check_timer, check_wait};
 use cmdflow_workers::messages::Templates;
 use proptest::prelude::*;
 use proptest::test_runner::{FailurePersistence, FileFailurePersistence};
+use replay::{corpus, expectation};
 use serde_json::{Map, Value, json};
 
 const OK: &str = r#"version = 1
@@ -100,34 +104,6 @@ fn seeds() -> Option<Box<dyn FailurePersistence>> {
         env!("CARGO_MANIFEST_DIR"),
         "/../tests/corpus/funnel/proptest-seeds.txt"
     ))))
-}
-
-fn corpus(dir: &str) -> Vec<(String, Vec<u8>)> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/corpus")
-        .join(dir);
-    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&root)
-        .unwrap_or_else(|e| panic!("{}: {e}", root.display()))
-        .map(|entry| entry.unwrap().path())
-        .filter(|p| p.is_file())
-        .map(|p| {
-            let name = p.file_name().unwrap().to_string_lossy().into_owned();
-            (name, std::fs::read(&p).unwrap())
-        })
-        .filter(|(name, _)| !name.starts_with("proptest-") && !name.starts_with("README"))
-        .collect();
-    files.sort();
-    assert!(files.len() >= 20, "{dir}: the corpus is too small");
-    files
-}
-
-/// `(known bug, expectation)` from a corpus file name, as in `shared/tests/hostile_parsers.rs`.
-fn expectation(name: &str) -> (bool, &str) {
-    let expect = name.split_once("--").map(|(e, _)| e).unwrap_or("any");
-    match expect.strip_prefix("bug.") {
-        Some(rest) => (true, rest),
-        None => (false, expect),
-    }
 }
 
 /// A fresh directory of its own under the system's temp dir, removed on drop.
