@@ -182,13 +182,34 @@ async fn json_errors(response: Response) -> Response {
             "method_not_allowed",
             "this endpoint does not take that method".to_owned(),
         ),
-        other => (
-            "bad_request",
-            other.canonical_reason().unwrap_or("bad request").to_owned(),
-        ),
+        other => {
+            // An extractor's rejection (an undecodable path segment, say) explains itself in
+            // plain text: keep its words.
+            let reason = other.canonical_reason().unwrap_or("bad request");
+            let (parts, body) = response.into_parts();
+            let text = axum::body::to_bytes(body, 2048)
+                .await
+                .ok()
+                .and_then(|b| String::from_utf8(b.to_vec()).ok())
+                .map(|t| t.trim().to_owned())
+                .filter(|t| !t.is_empty());
+            let detail = text.unwrap_or_else(|| reason.to_owned());
+            return with_headers(parts.status, "bad_request", detail, &parts.headers);
+        }
     };
+    with_headers(status, code, detail, response.headers())
+}
+
+/// A `{code, detail}` response that keeps the headers of the one it replaces (`Allow`,
+/// `Retry-After`, …).
+fn with_headers(
+    status: StatusCode,
+    code: &'static str,
+    detail: String,
+    headers: &header::HeaderMap,
+) -> Response {
     let mut replaced = (status, axum::Json(ErrorBody { code, detail })).into_response();
-    for (name, value) in response.headers() {
+    for (name, value) in headers {
         if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
             replaced.headers_mut().insert(name.clone(), value.clone());
         }

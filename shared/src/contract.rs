@@ -137,8 +137,7 @@ impl Event {
         if bytes.len() > MAX_EVENT_BYTES {
             return Err(EnvelopeError::TooLarge(bytes.len()));
         }
-        let value: Value =
-            serde_json::from_slice(bytes).map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
+        let value = parse_json(bytes).map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
         Self::from_value(value, bytes.len())
     }
 
@@ -224,11 +223,34 @@ impl Event {
                 "binary data is not accepted; send a JSON object in `data`",
             ));
         }
+        // Attributes and data end up in text and jsonb columns, which cannot hold U+0000.
+        let attributes = [
+            ("id", Some(&id)),
+            ("source", Some(&source)),
+            ("subject", subject.as_ref()),
+            ("correlationid", correlationid.as_ref()),
+            ("causationid", causationid.as_ref()),
+        ];
+        if let Some((name, _)) = attributes
+            .iter()
+            .find(|(_, v)| v.is_some_and(|v| v.contains('\0')))
+        {
+            return Err(EnvelopeError::invalid(name, NUL_REASON));
+        }
+        if let Some(at) = nul_in_map(&data, "data") {
+            return Err(EnvelopeError::invalid(&at, NUL_REASON));
+        }
         let mut extensions = BTreeMap::new();
         for (name, value) in obj {
             if !is_extension_name(&name) {
+                // A blank name is quoted, so that the error still shows which attribute.
+                let shown = if name.trim().is_empty() {
+                    format!("{name:?}")
+                } else {
+                    clip(&name)
+                };
                 return Err(EnvelopeError::invalid(
-                    &clip(&name),
+                    &shown,
                     "is not a CloudEvents attribute: extension names are 1 to 20 lower-case letters or digits",
                 ));
             }
@@ -237,6 +259,9 @@ impl Event {
                     &name,
                     "an extension attribute must be a string, number, boolean or null",
                 ));
+            }
+            if value.as_str().is_some_and(|v| v.contains('\0')) {
+                return Err(EnvelopeError::invalid(&name, NUL_REASON));
             }
             extensions.insert(name, value);
         }
@@ -283,8 +308,7 @@ impl Event {
 
 /// Parses the body of `POST /v1/events`: one event, or a JSON array of them.
 pub fn parse_batch(bytes: &[u8]) -> Result<Vec<Event>, EnvelopeError> {
-    let value: Value =
-        serde_json::from_slice(bytes).map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
+    let value = parse_json(bytes).map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
     match value {
         Value::Array(items) => {
             if items.is_empty() {
@@ -358,8 +382,92 @@ pub fn nul_in_map(map: &Map<String, Value>, path: &str) -> Option<String> {
     })
 }
 
+/// Parses a JSON document into a [`Value`] as `serde_json::from_slice` does, but refuses an
+/// object that names the same key twice, at any depth: serde_json would keep the last one and
+/// silently drop the other (`{"owner": "a", "owner": "b"}`).
+pub fn parse_json(bytes: &[u8]) -> Result<Value, serde_json::Error> {
+    serde_json::from_slice::<Strict>(bytes).map(|strict| strict.0)
+}
+
+/// A JSON value without duplicate keys; see [`parse_json`].
+struct Strict(Value);
+
+impl<'de> Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(StrictVisitor).map(Strict)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        // JSON text has no NaN or infinity, so every parsed float is a number.
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
+        while let Some(Strict(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut members = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if members.contains_key(&key) {
+                return Err(serde::de::Error::custom(format!(
+                    "the key {:?} appears twice in one object",
+                    clip(&key)
+                )));
+            }
+            let Strict(value) = map.next_value()?;
+            members.insert(key, value);
+        }
+        Ok(Value::Object(members))
+    }
+}
+
+/// `s`, cut to 40 characters with `…` when longer: what an error message repeats of an input.
 fn clip(s: &str) -> String {
-    match s.char_indices().nth(40) {
+    clip_to(s, 40)
+}
+
+/// `s`, cut to `max` characters with `…` when longer, so an error never repeats a huge input.
+pub fn clip_to(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
         Some((i, _)) => format!("{}…", &s[..i]),
         None => s.to_owned(),
     }

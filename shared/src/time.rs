@@ -15,6 +15,8 @@ use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use croner::Cron;
 
+use crate::contract::clip_to;
+
 /// The source of "now", injected so timer logic is tested without waiting.
 pub trait Clock: Send + Sync + 'static {
     fn now(&self) -> DateTime<Utc>;
@@ -150,15 +152,42 @@ pub fn delay_from_millis(ms: i64) -> Result<Duration, TimeError> {
     Ok(d)
 }
 
+/// The longest cron pattern accepted: a schedule is a few fields, not a document.
+pub const MAX_CRON_LEN: usize = 1024;
+/// How much of a refused pattern an error repeats.
+const SHOWN: usize = 80;
+
+/// Parses a cron pattern. Besides croner's own checks, a field with an empty list item
+/// (`1,,2`, `,`) is refused: croner reads it as a field that matches nothing, whose next
+/// occurrence is then searched for centuries.
 pub fn parse_cron(expr: &str) -> Result<Cron, TimeError> {
-    Cron::from_str(expr).map_err(|e| TimeError::Cron {
-        expr: expr.to_owned(),
-        reason: e.to_string(),
-    })
+    let refuse = |reason: String| TimeError::Cron {
+        expr: clip_to(expr, SHOWN),
+        reason: clip_to(&reason, 2 * SHOWN),
+    };
+    if expr.len() > MAX_CRON_LEN {
+        return Err(refuse(format!(
+            "{} bytes is longer than the {MAX_CRON_LEN} a pattern may have",
+            expr.len()
+        )));
+    }
+    if let Some((i, field)) = expr
+        .split_whitespace()
+        .enumerate()
+        .find(|(_, field)| field.split(',').any(str::is_empty))
+    {
+        return Err(refuse(format!(
+            "field {} `{}` has an empty list item",
+            i + 1,
+            clip_to(field, SHOWN)
+        )));
+    }
+    Cron::from_str(expr).map_err(|e| refuse(e.to_string()))
 }
 
 pub fn parse_zone(tz: &str) -> Result<Tz, TimeError> {
-    tz.parse::<Tz>().map_err(|_| TimeError::Zone(tz.to_owned()))
+    tz.parse::<Tz>()
+        .map_err(|_| TimeError::Zone(clip_to(tz, SHOWN)))
 }
 
 /// The first occurrence of `expr` in zone `tz` strictly after `after`.
@@ -168,7 +197,7 @@ pub fn next_cron(expr: &str, tz: &str, after: DateTime<Utc>) -> Result<DateTime<
     let local = after.with_timezone(&zone);
     cron.find_next_occurrence(&local, false)
         .map(|t| t.with_timezone(&Utc))
-        .map_err(|_| TimeError::NoOccurrence(expr.to_owned()))
+        .map_err(|_| TimeError::NoOccurrence(clip_to(expr, SHOWN)))
 }
 
 #[cfg(test)]

@@ -194,12 +194,17 @@ impl FunnelDef {
                 .span()
                 .map(|s| format!("bytes {}..{}", s.start, s.end))
                 .unwrap_or_else(|| "file".into()),
-            reason: e.message().to_owned(),
+            // toml leaves the message empty for some inputs (`A=`): say what kind of error.
+            reason: match e.message().trim() {
+                "" => "is not valid TOML here".to_owned(),
+                message => message.to_owned(),
+            },
         })?;
         def.validate(templates, kinds)
             .map_err(|(field, reason)| FunnelError {
                 file: file.to_owned(),
-                funnel: def.name.clone(),
+                // The name may be what is wrong, and huge: the error repeats its beginning.
+                funnel: cmdflow_shared::contract::clip_to(&def.name, 64),
                 field,
                 reason,
             })?;

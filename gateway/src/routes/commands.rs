@@ -71,7 +71,7 @@ pub async fn start_command(
 
 /// Validates a start request and builds its event.
 fn start_event(state: &AppState, body: &[u8]) -> ApiResult<Event> {
-    let value: Value = serde_json::from_slice(body)
+    let value = cmdflow_shared::contract::parse_json(body)
         .map_err(|e| ApiError::MalformedJson(format!("malformed JSON: {e}")))?;
     let Value::Object(mut obj) = value else {
         return Err(ApiError::invalid(

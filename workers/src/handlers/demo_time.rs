@@ -55,8 +55,10 @@ pub fn check_timer(data: &Map<String, Value>) -> Result<(), String> {
     }
     if let Some(expr) = str_field(data, "cron")? {
         time::parse_cron(expr).map_err(|e| format!("cron: {e}"))?;
-        time::parse_zone(str_field(data, "tz")?.unwrap_or("UTC"))
-            .map_err(|e| format!("tz: {e}"))?;
+        let tz = str_field(data, "tz")?.unwrap_or("UTC");
+        time::parse_zone(tz).map_err(|e| format!("tz: {e}"))?;
+        // A pattern that never occurs (`0 0 31 2 *`) is refused here, not failed by the worker.
+        time::next_cron(expr, tz, Utc::now()).map_err(|e| format!("cron: {e}"))?;
     }
     if let Some(name) = str_field(data, "name")? {
         time::check_name(name).map_err(|e| format!("name: {e}"))?;
