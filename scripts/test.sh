@@ -33,6 +33,18 @@ cargo fmt --all -- --check
 step "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 
+step "chromium and chromedriver (the console's browser tests)"
+if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then
+    echo "chromium and chromedriver: $(chromium --version 2>/dev/null | head -n1)"
+else
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "chromium or chromedriver missing: installing chromium chromium-driver with apt-get"
+    $sudo apt-get update -qq >/dev/null &&
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium chromium-driver >/dev/null ||
+        die "could not install chromium chromium-driver; install them by hand (apt-get install -y chromium chromium-driver)"
+fi
+
 step "cargo test --workspace $*"
 cargo test --workspace "$@"
 

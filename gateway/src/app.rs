@@ -25,7 +25,7 @@ use utoipa_axum::routes;
 
 use crate::auth::{self, Authenticator};
 use crate::error::{ApiError, ErrorBody};
-use crate::routes::{commands, dead_letters, events, health, owners};
+use crate::routes::{commands, dead_letters, events, health, overview, owners, search};
 
 /// The largest request body: a batch of events (each event is still at most 256 KiB).
 pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
@@ -98,6 +98,9 @@ pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(owners::read_message))
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
+        .routes(routes!(search::search_commands))
+        .routes(routes!(overview::get_overview))
+        .routes(routes!(overview::whoami))
         .with_state(state.clone())
         .split_for_parts();
     let doc = openapi.clone();
@@ -106,6 +109,8 @@ pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
             state.auth.clone(),
             auth::middleware,
         ))
+        // The console's files: no data, no credentials (its API calls carry them).
+        .merge(crate::console::router())
         .route("/openapi.json", get(move || async move { axum::Json(doc) }))
         .route("/metrics", get(metrics_text))
         .fallback(|| async { ApiError::NotFound("no such endpoint".to_owned()).into_response() })

@@ -535,19 +535,30 @@ fn check_entries(file: KeysFile, shown: &str) -> Result<Vec<(String, Grant)>, Au
 }
 
 /// What a route needs of its caller, beyond being authenticated.
-fn route_scope(method: &Method, path: &str) -> Option<Scope> {
+fn route_scope(method: &Method, path: &str) -> Need {
+    if path == "/v1/whoami" {
+        return Need::Credential;
+    }
     if path.starts_with("/v1/dead-letters") || path.ends_with("/abort") {
-        return Some(Scope::Ops);
+        return Need::Scope(Scope::Ops);
     }
     if *method == Method::POST && (path == "/v1/events" || path == "/v1/commands") {
-        return Some(Scope::Publish);
+        return Need::Scope(Scope::Publish);
     }
-    if path == "/v1/events/unmatched" || path.ends_with("/tree") {
-        return Some(Scope::CommandsRead);
+    if path == "/v1/events/unmatched" || path.ends_with("/tree") || path == "/v1/overview" {
+        return Need::Scope(Scope::CommandsRead);
     }
-    // Command and owner reads: `commands:read`, or `owner:read` checked by the handler
-    // against the owner it reads.
-    None
+    Need::Read
+}
+
+/// What a route asks of its caller.
+enum Need {
+    /// Any valid credential, whatever its scopes (`/v1/whoami`).
+    Credential,
+    Scope(Scope),
+    /// Command and owner reads: `commands:read`, or `owner:read`, which the handler checks
+    /// against the owner it reads.
+    Read,
 }
 
 /// Authenticates every `/v1` request, applies the caller's rate limit and the route's scope,
@@ -584,11 +595,13 @@ pub async fn middleware(
             },
         );
     }
-    let scope = route_scope(request.method(), &path);
-    let allowed = match scope {
-        Some(scope) => principal.require(scope),
-        None if principal.has(Scope::CommandsRead) || principal.has(Scope::OwnerRead) => Ok(()),
-        None => principal.require(Scope::CommandsRead),
+    let allowed = match route_scope(request.method(), &path) {
+        Need::Credential => Ok(()),
+        Need::Scope(scope) => principal.require(scope),
+        Need::Read if principal.has(Scope::CommandsRead) || principal.has(Scope::OwnerRead) => {
+            Ok(())
+        }
+        Need::Read => principal.require(Scope::CommandsRead),
     };
     if let Err(e) = allowed {
         return refused("forbidden", e);

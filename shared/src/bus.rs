@@ -343,6 +343,26 @@ impl Bus {
             drop(conn.close(200, "shutting down".into()).await);
         }
     }
+
+    /// Messages ready in `queue` (not those delivered and unacknowledged), by a passive declare
+    /// on a channel of its own: a missing queue closes that channel, not a shared one.
+    pub async fn queue_depth(&self, queue: &str) -> Result<u32> {
+        let ch = self.channel().await?;
+        let declared = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        if ch.status().connected() {
+            drop(ch.close(200, "counted".into()).await);
+        }
+        Ok(declared?.message_count())
+    }
 }
 
 /// AMQP headers of an event: its `traceparent`, so a trace spans every hop.

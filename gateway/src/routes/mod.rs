@@ -5,7 +5,9 @@ pub mod commands;
 pub mod dead_letters;
 pub mod events;
 pub mod health;
+pub mod overview;
 pub mod owners;
+pub mod search;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;

@@ -549,6 +549,7 @@ pub async fn outbox_backlog(pool: &PgPool) -> Result<i64> {
 }
 
 pub mod archive;
+pub mod console;
 pub mod dead;
 pub mod people;
 pub mod time;
