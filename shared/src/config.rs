@@ -24,8 +24,11 @@ pub struct Config {
     pub http_addr: String,
     /// Unacknowledged deliveries a worker holds (`CMDFLOW_PREFETCH`).
     pub prefetch: u16,
-    /// Events a worker processes at once (`CMDFLOW_CONCURRENCY`).
+    /// Batches a worker processes at once (`CMDFLOW_CONCURRENCY`).
     pub concurrency: usize,
+    /// The most deliveries, for distinct commands, applied in one transaction
+    /// (`CMDFLOW_BATCH`; 1 turns group commit off).
+    pub batch: usize,
     /// Whether workers take the Redlock lock (`CMDFLOW_LOCK_ENABLED`). Off only for tests and
     /// benchmarks: the guarded update in PostgreSQL still fences every write.
     pub lock_enabled: bool,
@@ -141,6 +144,7 @@ impl Default for Config {
             http_addr: "127.0.0.1:8080".to_owned(),
             prefetch: 64,
             concurrency: 32,
+            batch: 16,
             lock_enabled: true,
             lock_ttl: Duration::from_secs(30),
             lock_wait: Duration::from_millis(200),
@@ -217,6 +221,9 @@ impl Config {
                 "namespace",
                 "must be non-empty ASCII letters, digits, - or _",
             );
+        }
+        if self.batch == 0 || self.batch > 1000 {
+            return invalid("batch", "a batch holds 1 to 1000 deliveries");
         }
         if self.concurrency == 0 || self.prefetch == 0 {
             return invalid("concurrency", "concurrency and prefetch must be at least 1");

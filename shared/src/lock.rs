@@ -31,6 +31,8 @@ pub enum LockError {
 #[derive(Clone)]
 pub struct Locks {
     manager: LockManager,
+    /// The same masters, tried once (no retries): [`Locks::try_acquire`].
+    once: LockManager,
     clients: Vec<(String, redis::Client)>,
     prefix: String,
     ttl: Duration,
@@ -100,8 +102,11 @@ impl Locks {
         // rslock waits a random 0..delay between tries; many short tries keep the wait brief.
         let tries = (wait.as_millis() / (RETRY_STEP.as_millis() / 2).max(1)).clamp(1, 1000) as u32;
         manager.set_retry(tries, RETRY_STEP);
+        let mut once = manager.clone();
+        once.set_retry(1, RETRY_STEP);
         Ok(Self {
             manager,
+            once,
             clients,
             prefix: format!("{namespace}:lock:"),
             ttl,
@@ -143,9 +148,24 @@ impl Locks {
     /// Tries to take the lock of `id` for up to the configured wait. `Ok(None)` means busy, or no
     /// majority of masters could be reached: either way, not now.
     pub async fn acquire(&self, id: CommandId) -> Result<Option<Held>, LockError> {
+        self.take(&self.manager, id, self.wait).await
+    }
+
+    /// One try at the lock of `id`, without waiting: for a batch, which must not hold some
+    /// locks while it waits for another (two batches could then wait on each other).
+    pub async fn try_acquire(&self, id: CommandId) -> Result<Option<Held>, LockError> {
+        self.take(&self.once, id, Duration::ZERO).await
+    }
+
+    async fn take(
+        &self,
+        manager: &LockManager,
+        id: CommandId,
+        wait: Duration,
+    ) -> Result<Option<Held>, LockError> {
         let key = self.key(id);
-        let attempt = self.manager.lock(key.as_bytes(), self.ttl);
-        let lock = match tokio::time::timeout(self.wait + self.ttl / 10, attempt).await {
+        let attempt = manager.lock(key.as_bytes(), self.ttl);
+        let lock = match tokio::time::timeout(wait + self.ttl / 10, attempt).await {
             Ok(Ok(lock)) => lock,
             Ok(Err(RedlockError::Unavailable | RedlockError::TtlExceeded)) | Err(_) => {
                 return Ok(None);

@@ -18,12 +18,17 @@ pub const DEAD_LETTERS_KEPT: &str = "cmdflow_dead_letters_kept_total";
 pub const DEAD_LETTERS_OPEN: &str = "cmdflow_dead_letters";
 pub const AUTH_FAILURES: &str = "cmdflow_auth_refused_total";
 pub const LOCK_LOST: &str = "cmdflow_lock_lost_total";
+pub const BATCH_SIZE: &str = "cmdflow_batch_size";
 
 fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_counter!(
         LOCK_LOST,
         "Events rolled back because their command's lock ran out before commit (a paused or stalled worker)."
+    );
+    describe_histogram!(
+        BATCH_SIZE,
+        "Events committed together in one transaction (group commit), per batch of two or more."
     );
     describe_counter!(
         AUTH_FAILURES,

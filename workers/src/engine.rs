@@ -2,10 +2,18 @@
 //!
 //! [`Engine::process`] does everything for one message except settling it with the broker, and
 //! returns a [`Disposition`]; [`Engine::settle`] acks, delays or dead-letters accordingly. Inside,
-//! [`Engine::apply`] is the part that runs in a transaction it is handed, so several deliveries
-//! for different commands can later share one transaction (group commit) without a rewrite.
+//! [`Engine::apply`] is the part that runs in a transaction it is handed.
+//!
+//! Group commit: the consumer takes whatever deliveries have already arrived (up to
+//! `CMDFLOW_BATCH`) and [`Engine::process_batch`] applies those for distinct commands in one
+//! transaction, after one try at each lock (all sent at once), then acks each after the commit
+//! and publishes their outbox events together under confirms. Anything that cannot join (a
+//! second event for a command in the batch, a busy lock, a broadcast) or whose batch failed goes
+//! through [`Engine::process`] alone. Within a worker, events for one command wait in line
+//! ([`local`]) before Redlock is asked, so only one of them contends with other workers.
 
 mod apply;
+mod local;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,7 +27,7 @@ use cmdflow_shared::metrics as cm;
 use cmdflow_shared::store::{self, OutboxRow, StoreError};
 use cmdflow_shared::time::{Clock, SystemClock};
 use cmdflow_shared::{CommandId, Event};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
@@ -73,6 +81,8 @@ pub struct EngineSettings {
     pub shutdown_grace: Duration,
     pub prefetch: u16,
     pub concurrency: usize,
+    /// The most deliveries (for distinct commands) applied in one transaction.
+    pub batch: usize,
     pub retry_delays: Vec<Duration>,
     pub busy_delay: Duration,
     pub outbox_sweep_after: Duration,
@@ -91,6 +101,7 @@ impl EngineSettings {
             shutdown_grace: config.shutdown_grace,
             prefetch: config.prefetch,
             concurrency: config.concurrency,
+            batch: config.batch,
             retry_delays: config.retry_delay_list()?,
             busy_delay: config.busy_delay,
             outbox_sweep_after: config.outbox_sweep_after,
@@ -126,6 +137,8 @@ pub struct Engine {
     settings: EngineSettings,
     clock: Arc<dyn Clock>,
     templates: crate::messages::Templates,
+    /// One event per command at a time in this worker, before Redlock is asked.
+    local: local::LocalLocks,
 }
 
 impl Engine {
@@ -145,6 +158,7 @@ impl Engine {
             settings,
             clock: Arc::new(SystemClock),
             templates: crate::messages::Templates::builtin(),
+            local: local::LocalLocks::default(),
         }
     }
 
@@ -182,7 +196,145 @@ impl Engine {
     async fn process_inner(&self, body: &[u8], publish: bool) -> (Disposition, Vec<OutboxRow>) {
         let started = Instant::now();
         let (disposition, outbox, ty, time) = self.process_unmeasured(body, publish).await;
-        let outcome = match &disposition {
+        record_outcome(&disposition, ty, time, started);
+        (disposition, outbox)
+    }
+
+    /// Processes several message bodies, returning one disposition each, in order. Events for
+    /// distinct commands whose locks are free at once are applied in one transaction and one
+    /// commit, their outbox events published together under confirms; the rest (broadcasts,
+    /// a second event for a command already in the batch, a busy lock, an event whose
+    /// transaction failed) go one by one through [`Engine::process`]. Two events of one command
+    /// are never in one transaction or in flight at once.
+    pub async fn process_batch(&self, bodies: &[&[u8]]) -> Vec<Disposition> {
+        let started = Instant::now();
+        let mut dispositions: Vec<Option<Disposition>> = vec![None; bodies.len()];
+        let mut alone: Vec<usize> = Vec::new();
+        let mut together: Vec<(usize, CommandId, Event)> = Vec::new();
+        for (i, body) in bodies.iter().enumerate() {
+            match Event::parse(body) {
+                Ok(event) => match event.commandid {
+                    Some(id) if !together.iter().any(|(_, other, _)| *other == id) => {
+                        together.push((i, id, event));
+                    }
+                    _ => alone.push(i),
+                },
+                // The one-by-one path dead-letters it with the reason.
+                Err(_) => alone.push(i),
+            }
+        }
+        if together.len() >= 2 {
+            // Ascending ids: two batches in this worker never wait on each other in a cycle.
+            together.sort_by_key(|(_, id, _)| *id);
+            let mut turns = Vec::with_capacity(together.len());
+            for (_, id, _) in &together {
+                turns.push(self.local.lock(*id).await);
+            }
+            // One try per lock, all at once (their Redis calls share the connections): a batch
+            // never holds some locks while it waits for another.
+            let held: Vec<Option<Held>> = match &self.locks {
+                None => together.iter().map(|_| None).collect(),
+                Some(locks) => {
+                    let tries = together.iter().map(|(_, id, _)| locks.try_acquire(*id));
+                    futures::future::join_all(tries)
+                        .await
+                        .into_iter()
+                        .map(|r| r.ok().flatten())
+                        .collect()
+                }
+            };
+            let mut ready = Vec::new();
+            let mut holds = Vec::new();
+            for ((i, id, event), held) in together.into_iter().zip(held) {
+                match (&self.locks, held) {
+                    (Some(_), None) => alone.push(i),
+                    (_, held) => {
+                        ready.push((i, id, event));
+                        holds.push(held);
+                    }
+                }
+            }
+            if !ready.is_empty() {
+                let events: Vec<(CommandId, &Event)> =
+                    ready.iter().map(|(_, id, event)| (*id, event)).collect();
+                match self.transact_many(&events, &holds).await {
+                    Some(outcomes) => {
+                        for ((i, _, event), outcome) in ready.iter().zip(outcomes) {
+                            record_outcome(&outcome, event.ty.clone(), event.time, started);
+                            dispositions[*i] = Some(outcome);
+                        }
+                    }
+                    None => alone.extend(ready.iter().map(|(i, _, _)| *i)),
+                }
+            }
+            if let Some(locks) = &self.locks {
+                futures::future::join_all(holds.into_iter().flatten().map(|h| locks.release(h)))
+                    .await;
+            }
+            drop(turns);
+        } else {
+            alone.extend(together.into_iter().map(|(i, _, _)| i));
+        }
+        alone.sort_unstable();
+        let singles = alone.iter().map(|&i| self.process(bodies[i]));
+        for (i, outcome) in alone.iter().zip(futures::future::join_all(singles).await) {
+            dispositions[*i] = Some(outcome);
+        }
+        dispositions
+            .into_iter()
+            .map(|d| d.unwrap_or_else(|| Disposition::Retry("not processed".to_owned())))
+            .collect()
+    }
+
+    /// Applies events to distinct commands, whose locks are held, in one transaction. `None`
+    /// when anything failed (an error, a lock that ran out): nothing is written, and each event
+    /// is then tried alone, where its own failure is sorted out.
+    async fn transact_many(
+        &self,
+        events: &[(CommandId, &Event)],
+        held: &[Option<Held>],
+    ) -> Option<Vec<Disposition>> {
+        let mut tx = self.pool.begin().await.ok()?;
+        let mut applied = Vec::with_capacity(events.len());
+        let mut outbox = Vec::new();
+        for (id, event) in events {
+            match self.apply(&mut tx, *id, event).await {
+                Ok((done, rows)) => {
+                    applied.push(done);
+                    outbox.extend(rows);
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, command.id = %id, "An event failed in a batch; its batch is retried one by one.");
+                    drop(tx.rollback().await);
+                    return None;
+                }
+            }
+        }
+        if held.iter().flatten().any(|h| !h.is_valid()) {
+            drop(tx.rollback().await);
+            metrics::counter!(cm::LOCK_LOST).increment(1);
+            return None;
+        }
+        if let Err(e) = tx.commit().await {
+            let reason = format!("PostgreSQL commit: {e}");
+            return Some(vec![Disposition::Retry(reason); events.len()]);
+        }
+        metrics::histogram!(cm::BATCH_SIZE).record(events.len() as f64);
+        self.publish_outbox(&outbox).await;
+        Some(applied.into_iter().map(Disposition::Ack).collect())
+    }
+}
+
+/// Counts an event's outcome, and for an applied one its handling time and its latency from
+/// the event's `time`.
+fn record_outcome(
+    disposition: &Disposition,
+    ty: String,
+    time: Option<chrono::DateTime<chrono::Utc>>,
+    started: Instant,
+) {
+    {
+        let outcome = match disposition {
             Disposition::Ack(Applied::Applied) => "applied",
             Disposition::Ack(Applied::Duplicate) => "duplicate",
             Disposition::Ack(Applied::Ignored) => "ignored",
@@ -203,9 +355,10 @@ impl Engine {
                     .record(latency.max(0.0));
             }
         }
-        (disposition, outbox)
     }
+}
 
+impl Engine {
     async fn process_unmeasured(
         &self,
         body: &[u8],
@@ -245,6 +398,7 @@ impl Engine {
                     .await;
             };
             tracing::Span::current().record("command.id", tracing::field::display(command_id));
+            let _turn = self.local.lock(command_id).await;
             let held = match &self.locks {
                 None => None,
                 Some(locks) => {
@@ -556,22 +710,44 @@ impl Engine {
                 () = shutdown.cancelled() => break Ok(()),
                 next = consumer.next() => next,
             };
-            match next {
-                Some(Ok(delivery)) => {
-                    let engine = Arc::clone(self);
-                    tracker.spawn(async move {
-                        let disposition = engine.process(&delivery.data).await;
-                        engine.settle(&delivery, &disposition).await;
-                        drop(permit);
-                    });
-                }
+            let cancelled = || BusError::Connect {
+                url: self.bus.url(),
+                reason: "the consumer was cancelled by the broker".into(),
+            };
+            let mut batch = match next {
+                Some(Ok(delivery)) => vec![delivery],
                 Some(Err(e)) => break Err(BusError::from(e)),
-                None => {
-                    break Err(BusError::Connect {
-                        url: self.bus.url(),
-                        reason: "the consumer was cancelled by the broker".into(),
-                    });
+                None => break Err(cancelled()),
+            };
+            // Whatever has arrived already joins the batch (group commit); nothing waits for
+            // more, so a lone event is not delayed.
+            let mut failure = None;
+            while failure.is_none() && batch.len() < self.settings.batch {
+                match consumer.next().now_or_never() {
+                    Some(Some(Ok(delivery))) => batch.push(delivery),
+                    Some(Some(Err(e))) => failure = Some(BusError::from(e)),
+                    Some(None) => failure = Some(cancelled()),
+                    None => break,
                 }
+            }
+            let engine = Arc::clone(self);
+            tracker.spawn(async move {
+                let dispositions = match batch.as_slice() {
+                    [one] => vec![engine.process(&one.data).await],
+                    many => {
+                        let bodies: Vec<&[u8]> = many.iter().map(|d| d.data.as_slice()).collect();
+                        engine.process_batch(&bodies).await
+                    }
+                };
+                let settles = batch
+                    .iter()
+                    .zip(&dispositions)
+                    .map(|(delivery, disposition)| engine.settle(delivery, disposition));
+                futures::future::join_all(settles).await;
+                drop(permit);
+            });
+            if let Some(e) = failure {
+                break Err(e);
             }
         };
         if result.is_ok() {
