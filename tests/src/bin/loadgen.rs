@@ -5,8 +5,16 @@
 //! - W2: 1,000 `demo.fanout` parents × 10 `demo.noop` children (one persisted step each).
 //! - W3: 10,000 timers due uniformly over 30 s: firing lateness, missed and doubled firings.
 //! - W4: 2,000 increments on one counter; the count must be exact.
-//! - feed: the owner feed with 1,000,000 commands of 100,000 owners in the table, under 50
-//!   concurrent requests (run with `--workers 0 --schedulers 0`).
+//! - feed: the owner feed with 1,000,000 commands of 100,000 owners in the table (`--feed-commands`,
+//!   one owner per 10 commands), under 50 concurrent requests (run with `--workers 0 --schedulers 0`).
+//! - feedw1: the same seed, then W1 with the run's workers while `--feed-clients` (10) clients
+//!   read the feed of random owners through a gateway, unpaced (each sends its next request when
+//!   the last one answers): the feed's p50/p99 and W1's events/s in one line.
+//! - b1–b4: the hand-written baseline (`loadgen/baseline.rs`) in the shapes of W1–W4: no cmdflow
+//!   engine, just consume, a Redis `SET NX PX` lock, one PostgreSQL transaction, commit, ack.
+//!   When a run has a W workload and its baseline, it prints `{"ratio": "w1/b1", "value": …}`
+//!   (throughput ratio; for W3/B3 the ratio of p99 lateness). Run them with
+//!   `--workers 0 --schedulers 0` so no idle fleet shares the machine.
 //! - replay: replay 100,000 dead letters at full speed, then 10,000 with a rate of 1,000/s
 //!   (run with `--workers 0 --schedulers 0`; the replayed events wait in the work queue).
 //! - archive: archive 1,000,000 ended commands with 2 history rows each, while 20 clients read
@@ -17,8 +25,17 @@
 //! Events are published straight to RabbitMQ with confirms, as an upstream service would, each
 //! carrying its send time; latency is from publish to the history row written in the event's
 //! transaction. Build in release mode: `cargo build --release -p cmdflow-gateway -p cmdflow-tests`.
+//!
+//! `scripts/bench.sh` runs the matrix (the baseline, W1–W4 with 1, 2 and 4 worker processes,
+//! feedw1), each in a fresh run, and prints a Markdown table with `--table`.
 
 #![allow(clippy::unwrap_used)]
+
+// In `loadgen/` beside this file: with no `main.rs` there, cargo takes no binary from it.
+#[path = "loadgen/baseline.rs"]
+mod baseline;
+#[path = "loadgen/report.rs"]
+mod report;
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -39,7 +56,8 @@ use uuid::Uuid;
 #[derive(Debug, Parser)]
 #[command(about = "cmdflow load generator: prints one JSON line per workload")]
 struct Args {
-    /// Workloads to run, comma-separated: w1, w2, w3, w4.
+    /// Workloads to run, comma-separated: w1, w2, w3, w4, b1, b2, b3, b4, feed, feedw1,
+    /// replay, archive, timers1m.
     #[arg(long, default_value = "w1,w2,w3,w4")]
     workloads: String,
     /// W1: number of increments.
@@ -66,6 +84,16 @@ struct Args {
     /// W4: increments on the one counter.
     #[arg(long, default_value_t = 2_000)]
     hot_events: usize,
+    /// feed, feedw1: commands seeded (one owner per 10 of them).
+    #[arg(long, default_value_t = 1_000_000)]
+    feed_commands: usize,
+    /// feedw1: concurrent feed clients while W1 runs.
+    #[arg(long, default_value_t = 10)]
+    feed_clients: u64,
+    /// Print a Markdown table of the JSON lines in this file (as `scripts/bench.sh` saves them),
+    /// with each W workload's ratio to its baseline, and exit without running anything.
+    #[arg(long, value_name = "FILE")]
+    table: Option<PathBuf>,
     /// Worker processes to start.
     #[arg(long, default_value_t = 1)]
     workers: usize,
@@ -78,7 +106,7 @@ struct Args {
     /// Prefetch of each worker.
     #[arg(long, default_value_t = 64)]
     prefetch: u16,
-    /// Turn Redlock off (the guarded update still fences).
+    /// Turn Redlock off (the guarded update still fences); in b1–b4, the Redis lock.
     #[arg(long)]
     no_lock: bool,
     /// Server for the per-run database.
@@ -102,17 +130,29 @@ async fn main() -> anyhow::Result<()> {
     cmdflow_shared::telemetry::init_with_default("pretty", "warn,lapin=error");
     cmdflow_shared::tls::install_provider();
     let args = Args::parse();
+    if let Some(file) = &args.table {
+        let text =
+            std::fs::read_to_string(file).with_context(|| format!("read {}", file.display()))?;
+        print!("{}", report::markdown(&text));
+        return Ok(());
+    }
     let run = Run::prepare(args).await?;
     let shutdown = CancellationToken::new();
     let mut children = run.start_workers(&shutdown).await?;
 
     let mut failed = None;
+    let mut results = Vec::new();
     for workload in run.args.workloads.split(',').map(str::trim) {
         let result = match workload {
             "w1" => run.w1().await,
             "w2" => run.w2().await,
             "w3" => run.w3().await,
             "w4" => run.w4().await,
+            "b1" => run.b1().await,
+            "b2" => run.b2().await,
+            "b3" => run.b3().await,
+            "b4" => run.b4().await,
+            "feedw1" => run.feed_w1().await,
             "timers1m" => run.timers_1m().await,
             "feed" => run.feed().await,
             "replay" => run.replay().await,
@@ -120,13 +160,19 @@ async fn main() -> anyhow::Result<()> {
             other => Err(anyhow::anyhow!("unknown workload {other}")),
         };
         match result {
-            Ok(line) => println!("{line}"),
+            Ok(line) => {
+                println!("{line}");
+                results.push(line);
+            }
             Err(e) => {
                 eprintln!("loadgen: {workload}: {e:#}");
                 failed = Some(e);
                 break;
             }
         }
+    }
+    for line in report::ratios(&results) {
+        println!("{line}");
     }
     shutdown.cancel();
     for child in &mut children {
@@ -228,6 +274,7 @@ impl Run {
         }
         let settings = EngineSettings::from_config(&self.config).unwrap();
         drop(self.bus.delete_topology(&settings.delay_queues()).await);
+        baseline::delete_queues(&self.bus, &self.config.namespace).await;
         self.pool.close().await;
         cmdflow_tests::drop_database(&format!("{}/postgres", self.args.pg_server), &self.database)
             .await;
@@ -607,8 +654,11 @@ impl Run {
         }))
     }
 
-    async fn feed(&self) -> anyhow::Result<Value> {
-        let owners = 100_000;
+    /// Seeds `--feed-commands` commands of one owner per 10 commands (`member:0..owners`) with
+    /// their messages and identities, and analyzes. Returns the owners and how long it took.
+    async fn seed_feed(&self) -> anyhow::Result<(u64, Duration)> {
+        let commands = self.args.feed_commands.max(1) as i64;
+        let owners = (commands / 10).max(1);
         let seeded = Instant::now();
         // 10 commands per owner over the last 30 days: queries, quotes (every third unfinished,
         // with its hint), memberships; a message for every tenth owner; 10% of owners linked.
@@ -624,10 +674,11 @@ impl Run {
                         CASE WHEN g % 10 = 5 AND g % 3 = 0
                              THEN '{\"code\": \"quote.unfinished\", \"text\": \"Here is that quote you started but never finished\"}'::jsonb END AS ui,
                         now() - (g % 2592000) * interval '1 second' AS at
-                   FROM generate_series(1, 1000000) g
+                   FROM generate_series(1, $2) g
                ) s",
         )
-        .bind(owners as i64)
+        .bind(owners)
+        .bind(commands)
         .execute(&self.pool)
         .await?;
         sqlx::query(
@@ -636,7 +687,7 @@ impl Run {
                     'Your quote is on its way', 'Hello', 'in_app'
                FROM generate_series(0, $1 - 1, 10) g",
         )
-        .bind(owners as i64)
+        .bind(owners)
         .execute(&self.pool)
         .await?;
         sqlx::query(
@@ -644,11 +695,15 @@ impl Run {
              SELECT 'visitor:c' || g, 'member:' || g FROM generate_series(0, $1 - 1, 10) g
              UNION ALL SELECT 'member:' || g, 'member:' || g FROM generate_series(0, $1 - 1, 10) g",
         )
-        .bind(owners as i64)
+        .bind(owners)
         .execute(&self.pool)
         .await?;
         sqlx::query("ANALYZE").execute(&self.pool).await?;
-        let seeded_in = seeded.elapsed();
+        Ok((owners as u64, seeded.elapsed()))
+    }
+
+    async fn feed(&self) -> anyhow::Result<Value> {
+        let (owners, seeded_in) = self.seed_feed().await?;
         let commands: i64 = sqlx::query_scalar("SELECT count(*) FROM commands")
             .fetch_one(&self.pool)
             .await?;
@@ -662,12 +717,15 @@ impl Run {
 
         let (base, stop) = self.serve_gateway(&self.config).await?;
         let started = Instant::now();
-        let readers = read_feeds(&base, 50, owners as u64, stop.clone());
+        let readers = read_feeds(&base, 50, owners, stop.clone());
         tokio::time::sleep(Duration::from_secs(20)).await;
         stop.cancel();
         let mut all = Vec::new();
+        let mut failed = 0;
         for r in readers {
-            all.extend(r.await?);
+            let (lat, errors) = r.await?;
+            all.extend(lat);
+            failed += errors;
         }
         let secs = started.elapsed().as_secs_f64();
         all.sort_by(f64::total_cmp);
@@ -678,9 +736,58 @@ impl Run {
             "concurrency": 50,
             "seeded_in_s": (seeded_in.as_secs_f64() * 10.0).round() / 10.0,
             "requests": all.len(),
+            "failed": failed,
             "requests_per_s": (all.len() as f64 / secs).round(),
             "latency_ms": {"p50": percentile(&all, 0.5), "p99": percentile(&all, 0.99), "max": percentile(&all, 1.0)},
             "history_plan": plan,
+        }))
+    }
+
+    /// W1 with the run's workers while `--feed-clients` clients read the owner feed, unpaced,
+    /// over the seeded commands.
+    async fn feed_w1(&self) -> anyhow::Result<Value> {
+        if self.args.workers == 0 {
+            bail!("feedw1 runs W1: start workers with --workers 1 or more");
+        }
+        let (owners, seeded_in) = self.seed_feed().await?;
+        let commands: i64 = sqlx::query_scalar("SELECT count(*) FROM commands")
+            .fetch_one(&self.pool)
+            .await?;
+        let counters = self.start_counters(self.args.counters).await?;
+        let events = self.increments(&counters, self.args.events);
+        let (base, stop) = self.serve_gateway(&self.config).await?;
+        let clients = self.args.feed_clients;
+        let started = Instant::now();
+        let readers = read_feeds(&base, clients, owners, stop.clone());
+        let w1 = self.measure("W1", &counters, events).await;
+        stop.cancel();
+        let secs = started.elapsed().as_secs_f64();
+        let mut lat = Vec::new();
+        let mut failed = 0;
+        for r in readers {
+            let (l, errors) = r.await?;
+            lat.extend(l);
+            failed += errors;
+        }
+        let w1 = w1?;
+        lat.sort_by(f64::total_cmp);
+        Ok(json!({
+            "workload": "feedw1",
+            "workers": self.args.workers,
+            "events": w1["events"],
+            "concurrency": self.args.concurrency,
+            "prefetch": self.args.prefetch,
+            "lock": !self.args.no_lock,
+            "feed_commands": commands,
+            "owners": owners,
+            "feed_clients": clients,
+            "feed_paced": false,
+            "seeded_in_s": (seeded_in.as_secs_f64() * 10.0).round() / 10.0,
+            "requests": lat.len(),
+            "failed": failed,
+            "requests_per_s": (lat.len() as f64 / secs).round(),
+            "feed_latency_ms": {"p50": percentile(&lat, 0.5), "p99": percentile(&lat, 0.99), "max": percentile(&lat, 1.0)},
+            "w1": w1,
         }))
     }
 
@@ -777,8 +884,11 @@ impl Run {
         let secs = started.elapsed().as_secs_f64();
         stop.cancel();
         let mut lat = Vec::new();
+        let mut failed = 0;
         for r in readers {
-            lat.extend(r.await?);
+            let (l, errors) = r.await?;
+            lat.extend(l);
+            failed += errors;
         }
         lat.sort_by(f64::total_cmp);
         Ok(json!({
@@ -790,6 +900,7 @@ impl Run {
             "feed_during_archival": {
                 "clients": 20,
                 "requests": lat.len(),
+                "failed": failed,
                 "p50_ms": percentile(&lat, 0.5),
                 "p99_ms": percentile(&lat, 0.99),
                 "max_ms": percentile(&lat, 1.0),
@@ -887,19 +998,20 @@ impl Run {
 }
 
 /// Clients that read the feed of random owners `member:0..owners` until `stop`; each returns
-/// its latencies in milliseconds.
+/// the latencies of its successful requests in milliseconds, and how many failed.
 fn read_feeds(
     base: &str,
     clients: u64,
     owners: u64,
     stop: CancellationToken,
-) -> Vec<tokio::task::JoinHandle<Vec<f64>>> {
+) -> Vec<tokio::task::JoinHandle<(Vec<f64>, u64)>> {
     let client = cmdflow_tests::http();
     (0..clients)
         .map(|w| {
             let (client, base, stop) = (client.clone(), base.to_owned(), stop.clone());
             tokio::spawn(async move {
                 let mut lat = Vec::new();
+                let mut failed = 0;
                 let mut i = w;
                 while !stop.is_cancelled() {
                     i = i
@@ -914,9 +1026,11 @@ fn read_feeds(
                         .is_ok_and(|r| r.status().is_success())
                     {
                         lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                    } else {
+                        failed += 1;
                     }
                 }
-                lat
+                (lat, failed)
             })
         })
         .collect()

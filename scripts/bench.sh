@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Runs the benchmark matrix on the local services, each entry in a fresh load-generator run (its
+# own database and namespace, removed afterwards), then prints a Markdown table:
+#
+#   1. the hand-written baseline b1, b2, b3, b4 (no cmdflow workers running);
+#   2. W1, W2, W3, W4 with 1, 2 and 4 `cmdflow worker` processes;
+#   3. feedw1: W1 while clients read the owner feed over 1,000,000 seeded commands.
+#
+#   ./scripts/bench.sh                      full sizes (the load generator's defaults)
+#   BENCH_SCALE=0.1 ./scripts/bench.sh      every size times 0.1 (a quick look)
+#
+# Environment (all optional):
+#   BENCH_SCALE       multiplies every size below (default 1)
+#   BENCH_EVENTS      W1/B1 increments (20000)        BENCH_COUNTERS    W1/B1 counters (1000)
+#   BENCH_PARENTS     W2/B2 parents (1000)            BENCH_CHILDREN    children per parent (10)
+#   BENCH_TIMERS      W3/B3 timers (10000)            BENCH_SPAN_S      their span in s (30, at least 5)
+#   BENCH_HOT_EVENTS  W4/B4 increments (2000)         BENCH_FEED        feedw1 seed commands (1000000)
+#   BENCH_WORKERS     worker counts for W1–W4 ("1 2 4")
+#   BENCH_OUT         where the raw JSON lines go (target/bench/<time>.jsonl)
+#   LOADGEN_ARGS      extra arguments for every run, e.g. "--concurrency 16"
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+die() { printf 'bench.sh: %s\n' "$*" >&2; exit 1; }
+
+scale=${BENCH_SCALE:-1}
+# `size DEFAULT [MIN]`: DEFAULT times the scale, rounded, at least MIN (1).
+size() {
+    awk -v n="$1" -v s="$scale" -v min="${2:-1}" \
+        'BEGIN { v = int(n * s + 0.5); if (v < min) v = min; print v }'
+}
+awk -v s="$scale" 'BEGIN { exit !(s > 0) }' || die "BENCH_SCALE must be a positive number, not '$scale'"
+
+events=${BENCH_EVENTS:-$(size 20000)}
+counters=${BENCH_COUNTERS:-$(size 1000)}
+parents=${BENCH_PARENTS:-$(size 1000)}
+children=${BENCH_CHILDREN:-10}
+timers=${BENCH_TIMERS:-$(size 10000)}
+span_s=${BENCH_SPAN_S:-$(size 30 5)}
+hot_events=${BENCH_HOT_EVENTS:-$(size 2000)}
+feed=${BENCH_FEED:-$(size 1000000 1000)}
+workers_list=${BENCH_WORKERS:-1 2 4}
+# shellcheck disable=SC2206 # word splitting of the extra arguments is intended
+extra=(${LOADGEN_ARGS:-})
+
+target=${CARGO_TARGET_DIR:-target}
+out=${BENCH_OUT:-target/bench/$(date +%Y%m%d-%H%M%S).jsonl}
+mkdir -p "$(dirname "$out")"
+: >"$out"
+
+printf '==> cargo build --release -p cmdflow-gateway -p cmdflow-tests\n' >&2
+cargo build --release -p cmdflow-gateway -p cmdflow-tests >&2
+loadgen="$target/release/loadgen"
+[ -x "$loadgen" ] || die "$loadgen was not built"
+
+sizes=(--events "$events" --counters "$counters" --parents "$parents" --children "$children"
+    --timers "$timers" --timer-span-s "$span_s" --hot-events "$hot_events" --feed-commands "$feed")
+
+failures=0
+# `run ARGS…`: one fresh load-generator run; its JSON lines are appended to $out.
+run() {
+    printf '==> loadgen %s\n' "$*" >&2
+    if ! "$loadgen" "${sizes[@]}" "${extra[@]}" "$@" | tee -a "$out"; then
+        printf 'bench.sh: loadgen %s failed; going on\n' "$*" >&2
+        failures=$((failures + 1))
+    fi
+}
+
+for b in b1 b2 b3 b4; do
+    run --workloads "$b" --workers 0 --schedulers 0
+done
+for w in w1 w2 w3 w4; do
+    for n in $workers_list; do
+        run --workloads "$w" --workers "$n"
+    done
+done
+run --workloads feedw1 --workers 1
+
+printf '\n'
+"$loadgen" --table "$out"
+printf '\nRaw JSON lines: %s\n' "$(realpath "$out")"
+[ "$failures" -eq 0 ] || die "$failures run(s) failed; see above"
