@@ -5,12 +5,13 @@
 //! [`Engine::apply`] is the part that runs in a transaction it is handed.
 //!
 //! Group commit: the consumer takes whatever deliveries have already arrived (up to
-//! `CMDFLOW_BATCH`) and [`Engine::process_batch`] applies those for distinct commands in one
-//! transaction, after one try at each lock (all sent at once), then acks each after the commit
-//! and publishes their outbox events together under confirms. Anything that cannot join (a
-//! second event for a command in the batch, a busy lock, a broadcast) or whose batch failed goes
-//! through [`Engine::process`] alone. Within a worker, events for one command wait in line
-//! ([`local`]) before Redlock is asked, so only one of them contends with other workers.
+//! `CMDFLOW_BATCH`) and [`Engine::process_batch`] applies them in one transaction, after one
+//! try at each command's lock (all sent at once), then acks each after the commit and publishes
+//! their outbox events together under confirms. Two events of one command in a batch are
+//! applied one after the other, in the order they came, under the one lock: never at once.
+//! Anything that cannot join (a busy lock, a broadcast) or whose batch failed goes through
+//! [`Engine::process`] alone. Within a worker, events for one command wait in line ([`local`])
+//! before Redlock is asked, so only one of them contends with other workers.
 
 mod apply;
 mod local;
@@ -201,11 +202,11 @@ impl Engine {
     }
 
     /// Processes several message bodies, returning one disposition each, in order. Events for
-    /// distinct commands whose locks are free at once are applied in one transaction and one
-    /// commit, their outbox events published together under confirms; the rest (broadcasts,
-    /// a second event for a command already in the batch, a busy lock, an event whose
-    /// transaction failed) go one by one through [`Engine::process`]. Two events of one command
-    /// are never in one transaction or in flight at once.
+    /// commands whose locks are free at once are applied in one transaction and one commit,
+    /// their outbox events published together under confirms: each command's events one after
+    /// the other, in the order they came, under its one lock, so a command still handles one
+    /// event at a time. The rest (broadcasts, a busy lock, an event whose transaction failed)
+    /// go one by one through [`Engine::process`].
     pub async fn process_batch(&self, bodies: &[&[u8]]) -> Vec<Disposition> {
         let started = Instant::now();
         let mut dispositions: Vec<Option<Disposition>> = vec![None; bodies.len()];
@@ -214,28 +215,29 @@ impl Engine {
         for (i, body) in bodies.iter().enumerate() {
             match Event::parse(body) {
                 Ok(event) => match event.commandid {
-                    Some(id) if !together.iter().any(|(_, other, _)| *other == id) => {
-                        together.push((i, id, event));
-                    }
-                    _ => alone.push(i),
+                    Some(id) => together.push((i, id, event)),
+                    None => alone.push(i),
                 },
                 // The one-by-one path dead-letters it with the reason.
                 Err(_) => alone.push(i),
             }
         }
         if together.len() >= 2 {
-            // Ascending ids: two batches in this worker never wait on each other in a cycle.
-            together.sort_by_key(|(_, id, _)| *id);
-            let mut turns = Vec::with_capacity(together.len());
-            for (_, id, _) in &together {
+            // By command, each command's events in the order they came. Ascending ids: two
+            // batches in this worker never wait on each other in a cycle.
+            together.sort_by_key(|(i, id, _)| (*id, *i));
+            let mut ids: Vec<CommandId> = together.iter().map(|(_, id, _)| *id).collect();
+            ids.dedup();
+            let mut turns = Vec::with_capacity(ids.len());
+            for id in &ids {
                 turns.push(self.local.lock(*id).await);
             }
             // One try per lock, all at once (their Redis calls share the connections): a batch
             // never holds some locks while it waits for another.
             let held: Vec<Option<Held>> = match &self.locks {
-                None => together.iter().map(|_| None).collect(),
+                None => ids.iter().map(|_| None).collect(),
                 Some(locks) => {
-                    let tries = together.iter().map(|(_, id, _)| locks.try_acquire(*id));
+                    let tries = ids.iter().map(|id| locks.try_acquire(*id));
                     futures::future::join_all(tries)
                         .await
                         .into_iter()
@@ -244,20 +246,20 @@ impl Engine {
                 }
             };
             let mut ready = Vec::new();
-            let mut holds = Vec::new();
-            for ((i, id, event), held) in together.into_iter().zip(held) {
-                match (&self.locks, held) {
-                    (Some(_), None) => alone.push(i),
-                    (_, held) => {
-                        ready.push((i, id, event));
-                        holds.push(held);
-                    }
+            for (i, id, event) in together {
+                let locked = ids
+                    .binary_search(&id)
+                    .is_ok_and(|k| self.locks.is_none() || held[k].is_some());
+                if locked {
+                    ready.push((i, id, event));
+                } else {
+                    alone.push(i);
                 }
             }
             if !ready.is_empty() {
                 let events: Vec<(CommandId, &Event)> =
                     ready.iter().map(|(_, id, event)| (*id, event)).collect();
-                match self.transact_many(&events, &holds).await {
+                match self.transact_many(&events, &held).await {
                     Some(outcomes) => {
                         for ((i, _, event), outcome) in ready.iter().zip(outcomes) {
                             record_outcome(&outcome, event.ty.clone(), event.time, started);
@@ -268,7 +270,7 @@ impl Engine {
                 }
             }
             if let Some(locks) = &self.locks {
-                futures::future::join_all(holds.into_iter().flatten().map(|h| locks.release(h)))
+                futures::future::join_all(held.into_iter().flatten().map(|h| locks.release(h)))
                     .await;
             }
             drop(turns);
@@ -286,7 +288,7 @@ impl Engine {
             .collect()
     }
 
-    /// Applies events to distinct commands, whose locks are held, in one transaction. `None`
+    /// Applies events, in order, to commands whose locks are held, in one transaction. `None`
     /// when anything failed (an error, a lock that ran out): nothing is written, and each event
     /// is then tried alone, where its own failure is sorted out.
     async fn transact_many(
