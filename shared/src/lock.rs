@@ -3,7 +3,7 @@
 //! the `rslock` crate. Key: `{namespace}:lock:{command_id}`.
 //!
 //! Redlock is the mutex, not the fence: a lock can be lost to a pause or a Redis failure, so every
-//! write is still a guarded update in PostgreSQL (see `store::update_command`).
+//! write is still a guarded update in PostgreSQL (see `store::write_step`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

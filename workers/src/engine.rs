@@ -140,7 +140,13 @@ pub struct Engine {
     templates: crate::messages::Templates,
     /// One event per command at a time in this worker, before Redlock is asked.
     local: local::LocalLocks,
+    /// Outbox rows the broker confirmed, deleted by the worker's next commit (or within
+    /// [`OUTBOX_FLUSH`] when it is idle) rather than by a commit of their own.
+    confirmed: std::sync::Mutex<Vec<i64>>,
 }
+
+/// How long confirmed outbox rows may wait for a commit to delete them, when none comes.
+const OUTBOX_FLUSH: Duration = Duration::from_millis(100);
 
 impl Engine {
     /// `locks: None` runs without Redlock (tests and benchmarks); the guarded update still fences.
@@ -160,6 +166,7 @@ impl Engine {
             clock: Arc::new(SystemClock),
             templates: crate::messages::Templates::builtin(),
             local: local::LocalLocks::default(),
+            confirmed: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -317,7 +324,7 @@ impl Engine {
             metrics::counter!(cm::LOCK_LOST).increment(1);
             return None;
         }
-        if let Err(e) = tx.commit().await {
+        if let Err(e) = self.commit_with_confirmed(tx).await {
             let reason = format!("PostgreSQL commit: {e}");
             return Some(vec![Disposition::Retry(reason); events.len()]);
         }
@@ -481,7 +488,7 @@ impl Engine {
             );
             return (Disposition::Busy, Vec::new());
         }
-        if let Err(e) = tx.commit().await {
+        if let Err(e) = self.commit_with_confirmed(tx).await {
             return (
                 Disposition::Retry(format!("PostgreSQL commit: {e}")),
                 Vec::new(),
@@ -522,8 +529,40 @@ impl Engine {
                 "Some outbox events were not confirmed; the sweeper will publish them."
             );
         }
-        if let Err(e) = store::delete_outbox(&self.pool, &confirmed).await {
-            tracing::warn!(error = %e, "Could not delete published outbox rows; the sweeper may publish them again (consumers dedupe).");
+        self.lock_confirmed().extend(confirmed);
+    }
+
+    fn lock_confirmed(&self) -> std::sync::MutexGuard<'_, Vec<i64>> {
+        self.confirmed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Commits `tx`, deleting in it the outbox rows confirmed since the last such commit: the
+    /// deletes ride on work that commits anyway. If the commit fails they wait for the next.
+    async fn commit_with_confirmed(&self, mut tx: store::Tx<'_>) -> Result<(), StoreError> {
+        let ids = std::mem::take(&mut *self.lock_confirmed());
+        let done = async {
+            if !ids.is_empty() {
+                store::delete_outbox_in(&mut tx, &ids).await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        }
+        .await;
+        if done.is_err() {
+            self.lock_confirmed().extend(ids);
+        }
+        done
+    }
+
+    /// Deletes the confirmed outbox rows no commit has taken along (an idle worker).
+    pub async fn flush_confirmed(&self) {
+        let ids = std::mem::take(&mut *self.lock_confirmed());
+        if ids.is_empty() {
+            return;
+        }
+        if let Err(e) = store::delete_outbox(&self.pool, &ids).await {
+            tracing::warn!(error = %e, "Could not delete published outbox rows; trying again soon (the sweeper would publish them again, and consumers dedupe).");
+            self.lock_confirmed().extend(ids);
         }
     }
 
@@ -775,6 +814,8 @@ impl Engine {
                 "Events still in flight after the shutdown grace; the broker will redeliver them."
             );
         }
+        // What was published in the end is deleted now, not left for another worker's sweep.
+        self.flush_confirmed().await;
         drop(channel.close(200, "worker stopping".into()).await);
         result
     }
@@ -782,11 +823,20 @@ impl Engine {
     /// Publishes outbox rows that a crashed worker left behind, until `shutdown` fires.
     pub async fn sweep_outbox_until_stopped(self: Arc<Self>, shutdown: CancellationToken) {
         let every = (self.settings.outbox_sweep_after / 2).max(Duration::from_millis(100));
+        let mut last_sweep = Instant::now();
         loop {
             tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(every) => {}
+                () = shutdown.cancelled() => {
+                    self.flush_confirmed().await;
+                    return;
+                }
+                () = tokio::time::sleep(OUTBOX_FLUSH) => {}
             }
+            self.flush_confirmed().await;
+            if last_sweep.elapsed() < every {
+                continue;
+            }
+            last_sweep = Instant::now();
             match self.sweep_outbox_once(500).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(published = n, "Swept outbox rows left behind."),
@@ -801,6 +851,8 @@ impl Engine {
     /// One sweep: claims stale rows (skipping rows another sweeper holds), publishes them with
     /// confirms, deletes the confirmed ones. Returns how many were published.
     pub async fn sweep_outbox_once(&self, limit: i64) -> Result<usize, StoreError> {
+        // Rows this worker published are not left behind: delete them before looking.
+        self.flush_confirmed().await;
         let mut tx = self.pool.begin().await?;
         let rows =
             store::claim_stale_outbox(&mut tx, self.settings.outbox_sweep_after, limit).await?;

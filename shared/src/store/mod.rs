@@ -1,6 +1,6 @@
 //! PostgreSQL: the pool, migrations, and every statement cmdflow runs.
 //!
-//! Writes under a lock are still fenced: [`update_command`] only succeeds at the version the
+//! Writes under a lock are still fenced: [`write_step`] only succeeds at the version the
 //! transaction read, so a worker that lost its lock to a pause cannot overwrite a newer state.
 
 use std::time::Duration;
@@ -323,6 +323,37 @@ pub async fn lock_command(tx: &mut Tx<'_>, id: CommandId) -> Result<Option<Comma
         .await?)
 }
 
+/// Locks a command's row until the transaction ends and, in the same round trip, records that
+/// `(source, event_id)` is applied to it. `None` when the command does not exist; `false` when
+/// the event already was applied (a redelivery or a replay, which must change nothing).
+pub async fn lock_and_mark(
+    tx: &mut Tx<'_>,
+    id: CommandId,
+    source: &str,
+    event_id: &str,
+) -> Result<Option<(Command, bool)>> {
+    #[derive(sqlx::FromRow)]
+    struct Locked {
+        #[sqlx(flatten)]
+        command: Command,
+        fresh: bool,
+    }
+    const SQL: &str = concat!(
+        "WITH p AS (INSERT INTO processed_events (command_id, source, event_id) VALUES ($1, $2, $3)",
+        " ON CONFLICT DO NOTHING RETURNING 1)",
+        " SELECT id, kind, owner, parent_id, root_id, depth, state, data, result, reason, ui, version, group_name, parent_close, created_at, updated_at, ended_at,",
+        " EXISTS (SELECT 1 FROM p) AS fresh",
+        " FROM commands WHERE id = $1 FOR UPDATE"
+    );
+    Ok(sqlx::query_as::<_, Locked>(SQL)
+        .bind(id)
+        .bind(source)
+        .bind(event_id)
+        .fetch_optional(&mut **tx)
+        .await?
+        .map(|l| (l.command, l.fresh)))
+}
+
 /// A command, live or archived.
 pub async fn get_command(pool: &PgPool, id: CommandId) -> Result<Option<Command>> {
     const SQL: &str = concat!(
@@ -357,16 +388,50 @@ pub async fn mark_processed(
     Ok(done.rows_affected() == 1)
 }
 
-/// Writes the new state of a command, fenced by the version the transaction read.
-/// Zero rows affected is a conflict, never a success.
-pub async fn update_command(tx: &mut Tx<'_>, next: &Command, seen_version: i64) -> Result<()> {
-    let done = sqlx::query(
-        "UPDATE commands
-            SET state = $3, data = $4, result = $5, reason = $6, ui = $7,
-                version = version + 1, updated_at = now(),
-                ended_at = CASE WHEN $3 IN ('completed'::command_state, 'failed'::command_state, 'aborted'::command_state)
-                                THEN coalesce(ended_at, now()) END
-          WHERE id = $1 AND version = $2",
+/// Writes one step of a command in one round trip: its new state, fenced by the version the
+/// transaction read (zero rows is a conflict, never a success, and then nothing else is
+/// written); its history lines at the new version, in order; and the events it emits into the
+/// outbox, whose rows are returned.
+pub async fn write_step(
+    tx: &mut Tx<'_>,
+    next: &Command,
+    seen_version: i64,
+    history: &[HistoryEntry],
+    events: &[crate::contract::Event],
+) -> Result<Vec<OutboxRow>> {
+    #[derive(sqlx::FromRow)]
+    struct Written {
+        updated: i64,
+        id: Option<i64>,
+        command_id: Option<CommandId>,
+        event_type: Option<String>,
+        body: Option<Value>,
+    }
+    let rows = sqlx::query_as::<_, Written>(
+        "WITH u AS (
+            UPDATE commands
+               SET state = $3, data = $4, result = $5, reason = $6, ui = $7,
+                   version = version + 1, updated_at = now(),
+                   ended_at = CASE WHEN $3 IN ('completed'::command_state, 'failed'::command_state, 'aborted'::command_state)
+                                   THEN coalesce(ended_at, now()) END
+             WHERE id = $1 AND version = $2
+         RETURNING id),
+         h AS (
+            INSERT INTO command_events (command_id, version, entry, event_id, event_type, from_state, to_state, detail)
+            SELECT u.id, $2 + 1, e->>'entry', e->>'event_id', e->>'event_type',
+                   (e->>'from_state')::command_state, (e->>'to_state')::command_state,
+                   nullif(e->'detail', 'null'::jsonb)
+              FROM u, jsonb_array_elements($8) WITH ORDINALITY AS r(e, ord)
+             ORDER BY r.ord),
+         o AS (
+            INSERT INTO outbox (command_id, event_id, event_type, body)
+            SELECT u.id, r.body->>'id', r.body->>'type', r.body
+              FROM u, jsonb_array_elements($9) WITH ORDINALITY AS r(body, ord)
+             ORDER BY r.ord
+         RETURNING id, command_id, event_type, body)
+         SELECT (SELECT count(*) FROM u) AS updated, o.id, o.command_id, o.event_type, o.body
+           FROM (SELECT 1) AS one LEFT JOIN o ON true
+          ORDER BY o.id",
     )
     .bind(next.id)
     .bind(seen_version)
@@ -375,15 +440,27 @@ pub async fn update_command(tx: &mut Tx<'_>, next: &Command, seen_version: i64) 
     .bind(&next.result)
     .bind(&next.reason)
     .bind(&next.ui)
-    .execute(&mut **tx)
+    .bind(serde_json::to_value(history).unwrap_or(Value::Null))
+    .bind(serde_json::to_value(events).unwrap_or(Value::Null))
+    .fetch_all(&mut **tx)
     .await?;
-    if done.rows_affected() == 0 {
+    if rows.first().is_none_or(|r| r.updated == 0) {
         return Err(StoreError::Conflict {
             id: next.id,
             version: seen_version,
         });
     }
-    Ok(())
+    Ok(rows
+        .into_iter()
+        .filter_map(|r| {
+            Some(OutboxRow {
+                id: r.id?,
+                command_id: r.command_id?,
+                event_type: r.event_type?,
+                body: r.body?,
+            })
+        })
+        .collect())
 }
 
 /// One line of a command's history.

@@ -70,29 +70,31 @@ pub async fn cancel_timer(tx: &mut Tx<'_>, command: CommandId, name: &str) -> Re
     Ok(done.rows_affected() > 0)
 }
 
-/// Removes every timer and wait of a command that has ended.
-pub async fn clear_time(tx: &mut Tx<'_>, command: CommandId) -> Result<()> {
-    sqlx::query("DELETE FROM timers WHERE command_id = $1")
-        .bind(command)
-        .execute(&mut **tx)
-        .await?;
-    sqlx::query("DELETE FROM waits WHERE command_id = $1")
-        .bind(command)
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
+/// For a command that has ended, in one round trip: removes its timers and waits (they end
+/// with it) and returns its open children whose parent-close policy is `abort`.
+pub async fn clear_time_of_ended(tx: &mut Tx<'_>, command: CommandId) -> Result<Vec<CommandId>> {
+    Ok(sqlx::query_scalar(
+        "WITH t AS (DELETE FROM timers WHERE command_id = $1),
+              w AS (DELETE FROM waits WHERE command_id = $1)
+         SELECT id FROM commands
+          WHERE parent_id = $1 AND state IN ('pending', 'running', 'waiting')
+            AND parent_close = 'abort'
+          ORDER BY id",
+    )
+    .bind(command)
+    .fetch_all(&mut **tx)
+    .await?)
 }
 
 /// Ends every wait of a command, with the timers of their timeouts.
 pub async fn clear_waits(tx: &mut Tx<'_>, command: CommandId) -> Result<()> {
-    sqlx::query("DELETE FROM timers WHERE command_id = $1 AND kind = 'wait_timeout'")
-        .bind(command)
-        .execute(&mut **tx)
-        .await?;
-    sqlx::query("DELETE FROM waits WHERE command_id = $1")
-        .bind(command)
-        .execute(&mut **tx)
-        .await?;
+    sqlx::query(
+        "WITH t AS (DELETE FROM timers WHERE command_id = $1 AND kind = 'wait_timeout')
+         DELETE FROM waits WHERE command_id = $1",
+    )
+    .bind(command)
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
 

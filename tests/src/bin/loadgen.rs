@@ -100,12 +100,16 @@ struct Args {
     /// Run the workers inside this process instead of starting `cmdflow worker` processes.
     #[arg(long)]
     in_process: bool,
-    /// Concurrency of each worker.
-    #[arg(long, default_value_t = 32)]
+    /// Concurrency of each worker (batches at once); in b1–b4, the consumer tasks.
+    #[arg(long, default_value_t = 16)]
     concurrency: usize,
-    /// Prefetch of each worker.
-    #[arg(long, default_value_t = 64)]
+    /// Prefetch of each worker; in b1–b4, of the baseline's channel.
+    #[arg(long, default_value_t = 256)]
     prefetch: u16,
+    /// Most deliveries a worker applies in one transaction (`CMDFLOW_BATCH`; 1 turns group
+    /// commit off).
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
     /// Turn Redlock off (the guarded update still fences); in b1–b4, the Redis lock.
     #[arg(long)]
     no_lock: bool,
@@ -200,6 +204,7 @@ impl Run {
             namespace: format!("load{suffix}"),
             concurrency: args.concurrency,
             prefetch: args.prefetch,
+            batch: args.batch,
             lock_enabled: !args.no_lock,
             database_pool_size: (args.concurrency as u32).clamp(4, 32),
             busy_delay: Duration::from_millis(20),
@@ -246,6 +251,7 @@ impl Run {
                 .env("CMDFLOW_NAMESPACE", &self.config.namespace)
                 .env("CMDFLOW_CONCURRENCY", self.config.concurrency.to_string())
                 .env("CMDFLOW_PREFETCH", self.config.prefetch.to_string())
+                .env("CMDFLOW_BATCH", self.config.batch.to_string())
                 .env("CMDFLOW_LOCK_ENABLED", self.config.lock_enabled.to_string())
                 .env(
                     "CMDFLOW_DATABASE_POOL_SIZE",
@@ -407,6 +413,7 @@ impl Run {
             "in_process": self.args.in_process,
             "concurrency": self.args.concurrency,
             "prefetch": self.args.prefetch,
+            "batch": self.args.batch,
             "lock": !self.args.no_lock,
             "published_s": (published_in.as_secs_f64() * 1000.0).round() / 1000.0,
             "elapsed_s": (elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
@@ -496,6 +503,7 @@ impl Run {
             "in_process": self.args.in_process,
             "concurrency": self.args.concurrency,
             "prefetch": self.args.prefetch,
+            "batch": self.args.batch,
             "lock": !self.args.no_lock,
             "elapsed_s": (secs * 1000.0).round() / 1000.0,
             "parents_per_s": (self.args.parents as f64 / secs * 10.0).round() / 10.0,
@@ -777,6 +785,7 @@ impl Run {
             "events": w1["events"],
             "concurrency": self.args.concurrency,
             "prefetch": self.args.prefetch,
+            "batch": self.args.batch,
             "lock": !self.args.no_lock,
             "feed_commands": commands,
             "owners": owners,

@@ -74,10 +74,12 @@ impl Engine {
                 store::insert_command(tx, &new).await?;
             }
         }
-        let Some(command) = store::lock_command(tx, command_id).await? else {
+        let Some((command, fresh)) =
+            store::lock_and_mark(tx, command_id, &event.source, &event.id).await?
+        else {
             return Err(ApplyError::NotFound(command_id));
         };
-        if !store::mark_processed(tx, command_id, &event.source, &event.id).await? {
+        if !fresh {
             tracing::debug!("Already applied; ignoring the redelivery.");
             return Ok((Applied::Duplicate, Vec::new()));
         }
@@ -345,12 +347,14 @@ impl Engine {
             out.push(e);
         }
         self.spawn(tx, &command, event, &decision, &mut out).await?;
-        if next.state.is_terminal() {
-            // A command's timers and waits belong to it: they end with it.
-            time::clear_time(tx, command.id).await?;
+        // A command's timers and waits belong to it: they end with it, and so do its open
+        // children whose parent-close policy is `abort`.
+        let orphans = if next.state.is_terminal() {
+            time::clear_time_of_ended(tx, command.id).await?
         } else {
             self.apply_time(tx, &command, &decision, &mut out).await?;
-        }
+            Vec::new()
+        };
 
         // Aborts: the ones the handler asked for, and on ending, every open child whose
         // parent-close policy is `abort`. Each child is told once.
@@ -373,7 +377,7 @@ impl Engine {
         }
         if next.state.is_terminal() {
             let reason = format!("its parent {} ended ({})", command.id, next.state);
-            for id in store::open_children(tx, command.id, None, true).await? {
+            for id in orphans {
                 to_abort.push((id, reason.clone()));
             }
         }
@@ -403,7 +407,6 @@ impl Engine {
             out.push(self.engine_event(&command, event, ty, data, Some(parent)));
         }
 
-        store::update_command(tx, &next, command.version).await?;
         for (i, m) in rendered.iter().enumerate() {
             let trigger = format!(
                 "{}/{}/{}/{}/{i}",
@@ -451,8 +454,7 @@ impl Engine {
             to_state: None,
             detail: Some(json!({ "commandid": e.commandid, "data": e.data })),
         }));
-        store::append_history(tx, command.id, command.version + 1, &history).await?;
-        Ok(store::insert_outbox(tx, command.id, &out).await?)
+        Ok(store::write_step(tx, &next, command.version, &history, &out).await?)
     }
 
     /// An event cmdflow emits on behalf of `command`, chained to the event that caused it.

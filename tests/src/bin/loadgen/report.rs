@@ -112,7 +112,7 @@ fn num(v: &Value) -> String {
 
 /// The settings of a line that are not results, as `key=value` pairs.
 fn settings(line: &Value) -> String {
-    const KEYS: [&str; 17] = [
+    const KEYS: [&str; 18] = [
         "events",
         "counters",
         "commands",
@@ -124,6 +124,7 @@ fn settings(line: &Value) -> String {
         "consumers",
         "concurrency",
         "prefetch",
+        "batch",
         "pool",
         "lock",
         "in_process",
