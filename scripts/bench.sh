@@ -4,7 +4,8 @@
 #
 #   1. the hand-written baseline b1, b2, b3, b4 (no cmdflow workers running);
 #   2. W1, W2, W3, W4 with 1, 2 and 4 `cmdflow worker` processes;
-#   3. feedw1: W1 while clients read the owner feed over 1,000,000 seeded commands.
+#   3. feedw1: W1 while clients read the owner feed over 1,000,000 seeded commands, as fast as
+#      answers come and then paced at 200 requests/s.
 #
 #   ./scripts/bench.sh                      full sizes (the load generator's defaults)
 #   BENCH_SCALE=0.1 ./scripts/bench.sh      every size times 0.1 (a quick look)
@@ -78,6 +79,7 @@ for w in w1 w2 w3 w4; do
     done
 done
 run --workloads feedw1 --workers 1
+run --workloads feedw1 --workers 1 --feed-rate 200
 
 printf '\n'
 "$loadgen" --table "$out"

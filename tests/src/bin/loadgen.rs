@@ -90,6 +90,10 @@ struct Args {
     /// feedw1: concurrent feed clients while W1 runs.
     #[arg(long, default_value_t = 10)]
     feed_clients: u64,
+    /// feedw1: feed requests per second across all clients (0: each client sends its next
+    /// request as soon as the last one is answered).
+    #[arg(long, default_value_t = 0)]
+    feed_rate: u64,
     /// Print a Markdown table of the JSON lines in this file (as `scripts/bench.sh` saves them),
     /// with each W workload's ratio to its baseline, and exit without running anything.
     #[arg(long, value_name = "FILE")]
@@ -725,9 +729,9 @@ impl Run {
 
         let (base, stop) = self.serve_gateway(&self.config).await?;
         let started = Instant::now();
-        let readers = read_feeds(&base, 50, owners, stop.clone());
+        let (readers, reading) = read_feeds(&base, 50, owners, 0);
         tokio::time::sleep(Duration::from_secs(20)).await;
-        stop.cancel();
+        reading.cancel();
         let mut all = Vec::new();
         let mut failed = 0;
         for r in readers {
@@ -735,6 +739,8 @@ impl Run {
             all.extend(lat);
             failed += errors;
         }
+        // The gateway stops after its readers, so no request is cut off.
+        stop.cancel();
         let secs = started.elapsed().as_secs_f64();
         all.sort_by(f64::total_cmp);
         Ok(json!({
@@ -766,9 +772,9 @@ impl Run {
         let (base, stop) = self.serve_gateway(&self.config).await?;
         let clients = self.args.feed_clients;
         let started = Instant::now();
-        let readers = read_feeds(&base, clients, owners, stop.clone());
+        let (readers, reading) = read_feeds(&base, clients, owners, self.args.feed_rate);
         let w1 = self.measure("W1", &counters, events).await;
-        stop.cancel();
+        reading.cancel();
         let secs = started.elapsed().as_secs_f64();
         let mut lat = Vec::new();
         let mut failed = 0;
@@ -777,6 +783,8 @@ impl Run {
             lat.extend(l);
             failed += errors;
         }
+        // The gateway stops after its readers, so no request is cut off.
+        stop.cancel();
         let w1 = w1?;
         lat.sort_by(f64::total_cmp);
         Ok(json!({
@@ -790,7 +798,8 @@ impl Run {
             "feed_commands": commands,
             "owners": owners,
             "feed_clients": clients,
-            "feed_paced": false,
+            "feed_paced": self.args.feed_rate > 0,
+            "feed_rate": self.args.feed_rate,
             "seeded_in_s": (seeded_in.as_secs_f64() * 10.0).round() / 10.0,
             "requests": lat.len(),
             "failed": failed,
@@ -885,13 +894,13 @@ impl Run {
             ..self.config.clone()
         };
         let (base, stop) = self.serve_gateway(&config).await?;
-        let readers = read_feeds(&base, 20, owners as u64, stop.clone());
+        let (readers, reading) = read_feeds(&base, 20, owners as u64, 0);
         let retention = config.retention()?;
         let started = Instant::now();
         let moved =
             cmdflow_workers::archiver::run_all(&self.pool, &retention, 1000, |_| {}).await?;
         let secs = started.elapsed().as_secs_f64();
-        stop.cancel();
+        reading.cancel();
         let mut lat = Vec::new();
         let mut failed = 0;
         for r in readers {
@@ -899,6 +908,8 @@ impl Run {
             lat.extend(l);
             failed += errors;
         }
+        // The gateway stops after its readers, so no request is cut off.
+        stop.cancel();
         lat.sort_by(f64::total_cmp);
         Ok(json!({
             "workload": "archive",
@@ -1006,43 +1017,67 @@ impl Run {
     }
 }
 
-/// Clients that read the feed of random owners `member:0..owners` until `stop`; each returns
-/// the latencies of its successful requests in milliseconds, and how many failed.
+/// One feed client: the latencies of its successful requests (ms), and how many failed.
+type FeedReader = tokio::task::JoinHandle<(Vec<f64>, u64)>;
+
+/// Clients that read the feed of random owners `member:0..owners` until the returned token is
+/// cancelled: `rate` requests per second across them, or as fast as answers come when 0.
 fn read_feeds(
     base: &str,
     clients: u64,
     owners: u64,
-    stop: CancellationToken,
-) -> Vec<tokio::task::JoinHandle<(Vec<f64>, u64)>> {
+    rate: u64,
+) -> (Vec<FeedReader>, CancellationToken) {
     let client = cmdflow_tests::http();
-    (0..clients)
+    let stop = CancellationToken::new();
+    let every = (rate > 0).then(|| Duration::from_secs_f64(clients as f64 / rate as f64));
+    let readers = (0..clients)
         .map(|w| {
             let (client, base, stop) = (client.clone(), base.to_owned(), stop.clone());
             tokio::spawn(async move {
                 let mut lat = Vec::new();
                 let mut failed = 0;
                 let mut i = w;
+                let mut pace = every.map(|every| {
+                    let mut t = tokio::time::interval(every);
+                    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    t
+                });
                 while !stop.is_cancelled() {
+                    if let Some(pace) = &mut pace {
+                        tokio::select! {
+                            () = stop.cancelled() => break,
+                            _ = pace.tick() => {}
+                        }
+                    }
                     i = i
                         .wrapping_mul(6364136223846793005)
                         .wrapping_add(1442695040888963407);
                     let url = format!("{base}/v1/owners/member:{}/feed", (i >> 33) % owners);
                     let t = Instant::now();
-                    if client
-                        .get(&url)
-                        .send()
-                        .await
-                        .is_ok_and(|r| r.status().is_success())
-                    {
-                        lat.push(t.elapsed().as_secs_f64() * 1000.0);
-                    } else {
-                        failed += 1;
+                    let why = match client.get(&url).send().await {
+                        Ok(r) if r.status().is_success() => {
+                            lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                            continue;
+                        }
+                        Ok(r) => format!(
+                            "HTTP {}: {}",
+                            r.status(),
+                            r.text().await.unwrap_or_default()
+                        ),
+                        Err(e) => e.to_string(),
+                    };
+                    failed += 1;
+                    // A failure is a finding: say what it was (the first few per client).
+                    if failed <= 3 {
+                        eprintln!("loadgen: a feed request failed: {url}: {why}");
                     }
                 }
                 (lat, failed)
             })
         })
-        .collect()
+        .collect();
+    (readers, stop)
 }
 
 /// The `p` quantile of sorted values, rounded to 0.01.

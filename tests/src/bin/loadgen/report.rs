@@ -112,7 +112,7 @@ fn num(v: &Value) -> String {
 
 /// The settings of a line that are not results, as `key=value` pairs.
 fn settings(line: &Value) -> String {
-    const KEYS: [&str; 18] = [
+    const KEYS: [&str; 19] = [
         "events",
         "counters",
         "commands",
@@ -131,6 +131,7 @@ fn settings(line: &Value) -> String {
         "feed_commands",
         "feed_clients",
         "feed_paced",
+        "feed_rate",
     ];
     KEYS.iter()
         .filter_map(|k| match &line[*k] {
