@@ -68,7 +68,7 @@ function pending(c) {
       { label: 'Completed', num: true, cell: (g) => g.completed },
       { label: 'Failed', num: true, cell: (g) => g.failed },
       { label: 'Aborted', num: true, cell: (g) => g.aborted },
-      { label: 'State', cell: (g) => badge(g.state, { open: 'waiting', succeeded: 'completed' }[g.state] || 'failed') },
+      { label: 'State', cell: (g) => badge(g.state, { open: 'waiting', succeeded: 'completed', closed: 'aborted' }[g.state] || 'failed') },
       { label: 'Deadline', cell: (g) => time(g.deadline_at) },
     ], c.children.groups, { empty: '' }));
   }

@@ -355,6 +355,25 @@ async fn aborting_the_root_of_a_three_level_tree_leaves_no_orphans() {
         env.command(&root).await.unwrap().reason.as_deref(),
         Some("customer cancelled")
     );
+    // The groups of the aborted parents do not wait on for ever: they were closed, and the
+    // children's late reports leave them closed.
+    let groups: Vec<(String, String)> = sqlx::query_as(
+        "SELECT g.parent_id::text, g.state FROM child_groups g
+           JOIN commands c ON c.id = g.parent_id WHERE c.root_id = $1::uuid",
+    )
+    .bind(&root)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        groups.len(),
+        3,
+        "the root's group and one per middle node: {groups:?}"
+    );
+    assert!(
+        groups.iter().all(|(_, state)| state == "closed"),
+        "{groups:?}"
+    );
     for id in &ids {
         let h = history(&env, id).await;
         assert!(

@@ -71,11 +71,14 @@ pub async fn cancel_timer(tx: &mut Tx<'_>, command: CommandId, name: &str) -> Re
 }
 
 /// For a command that has ended, in one round trip: removes its timers and waits (they end
-/// with it) and returns its open children whose parent-close policy is `abort`.
+/// with it), closes its fan-in groups that had not settled (nothing waits for them now), and
+/// returns its open children whose parent-close policy is `abort`.
 pub async fn clear_time_of_ended(tx: &mut Tx<'_>, command: CommandId) -> Result<Vec<CommandId>> {
     Ok(sqlx::query_scalar(
         "WITH t AS (DELETE FROM timers WHERE command_id = $1),
-              w AS (DELETE FROM waits WHERE command_id = $1)
+              w AS (DELETE FROM waits WHERE command_id = $1),
+              g AS (UPDATE child_groups SET state = 'closed', settled_at = now()
+                     WHERE parent_id = $1 AND state = 'open')
          SELECT id FROM commands
           WHERE parent_id = $1 AND state IN ('pending', 'running', 'waiting')
             AND parent_close = 'abort'
