@@ -208,6 +208,61 @@ pub async fn lock_group(
         .await?)
 }
 
+/// What came of counting a child's report into its group.
+pub enum Counted {
+    /// Counted: the group as it is now, locked until the transaction ends.
+    Counted(GroupRow),
+    /// The child had reported already: counted once, nothing changed.
+    AlreadyReported,
+    /// The parent has no group of that name.
+    NoGroup,
+}
+
+/// Counts a child's report into its parent's group in one statement: its state
+/// (`completed`, `failed` or `aborted`) and its outcome, once per child.
+pub async fn count_report(
+    tx: &mut Tx<'_>,
+    parent: CommandId,
+    name: &str,
+    child: &str,
+    state: &str,
+    outcome: &Value,
+) -> Result<Counted> {
+    const SQL: &str = concat!(
+        "UPDATE child_groups
+            SET completed = completed + ($4 = 'completed')::int,
+                failed = failed + ($4 = 'failed')::int,
+                aborted = aborted + ($4 = 'aborted')::int,
+                outcomes = outcomes || jsonb_build_object($3::text, $5::jsonb)
+          WHERE parent_id = $1 AND name = $2 AND NOT (outcomes ? $3)
+         RETURNING ",
+        "parent_id, name, policy, quorum, total, completed, failed, aborted, outcomes, state, deadline_at, created_at, settled_at"
+    );
+    let counted = sqlx::query_as::<_, GroupRow>(SQL)
+        .bind(parent)
+        .bind(name)
+        .bind(child)
+        .bind(state)
+        .bind(outcome)
+        .fetch_optional(&mut **tx)
+        .await?;
+    if let Some(group) = counted {
+        return Ok(Counted::Counted(group));
+    }
+    let exists: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM child_groups WHERE parent_id = $1 AND name = $2)",
+    )
+    .bind(parent)
+    .bind(name)
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(if exists {
+        Counted::AlreadyReported
+    } else {
+        Counted::NoGroup
+    })
+}
+
 pub async fn save_group(tx: &mut Tx<'_>, g: &GroupRow) -> Result<()> {
     sqlx::query(
         "UPDATE child_groups

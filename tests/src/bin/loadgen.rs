@@ -727,7 +727,7 @@ impl Run {
         .fetch_all(&self.pool)
         .await?;
 
-        let (base, stop) = self.serve_gateway(&self.config).await?;
+        let (base, gateway) = self.serve_gateway(&self.config).await?;
         let started = Instant::now();
         let (readers, reading) = read_feeds(&base, 50, owners, 0);
         tokio::time::sleep(Duration::from_secs(20)).await;
@@ -740,7 +740,7 @@ impl Run {
             failed += errors;
         }
         // The gateway stops after its readers, so no request is cut off.
-        stop.cancel();
+        gateway.stop().await;
         let secs = started.elapsed().as_secs_f64();
         all.sort_by(f64::total_cmp);
         Ok(json!({
@@ -769,7 +769,7 @@ impl Run {
             .await?;
         let counters = self.start_counters(self.args.counters).await?;
         let events = self.increments(&counters, self.args.events);
-        let (base, stop) = self.serve_gateway(&self.config).await?;
+        let (base, gateway) = self.serve_gateway(&self.config).await?;
         let clients = self.args.feed_clients;
         let started = Instant::now();
         let (readers, reading) = read_feeds(&base, clients, owners, self.args.feed_rate);
@@ -784,7 +784,7 @@ impl Run {
             failed += errors;
         }
         // The gateway stops after its readers, so no request is cut off.
-        stop.cancel();
+        gateway.stop().await;
         let w1 = w1?;
         lat.sort_by(f64::total_cmp);
         Ok(json!({
@@ -893,7 +893,7 @@ impl Run {
             archive_retention: Duration::from_secs(30 * 24 * 3600),
             ..self.config.clone()
         };
-        let (base, stop) = self.serve_gateway(&config).await?;
+        let (base, gateway) = self.serve_gateway(&config).await?;
         let (readers, reading) = read_feeds(&base, 20, owners as u64, 0);
         let retention = config.retention()?;
         let started = Instant::now();
@@ -909,7 +909,7 @@ impl Run {
             failed += errors;
         }
         // The gateway stops after its readers, so no request is cut off.
-        stop.cancel();
+        gateway.stop().await;
         lat.sort_by(f64::total_cmp);
         Ok(json!({
             "workload": "archive",
@@ -928,9 +928,45 @@ impl Run {
         }))
     }
 
-    /// A gateway on port 0 with its own pool of 16, running until the returned token fires.
-    async fn serve_gateway(&self, config: &Config) -> anyhow::Result<(String, CancellationToken)> {
-        // The feed clients read with the test key; they are not to be rate limited.
+    /// The gateway the feed readers use: a `cmdflow gateway` process, as in production, so that
+    /// its latency is not the load generator's (which publishes the load on its own runtime).
+    /// With `--in-process`, one inside this process. Its pool holds 16 connections.
+    async fn serve_gateway(&self, config: &Config) -> anyhow::Result<(String, Gateway)> {
+        if !self.args.in_process {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port();
+            let base = format!("http://127.0.0.1:{port}");
+            let child = Command::new(cmdflow_binary()?)
+                .arg("gateway")
+                .env("CMDFLOW_DATABASE_URL", &config.database_url)
+                .env("CMDFLOW_AMQP_URL", &config.amqp_url)
+                .env("CMDFLOW_REDIS_URLS", &config.redis_urls)
+                .env("CMDFLOW_NAMESPACE", &config.namespace)
+                .env("CMDFLOW_HTTP_ADDR", format!("127.0.0.1:{port}"))
+                .env("CMDFLOW_DATABASE_POOL_SIZE", "16")
+                // The feed clients read with the test key; they are not to be rate limited.
+                .env("CMDFLOW_DEV_KEY", cmdflow_tests::TEST_KEY)
+                .env("CMDFLOW_RATE_LIMIT_PER_SECOND", "0")
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .context("start the gateway")?;
+            let client = cmdflow_tests::http();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let ready = client.get(format!("{base}/readyz")).send().await;
+                if ready.is_ok_and(|r| r.status().is_success()) {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("the gateway at {base} was not ready within 30 s");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            return Ok((base, Gateway::Process(child)));
+        }
         let config = Config {
             http_addr: "127.0.0.1:0".to_owned(),
             dev_key: Some(cmdflow_shared::config::Secret::new(cmdflow_tests::TEST_KEY)),
@@ -948,7 +984,7 @@ impl Run {
         let base = format!("http://{}", app.local_addr());
         let stop = CancellationToken::new();
         tokio::spawn(app.run_until_stopped(stop.clone()));
-        Ok((base, stop))
+        Ok((base, Gateway::InProcess(stop)))
     }
 
     async fn timers_1m(&self) -> anyhow::Result<Value> {
@@ -1014,6 +1050,21 @@ impl Run {
         let counter = self.start_counters(1).await?;
         let events = self.increments(&counter, self.args.hot_events);
         self.measure("W4", &counter, events).await
+    }
+}
+
+/// A gateway serving the feed readers.
+enum Gateway {
+    Process(Child),
+    InProcess(CancellationToken),
+}
+
+impl Gateway {
+    async fn stop(self) {
+        match self {
+            Gateway::Process(mut child) => drop(child.kill().await),
+            Gateway::InProcess(stop) => stop.cancel(),
+        }
     }
 }
 

@@ -679,28 +679,10 @@ impl Engine {
                 return Ok(());
             }
         };
-        let Some(mut group) = store::lock_group(tx, parent.id, &ack.group).await? else {
-            notes.push(format!("no group {} on this command", ack.group));
-            return Ok(());
-        };
-        let child = ack.child_id.to_string();
-        if group.outcomes.get(&child).is_some() {
-            notes.push(format!("child {child} has already reported; counted once"));
-            return Ok(());
-        }
         let state = match event.ty.as_str() {
-            COMMAND_COMPLETED => {
-                group.completed += 1;
-                "completed"
-            }
-            COMMAND_FAILED => {
-                group.failed += 1;
-                "failed"
-            }
-            COMMAND_ABORTED => {
-                group.aborted += 1;
-                "aborted"
-            }
+            COMMAND_COMPLETED => "completed",
+            COMMAND_FAILED => "failed",
+            COMMAND_ABORTED => "aborted",
             _ => return Ok(()),
         };
         let mut outcome = obj(json!({ "state": state, "kind": ack.kind }));
@@ -708,16 +690,30 @@ impl Engine {
             "completed" => outcome.insert("result".into(), ack.result.unwrap_or(Value::Null)),
             _ => outcome.insert("reason".into(), json!(ack.reason)),
         };
-        if let Value::Object(map) = &mut group.outcomes {
-            map.insert(child, Value::Object(outcome));
-        }
-        if group.state == "open" {
-            self.settle_if_decided(tx, parent, event, &mut group, out)
-                .await?;
-        } else {
+        let child = ack.child_id.to_string();
+        let outcome = Value::Object(outcome);
+        let mut group =
+            match store::count_report(tx, parent.id, &ack.group, &child, state, &outcome).await? {
+                store::Counted::Counted(group) => group,
+                store::Counted::AlreadyReported => {
+                    notes.push(format!("child {child} has already reported; counted once"));
+                    return Ok(());
+                }
+                store::Counted::NoGroup => {
+                    notes.push(format!("no group {} on this command", ack.group));
+                    return Ok(());
+                }
+            };
+        if group.state != "open" {
             notes.push(format!("group {} had already {}", group.name, group.state));
+            return Ok(());
         }
-        store::save_group(tx, &group).await?;
+        self.settle_if_decided(tx, parent, event, &mut group, out)
+            .await?;
+        if group.state != "open" {
+            // Settled by this report: its verdict is saved with it.
+            store::save_group(tx, &group).await?;
+        }
         Ok(())
     }
 
