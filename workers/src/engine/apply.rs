@@ -349,7 +349,13 @@ impl Engine {
         self.spawn(tx, &command, event, &decision, &mut out).await?;
         // A command's timers and waits belong to it: they end with it, and so do its open
         // children whose parent-close policy is `abort`.
-        let orphans = if next.state.is_terminal() {
+        // A command that ends at its first event, spawning nothing, has none of these yet.
+        let first_and_alone = command.version == 0
+            && decision.spawn_groups.is_empty()
+            && decision.spawn_detached.is_empty();
+        let orphans = if next.state.is_terminal() && first_and_alone {
+            Vec::new()
+        } else if next.state.is_terminal() {
             time::clear_time_of_ended(tx, command.id).await?
         } else {
             self.apply_time(tx, &command, &decision, &mut out).await?;
