@@ -433,3 +433,31 @@ where
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+/// A `demo.counter` of `owner`, frozen, with `n` increments sent to it: each refused, and kept
+/// as a dead letter (the one group of kind `demo.counter` counts `n`). Returns its id.
+pub async fn frozen_counter_with_dead_increments(
+    env: &TestEnv,
+    gateway: &str,
+    owner: &str,
+    n: usize,
+) -> String {
+    let id = start_command(gateway, "demo.counter", owner, json!({})).await;
+    send(gateway, &event("demo.freeze", Some(&id), json!({}))).await;
+    eventually(Duration::from_secs(60), "frozen", || async {
+        (env.command(&id).await?.data["frozen"] == true).then_some(())
+    })
+    .await;
+    for _ in 0..n {
+        send(gateway, &event("demo.increment", Some(&id), json!({}))).await;
+    }
+    eventually(Duration::from_secs(60), "the dead letters kept", || async {
+        let (_, groups) = get(&format!(
+            "{gateway}/v1/dead-letters/groups?kind=demo.counter"
+        ))
+        .await;
+        (groups["groups"][0]["count"] == n).then_some(())
+    })
+    .await;
+    id
+}

@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 
 use cmdflow_shared::CommandState;
 use cmdflow_tests::fleet::{Scratch, free_port, port_open, signal};
-use cmdflow_tests::{TEST_KEY, TestEnv, event, eventually, get, send, start_command};
+use cmdflow_tests::{
+    TEST_KEY, TestEnv, event, eventually, frozen_counter_with_dead_increments, get, send,
+    start_command,
+};
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{Value, json};
 
@@ -245,25 +248,6 @@ fn about(ty: &str, person: &str, data: Value) -> Value {
     e
 }
 
-/// A frozen counter refuses increments: each becomes a dead letter until it is unfrozen.
-async fn frozen_counter_with_dead_increments(env: &TestEnv, gateway: &str, n: usize) -> String {
-    let id = start_command(gateway, "demo.counter", "member:e2e-dead", json!({})).await;
-    send(gateway, &event("demo.freeze", Some(&id), json!({}))).await;
-    eventually(WAIT, "frozen", || async {
-        (env.command(&id).await?.data["frozen"] == true).then_some(())
-    })
-    .await;
-    for _ in 0..n {
-        send(gateway, &event("demo.increment", Some(&id), json!({}))).await;
-    }
-    eventually(WAIT, "the dead letters kept", || async {
-        let (_, groups) = get(&format!("{gateway}/v1/dead-letters/groups")).await;
-        (groups["groups"][0]["count"] == n).then_some(())
-    })
-    .await;
-    id
-}
-
 #[tokio::test]
 async fn a_person_uses_the_console_in_a_real_browser() {
     let started = Instant::now();
@@ -300,7 +284,7 @@ async fn a_person_uses_the_console_in_a_real_browser() {
         (waiting == 2).then_some(())
     })
     .await;
-    let counter = frozen_counter_with_dead_increments(&env, &gw.url, 3).await;
+    let counter = frozen_counter_with_dead_increments(&env, &gw.url, "member:e2e-dead", 3).await;
     let quote = start_command(
         &gw.url,
         "quote",

@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use cmdflow_tests::{TestEnv, event, eventually, get, post, send, start_command};
+use cmdflow_tests::{
+    TestEnv, event, eventually, frozen_counter_with_dead_increments, get, post, send,
+};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -24,28 +26,6 @@ async fn op(gateway: &str, path: &str, body: Value) -> (u16, Value) {
     .await
 }
 
-/// A frozen counter refuses increments: each becomes a dead letter until it is unfrozen.
-async fn frozen_counter_with_dead_increments(env: &TestEnv, gateway: &str, n: usize) -> String {
-    let id = start_command(gateway, "demo.counter", "member:60", json!({})).await;
-    send(gateway, &event("demo.freeze", Some(&id), json!({}))).await;
-    eventually(WAIT, "frozen", || async {
-        (env.command(&id).await?.data["frozen"] == true).then_some(())
-    })
-    .await;
-    for _ in 0..n {
-        send(gateway, &event("demo.increment", Some(&id), json!({}))).await;
-    }
-    eventually(WAIT, "the dead letters kept", || async {
-        let (_, groups) = get(&format!(
-            "{gateway}/v1/dead-letters/groups?kind=demo.counter"
-        ))
-        .await;
-        (groups["groups"][0]["count"] == n).then_some(())
-    })
-    .await;
-    id
-}
-
 async fn wait_job(gateway: &str, job: &str, state: &str) -> Value {
     eventually(WAIT, &format!("replay {job} {state}"), || async {
         let (_, j) = get(&format!("{gateway}/v1/dead-letters/replays/{job}")).await;
@@ -59,7 +39,7 @@ async fn dead_letters_are_grouped_dry_run_replayed_once_and_replaying_twice_chan
     let mut env = TestEnv::new().await;
     let gw = env.start_gateway().await;
     env.start_worker().await;
-    let id = frozen_counter_with_dead_increments(&env, &gw.url, 5).await;
+    let id = frozen_counter_with_dead_increments(&env, &gw.url, "member:60", 5).await;
     // Another kind of failure, in another group.
     env.publish_raw("demo.increment", b"{not an event").await;
     env.publish_raw("demo.increment", b"{not an event either")
@@ -197,7 +177,7 @@ async fn an_interrupted_replay_resumes_and_replays_the_rest_once() {
     let mut env = TestEnv::new().await;
     let gw = env.start_gateway().await;
     env.start_worker().await;
-    let id = frozen_counter_with_dead_increments(&env, &gw.url, 30).await;
+    let id = frozen_counter_with_dead_increments(&env, &gw.url, "member:60", 30).await;
     send(&gw.url, &event("demo.unfreeze", Some(&id), json!({}))).await;
     eventually(WAIT, "unfrozen", || async {
         (env.command(&id).await?.data["frozen"] == false).then_some(())

@@ -729,20 +729,12 @@ impl Run {
 
         let (base, gateway) = self.serve_gateway(&self.config).await?;
         let started = Instant::now();
-        let (readers, reading) = read_feeds(&base, 50, owners, 0);
+        let readers = read_feeds(&base, 50, owners, 0);
         tokio::time::sleep(Duration::from_secs(20)).await;
-        reading.cancel();
-        let mut all = Vec::new();
-        let mut failed = 0;
-        for r in readers {
-            let (lat, errors) = r.await?;
-            all.extend(lat);
-            failed += errors;
-        }
+        let (all, failed) = readers.finish().await?;
         // The gateway stops after its readers, so no request is cut off.
         gateway.stop().await;
         let secs = started.elapsed().as_secs_f64();
-        all.sort_by(f64::total_cmp);
         Ok(json!({
             "workload": "feed",
             "commands": commands,
@@ -772,21 +764,13 @@ impl Run {
         let (base, gateway) = self.serve_gateway(&self.config).await?;
         let clients = self.args.feed_clients;
         let started = Instant::now();
-        let (readers, reading) = read_feeds(&base, clients, owners, self.args.feed_rate);
+        let readers = read_feeds(&base, clients, owners, self.args.feed_rate);
         let w1 = self.measure("W1", &counters, events).await;
-        reading.cancel();
         let secs = started.elapsed().as_secs_f64();
-        let mut lat = Vec::new();
-        let mut failed = 0;
-        for r in readers {
-            let (l, errors) = r.await?;
-            lat.extend(l);
-            failed += errors;
-        }
+        let (lat, failed) = readers.finish().await?;
         // The gateway stops after its readers, so no request is cut off.
         gateway.stop().await;
         let w1 = w1?;
-        lat.sort_by(f64::total_cmp);
         Ok(json!({
             "workload": "feedw1",
             "workers": self.args.workers,
@@ -894,23 +878,15 @@ impl Run {
             ..self.config.clone()
         };
         let (base, gateway) = self.serve_gateway(&config).await?;
-        let (readers, reading) = read_feeds(&base, 20, owners as u64, 0);
+        let readers = read_feeds(&base, 20, owners as u64, 0);
         let retention = config.retention()?;
         let started = Instant::now();
         let moved =
             cmdflow_workers::archiver::run_all(&self.pool, &retention, 1000, |_| {}).await?;
         let secs = started.elapsed().as_secs_f64();
-        reading.cancel();
-        let mut lat = Vec::new();
-        let mut failed = 0;
-        for r in readers {
-            let (l, errors) = r.await?;
-            lat.extend(l);
-            failed += errors;
-        }
+        let (lat, failed) = readers.finish().await?;
         // The gateway stops after its readers, so no request is cut off.
         gateway.stop().await;
-        lat.sort_by(f64::total_cmp);
         Ok(json!({
             "workload": "archive",
             "trees": moved.trees,
@@ -1068,17 +1044,32 @@ impl Gateway {
     }
 }
 
-/// One feed client: the latencies of its successful requests (ms), and how many failed.
-type FeedReader = tokio::task::JoinHandle<(Vec<f64>, u64)>;
+/// Feed clients at work; [`FeedReaders::finish`] stops them.
+struct FeedReaders {
+    /// Each client's latencies of its successful requests (ms), and how many failed.
+    clients: Vec<tokio::task::JoinHandle<(Vec<f64>, u64)>>,
+    stop: CancellationToken,
+}
 
-/// Clients that read the feed of random owners `member:0..owners` until the returned token is
-/// cancelled: `rate` requests per second across them, or as fast as answers come when 0.
-fn read_feeds(
-    base: &str,
-    clients: u64,
-    owners: u64,
-    rate: u64,
-) -> (Vec<FeedReader>, CancellationToken) {
+impl FeedReaders {
+    /// Stops the clients: every latency, sorted, and how many requests failed.
+    async fn finish(self) -> anyhow::Result<(Vec<f64>, u64)> {
+        self.stop.cancel();
+        let mut all = Vec::new();
+        let mut failed = 0;
+        for client in self.clients {
+            let (lat, errors) = client.await?;
+            all.extend(lat);
+            failed += errors;
+        }
+        all.sort_by(f64::total_cmp);
+        Ok((all, failed))
+    }
+}
+
+/// Clients that read the feed of random owners `member:0..owners`: `rate` requests per second
+/// across them, or as fast as answers come when 0.
+fn read_feeds(base: &str, clients: u64, owners: u64, rate: u64) -> FeedReaders {
     let client = cmdflow_tests::http();
     let stop = CancellationToken::new();
     let every = (rate > 0).then(|| Duration::from_secs_f64(clients as f64 / rate as f64));
@@ -1128,7 +1119,10 @@ fn read_feeds(
             })
         })
         .collect();
-    (readers, stop)
+    FeedReaders {
+        clients: readers,
+        stop,
+    }
 }
 
 /// The `p` quantile of sorted values, rounded to 0.01.
