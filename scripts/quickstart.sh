@@ -154,6 +154,7 @@ cmdflow history "$id"
 
 step "cmdflow is running"
 echo "gateway:  $CMDFLOW_URL   (API description: $CMDFLOW_URL/openapi.json)"
+echo "console:  $CMDFLOW_URL/console   (sign in with the key in $KEYFILE)"
 echo "cli:      $BIN --help"
 if [ -n "$pid" ]; then
     echo "log:      $LOG"
