@@ -307,7 +307,9 @@ impl Engine {
         let mut applied = Vec::with_capacity(events.len());
         let mut outbox = Vec::new();
         for (id, event) in events {
-            match self.apply(&mut tx, *id, event).await {
+            let span = event_span(event);
+            span.record("command.id", tracing::field::display(id));
+            match self.apply(&mut tx, *id, event).instrument(span).await {
                 Ok((done, rows)) => {
                     applied.push(done);
                     outbox.extend(rows);
@@ -332,6 +334,19 @@ impl Engine {
         self.publish_outbox(&outbox).await;
         Some(applied.into_iter().map(Disposition::Ack).collect())
     }
+}
+
+/// The span an event is handled in: its id, type and trace id (from `traceparent`); the
+/// command id is recorded once known.
+fn event_span(event: &Event) -> tracing::Span {
+    let trace_id = event
+        .extensions
+        .get(cmdflow_shared::trace::TRACEPARENT)
+        .and_then(Value::as_str)
+        .and_then(cmdflow_shared::trace::parse)
+        .map(|(trace, _)| trace.to_owned())
+        .unwrap_or_default();
+    tracing::info_span!("event", command.id = tracing::field::Empty, event.id = %event.id, event.type = %event.ty, trace.id = %trace_id)
 }
 
 /// Counts an event's outcome, and for an applied one its handling time and its latency from
@@ -389,14 +404,7 @@ impl Engine {
             }
         };
         let (ty, time) = (event.ty.clone(), event.time);
-        let trace_id = event
-            .extensions
-            .get(cmdflow_shared::trace::TRACEPARENT)
-            .and_then(Value::as_str)
-            .and_then(cmdflow_shared::trace::parse)
-            .map(|(trace, _)| trace.to_owned())
-            .unwrap_or_default();
-        let span = tracing::info_span!("event", command.id = tracing::field::Empty, event.id = %event.id, event.type = %event.ty, trace.id = %trace_id);
+        let span = event_span(&event);
         let (disposition, outbox) = async {
             let Some(command_id) = event.commandid else {
                 // Starts new commands (fresh ids: nobody else can hold their lock) and wakes
