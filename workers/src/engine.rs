@@ -9,8 +9,10 @@
 //! try at each command's lock (all sent at once), then acks each after the commit and publishes
 //! their outbox events together under confirms. Two events of one command in a batch are
 //! applied one after the other, in the order they came, under the one lock: never at once.
-//! Anything that cannot join (a busy lock, a broadcast) or whose batch failed goes through
-//! [`Engine::process`] alone. Within a worker, events for one command wait in line ([`local`])
+//! A command whose lock another worker holds gets a second round: once the batch has committed
+//! and let go of its locks, the worker waits for that one lock (holding no other) and applies
+//! the command's events of the batch together. A broadcast, or an event whose transaction
+//! failed, goes through [`Engine::process`] alone. Within a worker, events for one command wait in line ([`local`])
 //! before Redlock is asked, so only one of them contends with other workers.
 
 mod apply;
@@ -212,8 +214,9 @@ impl Engine {
     /// commands whose locks are free at once are applied in one transaction and one commit,
     /// their outbox events published together under confirms: each command's events one after
     /// the other, in the order they came, under its one lock, so a command still handles one
-    /// event at a time. The rest (broadcasts, a busy lock, an event whose transaction failed)
-    /// go one by one through [`Engine::process`].
+    /// event at a time. A command whose lock was busy is waited for afterwards, one at a time,
+    /// and its events applied together; broadcasts and events whose transaction failed go one
+    /// by one through [`Engine::process`].
     pub async fn process_batch(&self, bodies: &[&[u8]]) -> Vec<Disposition> {
         let started = Instant::now();
         let mut dispositions: Vec<Option<Disposition>> = vec![None; bodies.len()];
@@ -253,6 +256,8 @@ impl Engine {
                 }
             };
             let mut ready = Vec::new();
+            // Events whose command's lock another worker holds: theirs is the second round.
+            let mut waiting: Vec<(usize, CommandId, Event)> = Vec::new();
             for (i, id, event) in together {
                 let locked = ids
                     .binary_search(&id)
@@ -260,7 +265,7 @@ impl Engine {
                 if locked {
                     ready.push((i, id, event));
                 } else {
-                    alone.push(i);
+                    waiting.push((i, id, event));
                 }
             }
             if !ready.is_empty() {
@@ -279,6 +284,37 @@ impl Engine {
             if let Some(locks) = &self.locks {
                 futures::future::join_all(held.into_iter().flatten().map(|h| locks.release(h)))
                     .await;
+                // Second round, one command at a time, holding no other lock while it waits:
+                // each busy command's events of this batch in one transaction under its lock.
+                for chunk in waiting.chunk_by(|a, b| a.1 == b.1) {
+                    let id = chunk[0].1;
+                    let outcomes = match locks.acquire(id).await {
+                        Ok(Some(held)) => {
+                            let events: Vec<(CommandId, &Event)> =
+                                chunk.iter().map(|(_, id, event)| (*id, event)).collect();
+                            let held = vec![Some(held)];
+                            let done = self.transact_many(&events, &held).await;
+                            for held in held.into_iter().flatten() {
+                                locks.release(held).await;
+                            }
+                            done
+                        }
+                        Ok(None) => {
+                            metrics::counter!(cm::LOCK_BUSY).increment(chunk.len() as u64);
+                            Some(vec![Disposition::Busy; chunk.len()])
+                        }
+                        Err(e) => Some(vec![Disposition::Retry(e.to_string()); chunk.len()]),
+                    };
+                    match outcomes {
+                        Some(outcomes) => {
+                            for ((i, _, event), outcome) in chunk.iter().zip(outcomes) {
+                                record_outcome(&outcome, event.ty.clone(), event.time, started);
+                                dispositions[*i] = Some(outcome);
+                            }
+                        }
+                        None => alone.extend(chunk.iter().map(|(i, _, _)| *i)),
+                    }
+                }
             }
             drop(turns);
         } else {
