@@ -268,35 +268,30 @@ impl Engine {
                     waiting.push((i, id, event));
                 }
             }
-            if !ready.is_empty() {
-                let events: Vec<(CommandId, &Event)> =
-                    ready.iter().map(|(_, id, event)| (*id, event)).collect();
-                match self.transact_many(&events, &held).await {
+            // Outcomes go to their deliveries; a failed transaction sends its events alone.
+            let mut settle =
+                |group: &[(usize, CommandId, Event)], outcomes: Option<Vec<_>>| match outcomes {
                     Some(outcomes) => {
-                        for ((i, _, event), outcome) in ready.iter().zip(outcomes) {
+                        for ((i, _, event), outcome) in group.iter().zip(outcomes) {
                             record_outcome(&outcome, event.ty.clone(), event.time, started);
                             dispositions[*i] = Some(outcome);
                         }
                     }
-                    None => alone.extend(ready.iter().map(|(i, _, _)| *i)),
-                }
+                    None => alone.extend(group.iter().map(|(i, _, _)| *i)),
+                };
+            let held: Vec<Held> = held.into_iter().flatten().collect();
+            if !ready.is_empty() {
+                settle(&ready, self.transact_many(&ready, &held).await);
             }
             if let Some(locks) = &self.locks {
-                futures::future::join_all(held.into_iter().flatten().map(|h| locks.release(h)))
-                    .await;
+                futures::future::join_all(held.into_iter().map(|h| locks.release(h))).await;
                 // Second round, one command at a time, holding no other lock while it waits:
                 // each busy command's events of this batch in one transaction under its lock.
                 for chunk in waiting.chunk_by(|a, b| a.1 == b.1) {
-                    let id = chunk[0].1;
-                    let outcomes = match locks.acquire(id).await {
+                    let outcomes = match locks.acquire(chunk[0].1).await {
                         Ok(Some(held)) => {
-                            let events: Vec<(CommandId, &Event)> =
-                                chunk.iter().map(|(_, id, event)| (*id, event)).collect();
-                            let held = vec![Some(held)];
-                            let done = self.transact_many(&events, &held).await;
-                            for held in held.into_iter().flatten() {
-                                locks.release(held).await;
-                            }
+                            let done = self.transact_many(chunk, std::slice::from_ref(&held)).await;
+                            locks.release(held).await;
                             done
                         }
                         Ok(None) => {
@@ -305,15 +300,7 @@ impl Engine {
                         }
                         Err(e) => Some(vec![Disposition::Retry(e.to_string()); chunk.len()]),
                     };
-                    match outcomes {
-                        Some(outcomes) => {
-                            for ((i, _, event), outcome) in chunk.iter().zip(outcomes) {
-                                record_outcome(&outcome, event.ty.clone(), event.time, started);
-                                dispositions[*i] = Some(outcome);
-                            }
-                        }
-                        None => alone.extend(chunk.iter().map(|(i, _, _)| *i)),
-                    }
+                    settle(chunk, outcomes);
                 }
             }
             drop(turns);
@@ -336,13 +323,13 @@ impl Engine {
     /// is then tried alone, where its own failure is sorted out.
     async fn transact_many(
         &self,
-        events: &[(CommandId, &Event)],
-        held: &[Option<Held>],
+        events: &[(usize, CommandId, Event)],
+        held: &[Held],
     ) -> Option<Vec<Disposition>> {
         let mut tx = self.pool.begin().await.ok()?;
         let mut applied = Vec::with_capacity(events.len());
         let mut outbox = Vec::new();
-        for (id, event) in events {
+        for (_, id, event) in events {
             let span = event_span(event);
             span.record("command.id", tracing::field::display(id));
             match self.apply(&mut tx, *id, event).instrument(span).await {
@@ -357,7 +344,7 @@ impl Engine {
                 }
             }
         }
-        if held.iter().flatten().any(|h| !h.is_valid()) {
+        if held.iter().any(|h| !h.is_valid()) {
             drop(tx.rollback().await);
             metrics::counter!(cm::LOCK_LOST).increment(1);
             return None;
@@ -393,27 +380,23 @@ fn record_outcome(
     time: Option<chrono::DateTime<chrono::Utc>>,
     started: Instant,
 ) {
-    {
-        let outcome = match disposition {
-            Disposition::Ack(Applied::Applied) => "applied",
-            Disposition::Ack(Applied::Duplicate) => "duplicate",
-            Disposition::Ack(Applied::Ignored) => "ignored",
-            Disposition::Ack(Applied::Unmatched) => "unmatched",
-            Disposition::Busy => "busy",
-            Disposition::Retry(_) => "retry",
-            Disposition::Dead { .. } => "dead",
-        };
-        metrics::counter!(cm::EVENTS_PROCESSED, "type" => ty.clone(), "outcome" => outcome)
-            .increment(1);
-        if outcome == "applied" {
-            metrics::histogram!(cm::HANDLER_SECONDS, "type" => ty.clone())
-                .record(started.elapsed().as_secs_f64());
-            if let Some(time) = time {
-                let latency =
-                    (chrono::Utc::now() - time).num_microseconds().unwrap_or(0) as f64 / 1e6;
-                metrics::histogram!(cm::EVENT_LATENCY_SECONDS, "type" => ty)
-                    .record(latency.max(0.0));
-            }
+    let outcome = match disposition {
+        Disposition::Ack(Applied::Applied) => "applied",
+        Disposition::Ack(Applied::Duplicate) => "duplicate",
+        Disposition::Ack(Applied::Ignored) => "ignored",
+        Disposition::Ack(Applied::Unmatched) => "unmatched",
+        Disposition::Busy => "busy",
+        Disposition::Retry(_) => "retry",
+        Disposition::Dead { .. } => "dead",
+    };
+    metrics::counter!(cm::EVENTS_PROCESSED, "type" => ty.clone(), "outcome" => outcome)
+        .increment(1);
+    if outcome == "applied" {
+        metrics::histogram!(cm::HANDLER_SECONDS, "type" => ty.clone())
+            .record(started.elapsed().as_secs_f64());
+        if let Some(time) = time {
+            let latency = (chrono::Utc::now() - time).num_microseconds().unwrap_or(0) as f64 / 1e6;
+            metrics::histogram!(cm::EVENT_LATENCY_SECONDS, "type" => ty).record(latency.max(0.0));
         }
     }
 }
@@ -962,9 +945,7 @@ fn trace_headers(body: &Value) -> FieldTable {
     headers
 }
 
+/// An error as a header or dead-letter reason keeps, at most.
 fn clip(s: &str) -> String {
-    match s.char_indices().nth(1000) {
-        Some((i, _)) => format!("{}…", &s[..i]),
-        None => s.to_owned(),
-    }
+    cmdflow_shared::contract::clip_to(s, 1000)
 }

@@ -93,10 +93,7 @@ fn too_long(e: &FunnelError) -> Option<String> {
 
 /// A failure report keeps its first characters.
 fn clip(s: &str) -> String {
-    match s.char_indices().nth(300) {
-        Some((i, _)) => format!("{}…", &s[..i]),
-        None => s.to_owned(),
-    }
+    cmdflow_shared::contract::clip_to(s, 300)
 }
 
 fn seeds() -> Option<Box<dyn FailurePersistence>> {
