@@ -109,6 +109,11 @@ impl Principal {
 
     /// 403 unless the caller may read `owner`'s feed and commands: `commands:read`, or
     /// `owner:read` with `owner` as its subject.
+    /// The owner an `owner:read` caller may read: its JWT's `sub`.
+    pub fn own_owner(&self) -> Option<&Owner> {
+        self.subject.as_ref().filter(|_| self.has(Scope::OwnerRead))
+    }
+
     pub fn may_read_owner(&self, owner: &Owner) -> Result<(), ApiError> {
         if self.has(Scope::CommandsRead) {
             return Ok(());

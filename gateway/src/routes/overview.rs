@@ -9,7 +9,6 @@
 use axum::Json;
 use axum::extract::{Extension, State};
 use chrono::{DateTime, Utc};
-use cmdflow_shared::domain::Owner;
 use cmdflow_shared::store::console::{self, FunnelStage, ThroughputBucket};
 use serde::Serialize;
 
@@ -156,13 +155,7 @@ pub async fn whoami(Extension(principal): Extension<Principal>) -> Json<WhoAmI> 
         .filter(|s| principal.has(*s))
         .map(|s| s.as_str().to_owned())
         .collect();
-    // An `owner:read` token's subject is the owner in its id (`jwt:<owner>`).
-    let owner = principal
-        .id
-        .strip_prefix("jwt:")
-        .filter(|_| principal.has(Scope::OwnerRead))
-        .and_then(|sub| Owner::parse(sub).ok())
-        .map(|o| o.to_string());
+    let owner = principal.own_owner().map(ToString::to_string);
     Json(WhoAmI {
         owner,
         id: principal.id,
