@@ -366,18 +366,6 @@ pub async fn record_event_start(
     Ok(done.rows_affected() == 1)
 }
 
-/// Reads a command and locks its row until the transaction ends.
-pub async fn lock_command(tx: &mut Tx<'_>, id: CommandId) -> Result<Option<Command>> {
-    const SQL: &str = concat!(
-        "SELECT id, kind, owner, parent_id, root_id, depth, state, data, result, reason, ui, version, group_name, parent_close, created_at, updated_at, ended_at",
-        " FROM commands WHERE id = $1 FOR UPDATE"
-    );
-    Ok(sqlx::query_as::<_, Command>(SQL)
-        .bind(id)
-        .fetch_optional(&mut **tx)
-        .await?)
-}
-
 /// Locks a command's row until the transaction ends and, in the same round trip, records that
 /// `(source, event_id)` is applied to it. `None` when the command does not exist; `false` when
 /// the event already was applied (a redelivery or a replay, which must change nothing).
@@ -421,26 +409,6 @@ pub async fn get_command(pool: &PgPool, id: CommandId) -> Result<Option<Command>
         .bind(id)
         .fetch_optional(pool)
         .await?)
-}
-
-/// Records that `(source, event_id)` was applied to `command`. Returns `false` when it already was:
-/// the event is a redelivery or a replay and must change nothing.
-pub async fn mark_processed(
-    tx: &mut Tx<'_>,
-    command: CommandId,
-    source: &str,
-    event_id: &str,
-) -> Result<bool> {
-    let done = sqlx::query(
-        "INSERT INTO processed_events (command_id, source, event_id) VALUES ($1, $2, $3)
-         ON CONFLICT DO NOTHING",
-    )
-    .bind(command)
-    .bind(source)
-    .bind(event_id)
-    .execute(&mut **tx)
-    .await?;
-    Ok(done.rows_affected() == 1)
 }
 
 /// Writes one step of a command in one round trip: its new state, fenced by the version the

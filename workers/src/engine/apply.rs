@@ -174,10 +174,10 @@ impl Engine {
                     parent_close: "abort".to_owned(),
                 };
                 store::insert_command(tx, &new).await?;
-                let command = store::lock_command(tx, id)
+                // Just created: the event is new to it.
+                let (command, _) = store::lock_and_mark(tx, id, &event.source, &event.id)
                     .await?
                     .ok_or(ApplyError::NotFound(id))?;
-                store::mark_processed(tx, id, &event.source, &event.id).await?;
                 outbox.extend(self.decide_and_apply(tx, command, event).await?);
                 applied = Applied::Applied;
             }
