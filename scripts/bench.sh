@@ -3,7 +3,8 @@
 # own database and namespace, removed afterwards), then prints a Markdown table:
 #
 #   1. the hand-written baseline b1, b2, b3, b4 (no cmdflow workers running);
-#   2. W1, W2, W3, W4 with 1, 2 and 4 `cmdflow worker` processes;
+#   2. W1, W2, W2s (W2 with the group's reports `settled`), W3, W4 with 1, 2 and 4
+#      `cmdflow worker` processes;
 #   3. feedw1: W1 while clients read the owner feed over 1,000,000 seeded commands, as fast as
 #      answers come and then paced at 200 requests/s.
 #
@@ -73,7 +74,7 @@ run() {
 for b in b1 b2 b3 b4; do
     run --workloads "$b" --workers 0 --schedulers 0 --concurrency 64 --prefetch 128
 done
-for w in w1 w2 w3 w4; do
+for w in w1 w2 w2s w3 w4; do
     for n in $workers_list; do
         run --workloads "$w" --workers "$n"
     done

@@ -126,7 +126,40 @@ pub struct SpawnGroup {
     pub policy: FanIn,
     /// The group fails if it has not settled by then (delivered as a time event).
     pub deadline: Option<std::time::Duration>,
+    /// How the children's ends reach the parent.
+    pub reports: Reports,
     pub children: Vec<ChildSpec>,
+}
+
+/// How a group's children report to their parent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Reports {
+    /// Each child's end is an event to the parent (`command.completed`, `command.failed`,
+    /// `command.aborted`) that its handler sees, and the group's verdict follows as
+    /// `children.settled`.
+    #[default]
+    Each,
+    /// Each child counts itself into the group in the transaction that ends it; the parent hears
+    /// only `children.settled`, with every child's outcome. One event per group instead of one
+    /// per child, for a parent that only acts on the verdict.
+    Settled,
+}
+
+impl Reports {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Each => "each",
+            Self::Settled => "settled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "each" => Some(Self::Each),
+            "settled" => Some(Self::Settled),
+            _ => None,
+        }
+    }
 }
 
 /// Which children to abort.
@@ -292,8 +325,18 @@ impl Decision {
             name: name.to_owned(),
             policy,
             deadline: None,
+            reports: Reports::Each,
             children,
         });
+        self
+    }
+
+    /// Sets how the children of the group `name` of this decision report back. The first spawn
+    /// into a group decides; a later spawn into the same open group keeps it.
+    pub fn with_group_reports(mut self, name: &str, reports: Reports) -> Self {
+        for group in self.spawn_groups.iter_mut().filter(|g| g.name == name) {
+            group.reports = reports;
+        }
         self
     }
 

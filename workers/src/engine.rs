@@ -329,10 +329,15 @@ impl Engine {
         let mut tx = self.pool.begin().await.ok()?;
         let mut applied = Vec::with_capacity(events.len());
         let mut outbox = Vec::new();
+        let mut reports = Vec::new();
         for (_, id, event) in events {
             let span = event_span(event);
             span.record("command.id", tracing::field::display(id));
-            match self.apply(&mut tx, *id, event).instrument(span).await {
+            match self
+                .apply(&mut tx, *id, event, &mut reports)
+                .instrument(span)
+                .await
+            {
                 Ok((done, rows)) => {
                     applied.push(done);
                     outbox.extend(rows);
@@ -342,6 +347,14 @@ impl Engine {
                     drop(tx.rollback().await);
                     return None;
                 }
+            }
+        }
+        match self.count_reports(&mut tx, reports).await {
+            Ok(rows) => outbox.extend(rows),
+            Err(e) => {
+                tracing::debug!(error = %e, "Counting the batch's reports failed; its batch is retried one by one.");
+                drop(tx.rollback().await);
+                return None;
             }
         }
         if held.iter().any(|h| !h.is_valid()) {
@@ -479,9 +492,17 @@ impl Engine {
             Ok(tx) => tx,
             Err(e) => return (Disposition::Retry(format!("PostgreSQL: {e}")), Vec::new()),
         };
+        let mut reports = Vec::new();
         let applied = match target {
-            Target::Command(id) => self.apply(&mut tx, id, event).await,
+            Target::Command(id) => self.apply(&mut tx, id, event, &mut reports).await,
             Target::Broadcast(kinds) => self.apply_broadcast(&mut tx, event, kinds).await,
+        };
+        let applied = match applied {
+            Ok((applied, mut outbox)) => self.count_reports(&mut tx, reports).await.map(|rows| {
+                outbox.extend(rows);
+                (applied, outbox)
+            }),
+            Err(e) => Err(e),
         };
         let (applied, outbox) = match applied {
             Ok(done) => done,

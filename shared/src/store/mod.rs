@@ -139,6 +139,20 @@ pub async fn insert_children(tx: &mut Tx<'_>, children: &[NewCommand]) -> Result
     Ok(())
 }
 
+/// The columns of a [`Command`], in one place for every statement that returns one.
+macro_rules! command_columns {
+    () => {
+        "id, kind, owner, parent_id, root_id, depth, state, data, result, reason, ui, version, group_name, parent_close, created_at, updated_at, ended_at"
+    };
+}
+
+/// The columns of a [`GroupRow`], in one place for every statement that returns one.
+macro_rules! group_columns {
+    () => {
+        "parent_id, name, policy, quorum, reports, total, completed, failed, aborted, outcomes, state, deadline_at, created_at, settled_at"
+    };
+}
+
 /// A parent's fan-in group.
 #[derive(Debug, Clone, sqlx::FromRow, Serialize, utoipa::ToSchema)]
 pub struct GroupRow {
@@ -147,6 +161,8 @@ pub struct GroupRow {
     pub name: String,
     pub policy: String,
     pub quorum: Option<i32>,
+    /// `each` or `settled`: how its children report (see `decision::Reports`).
+    pub reports: String,
     pub total: i32,
     pub completed: i32,
     pub failed: i32,
@@ -154,39 +170,45 @@ pub struct GroupRow {
     /// Child id → `{state, kind, result | reason}`.
     #[schema(value_type = Object)]
     pub outcomes: Value,
-    /// `open`, `succeeded` or `failed`.
+    /// `open`, `succeeded`, `failed`, or `closed` (its parent ended first).
     pub state: String,
     pub deadline_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub settled_at: Option<DateTime<Utc>>,
 }
 
+/// A group a parent spawns children into.
+pub struct NewGroup<'a> {
+    pub parent: CommandId,
+    pub name: &'a str,
+    pub policy: &'a str,
+    pub quorum: Option<i32>,
+    /// `each` or `settled`; kept from the first spawn when the group exists.
+    pub reports: &'a str,
+    /// The children this spawn adds.
+    pub add_total: i32,
+    pub deadline_at: Option<DateTime<Utc>>,
+}
+
 /// Creates a group, or adds `add_total` children to the open group of that name. `None` when a
 /// group of that name has already settled.
-pub async fn upsert_group(
-    tx: &mut Tx<'_>,
-    parent: CommandId,
-    name: &str,
-    policy: &str,
-    quorum: Option<i32>,
-    add_total: i32,
-    deadline_at: Option<DateTime<Utc>>,
-) -> Result<Option<GroupRow>> {
+pub async fn upsert_group(tx: &mut Tx<'_>, g: &NewGroup<'_>) -> Result<Option<GroupRow>> {
     const SQL: &str = concat!(
-        "INSERT INTO child_groups (parent_id, name, policy, quorum, total, deadline_at)
-         VALUES ($1, $2, $3, $4, $5, $6)
+        "INSERT INTO child_groups (parent_id, name, policy, quorum, total, deadline_at, reports)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)
          ON CONFLICT (parent_id, name) DO UPDATE SET total = child_groups.total + EXCLUDED.total
           WHERE child_groups.state = 'open'
          RETURNING ",
-        "parent_id, name, policy, quorum, total, completed, failed, aborted, outcomes, state, deadline_at, created_at, settled_at"
+        group_columns!()
     );
     Ok(sqlx::query_as::<_, GroupRow>(SQL)
-        .bind(parent)
-        .bind(name)
-        .bind(policy)
-        .bind(quorum)
-        .bind(add_total)
-        .bind(deadline_at)
+        .bind(g.parent)
+        .bind(g.name)
+        .bind(g.policy)
+        .bind(g.quorum)
+        .bind(g.add_total)
+        .bind(g.deadline_at)
+        .bind(g.reports)
         .fetch_optional(&mut **tx)
         .await?)
 }
@@ -198,7 +220,8 @@ pub async fn lock_group(
     name: &str,
 ) -> Result<Option<GroupRow>> {
     const SQL: &str = concat!(
-        "SELECT parent_id, name, policy, quorum, total, completed, failed, aborted, outcomes, state, deadline_at, created_at, settled_at",
+        "SELECT ",
+        group_columns!(),
         " FROM child_groups WHERE parent_id = $1 AND name = $2 FOR UPDATE"
     );
     Ok(sqlx::query_as::<_, GroupRow>(SQL)
@@ -211,7 +234,7 @@ pub async fn lock_group(
 /// What came of counting a child's report into its group.
 pub enum Counted {
     /// Counted: the group as it is now, locked until the transaction ends.
-    Counted(GroupRow),
+    Counted(Box<GroupRow>),
     /// The child had reported already: counted once, nothing changed.
     AlreadyReported,
     /// The parent has no group of that name.
@@ -236,7 +259,7 @@ pub async fn count_report(
                 outcomes = outcomes || jsonb_build_object($3::text, $5::jsonb)
           WHERE parent_id = $1 AND name = $2 AND NOT (outcomes ? $3)
          RETURNING ",
-        "parent_id, name, policy, quorum, total, completed, failed, aborted, outcomes, state, deadline_at, created_at, settled_at"
+        group_columns!()
     );
     let counted = sqlx::query_as::<_, GroupRow>(SQL)
         .bind(parent)
@@ -247,7 +270,7 @@ pub async fn count_report(
         .fetch_optional(&mut **tx)
         .await?;
     if let Some(group) = counted {
-        return Ok(Counted::Counted(group));
+        return Ok(Counted::Counted(Box::new(group)));
     }
     let exists: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM child_groups WHERE parent_id = $1 AND name = $2)",
@@ -284,7 +307,8 @@ pub async fn save_group(tx: &mut Tx<'_>, g: &GroupRow) -> Result<()> {
 
 pub async fn groups_of(pool: &PgPool, parent: CommandId) -> Result<Vec<GroupRow>> {
     const SQL: &str = concat!(
-        "SELECT parent_id, name, policy, quorum, total, completed, failed, aborted, outcomes, state, deadline_at, created_at, settled_at",
+        "SELECT ",
+        group_columns!(),
         " FROM child_groups WHERE parent_id = $1 ORDER BY created_at, name"
     );
     Ok(sqlx::query_as::<_, GroupRow>(SQL)
@@ -366,43 +390,66 @@ pub async fn record_event_start(
     Ok(done.rows_affected() == 1)
 }
 
+/// A command's row, locked by [`lock_and_mark`].
+#[derive(sqlx::FromRow)]
+pub struct Locked {
+    #[sqlx(flatten)]
+    pub command: Command,
+    /// `false` when the event already was applied (a redelivery or a replay, which must change
+    /// nothing).
+    pub fresh: bool,
+    /// The command is a child whose group's reports are `settled`: when it ends, it counts
+    /// itself into the group instead of sending its parent an event.
+    pub counts_itself: bool,
+}
+
 /// Locks a command's row until the transaction ends and, in the same round trip, records that
-/// `(source, event_id)` is applied to it. `None` when the command does not exist; `false` when
-/// the event already was applied (a redelivery or a replay, which must change nothing).
+/// `(source, event_id)` is applied to it, and reads how it reports to its group. `None` when the
+/// command does not exist.
 pub async fn lock_and_mark(
     tx: &mut Tx<'_>,
     id: CommandId,
     source: &str,
     event_id: &str,
-) -> Result<Option<(Command, bool)>> {
-    #[derive(sqlx::FromRow)]
-    struct Locked {
-        #[sqlx(flatten)]
-        command: Command,
-        fresh: bool,
-    }
+) -> Result<Option<Locked>> {
     const SQL: &str = concat!(
         "WITH p AS (INSERT INTO processed_events (command_id, source, event_id) VALUES ($1, $2, $3)",
         " ON CONFLICT DO NOTHING RETURNING 1)",
-        " SELECT id, kind, owner, parent_id, root_id, depth, state, data, result, reason, ui, version, group_name, parent_close, created_at, updated_at, ended_at,",
-        " EXISTS (SELECT 1 FROM p) AS fresh",
-        " FROM commands WHERE id = $1 FOR UPDATE"
+        " SELECT ",
+        command_columns!(),
+        ", EXISTS (SELECT 1 FROM p) AS fresh,",
+        " EXISTS (SELECT 1 FROM child_groups g WHERE g.parent_id = c.parent_id AND g.name = c.group_name AND g.reports = 'settled') AS counts_itself",
+        " FROM commands c WHERE c.id = $1 FOR UPDATE OF c"
     );
     Ok(sqlx::query_as::<_, Locked>(SQL)
         .bind(id)
         .bind(source)
         .bind(event_id)
         .fetch_optional(&mut **tx)
-        .await?
-        .map(|l| (l.command, l.fresh)))
+        .await?)
+}
+
+/// A live command as this transaction sees it, without locking it.
+pub async fn command_in(tx: &mut Tx<'_>, id: CommandId) -> Result<Option<Command>> {
+    const SQL: &str = concat!(
+        "SELECT ",
+        command_columns!(),
+        " FROM commands WHERE id = $1"
+    );
+    Ok(sqlx::query_as::<_, Command>(SQL)
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await?)
 }
 
 /// A command, live or archived.
 pub async fn get_command(pool: &PgPool, id: CommandId) -> Result<Option<Command>> {
     const SQL: &str = concat!(
-        "SELECT id, kind, owner, parent_id, root_id, depth, state, data, result, reason, ui, version, group_name, parent_close, created_at, updated_at, ended_at",
+        "SELECT ",
+        command_columns!(),
         " FROM commands WHERE id = $1",
-        " UNION ALL SELECT id, kind, owner, parent_id, root_id, depth, state, data, result, reason, ui, version, group_name, parent_close, created_at, updated_at, ended_at",
+        " UNION ALL SELECT ",
+        command_columns!(),
         " FROM archive.commands WHERE id = $1 LIMIT 1"
     );
     Ok(sqlx::query_as::<_, Command>(SQL)

@@ -2,7 +2,9 @@
 //! services, with worker processes it starts itself, and prints one JSON line per result.
 //!
 //! - W1: N single-step `demo.increment` events spread over 1,000 counters.
-//! - W2: 1,000 `demo.fanout` parents × 10 `demo.noop` children (one persisted step each).
+//! - W2: 1,000 `demo.fanout` parents × 10 `demo.noop` children (one persisted step each); each
+//!   child's end is an event to its parent. W2s: the same with the group's reports `settled`
+//!   (the children count themselves into the group; the parent hears once).
 //! - W3: 10,000 timers due uniformly over 30 s: firing lateness, missed and doubled firings.
 //! - W4: 2,000 increments on one counter; the count must be exact.
 //! - feed: the owner feed with 1,000,000 commands of 100,000 owners in the table (`--feed-commands`,
@@ -44,6 +46,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Parser;
 use cmdflow_shared::bus::Bus;
+use cmdflow_shared::decision::Reports;
 use cmdflow_shared::{Config, store};
 use cmdflow_workers::scheduler::Scheduler;
 use cmdflow_workers::{EngineSettings, Registry, Worker};
@@ -56,7 +59,7 @@ use uuid::Uuid;
 #[derive(Debug, Parser)]
 #[command(about = "cmdflow load generator: prints one JSON line per workload")]
 struct Args {
-    /// Workloads to run, comma-separated: w1, w2, w3, w4, b1, b2, b3, b4, feed, feedw1,
+    /// Workloads to run, comma-separated: w1, w2, w2s, w3, w4, b1, b2, b3, b4, feed, feedw1,
     /// replay, archive, timers1m.
     #[arg(long, default_value = "w1,w2,w3,w4")]
     workloads: String,
@@ -153,7 +156,8 @@ async fn main() -> anyhow::Result<()> {
     for workload in run.args.workloads.split(',').map(str::trim) {
         let result = match workload {
             "w1" => run.w1().await,
-            "w2" => run.w2().await,
+            "w2" => run.w2(Reports::Each).await,
+            "w2s" => run.w2(Reports::Settled).await,
             "w3" => run.w3().await,
             "w4" => run.w4().await,
             "b1" => run.b1().await,
@@ -389,7 +393,7 @@ impl Run {
                 if Instant::now() > deadline {
                     bail!("{name}: only {total:?} of {expected} applied within 900s");
                 }
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         };
         let (published_in, total) = tokio::try_join!(publisher, drain)?;
@@ -433,7 +437,11 @@ impl Run {
         self.measure("W1", &counters, events).await
     }
 
-    async fn w2(&self) -> anyhow::Result<Value> {
+    async fn w2(&self, reports: Reports) -> anyhow::Result<Value> {
+        let name = match reports {
+            Reports::Each => "W2",
+            Reports::Settled => "W2s",
+        };
         let parents: Vec<Uuid> = (0..self.args.parents).map(|_| Uuid::now_v7()).collect();
         let started = Instant::now();
         let mut events: Vec<Value> = parents
@@ -443,7 +451,7 @@ impl Run {
                     "specversion": "1.0", "id": Uuid::now_v7().to_string(), "source": "loadgen",
                     "type": "command.start", "commandid": id.to_string(),
                     "data": {"kind": "demo.fanout", "owner": "system:loadgen",
-                             "data": {"children": self.args.children}},
+                             "data": {"children": self.args.children, "reports": reports.name()}},
                 })
             })
             .collect();
@@ -464,18 +472,18 @@ impl Run {
             .fetch_one(&self.pool)
             .await?;
             if failed > 0 {
-                bail!("W2: {failed} parents failed or were aborted");
+                bail!("{name}: {failed} parents failed or were aborted");
             }
             if done as usize == parents.len() {
                 break;
             }
             if Instant::now() > deadline {
                 bail!(
-                    "W2: only {done} of {} parents completed within 900s",
+                    "{name}: only {done} of {} parents completed within 900s",
                     parents.len()
                 );
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let elapsed = started.elapsed();
         let (children, steps): (i64, i64) = sqlx::query_as(
@@ -488,7 +496,7 @@ impl Run {
         .await?;
         let expected_children = (self.args.parents * self.args.children) as i64;
         if children != expected_children {
-            bail!("W2: {children} children completed, expected {expected_children}");
+            bail!("{name}: {children} children completed, expected {expected_children}");
         }
         let mut latencies: Vec<f64> = sqlx::query_scalar(
             "SELECT (extract(epoch FROM ended_at) * 1e6 - (data->>'sent_us')::float8) / 1000.0
@@ -500,7 +508,8 @@ impl Run {
         latencies.sort_by(f64::total_cmp);
         let secs = elapsed.as_secs_f64();
         Ok(json!({
-            "workload": "W2",
+            "workload": name,
+            "reports": reports.name(),
             "parents": self.args.parents,
             "children_per_parent": self.args.children,
             "workers": self.args.workers,

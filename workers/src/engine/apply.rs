@@ -46,9 +46,40 @@ struct AckData {
     reason: Option<String>,
 }
 
+/// A child's end, to be counted into its parent's group (whose reports are `settled`) at the end
+/// of the transaction. All of a transaction's reports are counted together, in (parent, group)
+/// order, after every event is applied: two batches that end children of the same parents then
+/// take the group rows in the same order and never wait on each other in a cycle.
+#[derive(Debug)]
+pub struct Report {
+    parent: CommandId,
+    group: String,
+    child: CommandId,
+    /// `completed`, `failed` or `aborted`.
+    state: &'static str,
+    outcome: Value,
+    /// The event that ended the child: the settled event it may cause is chained to it.
+    cause: Event,
+}
+
 /// The engine's name for the timer of a wait's timeout.
 pub fn wait_timer_name(event_type: &str, key: &str) -> String {
     format!("wait:{event_type}:{key}")
+}
+
+/// What a group's policy says of its tally so far.
+fn verdict_of(group: &GroupRow) -> Verdict {
+    let policy = match (group.policy.as_str(), group.quorum) {
+        ("quorum", Some(q)) => FanIn::Quorum(q.max(0) as u32),
+        (name, _) => FanIn::parse(name).unwrap_or(FanIn::All),
+    };
+    let tally = Tally {
+        total: group.total.max(0) as u32,
+        completed: group.completed.max(0) as u32,
+        failed: group.failed.max(0) as u32,
+        aborted: group.aborted.max(0) as u32,
+    };
+    evaluate(policy, tally)
 }
 
 fn obj(value: Value) -> Map<String, Value> {
@@ -60,12 +91,14 @@ fn obj(value: Value) -> Map<String, Value> {
 
 impl Engine {
     /// Applies one event addressed to `command_id` inside `tx`. Returns the outbox rows to
-    /// publish after commit.
+    /// publish after commit. A child that ends and counts itself into its group adds its
+    /// [`Report`] to `reports`, for [`Engine::count_reports`] before the commit.
     pub async fn apply(
         &self,
         tx: &mut Tx<'_>,
         command_id: CommandId,
         event: &Event,
+        reports: &mut Vec<Report>,
     ) -> Result<(Applied, Vec<OutboxRow>), ApplyError> {
         if event.ty == COMMAND_START {
             // A child's row is created by its parent; a root's by its start event.
@@ -74,8 +107,11 @@ impl Engine {
                 store::insert_command(tx, &new).await?;
             }
         }
-        let Some((command, fresh)) =
-            store::lock_and_mark(tx, command_id, &event.source, &event.id).await?
+        let Some(store::Locked {
+            command,
+            fresh,
+            counts_itself,
+        }) = store::lock_and_mark(tx, command_id, &event.source, &event.id).await?
         else {
             return Err(ApplyError::NotFound(command_id));
         };
@@ -120,7 +156,10 @@ impl Engine {
             .await?;
             return Ok((Applied::Ignored, Vec::new()));
         }
-        let outbox = self.decide_and_apply(tx, command, event).await?;
+        let (outbox, report) = self
+            .decide_and_apply(tx, command, event, counts_itself)
+            .await?;
+        reports.extend(report);
         Ok((Applied::Applied, outbox))
     }
 
@@ -175,10 +214,14 @@ impl Engine {
                 };
                 store::insert_command(tx, &new).await?;
                 // Just created: the event is new to it.
-                let (command, _) = store::lock_and_mark(tx, id, &event.source, &event.id)
+                let locked = store::lock_and_mark(tx, id, &event.source, &event.id)
                     .await?
                     .ok_or(ApplyError::NotFound(id))?;
-                outbox.extend(self.decide_and_apply(tx, command, event).await?);
+                // A root: it has no group to report to.
+                let (rows, _) = self
+                    .decide_and_apply(tx, locked.command, event, false)
+                    .await?;
+                outbox.extend(rows);
                 applied = Applied::Applied;
             }
         }
@@ -239,12 +282,15 @@ impl Engine {
         Ok((applied, outbox))
     }
 
+    /// Decides and applies one event to a locked command. Returns its outbox rows and, when it
+    /// ends a child that `counts_itself` into its group, the report to count before the commit.
     async fn decide_and_apply(
         &self,
         tx: &mut Tx<'_>,
         command: Command,
         event: &Event,
-    ) -> Result<Vec<OutboxRow>, ApplyError> {
+        counts_itself: bool,
+    ) -> Result<(Vec<OutboxRow>, Option<Report>), ApplyError> {
         let mut out: Vec<Event> = Vec::new();
         let mut notes: Vec<String> = Vec::new();
 
@@ -395,8 +441,33 @@ impl Engine {
             out.push(self.engine_event(&command, event, COMMAND_ABORT, data, Some(id)));
         }
 
-        // A child that ends reports to its parent, if the parent waits for it.
+        // A child that ends reports to its parent, if the parent waits for it: by an event, or
+        // by counting itself into the group before this transaction commits.
+        let mut report = None;
         if next.state.is_terminal()
+            && let (Some(parent), Some(group)) = (command.parent_id, &command.group_name)
+            && counts_itself
+        {
+            let (state, mut outcome) = match next.state {
+                CommandState::Completed => (
+                    "completed",
+                    obj(json!({ "result": next.result.clone().unwrap_or(Value::Null) })),
+                ),
+                CommandState::Failed => ("failed", obj(json!({ "reason": next.reason }))),
+                _ => ("aborted", obj(json!({ "reason": next.reason }))),
+            };
+            outcome.insert("state".into(), json!(state));
+            outcome.insert("kind".into(), json!(command.kind));
+            notes.push(format!("counted into group {group} of {parent}"));
+            report = Some(Report {
+                parent,
+                group: group.clone(),
+                child: command.id,
+                state,
+                outcome: Value::Object(outcome),
+                cause: event.clone(),
+            });
+        } else if next.state.is_terminal()
             && let (Some(parent), Some(group)) = (command.parent_id, &command.group_name)
         {
             let (ty, mut data) = match next.state {
@@ -460,7 +531,52 @@ impl Engine {
             to_state: None,
             detail: Some(json!({ "commandid": e.commandid, "data": e.data })),
         }));
-        Ok(store::write_step(tx, &next, command.version, &history, &out).await?)
+        let outbox = store::write_step(tx, &next, command.version, &history, &out).await?;
+        Ok((outbox, report))
+    }
+
+    /// Counts the transaction's reports into their groups, in (parent, group, child) order, and
+    /// settles each group its policy decides: its open members are aborted and the parent gets
+    /// one `children.settled`. Returns the outbox rows of those events.
+    pub async fn count_reports(
+        &self,
+        tx: &mut Tx<'_>,
+        mut reports: Vec<Report>,
+    ) -> Result<Vec<OutboxRow>, ApplyError> {
+        reports.sort_by(|a, b| (a.parent, &a.group, a.child).cmp(&(b.parent, &b.group, b.child)));
+        let mut outbox = Vec::new();
+        for r in reports {
+            let child = r.child.to_string();
+            let mut group = match store::count_report(
+                tx, r.parent, &r.group, &child, r.state, &r.outcome,
+            )
+            .await?
+            {
+                store::Counted::Counted(group) if group.state == "open" => group,
+                store::Counted::Counted(group) => {
+                    tracing::debug!(group = %group.name, state = %group.state, "Counted into a group that had already ended.");
+                    continue;
+                }
+                store::Counted::AlreadyReported | store::Counted::NoGroup => continue,
+            };
+            let verdict = verdict_of(&group);
+            if verdict == Verdict::Open {
+                continue;
+            }
+            let Some(parent) = store::command_in(tx, r.parent).await? else {
+                tracing::warn!(parent = %r.parent, group = %group.name, "A group decided by a child's report has no live parent; left as it is.");
+                continue;
+            };
+            let reason = format!("group {} settled ({})", group.name, verdict.as_str());
+            let mut out = Vec::new();
+            self.close_group(
+                tx, &parent, &r.cause, &mut group, verdict, &reason, false, &mut out,
+            )
+            .await?;
+            store::save_group(tx, &group).await?;
+            outbox.extend(store::insert_outbox(tx, r.child, &out).await?);
+        }
+        Ok(outbox)
     }
 
     /// An event cmdflow emits on behalf of `command`, chained to the event that caused it.
@@ -626,17 +742,16 @@ impl Engine {
                 .deadline
                 .and_then(|d| chrono::Duration::from_std(d).ok())
                 .map(|d| Utc::now() + d);
-            let row = store::upsert_group(
-                tx,
-                parent.id,
-                &group.name,
-                group.policy.name(),
+            let new = store::NewGroup {
+                parent: parent.id,
+                name: &group.name,
+                policy: group.policy.name(),
                 quorum,
-                group.children.len() as i32,
+                reports: group.reports.name(),
+                add_total: group.children.len() as i32,
                 deadline_at,
-            )
-            .await?
-            .ok_or_else(|| {
+            };
+            let row = store::upsert_group(tx, &new).await?.ok_or_else(|| {
                 ApplyError::Permanent(format!(
                     "group {} of {} has already settled; spawn into a new group",
                     group.name, parent.id
@@ -733,17 +848,7 @@ impl Engine {
         group: &mut GroupRow,
         out: &mut Vec<Event>,
     ) -> Result<(), ApplyError> {
-        let policy = match (group.policy.as_str(), group.quorum) {
-            ("quorum", Some(q)) => FanIn::Quorum(q.max(0) as u32),
-            (name, _) => FanIn::parse(name).unwrap_or(FanIn::All),
-        };
-        let tally = Tally {
-            total: group.total.max(0) as u32,
-            completed: group.completed.max(0) as u32,
-            failed: group.failed.max(0) as u32,
-            aborted: group.aborted.max(0) as u32,
-        };
-        let verdict = evaluate(policy, tally);
+        let verdict = verdict_of(group);
         if verdict == Verdict::Open {
             return Ok(());
         }

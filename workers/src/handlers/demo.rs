@@ -12,12 +12,14 @@
 //!   Children listed in `data.fail_children` (indexes) get `{"fail": true}`. With
 //!   `data.detached = true` the children are fire-and-forget and the fan-out completes on
 //!   `demo.finish`; with `data.abandon = true` they run on when the fan-out ends first. With
-//!   `data.deadline_ms` the group fails if it has not settled in time.
+//!   `data.deadline_ms` the group fails if it has not settled in time. With
+//!   `data.reports = "settled"` the children count themselves into the group and the fan-out
+//!   hears only `children.settled` (default `"each"`: an event per child first).
 
 use cmdflow_shared::contract::types::{self, CHILDREN_SETTLED, COMMAND_START};
 use std::time::Duration;
 
-use cmdflow_shared::decision::{ChildSpec, FanIn, ParentClose};
+use cmdflow_shared::decision::{ChildSpec, FanIn, ParentClose, Reports};
 use cmdflow_shared::{Command, CommandState, Decision, Event, HandlerError};
 use serde_json::{Map, Value, json};
 
@@ -113,6 +115,12 @@ pub fn fanout(command: &Command, event: &Event) -> Result<Decision, HandlerError
                     ));
                 }
             };
+            let reports = match data.get("reports") {
+                None => Reports::Each,
+                Some(v) => v.as_str().and_then(Reports::parse).ok_or_else(|| {
+                    HandlerError::InvalidData("`reports` must be \"each\" or \"settled\"".into())
+                })?,
+            };
             let child_kind = match data.get("child_kind") {
                 None => NOOP,
                 Some(v) => v.as_str().ok_or_else(|| {
@@ -157,7 +165,9 @@ pub fn fanout(command: &Command, event: &Event) -> Result<Decision, HandlerError
             if detached {
                 Ok(specs.into_iter().fold(decision, Decision::spawn_detached))
             } else {
-                let decision = decision.spawn_group("children", policy, specs);
+                let decision = decision
+                    .spawn_group("children", policy, specs)
+                    .with_group_reports("children", reports);
                 match data.get("deadline_ms").and_then(Value::as_u64) {
                     Some(ms) => {
                         Ok(decision.with_group_deadline("children", Duration::from_millis(ms)))
@@ -307,6 +317,14 @@ mod tests {
         assert!(matches!(
             fanout(&c, &event(COMMAND_START, json!({}))),
             Err(HandlerError::InvalidData(_))
+        ));
+        let c = command(FANOUT, json!({"children": 2, "reports": "settled"}));
+        let d = fanout(&c, &event(COMMAND_START, json!({}))).unwrap();
+        assert_eq!(d.spawn_groups[0].reports, Reports::Settled);
+        let c = command(FANOUT, json!({"reports": "batched"}));
+        assert!(matches!(
+            fanout(&c, &event(COMMAND_START, json!({}))),
+            Err(HandlerError::InvalidData(ref m)) if m.contains("reports")
         ));
         let c = command(FANOUT, json!({"children": 2, "detached": true}));
         let d = fanout(&c, &event(COMMAND_START, json!({}))).unwrap();

@@ -592,7 +592,7 @@ impl Run {
                 if Instant::now() > deadline {
                     bail!("{name}: only {total} of {expected} applied within 900s");
                 }
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         };
         let outcome = tokio::try_join!(publisher, drain);
@@ -662,7 +662,7 @@ impl Run {
                         parents.len()
                     );
                 }
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         };
         let outcome = run.await;

@@ -4,9 +4,10 @@
 use serde_json::{Value, json};
 
 /// Each W workload with its baseline. `feedw1` is W1 run under feed reads.
-const PAIRS: [(&str, &str); 5] = [
+const PAIRS: [(&str, &str); 6] = [
     ("W1", "B1"),
     ("W2", "B2"),
+    ("W2s", "B2"),
     ("W3", "B3"),
     ("W4", "B4"),
     ("feedw1", "B1"),
@@ -17,7 +18,7 @@ const PAIRS: [(&str, &str); 5] = [
 fn headline(line: &Value) -> Option<(&'static str, f64)> {
     match line["workload"].as_str()? {
         "W1" | "W4" | "B1" | "B4" => Some(("events_per_s", line["events_per_s"].as_f64()?)),
-        "W2" | "B2" => Some(("parents_per_s", line["parents_per_s"].as_f64()?)),
+        "W2" | "W2s" | "B2" => Some(("parents_per_s", line["parents_per_s"].as_f64()?)),
         "W3" | "B3" => Some(("lateness_p99_ms", line["lateness_ms"]["p99"].as_f64()?)),
         "feedw1" => Some(("events_per_s", line["w1"]["events_per_s"].as_f64()?)),
         _ => None,
@@ -73,7 +74,7 @@ pub fn markdown(text: &str) -> String {
             None => "–".to_owned(),
         };
         let (rate, latency) = match name {
-            "W2" | "B2" => (
+            "W2" | "W2s" | "B2" => (
                 format!("{} parents/s", num(&line["parents_per_s"])),
                 &line["parent_latency_ms"],
             ),
@@ -97,7 +98,8 @@ pub fn markdown(text: &str) -> String {
     out.push_str(
         "\nW3/B3: p50/p99 are the timers' lateness and the ratio is of p99 lateness (above 1 is \
          worse). feedw1: events/s is W1's while the feed is read, p50/p99 the feed's, the ratio \
-         W1's events/s to B1's. Elsewhere p50/p99 are publish-to-commit latency (W2/B2: of the \
+         W1's events/s to B1's. W2s is W2 with the group's reports `settled`. Elsewhere p50/p99 \
+         are publish-to-commit latency (W2/W2s/B2: of the \
          parent).\n",
     );
     out
