@@ -108,14 +108,14 @@ struct Args {
     #[arg(long)]
     in_process: bool,
     /// Concurrency of each worker (batches at once); in b1–b4, the consumer tasks.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 4)]
     concurrency: usize,
     /// Prefetch of each worker; in b1–b4, of the baseline's channel.
     #[arg(long, default_value_t = 256)]
     prefetch: u16,
     /// Most deliveries a worker applies in one transaction (`CMDFLOW_BATCH`; 1 turns group
     /// commit off).
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 64)]
     batch: usize,
     /// Turn Redlock off (the guarded update still fences); in b1–b4, the Redis lock.
     #[arg(long)]
