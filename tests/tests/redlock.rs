@@ -598,19 +598,41 @@ async fn a_worker_paused_past_its_lock_ttl_loses_no_update() {
         let count_at_pause = count_in(&env.pool, &id).await;
         signal(other.pid(), "CONT");
 
-        // The paused victim cannot extend its lock: once its TTL lapses, the other takes it.
-        eventually(
-            TTL * 5,
-            "the other worker to take the lock over",
-            || async {
-                masters
-                    .holder(&key)
+        // The paused victim cannot extend its lock: once its TTL lapses, the other takes it
+        // (about TTL after the pause in most runs). Should it not, say what the other worker was
+        // doing (its lock and event counters, its log) and what the masters hold.
+        let give_up = paused + TTL * 15;
+        while masters.holder(&key).await.is_none_or(|v| v == held) {
+            if Instant::now() > give_up {
+                let counters: Vec<String> = other
+                    .metrics_text()
                     .await
-                    .filter(|v| *v != held)
-                    .map(|_| ())
-            },
-        )
-        .await;
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| l.starts_with("cmdflow_lock") || l.starts_with("cmdflow_events"))
+                    .map(str::to_owned)
+                    .collect();
+                let mut values = Vec::new();
+                for i in 0..3 {
+                    values.push(
+                        masters
+                            .get(i, &key)
+                            .await
+                            .map(|v| String::from_utf8_lossy(&v).into_owned()),
+                    );
+                }
+                panic!(
+                    "round {round}: {} did not take the lock over within {:?}; the masters hold \
+                     {values:?} (the paused holder: {}); its counters:\n{}\nits log:\n{}",
+                    other.name,
+                    TTL * 15,
+                    String::from_utf8_lossy(&held),
+                    counters.join("\n"),
+                    other.log_lines("").join("\n"),
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let taken_after = paused.elapsed();
         // Keep the victim paused well past its TTL, then let it run on with a lost lock.
         if let Some(rest) = (TTL + Duration::from_secs(1)).checked_sub(paused.elapsed()) {
