@@ -327,6 +327,13 @@ impl Engine {
         held: &[Held],
     ) -> Option<Vec<Disposition>> {
         let mut tx = self.pool.begin().await.ok()?;
+        if held.iter().any(|h| !h.is_valid()) {
+            // Paused (or starved) since the locks were taken: do not wait on a row another
+            // worker may now hold under the lock we lost.
+            drop(tx.rollback().await);
+            metrics::counter!(cm::LOCK_LOST).increment(1);
+            return None;
+        }
         let mut applied = Vec::with_capacity(events.len());
         let mut outbox = Vec::new();
         let mut reports = Vec::new();
@@ -492,6 +499,13 @@ impl Engine {
             Ok(tx) => tx,
             Err(e) => return (Disposition::Retry(format!("PostgreSQL: {e}")), Vec::new()),
         };
+        if held.is_some_and(|h| !h.is_valid()) {
+            // Paused (or starved) since the lock was taken: do not wait on a row another worker
+            // may now hold under the lock we lost; the event comes back through the busy delay.
+            drop(tx.rollback().await);
+            metrics::counter!(cm::LOCK_LOST).increment(1);
+            return (Disposition::Busy, Vec::new());
+        }
         let mut reports = Vec::new();
         let applied = match target {
             Target::Command(id) => self.apply(&mut tx, id, event, &mut reports).await,
