@@ -506,18 +506,16 @@ impl Engine {
             metrics::counter!(cm::LOCK_LOST).increment(1);
             return (Disposition::Busy, Vec::new());
         }
-        let mut reports = Vec::new();
-        let applied = match target {
-            Target::Command(id) => self.apply(&mut tx, id, event, &mut reports).await,
-            Target::Broadcast(kinds) => self.apply_broadcast(&mut tx, event, kinds).await,
-        };
-        let applied = match applied {
-            Ok((applied, mut outbox)) => self.count_reports(&mut tx, reports).await.map(|rows| {
-                outbox.extend(rows);
-                (applied, outbox)
-            }),
-            Err(e) => Err(e),
-        };
+        let applied = async {
+            let mut reports = Vec::new();
+            let (applied, mut outbox) = match target {
+                Target::Command(id) => self.apply(&mut tx, id, event, &mut reports).await?,
+                Target::Broadcast(kinds) => self.apply_broadcast(&mut tx, event, kinds).await?,
+            };
+            outbox.extend(self.count_reports(&mut tx, reports).await?);
+            Ok::<_, ApplyError>((applied, outbox))
+        }
+        .await;
         let (applied, outbox) = match applied {
             Ok(done) => done,
             Err(e) => {

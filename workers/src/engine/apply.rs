@@ -82,6 +82,15 @@ fn verdict_of(group: &GroupRow) -> Verdict {
     evaluate(policy, tally)
 }
 
+/// How a child ended, as its report and its group keep it: `{result}` when it completed,
+/// `{reason}` when it failed or was aborted.
+fn ended(state: &str, result: Option<Value>, reason: Option<String>) -> Map<String, Value> {
+    match state {
+        "completed" => obj(json!({ "result": result.unwrap_or(Value::Null) })),
+        _ => obj(json!({ "reason": reason })),
+    }
+}
+
 fn obj(value: Value) -> Map<String, Value> {
     match value {
         Value::Object(map) => map,
@@ -446,42 +455,30 @@ impl Engine {
         let mut report = None;
         if next.state.is_terminal()
             && let (Some(parent), Some(group)) = (command.parent_id, &command.group_name)
-            && counts_itself
         {
-            let (state, mut outcome) = match next.state {
-                CommandState::Completed => (
-                    "completed",
-                    obj(json!({ "result": next.result.clone().unwrap_or(Value::Null) })),
-                ),
-                CommandState::Failed => ("failed", obj(json!({ "reason": next.reason }))),
-                _ => ("aborted", obj(json!({ "reason": next.reason }))),
+            let (state, ty) = match next.state {
+                CommandState::Completed => ("completed", COMMAND_COMPLETED),
+                CommandState::Failed => ("failed", COMMAND_FAILED),
+                _ => ("aborted", COMMAND_ABORTED),
             };
-            outcome.insert("state".into(), json!(state));
-            outcome.insert("kind".into(), json!(command.kind));
-            notes.push(format!("counted into group {group} of {parent}"));
-            report = Some(Report {
-                parent,
-                group: group.clone(),
-                child: command.id,
-                state,
-                outcome: Value::Object(outcome),
-                cause: event.clone(),
-            });
-        } else if next.state.is_terminal()
-            && let (Some(parent), Some(group)) = (command.parent_id, &command.group_name)
-        {
-            let (ty, mut data) = match next.state {
-                CommandState::Completed => (
-                    COMMAND_COMPLETED,
-                    obj(json!({ "result": next.result.clone().unwrap_or(Value::Null) })),
-                ),
-                CommandState::Failed => (COMMAND_FAILED, obj(json!({ "reason": next.reason }))),
-                _ => (COMMAND_ABORTED, obj(json!({ "reason": next.reason }))),
-            };
-            data.insert("child_id".into(), json!(command.id));
+            let mut data = ended(state, next.result.clone(), next.reason.clone());
             data.insert("kind".into(), json!(command.kind));
-            data.insert("group".into(), json!(group));
-            out.push(self.engine_event(&command, event, ty, data, Some(parent)));
+            if counts_itself {
+                data.insert("state".into(), json!(state));
+                notes.push(format!("counted into group {group} of {parent}"));
+                report = Some(Report {
+                    parent,
+                    group: group.clone(),
+                    child: command.id,
+                    state,
+                    outcome: Value::Object(data),
+                    cause: event.clone(),
+                });
+            } else {
+                data.insert("child_id".into(), json!(command.id));
+                data.insert("group".into(), json!(group));
+                out.push(self.engine_event(&command, event, ty, data, Some(parent)));
+            }
         }
 
         for (i, m) in rendered.iter().enumerate() {
@@ -806,11 +803,9 @@ impl Engine {
             COMMAND_ABORTED => "aborted",
             _ => return Ok(()),
         };
-        let mut outcome = obj(json!({ "state": state, "kind": ack.kind }));
-        match state {
-            "completed" => outcome.insert("result".into(), ack.result.unwrap_or(Value::Null)),
-            _ => outcome.insert("reason".into(), json!(ack.reason)),
-        };
+        let mut outcome = ended(state, ack.result, ack.reason);
+        outcome.insert("state".into(), json!(state));
+        outcome.insert("kind".into(), json!(ack.kind));
         let child = ack.child_id.to_string();
         let outcome = Value::Object(outcome);
         let mut group =
