@@ -378,24 +378,20 @@ impl Run {
             }
             anyhow::Ok(started.elapsed())
         };
-        let drain = async {
-            let deadline = Instant::now() + Duration::from_secs(900);
-            loop {
-                let total: Option<i64> = sqlx::query_scalar(
-                    "SELECT sum((data->>'count')::bigint)::bigint FROM commands WHERE id = ANY($1)",
-                )
-                .bind(targets)
-                .fetch_one(&self.pool)
-                .await?;
-                if total.unwrap_or(0) >= expected {
-                    return anyhow::Ok(total.unwrap_or(0));
-                }
-                if Instant::now() > deadline {
-                    bail!("{name}: only {total:?} of {expected} applied within 900s");
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        };
+        let drain = poll_until(name, || async {
+            let total: Option<i64> = sqlx::query_scalar(
+                "SELECT sum((data->>'count')::bigint)::bigint FROM commands WHERE id = ANY($1)",
+            )
+            .bind(targets)
+            .fetch_one(&self.pool)
+            .await?;
+            let total = total.unwrap_or(0);
+            Ok(if total >= expected {
+                Polled::Done(total)
+            } else {
+                Polled::Waiting(format!("only {total} of {expected} applied"))
+            })
+        });
         let (published_in, total) = tokio::try_join!(publisher, drain)?;
         let elapsed = started.elapsed();
         if total != expected {
@@ -462,8 +458,7 @@ impl Run {
             }
             self.publish_all(chunk).await?;
         }
-        let deadline = Instant::now() + Duration::from_secs(900);
-        loop {
+        poll_until(name, || async {
             let (done, failed): (i64, i64) = sqlx::query_as(
                 "SELECT count(*) FILTER (WHERE state = 'completed'), count(*) FILTER (WHERE state IN ('failed', 'aborted'))
                    FROM commands WHERE id = ANY($1)",
@@ -474,17 +469,13 @@ impl Run {
             if failed > 0 {
                 bail!("{name}: {failed} parents failed or were aborted");
             }
-            if done as usize == parents.len() {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "{name}: only {done} of {} parents completed within 900s",
-                    parents.len()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+            Ok(if done as usize == parents.len() {
+                Polled::Done(())
+            } else {
+                Polled::Waiting(format!("only {done} of {} parents completed", parents.len()))
+            })
+        })
+        .await?;
         let elapsed = started.elapsed();
         let (children, steps): (i64, i64) = sqlx::query_as(
             "SELECT (SELECT count(*) FROM commands WHERE root_id = ANY($1) AND parent_id IS NOT NULL AND state = 'completed'),
@@ -1135,6 +1126,31 @@ fn read_feeds(base: &str, clients: u64, owners: u64, rate: u64) -> FeedReaders {
 }
 
 /// The `p` quantile of sorted values, rounded to 0.01.
+/// What a poll found: the result, or how far the work has come (for the error if it never ends).
+enum Polled<T> {
+    Done(T),
+    Waiting(String),
+}
+
+/// Checks every 100 ms until `check` says done; after 900 s the error is `{what}: {progress}
+/// within 900s`, with the progress it last reported.
+async fn poll_until<T, F, Fut>(what: &str, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Polled<T>>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(900);
+    loop {
+        match check().await? {
+            Polled::Done(done) => return Ok(done),
+            Polled::Waiting(progress) if Instant::now() > deadline => {
+                bail!("{what}: {progress} within 900s")
+            }
+            Polled::Waiting(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;

@@ -29,7 +29,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{Run, percentile};
+use super::{Polled, Run, percentile, poll_until};
 
 /// The baseline's workloads, each with a queue of its own.
 pub const WORKLOADS: [&str; 4] = ["b1", "b2", "b3", "b4"];
@@ -576,25 +576,20 @@ impl Run {
                 .await?;
             anyhow::Ok(started.elapsed())
         };
-        let drain = async {
-            let deadline = Instant::now() + Duration::from_secs(900);
-            loop {
-                let total: Option<i64> = sqlx::query_scalar(
-                    "SELECT sum(n)::bigint FROM baseline_counters WHERE id = ANY($1)",
-                )
-                .bind(&ids)
-                .fetch_one(&self.pool)
-                .await?;
-                let total = total.unwrap_or(0);
-                if total >= expected {
-                    return anyhow::Ok(total);
-                }
-                if Instant::now() > deadline {
-                    bail!("{name}: only {total} of {expected} applied within 900s");
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        };
+        let drain = poll_until(name, || async {
+            let total: Option<i64> = sqlx::query_scalar(
+                "SELECT sum(n)::bigint FROM baseline_counters WHERE id = ANY($1)",
+            )
+            .bind(&ids)
+            .fetch_one(&self.pool)
+            .await?;
+            let total = total.unwrap_or(0);
+            Ok(if total >= expected {
+                Polled::Done(total)
+            } else {
+                Polled::Waiting(format!("only {total} of {expected} applied"))
+            })
+        });
         let outcome = tokio::try_join!(publisher, drain);
         let elapsed = started.elapsed();
         consumers.stop().await;
@@ -645,25 +640,20 @@ impl Run {
         let run = async {
             self.publish_baseline(&pipeline.queue, &mut messages)
                 .await?;
-            let deadline = Instant::now() + Duration::from_secs(900);
-            loop {
+            poll_until("B2", || async {
                 let done: i64 = sqlx::query_scalar(
                     "SELECT count(*) FROM baseline_parents WHERE id = ANY($1) AND done_at IS NOT NULL",
                 )
                 .bind(&parents)
                 .fetch_one(&self.pool)
                 .await?;
-                if done as usize == parents.len() {
-                    return anyhow::Ok(());
-                }
-                if Instant::now() > deadline {
-                    bail!(
-                        "B2: only {done} of {} parents completed within 900s",
-                        parents.len()
-                    );
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+                Ok(if done as usize == parents.len() {
+                    Polled::Done(())
+                } else {
+                    Polled::Waiting(format!("only {done} of {} parents completed", parents.len()))
+                })
+            })
+            .await
         };
         let outcome = run.await;
         let elapsed = started.elapsed();
