@@ -330,6 +330,30 @@ impl TestEnv {
         .await
     }
 
+    /// The children of `parent`, oldest first: id, state and fan-in group.
+    pub async fn children(&self, parent: &str) -> Vec<(String, CommandState, Option<String>)> {
+        sqlx::query_as::<_, (Uuid, CommandState, Option<String>)>(
+            "SELECT id, state, group_name FROM commands WHERE parent_id = $1::uuid ORDER BY id",
+        )
+        .bind(parent)
+        .fetch_all(&self.pool)
+        .await
+        .expect("read children")
+        .into_iter()
+        .map(|(id, s, g)| (id.to_string(), s, g))
+        .collect()
+    }
+
+    /// Waits (up to a minute) until `parent` has `n` children, all running, and returns their ids.
+    pub async fn children_running(&self, parent: &str, n: usize) -> Vec<String> {
+        eventually(Duration::from_secs(60), "children running", || async {
+            let kids = self.children(parent).await;
+            (kids.len() == n && kids.iter().all(|(_, s, _)| *s == CommandState::Running))
+                .then(|| kids.into_iter().map(|(id, _, _)| id).collect())
+        })
+        .await
+    }
+
     /// How many events of type `ty` command `id` has received (applied).
     pub async fn received(&self, id: &str, ty: &str) -> i64 {
         sqlx::query_scalar(

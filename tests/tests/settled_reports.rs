@@ -31,12 +31,12 @@ async fn group(env: &TestEnv, parent: &str) -> (String, String, i32, i32, i32, V
     .unwrap()
 }
 
-async fn child_states(env: &TestEnv, parent: &str) -> Vec<CommandState> {
-    sqlx::query_scalar("SELECT state FROM commands WHERE parent_id = $1::uuid ORDER BY id")
-        .bind(parent)
-        .fetch_all(&env.pool)
+async fn states(env: &TestEnv, parent: &str) -> Vec<CommandState> {
+    env.children(parent)
         .await
-        .unwrap()
+        .into_iter()
+        .map(|(_, s, _)| s)
+        .collect()
 }
 
 async fn deadlocks(env: &TestEnv) -> i64 {
@@ -134,18 +134,7 @@ async fn under_any_the_first_completion_settles_and_the_rest_are_aborted_and_cou
         json!({"children": 4, "child_kind": "demo.counter", "policy": "any", "reports": "settled"}),
     )
     .await;
-    let kids: Vec<String> = eventually(WAIT, "four children running", || async {
-        let kids: Vec<(String, CommandState)> = sqlx::query_as(
-            "SELECT id::text, state FROM commands WHERE parent_id = $1::uuid ORDER BY id",
-        )
-        .bind(&parent)
-        .fetch_all(&env.pool)
-        .await
-        .unwrap();
-        (kids.len() == 4 && kids.iter().all(|(_, s)| *s == CommandState::Running))
-            .then(|| kids.into_iter().map(|(id, _)| id).collect())
-    })
-    .await;
+    let kids = env.children_running(&parent, 4).await;
     send(&gw.url, &event("demo.finish", Some(&kids[1]), json!({}))).await;
     let done = env.wait_state(&parent, CommandState::Completed).await;
     assert_eq!(done.result.unwrap()["completed"], 1);
@@ -206,7 +195,7 @@ async fn under_all_a_failing_child_fails_the_parent() {
     assert_eq!(reasons.len(), 1);
     assert!(reasons[0].contains("asked to fail"), "{reasons:?}");
     eventually(WAIT, "every child ended", || async {
-        child_states(&env, &parent)
+        states(&env, &parent)
             .await
             .iter()
             .all(|s| s.is_terminal())
@@ -259,11 +248,7 @@ async fn an_aborted_parent_closes_the_group_and_its_children_wake_nobody() {
         json!({"children": 3, "child_kind": "demo.counter", "reports": "settled"}),
     )
     .await;
-    eventually(WAIT, "three children running", || async {
-        let states = child_states(&env, &parent).await;
-        (states.len() == 3 && states.iter().all(|s| *s == CommandState::Running)).then_some(())
-    })
-    .await;
+    env.children_running(&parent, 3).await;
     send(
         &gw.url,
         &event("command.abort", Some(&parent), json!({"reason": "test"})),
@@ -272,7 +257,7 @@ async fn an_aborted_parent_closes_the_group_and_its_children_wake_nobody() {
     env.wait_state(&parent, CommandState::Aborted).await;
     eventually(WAIT, "the children aborted and counted", || async {
         let (_, state, _, _, aborted, _) = group(&env, &parent).await;
-        let states = child_states(&env, &parent).await;
+        let states = states(&env, &parent).await;
         (state == "closed" && aborted == 3 && states.iter().all(|s| *s == CommandState::Aborted))
             .then_some(())
     })

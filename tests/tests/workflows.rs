@@ -16,19 +16,6 @@ async fn state_of(env: &TestEnv, id: &str) -> Option<CommandState> {
     env.command(id).await.map(|c| c.state)
 }
 
-async fn children(env: &TestEnv, parent: &str) -> Vec<(String, CommandState, Option<String>)> {
-    sqlx::query_as::<_, (uuid::Uuid, CommandState, Option<String>)>(
-        "SELECT id, state, group_name FROM commands WHERE parent_id = $1::uuid ORDER BY id",
-    )
-    .bind(parent)
-    .fetch_all(&env.pool)
-    .await
-    .unwrap()
-    .into_iter()
-    .map(|(id, s, g)| (id.to_string(), s, g))
-    .collect()
-}
-
 async fn history(env: &TestEnv, id: &str) -> Vec<(String, Option<String>, Option<Value>)> {
     sqlx::query_as::<_, (String, Option<String>, Option<Value>)>(
         "SELECT entry, event_type, detail FROM command_events WHERE command_id = $1::uuid ORDER BY seq",
@@ -37,15 +24,6 @@ async fn history(env: &TestEnv, id: &str) -> Vec<(String, Option<String>, Option
     .fetch_all(&env.pool)
     .await
     .unwrap()
-}
-
-async fn wait_children_running(env: &TestEnv, parent: &str, n: usize) -> Vec<String> {
-    eventually(WAIT, "children running", || async {
-        let kids = children(env, parent).await;
-        (kids.len() == n && kids.iter().all(|(_, s, _)| *s == CommandState::Running))
-            .then(|| kids.into_iter().map(|(id, _, _)| id).collect())
-    })
-    .await
 }
 
 #[tokio::test]
@@ -69,7 +47,7 @@ async fn a_hundred_parents_with_ten_children_each_all_complete() {
     for parent in &parents {
         let done = env.wait_state(parent, CommandState::Completed).await;
         assert_eq!(done.result.as_ref().unwrap()["completed"], 10);
-        let kids = children(&env, parent).await;
+        let kids = env.children(parent).await;
         assert_eq!(kids.len(), 10);
         assert!(
             kids.iter()
@@ -125,7 +103,7 @@ async fn under_all_one_failing_child_fails_the_parent_and_aborts_its_siblings() 
         "the reason counts the failure"
     );
     let kids = eventually(WAIT, "every child ended", || async {
-        let kids = children(&env, &parent).await;
+        let kids = env.children(&parent).await;
         kids.iter().all(|(_, s, _)| s.is_terminal()).then_some(kids)
     })
     .await;
@@ -155,7 +133,7 @@ async fn under_any_the_first_completion_wins_and_the_rest_are_aborted() {
         json!({"children": 4, "child_kind": "demo.counter", "policy": "any"}),
     )
     .await;
-    let kids = wait_children_running(&env, &parent, 4).await;
+    let kids = env.children_running(&parent, 4).await;
     send(&gw.url, &event("demo.finish", Some(&kids[2]), json!({}))).await;
     let done = env.wait_state(&parent, CommandState::Completed).await;
     assert_eq!(done.result.unwrap()["completed"], 1);
@@ -215,7 +193,7 @@ async fn quorum_completes_when_enough_children_complete() {
         json!({"children": 3, "child_kind": "demo.counter", "policy": "quorum:2"}),
     )
     .await;
-    let kids = wait_children_running(&env, &parent, 3).await;
+    let kids = env.children_running(&parent, 3).await;
     send(&gw.url, &event("demo.finish", Some(&kids[0]), json!({}))).await;
     env.wait_state(&kids[0], CommandState::Completed).await;
     assert_eq!(
@@ -242,7 +220,7 @@ async fn a_fire_and_forget_child_sends_no_ack() {
     )
     .await;
     let kids = eventually(WAIT, "children done", || async {
-        let kids = children(&env, &parent).await;
+        let kids = env.children(&parent).await;
         (kids.len() == 3 && kids.iter().all(|(_, s, _)| *s == CommandState::Completed))
             .then_some(kids)
     })
@@ -275,8 +253,8 @@ async fn the_parent_close_policy_aborts_or_abandons_children_still_running() {
     let spec = |abandon: bool| json!({"children": 2, "detached": true, "child_kind": "demo.counter", "abandon": abandon});
     let aborting = start_command(&gw.url, "demo.fanout", "member:20", spec(false)).await;
     let abandoning = start_command(&gw.url, "demo.fanout", "member:21", spec(true)).await;
-    let aborted_kids = wait_children_running(&env, &aborting, 2).await;
-    let abandoned_kids = wait_children_running(&env, &abandoning, 2).await;
+    let aborted_kids = env.children_running(&aborting, 2).await;
+    let abandoned_kids = env.children_running(&abandoning, 2).await;
     send(&gw.url, &event("demo.finish", Some(&aborting), json!({}))).await;
     send(&gw.url, &event("demo.finish", Some(&abandoning), json!({}))).await;
     env.wait_state(&aborting, CommandState::Completed).await;
@@ -418,7 +396,7 @@ async fn a_duplicated_ack_is_counted_once() {
         json!({"children": 2, "child_kind": "demo.counter"}),
     )
     .await;
-    let kids = wait_children_running(&env, &parent, 2).await;
+    let kids = env.children_running(&parent, 2).await;
     send(&gw.url, &event("demo.finish", Some(&kids[0]), json!({}))).await;
     let group_completed = || async {
         sqlx::query_scalar::<_, i32>(
@@ -539,10 +517,7 @@ async fn the_width_and_depth_limits_fail_the_command_with_their_reason() {
             .contains("at most 5 children"),
         "{failed:?}"
     );
-    assert!(
-        children(&env, &wide).await.is_empty(),
-        "nothing was spawned"
-    );
+    assert!(env.children(&wide).await.is_empty(), "nothing was spawned");
 
     let deep = start_command(
         &gw.url,
@@ -552,7 +527,7 @@ async fn the_width_and_depth_limits_fail_the_command_with_their_reason() {
     )
     .await;
     env.wait_state(&deep, CommandState::Failed).await;
-    let kids = children(&env, &deep).await;
+    let kids = env.children(&deep).await;
     assert_eq!(kids.len(), 1);
     let child = env.command(&kids[0].0).await.unwrap();
     assert_eq!(child.state, CommandState::Failed);
@@ -560,7 +535,7 @@ async fn the_width_and_depth_limits_fail_the_command_with_their_reason() {
         child.reason.as_deref().unwrap().contains("levels deep"),
         "{child:?}"
     );
-    assert!(children(&env, &kids[0].0).await.is_empty());
+    assert!(env.children(&kids[0].0).await.is_empty());
     env.cleanup().await;
 }
 
