@@ -242,6 +242,105 @@ async fn two_schedulers_never_fire_a_timer_twice() {
     env.cleanup().await;
 }
 
+/// A running scheduler claims the next due timers while its last batch still waits for its
+/// confirms and commit. Two of them, over timers falling due every 3 ms: every timer is published
+/// exactly once (a probe queue counts them on the broker) and applied once. (That the claim
+/// leaves a cron timer to be re-armed is shown by the cron test above.)
+#[tokio::test]
+async fn running_schedulers_with_overlapping_cycles_publish_each_firing_once() {
+    use futures::StreamExt;
+    use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+
+    let mut env = TestEnv::new().await;
+    env.start_worker().await;
+    let probe = format!("{}.probe", env.config.namespace);
+    let channel = env.bus.channel().await.unwrap();
+    let declare = QueueDeclareOptions {
+        exclusive: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(probe.as_str().into(), declare, Default::default())
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            probe.as_str().into(),
+            env.bus.topology().events_exchange().as_str().into(),
+            "timer.fired".into(),
+            QueueBindOptions::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let consume = BasicConsumeOptions {
+        no_ack: true,
+        ..Default::default()
+    };
+    let mut consumer = channel
+        .basic_consume(
+            probe.as_str().into(),
+            "probe".into(),
+            consume,
+            Default::default(),
+        )
+        .await
+        .unwrap();
+
+    let n: i64 = 300;
+    let t0 = Utc::now() + chrono::Duration::seconds(4);
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let at = t0 + chrono::Duration::milliseconds(3 * i);
+        let at = at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        ids.push(
+            env.start_raw("demo.timer", &format!("lead:{i}"), json!({"at": at}))
+                .await,
+        );
+    }
+    eventually(WAIT, "every timer set", || async {
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM timers")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+        (count == n).then_some(())
+    })
+    .await;
+    env.start_scheduler();
+    env.start_scheduler();
+    for id in &ids {
+        env.wait_state(id, CommandState::Completed).await;
+        assert_eq!(env.received(id, "timer.fired").await, 1);
+    }
+    // The firings counted on the broker.
+    let mut seen = std::collections::HashMap::<String, u32>::new();
+    let quiet = Duration::from_millis(500);
+    while let Ok(Some(delivery)) = tokio::time::timeout(quiet, consumer.next()).await {
+        let event: Value = serde_json::from_slice(&delivery.unwrap().data).unwrap();
+        *seen
+            .entry(event["id"].as_str().unwrap().to_owned())
+            .or_default() += 1;
+    }
+    let doubled: Vec<_> = seen.iter().filter(|(_, c)| **c > 1).collect();
+    assert!(
+        doubled.is_empty(),
+        "{} firings published more than once, such as {:?}",
+        doubled.len(),
+        doubled.iter().take(3).collect::<Vec<_>>()
+    );
+    for id in &ids {
+        let firings = seen
+            .keys()
+            .filter(|k| k.starts_with(&format!("timer:{id}:")))
+            .count();
+        assert_eq!(
+            firings, 1,
+            "one-shot timer of {id} published {firings} times"
+        );
+    }
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn after_downtime_overdue_timers_fire_once_and_cron_is_rearmed() {
     let mut env = TestEnv::new().await;

@@ -1,8 +1,10 @@
 //! The scheduler: turns due timers into events. Timers live in PostgreSQL; the scheduler claims
-//! the due ones with `FOR UPDATE SKIP LOCKED` (so replicas never fire one twice), publishes each
-//! with a publisher confirm, then deletes a one-shot timer or re-arms a cron timer, all before its
-//! transaction commits. It sleeps until the earliest due time, and `LISTEN/NOTIFY` wakes it when
-//! a timer is added or moved: no busy polling.
+//! the due ones with `FOR UPDATE SKIP LOCKED` (so replicas never fire one twice) and deletes the
+//! one-shot ones in the same statement, publishes each event with a publisher confirm, re-arms
+//! the cron timers, and only then commits. It sleeps until the earliest due time, and
+//! `LISTEN/NOTIFY` wakes it when a timer is added or moved: no busy polling. Claims do not wait
+//! for the previous batch's confirms and commit, so a timer due during a slow cycle is not late
+//! by that cycle.
 //!
 //! Each firing has a deterministic event id (`timer:{command}:{name}:{due_at µs}`), so a firing
 //! published twice (a crash between publish and commit) is applied once by its command.
@@ -16,20 +18,36 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use cmdflow_shared::bus::Bus;
 use cmdflow_shared::contract::types::{CHILDREN_DEADLINE, TIMER_FIRED, WAIT_TIMED_OUT};
-use cmdflow_shared::store::StoreError;
 use cmdflow_shared::store::time::{self as timestore, TimerRow};
+use cmdflow_shared::store::{StoreError, Tx};
 use cmdflow_shared::time::{Clock, SystemClock, next_cron};
 use cmdflow_shared::{Config, Event};
 use lapin::types::FieldTable;
 use serde_json::{Map, Value, json};
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 /// The channel the `timers` trigger notifies.
 pub const TIMER_CHANNEL: &str = "cmdflow_timers";
 /// The longest the scheduler sleeps without a notification (a safety net, not polling).
 const MAX_SLEEP: Duration = Duration::from_secs(30);
+/// How many claimed batches may be publishing and committing at once.
+pub const IN_FLIGHT: usize = 4;
+/// How soon to look again at a due timer that another scheduler holds.
+const HELD_RETRY: Duration = Duration::from_millis(10);
+/// The pause after a failed claim or cycle.
+const RETRY_PAUSE: Duration = Duration::from_millis(500);
+
+/// Timers claimed by an open transaction, not yet published.
+struct Claimed {
+    tx: Tx<'static>,
+    timers: Vec<TimerRow>,
+    /// The claim took as many as a batch holds: more may be due.
+    full: bool,
+    now: DateTime<Utc>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SchedulerError {
@@ -67,14 +85,45 @@ impl Scheduler {
 
     /// Fires the timers due now (one batch). Returns how many fired.
     pub async fn fire_due(&self) -> Result<usize, SchedulerError> {
+        let (claimed, _) = self.claim().await?;
+        match claimed {
+            Some(claimed) => self.fire(claimed).await,
+            None => Ok(0),
+        }
+    }
+
+    /// Claims the timers due now, in an open transaction that holds their row locks, and says
+    /// when the next timer is due. One round trip besides `BEGIN` (see `timestore::claim_due`).
+    /// When nothing was claimed, the next due time is that of any timer, including one due now
+    /// that another scheduler holds.
+    async fn claim(&self) -> Result<(Option<Claimed>, Option<DateTime<Utc>>), SchedulerError> {
         let now = self.clock.now();
         let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
-        let due = timestore::claim_due(&mut tx, now, self.batch).await?;
-        if due.is_empty() {
-            return Ok(0);
+        let claim = timestore::claim_due(&mut tx, now, self.batch).await?;
+        if claim.timers.is_empty() {
+            drop(tx);
+            return Ok((None, timestore::next_due(&self.pool).await?));
         }
-        let mut events = Vec::with_capacity(due.len());
-        for timer in &due {
+        let claimed = Claimed {
+            tx,
+            full: claim.timers.len() as i64 >= self.batch,
+            timers: claim.timers,
+            now,
+        };
+        Ok((Some(claimed), claim.next))
+    }
+
+    /// Publishes the claimed timers' events, each with a publisher confirm, re-arms the cron ones
+    /// and commits. Returns how many events went out.
+    async fn fire(&self, claimed: Claimed) -> Result<usize, SchedulerError> {
+        let Claimed {
+            mut tx,
+            timers,
+            now,
+            ..
+        } = claimed;
+        let mut events = Vec::with_capacity(timers.len());
+        for timer in &timers {
             if let Some(event) = self.firing(&mut tx, timer, now).await? {
                 events.push(event);
             }
@@ -93,27 +142,25 @@ impl Scheduler {
         for result in published {
             result?;
         }
-        for timer in &due {
+        for timer in &timers {
             let late = (now - timer.due_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
             metrics::histogram!(cmdflow_shared::metrics::TIMER_LATENESS_SECONDS)
                 .record(late.max(0.0));
             metrics::counter!(cmdflow_shared::metrics::TIMERS_FIRED, "kind" => timer.kind.clone())
                 .increment(1);
         }
-        for timer in &due {
-            match (&timer.cron, &timer.tz) {
-                (Some(expr), Some(tz)) => {
-                    // Fires once after downtime, then moves to the next slot after now.
-                    let after = now.max(timer.due_at);
-                    match next_cron(expr, tz, after) {
-                        Ok(next) => timestore::rearm(&mut tx, timer, next, now).await?,
-                        Err(e) => {
-                            tracing::error!(command.id = %timer.command_id, timer = %timer.name, error = %e, "A cron timer has no next occurrence; removing it.");
-                            timestore::delete_timer(&mut tx, timer).await?;
-                        }
+        // One-shot timers were deleted by the claim; a cron timer moves to its next slot.
+        for timer in &timers {
+            if let (Some(expr), Some(tz)) = (&timer.cron, &timer.tz) {
+                // Fires once after downtime, then moves to the next slot after now.
+                let after = now.max(timer.due_at);
+                match next_cron(expr, tz, after) {
+                    Ok(next) => timestore::rearm(&mut tx, timer, next, now).await?,
+                    Err(e) => {
+                        tracing::error!(command.id = %timer.command_id, timer = %timer.name, error = %e, "A cron timer has no next occurrence; removing it.");
+                        timestore::delete_timer(&mut tx, timer).await?;
                     }
                 }
-                _ => timestore::delete_timer(&mut tx, timer).await?,
             }
         }
         tx.commit().await.map_err(StoreError::from)?;
@@ -124,7 +171,7 @@ impl Scheduler {
     /// wait row is the arbiter between the event and its timeout.
     async fn firing(
         &self,
-        tx: &mut cmdflow_shared::store::Tx<'_>,
+        tx: &mut Tx<'_>,
         timer: &TimerRow,
         now: DateTime<Utc>,
     ) -> Result<Option<Event>, SchedulerError> {
@@ -181,21 +228,17 @@ impl Scheduler {
         Ok(Some(event))
     }
 
-    /// Fires until nothing is due, then returns the earliest upcoming due time.
-    pub async fn catch_up(&self) -> Result<Option<DateTime<Utc>>, SchedulerError> {
-        loop {
-            let fired = self.fire_due().await?;
-            if (fired as i64) < self.batch {
-                break;
-            }
-        }
-        Ok(timestore::next_due(&self.pool).await?)
-    }
-
-    /// Runs until `shutdown` fires: fire what is due, sleep until the next due time or a
-    /// notification, repeat. Errors are logged and retried after a pause.
+    /// Runs until `shutdown` fires: claim what is due, hand it to a cycle that publishes and
+    /// commits, sleep until the next due time or a notification, repeat. Up to [`IN_FLIGHT`]
+    /// cycles overlap: the next claim does not wait for the previous cycle's confirms and commit,
+    /// and `SKIP LOCKED` keeps the cycles' timers apart. A failed cycle rolls back (its timers
+    /// are due again, under the same event ids) and wakes the loop after a pause. On shutdown the
+    /// loop stops claiming and waits for the cycles in flight.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) {
-        let mut listener = match self.listen().await {
+        let this = Arc::new(self);
+        let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+        let retry = Arc::new(Notify::new());
+        let mut listener = match this.listen().await {
             Ok(l) => Some(l),
             Err(e) => {
                 tracing::warn!(error = %e, "Cannot LISTEN for timer changes; waking every second instead.");
@@ -204,20 +247,50 @@ impl Scheduler {
         };
         let mut last_prune = std::time::Instant::now();
         loop {
-            let sleep_for = match self.catch_up().await {
-                Ok(Some(next)) => (next - self.clock.now())
-                    .to_std()
-                    .unwrap_or(Duration::ZERO)
-                    .min(MAX_SLEEP),
-                Ok(None) => MAX_SLEEP,
+            let slot = tokio::select! {
+                () = shutdown.cancelled() => break,
+                slot = Arc::clone(&slots).acquire_owned() => match slot {
+                    Ok(slot) => slot,
+                    Err(_) => break,
+                },
+            };
+            let sleep_for = match this.claim().await {
+                Ok((Some(claimed), next)) => {
+                    let full = claimed.full;
+                    let cycle = Arc::clone(&this);
+                    let retry = Arc::clone(&retry);
+                    tokio::spawn(async move {
+                        if let Err(e) = cycle.fire(claimed).await {
+                            tracing::warn!(error = %e, "Firing timers failed; they are due again shortly.");
+                            drop(slot);
+                            tokio::time::sleep(RETRY_PAUSE).await;
+                            retry.notify_one();
+                        }
+                    });
+                    if full {
+                        Duration::ZERO
+                    } else {
+                        this.until(next)
+                    }
+                }
+                Ok((None, next)) => {
+                    drop(slot);
+                    match next {
+                        // Due, yet not claimable: another scheduler (or a cycle of this one)
+                        // holds it. Look again soon, in case that holder dies and rolls back.
+                        Some(at) if at <= this.clock.now() => HELD_RETRY,
+                        next => this.until(next),
+                    }
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "Firing timers failed; trying again shortly.");
-                    Duration::from_millis(500)
+                    drop(slot);
+                    tracing::warn!(error = %e, "Claiming timers failed; trying again shortly.");
+                    RETRY_PAUSE
                 }
             };
             if last_prune.elapsed() > Duration::from_secs(30) {
                 last_prune = std::time::Instant::now();
-                match timestore::prune_recent(&self.pool, self.early_event_window).await {
+                match timestore::prune_recent(&this.pool, this.early_event_window).await {
                     Ok(n) if n > 0 => tracing::debug!(pruned = n, "Forgot old broadcast events."),
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "Could not prune recent events."),
@@ -240,11 +313,24 @@ impl Scheduler {
                 }
             };
             tokio::select! {
-                () = shutdown.cancelled() => return,
+                () = shutdown.cancelled() => break,
                 () = tokio::time::sleep(sleep_for) => {}
                 () = wake => {}
+                () = retry.notified() => {}
             }
         }
+        // Let the cycles in flight publish and commit (or roll back) before returning.
+        drop(slots.acquire_many(IN_FLIGHT as u32).await);
+    }
+
+    /// How long to sleep until `next` (at most [`MAX_SLEEP`]).
+    fn until(&self, next: Option<DateTime<Utc>>) -> Duration {
+        next.map_or(MAX_SLEEP, |at| {
+            (at - self.clock.now())
+                .to_std()
+                .unwrap_or(Duration::ZERO)
+                .min(MAX_SLEEP)
+        })
     }
 
     async fn listen(&self) -> Result<PgListener, sqlx::Error> {

@@ -162,7 +162,9 @@ pub async fn gateway(config: Config) -> anyhow::Result<()> {
 }
 
 pub async fn scheduler(config: Config) -> anyhow::Result<()> {
-    let pool = store::connect(&config.database_url, 4).await?;
+    // One connection per cycle in flight, one for LISTEN, one for the next-due and prune queries.
+    let connections = cmdflow_workers::scheduler::IN_FLIGHT as u32 + 2;
+    let pool = store::connect(&config.database_url, connections).await?;
     let bus = Bus::connect(&config.amqp_url, &config.namespace, "cmdflow-scheduler").await?;
     let shutdown = shutdown_on_signals();
     let metrics = metrics_server(&config, &shutdown).await?;

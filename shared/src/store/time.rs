@@ -112,26 +112,58 @@ pub async fn timers_of(pool: &PgPool, command: CommandId) -> Result<Vec<TimerRow
         .await?)
 }
 
-/// Locks up to `limit` timers due at `now`, oldest first, skipping those another scheduler holds.
-pub async fn claim_due(tx: &mut Tx<'_>, now: DateTime<Utc>, limit: i64) -> Result<Vec<TimerRow>> {
-    const SQL: &str = concat!(
-        "SELECT command_id, name, kind, due_at, cron, tz, payload, fired, last_fired_at, created_at FROM timers",
-        " WHERE due_at <= $1 ORDER BY due_at LIMIT $2 FOR UPDATE SKIP LOCKED"
-    );
-    Ok(sqlx::query_as::<_, TimerRow>(SQL)
+/// What one claim took: the due timers, oldest first, and the earliest due time after `now`
+/// (`None` when nothing is pending after now, or when nothing was claimed).
+pub struct Claim {
+    pub timers: Vec<TimerRow>,
+    pub next: Option<DateTime<Utc>>,
+}
+
+#[derive(sqlx::FromRow)]
+struct ClaimedRow {
+    #[sqlx(flatten)]
+    timer: TimerRow,
+    next: Option<DateTime<Utc>>,
+}
+
+/// Locks up to `$2` timers due at `$1`, oldest first, skipping those another scheduler holds, and
+/// deletes the one-shot ones among them in the same statement: a cron timer stays, to be re-armed.
+/// Each row also carries the earliest due time after `$1`, so that the scheduler knows how long to
+/// sleep without asking again. All of it is undone if the claiming transaction rolls back.
+const CLAIM_SQL: &str = "WITH due AS (
+        SELECT command_id, name, kind, due_at, cron, tz, payload, fired, last_fired_at, created_at
+          FROM timers WHERE due_at <= $1 ORDER BY due_at LIMIT $2 FOR UPDATE SKIP LOCKED),
+     gone AS (
+        DELETE FROM timers t USING due
+         WHERE t.command_id = due.command_id AND t.name = due.name
+           AND (due.cron IS NULL OR due.tz IS NULL))
+     SELECT due.*, (SELECT min(due_at) FROM timers WHERE due_at > $1) AS next
+       FROM due ORDER BY due_at";
+
+/// Claims the timers due at `now` (see [`CLAIM_SQL`]); one round trip.
+pub async fn claim_due(tx: &mut Tx<'_>, now: DateTime<Utc>, limit: i64) -> Result<Claim> {
+    let rows = sqlx::query_as::<_, ClaimedRow>(CLAIM_SQL)
         .bind(now)
         .bind(limit)
         .fetch_all(&mut **tx)
-        .await?)
+        .await?;
+    let next = rows.first().and_then(|r| r.next);
+    Ok(Claim {
+        timers: rows.into_iter().map(|r| r.timer).collect(),
+        next,
+    })
 }
 
-/// The claim query's plan, for showing that it stays an index scan.
+/// The claim statement's plan, for showing that it stays an index scan.
 pub async fn explain_claim(pool: &PgPool) -> Result<Vec<String>> {
-    Ok(sqlx::query_scalar(
-        "EXPLAIN SELECT command_id, name FROM timers WHERE due_at <= now() ORDER BY due_at LIMIT 500 FOR UPDATE SKIP LOCKED",
-    )
-    .fetch_all(pool)
-    .await?)
+    // Only constants go into this text.
+    let sql = format!(
+        "EXPLAIN {}",
+        CLAIM_SQL.replace("$1", "now()").replace("$2", "500")
+    );
+    Ok(sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql))
+        .fetch_all(pool)
+        .await?)
 }
 
 pub async fn rearm(
