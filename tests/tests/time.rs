@@ -6,12 +6,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
+use cmdflow_shared::bus::Bus;
 use cmdflow_shared::contract::types::COMMAND_START;
 use cmdflow_shared::time::{Clock, ManualClock, SystemClock};
 use cmdflow_shared::{Command, CommandState, Decision, Event, HandlerError};
+use cmdflow_tests::proxy::Proxy;
 use cmdflow_tests::{TestEnv, event, eventually, get, post, send, start_command};
 use cmdflow_workers::Registry;
+use cmdflow_workers::scheduler::Scheduler;
 use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -248,44 +252,9 @@ async fn two_schedulers_never_fire_a_timer_twice() {
 /// leaves a cron timer to be re-armed is shown by the cron test above.)
 #[tokio::test]
 async fn running_schedulers_with_overlapping_cycles_publish_each_firing_once() {
-    use futures::StreamExt;
-    use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
-
     let mut env = TestEnv::new().await;
     env.start_worker().await;
-    let probe = format!("{}.probe", env.config.namespace);
-    let channel = env.bus.channel().await.unwrap();
-    let declare = QueueDeclareOptions {
-        exclusive: true,
-        ..Default::default()
-    };
-    channel
-        .queue_declare(probe.as_str().into(), declare, Default::default())
-        .await
-        .unwrap();
-    channel
-        .queue_bind(
-            probe.as_str().into(),
-            env.bus.topology().events_exchange().as_str().into(),
-            "timer.fired".into(),
-            QueueBindOptions::default(),
-            Default::default(),
-        )
-        .await
-        .unwrap();
-    let consume = BasicConsumeOptions {
-        no_ack: true,
-        ..Default::default()
-    };
-    let mut consumer = channel
-        .basic_consume(
-            probe.as_str().into(),
-            "probe".into(),
-            consume,
-            Default::default(),
-        )
-        .await
-        .unwrap();
+    let mut probe = Probe::bind(&env, "timer.fired").await;
 
     let n: i64 = 300;
     let t0 = Utc::now() + chrono::Duration::seconds(4);
@@ -312,33 +281,185 @@ async fn running_schedulers_with_overlapping_cycles_publish_each_firing_once() {
         env.wait_state(id, CommandState::Completed).await;
         assert_eq!(env.received(id, "timer.fired").await, 1);
     }
-    // The firings counted on the broker.
-    let mut seen = std::collections::HashMap::<String, u32>::new();
-    let quiet = Duration::from_millis(500);
-    while let Ok(Some(delivery)) = tokio::time::timeout(quiet, consumer.next()).await {
-        let event: Value = serde_json::from_slice(&delivery.unwrap().data).unwrap();
-        *seen
-            .entry(event["id"].as_str().unwrap().to_owned())
-            .or_default() += 1;
-    }
-    let doubled: Vec<_> = seen.iter().filter(|(_, c)| **c > 1).collect();
-    assert!(
-        doubled.is_empty(),
-        "{} firings published more than once, such as {:?}",
-        doubled.len(),
-        doubled.iter().take(3).collect::<Vec<_>>()
-    );
-    for id in &ids {
-        let firings = seen
-            .keys()
-            .filter(|k| k.starts_with(&format!("timer:{id}:")))
-            .count();
-        assert_eq!(
-            firings, 1,
-            "one-shot timer of {id} published {firings} times"
+    probe.assert_each_fired_once(&ids).await;
+    env.cleanup().await;
+}
+
+/// A cycle whose publishes fail rolls back: while the scheduler's link to the broker is cut,
+/// the due timers stay in the table and nothing fires; once the link is back, each fires once.
+#[tokio::test]
+async fn timers_due_while_the_broker_link_is_cut_fire_once_when_it_returns() {
+    let mut env = TestEnv::new().await;
+    env.start_worker().await;
+    let mut probe = Probe::bind(&env, "timer.fired").await;
+    let broker = host_port(&env.config.amqp_url);
+    let proxy = Proxy::start(&broker).await.unwrap();
+    let url = env
+        .config
+        .amqp_url
+        .replacen(&broker, &format!("127.0.0.1:{}", proxy.port()), 1);
+    let bus = Bus::connect(&url, &env.config.namespace, "cut-scheduler")
+        .await
+        .unwrap();
+    let scheduler = Scheduler::new(env.pool.clone(), bus, &env.config);
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(scheduler.run_until_stopped(shutdown.clone()));
+
+    let n: i64 = 40;
+    let t0 = Utc::now() + chrono::Duration::seconds(2);
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let at = t0 + chrono::Duration::milliseconds(10 * i);
+        let at = at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        ids.push(
+            env.start_raw("demo.timer", &format!("lead:{i}"), json!({"at": at}))
+                .await,
         );
     }
+    eventually(WAIT, "every timer set", || async {
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM timers")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+        (count == n).then_some(())
+    })
+    .await;
+    assert!(
+        Utc::now() < t0,
+        "the timers were set too slowly for this test"
+    );
+    proxy.cut().await;
+    // All due, and a few failed cycles later: every timer still waits, none was applied.
+    let after_all_due = (t0 + chrono::Duration::milliseconds(10 * n) - Utc::now())
+        .to_std()
+        .unwrap_or_default();
+    tokio::time::sleep(after_all_due + Duration::from_millis(1500)).await;
+    let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM timers WHERE due_at <= now()")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        waiting, n,
+        "a timer left the table while its event could not be published"
+    );
+    for id in &ids {
+        assert_eq!(env.received(id, "timer.fired").await, 0);
+    }
+
+    proxy.restore();
+    for id in &ids {
+        env.wait_state(id, CommandState::Completed).await;
+        assert_eq!(env.received(id, "timer.fired").await, 1);
+    }
+    // At least once on the broker: a batch whose publishes went out in part when the link came
+    // back is rolled back and published again, under the same ids, and applied once (above).
+    let seen = probe.firings().await;
+    for id in &ids {
+        let prefix = format!("timer:{id}:");
+        assert!(
+            seen.keys().any(|k| k.starts_with(&prefix)),
+            "the timer of {id} was never published"
+        );
+    }
+    shutdown.cancel();
+    running.await.unwrap();
     env.cleanup().await;
+}
+
+/// A queue bound to the events exchange that counts what the schedulers publish.
+struct Probe {
+    _channel: lapin::Channel,
+    consumer: lapin::Consumer,
+}
+
+impl Probe {
+    async fn bind(env: &TestEnv, routing_key: &str) -> Probe {
+        use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+        let queue = format!("{}.probe", env.config.namespace);
+        let channel = env.bus.channel().await.unwrap();
+        let declare = QueueDeclareOptions {
+            exclusive: true,
+            ..Default::default()
+        };
+        channel
+            .queue_declare(queue.as_str().into(), declare, Default::default())
+            .await
+            .unwrap();
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                env.bus.topology().events_exchange().as_str().into(),
+                routing_key.into(),
+                QueueBindOptions::default(),
+                Default::default(),
+            )
+            .await
+            .unwrap();
+        let consume = BasicConsumeOptions {
+            no_ack: true,
+            ..Default::default()
+        };
+        let consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                "probe".into(),
+                consume,
+                Default::default(),
+            )
+            .await
+            .unwrap();
+        Probe {
+            _channel: channel,
+            consumer,
+        }
+    }
+
+    /// Reads until the queue stays quiet: how often each event id was published.
+    async fn firings(&mut self) -> std::collections::HashMap<String, u32> {
+        use futures::StreamExt;
+        let mut seen = std::collections::HashMap::<String, u32>::new();
+        let quiet = Duration::from_millis(500);
+        while let Ok(Some(delivery)) = tokio::time::timeout(quiet, self.consumer.next()).await {
+            let event: Value = serde_json::from_slice(&delivery.unwrap().data).unwrap();
+            *seen
+                .entry(event["id"].as_str().unwrap().to_owned())
+                .or_default() += 1;
+        }
+        seen
+    }
+
+    /// Checks that no firing was published twice and that each command's one-shot timer was
+    /// published exactly once.
+    async fn assert_each_fired_once(&mut self, commands: &[String]) {
+        let seen = self.firings().await;
+        let doubled: Vec<_> = seen.iter().filter(|(_, c)| **c > 1).collect();
+        assert!(
+            doubled.is_empty(),
+            "{} firings published more than once, such as {:?}",
+            doubled.len(),
+            doubled.iter().take(3).collect::<Vec<_>>()
+        );
+        for id in commands {
+            let prefix = format!("timer:{id}:");
+            let firings = seen.keys().filter(|k| k.starts_with(&prefix)).count();
+            assert_eq!(
+                firings, 1,
+                "the timer of {id} was published {firings} times"
+            );
+        }
+    }
+}
+
+/// `host:port` of an AMQP URL.
+fn host_port(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+    let host = rest.split('/').next().unwrap_or(rest);
+    if host.contains(':') {
+        host.to_owned()
+    } else {
+        format!("{host}:5672")
+    }
 }
 
 #[tokio::test]

@@ -238,6 +238,9 @@ impl Scheduler {
         let this = Arc::new(self);
         let slots = Arc::new(Semaphore::new(IN_FLIGHT));
         let retry = Arc::new(Notify::new());
+        // Set by a failed cycle: no new claim before this instant (no retry storm while the
+        // broker or the database is away).
+        let backoff = Arc::new(std::sync::Mutex::new(None::<tokio::time::Instant>));
         let mut listener = match this.listen().await {
             Ok(l) => Some(l),
             Err(e) => {
@@ -247,6 +250,13 @@ impl Scheduler {
         };
         let mut last_prune = std::time::Instant::now();
         loop {
+            let until = backoff.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(until) = until {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep_until(until) => {}
+                }
+            }
             let slot = tokio::select! {
                 () = shutdown.cancelled() => break,
                 slot = Arc::clone(&slots).acquire_owned() => match slot {
@@ -258,12 +268,13 @@ impl Scheduler {
                 Ok((Some(claimed), next)) => {
                     let full = claimed.full;
                     let cycle = Arc::clone(&this);
-                    let retry = Arc::clone(&retry);
+                    let (retry, backoff) = (Arc::clone(&retry), Arc::clone(&backoff));
                     tokio::spawn(async move {
                         if let Err(e) = cycle.fire(claimed).await {
                             tracing::warn!(error = %e, "Firing timers failed; they are due again shortly.");
+                            let until = tokio::time::Instant::now() + RETRY_PAUSE;
+                            *backoff.lock().unwrap_or_else(|e| e.into_inner()) = Some(until);
                             drop(slot);
-                            tokio::time::sleep(RETRY_PAUSE).await;
                             retry.notify_one();
                         }
                     });
