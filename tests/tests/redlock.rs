@@ -729,3 +729,66 @@ async fn a_worker_paused_past_its_lock_ttl_loses_no_update() {
     drop(std::fs::remove_dir_all(&dir));
     env.cleanup().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// 5. A worker waits on a command's row no longer than its lock TTL.
+// ---------------------------------------------------------------------------------------------
+
+/// Past its TTL, the lock a worker holds may have lapsed, and whoever holds the row may hold the
+/// lock too. So a worker's statement waits on a row lock no longer than the lock TTL
+/// (`lock_timeout`); the transaction then gives up and the event is tried again. Here the
+/// counter's row is held from outside for three TTLs: no worker statement waits longer than one
+/// TTL, and once the row is free every increment applies exactly once.
+#[tokio::test]
+async fn a_worker_waits_on_a_row_no_longer_than_its_lock_ttl() {
+    let ttl = Duration::from_secs(1);
+    let mut env = TestEnv::with(|c| {
+        c.lock_ttl = ttl;
+        c.retry_delays = "200ms,200ms,200ms,200ms,200ms,200ms,200ms,200ms".to_owned();
+    })
+    .await;
+    let gw = env.start_gateway().await;
+    env.start_worker().await;
+    let id = start_command(&gw.url, "demo.counter", "system:redlock", json!({})).await;
+    env.wait_state(&id, CommandState::Running).await;
+
+    let mut holder = env.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM commands WHERE id = $1::uuid FOR UPDATE")
+        .bind(&id)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let sent = send_increments(&gw.url, &id, 5).await;
+    let held_for = ttl * 3;
+    let until = Instant::now() + held_for;
+    let mut longest = 0.0_f64;
+    while Instant::now() < until {
+        let wait: Option<f64> = sqlx::query_scalar(
+            "SELECT max(extract(epoch FROM clock_timestamp() - query_start))::float8
+               FROM pg_stat_activity
+              WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+        longest = longest.max(wait.unwrap_or(0.0));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        longest > 0.5,
+        "no worker statement waited on the held row (longest {longest:.2} s): the case proves nothing"
+    );
+    assert!(
+        longest < ttl.as_secs_f64() + 0.4,
+        "a worker statement waited {longest:.2} s on a row lock, past the lock TTL of {ttl:?}"
+    );
+    assert_eq!(
+        count_in(&env.pool, &id).await,
+        0,
+        "applied while the row was held"
+    );
+    holder.rollback().await.unwrap();
+    wait_count(&env, &id, 5, WAIT).await;
+    assert_exact(&env, &id, &sent).await;
+    env.cleanup().await;
+}

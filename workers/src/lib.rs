@@ -44,7 +44,13 @@ impl Worker {
     /// Connects to the three services (failing with one clear line if one is unreachable),
     /// declares the topology and builds the engine.
     pub async fn build(config: &Config, registry: Registry) -> Result<Worker, WorkerError> {
-        let pool = store::connect(&config.database_url, config.database_pool_size).await?;
+        let lock_timeout = config.lock_enabled.then_some(config.lock_ttl);
+        let pool = store::connect_with_lock_timeout(
+            &config.database_url,
+            config.database_pool_size,
+            lock_timeout,
+        )
+        .await?;
         let bus = Bus::connect(&config.amqp_url, &config.namespace, "cmdflow-worker").await?;
         Self::build_with(config, registry, pool, bus).await
     }

@@ -36,12 +36,24 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
-/// Opens a pool and checks the server answers, so a wrong URL fails at start-up with one line.
 /// How long a connection may sit idle inside a transaction before PostgreSQL aborts it: longer
 /// than any handler, and than the default lock TTL (30 s).
 pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "60s";
 
+/// Opens a pool and checks the server answers, so a wrong URL fails at start-up with one line.
 pub async fn connect(url: &str, pool_size: u32) -> Result<PgPool> {
+    connect_with_lock_timeout(url, pool_size, None).await
+}
+
+/// [`connect`], where a statement that waits longer than `lock_timeout` for a row lock fails
+/// instead of waiting on. A worker sets it to its Redlock TTL: a wait that long means the
+/// command's lock has lapsed (a pause, a stall), and whoever holds the row now holds the lock
+/// too, so the transaction gives up and the event is tried again under a fresh lock.
+pub async fn connect_with_lock_timeout(
+    url: &str,
+    pool_size: u32,
+    lock_timeout: Option<Duration>,
+) -> Result<PgPool> {
     let connect_err = |source| StoreError::Connect {
         url: redact_url(url),
         source,
@@ -56,6 +68,9 @@ pub async fn connect(url: &str, pool_size: u32) -> Result<PgPool> {
         "idle_in_transaction_session_timeout",
         IDLE_IN_TRANSACTION_TIMEOUT,
     )]);
+    if let Some(timeout) = lock_timeout {
+        options = options.options([("lock_timeout", format!("{}ms", timeout.as_millis()))]);
+    }
     let pool = PgPoolOptions::new()
         .max_connections(pool_size)
         .acquire_timeout(Duration::from_secs(5))
