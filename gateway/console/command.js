@@ -64,6 +64,9 @@ function pending(c) {
     parts.push(table('Fan-in groups', [
       { label: 'Group', cell: (g) => g.name },
       { label: 'Policy', cell: (g) => (g.quorum ? `${g.policy} ${g.quorum}` : g.policy) },
+      // `each`: every child's end reaches the parent as an event; `settled`: children count
+      // themselves in, and the parent hears only the verdict.
+      { label: 'Reports', cell: (g) => g.reports },
       { label: 'Total', num: true, cell: (g) => g.total },
       { label: 'Completed', num: true, cell: (g) => g.completed },
       { label: 'Failed', num: true, cell: (g) => g.failed },

@@ -306,7 +306,7 @@ async fn timers_due_while_the_broker_link_is_cut_fire_once_when_it_returns() {
     let running = tokio::spawn(scheduler.run_until_stopped(shutdown.clone()));
 
     let n: i64 = 40;
-    let t0 = Utc::now() + chrono::Duration::seconds(2);
+    let t0 = Utc::now() + chrono::Duration::seconds(4);
     let mut ids = Vec::new();
     for i in 0..n {
         let at = t0 + chrono::Duration::milliseconds(10 * i);
