@@ -121,6 +121,84 @@ async fn batches_keep_counts_exact_and_isolate_a_failing_event() {
     env.cleanup().await;
 }
 
+/// A batch locks and marks the first event of each of its commands in one statement. Here every
+/// such event is a redelivery of one applied before: a whole queue of them, one per counter and
+/// each the only one of its counter, so the worker takes them in batches. None is applied again,
+/// and each counter's history keeps exactly one line per increment.
+#[tokio::test]
+async fn redeliveries_first_in_their_batch_change_nothing() {
+    let mut env = TestEnv::new().await;
+    let setup = env.start_worker_with(|c| c.batch = 1).await;
+    let mut counters = Vec::new();
+    for _ in 0..COUNTERS {
+        counters.push(env.start_raw("demo.counter", "member:1", json!({})).await);
+    }
+    for id in &counters {
+        env.wait_state(id, CommandState::Running).await;
+    }
+    // One increment each, applied one by one.
+    let bodies: Vec<Vec<u8>> = counters
+        .iter()
+        .map(|id| serde_json::to_vec(&event("demo.increment", Some(id), json!({}))).unwrap())
+        .collect();
+    for body in &bodies {
+        env.publish_raw("demo.increment", body).await;
+    }
+    for id in &counters {
+        eventually(Duration::from_secs(30), "the first increment", || async {
+            let c = env.command(id).await?;
+            (c.data["count"] == json!(1)).then_some(())
+        })
+        .await;
+    }
+    setup.cancel();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // The same events again, queued before a batching worker starts, then one new increment
+    // each behind them, so that the run has a visible end.
+    for body in &bodies {
+        env.publish_raw("demo.increment", body).await;
+    }
+    let mut fresh = Vec::new();
+    for id in &counters {
+        let increment = event("demo.increment", Some(id), json!({}));
+        fresh.push(increment["id"].as_str().unwrap().to_owned());
+        env.publish_raw("demo.increment", &serde_json::to_vec(&increment).unwrap())
+            .await;
+    }
+    let batches_before = batches_committed();
+    env.start_worker_with(|c| {
+        c.batch = 64;
+        c.concurrency = 1;
+        c.prefetch = 200;
+    })
+    .await;
+    eventually(Duration::from_secs(30), "every new increment", || async {
+        let received: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM command_events WHERE entry = 'received' AND event_id = ANY($1)",
+        )
+        .bind(&fresh)
+        .fetch_one(&env.pool)
+        .await
+        .ok()?;
+        (received == COUNTERS as i64).then_some(())
+    })
+    .await;
+    // Redeliveries still in flight behind them, if any, have their moment.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for id in &counters {
+        let c = env.command(id).await.unwrap();
+        assert_eq!(c.data["count"], json!(2), "{id}");
+        assert_eq!(c.version, 3, "start and two increments: {id}");
+        assert_eq!(env.received(id, "demo.increment").await, 2, "{id}");
+    }
+    assert!(
+        batches_committed() > batches_before,
+        "no batch of two or more was committed"
+    );
+    env.cleanup().await;
+}
+
 /// Batches of two or more committed by the workers of this test process.
 fn batches_committed() -> f64 {
     let text = cmdflow_shared::metrics::install().render();

@@ -27,7 +27,7 @@ use cmdflow_shared::bus::{
 };
 use cmdflow_shared::lock::{Held, Locks};
 use cmdflow_shared::metrics as cm;
-use cmdflow_shared::store::{self, OutboxRow, StoreError};
+use cmdflow_shared::store::{self, OutboxRow, StoreError, Tx};
 use cmdflow_shared::time::{Clock, SystemClock};
 use cmdflow_shared::{CommandId, Event};
 use futures::{FutureExt, StreamExt};
@@ -337,11 +337,20 @@ impl Engine {
         let mut applied = Vec::with_capacity(events.len());
         let mut outbox = Vec::new();
         let mut reports = Vec::new();
-        for (_, id, event) in events {
+        let mut prelocked = match self.lock_firsts(&mut tx, events).await {
+            Ok(prelocked) => prelocked,
+            Err(e) => {
+                tracing::debug!(error = %e, "Locking the batch's commands failed; its batch is retried one by one.");
+                drop(tx.rollback().await);
+                return None;
+            }
+        };
+        for (k, (_, id, event)) in events.iter().enumerate() {
             let span = event_span(event);
             span.record("command.id", tracing::field::display(id));
+            let locked = prelocked.remove(&k);
             match self
-                .apply(&mut tx, *id, event, &mut reports)
+                .apply_locked(&mut tx, *id, event, locked, &mut reports)
                 .instrument(span)
                 .await
             {
@@ -376,6 +385,41 @@ impl Engine {
         metrics::histogram!(cm::BATCH_SIZE).record(events.len() as f64);
         self.publish_outbox(&outbox).await;
         Some(applied.into_iter().map(Disposition::Ack).collect())
+    }
+}
+
+impl Engine {
+    /// Locks and marks, in one statement, each command's first event of a batch (`events` is
+    /// sorted by command), keyed by the event's position. A command without a row (a root whose
+    /// start will insert it) is not among them, and neither is a command's later event: it must
+    /// see what the earlier one wrote, so it locks and reads the row itself.
+    async fn lock_firsts(
+        &self,
+        tx: &mut Tx<'_>,
+        events: &[(usize, CommandId, Event)],
+    ) -> Result<std::collections::HashMap<usize, store::Locked>, StoreError> {
+        let mut positions = Vec::new();
+        let (mut ids, mut sources, mut event_ids) = (Vec::new(), Vec::new(), Vec::new());
+        for (k, (_, id, event)) in events.iter().enumerate() {
+            let first = k == 0 || events[k - 1].1 != *id;
+            if first {
+                positions.push((*id, k));
+                ids.push(*id);
+                sources.push(event.source.as_str());
+                event_ids.push(event.id.as_str());
+            }
+        }
+        if ids.len() < 2 {
+            // One alone gains nothing over the per-event statement.
+            return Ok(std::collections::HashMap::new());
+        }
+        let rows = store::lock_and_mark_many(tx, &ids, &sources, &event_ids).await?;
+        let mut by_id: std::collections::HashMap<CommandId, store::Locked> =
+            rows.into_iter().map(|l| (l.command.id, l)).collect();
+        Ok(positions
+            .into_iter()
+            .filter_map(|(id, k)| by_id.remove(&id).map(|l| (k, l)))
+            .collect())
     }
 }
 

@@ -444,6 +444,37 @@ pub async fn lock_and_mark(
         .await?)
 }
 
+/// [`lock_and_mark`] for several commands at once, one event each (`commands`, `sources` and
+/// `event_ids` side by side, every command once): locks their rows in ascending id order and
+/// records the events as applied, in one round trip for the lot. A command that does not exist
+/// is missing from the result (which is in ascending id order) and its event is not marked, so
+/// that [`lock_and_mark`] can handle it afterwards (a root's start inserts its row first).
+pub async fn lock_and_mark_many(
+    tx: &mut Tx<'_>,
+    commands: &[CommandId],
+    sources: &[&str],
+    event_ids: &[&str],
+) -> Result<Vec<Locked>> {
+    const SQL: &str = concat!(
+        "WITH p AS (INSERT INTO processed_events (command_id, source, event_id)",
+        " SELECT e.* FROM unnest($1::uuid[], $2::text[], $3::text[]) AS e(command_id, source, event_id)",
+        " WHERE EXISTS (SELECT 1 FROM commands x WHERE x.id = e.command_id)",
+        " ON CONFLICT DO NOTHING RETURNING command_id)",
+        " SELECT ",
+        command_columns!(),
+        ", EXISTS (SELECT 1 FROM p WHERE p.command_id = c.id) AS fresh,",
+        " EXISTS (SELECT 1 FROM child_groups g WHERE g.parent_id = c.parent_id AND g.name = c.group_name AND g.reports = 'settled') AS counts_itself",
+        " FROM commands c WHERE c.id = ANY($1) ORDER BY c.id FOR UPDATE OF c"
+    );
+    let ids: Vec<uuid::Uuid> = commands.iter().map(CommandId::as_uuid).collect();
+    Ok(sqlx::query_as::<_, Locked>(SQL)
+        .bind(&ids)
+        .bind(sources)
+        .bind(event_ids)
+        .fetch_all(&mut **tx)
+        .await?)
+}
+
 /// A live command as this transaction sees it, without locking it.
 pub async fn command_in(tx: &mut Tx<'_>, id: CommandId) -> Result<Option<Command>> {
     const SQL: &str = concat!(

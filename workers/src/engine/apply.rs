@@ -109,18 +109,38 @@ impl Engine {
         event: &Event,
         reports: &mut Vec<Report>,
     ) -> Result<(Applied, Vec<OutboxRow>), ApplyError> {
+        self.apply_locked(tx, command_id, event, None, reports)
+            .await
+    }
+
+    /// [`Engine::apply`], where `locked` is the command's row as [`store::lock_and_mark_many`]
+    /// already locked and marked it for this event in this transaction (the batch path); `None`
+    /// locks and marks it here.
+    pub async fn apply_locked(
+        &self,
+        tx: &mut Tx<'_>,
+        command_id: CommandId,
+        event: &Event,
+        locked: Option<store::Locked>,
+        reports: &mut Vec<Report>,
+    ) -> Result<(Applied, Vec<OutboxRow>), ApplyError> {
         if event.ty == COMMAND_START {
-            // A child's row is created by its parent; a root's by its start event.
+            // A child's row is created by its parent; a root's by its start event (a row locked
+            // already exists).
             let new = self.new_command(command_id, event)?;
-            if new.parent_id.is_none() {
+            if new.parent_id.is_none() && locked.is_none() {
                 store::insert_command(tx, &new).await?;
             }
         }
+        let locked = match locked {
+            Some(locked) => Some(locked),
+            None => store::lock_and_mark(tx, command_id, &event.source, &event.id).await?,
+        };
         let Some(store::Locked {
             command,
             fresh,
             counts_itself,
-        }) = store::lock_and_mark(tx, command_id, &event.source, &event.id).await?
+        }) = locked
         else {
             return Err(ApplyError::NotFound(command_id));
         };
