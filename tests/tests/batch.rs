@@ -199,6 +199,57 @@ async fn redeliveries_first_in_their_batch_change_nothing() {
     env.cleanup().await;
 }
 
+/// One hot command: a batch applies its events one after the other in one transaction, each
+/// seeing the row as the one before it wrote it (it is not read again). 200 increments queued on
+/// one counter before a batching worker starts: the count and the version are exact, and the
+/// history has one step per version, in order, each with its increment.
+#[tokio::test]
+async fn a_hot_commands_events_in_one_batch_each_see_the_last_write() {
+    let mut env = TestEnv::new().await;
+    let setup = env.start_worker_with(|c| c.batch = 1).await;
+    let id = env.start_raw("demo.counter", "member:1", json!({})).await;
+    env.wait_state(&id, CommandState::Running).await;
+    setup.cancel();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let n = 200;
+    for _ in 0..n {
+        let body = serde_json::to_vec(&event("demo.increment", Some(&id), json!({}))).unwrap();
+        env.publish_raw("demo.increment", &body).await;
+    }
+    let batches_before = batches_committed();
+    env.start_worker_with(|c| {
+        c.batch = 64;
+        c.concurrency = 1;
+        c.prefetch = 256;
+    })
+    .await;
+    eventually(Duration::from_secs(30), "every increment", || async {
+        let c = env.command(&id).await?;
+        (c.data["count"].as_i64()? >= n).then_some(())
+    })
+    .await;
+    let c = env.command(&id).await.unwrap();
+    assert_eq!(c.data["count"], json!(n));
+    assert_eq!(c.version, n + 1, "start and one version per increment");
+    assert_eq!(env.received(&id, "demo.increment").await, n);
+    let versions: Vec<i64> = sqlx::query_scalar(
+        "SELECT version FROM command_events
+          WHERE command_id = $1::uuid AND entry = 'received' AND event_type = 'demo.increment'
+          ORDER BY version",
+    )
+    .bind(&id)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(versions, (2..=n + 1).collect::<Vec<i64>>());
+    assert!(
+        batches_committed() > batches_before,
+        "no batch of two or more was committed"
+    );
+    env.cleanup().await;
+}
+
 /// Batches of two or more committed by the workers of this test process.
 fn batches_committed() -> f64 {
     let text = cmdflow_shared::metrics::install().render();

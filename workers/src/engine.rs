@@ -27,7 +27,7 @@ use cmdflow_shared::bus::{
 };
 use cmdflow_shared::lock::{Held, Locks};
 use cmdflow_shared::metrics as cm;
-use cmdflow_shared::store::{self, OutboxRow, StoreError, Tx};
+use cmdflow_shared::store::{self, OutboxRow, StoreError};
 use cmdflow_shared::time::{Clock, SystemClock};
 use cmdflow_shared::{CommandId, Event};
 use futures::{FutureExt, StreamExt};
@@ -337,26 +337,52 @@ impl Engine {
         let mut applied = Vec::with_capacity(events.len());
         let mut outbox = Vec::new();
         let mut reports = Vec::new();
-        let mut prelocked = match self.lock_firsts(&mut tx, events).await {
-            Ok(prelocked) => prelocked,
-            Err(e) => {
-                tracing::debug!(error = %e, "Locking the batch's commands failed; its batch is retried one by one.");
-                drop(tx.rollback().await);
-                return None;
-            }
-        };
-        for (k, (_, id, event)) in events.iter().enumerate() {
+        // Every event marked and every row locked in one statement; then each command's row is
+        // carried from one of its events to the next, as the last one wrote it.
+        let ids: Vec<CommandId> = events.iter().map(|(_, id, _)| *id).collect();
+        let sources: Vec<&str> = events.iter().map(|(_, _, e)| e.source.as_str()).collect();
+        let event_ids: Vec<&str> = events.iter().map(|(_, _, e)| e.id.as_str()).collect();
+        let mut rows: std::collections::HashMap<CommandId, store::LockedBatch> =
+            match store::lock_and_mark_batch(&mut tx, &ids, &sources, &event_ids).await {
+                Ok(rows) => rows.into_iter().map(|r| (r.command.id, r)).collect(),
+                Err(e) => {
+                    tracing::debug!(error = %e, "Locking the batch's commands failed; its batch is retried one by one.");
+                    drop(tx.rollback().await);
+                    return None;
+                }
+            };
+        for (_, id, event) in events {
             let span = event_span(event);
             span.record("command.id", tracing::field::display(id));
-            let locked = prelocked.remove(&k);
+            // A command without a row when the batch began (a root that its start creates) locks
+            // and marks each of its events itself.
+            let locked = rows.get_mut(id).map(|row| {
+                let key = store::event_key(&event.source, &event.id);
+                let fresh = match row.fresh.iter().position(|k| *k == key) {
+                    // Its first delivery in the batch; a second one is a duplicate.
+                    Some(i) => {
+                        row.fresh.swap_remove(i);
+                        true
+                    }
+                    None => false,
+                };
+                store::Locked {
+                    command: row.command.clone(),
+                    fresh,
+                    counts_itself: row.counts_itself,
+                }
+            });
             match self
                 .apply_locked(&mut tx, *id, event, locked, &mut reports)
                 .instrument(span)
                 .await
             {
-                Ok((done, rows)) => {
+                Ok((done, written, command)) => {
+                    if let Some(row) = rows.get_mut(id) {
+                        row.command = command;
+                    }
                     applied.push(done);
-                    outbox.extend(rows);
+                    outbox.extend(written);
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, command.id = %id, "An event failed in a batch; its batch is retried one by one.");
@@ -385,41 +411,6 @@ impl Engine {
         metrics::histogram!(cm::BATCH_SIZE).record(events.len() as f64);
         self.publish_outbox(&outbox).await;
         Some(applied.into_iter().map(Disposition::Ack).collect())
-    }
-}
-
-impl Engine {
-    /// Locks and marks, in one statement, each command's first event of a batch (`events` is
-    /// sorted by command), keyed by the event's position. A command without a row (a root whose
-    /// start will insert it) is not among them, and neither is a command's later event: it must
-    /// see what the earlier one wrote, so it locks and reads the row itself.
-    async fn lock_firsts(
-        &self,
-        tx: &mut Tx<'_>,
-        events: &[(usize, CommandId, Event)],
-    ) -> Result<std::collections::HashMap<usize, store::Locked>, StoreError> {
-        let mut positions = Vec::new();
-        let (mut ids, mut sources, mut event_ids) = (Vec::new(), Vec::new(), Vec::new());
-        for (k, (_, id, event)) in events.iter().enumerate() {
-            let first = k == 0 || events[k - 1].1 != *id;
-            if first {
-                positions.push((*id, k));
-                ids.push(*id);
-                sources.push(event.source.as_str());
-                event_ids.push(event.id.as_str());
-            }
-        }
-        if ids.len() < 2 {
-            // One alone gains nothing over the per-event statement.
-            return Ok(std::collections::HashMap::new());
-        }
-        let rows = store::lock_and_mark_many(tx, &ids, &sources, &event_ids).await?;
-        let mut by_id: std::collections::HashMap<CommandId, store::Locked> =
-            rows.into_iter().map(|l| (l.command.id, l)).collect();
-        Ok(positions
-            .into_iter()
-            .filter_map(|(id, k)| by_id.remove(&id).map(|l| (k, l)))
-            .collect())
     }
 }
 

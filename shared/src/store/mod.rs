@@ -444,30 +444,48 @@ pub async fn lock_and_mark(
         .await?)
 }
 
-/// [`lock_and_mark`] for several commands at once, one event each (`commands`, `sources` and
-/// `event_ids` side by side, every command once): locks their rows in ascending id order and
-/// records the events as applied, in one round trip for the lot. A command that does not exist
-/// is missing from the result (which is in ascending id order) and its event is not marked, so
-/// that [`lock_and_mark`] can handle it afterwards (a root's start inserts its row first).
-pub async fn lock_and_mark_many(
+/// A command's row locked by [`lock_and_mark_batch`], with its events of the batch that were
+/// new when they were marked.
+#[derive(sqlx::FromRow)]
+pub struct LockedBatch {
+    #[sqlx(flatten)]
+    pub command: Command,
+    /// `source` + U+001F + `event_id` of each of the batch's events for this command that had
+    /// not been applied before (each listed once, however often it came).
+    pub fresh: Vec<String>,
+    /// As in [`Locked`].
+    pub counts_itself: bool,
+}
+
+/// The key of an event in [`LockedBatch::fresh`].
+pub fn event_key(source: &str, event_id: &str) -> String {
+    format!("{source}\u{1f}{event_id}")
+}
+
+/// [`lock_and_mark`] for a whole batch, in one round trip: records every event as applied to its
+/// command (`commands`, `sources` and `event_ids` side by side, in the batch's order), and locks
+/// the commands' rows in ascending id order. A command that does not exist is missing from the
+/// result (which is in ascending id order) and its events are not marked, so that
+/// [`lock_and_mark`] can handle them afterwards (a root's start inserts its row first).
+pub async fn lock_and_mark_batch(
     tx: &mut Tx<'_>,
     commands: &[CommandId],
     sources: &[&str],
     event_ids: &[&str],
-) -> Result<Vec<Locked>> {
+) -> Result<Vec<LockedBatch>> {
     const SQL: &str = concat!(
         "WITH p AS (INSERT INTO processed_events (command_id, source, event_id)",
         " SELECT e.* FROM unnest($1::uuid[], $2::text[], $3::text[]) AS e(command_id, source, event_id)",
         " WHERE EXISTS (SELECT 1 FROM commands x WHERE x.id = e.command_id)",
-        " ON CONFLICT DO NOTHING RETURNING command_id)",
+        " ON CONFLICT DO NOTHING RETURNING command_id, source, event_id)",
         " SELECT ",
         command_columns!(),
-        ", EXISTS (SELECT 1 FROM p WHERE p.command_id = c.id) AS fresh,",
+        ", ARRAY(SELECT p.source || chr(31) || p.event_id FROM p WHERE p.command_id = c.id) AS fresh,",
         " EXISTS (SELECT 1 FROM child_groups g WHERE g.parent_id = c.parent_id AND g.name = c.group_name AND g.reports = 'settled') AS counts_itself",
         " FROM commands c WHERE c.id = ANY($1) ORDER BY c.id FOR UPDATE OF c"
     );
     let ids: Vec<uuid::Uuid> = commands.iter().map(CommandId::as_uuid).collect();
-    Ok(sqlx::query_as::<_, Locked>(SQL)
+    Ok(sqlx::query_as::<_, LockedBatch>(SQL)
         .bind(&ids)
         .bind(sources)
         .bind(event_ids)
@@ -507,10 +525,11 @@ pub async fn get_command(pool: &PgPool, id: CommandId) -> Result<Option<Command>
 /// Writes one step of a command in one round trip: its new state, fenced by the version the
 /// transaction read (zero rows is a conflict, never a success, and then nothing else is
 /// written); its history lines at the new version, in order; and the events it emits into the
-/// outbox, whose rows are returned.
+/// outbox, whose rows are returned. `next` is then brought up to the row as written (version,
+/// `updated_at`, `ended_at`).
 pub async fn write_step(
     tx: &mut Tx<'_>,
-    next: &Command,
+    next: &mut Command,
     seen_version: i64,
     history: &[HistoryEntry],
     events: &[crate::contract::Event],
@@ -518,6 +537,8 @@ pub async fn write_step(
     #[derive(sqlx::FromRow)]
     struct Written {
         updated: i64,
+        updated_at: Option<DateTime<Utc>>,
+        ended_at: Option<DateTime<Utc>>,
         id: Option<i64>,
         command_id: Option<CommandId>,
         event_type: Option<String>,
@@ -531,7 +552,7 @@ pub async fn write_step(
                    ended_at = CASE WHEN $3 IN ('completed'::command_state, 'failed'::command_state, 'aborted'::command_state)
                                    THEN coalesce(ended_at, now()) END
              WHERE id = $1 AND version = $2
-         RETURNING id),
+         RETURNING id, updated_at, ended_at),
          h AS (
             INSERT INTO command_events (command_id, version, entry, event_id, event_type, from_state, to_state, detail)
             SELECT u.id, $2 + 1, e->>'entry', e->>'event_id', e->>'event_type',
@@ -545,7 +566,8 @@ pub async fn write_step(
               FROM u, jsonb_array_elements($9) WITH ORDINALITY AS r(body, ord)
              ORDER BY r.ord
          RETURNING id, command_id, event_type, body)
-         SELECT (SELECT count(*) FROM u) AS updated, o.id, o.command_id, o.event_type, o.body
+         SELECT (SELECT count(*) FROM u) AS updated, (SELECT updated_at FROM u) AS updated_at,
+                (SELECT ended_at FROM u) AS ended_at, o.id, o.command_id, o.event_type, o.body
            FROM (SELECT 1) AS one LEFT JOIN o ON true
           ORDER BY o.id",
     )
@@ -560,12 +582,18 @@ pub async fn write_step(
     .bind(serde_json::to_value(events).unwrap_or(Value::Null))
     .fetch_all(&mut **tx)
     .await?;
-    if rows.first().is_none_or(|r| r.updated == 0) {
+    let Some(first) = rows.first().filter(|r| r.updated > 0) else {
         return Err(StoreError::Conflict {
             id: next.id,
             version: seen_version,
         });
+    };
+    // `next` becomes the row as written, for a later event of the same transaction.
+    next.version = seen_version + 1;
+    if let Some(at) = first.updated_at {
+        next.updated_at = at;
     }
+    next.ended_at = first.ended_at;
     Ok(rows
         .into_iter()
         .filter_map(|r| {

@@ -109,13 +109,16 @@ impl Engine {
         event: &Event,
         reports: &mut Vec<Report>,
     ) -> Result<(Applied, Vec<OutboxRow>), ApplyError> {
-        self.apply_locked(tx, command_id, event, None, reports)
-            .await
+        let (applied, outbox, _) = self
+            .apply_locked(tx, command_id, event, None, reports)
+            .await?;
+        Ok((applied, outbox))
     }
 
-    /// [`Engine::apply`], where `locked` is the command's row as [`store::lock_and_mark_many`]
-    /// already locked and marked it for this event in this transaction (the batch path); `None`
-    /// locks and marks it here.
+    /// [`Engine::apply`], where `locked` is the command's row as this transaction already locked
+    /// it, with whether this event was fresh when it was marked (the batch path); `None` locks
+    /// and marks it here. Also returns the command's row as it is after the event, for the
+    /// command's next event in the same transaction.
     pub async fn apply_locked(
         &self,
         tx: &mut Tx<'_>,
@@ -123,7 +126,7 @@ impl Engine {
         event: &Event,
         locked: Option<store::Locked>,
         reports: &mut Vec<Report>,
-    ) -> Result<(Applied, Vec<OutboxRow>), ApplyError> {
+    ) -> Result<(Applied, Vec<OutboxRow>, Command), ApplyError> {
         if event.ty == COMMAND_START {
             // A child's row is created by its parent; a root's by its start event (a row locked
             // already exists).
@@ -146,7 +149,7 @@ impl Engine {
         };
         if !fresh {
             tracing::debug!("Already applied; ignoring the redelivery.");
-            return Ok((Applied::Duplicate, Vec::new()));
+            return Ok((Applied::Duplicate, Vec::new(), command));
         }
         let starting = command.state == CommandState::Pending && command.version == 0;
         let ignore = if command.state.is_terminal() {
@@ -183,13 +186,13 @@ impl Engine {
                 }],
             )
             .await?;
-            return Ok((Applied::Ignored, Vec::new()));
+            return Ok((Applied::Ignored, Vec::new(), command));
         }
-        let (outbox, report) = self
+        let (outbox, report, written) = self
             .decide_and_apply(tx, command, event, counts_itself)
             .await?;
         reports.extend(report);
-        Ok((Applied::Applied, outbox))
+        Ok((Applied::Applied, outbox, written))
     }
 
     /// Handles a broadcast event: starts the kinds registered for its type (one new command per
@@ -247,7 +250,7 @@ impl Engine {
                     .await?
                     .ok_or(ApplyError::NotFound(id))?;
                 // A root: it has no group to report to.
-                let (rows, _) = self
+                let (rows, _, _) = self
                     .decide_and_apply(tx, locked.command, event, false)
                     .await?;
                 outbox.extend(rows);
@@ -319,7 +322,7 @@ impl Engine {
         command: Command,
         event: &Event,
         counts_itself: bool,
-    ) -> Result<(Vec<OutboxRow>, Option<Report>), ApplyError> {
+    ) -> Result<(Vec<OutboxRow>, Option<Report>, Command), ApplyError> {
         let mut out: Vec<Event> = Vec::new();
         let mut notes: Vec<String> = Vec::new();
 
@@ -548,8 +551,8 @@ impl Engine {
             to_state: None,
             detail: Some(json!({ "commandid": e.commandid, "data": e.data })),
         }));
-        let outbox = store::write_step(tx, &next, command.version, &history, &out).await?;
-        Ok((outbox, report))
+        let outbox = store::write_step(tx, &mut next, command.version, &history, &out).await?;
+        Ok((outbox, report, next))
     }
 
     /// Counts the transaction's reports into their groups, in (parent, group, child) order, and
