@@ -327,81 +327,72 @@ impl Engine {
         held: &[Held],
     ) -> Option<Vec<Disposition>> {
         let mut tx = self.pool.begin().await.ok()?;
-        if held.iter().any(|h| !h.is_valid()) {
+        if lock_lost(held) {
             // Paused (or starved) since the locks were taken: do not wait on a row another
             // worker may now hold under the lock we lost.
             drop(tx.rollback().await);
-            metrics::counter!(cm::LOCK_LOST).increment(1);
             return None;
         }
-        let mut applied = Vec::with_capacity(events.len());
-        let mut outbox = Vec::new();
-        let mut reports = Vec::new();
-        // Every event marked and every row locked in one statement; then each command's row is
-        // carried from one of its events to the next, as the last one wrote it.
-        let ids: Vec<CommandId> = events.iter().map(|(_, id, _)| *id).collect();
-        let sources: Vec<&str> = events.iter().map(|(_, _, e)| e.source.as_str()).collect();
-        let event_ids: Vec<&str> = events.iter().map(|(_, _, e)| e.id.as_str()).collect();
-        let mut rows: std::collections::HashMap<CommandId, store::LockedBatch> =
-            match store::lock_and_mark_batch(&mut tx, &ids, &sources, &event_ids).await {
-                Ok(rows) => rows.into_iter().map(|r| (r.command.id, r)).collect(),
-                Err(e) => {
-                    tracing::debug!(error = %e, "Locking the batch's commands failed; its batch is retried one by one.");
-                    drop(tx.rollback().await);
-                    return None;
-                }
-            };
-        for (_, id, event) in events {
-            let span = event_span(event);
-            span.record("command.id", tracing::field::display(id));
-            // A command without a row when the batch began (a root that its start creates) locks
-            // and marks each of its events itself.
-            let locked = rows.get_mut(id).map(|row| {
-                let key = store::event_key(&event.source, &event.id);
-                let fresh = match row.fresh.iter().position(|k| *k == key) {
-                    // Its first delivery in the batch; a second one is a duplicate.
-                    Some(i) => {
-                        row.fresh.swap_remove(i);
-                        true
+        let written = async {
+            let mut applied = Vec::with_capacity(events.len());
+            let mut outbox = Vec::new();
+            let mut reports = Vec::new();
+            // Every event marked and every row locked in one statement; then each command's row
+            // is carried from one of its events to the next, as the last one wrote it.
+            let ids: Vec<CommandId> = events.iter().map(|(_, id, _)| *id).collect();
+            let sources: Vec<&str> = events.iter().map(|(_, _, e)| e.source.as_str()).collect();
+            let event_ids: Vec<&str> = events.iter().map(|(_, _, e)| e.id.as_str()).collect();
+            let mut rows: std::collections::HashMap<CommandId, store::LockedBatch> =
+                store::lock_and_mark_batch(&mut tx, &ids, &sources, &event_ids)
+                    .await?
+                    .into_iter()
+                    .map(|r| (r.command.id, r))
+                    .collect();
+            for (_, id, event) in events {
+                let span = event_span(event);
+                span.record("command.id", tracing::field::display(id));
+                // A command without a row when the batch began (a root that its start creates)
+                // locks and marks each of its events itself.
+                let locked = rows.get_mut(id).map(|row| {
+                    let key = store::event_key(&event.source, &event.id);
+                    let fresh = match row.fresh.iter().position(|k| *k == key) {
+                        // Its first delivery in the batch; a second one is a duplicate.
+                        Some(i) => {
+                            row.fresh.swap_remove(i);
+                            true
+                        }
+                        None => false,
+                    };
+                    store::Locked {
+                        command: row.command.clone(),
+                        fresh,
+                        counts_itself: row.counts_itself,
                     }
-                    None => false,
-                };
-                store::Locked {
-                    command: row.command.clone(),
-                    fresh,
-                    counts_itself: row.counts_itself,
+                });
+                let (done, written, command) = self
+                    .apply_locked(&mut tx, *id, event, locked, &mut reports)
+                    .instrument(span)
+                    .await?;
+                if let Some(row) = rows.get_mut(id) {
+                    row.command = command;
                 }
-            });
-            match self
-                .apply_locked(&mut tx, *id, event, locked, &mut reports)
-                .instrument(span)
-                .await
-            {
-                Ok((done, written, command)) => {
-                    if let Some(row) = rows.get_mut(id) {
-                        row.command = command;
-                    }
-                    applied.push(done);
-                    outbox.extend(written);
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, command.id = %id, "An event failed in a batch; its batch is retried one by one.");
-                    drop(tx.rollback().await);
-                    return None;
-                }
+                applied.push(done);
+                outbox.extend(written);
             }
+            outbox.extend(self.count_reports(&mut tx, reports).await?);
+            Ok::<_, ApplyError>((applied, outbox))
         }
-        match self.count_reports(&mut tx, reports).await {
-            Ok(rows) => outbox.extend(rows),
+        .await;
+        let (applied, outbox) = match written {
+            Ok(written) => written,
             Err(e) => {
-                tracing::debug!(error = %e, "Counting the batch's reports failed; its batch is retried one by one.");
+                tracing::debug!(error = %e, "A batch's transaction failed; its events are retried one by one.");
                 drop(tx.rollback().await);
                 return None;
             }
-        }
-        if held.iter().any(|h| !h.is_valid()) {
+        };
+        if lock_lost(held) {
             drop(tx.rollback().await);
-            metrics::counter!(cm::LOCK_LOST).increment(1);
             return None;
         }
         if let Err(e) = self.commit_with_confirmed(tx).await {
@@ -412,6 +403,16 @@ impl Engine {
         self.publish_outbox(&outbox).await;
         Some(applied.into_iter().map(Disposition::Ack).collect())
     }
+}
+
+/// Whether a lock of `held` ran out since it was taken (a pause, a stall): then the transaction
+/// must write nothing. Counted in `LOCK_LOST` when so.
+fn lock_lost<'a>(held: impl IntoIterator<Item = &'a Held>) -> bool {
+    let lost = held.into_iter().any(|h| !h.is_valid());
+    if lost {
+        metrics::counter!(cm::LOCK_LOST).increment(1);
+    }
+    lost
 }
 
 /// The span an event is handled in: its id, type and trace id (from `traceparent`); the
@@ -534,11 +535,10 @@ impl Engine {
             Ok(tx) => tx,
             Err(e) => return (Disposition::Retry(format!("PostgreSQL: {e}")), Vec::new()),
         };
-        if held.is_some_and(|h| !h.is_valid()) {
+        if lock_lost(held) {
             // Paused (or starved) since the lock was taken: do not wait on a row another worker
             // may now hold under the lock we lost; the event comes back through the busy delay.
             drop(tx.rollback().await);
-            metrics::counter!(cm::LOCK_LOST).increment(1);
             return (Disposition::Busy, Vec::new());
         }
         let applied = async {
@@ -571,12 +571,11 @@ impl Engine {
             return (Disposition::Ack(applied), Vec::new());
         }
         if let Some(held) = held
-            && !held.is_valid()
+            && lock_lost([held])
         {
             // Paused or stalled past the lock's validity: another worker may hold it now. Write
             // nothing; the event comes back through the busy delay.
             drop(tx.rollback().await);
-            metrics::counter!(cm::LOCK_LOST).increment(1);
             tracing::warn!(
                 lock.key = held.key(),
                 "The lock ran out before commit; rolled back, the event will be tried again."
