@@ -44,8 +44,6 @@ const RETRY_PAUSE: Duration = Duration::from_millis(500);
 struct Claimed {
     tx: Tx<'static>,
     timers: Vec<TimerRow>,
-    /// The claim took as many as a batch holds: more may be due.
-    full: bool,
     now: DateTime<Utc>,
 }
 
@@ -106,7 +104,6 @@ impl Scheduler {
         }
         let claimed = Claimed {
             tx,
-            full: claim.timers.len() as i64 >= self.batch,
             timers: claim.timers,
             now,
         };
@@ -120,7 +117,6 @@ impl Scheduler {
             mut tx,
             timers,
             now,
-            ..
         } = claimed;
         let mut events = Vec::with_capacity(timers.len());
         for timer in &timers {
@@ -266,7 +262,8 @@ impl Scheduler {
             };
             let sleep_for = match this.claim().await {
                 Ok((Some(claimed), next)) => {
-                    let full = claimed.full;
+                    // As many as a batch holds: more may be due.
+                    let full = claimed.timers.len() as i64 >= this.batch;
                     let cycle = Arc::clone(&this);
                     let (retry, backoff) = (Arc::clone(&retry), Arc::clone(&backoff));
                     tokio::spawn(async move {

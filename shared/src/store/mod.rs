@@ -161,6 +161,14 @@ macro_rules! command_columns {
     };
 }
 
+/// Whether the command `c` is a child whose group's reports are `settled` (see
+/// [`Locked::counts_itself`]), for every statement that locks a command for an event.
+macro_rules! counts_itself {
+    () => {
+        "EXISTS (SELECT 1 FROM child_groups g WHERE g.parent_id = c.parent_id AND g.name = c.group_name AND g.reports = 'settled') AS counts_itself"
+    };
+}
+
 /// The columns of a [`GroupRow`], in one place for every statement that returns one.
 macro_rules! group_columns {
     () => {
@@ -432,8 +440,8 @@ pub async fn lock_and_mark(
         " ON CONFLICT DO NOTHING RETURNING 1)",
         " SELECT ",
         command_columns!(),
-        ", EXISTS (SELECT 1 FROM p) AS fresh,",
-        " EXISTS (SELECT 1 FROM child_groups g WHERE g.parent_id = c.parent_id AND g.name = c.group_name AND g.reports = 'settled') AS counts_itself",
+        ", EXISTS (SELECT 1 FROM p) AS fresh, ",
+        counts_itself!(),
         " FROM commands c WHERE c.id = $1 FOR UPDATE OF c"
     );
     Ok(sqlx::query_as::<_, Locked>(SQL)
@@ -480,8 +488,8 @@ pub async fn lock_and_mark_batch(
         " ON CONFLICT DO NOTHING RETURNING command_id, source, event_id)",
         " SELECT ",
         command_columns!(),
-        ", ARRAY(SELECT p.source || chr(31) || p.event_id FROM p WHERE p.command_id = c.id) AS fresh,",
-        " EXISTS (SELECT 1 FROM child_groups g WHERE g.parent_id = c.parent_id AND g.name = c.group_name AND g.reports = 'settled') AS counts_itself",
+        ", ARRAY(SELECT p.source || chr(31) || p.event_id FROM p WHERE p.command_id = c.id) AS fresh, ",
+        counts_itself!(),
         " FROM commands c WHERE c.id = ANY($1) ORDER BY c.id FOR UPDATE OF c"
     );
     let ids: Vec<uuid::Uuid> = commands.iter().map(CommandId::as_uuid).collect();
