@@ -50,6 +50,15 @@ impl Proxy {
         })
     }
 
+    /// A proxy in front of the broker of `amqp_url`, and the URL that reaches it through the
+    /// proxy.
+    pub async fn for_amqp(amqp_url: &str) -> std::io::Result<(Proxy, String)> {
+        let broker = amqp_host_port(amqp_url);
+        let proxy = Proxy::start(&broker).await?;
+        let through = amqp_url.replacen(&broker, &format!("127.0.0.1:{}", proxy.port()), 1);
+        Ok((proxy, through))
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }
@@ -65,6 +74,18 @@ impl Proxy {
     /// Accepts connections again.
     pub fn restore(&self) {
         self.open.store(true, Ordering::SeqCst);
+    }
+}
+
+/// `host:port` of an AMQP URL (port 5672 when it names none).
+fn amqp_host_port(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+    let host = rest.split('/').next().unwrap_or(rest);
+    if host.contains(':') {
+        host.to_owned()
+    } else {
+        format!("{host}:5672")
     }
 }
 

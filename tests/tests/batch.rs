@@ -10,6 +10,7 @@ use cmdflow_shared::CommandState;
 use cmdflow_tests::fleet::metric;
 use cmdflow_tests::{TestEnv, event, eventually};
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 
 const COUNTERS: usize = 20;
 const INCREMENTS: usize = 25;
@@ -19,14 +20,7 @@ async fn batches_keep_counts_exact_and_isolate_a_failing_event() {
     let mut env = TestEnv::new().await;
 
     // The counters exist before the load: one by one, with batching off.
-    let setup = env.start_worker_with(|c| c.batch = 1).await;
-    let mut counters = Vec::new();
-    for _ in 0..COUNTERS {
-        counters.push(env.start_raw("demo.counter", "member:1", json!({})).await);
-    }
-    for id in &counters {
-        env.wait_state(id, CommandState::Running).await;
-    }
+    let (counters, setup) = started_counters(&mut env, COUNTERS).await;
     let frozen = counters[0].clone();
     env.publish_raw(
         "demo.freeze",
@@ -42,8 +36,7 @@ async fn batches_keep_counts_exact_and_isolate_a_failing_event() {
         },
     )
     .await;
-    setup.cancel();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop_setup(setup).await;
 
     // The whole load waits in the queue, so the worker finds full batches: every increment
     // twice (a redelivery, same id), interleaved across counters, and one unreadable body.
@@ -128,14 +121,7 @@ async fn batches_keep_counts_exact_and_isolate_a_failing_event() {
 #[tokio::test]
 async fn redeliveries_first_in_their_batch_change_nothing() {
     let mut env = TestEnv::new().await;
-    let setup = env.start_worker_with(|c| c.batch = 1).await;
-    let mut counters = Vec::new();
-    for _ in 0..COUNTERS {
-        counters.push(env.start_raw("demo.counter", "member:1", json!({})).await);
-    }
-    for id in &counters {
-        env.wait_state(id, CommandState::Running).await;
-    }
+    let (counters, setup) = started_counters(&mut env, COUNTERS).await;
     // One increment each, applied one by one.
     let bodies: Vec<Vec<u8>> = counters
         .iter()
@@ -151,8 +137,7 @@ async fn redeliveries_first_in_their_batch_change_nothing() {
         })
         .await;
     }
-    setup.cancel();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop_setup(setup).await;
 
     // The same events again, queued before a batching worker starts, then one new increment
     // each behind them, so that the run has a visible end.
@@ -206,11 +191,9 @@ async fn redeliveries_first_in_their_batch_change_nothing() {
 #[tokio::test]
 async fn a_hot_commands_events_in_one_batch_each_see_the_last_write() {
     let mut env = TestEnv::new().await;
-    let setup = env.start_worker_with(|c| c.batch = 1).await;
-    let id = env.start_raw("demo.counter", "member:1", json!({})).await;
-    env.wait_state(&id, CommandState::Running).await;
-    setup.cancel();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (counters, setup) = started_counters(&mut env, 1).await;
+    stop_setup(setup).await;
+    let id = counters[0].clone();
 
     let n = 200;
     for _ in 0..n {
@@ -248,6 +231,27 @@ async fn a_hot_commands_events_in_one_batch_each_see_the_last_write() {
         "no batch of two or more was committed"
     );
     env.cleanup().await;
+}
+
+/// `n` counters, started one by one by a worker with batching off, all running; returns them
+/// and the token that stops that worker.
+async fn started_counters(env: &mut TestEnv, n: usize) -> (Vec<String>, CancellationToken) {
+    let setup = env.start_worker_with(|c| c.batch = 1).await;
+    let mut counters = Vec::new();
+    for _ in 0..n {
+        counters.push(env.start_raw("demo.counter", "member:1", json!({})).await);
+    }
+    for id in &counters {
+        env.wait_state(id, CommandState::Running).await;
+    }
+    (counters, setup)
+}
+
+/// Stops the set-up worker and gives it time to hand back what it had not taken, so that the
+/// load queued next waits for the batching worker.
+async fn stop_setup(setup: CancellationToken) {
+    setup.cancel();
+    tokio::time::sleep(Duration::from_millis(500)).await;
 }
 
 /// Batches of two or more committed by the workers of this test process.

@@ -623,18 +623,6 @@ fn shared_redis() -> String {
         .unwrap_or_else(|_| cmdflow_shared::Config::default().redis_urls)
 }
 
-/// `host:port` of an AMQP URL.
-fn amqp_host_port(url: &str) -> String {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
-    let host = rest.split('/').next().unwrap_or(rest);
-    if host.contains(':') {
-        host.to_owned()
-    } else {
-        format!("{host}:5672")
-    }
-}
-
 const SHAPE: Shape = Shape {
     counters: 10,
     increments: 600,
@@ -768,13 +756,7 @@ async fn a_scheduler_killed_while_timers_are_due_fires_each_once_after_its_resta
 #[tokio::test]
 async fn a_network_cut_to_the_broker_loses_no_accepted_event() {
     let world = World::create(&shared_pg_server(), &shared_amqp(), &shared_redis()).await;
-    let broker = amqp_host_port(&world.config.amqp_url);
-    let proxy = Proxy::start(&broker).await.unwrap();
-    let through_proxy =
-        world
-            .config
-            .amqp_url
-            .replacen(&broker, &format!("127.0.0.1:{}", proxy.port()), 1);
+    let (proxy, through_proxy) = Proxy::for_amqp(&world.config.amqp_url).await.unwrap();
     let mut fleet = fleet_of(&world, Some(through_proxy), 2).await;
     let run = Run::begin("broker network cut", &world, &fleet, SHAPE, LOAD_FOR).await;
     run.at(FAULT_AT).await;

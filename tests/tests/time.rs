@@ -214,14 +214,7 @@ async fn two_schedulers_never_fire_a_timer_twice() {
             .await,
         );
     }
-    eventually(WAIT, "every timer set", || async {
-        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM timers")
-            .fetch_one(&env.pool)
-            .await
-            .unwrap();
-        (count == n).then_some(())
-    })
-    .await;
+    every_timer_set(&env, n).await;
     let a = env.scheduler(Arc::new(SystemClock));
     let b = env.scheduler(Arc::new(SystemClock));
     let (mut fired_a, mut fired_b) = (0, 0);
@@ -258,23 +251,7 @@ async fn running_schedulers_with_overlapping_cycles_publish_each_firing_once() {
 
     let n: i64 = 300;
     let t0 = Utc::now() + chrono::Duration::seconds(4);
-    let mut ids = Vec::new();
-    for i in 0..n {
-        let at = t0 + chrono::Duration::milliseconds(3 * i);
-        let at = at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-        ids.push(
-            env.start_raw("demo.timer", &format!("lead:{i}"), json!({"at": at}))
-                .await,
-        );
-    }
-    eventually(WAIT, "every timer set", || async {
-        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM timers")
-            .fetch_one(&env.pool)
-            .await
-            .unwrap();
-        (count == n).then_some(())
-    })
-    .await;
+    let ids = timers_due_from(&env, t0, n, chrono::Duration::milliseconds(3)).await;
     env.start_scheduler();
     env.start_scheduler();
     for id in &ids {
@@ -292,12 +269,7 @@ async fn timers_due_while_the_broker_link_is_cut_fire_once_when_it_returns() {
     let mut env = TestEnv::new().await;
     env.start_worker().await;
     let mut probe = Probe::bind(&env, "timer.fired").await;
-    let broker = host_port(&env.config.amqp_url);
-    let proxy = Proxy::start(&broker).await.unwrap();
-    let url = env
-        .config
-        .amqp_url
-        .replacen(&broker, &format!("127.0.0.1:{}", proxy.port()), 1);
+    let (proxy, url) = Proxy::for_amqp(&env.config.amqp_url).await.unwrap();
     let bus = Bus::connect(&url, &env.config.namespace, "cut-scheduler")
         .await
         .unwrap();
@@ -307,23 +279,7 @@ async fn timers_due_while_the_broker_link_is_cut_fire_once_when_it_returns() {
 
     let n: i64 = 40;
     let t0 = Utc::now() + chrono::Duration::seconds(4);
-    let mut ids = Vec::new();
-    for i in 0..n {
-        let at = t0 + chrono::Duration::milliseconds(10 * i);
-        let at = at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-        ids.push(
-            env.start_raw("demo.timer", &format!("lead:{i}"), json!({"at": at}))
-                .await,
-        );
-    }
-    eventually(WAIT, "every timer set", || async {
-        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM timers")
-            .fetch_one(&env.pool)
-            .await
-            .unwrap();
-        (count == n).then_some(())
-    })
-    .await;
+    let ids = timers_due_from(&env, t0, n, chrono::Duration::milliseconds(10)).await;
     assert!(
         Utc::now() < t0,
         "the timers were set too slowly for this test"
@@ -364,6 +320,36 @@ async fn timers_due_while_the_broker_link_is_cut_fire_once_when_it_returns() {
     shutdown.cancel();
     running.await.unwrap();
     env.cleanup().await;
+}
+
+/// `n` `demo.timer` commands whose timers fall due `step` apart from `t0`; returns their ids once
+/// every timer is set.
+async fn timers_due_from(
+    env: &TestEnv,
+    t0: DateTime<Utc>,
+    n: i64,
+    step: chrono::Duration,
+) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let at = (t0 + step * i as i32).to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        let owner = format!("lead:{i}");
+        ids.push(env.start_raw("demo.timer", &owner, json!({"at": at})).await);
+    }
+    every_timer_set(env, n).await;
+    ids
+}
+
+/// Waits until the timers table holds `n` timers.
+async fn every_timer_set(env: &TestEnv, n: i64) {
+    eventually(WAIT, "every timer set", || async {
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM timers")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+        (count == n).then_some(())
+    })
+    .await;
 }
 
 /// A queue bound to the events exchange that counts what the schedulers publish.
@@ -447,18 +433,6 @@ impl Probe {
                 "the timer of {id} was published {firings} times"
             );
         }
-    }
-}
-
-/// `host:port` of an AMQP URL.
-fn host_port(url: &str) -> String {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
-    let host = rest.split('/').next().unwrap_or(rest);
-    if host.contains(':') {
-        host.to_owned()
-    } else {
-        format!("{host}:5672")
     }
 }
 
