@@ -378,20 +378,12 @@ impl Run {
             }
             anyhow::Ok(started.elapsed())
         };
-        let drain = poll_until(name, || async {
-            let total: Option<i64> = sqlx::query_scalar(
-                "SELECT sum((data->>'count')::bigint)::bigint FROM commands WHERE id = ANY($1)",
-            )
-            .bind(targets)
-            .fetch_one(&self.pool)
-            .await?;
-            let total = total.unwrap_or(0);
-            Ok(if total >= expected {
-                Polled::Done(total)
-            } else {
-                Polled::Waiting(format!("only {total} of {expected} applied"))
-            })
-        });
+        let drain = self.sum_reaches(
+            name,
+            "SELECT sum((data->>'count')::bigint)::bigint FROM commands WHERE id = ANY($1)",
+            targets,
+            expected,
+        );
         let (published_in, total) = tokio::try_join!(publisher, drain)?;
         let elapsed = started.elapsed();
         if total != expected {
@@ -1134,6 +1126,31 @@ enum Polled<T> {
 
 /// Checks every 100 ms until `check` says done; after 900 s the error is `{what}: {progress}
 /// within 900s`, with the progress it last reported.
+impl Run {
+    /// Polls `sql` (a sum over the counters `$1`) until it reaches `expected`; returns the sum.
+    async fn sum_reaches(
+        &self,
+        name: &str,
+        sql: &'static str,
+        ids: &[Uuid],
+        expected: i64,
+    ) -> anyhow::Result<i64> {
+        poll_until(name, || async {
+            let total: Option<i64> = sqlx::query_scalar(sql)
+                .bind(ids)
+                .fetch_one(&self.pool)
+                .await?;
+            let total = total.unwrap_or(0);
+            Ok(if total >= expected {
+                Polled::Done(total)
+            } else {
+                Polled::Waiting(format!("only {total} of {expected} applied"))
+            })
+        })
+        .await
+    }
+}
+
 async fn poll_until<T, F, Fut>(what: &str, mut check: F) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,

@@ -576,20 +576,12 @@ impl Run {
                 .await?;
             anyhow::Ok(started.elapsed())
         };
-        let drain = poll_until(name, || async {
-            let total: Option<i64> = sqlx::query_scalar(
-                "SELECT sum(n)::bigint FROM baseline_counters WHERE id = ANY($1)",
-            )
-            .bind(&ids)
-            .fetch_one(&self.pool)
-            .await?;
-            let total = total.unwrap_or(0);
-            Ok(if total >= expected {
-                Polled::Done(total)
-            } else {
-                Polled::Waiting(format!("only {total} of {expected} applied"))
-            })
-        });
+        let drain = self.sum_reaches(
+            name,
+            "SELECT sum(n)::bigint FROM baseline_counters WHERE id = ANY($1)",
+            &ids,
+            expected,
+        );
         let outcome = tokio::try_join!(publisher, drain);
         let elapsed = started.elapsed();
         consumers.stop().await;
