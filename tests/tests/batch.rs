@@ -233,6 +233,66 @@ async fn a_hot_commands_events_in_one_batch_each_see_the_last_write() {
     env.cleanup().await;
 }
 
+/// A batch keeps each event's step (row, history, outbox) back and writes them together; a
+/// statement that reads other commands' rows first writes what was kept back. In one batch, two
+/// of a parent's three detached children finish and then the parent does (its id sorts after
+/// theirs, so its event goes last): ending, the parent aborts only the child still open.
+#[tokio::test]
+async fn a_batch_reads_the_steps_it_kept_back() {
+    let mut env = TestEnv::new().await;
+    let setup = env.start_worker_with(|c| c.batch = 1).await;
+    let parent = format!(
+        "ffffffff-ffff-7fff-bfff-{:012x}",
+        uuid::Uuid::now_v7().as_u128() & 0xffff_ffff_ffff
+    );
+    let start = json!({
+        "specversion": "1.0", "id": uuid::Uuid::now_v7().to_string(), "source": "tests",
+        "type": "command.start", "commandid": parent,
+        "data": {"kind": "demo.fanout", "owner": "member:1",
+                 "data": {"children": 3, "child_kind": "demo.counter", "detached": true}},
+    });
+    env.publish_raw("command.start", &serde_json::to_vec(&start).unwrap())
+        .await;
+    let kids = env.children_running(&parent, 3).await;
+    env.wait_state(&parent, CommandState::Running).await;
+    stop_setup(setup).await;
+
+    let worker = env.build_worker(|_| {}).await;
+    let finish = |id: &str| serde_json::to_vec(&event("demo.finish", Some(id), json!({}))).unwrap();
+    let bodies = [finish(&kids[0]), finish(&kids[1]), finish(&parent)];
+    let bodies: Vec<&[u8]> = bodies.iter().map(Vec::as_slice).collect();
+    let outcomes = worker.engine().process_batch(&bodies).await;
+    for outcome in &outcomes {
+        assert!(
+            matches!(
+                outcome,
+                cmdflow_workers::Disposition::Ack(cmdflow_workers::Applied::Applied)
+            ),
+            "{outcome:?}"
+        );
+    }
+    for id in [&kids[0], &kids[1], &parent] {
+        assert_eq!(
+            env.command(id).await.unwrap().state,
+            CommandState::Completed
+        );
+    }
+    let aborted: Vec<String> = sqlx::query_scalar(
+        "SELECT detail->>'commandid' FROM command_events
+          WHERE command_id = $1::uuid AND entry = 'emitted' AND event_type = 'command.abort'",
+    )
+    .bind(&parent)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        aborted,
+        vec![kids[2].clone()],
+        "the parent aborts only the open child"
+    );
+    env.cleanup().await;
+}
+
 /// `n` counters, started one by one by a worker with batching off, all running; returns them
 /// and the token that stops that worker.
 async fn started_counters(env: &mut TestEnv, n: usize) -> (Vec<String>, CancellationToken) {

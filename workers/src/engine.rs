@@ -214,9 +214,10 @@ impl Engine {
     /// commands whose locks are free at once are applied in one transaction and one commit,
     /// their outbox events published together under confirms: each command's events one after
     /// the other, in the order they came, under its one lock, so a command still handles one
-    /// event at a time. A command whose lock was busy is waited for afterwards, one at a time,
-    /// and its events applied together; broadcasts and events whose transaction failed go one
-    /// by one through [`Engine::process`].
+    /// event at a time. A command that another batch of this worker holds goes in a second
+    /// round, when its turn comes; one whose Redis lock another worker holds is waited for
+    /// afterwards, one at a time, and its events applied together. Broadcasts and events whose
+    /// transaction failed go one by one through [`Engine::process`].
     pub async fn process_batch(&self, bodies: &[&[u8]]) -> Vec<Disposition> {
         let started = Instant::now();
         let mut dispositions: Vec<Option<Disposition>> = vec![None; bodies.len()];
@@ -233,77 +234,30 @@ impl Engine {
             }
         }
         if together.len() >= 2 {
-            // By command, each command's events in the order they came. Ascending ids: two
-            // batches in this worker never wait on each other in a cycle.
+            // By command, each command's events in the order they came, in ascending id order.
             together.sort_by_key(|(i, id, _)| (*id, *i));
             let mut ids: Vec<CommandId> = together.iter().map(|(_, id, _)| *id).collect();
             ids.dedup();
-            let mut turns = Vec::with_capacity(ids.len());
-            for id in &ids {
-                turns.push(self.local.lock(*id).await);
-            }
-            // One try per lock, all at once (their Redis calls share the connections): a batch
-            // never holds some locks while it waits for another.
-            let held: Vec<Option<Held>> = match &self.locks {
-                None => ids.iter().map(|_| None).collect(),
-                Some(locks) => {
-                    let tries = ids.iter().map(|id| locks.try_acquire(*id));
-                    futures::future::join_all(tries)
-                        .await
-                        .into_iter()
-                        .map(|r| r.ok().flatten())
-                        .collect()
+            // The commands no other batch of this worker holds go first. Those that one holds
+            // are queued for in the same step and go second, when their turns come: a command
+            // shared with an earlier batch holds back only its own events, not the batch.
+            let (now, queued) = self.local.take_all(&ids);
+            let busy: Vec<CommandId> = queued.iter().map(local::Queued::id).collect();
+            let (later, first): (Vec<_>, Vec<_>) = together
+                .into_iter()
+                .partition(|(_, id, _)| busy.binary_search(id).is_ok());
+            self.apply_round(first, started, &mut dispositions, &mut alone)
+                .await;
+            drop(now);
+            if !later.is_empty() {
+                let mut turns = Vec::with_capacity(queued.len());
+                for turn in queued {
+                    turns.push(turn.come().await);
                 }
-            };
-            let mut ready = Vec::new();
-            // Events whose command's lock another worker holds: theirs is the second round.
-            let mut waiting: Vec<(usize, CommandId, Event)> = Vec::new();
-            for (i, id, event) in together {
-                let locked = ids
-                    .binary_search(&id)
-                    .is_ok_and(|k| self.locks.is_none() || held[k].is_some());
-                if locked {
-                    ready.push((i, id, event));
-                } else {
-                    waiting.push((i, id, event));
-                }
+                self.apply_round(later, started, &mut dispositions, &mut alone)
+                    .await;
+                drop(turns);
             }
-            // Outcomes go to their deliveries; a failed transaction sends its events alone.
-            let mut settle =
-                |group: &[(usize, CommandId, Event)], outcomes: Option<Vec<_>>| match outcomes {
-                    Some(outcomes) => {
-                        for ((i, _, event), outcome) in group.iter().zip(outcomes) {
-                            record_outcome(&outcome, event.ty.clone(), event.time, started);
-                            dispositions[*i] = Some(outcome);
-                        }
-                    }
-                    None => alone.extend(group.iter().map(|(i, _, _)| *i)),
-                };
-            let held: Vec<Held> = held.into_iter().flatten().collect();
-            if !ready.is_empty() {
-                settle(&ready, self.transact_many(&ready, &held).await);
-            }
-            if let Some(locks) = &self.locks {
-                futures::future::join_all(held.into_iter().map(|h| locks.release(h))).await;
-                // Second round, one command at a time, holding no other lock while it waits:
-                // each busy command's events of this batch in one transaction under its lock.
-                for chunk in waiting.chunk_by(|a, b| a.1 == b.1) {
-                    let outcomes = match locks.acquire(chunk[0].1).await {
-                        Ok(Some(held)) => {
-                            let done = self.transact_many(chunk, std::slice::from_ref(&held)).await;
-                            locks.release(held).await;
-                            done
-                        }
-                        Ok(None) => {
-                            metrics::counter!(cm::LOCK_BUSY).increment(chunk.len() as u64);
-                            Some(vec![Disposition::Busy; chunk.len()])
-                        }
-                        Err(e) => Some(vec![Disposition::Retry(e.to_string()); chunk.len()]),
-                    };
-                    settle(chunk, outcomes);
-                }
-            }
-            drop(turns);
         } else {
             alone.extend(together.into_iter().map(|(i, _, _)| i));
         }
@@ -316,6 +270,85 @@ impl Engine {
             .into_iter()
             .map(|d| d.unwrap_or_else(|| Disposition::Retry("not processed".to_owned())))
             .collect()
+    }
+
+    /// Applies events (sorted by command, each command's in the order they came) whose local
+    /// turns this batch holds: those whose Redis locks are free at once in one transaction, then
+    /// each command whose lock another worker holds, one at a time, once its lock comes. An
+    /// event whose transaction failed goes to `alone`, to be tried by itself.
+    async fn apply_round(
+        &self,
+        together: Vec<(usize, CommandId, Event)>,
+        started: Instant,
+        dispositions: &mut [Option<Disposition>],
+        alone: &mut Vec<usize>,
+    ) {
+        if together.is_empty() {
+            return;
+        }
+        let mut ids: Vec<CommandId> = together.iter().map(|(_, id, _)| *id).collect();
+        ids.dedup();
+        // One try per lock, all at once (their Redis calls share the connections): a batch
+        // never holds some locks while it waits for another.
+        let held: Vec<Option<Held>> = match &self.locks {
+            None => ids.iter().map(|_| None).collect(),
+            Some(locks) => {
+                let tries = ids.iter().map(|id| locks.try_acquire(*id));
+                futures::future::join_all(tries)
+                    .await
+                    .into_iter()
+                    .map(|r| r.ok().flatten())
+                    .collect()
+            }
+        };
+        let mut ready = Vec::new();
+        // Events whose command's lock another worker holds: theirs is the second round.
+        let mut waiting: Vec<(usize, CommandId, Event)> = Vec::new();
+        for (i, id, event) in together {
+            let locked = ids
+                .binary_search(&id)
+                .is_ok_and(|k| self.locks.is_none() || held[k].is_some());
+            if locked {
+                ready.push((i, id, event));
+            } else {
+                waiting.push((i, id, event));
+            }
+        }
+        // Outcomes go to their deliveries; a failed transaction sends its events alone.
+        let mut settle =
+            |group: &[(usize, CommandId, Event)], outcomes: Option<Vec<_>>| match outcomes {
+                Some(outcomes) => {
+                    for ((i, _, event), outcome) in group.iter().zip(outcomes) {
+                        record_outcome(&outcome, event.ty.clone(), event.time, started);
+                        dispositions[*i] = Some(outcome);
+                    }
+                }
+                None => alone.extend(group.iter().map(|(i, _, _)| *i)),
+            };
+        let held: Vec<Held> = held.into_iter().flatten().collect();
+        if !ready.is_empty() {
+            settle(&ready, self.transact_many(&ready, &held).await);
+        }
+        if let Some(locks) = &self.locks {
+            futures::future::join_all(held.into_iter().map(|h| locks.release(h))).await;
+            // Second round, one command at a time, holding no other lock while it waits:
+            // each busy command's events of this batch in one transaction under its lock.
+            for chunk in waiting.chunk_by(|a, b| a.1 == b.1) {
+                let outcomes = match locks.acquire(chunk[0].1).await {
+                    Ok(Some(held)) => {
+                        let done = self.transact_many(chunk, std::slice::from_ref(&held)).await;
+                        locks.release(held).await;
+                        done
+                    }
+                    Ok(None) => {
+                        metrics::counter!(cm::LOCK_BUSY).increment(chunk.len() as u64);
+                        Some(vec![Disposition::Busy; chunk.len()])
+                    }
+                    Err(e) => Some(vec![Disposition::Retry(e.to_string()); chunk.len()]),
+                };
+                settle(chunk, outcomes);
+            }
+        }
     }
 
     /// Applies events, in order, to commands whose locks are held, in one transaction. `None`
@@ -348,6 +381,13 @@ impl Engine {
                     .into_iter()
                     .map(|r| (r.command.id, r))
                     .collect();
+            // Each event's step (row, history, outbox) is kept back and all are written in one
+            // statement before the commit, or earlier when a statement reads other rows.
+            let now = rows
+                .values()
+                .next()
+                .map_or_else(chrono::Utc::now, |r| r.now);
+            let mut steps = store::Steps::new(now);
             for (_, id, event) in events {
                 let span = event_span(event);
                 span.record("command.id", tracing::field::display(id));
@@ -370,7 +410,7 @@ impl Engine {
                     }
                 });
                 let (done, written, command) = self
-                    .apply_locked(&mut tx, *id, event, locked, &mut reports)
+                    .apply_locked(&mut tx, *id, event, locked, &mut reports, Some(&mut steps))
                     .instrument(span)
                     .await?;
                 if let Some(row) = rows.get_mut(id) {
@@ -379,6 +419,8 @@ impl Engine {
                 applied.push(done);
                 outbox.extend(written);
             }
+            store::flush_steps(&mut tx, &mut steps).await?;
+            outbox.extend(steps.written);
             outbox.extend(self.count_reports(&mut tx, reports).await?);
             Ok::<_, ApplyError>((applied, outbox))
         }

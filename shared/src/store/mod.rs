@@ -463,6 +463,8 @@ pub struct LockedBatch {
     pub fresh: Vec<String>,
     /// As in [`Locked`].
     pub counts_itself: bool,
+    /// The transaction's `now()`.
+    pub now: DateTime<Utc>,
 }
 
 /// The key of an event in [`LockedBatch::fresh`].
@@ -490,7 +492,7 @@ pub async fn lock_and_mark_batch(
         command_columns!(),
         ", ARRAY(SELECT p.source || chr(31) || p.event_id FROM p WHERE p.command_id = c.id) AS fresh, ",
         counts_itself!(),
-        " FROM commands c WHERE c.id = ANY($1) ORDER BY c.id FOR UPDATE OF c"
+        ", now() AS now FROM commands c WHERE c.id = ANY($1) ORDER BY c.id FOR UPDATE OF c"
     );
     let ids: Vec<uuid::Uuid> = commands.iter().map(CommandId::as_uuid).collect();
     Ok(sqlx::query_as::<_, LockedBatch>(SQL)
@@ -613,6 +615,187 @@ pub async fn write_step(
             })
         })
         .collect())
+}
+
+/// Steps of a batch's transaction kept back to be written together by [`flush_steps`]: the last
+/// row of each command (fenced by the version the transaction read first), and every history
+/// line and outbox event in the order they were written. What [`write_step`] writes, in one
+/// round trip for the whole batch instead of one per event.
+///
+/// Nothing else in the transaction sees a kept-back step until it is flushed: flush before any
+/// statement that reads other commands' rows, their history or the outbox.
+#[derive(Debug)]
+pub struct Steps {
+    /// The transaction's `now()`, for the rows as they will be written.
+    now: DateTime<Utc>,
+    rows: Vec<(i64, Command)>,
+    index: std::collections::HashMap<CommandId, usize>,
+    history: Vec<Value>,
+    /// Each event to the outbox: its command, type and body.
+    outbox: Vec<(CommandId, String, Value)>,
+    /// Outbox rows of the steps flushed so far, to publish after the commit.
+    pub written: Vec<OutboxRow>,
+}
+
+impl Steps {
+    /// Nothing kept back yet, in a transaction whose `now()` is `now`.
+    pub fn new(now: DateTime<Utc>) -> Self {
+        Self {
+            now,
+            rows: Vec::new(),
+            index: std::collections::HashMap::new(),
+            history: Vec::new(),
+            outbox: Vec::new(),
+            written: Vec::new(),
+        }
+    }
+
+    /// [`write_step`], kept back. `next` is brought up to the row as it will be written.
+    pub fn step(
+        &mut self,
+        next: &mut Command,
+        seen_version: i64,
+        history: &[HistoryEntry],
+        events: &[crate::contract::Event],
+    ) {
+        let now = self.now;
+        next.version = seen_version + 1;
+        next.updated_at = now;
+        next.ended_at = if next.state.is_terminal() {
+            next.ended_at.or(Some(now))
+        } else {
+            None
+        };
+        match self.index.get(&next.id) {
+            Some(&i) => self.rows[i].1 = next.clone(),
+            None => {
+                self.index.insert(next.id, self.rows.len());
+                self.rows.push((seen_version, next.clone()));
+            }
+        }
+        self.history(next.id, next.version, history);
+        self.outbox.extend(events.iter().map(|e| {
+            let body = serde_json::to_value(e).unwrap_or(Value::Null);
+            (next.id, e.ty.clone(), body)
+        }));
+    }
+
+    /// [`append_history`], kept back.
+    pub fn history(&mut self, command: CommandId, version: i64, entries: &[HistoryEntry]) {
+        self.history.extend(entries.iter().map(|e| {
+            let mut line = serde_json::to_value(e).unwrap_or(Value::Null);
+            if let Value::Object(line) = &mut line {
+                line.insert("command_id".into(), serde_json::json!(command));
+                line.insert("version".into(), serde_json::json!(version));
+            }
+            line
+        }));
+    }
+
+    fn is_empty(&self) -> bool {
+        self.rows.is_empty() && self.history.is_empty() && self.outbox.is_empty()
+    }
+}
+
+/// Writes the steps `steps` kept back, in one round trip: each command's row, fenced by the
+/// version the transaction first read (a row that moved on is a conflict, and the caller rolls
+/// back), the history lines and the outbox events in order. The outbox rows join
+/// `steps.written`.
+pub async fn flush_steps(tx: &mut Tx<'_>, steps: &mut Steps) -> Result<()> {
+    if steps.is_empty() {
+        return Ok(());
+    }
+    #[derive(sqlx::FromRow)]
+    struct Written {
+        updated: Vec<uuid::Uuid>,
+        id: Option<i64>,
+    }
+    let ids: Vec<uuid::Uuid> = steps.rows.iter().map(|(_, c)| c.id.as_uuid()).collect();
+    let rows: Vec<Value> = steps
+        .rows
+        .iter()
+        .map(|(seen, c)| {
+            serde_json::json!({
+                "id": c.id, "seen": seen, "version": c.version, "state": c.state.as_str(),
+                "data": c.data, "result": c.result, "reason": c.reason, "ui": c.ui,
+            })
+        })
+        .collect();
+    let written = sqlx::query_as::<_, Written>(
+        "WITH v AS (
+            SELECT * FROM jsonb_to_recordset($1)
+                AS v(id uuid, seen bigint, version bigint, state command_state, data jsonb,
+                     result jsonb, reason text, ui jsonb)),
+         u AS (
+            UPDATE commands c
+               SET state = v.state, data = v.data, result = v.result, reason = v.reason,
+                   ui = v.ui, version = v.version, updated_at = now(),
+                   ended_at = CASE WHEN v.state IN ('completed'::command_state, 'failed'::command_state, 'aborted'::command_state)
+                                   THEN coalesce(c.ended_at, now()) END
+              FROM v
+             WHERE c.id = ANY($4) AND c.id = v.id AND c.version = v.seen
+         RETURNING c.id),
+         h AS (
+            INSERT INTO command_events (command_id, version, entry, event_id, event_type, from_state, to_state, detail)
+            SELECT (e->>'command_id')::uuid, (e->>'version')::bigint, e->>'entry', e->>'event_id',
+                   e->>'event_type', (e->>'from_state')::command_state,
+                   (e->>'to_state')::command_state, nullif(e->'detail', 'null'::jsonb)
+              FROM jsonb_array_elements($2) WITH ORDINALITY AS r(e, ord)
+             ORDER BY r.ord),
+         o AS (
+            INSERT INTO outbox (command_id, event_id, event_type, body)
+            SELECT (r.x->>0)::uuid, r.x->1->>'id', r.x->1->>'type', r.x->1
+              FROM jsonb_array_elements($3) WITH ORDINALITY AS r(x, ord)
+             ORDER BY r.ord
+         RETURNING id)
+         SELECT ARRAY(SELECT id FROM u) AS updated, o.id
+           FROM (SELECT 1) AS one LEFT JOIN o ON true
+          ORDER BY o.id",
+    )
+    .bind(Value::Array(rows))
+    .bind(Value::Array(std::mem::take(&mut steps.history)))
+    .bind(Value::Array(
+        steps
+            .outbox
+            .iter()
+            .map(|(command, _, body)| serde_json::json!([command, body]))
+            .collect(),
+    ))
+    // The ids again, as an array: the row estimate of a JSON record set is a guess, and with
+    // it the planner may scan the whole table; `= ANY` goes through the primary key.
+    .bind(ids)
+    .fetch_all(&mut **tx)
+    .await?;
+    let updated = written
+        .first()
+        .map(|w| w.updated.as_slice())
+        .unwrap_or_default();
+    if let Some((seen, c)) = steps
+        .rows
+        .iter()
+        .find(|(_, c)| !updated.contains(&c.id.as_uuid()))
+    {
+        return Err(StoreError::Conflict {
+            id: c.id,
+            version: *seen,
+        });
+    }
+    steps.rows.clear();
+    steps.index.clear();
+    // The ids come back ascending, as the rows were inserted: in the order of `outbox`. The
+    // bodies stay here instead of coming back over the wire.
+    let ids = written.iter().filter_map(|w| w.id);
+    let events = std::mem::take(&mut steps.outbox);
+    steps.written.extend(
+        ids.zip(events)
+            .map(|(id, (command_id, event_type, body))| OutboxRow {
+                id,
+                command_id,
+                event_type,
+                body,
+            }),
+    );
+    Ok(())
 }
 
 /// One line of a command's history.

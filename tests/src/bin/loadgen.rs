@@ -11,7 +11,9 @@
 //!   one owner per 10 commands), under 50 concurrent requests (run with `--workers 0 --schedulers 0`).
 //! - feedw1: the same seed, then W1 with the run's workers while `--feed-clients` (10) clients
 //!   read the feed of random owners through a gateway, unpaced (each sends its next request when
-//!   the last one answers): the feed's p50/p99 and W1's events/s in one line.
+//!   the last one answers): the feed's p50/p99 and W1's events/s in one line. With
+//!   `--event-rate`, W1 is published at that pace instead of all at once: the feed's latency
+//!   while the fleet carries a given load.
 //! - b1–b4: the hand-written baseline (`loadgen/baseline.rs`) in the shapes of W1–W4: no cmdflow
 //!   engine, just consume, a Redis `SET NX PX` lock, one PostgreSQL transaction, commit, ack.
 //!   When a run has a W workload and its baseline, it prints `{"ratio": "w1/b1", "value": …}`
@@ -97,6 +99,10 @@ struct Args {
     /// request as soon as the last one is answered).
     #[arg(long, default_value_t = 0)]
     feed_rate: u64,
+    /// W1, feedw1: increments published per second (0: all at once, as fast as the broker
+    /// takes them). Paced, W1 measures latency at a given load instead of throughput.
+    #[arg(long, default_value_t = 0)]
+    event_rate: u64,
     /// Print a Markdown table of the JSON lines in this file (as `scripts/bench.sh` saves them),
     /// with each W workload's ratio to its baseline, and exit without running anything.
     #[arg(long, value_name = "FILE")]
@@ -367,9 +373,22 @@ impl Run {
         mut events: Vec<Value>,
     ) -> anyhow::Result<Value> {
         let expected = events.len() as i64;
+        let rate = self.args.event_rate;
+        // Paced: a tick every 10 ms (or every event, below 100/s), each publishing its share.
+        let chunk = if rate == 0 {
+            500
+        } else {
+            (rate / 100).max(1) as usize
+        };
         let started = Instant::now();
         let publisher = async {
-            for chunk in events.chunks_mut(500) {
+            let mut pace = (rate > 0).then(|| {
+                tokio::time::interval(Duration::from_secs_f64(chunk as f64 / rate as f64))
+            });
+            for chunk in events.chunks_mut(chunk) {
+                if let Some(pace) = &mut pace {
+                    pace.tick().await;
+                }
                 let now_us = chrono::Utc::now().timestamp_micros();
                 for e in chunk.iter_mut() {
                     e["data"]["sent_us"] = json!(now_us);
@@ -411,6 +430,7 @@ impl Run {
             "prefetch": self.args.prefetch,
             "batch": self.args.batch,
             "lock": !self.args.no_lock,
+            "event_rate": (rate > 0).then_some(rate),
             "published_s": (published_in.as_secs_f64() * 1000.0).round() / 1000.0,
             "elapsed_s": (elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
             "events_per_s": (expected as f64 / elapsed.as_secs_f64()).round(),

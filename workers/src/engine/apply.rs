@@ -98,6 +98,15 @@ fn obj(value: Value) -> Map<String, Value> {
     }
 }
 
+/// Writes the steps a batch kept back (if it keeps any), before a statement that reads other
+/// commands' rows.
+async fn flush(tx: &mut Tx<'_>, steps: Option<&mut store::Steps>) -> Result<(), ApplyError> {
+    if let Some(steps) = steps {
+        store::flush_steps(tx, steps).await?;
+    }
+    Ok(())
+}
+
 impl Engine {
     /// Applies one event addressed to `command_id` inside `tx`. Returns the outbox rows to
     /// publish after commit. A child that ends and counts itself into its group adds its
@@ -110,7 +119,7 @@ impl Engine {
         reports: &mut Vec<Report>,
     ) -> Result<(Applied, Vec<OutboxRow>), ApplyError> {
         let (applied, outbox, _) = self
-            .apply_locked(tx, command_id, event, None, reports)
+            .apply_locked(tx, command_id, event, None, reports, None)
             .await?;
         Ok((applied, outbox))
     }
@@ -118,7 +127,9 @@ impl Engine {
     /// [`Engine::apply`], where `locked` is the command's row as this transaction already locked
     /// it, with whether this event was fresh when it was marked (the batch path); `None` locks
     /// and marks it here. Also returns the command's row as it is after the event, for the
-    /// command's next event in the same transaction.
+    /// command's next event in the same transaction. With `steps`, the command's row, history
+    /// and outbox events are kept back there (and no outbox rows are returned), to be written
+    /// with the batch's other steps.
     pub async fn apply_locked(
         &self,
         tx: &mut Tx<'_>,
@@ -126,6 +137,7 @@ impl Engine {
         event: &Event,
         locked: Option<store::Locked>,
         reports: &mut Vec<Report>,
+        mut steps: Option<&mut store::Steps>,
     ) -> Result<(Applied, Vec<OutboxRow>, Command), ApplyError> {
         if event.ty == COMMAND_START {
             // A child's row is created by its parent; a root's by its start event (a row locked
@@ -137,7 +149,11 @@ impl Engine {
         }
         let locked = match locked {
             Some(locked) => Some(locked),
-            None => store::lock_and_mark(tx, command_id, &event.source, &event.id).await?,
+            None => {
+                // Its row may carry a step kept back (a root's second event in the batch).
+                flush(tx, steps.as_deref_mut()).await?;
+                store::lock_and_mark(tx, command_id, &event.source, &event.id).await?
+            }
         };
         let Some(store::Locked {
             command,
@@ -172,24 +188,22 @@ impl Engine {
             None
         };
         if let Some(reason) = ignore {
-            store::append_history(
-                tx,
-                command_id,
-                command.version,
-                &[HistoryEntry {
-                    entry: EntryKind::Ignored,
-                    event_id: Some(event.id.clone()),
-                    event_type: Some(event.ty.clone()),
-                    from_state: None,
-                    to_state: None,
-                    detail: Some(json!({ "reason": reason, "source": event.source })),
-                }],
-            )
-            .await?;
+            let line = [HistoryEntry {
+                entry: EntryKind::Ignored,
+                event_id: Some(event.id.clone()),
+                event_type: Some(event.ty.clone()),
+                from_state: None,
+                to_state: None,
+                detail: Some(json!({ "reason": reason, "source": event.source })),
+            }];
+            match steps {
+                Some(steps) => steps.history(command_id, command.version, &line),
+                None => store::append_history(tx, command_id, command.version, &line).await?,
+            }
             return Ok((Applied::Ignored, Vec::new(), command));
         }
         let (outbox, report, written) = self
-            .decide_and_apply(tx, command, event, counts_itself)
+            .decide_and_apply(tx, command, event, counts_itself, steps)
             .await?;
         reports.extend(report);
         Ok((Applied::Applied, outbox, written))
@@ -251,7 +265,7 @@ impl Engine {
                     .ok_or(ApplyError::NotFound(id))?;
                 // A root: it has no group to report to.
                 let (rows, _, _) = self
-                    .decide_and_apply(tx, locked.command, event, false)
+                    .decide_and_apply(tx, locked.command, event, false, None)
                     .await?;
                 outbox.extend(rows);
                 applied = Applied::Applied;
@@ -322,17 +336,32 @@ impl Engine {
         command: Command,
         event: &Event,
         counts_itself: bool,
+        mut steps: Option<&mut store::Steps>,
     ) -> Result<(Vec<OutboxRow>, Option<Report>, Command), ApplyError> {
         let mut out: Vec<Event> = Vec::new();
         let mut notes: Vec<String> = Vec::new();
 
         if types::is_ack(&event.ty) {
-            self.fold_ack(tx, &command, event, &mut out, &mut notes)
-                .await?;
+            self.fold_ack(
+                tx,
+                &command,
+                event,
+                &mut out,
+                &mut notes,
+                steps.as_deref_mut(),
+            )
+            .await?;
         }
         if event.ty == CHILDREN_DEADLINE {
-            self.group_deadline(tx, &command, event, &mut out, &mut notes)
-                .await?;
+            self.group_deadline(
+                tx,
+                &command,
+                event,
+                &mut out,
+                &mut notes,
+                steps.as_deref_mut(),
+            )
+            .await?;
         }
 
         let handler = self.registry.get(&command.kind).ok_or_else(|| {
@@ -434,6 +463,8 @@ impl Engine {
         let orphans = if next.state.is_terminal() && first_and_alone {
             Vec::new()
         } else if next.state.is_terminal() {
+            // It reads the children's rows, which may carry kept-back steps.
+            flush(tx, steps.as_deref_mut()).await?;
             time::clear_time_of_ended(tx, command.id).await?
         } else {
             self.apply_time(tx, &command, &decision, &mut out).await?;
@@ -444,6 +475,7 @@ impl Engine {
         // parent-close policy is `abort`. Each child is told once.
         let mut to_abort: Vec<(CommandId, String)> = Vec::new();
         if let Some(which) = &decision.abort_children {
+            flush(tx, steps.as_deref_mut()).await?;
             let ids = match which {
                 AbortChildren::All => store::open_children(tx, command.id, None, false).await?,
                 AbortChildren::Group(g) => {
@@ -551,7 +583,13 @@ impl Engine {
             to_state: None,
             detail: Some(json!({ "commandid": e.commandid, "data": e.data })),
         }));
-        let outbox = store::write_step(tx, &mut next, command.version, &history, &out).await?;
+        let outbox = match steps {
+            Some(steps) => {
+                steps.step(&mut next, command.version, &history, &out);
+                Vec::new()
+            }
+            None => store::write_step(tx, &mut next, command.version, &history, &out).await?,
+        };
         Ok((outbox, report, next))
     }
 
@@ -590,7 +628,7 @@ impl Engine {
             let reason = format!("group {} settled ({})", group.name, verdict.as_str());
             let mut out = Vec::new();
             self.close_group(
-                tx, &parent, &r.cause, &mut group, verdict, &reason, false, &mut out,
+                tx, &parent, &r.cause, &mut group, verdict, &reason, false, &mut out, None,
             )
             .await?;
             store::save_group(tx, &group).await?;
@@ -795,7 +833,8 @@ impl Engine {
             // An empty group settles at once, so a parent never waits on nothing.
             if row.total == 0 {
                 let mut row = row;
-                self.settle_if_decided(tx, parent, cause, &mut row, out)
+                // A group just made has no members to read.
+                self.settle_if_decided(tx, parent, cause, &mut row, out, None)
                     .await?;
                 store::save_group(tx, &row).await?;
             }
@@ -812,6 +851,7 @@ impl Engine {
         event: &Event,
         out: &mut Vec<Event>,
         notes: &mut Vec<String>,
+        steps: Option<&mut store::Steps>,
     ) -> Result<(), ApplyError> {
         let ack: AckData = match serde_json::from_value(Value::Object(event.data.clone())) {
             Ok(ack) => ack,
@@ -847,7 +887,7 @@ impl Engine {
             notes.push(format!("group {} had already {}", group.name, group.state));
             return Ok(());
         }
-        self.settle_if_decided(tx, parent, event, &mut group, out)
+        self.settle_if_decided(tx, parent, event, &mut group, out, steps)
             .await?;
         if group.state != "open" {
             // Settled by this report: its verdict is saved with it.
@@ -865,14 +905,17 @@ impl Engine {
         cause: &Event,
         group: &mut GroupRow,
         out: &mut Vec<Event>,
+        steps: Option<&mut store::Steps>,
     ) -> Result<(), ApplyError> {
         let verdict = verdict_of(group);
         if verdict == Verdict::Open {
             return Ok(());
         }
         let reason = format!("group {} settled ({})", group.name, verdict.as_str());
-        self.close_group(tx, parent, cause, group, verdict, &reason, false, out)
-            .await
+        self.close_group(
+            tx, parent, cause, group, verdict, &reason, false, out, steps,
+        )
+        .await
     }
 
     /// Freezes a group at its verdict, cancels its deadline, aborts its open members, and tells
@@ -888,9 +931,12 @@ impl Engine {
         reason: &str,
         deadline: bool,
         out: &mut Vec<Event>,
+        steps: Option<&mut store::Steps>,
     ) -> Result<(), ApplyError> {
         group.state = verdict.as_str().to_owned();
         time::cancel_timer(tx, parent.id, &format!("group:{}", group.name)).await?;
+        // The members' rows may carry kept-back steps.
+        flush(tx, steps).await?;
         for id in store::open_children(tx, parent.id, Some(&group.name), false).await? {
             let data = obj(json!({ "reason": reason }));
             out.push(self.engine_event(parent, cause, COMMAND_ABORT, data, Some(id)));
@@ -1021,6 +1067,7 @@ impl Engine {
         event: &Event,
         out: &mut Vec<Event>,
         notes: &mut Vec<String>,
+        steps: Option<&mut store::Steps>,
     ) -> Result<(), ApplyError> {
         let Some(name) = event.data.get("group").and_then(Value::as_str) else {
             notes.push("a deadline without a group".to_owned());
@@ -1044,6 +1091,7 @@ impl Engine {
             &reason,
             true,
             out,
+            steps,
         )
         .await?;
         store::save_group(tx, &group).await?;

@@ -6,7 +6,10 @@
 //! of these in ascending id order, so two batches never wait on each other in a cycle.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
 use cmdflow_shared::CommandId;
 use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
@@ -21,6 +24,13 @@ pub struct LocalGuard<'a> {
     owner: &'a LocalLocks,
     id: CommandId,
     guard: Option<OwnedMutexGuard<()>>,
+}
+
+/// A turn queued for by [`LocalLocks::take_all`], not yet come.
+pub struct Queued<'a> {
+    owner: &'a LocalLocks,
+    id: CommandId,
+    turn: Option<Pin<Box<dyn Future<Output = OwnedMutexGuard<()>> + Send>>>,
 }
 
 impl LocalLocks {
@@ -38,6 +48,41 @@ impl LocalLocks {
         }
     }
 
+    /// Takes the turns of `ids` (ascending, each once) without waiting: the free ones are held
+    /// now, the others queued for in line, to be awaited with [`Queued::come`].
+    ///
+    /// Every batch queues for all its commands in one step under the map's mutex, so any two
+    /// batches stand in the same order in every line they share. A batch waits only for batches
+    /// that queued before it, and those never for it: no cycle, and a command's events are
+    /// still handled in the order this worker received them.
+    pub fn take_all(&self, ids: &[CommandId]) -> (Vec<LocalGuard<'_>>, Vec<Queued<'_>>) {
+        let mut held = Vec::new();
+        let mut queued = Vec::new();
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        // Polled once here, with a waker that does nothing: that puts the turn in line (or takes
+        // it when free). Awaited later, the same future answers to the real waker.
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        for &id in ids {
+            let slot = Arc::clone(slots.entry(id).or_default());
+            let mut turn: Pin<Box<dyn Future<Output = OwnedMutexGuard<()>> + Send>> =
+                Box::pin(slot.lock_owned());
+            match turn.as_mut().poll(&mut cx) {
+                Poll::Ready(guard) => held.push(LocalGuard {
+                    owner: self,
+                    id,
+                    guard: Some(guard),
+                }),
+                Poll::Pending => queued.push(Queued {
+                    owner: self,
+                    id,
+                    turn: Some(turn),
+                }),
+            }
+        }
+        drop(slots);
+        (held, queued)
+    }
+
     /// Commands with a slot: held or waited for.
     #[cfg(test)]
     fn len(&self) -> usize {
@@ -50,17 +95,56 @@ impl LocalLocks {
     }
 }
 
-impl Drop for LocalGuard<'_> {
-    fn drop(&mut self) {
-        let mut slots = self.owner.slots.lock().unwrap_or_else(|e| e.into_inner());
-        drop(self.guard.take());
+impl Queued<'_> {
+    pub fn id(&self) -> CommandId {
+        self.id
+    }
+}
+
+impl<'a> Queued<'a> {
+    /// Waits until the turn comes.
+    pub async fn come(mut self) -> LocalGuard<'a> {
+        let guard = match self.turn.take() {
+            Some(turn) => Some(turn.await),
+            None => None,
+        };
+        LocalGuard {
+            owner: self.owner,
+            id: self.id,
+            guard,
+        }
+    }
+}
+
+impl LocalLocks {
+    /// Drops what `turn` held (a guard, or a place in line), and the command's slot when
+    /// nobody else holds or waits for it.
+    fn leave<T>(&self, id: CommandId, turn: Option<T>) {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        drop(turn);
         // Every waiter holds a clone of the slot, taken under this same mutex: if only the map
         // holds it now, nobody waits.
         if slots
-            .get(&self.id)
+            .get(&id)
             .is_some_and(|slot| Arc::strong_count(slot) == 1)
         {
-            slots.remove(&self.id);
+            slots.remove(&id);
+        }
+    }
+}
+
+impl Drop for LocalGuard<'_> {
+    fn drop(&mut self) {
+        self.owner.leave(self.id, self.guard.take());
+    }
+}
+
+/// A place in line given up (the batch ended before its turn came) is left, and so is the turn
+/// if it had come meanwhile.
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        if let Some(turn) = self.turn.take() {
+            self.owner.leave(self.id, Some(turn));
         }
     }
 }
@@ -93,6 +177,49 @@ mod tests {
             t.await.unwrap();
         }
         assert_eq!(most.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(locks.is_empty(), "{} slots left", locks.len());
+    }
+
+    /// Two batches that share two commands, one of them held by a third party: the batch that
+    /// queued first gets both before the second, and neither waits on the other in a cycle.
+    #[tokio::test]
+    async fn batches_queue_in_one_order_and_never_wait_in_a_cycle() {
+        use futures::FutureExt;
+        let locks = LocalLocks::default();
+        let mut ids = vec![CommandId::new(), CommandId::new()];
+        ids.sort();
+        let holder = locks.lock(ids[0]).await;
+
+        let (first_held, mut first_queued) = locks.take_all(&ids);
+        assert_eq!(first_held.len(), 1, "the free command is held at once");
+        assert_eq!(first_queued.len(), 1, "the busy one is queued for");
+        let (second_held, second_queued) = locks.take_all(&ids);
+        assert!(second_held.is_empty());
+        assert_eq!(second_queued.len(), 2);
+        let mut second = Box::pin(async move {
+            let mut turns = Vec::new();
+            for turn in second_queued {
+                turns.push(turn.come().await);
+            }
+            turns
+        });
+        assert!((&mut second).now_or_never().is_none());
+
+        drop(holder);
+        let first_turn =
+            tokio::time::timeout(Duration::from_secs(1), first_queued.remove(0).come())
+                .await
+                .expect("the first batch's turn comes once the holder leaves");
+        assert!(
+            (&mut second).now_or_never().is_none(),
+            "the second batch waits for the first"
+        );
+        drop((first_held, first_turn));
+        let turns = tokio::time::timeout(Duration::from_secs(1), second)
+            .await
+            .expect("the second batch's turns come once the first leaves");
+        assert_eq!(turns.len(), 2);
+        drop(turns);
         assert!(locks.is_empty(), "{} slots left", locks.len());
     }
 

@@ -114,8 +114,9 @@ fn num(v: &Value) -> String {
 
 /// The settings of a line that are not results, as `key=value` pairs.
 fn settings(line: &Value) -> String {
-    const KEYS: [&str; 19] = [
+    const KEYS: [&str; 20] = [
         "events",
+        "event_rate",
         "counters",
         "commands",
         "parents",
