@@ -6,7 +6,7 @@
 #   2. W1, W2, W2s (W2 with the group's reports `settled`), W3, W4 with 1, 2 and 4
 #      `cmdflow worker` processes;
 #   3. feedw1: W1 while clients read the owner feed over 1,000,000 seeded commands, as fast as
-#      answers come and then paced at 200 requests/s; then the feed unpaced while W1 is
+#      answers come and then paced at 200 requests/s; then paced at 200 requests/s while W1 is
 #      published at the B1 rate of this run (the fleet carrying the baseline's full load).
 #
 #   ./scripts/bench.sh                      full sizes (the load generator's defaults)
@@ -82,11 +82,12 @@ for w in w1 w2 w2s w3 w4; do
 done
 run --workloads feedw1 --workers 1
 run --workloads feedw1 --workers 1 --feed-rate 200
-# The feed while the fleet carries the hand-written pipeline's full load: W1 paced at the B1
-# figure of this run, for 15 s.
+# The feed (paced at 200 requests/s) while the fleet carries the hand-written pipeline's full
+# load: W1 paced at the B1 figure of this run, for 15 s.
 b1_rate=$(grep '"workload":"B1"' "$out" | sed -n 's/.*"events_per_s":\([0-9]*\).*/\1/p' | tail -n 1)
 if [ -n "$b1_rate" ] && [ "$b1_rate" -gt 0 ]; then
-    run --workloads feedw1 --workers 1 --event-rate "$b1_rate" --events $((b1_rate * 15))
+    run --workloads feedw1 --workers 1 --feed-rate 200 --event-rate "$b1_rate" \
+        --events $((b1_rate * 15))
 else
     printf 'bench.sh: no B1 figure in %s; the paced feedw1 run is skipped\n' "$out" >&2
     failures=$((failures + 1))
