@@ -165,7 +165,9 @@ macro_rules! command_columns {
 /// [`Locked::counts_itself`]), for every statement that locks a command for an event.
 macro_rules! counts_itself {
     () => {
-        "EXISTS (SELECT 1 FROM child_groups g WHERE g.parent_id = c.parent_id AND g.name = c.group_name AND g.reports = 'settled') AS counts_itself"
+        // A scalar subquery, one primary-key probe per row: an EXISTS may be planned as a
+        // hashed subplan, which reads every settled group of every command for each statement.
+        "coalesce((SELECT g.reports = 'settled' FROM child_groups g WHERE g.parent_id = c.parent_id AND g.name = c.group_name), false) AS counts_itself"
     };
 }
 
@@ -496,6 +498,8 @@ pub async fn lock_and_mark_batch(
     );
     let ids: Vec<uuid::Uuid> = commands.iter().map(CommandId::as_uuid).collect();
     Ok(sqlx::query_as::<_, LockedBatch>(SQL)
+        // Planned at every run, see `flush_steps`.
+        .persistent(false)
         .bind(&ids)
         .bind(sources)
         .bind(event_ids)
@@ -752,6 +756,10 @@ pub async fn flush_steps(tx: &mut Tx<'_>, steps: &mut Steps) -> Result<()> {
            FROM (SELECT 1) AS one LEFT JOIN o ON true
           ORDER BY o.id",
     )
+    // Planned at every run, once per batch: a prepared statement's generic plan, chosen while
+    // the tables were small (a new deployment), would keep scanning them whole as they grow,
+    // until an ANALYZE. Planning costs far less than one such scan.
+    .persistent(false)
     .bind(Value::Array(rows))
     .bind(Value::Array(std::mem::take(&mut steps.history)))
     .bind(Value::Array(
