@@ -261,7 +261,12 @@ async fn a_batch_reads_the_steps_it_kept_back() {
     let finish = |id: &str| serde_json::to_vec(&event("demo.finish", Some(id), json!({}))).unwrap();
     let bodies = [finish(&kids[0]), finish(&kids[1]), finish(&parent)];
     let bodies: Vec<&[u8]> = bodies.iter().map(Vec::as_slice).collect();
+    let batches_before = batches_committed();
     let outcomes = worker.engine().process_batch(&bodies).await;
+    assert!(
+        batches_committed() > batches_before,
+        "the batch committed as one transaction (not event by event)"
+    );
     for outcome in &outcomes {
         assert!(
             matches!(
@@ -289,6 +294,82 @@ async fn a_batch_reads_the_steps_it_kept_back() {
         aborted,
         vec![kids[2].clone()],
         "the parent aborts only the open child"
+    );
+    env.cleanup().await;
+}
+
+/// A batch counts its children's reports into their group in memory, read once, and saves it
+/// with its steps. In one batch: three children's reports to their parent, one of them twice
+/// under another event id. The group counts each child once, settles once, and the parent hears
+/// `children.settled` once, in the same batch.
+#[tokio::test]
+async fn a_batch_counts_reports_into_a_group_once_each() {
+    let mut env = TestEnv::new().await;
+    let setup = env.start_worker_with(|c| c.batch = 1).await;
+    let parent = env
+        .start_raw(
+            "demo.fanout",
+            "member:1",
+            json!({"children": 3, "child_kind": "demo.counter"}),
+        )
+        .await;
+    let kids = env.children_running(&parent, 3).await;
+    stop_setup(setup).await;
+
+    let report = |kid: &str| {
+        let data = json!({"child_id": kid, "group": "children", "kind": "demo.counter", "result": {"count": 0}});
+        serde_json::to_vec(&event("command.completed", Some(&parent), data)).unwrap()
+    };
+    let bodies = [
+        report(&kids[0]),
+        report(&kids[1]),
+        report(&kids[1]),
+        report(&kids[2]),
+    ];
+    let bodies: Vec<&[u8]> = bodies.iter().map(Vec::as_slice).collect();
+    let worker = env.build_worker(|_| {}).await;
+    let batches_before = batches_committed();
+    let outcomes = worker.engine().process_batch(&bodies).await;
+    assert!(
+        batches_committed() > batches_before,
+        "the batch committed as one transaction (not event by event)"
+    );
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, cmdflow_workers::Disposition::Ack(_))),
+        "{outcomes:?}"
+    );
+    let (completed, state, outcomes): (i32, String, serde_json::Value) = sqlx::query_as(
+        "SELECT completed, state, outcomes FROM child_groups WHERE parent_id = $1::uuid",
+    )
+    .bind(&parent)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(completed, 3, "each child counted once");
+    assert_eq!(state, "succeeded");
+    assert_eq!(outcomes.as_object().map(|o| o.len()), Some(3));
+    let settled: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM command_events
+          WHERE command_id = $1::uuid AND entry = 'emitted' AND event_type = 'children.settled'",
+    )
+    .bind(&parent)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(settled, 1, "the group settles once");
+    let noted: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM command_events
+          WHERE command_id = $1::uuid AND entry = 'received' AND detail::text LIKE '%has already reported%'",
+    )
+    .bind(&parent)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        noted, 1,
+        "the second report of one child is noted, not counted"
     );
     env.cleanup().await;
 }

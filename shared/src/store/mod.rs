@@ -311,6 +311,45 @@ pub async fn count_report(
     })
 }
 
+/// [`count_report`] for a batch that keeps its steps back: the group is read and locked once,
+/// counted into in memory, and saved by the next [`flush_steps`].
+pub async fn count_report_kept(
+    tx: &mut Tx<'_>,
+    steps: &mut Steps,
+    parent: CommandId,
+    name: &str,
+    child: &str,
+    state: &str,
+    outcome: &Value,
+) -> Result<Counted> {
+    let key = (parent, name.to_owned());
+    let mut group = match steps.groups.remove(&key) {
+        Some(group) => group,
+        None => match lock_group(tx, parent, name).await? {
+            Some(group) => group,
+            None => return Ok(Counted::NoGroup),
+        },
+    };
+    if group.outcomes.get(child).is_some() {
+        steps.groups.insert(key, group);
+        return Ok(Counted::AlreadyReported);
+    }
+    match state {
+        "completed" => group.completed += 1,
+        "failed" => group.failed += 1,
+        "aborted" => group.aborted += 1,
+        _ => {}
+    }
+    if !group.outcomes.is_object() {
+        group.outcomes = Value::Object(serde_json::Map::new());
+    }
+    if let Value::Object(outcomes) = &mut group.outcomes {
+        outcomes.insert(child.to_owned(), outcome.clone());
+    }
+    steps.groups.insert(key, group.clone());
+    Ok(Counted::Counted(Box::new(group)))
+}
+
 pub async fn save_group(tx: &mut Tx<'_>, g: &GroupRow) -> Result<()> {
     sqlx::query(
         "UPDATE child_groups
@@ -498,8 +537,6 @@ pub async fn lock_and_mark_batch(
     );
     let ids: Vec<uuid::Uuid> = commands.iter().map(CommandId::as_uuid).collect();
     Ok(sqlx::query_as::<_, LockedBatch>(SQL)
-        // Planned at every run, see `flush_steps`.
-        .persistent(false)
         .bind(&ids)
         .bind(sources)
         .bind(event_ids)
@@ -627,7 +664,8 @@ pub async fn write_step(
 /// round trip for the whole batch instead of one per event.
 ///
 /// Nothing else in the transaction sees a kept-back step until it is flushed: flush before any
-/// statement that reads other commands' rows, their history or the outbox.
+/// statement that reads other commands' rows, their history, the outbox, or a group the batch
+/// counted into.
 #[derive(Debug)]
 pub struct Steps {
     /// The transaction's `now()`, for the rows as they will be written.
@@ -637,6 +675,9 @@ pub struct Steps {
     history: Vec<Value>,
     /// Each event to the outbox: its command, type and body.
     outbox: Vec<(CommandId, String, Value)>,
+    /// Fan-in groups (of `each` reports) as the batch's events left them, by parent and name:
+    /// read once, locked, and saved by the flush.
+    groups: std::collections::HashMap<(CommandId, String), GroupRow>,
     /// Outbox rows of the steps flushed so far, to publish after the commit.
     pub written: Vec<OutboxRow>,
 }
@@ -650,6 +691,7 @@ impl Steps {
             index: std::collections::HashMap::new(),
             history: Vec::new(),
             outbox: Vec::new(),
+            groups: std::collections::HashMap::new(),
             written: Vec::new(),
         }
     }
@@ -696,15 +738,24 @@ impl Steps {
         }));
     }
 
+    /// Keeps `group` as the batch's event left it, to be saved by the next flush.
+    pub fn keep_group(&mut self, group: GroupRow) {
+        self.groups
+            .insert((group.parent_id, group.name.clone()), group);
+    }
+
     fn is_empty(&self) -> bool {
-        self.rows.is_empty() && self.history.is_empty() && self.outbox.is_empty()
+        self.rows.is_empty()
+            && self.history.is_empty()
+            && self.outbox.is_empty()
+            && self.groups.is_empty()
     }
 }
 
 /// Writes the steps `steps` kept back, in one round trip: each command's row, fenced by the
 /// version the transaction first read (a row that moved on is a conflict, and the caller rolls
-/// back), the history lines and the outbox events in order. The outbox rows join
-/// `steps.written`.
+/// back), the history lines and the outbox events in order, and the groups counted into. The
+/// outbox rows join `steps.written`; the groups are forgotten (read again when needed).
 pub async fn flush_steps(tx: &mut Tx<'_>, steps: &mut Steps) -> Result<()> {
     if steps.is_empty() {
         return Ok(());
@@ -751,15 +802,20 @@ pub async fn flush_steps(tx: &mut Tx<'_>, steps: &mut Steps) -> Result<()> {
             SELECT (r.x->>0)::uuid, r.x->1->>'id', r.x->1->>'type', r.x->1
               FROM jsonb_array_elements($3) WITH ORDINALITY AS r(x, ord)
              ORDER BY r.ord
-         RETURNING id)
+         RETURNING id),
+         g AS (
+            UPDATE child_groups x
+               SET completed = gv.completed, failed = gv.failed, aborted = gv.aborted,
+                   outcomes = gv.outcomes, state = gv.state,
+                   settled_at = CASE WHEN gv.state <> 'open' THEN coalesce(x.settled_at, now()) END
+              FROM jsonb_to_recordset($5)
+                AS gv(parent_id uuid, name text, completed int, failed int, aborted int,
+                      outcomes jsonb, state text)
+             WHERE x.parent_id = gv.parent_id AND x.name = gv.name)
          SELECT ARRAY(SELECT id FROM u) AS updated, o.id
            FROM (SELECT 1) AS one LEFT JOIN o ON true
           ORDER BY o.id",
     )
-    // Planned at every run, once per batch: a prepared statement's generic plan, chosen while
-    // the tables were small (a new deployment), would keep scanning them whole as they grow,
-    // until an ANALYZE. Planning costs far less than one such scan.
-    .persistent(false)
     .bind(Value::Array(rows))
     .bind(Value::Array(std::mem::take(&mut steps.history)))
     .bind(Value::Array(
@@ -772,6 +828,19 @@ pub async fn flush_steps(tx: &mut Tx<'_>, steps: &mut Steps) -> Result<()> {
     // The ids again, as an array: the row estimate of a JSON record set is a guess, and with
     // it the planner may scan the whole table; `= ANY` goes through the primary key.
     .bind(ids)
+    .bind(Value::Array(
+        steps
+            .groups
+            .drain()
+            .map(|(_, g)| {
+                serde_json::json!({
+                    "parent_id": g.parent_id, "name": g.name, "completed": g.completed,
+                    "failed": g.failed, "aborted": g.aborted, "outcomes": g.outcomes,
+                    "state": g.state,
+                })
+            })
+            .collect(),
+    ))
     .fetch_all(&mut **tx)
     .await?;
     let updated = written

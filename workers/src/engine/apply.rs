@@ -453,6 +453,10 @@ impl Engine {
             }
             out.push(e);
         }
+        if !decision.spawn_groups.is_empty() {
+            // Spawning into a group reads it, and it may be kept back.
+            flush(tx, steps.as_deref_mut()).await?;
+        }
         self.spawn(tx, &command, event, &decision, &mut out).await?;
         // A command's timers and waits belong to it: they end with it, and so do its open
         // children whose parent-close policy is `abort`.
@@ -851,7 +855,7 @@ impl Engine {
         event: &Event,
         out: &mut Vec<Event>,
         notes: &mut Vec<String>,
-        steps: Option<&mut store::Steps>,
+        mut steps: Option<&mut store::Steps>,
     ) -> Result<(), ApplyError> {
         let ack: AckData = match serde_json::from_value(Value::Object(event.data.clone())) {
             Ok(ack) => ack,
@@ -871,27 +875,36 @@ impl Engine {
         outcome.insert("kind".into(), json!(ack.kind));
         let child = ack.child_id.to_string();
         let outcome = Value::Object(outcome);
-        let mut group =
-            match store::count_report(tx, parent.id, &ack.group, &child, state, &outcome).await? {
-                store::Counted::Counted(group) => group,
-                store::Counted::AlreadyReported => {
-                    notes.push(format!("child {child} has already reported; counted once"));
-                    return Ok(());
-                }
-                store::Counted::NoGroup => {
-                    notes.push(format!("no group {} on this command", ack.group));
-                    return Ok(());
-                }
-            };
+        let counted = match steps.as_deref_mut() {
+            Some(steps) => {
+                store::count_report_kept(tx, steps, parent.id, &ack.group, &child, state, &outcome)
+                    .await?
+            }
+            None => store::count_report(tx, parent.id, &ack.group, &child, state, &outcome).await?,
+        };
+        let mut group = match counted {
+            store::Counted::Counted(group) => group,
+            store::Counted::AlreadyReported => {
+                notes.push(format!("child {child} has already reported; counted once"));
+                return Ok(());
+            }
+            store::Counted::NoGroup => {
+                notes.push(format!("no group {} on this command", ack.group));
+                return Ok(());
+            }
+        };
         if group.state != "open" {
             notes.push(format!("group {} had already {}", group.name, group.state));
             return Ok(());
         }
-        self.settle_if_decided(tx, parent, event, &mut group, out, steps)
+        self.settle_if_decided(tx, parent, event, &mut group, out, steps.as_deref_mut())
             .await?;
         if group.state != "open" {
             // Settled by this report: its verdict is saved with it.
-            store::save_group(tx, &group).await?;
+            match steps {
+                Some(steps) => steps.keep_group(*group),
+                None => store::save_group(tx, &group).await?,
+            }
         }
         Ok(())
     }
@@ -1073,6 +1086,8 @@ impl Engine {
             notes.push("a deadline without a group".to_owned());
             return Ok(());
         };
+        // The group may be kept back, counted into by an earlier report of the batch.
+        flush(tx, steps).await?;
         let Some(mut group) = store::lock_group(tx, parent.id, name).await? else {
             notes.push(format!("no group {name} on this command"));
             return Ok(());
@@ -1091,7 +1106,7 @@ impl Engine {
             &reason,
             true,
             out,
-            steps,
+            None,
         )
         .await?;
         store::save_group(tx, &group).await?;
