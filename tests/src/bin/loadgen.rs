@@ -59,7 +59,11 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 #[derive(Debug, Parser)]
-#[command(about = "cmdflow load generator: prints one JSON line per workload")]
+// A later `--events` (say) overrides an earlier one: `bench.sh` passes the sizes first.
+#[command(
+    about = "cmdflow load generator: prints one JSON line per workload",
+    args_override_self = true
+)]
 struct Args {
     /// Workloads to run, comma-separated: w1, w2, w2s, w3, w4, b1, b2, b3, b4, feed, feedw1,
     /// replay, archive, timers1m.
