@@ -374,6 +374,52 @@ async fn a_batch_counts_reports_into_a_group_once_each() {
     env.cleanup().await;
 }
 
+/// A root started in a batch takes its next event in the same batch: the start's step, kept
+/// back, is written before the row is read again for the second event.
+#[tokio::test]
+async fn a_root_started_in_a_batch_takes_its_next_event_in_the_same_batch() {
+    let env = TestEnv::new().await;
+    let id = uuid::Uuid::now_v7().to_string();
+    let start = json!({
+        "specversion": "1.0", "id": uuid::Uuid::now_v7().to_string(), "source": "tests",
+        "type": "command.start", "commandid": id,
+        "data": {"kind": "demo.counter", "owner": "member:1", "data": {}},
+    });
+    let bodies = [
+        serde_json::to_vec(&start).unwrap(),
+        serde_json::to_vec(&event("demo.increment", Some(&id), json!({}))).unwrap(),
+        serde_json::to_vec(&event("demo.increment", Some(&id), json!({}))).unwrap(),
+    ];
+    let bodies: Vec<&[u8]> = bodies.iter().map(Vec::as_slice).collect();
+    let worker = env.build_worker(|_| {}).await;
+    let batches_before = batches_committed();
+    let outcomes = worker.engine().process_batch(&bodies).await;
+    assert!(
+        batches_committed() > batches_before,
+        "the batch committed as one transaction (not event by event)"
+    );
+    assert!(
+        outcomes.iter().all(|o| matches!(
+            o,
+            cmdflow_workers::Disposition::Ack(cmdflow_workers::Applied::Applied)
+        )),
+        "{outcomes:?}"
+    );
+    let c = env.command(&id).await.unwrap();
+    assert_eq!(c.state, CommandState::Running);
+    assert_eq!(c.data["count"], json!(2));
+    assert_eq!(c.version, 3, "start and one version per increment");
+    let versions: Vec<i64> = sqlx::query_scalar(
+        "SELECT version FROM command_events WHERE command_id = $1::uuid AND entry = 'received' ORDER BY seq",
+    )
+    .bind(&id)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(versions, vec![1, 2, 3]);
+    env.cleanup().await;
+}
+
 /// `n` counters, started one by one by a worker with batching off, all running; returns them
 /// and the token that stops that worker.
 async fn started_counters(env: &mut TestEnv, n: usize) -> (Vec<String>, CancellationToken) {

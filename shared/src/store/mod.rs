@@ -738,6 +738,12 @@ impl Steps {
         }));
     }
 
+    /// Whether a step of `command` is kept back: its row, or one of its groups.
+    pub fn keeps(&self, command: CommandId) -> bool {
+        self.index.contains_key(&command)
+            || self.groups.keys().any(|(parent, _)| *parent == command)
+    }
+
     /// Keeps `group` as the batch's event left it, to be saved by the next flush.
     pub fn keep_group(&mut self, group: GroupRow) {
         self.groups

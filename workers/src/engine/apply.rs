@@ -151,7 +151,9 @@ impl Engine {
             Some(locked) => Some(locked),
             None => {
                 // Its row may carry a step kept back (a root's second event in the batch).
-                flush(tx, steps.as_deref_mut()).await?;
+                if steps.as_ref().is_some_and(|s| s.keeps(command_id)) {
+                    flush(tx, steps.as_deref_mut()).await?;
+                }
                 store::lock_and_mark(tx, command_id, &event.source, &event.id).await?
             }
         };
@@ -453,7 +455,8 @@ impl Engine {
             }
             out.push(e);
         }
-        if !decision.spawn_groups.is_empty() {
+        if !decision.spawn_groups.is_empty() && steps.as_ref().is_some_and(|s| s.keeps(command.id))
+        {
             // Spawning into a group reads it, and it may be kept back.
             flush(tx, steps.as_deref_mut()).await?;
         }
