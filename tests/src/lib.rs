@@ -289,11 +289,7 @@ impl TestEnv {
     /// built-in kinds and checks their data); returns its id.
     pub async fn start_raw(&self, kind: &str, owner: &str, data: Value) -> String {
         let id = Uuid::now_v7().to_string();
-        let start = json!({
-            "specversion": "1.0", "id": Uuid::now_v7().to_string(), "source": "tests",
-            "type": "command.start", "commandid": id,
-            "data": {"kind": kind, "owner": owner, "data": data},
-        });
+        let start = start_event(&id, kind, owner, data);
         self.publish_raw(
             "command.start",
             &serde_json::to_vec(&start).unwrap_or_default(),
@@ -374,6 +370,15 @@ impl TestEnv {
 }
 
 /// A CloudEvent as JSON, addressed to `command` when given.
+/// The `command.start` event of a command `id` of `kind`, owned by `owner`, with its `data`.
+pub fn start_event(id: &str, kind: &str, owner: &str, data: Value) -> Value {
+    json!({
+        "specversion": "1.0", "id": Uuid::now_v7().to_string(), "source": "tests",
+        "type": "command.start", "commandid": id,
+        "data": {"kind": kind, "owner": owner, "data": data},
+    })
+}
+
 pub fn event(ty: &str, command: Option<&str>, data: Value) -> Value {
     json!({
         "specversion": "1.0",

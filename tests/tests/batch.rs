@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use cmdflow_shared::CommandState;
 use cmdflow_tests::fleet::metric;
-use cmdflow_tests::{TestEnv, event, eventually};
+use cmdflow_tests::{TestEnv, event, eventually, start_event};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -245,28 +245,20 @@ async fn a_batch_reads_the_steps_it_kept_back() {
         "ffffffff-ffff-7fff-bfff-{:012x}",
         uuid::Uuid::now_v7().as_u128() & 0xffff_ffff_ffff
     );
-    let start = json!({
-        "specversion": "1.0", "id": uuid::Uuid::now_v7().to_string(), "source": "tests",
-        "type": "command.start", "commandid": parent,
-        "data": {"kind": "demo.fanout", "owner": "member:1",
-                 "data": {"children": 3, "child_kind": "demo.counter", "detached": true}},
-    });
+    let start = start_event(
+        &parent,
+        "demo.fanout",
+        "member:1",
+        json!({"children": 3, "child_kind": "demo.counter", "detached": true}),
+    );
     env.publish_raw("command.start", &serde_json::to_vec(&start).unwrap())
         .await;
     let kids = env.children_running(&parent, 3).await;
     env.wait_state(&parent, CommandState::Running).await;
     stop_setup(setup).await;
 
-    let worker = env.build_worker(|_| {}).await;
     let finish = |id: &str| serde_json::to_vec(&event("demo.finish", Some(id), json!({}))).unwrap();
-    let bodies = [finish(&kids[0]), finish(&kids[1]), finish(&parent)];
-    let bodies: Vec<&[u8]> = bodies.iter().map(Vec::as_slice).collect();
-    let batches_before = batches_committed();
-    let outcomes = worker.engine().process_batch(&bodies).await;
-    assert!(
-        batches_committed() > batches_before,
-        "the batch committed as one transaction (not event by event)"
-    );
+    let outcomes = one_batch(&env, &[finish(&kids[0]), finish(&kids[1]), finish(&parent)]).await;
     for outcome in &outcomes {
         assert!(
             matches!(
@@ -326,14 +318,7 @@ async fn a_batch_counts_reports_into_a_group_once_each() {
         report(&kids[1]),
         report(&kids[2]),
     ];
-    let bodies: Vec<&[u8]> = bodies.iter().map(Vec::as_slice).collect();
-    let worker = env.build_worker(|_| {}).await;
-    let batches_before = batches_committed();
-    let outcomes = worker.engine().process_batch(&bodies).await;
-    assert!(
-        batches_committed() > batches_before,
-        "the batch committed as one transaction (not event by event)"
-    );
+    let outcomes = one_batch(&env, &bodies).await;
     assert!(
         outcomes
             .iter()
@@ -380,24 +365,13 @@ async fn a_batch_counts_reports_into_a_group_once_each() {
 async fn a_root_started_in_a_batch_takes_its_next_event_in_the_same_batch() {
     let env = TestEnv::new().await;
     let id = uuid::Uuid::now_v7().to_string();
-    let start = json!({
-        "specversion": "1.0", "id": uuid::Uuid::now_v7().to_string(), "source": "tests",
-        "type": "command.start", "commandid": id,
-        "data": {"kind": "demo.counter", "owner": "member:1", "data": {}},
-    });
+    let start = start_event(&id, "demo.counter", "member:1", json!({}));
     let bodies = [
         serde_json::to_vec(&start).unwrap(),
         serde_json::to_vec(&event("demo.increment", Some(&id), json!({}))).unwrap(),
         serde_json::to_vec(&event("demo.increment", Some(&id), json!({}))).unwrap(),
     ];
-    let bodies: Vec<&[u8]> = bodies.iter().map(Vec::as_slice).collect();
-    let worker = env.build_worker(|_| {}).await;
-    let batches_before = batches_committed();
-    let outcomes = worker.engine().process_batch(&bodies).await;
-    assert!(
-        batches_committed() > batches_before,
-        "the batch committed as one transaction (not event by event)"
-    );
+    let outcomes = one_batch(&env, &bodies).await;
     assert!(
         outcomes.iter().all(|o| matches!(
             o,
@@ -439,6 +413,20 @@ async fn started_counters(env: &mut TestEnv, n: usize) -> (Vec<String>, Cancella
 async fn stop_setup(setup: CancellationToken) {
     setup.cancel();
     tokio::time::sleep(Duration::from_millis(500)).await;
+}
+
+/// Hands `bodies` to a new worker's engine as one batch, checks that it committed as one
+/// transaction (not event by event), and returns each body's disposition.
+async fn one_batch(env: &TestEnv, bodies: &[Vec<u8>]) -> Vec<cmdflow_workers::Disposition> {
+    let bodies: Vec<&[u8]> = bodies.iter().map(Vec::as_slice).collect();
+    let worker = env.build_worker(|_| {}).await;
+    let batches_before = batches_committed();
+    let outcomes = worker.engine().process_batch(&bodies).await;
+    assert!(
+        batches_committed() > batches_before,
+        "the batch committed as one transaction (not event by event)"
+    );
+    outcomes
 }
 
 /// Batches of two or more committed by the workers of this test process.
