@@ -745,7 +745,7 @@ impl Run {
 
         let (base, gateway) = self.serve_gateway(&self.config).await?;
         let started = Instant::now();
-        let readers = read_feeds(&base, 50, owners, 0);
+        let readers = read_feeds(&base, 50, owners, 0)?;
         tokio::time::sleep(Duration::from_secs(20)).await;
         let (all, failed) = readers.finish().await?;
         // The gateway stops after its readers, so no request is cut off.
@@ -780,7 +780,7 @@ impl Run {
         let (base, gateway) = self.serve_gateway(&self.config).await?;
         let clients = self.args.feed_clients;
         let started = Instant::now();
-        let readers = read_feeds(&base, clients, owners, self.args.feed_rate);
+        let readers = read_feeds(&base, clients, owners, self.args.feed_rate)?;
         let w1 = self.measure("W1", &counters, events).await;
         let secs = started.elapsed().as_secs_f64();
         let (lat, failed) = readers.finish().await?;
@@ -894,7 +894,7 @@ impl Run {
             ..self.config.clone()
         };
         let (base, gateway) = self.serve_gateway(&config).await?;
-        let readers = read_feeds(&base, 20, owners as u64, 0);
+        let readers = read_feeds(&base, 20, owners as u64, 0)?;
         let retention = config.retention()?;
         let started = Instant::now();
         let moved =
@@ -1065,6 +1065,9 @@ struct FeedReaders {
     /// Each client's latencies of its successful requests (ms), and how many failed.
     clients: Vec<tokio::task::JoinHandle<(Vec<f64>, u64)>>,
     stop: CancellationToken,
+    /// The clients' own runtime (one thread): a UI does not share its threads with the process
+    /// that publishes the load, so neither do the clients that stand in for it.
+    runtime: tokio::runtime::Runtime,
 }
 
 impl FeedReaders {
@@ -1078,6 +1081,7 @@ impl FeedReaders {
             all.extend(lat);
             failed += errors;
         }
+        self.runtime.shutdown_background();
         all.sort_by(f64::total_cmp);
         Ok((all, failed))
     }
@@ -1085,14 +1089,20 @@ impl FeedReaders {
 
 /// Clients that read the feed of random owners `member:0..owners`: `rate` requests per second
 /// across them, or as fast as answers come when 0.
-fn read_feeds(base: &str, clients: u64, owners: u64, rate: u64) -> FeedReaders {
+fn read_feeds(base: &str, clients: u64, owners: u64, rate: u64) -> anyhow::Result<FeedReaders> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("feed-readers")
+        .enable_all()
+        .build()
+        .context("start the feed readers' runtime")?;
     let client = cmdflow_tests::http();
     let stop = CancellationToken::new();
     let every = (rate > 0).then(|| Duration::from_secs_f64(clients as f64 / rate as f64));
     let readers = (0..clients)
         .map(|w| {
             let (client, base, stop) = (client.clone(), base.to_owned(), stop.clone());
-            tokio::spawn(async move {
+            runtime.spawn(async move {
                 let mut lat = Vec::new();
                 let mut failed = 0;
                 let mut i = w;
@@ -1135,10 +1145,11 @@ fn read_feeds(base: &str, clients: u64, owners: u64, rate: u64) -> FeedReaders {
             })
         })
         .collect();
-    FeedReaders {
+    Ok(FeedReaders {
         clients: readers,
         stop,
-    }
+        runtime,
+    })
 }
 
 /// The `p` quantile of sorted values, rounded to 0.01.
