@@ -257,7 +257,6 @@ async fn a_batch_reads_the_steps_it_kept_back() {
     env.wait_state(&parent, CommandState::Running).await;
     stop_setup(setup).await;
 
-    let finish = |id: &str| serde_json::to_vec(&event("demo.finish", Some(id), json!({}))).unwrap();
     let outcomes = one_batch(&env, &[finish(&kids[0]), finish(&kids[1]), finish(&parent)]).await;
     for outcome in &outcomes {
         assert!(
@@ -274,16 +273,8 @@ async fn a_batch_reads_the_steps_it_kept_back() {
             CommandState::Completed
         );
     }
-    let aborted: Vec<String> = sqlx::query_scalar(
-        "SELECT detail->>'commandid' FROM command_events
-          WHERE command_id = $1::uuid AND entry = 'emitted' AND event_type = 'command.abort'",
-    )
-    .bind(&parent)
-    .fetch_all(&env.pool)
-    .await
-    .unwrap();
     assert_eq!(
-        aborted,
+        aborted_by(&env, &parent).await,
         vec![kids[2].clone()],
         "the parent aborts only the open child"
     );
@@ -308,15 +299,11 @@ async fn a_batch_counts_reports_into_a_group_once_each() {
     let kids = env.children_running(&parent, 3).await;
     stop_setup(setup).await;
 
-    let report = |kid: &str| {
-        let data = json!({"child_id": kid, "group": "children", "kind": "demo.counter", "result": {"count": 0}});
-        serde_json::to_vec(&event("command.completed", Some(&parent), data)).unwrap()
-    };
     let bodies = [
-        report(&kids[0]),
-        report(&kids[1]),
-        report(&kids[1]),
-        report(&kids[2]),
+        report(&parent, &kids[0]),
+        report(&parent, &kids[1]),
+        report(&parent, &kids[1]),
+        report(&parent, &kids[2]),
     ];
     let outcomes = one_batch(&env, &bodies).await;
     assert!(
@@ -392,6 +379,119 @@ async fn a_root_started_in_a_batch_takes_its_next_event_in_the_same_batch() {
     .unwrap();
     assert_eq!(versions, vec![1, 2, 3]);
     env.cleanup().await;
+}
+
+/// A group that settles in a batch aborts the members still open, and reads for that the rows
+/// the batch kept back: two of three `any` children finish and one's report reaches the parent
+/// (its id sorts after theirs, so its event goes last). Only the third child is aborted.
+#[tokio::test]
+async fn a_group_settling_in_a_batch_aborts_only_its_open_members() {
+    let mut env = TestEnv::new().await;
+    let (parent, kids) = fanout_last_in_batch(&mut env, json!({"policy": "any"})).await;
+
+    let bodies = [
+        finish(&kids[0]),
+        finish(&kids[1]),
+        report(&parent, &kids[0]),
+    ];
+    let outcomes = one_batch(&env, &bodies).await;
+    assert!(
+        outcomes.iter().all(|o| matches!(
+            o,
+            cmdflow_workers::Disposition::Ack(cmdflow_workers::Applied::Applied)
+        )),
+        "{outcomes:?}"
+    );
+    let (completed, state) = group_of(&env, &parent).await;
+    assert_eq!((completed, state.as_str()), (1, "succeeded"));
+    assert_eq!(
+        aborted_by(&env, &parent).await,
+        vec![kids[2].clone()],
+        "the group aborts only the member still open"
+    );
+    env.cleanup().await;
+}
+
+/// A parent that ends in the batch that counted a report into its group closes that group: the
+/// group kept back is written before the parent's end closes the open groups.
+#[tokio::test]
+async fn a_parent_ending_in_a_batch_closes_the_group_it_counted_into() {
+    let mut env = TestEnv::new().await;
+    let (parent, kids) = fanout_last_in_batch(&mut env, json!({})).await;
+
+    let outcomes = one_batch(&env, &[report(&parent, &kids[0]), finish(&parent)]).await;
+    assert!(
+        outcomes.iter().all(|o| matches!(
+            o,
+            cmdflow_workers::Disposition::Ack(cmdflow_workers::Applied::Applied)
+        )),
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        env.command(&parent).await.unwrap().state,
+        CommandState::Completed
+    );
+    let (completed, state) = group_of(&env, &parent).await;
+    assert_eq!(
+        (completed, state.as_str()),
+        (1, "closed"),
+        "the report counted, then the group closed with its parent"
+    );
+    env.cleanup().await;
+}
+
+/// A `demo.fanout` of three `demo.counter` children (`data` adds to its data), all running,
+/// whose id sorts after every other id, so that its events go last in a batch; the set-up
+/// worker is stopped.
+async fn fanout_last_in_batch(env: &mut TestEnv, data: serde_json::Value) -> (String, Vec<String>) {
+    let setup = env.start_worker_with(|c| c.batch = 1).await;
+    let parent = format!(
+        "ffffffff-ffff-7fff-bfff-{:012x}",
+        uuid::Uuid::now_v7().as_u128() & 0xffff_ffff_ffff
+    );
+    let mut fanout = json!({"children": 3, "child_kind": "demo.counter"});
+    if let (Some(fanout), serde_json::Value::Object(data)) = (fanout.as_object_mut(), data) {
+        fanout.extend(data);
+    }
+    let start = start_event(&parent, "demo.fanout", "member:1", fanout);
+    env.publish_raw("command.start", &serde_json::to_vec(&start).unwrap())
+        .await;
+    let kids = env.children_running(&parent, 3).await;
+    env.wait_state(&parent, CommandState::Running).await;
+    stop_setup(setup).await;
+    (parent, kids)
+}
+
+fn finish(id: &str) -> Vec<u8> {
+    serde_json::to_vec(&event("demo.finish", Some(id), json!({}))).unwrap()
+}
+
+/// `kid`'s report to `parent` that it completed, into the group `children`.
+fn report(parent: &str, kid: &str) -> Vec<u8> {
+    let data = json!({"child_id": kid, "group": "children", "kind": "demo.counter", "result": {"count": 0}});
+    serde_json::to_vec(&event("command.completed", Some(parent), data)).unwrap()
+}
+
+/// How many members of `parent`'s group completed, and its state.
+async fn group_of(env: &TestEnv, parent: &str) -> (i32, String) {
+    sqlx::query_as("SELECT completed, state FROM child_groups WHERE parent_id = $1::uuid")
+        .bind(parent)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap()
+}
+
+/// The children `parent` sent `command.abort`, in the order it sent them.
+async fn aborted_by(env: &TestEnv, parent: &str) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT detail->>'commandid' FROM command_events
+          WHERE command_id = $1::uuid AND entry = 'emitted' AND event_type = 'command.abort'
+          ORDER BY seq",
+    )
+    .bind(parent)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap()
 }
 
 /// `n` counters, started one by one by a worker with batching off, all running; returns them

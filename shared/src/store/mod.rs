@@ -782,6 +782,19 @@ pub async fn flush_steps(tx: &mut Tx<'_>, steps: &mut Steps) -> Result<()> {
             })
         })
         .collect();
+    let (group_parents, groups): (Vec<uuid::Uuid>, Vec<Value>) = steps
+        .groups
+        .drain()
+        .map(|(_, g)| {
+            let parent = g.parent_id.as_uuid();
+            let row = serde_json::json!({
+                "parent_id": g.parent_id, "name": g.name, "completed": g.completed,
+                "failed": g.failed, "aborted": g.aborted, "outcomes": g.outcomes,
+                "state": g.state,
+            });
+            (parent, row)
+        })
+        .unzip();
     let written = sqlx::query_as::<_, Written>(
         "WITH v AS (
             SELECT * FROM jsonb_to_recordset($1)
@@ -817,7 +830,7 @@ pub async fn flush_steps(tx: &mut Tx<'_>, steps: &mut Steps) -> Result<()> {
               FROM jsonb_to_recordset($5)
                 AS gv(parent_id uuid, name text, completed int, failed int, aborted int,
                       outcomes jsonb, state text)
-             WHERE x.parent_id = gv.parent_id AND x.name = gv.name)
+             WHERE x.parent_id = ANY($6) AND x.parent_id = gv.parent_id AND x.name = gv.name)
          SELECT ARRAY(SELECT id FROM u) AS updated, o.id
            FROM (SELECT 1) AS one LEFT JOIN o ON true
           ORDER BY o.id",
@@ -834,19 +847,9 @@ pub async fn flush_steps(tx: &mut Tx<'_>, steps: &mut Steps) -> Result<()> {
     // The ids again, as an array: the row estimate of a JSON record set is a guess, and with
     // it the planner may scan the whole table; `= ANY` goes through the primary key.
     .bind(ids)
-    .bind(Value::Array(
-        steps
-            .groups
-            .drain()
-            .map(|(_, g)| {
-                serde_json::json!({
-                    "parent_id": g.parent_id, "name": g.name, "completed": g.completed,
-                    "failed": g.failed, "aborted": g.aborted, "outcomes": g.outcomes,
-                    "state": g.state,
-                })
-            })
-            .collect(),
-    ))
+    .bind(Value::Array(groups))
+    // The groups' parents, for the same reason: a scan of `child_groups` for each batch.
+    .bind(group_parents)
     .fetch_all(&mut **tx)
     .await?;
     let updated = written
