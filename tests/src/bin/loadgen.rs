@@ -121,11 +121,11 @@ struct Args {
     #[arg(long, default_value_t = 4)]
     concurrency: usize,
     /// Prefetch of each worker; in b1–b4, of the baseline's channel.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 1024)]
     prefetch: u16,
     /// Most deliveries a worker applies in one transaction (`CMDFLOW_BATCH`; 1 turns group
     /// commit off).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 128)]
     batch: usize,
     /// Turn Redlock off (the guarded update still fences); in b1–b4, the Redis lock.
     #[arg(long)]
