@@ -240,33 +240,9 @@ async fn a_hot_commands_events_in_one_batch_each_see_the_last_write() {
 #[tokio::test]
 async fn a_batch_reads_the_steps_it_kept_back() {
     let mut env = TestEnv::new().await;
-    let setup = env.start_worker_with(|c| c.batch = 1).await;
-    let parent = format!(
-        "ffffffff-ffff-7fff-bfff-{:012x}",
-        uuid::Uuid::now_v7().as_u128() & 0xffff_ffff_ffff
-    );
-    let start = start_event(
-        &parent,
-        "demo.fanout",
-        "member:1",
-        json!({"children": 3, "child_kind": "demo.counter", "detached": true}),
-    );
-    env.publish_raw("command.start", &serde_json::to_vec(&start).unwrap())
-        .await;
-    let kids = env.children_running(&parent, 3).await;
-    env.wait_state(&parent, CommandState::Running).await;
-    stop_setup(setup).await;
+    let (parent, kids) = fanout_last_in_batch(&mut env, json!({"detached": true})).await;
 
-    let outcomes = one_batch(&env, &[finish(&kids[0]), finish(&kids[1]), finish(&parent)]).await;
-    for outcome in &outcomes {
-        assert!(
-            matches!(
-                outcome,
-                cmdflow_workers::Disposition::Ack(cmdflow_workers::Applied::Applied)
-            ),
-            "{outcome:?}"
-        );
-    }
+    one_batch_applied(&env, &[finish(&kids[0]), finish(&kids[1]), finish(&parent)]).await;
     for id in [&kids[0], &kids[1], &parent] {
         assert_eq!(
             env.command(id).await.unwrap().state,
@@ -358,14 +334,7 @@ async fn a_root_started_in_a_batch_takes_its_next_event_in_the_same_batch() {
         serde_json::to_vec(&event("demo.increment", Some(&id), json!({}))).unwrap(),
         serde_json::to_vec(&event("demo.increment", Some(&id), json!({}))).unwrap(),
     ];
-    let outcomes = one_batch(&env, &bodies).await;
-    assert!(
-        outcomes.iter().all(|o| matches!(
-            o,
-            cmdflow_workers::Disposition::Ack(cmdflow_workers::Applied::Applied)
-        )),
-        "{outcomes:?}"
-    );
+    one_batch_applied(&env, &bodies).await;
     let c = env.command(&id).await.unwrap();
     assert_eq!(c.state, CommandState::Running);
     assert_eq!(c.data["count"], json!(2));
@@ -394,14 +363,7 @@ async fn a_group_settling_in_a_batch_aborts_only_its_open_members() {
         finish(&kids[1]),
         report(&parent, &kids[0]),
     ];
-    let outcomes = one_batch(&env, &bodies).await;
-    assert!(
-        outcomes.iter().all(|o| matches!(
-            o,
-            cmdflow_workers::Disposition::Ack(cmdflow_workers::Applied::Applied)
-        )),
-        "{outcomes:?}"
-    );
+    one_batch_applied(&env, &bodies).await;
     let (completed, state) = group_of(&env, &parent).await;
     assert_eq!((completed, state.as_str()), (1, "succeeded"));
     assert_eq!(
@@ -419,14 +381,7 @@ async fn a_parent_ending_in_a_batch_closes_the_group_it_counted_into() {
     let mut env = TestEnv::new().await;
     let (parent, kids) = fanout_last_in_batch(&mut env, json!({})).await;
 
-    let outcomes = one_batch(&env, &[report(&parent, &kids[0]), finish(&parent)]).await;
-    assert!(
-        outcomes.iter().all(|o| matches!(
-            o,
-            cmdflow_workers::Disposition::Ack(cmdflow_workers::Applied::Applied)
-        )),
-        "{outcomes:?}"
-    );
+    one_batch_applied(&env, &[report(&parent, &kids[0]), finish(&parent)]).await;
     assert_eq!(
         env.command(&parent).await.unwrap().state,
         CommandState::Completed
@@ -527,6 +482,18 @@ async fn one_batch(env: &TestEnv, bodies: &[Vec<u8>]) -> Vec<cmdflow_workers::Di
         "the batch committed as one transaction (not event by event)"
     );
     outcomes
+}
+
+/// [`one_batch`], where every event must be applied (none a duplicate, none refused).
+async fn one_batch_applied(env: &TestEnv, bodies: &[Vec<u8>]) {
+    let outcomes = one_batch(env, bodies).await;
+    assert!(
+        outcomes.iter().all(|o| matches!(
+            o,
+            cmdflow_workers::Disposition::Ack(cmdflow_workers::Applied::Applied)
+        )),
+        "every event applied: {outcomes:?}"
+    );
 }
 
 /// Batches of two or more committed by the workers of this test process.
