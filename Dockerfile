@@ -22,7 +22,7 @@ COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/usr/local/cargo/git,sharing=locked \
     --mount=type=cache,target=/src/target,sharing=locked \
-    cargo build --release --locked -p cmdflow-gateway \
+    cargo build --release --locked -p cmdflow \
  && install -D -m 0755 target/release/cmdflow /out/cmdflow
 
 # ---- runtime --------------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ our_pid() {
 step "services (PostgreSQL, Redis, RabbitMQ)"
 bash scripts/services.sh
 
-step "build: cargo build --release -p cmdflow-gateway"
+step "build: cargo build --release -p cmdflow"
 if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
     export PATH="$HOME/.cargo/bin:$PATH"
 fi
@@ -75,7 +75,7 @@ command -v cargo >/dev/null 2>&1 ||
     . \"\$HOME/.cargo/env\""
 command -v cc >/dev/null 2>&1 ||
     die "no C compiler/linker (cc) found; install one, e.g. apt-get install -y build-essential"
-cargo build --release -p cmdflow-gateway
+cargo build --release -p cmdflow
 [ -x "$BIN" ] || die "the build did not produce $BIN"
 cmdflow() { "$BIN" "$@"; }
 

@@ -45,6 +45,9 @@ else
         die "could not install chromium chromium-driver; install them by hand (apt-get install -y chromium chromium-driver)"
 fi
 
+step "cargo doc -p cmdflow --no-deps (the SDK reference, warnings are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc -p cmdflow --no-deps
+
 step "cargo test --workspace $*"
 cargo test --workspace "$@"
 

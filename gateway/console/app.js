@@ -1,5 +1,5 @@
 // The console's shell: sign-in, who is signed in, and hash routing to the pages
-// (`#/`, `#/commands?owner=…`, `#/commands/<id>`, `#/dead-letters`, `#/person/<owner>`).
+// (`#/`, `#/commands?owner=…`, `#/commands/<id>`, `#/kinds`, `#/dead-letters`, `#/person/<owner>`).
 
 import { api, clearToken, onUnauthorized, setToken, token } from './api.js';
 import { add, errorBox, fill, h, timeZone } from './ui.js';
@@ -7,12 +7,14 @@ import overview from './overview.js';
 import commands from './commands.js';
 import command from './command.js';
 import deadLetters from './dead_letters.js';
+import kinds from './kinds.js';
 import person from './person.js';
 
 const ROUTES = [
   { pattern: /^\/$/, page: overview, nav: 'overview', title: 'Overview' },
   { pattern: /^\/commands$/, page: commands, nav: 'commands', title: 'Commands' },
   { pattern: /^\/commands\/([^/]+)$/, page: command, nav: 'commands', title: 'Command' },
+  { pattern: /^\/kinds$/, page: kinds, nav: 'kinds', title: 'Kinds' },
   { pattern: /^\/dead-letters$/, page: deadLetters, nav: 'dead-letters', title: 'Dead letters' },
   { pattern: /^\/person(?:\/([^/]+))?$/, page: person, nav: 'person', title: 'Person' },
 ];

@@ -12,7 +12,6 @@ use axum::routing::get;
 use cmdflow_shared::bus::Bus;
 use cmdflow_shared::lock::Locks;
 use cmdflow_shared::{Config, store};
-use cmdflow_workers::Registry;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -24,8 +23,9 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::auth::{self, Authenticator};
+use crate::catalogue::Catalogue;
 use crate::error::{ApiError, ErrorBody};
-use crate::routes::{commands, dead_letters, events, health, overview, owners, search};
+use crate::routes::{commands, dead_letters, events, health, kinds, overview, owners, search};
 
 /// The largest request body: a batch of events (each event is still at most 256 KiB).
 pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
@@ -36,8 +36,9 @@ pub struct AppState {
     pub pool: PgPool,
     pub bus: Arc<Bus>,
     pub locks: Locks,
-    /// The command kinds `POST /v1/commands` accepts, with their start-data checks.
-    pub registry: Arc<Registry>,
+    /// The command kinds `POST /v1/commands` accepts, with their start-data checks: the
+    /// catalogue the workers publish.
+    pub catalogue: Arc<Catalogue>,
     /// API keys, JWT keys and rate limits.
     pub auth: Arc<Authenticator>,
     /// Fires when the gateway starts to stop: readiness turns false while requests finish.
@@ -86,6 +87,7 @@ pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(commands::get_history))
         .routes(routes!(commands::get_tree))
         .routes(routes!(commands::abort_command))
+        .routes(routes!(kinds::list_kinds))
         .routes(routes!(dead_letters::list))
         .routes(routes!(dead_letters::groups))
         .routes(routes!(dead_letters::show))
@@ -249,16 +251,15 @@ pub enum BuildError {
 
 impl Application {
     /// Connects to the services and binds `config.http_addr`.
-    pub async fn build(config: &Config, registry: Registry) -> Result<Application, BuildError> {
+    pub async fn build(config: &Config) -> Result<Application, BuildError> {
         let pool = store::connect(&config.database_url, config.database_pool_size).await?;
         let bus = Bus::connect(&config.amqp_url, &config.namespace, "cmdflow-gateway").await?;
-        Self::build_with(config, registry, pool, bus).await
+        Self::build_with(config, pool, bus).await
     }
 
     /// Builds on connections the caller already holds.
     pub async fn build_with(
         config: &Config,
-        registry: Registry,
         pool: PgPool,
         bus: Arc<Bus>,
     ) -> Result<Application, BuildError> {
@@ -277,10 +278,10 @@ impl Application {
         let state = AppState {
             auth,
             draining: draining.clone(),
+            catalogue: Arc::new(Catalogue::new(pool.clone())),
             pool,
             bus,
             locks,
-            registry: Arc::new(registry),
         };
         let listener = TcpListener::bind(&config.http_addr)
             .await

@@ -541,7 +541,7 @@ fn check_entries(file: KeysFile, shown: &str) -> Result<Vec<(String, Grant)>, Au
 
 /// What a route needs of its caller, beyond being authenticated.
 fn route_scope(method: &Method, path: &str) -> Need {
-    if path == "/v1/whoami" {
+    if path == "/v1/whoami" || path == "/v1/kinds" {
         return Need::Credential;
     }
     if path.starts_with("/v1/dead-letters") || path.ends_with("/abort") {
@@ -558,7 +558,7 @@ fn route_scope(method: &Method, path: &str) -> Need {
 
 /// What a route asks of its caller.
 enum Need {
-    /// Any valid credential, whatever its scopes (`/v1/whoami`).
+    /// Any valid credential, whatever its scopes (`/v1/whoami`, `/v1/kinds`).
     Credential,
     Scope(Scope),
     /// Command and owner reads: `commands:read`, or `owner:read`, which the handler checks

@@ -56,6 +56,7 @@ static ASSETS: &[Asset] = &[
     asset!("commands.js", JS),
     asset!("command.js", JS),
     asset!("dead_letters.js", JS),
+    asset!("kinds.js", JS),
     asset!("person.js", JS),
 ];
 

@@ -33,6 +33,9 @@ pub enum ApiError {
     UnknownKind(String),
     #[error("{0}")]
     NotFound(String),
+    /// The resource is in a state that does not allow the request (a replay that is running).
+    #[error("{0}")]
+    Conflict(String),
     #[error("{0}")]
     Unauthorized(String),
     #[error("{0}")]
@@ -72,6 +75,7 @@ impl ApiError {
             ),
             Self::UnknownKind(d) => (StatusCode::UNPROCESSABLE_ENTITY, "unknown_kind", d.clone()),
             Self::NotFound(d) => (StatusCode::NOT_FOUND, "not_found", d.clone()),
+            Self::Conflict(d) => (StatusCode::CONFLICT, "conflict", d.clone()),
             Self::Unauthorized(d) => (StatusCode::UNAUTHORIZED, "unauthorized", d.clone()),
             Self::Forbidden(d) => (StatusCode::FORBIDDEN, "forbidden", d.clone()),
             Self::RateLimited { retry_after, .. } => (

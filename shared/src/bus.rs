@@ -99,6 +99,10 @@ impl Topology {
     pub fn retry_queue(&self, delay: Duration) -> String {
         format!("{}.retry.{}ms", self.namespace, delay.as_millis())
     }
+    /// The queue of the activity `name` (see the `cmdflow` crate's activities).
+    pub fn activity_queue(&self, name: &str) -> String {
+        format!("{}.activity.{name}", self.namespace)
+    }
 }
 
 /// One AMQP connection per process, rebuilt on demand after it breaks, plus a shared channel in
@@ -315,6 +319,32 @@ impl Bus {
             args.insert("x-dead-letter-exchange".into(), string(""));
             args.insert("x-dead-letter-routing-key".into(), string(&t.work_queue()));
             declare_queue(&ch, &t.retry_queue(*delay), args).await?;
+        }
+        drop(ch.close(200, "declared".into()).await);
+        Ok(())
+    }
+
+    /// Declares `queue` (quorum, durable, dead-lettering to `{ns}.dlx`) bound to the events
+    /// exchange with each of `routing_keys`: a subscriber of its own beside the work queue, such
+    /// as an activity. Idempotent.
+    pub async fn declare_subscriber(&self, queue: &str, routing_keys: &[String]) -> Result<()> {
+        let t = &self.topology;
+        let ch = self.channel().await?;
+        let mut args = quorum_args();
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            string(&t.dead_letter_exchange()),
+        );
+        declare_queue(&ch, queue, args).await?;
+        for key in routing_keys {
+            ch.queue_bind(
+                queue.into(),
+                t.events_exchange().as_str().into(),
+                key.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
         }
         drop(ch.close(200, "declared".into()).await);
         Ok(())

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
+/// Every setting of every role, each read from `CMDFLOW_<NAME>` (see the README's table).
 pub struct Config {
     /// PostgreSQL URL (`CMDFLOW_DATABASE_URL`).
     pub database_url: String,
@@ -63,9 +64,19 @@ pub struct Config {
     pub smtp_url: Option<String>,
     /// The sender of e-mails (`CMDFLOW_MAIL_FROM`).
     pub mail_from: String,
-    /// A folder of funnel definitions (`*.toml`) to run instead of the shipped ones
+    /// A folder of funnel definitions (`*.toml`) to run besides those the binary registers
     /// (`CMDFLOW_FUNNELS_DIR`). An invalid file stops start-up with its precise error.
     pub funnels_dir: Option<String>,
+    /// A folder of message templates (`*.txt`, named after the file) besides those the binary
+    /// registers (`CMDFLOW_TEMPLATES_DIR`).
+    pub templates_dir: Option<String>,
+    /// Whether the binary's example kinds run (`CMDFLOW_EXAMPLES`): on for `cmdflow up` unless
+    /// set to `false`, off for every other role unless set to `true`.
+    pub examples: Option<bool>,
+    /// How long a worker holds a replay job without renewing its lease; a job whose worker
+    /// died is taken over after it (`CMDFLOW_REPLAY_LEASE`).
+    #[serde(with = "humantime_serde")]
+    pub replay_lease: Duration,
     /// Where the `worker` and `scheduler` roles serve `/metrics` and `/healthz`
     /// (`CMDFLOW_METRICS_ADDR`); the gateway serves them on its own address.
     pub metrics_addr: String,
@@ -118,10 +129,12 @@ pub struct Config {
 pub struct Secret(String);
 
 impl Secret {
+    /// Keeps `value` as a secret.
     pub fn new(value: impl Into<String>) -> Self {
         Self(value.into())
     }
 
+    /// The secret itself, for where it is used (never for a log line).
     pub fn expose(&self) -> &str {
         &self.0
     }
@@ -157,6 +170,9 @@ impl Default for Config {
             scheduler_batch: 500,
             smtp_url: None,
             funnels_dir: None,
+            templates_dir: None,
+            examples: None,
+            replay_lease: Duration::from_secs(30),
             metrics_addr: "127.0.0.1:9091".to_owned(),
             archive_retention: Duration::from_secs(30 * 24 * 3600),
             archive_retention_by_kind: String::new(),
@@ -178,12 +194,20 @@ impl Default for Config {
     }
 }
 
+/// A configuration that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// A value of the wrong type, or a file that cannot be read.
     #[error("configuration: {0}")]
     Load(#[from] Box<figment::Error>),
+    /// A value that breaks a rule.
     #[error("configuration: {field}: {reason}")]
-    Invalid { field: &'static str, reason: String },
+    Invalid {
+        /// The setting, without the `CMDFLOW_` prefix, in lower case.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 impl Config {
@@ -201,6 +225,7 @@ impl Config {
         Ok(config)
     }
 
+    /// Checks every setting; the first bad one is named.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |field, reason: &str| {
             Err(ConfigError::Invalid {
@@ -242,9 +267,13 @@ impl Config {
         if !matches!(self.log_format.as_str(), "json" | "pretty") {
             return invalid("log_format", "must be `json` or `pretty`");
         }
+        if self.replay_lease < Duration::from_secs(1) {
+            return invalid("replay_lease", "must be at least 1s");
+        }
         Ok(())
     }
 
+    /// The Redis masters, one URL each.
     pub fn redis_url_list(&self) -> Vec<String> {
         self.redis_urls
             .split(',')
@@ -254,6 +283,7 @@ impl Config {
             .collect()
     }
 
+    /// The delays between attempts after a retryable error.
     pub fn retry_delay_list(&self) -> Result<Vec<Duration>, ConfigError> {
         self.retry_delays
             .split(',')

@@ -20,13 +20,22 @@ pub const MAX_ID_LEN: usize = 128;
 /// The longest `source`, `subject`, `correlationid` or `causationid`.
 pub const MAX_ATTR_LEN: usize = 512;
 
+/// The extension attribute that names the command an event came from: cmdflow sets it on every
+/// event a command emits, so whoever answers it (an activity, another service) can address the
+/// answer back with `commandid`.
+pub const FROM_COMMAND: &str = "fromcommandid";
+
 /// Engine event types (`command.` prefix and the time events).
 pub mod types {
     /// Starts a command: `data = {kind, owner, data}`, addressed to the new command's id.
     pub const COMMAND_START: &str = "command.start";
+    /// Aborts the command it is addressed to, and its open descendants: `data = {reason}`.
     pub const COMMAND_ABORT: &str = "command.abort";
+    /// A child's report to its parent: it completed (`data = {child_id, kind, group, result}`).
     pub const COMMAND_COMPLETED: &str = "command.completed";
+    /// A child's report to its parent: it failed (`data = {child_id, kind, group, reason}`).
     pub const COMMAND_FAILED: &str = "command.failed";
+    /// A child's report to its parent: it was aborted (`data = {child_id, kind, group, reason}`).
     pub const COMMAND_ABORTED: &str = "command.aborted";
     /// A fan-in group settled: `data = {group, policy, outcome, total, completed, failed, aborted, outcomes}`.
     pub const CHILDREN_SETTLED: &str = "children.settled";
@@ -60,23 +69,30 @@ pub struct Event {
     pub specversion: String,
     /// Unique per `source`; at most 128 characters.
     pub id: String,
+    /// Who sent it (a service, `cmdflow/<kind>` for what a command emits).
     pub source: String,
     /// A dotted lower-case name such as `quote.requested`; the routing key.
     #[serde(rename = "type")]
     pub ty: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// When it happened, if the sender says.
     pub time: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Who it is about: the owner a broadcast start gives its command (`visitor:cookie-7f3a`).
     pub subject: Option<String>,
     /// The command this event is addressed to; absent for a broadcast.
     #[serde(default)]
     pub commandid: Option<CommandId>,
     #[serde(default)]
+    /// What it belongs with: a broadcast correlated by a person wakes that person's waits.
     pub correlationid: Option<String>,
     #[serde(default)]
+    /// The id of the event that caused it.
     pub causationid: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// `application/json` when given.
     pub datacontenttype: Option<String>,
+    /// The event's data: a JSON object.
     #[schema(value_type = Object)]
     pub data: Map<String, Value>,
     /// Other CloudEvents extension attributes, kept as they came.
@@ -300,6 +316,7 @@ impl Event {
         }
     }
 
+    /// The event as structured-mode JSON.
     pub fn to_bytes(&self) -> Vec<u8> {
         // Serializing plain data (strings, maps, numbers) cannot fail.
         serde_json::to_vec(self).unwrap_or_default()

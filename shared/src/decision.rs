@@ -22,14 +22,18 @@ pub enum DataChange {
 /// The end of a command.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
+    /// Completed, with this result.
     Complete(Value),
+    /// Failed, with this reason.
     Fail(String),
 }
 
 /// An event a decision sends out, through the outbox, after commit.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Emit {
+    /// The event's type, such as `payment.requested`.
     pub ty: String,
+    /// The event's data.
     pub data: Map<String, Value>,
     /// Addressed to one command, or broadcast by type when `None`.
     pub to: Option<crate::domain::CommandId>,
@@ -68,6 +72,7 @@ impl FanIn {
         }
     }
 
+    /// The policy's name (`quorum` for any `quorum:N`).
     pub fn name(self) -> &'static str {
         match self {
             Self::All => "all",
@@ -90,6 +95,7 @@ pub enum ParentClose {
 }
 
 impl ParentClose {
+    /// `abort` or `abandon`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Abort => "abort",
@@ -101,14 +107,18 @@ impl ParentClose {
 /// A child command to create.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChildSpec {
+    /// The child's kind: a registered one, or the decision fails its command.
     pub kind: String,
+    /// The child's start data, checked against its kind's schema.
     pub data: Map<String, Value>,
     /// Defaults to the parent's owner.
     pub owner: Option<String>,
+    /// What happens to it when its parent ends first.
     pub parent_close: ParentClose,
 }
 
 impl ChildSpec {
+    /// A child of `kind` with `data`, owned by the parent's owner, aborted if the parent ends first.
     pub fn new(kind: &str, data: Map<String, Value>) -> Self {
         Self {
             kind: kind.to_owned(),
@@ -122,12 +132,15 @@ impl ChildSpec {
 /// Children the parent waits for, under one fan-in policy.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SpawnGroup {
+    /// The group's name, unique among the command's open groups.
     pub name: String,
+    /// When the group settles, and how.
     pub policy: FanIn,
     /// The group fails if it has not settled by then (delivered as a time event).
     pub deadline: Option<std::time::Duration>,
     /// How the children's ends reach the parent.
     pub reports: Reports,
+    /// The children to start.
     pub children: Vec<ChildSpec>,
 }
 
@@ -146,6 +159,7 @@ pub enum Reports {
 }
 
 impl Reports {
+    /// `each` or `settled`.
     pub fn name(self) -> &'static str {
         match self {
             Self::Each => "each",
@@ -153,6 +167,7 @@ impl Reports {
         }
     }
 
+    /// Reads `each` or `settled`.
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "each" => Some(Self::Each),
@@ -165,16 +180,26 @@ impl Reports {
 /// Which children to abort.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AbortChildren {
+    /// Every open child.
     All,
+    /// The open children of one fan-in group.
     Group(String),
+    /// These children (the ones still open).
     Ids(Vec<crate::domain::CommandId>),
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
+/// What a handler decided for one event: the engine applies all of it in the event's transaction.
+/// Build it from [`Decision::nothing`], [`Decision::complete`] or [`Decision::fail`] and the
+/// `with_*` and action methods; every field left at its default changes nothing.
 pub struct Decision {
+    /// The new state (`running` or `waiting`); ending states come from [`Decision::outcome`].
     pub state: Option<CommandState>,
+    /// How the command's data changes.
     pub data: Option<DataChange>,
+    /// Events to send, through the outbox, after the commit.
     pub emit: Vec<Emit>,
+    /// Ends the command: completed with a result, or failed with a reason.
     pub outcome: Option<Outcome>,
     /// What a UI should say about the command while it is open; `Some(Value::Null)` clears it.
     pub ui: Option<Value>,
@@ -182,6 +207,7 @@ pub struct Decision {
     pub spawn_groups: Vec<SpawnGroup>,
     /// Children started fire-and-forget: they never report back.
     pub spawn_detached: Vec<ChildSpec>,
+    /// Children to abort.
     pub abort_children: Option<AbortChildren>,
     /// Timers to set (a name that exists is replaced) or cancel.
     pub timers: Vec<TimerOp>,
@@ -208,6 +234,7 @@ pub enum Channel {
 pub struct MessageSpec {
     /// The template's name, e.g. `quote_submitted`.
     pub template: String,
+    /// In the app, or by e-mail too.
     pub channel: Channel,
     /// The owner it is for; the command's owner when `None`.
     pub to: Option<String>,
@@ -218,15 +245,20 @@ pub struct MessageSpec {
 }
 
 #[derive(Debug, Clone, PartialEq)]
+/// A timer to set or cancel.
 pub enum TimerOp {
+    /// Set (or replace) a timer.
     Set(TimerSpec),
+    /// Cancel the timer of this name.
     Cancel(String),
 }
 
 /// "Wake me when the next broadcast event of this type with this correlation id arrives."
 #[derive(Debug, Clone, PartialEq)]
 pub struct WaitSpec {
+    /// The broadcast event's type.
     pub event_type: String,
+    /// Its `correlationid`, such as the person's owner id.
     pub key: String,
     /// When it passes first, `wait.timed_out` arrives instead.
     pub timeout: Option<std::time::Duration>,
@@ -238,6 +270,7 @@ impl Decision {
         Self::default()
     }
 
+    /// Completes the command with `result`.
     pub fn complete(result: Value) -> Self {
         Self {
             outcome: Some(Outcome::Complete(result)),
@@ -245,6 +278,7 @@ impl Decision {
         }
     }
 
+    /// Fails the command with `reason`.
     pub fn fail(reason: impl Into<String>) -> Self {
         Self {
             outcome: Some(Outcome::Fail(reason.into())),
@@ -252,26 +286,34 @@ impl Decision {
         }
     }
 
+    /// Moves the command to `state` (`running` or `waiting`).
     pub fn with_state(mut self, state: CommandState) -> Self {
         self.state = Some(state);
         self
     }
 
+    /// Sets the top-level keys of `patch` in the command's data (`null` removes a key).
     pub fn with_patch(mut self, patch: Map<String, Value>) -> Self {
         self.data = Some(DataChange::Patch(patch));
         self
     }
 
+    /// Replaces the command's data.
     pub fn with_data(mut self, data: Map<String, Value>) -> Self {
         self.data = Some(DataChange::Replace(data));
         self
     }
 
+    /// Says what a UI shows while the command is open: `{"code": …, "text": …}`, a pending
+    /// condition of the owner's feed. `Value::Null` clears it; a hint set by the decision that ends
+    /// the command outlives it ("your membership is approved").
     pub fn with_ui(mut self, ui: Value) -> Self {
         self.ui = Some(ui);
         self
     }
 
+    /// Broadcasts an event of type `ty`, routed by its type to whoever listens (other services,
+    /// activities, waits). It carries `fromcommandid`, so an answer can be addressed back.
     pub fn emit(mut self, ty: &str, data: Map<String, Value>) -> Self {
         self.emit.push(Emit {
             ty: ty.to_owned(),
@@ -298,6 +340,7 @@ impl Decision {
         self
     }
 
+    /// Ends the command with `outcome`.
     pub fn with_outcome(mut self, outcome: Outcome) -> Self {
         self.outcome = Some(outcome);
         self
@@ -355,6 +398,7 @@ impl Decision {
         self
     }
 
+    /// Aborts some or all of the command's open children.
     pub fn abort_children(mut self, which: AbortChildren) -> Self {
         self.abort_children = Some(which);
         self
@@ -390,6 +434,7 @@ impl Decision {
         self
     }
 
+    /// Cancels the timer `name`, if it is set.
     pub fn cancel_timer(mut self, name: &str) -> Self {
         self.timers.push(TimerOp::Cancel(name.to_owned()));
         self
@@ -463,14 +508,23 @@ impl Decision {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HandlerError {
     #[error("{kind} does not handle events of type {event_type}")]
-    UnexpectedEvent { kind: String, event_type: String },
+    /// The kind has no use for this event (for engine events, that is not an error).
+    UnexpectedEvent {
+        /// The kind that was asked.
+        kind: String,
+        /// The event's type.
+        event_type: String,
+    },
     #[error("invalid data: {0}")]
+    /// The command's or the event's data is not what the kind needs.
     InvalidData(String),
     #[error("refused: {0}")]
+    /// The kind refuses the event, for this reason.
     Refused(String),
 }
 
 impl HandlerError {
+    /// `kind` has no use for `event`.
     pub fn unexpected(kind: &str, event: &Event) -> Self {
         Self::UnexpectedEvent {
             kind: kind.to_owned(),

@@ -32,10 +32,12 @@ use uuid::Uuid;
 pub struct CommandId(Uuid);
 
 impl CommandId {
+    /// A new id: a UUIDv7, so ids sort by creation time.
     pub fn new() -> Self {
         Self(Uuid::now_v7())
     }
 
+    /// The id as a UUID.
     pub fn as_uuid(&self) -> Uuid {
         self.0
     }
@@ -70,22 +72,30 @@ impl FromStr for CommandId {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// What is wrong with a value from outside.
 pub enum DomainError {
     #[error(
         "`{0}` is not a command id (expected a UUID such as 0192f0c1-7a3b-7c2d-9e4f-5a6b7c8d9e0f)"
     )]
+    /// Not a command id.
     CommandId(String),
     #[error(
-        "`{0}` is not an owner: expected `kind:id` with kind one of admin, system, visitor, lead, member, client, supplier, shipper, vendor"
+        "`{0}` is not an owner: expected `kind:id`, the kind a lower-case word such as member, visitor or tenant (letters, digits and _, at most 32 bytes)"
     )]
+    /// Not `kind:id`, or a kind that is not a lower-case word.
     OwnerKind(String),
     #[error("owner id {0}")]
+    /// An owner id that breaks a rule.
     OwnerId(&'static str),
     #[error("`{0}` is not a valid name: {1}")]
+    /// A name that is not dotted lower-case words.
     Name(String, &'static str),
     #[error("a command cannot go from {from} to {to}")]
+    /// A state change the state machine does not allow.
     Transition {
+        /// Where the command is.
         from: CommandState,
+        /// Where it was asked to go.
         to: CommandState,
     },
 }
@@ -97,60 +107,37 @@ fn truncate(s: &str, max: usize) -> String {
     }
 }
 
-/// Who a command is attributed to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OwnerKind {
-    Admin,
-    System,
-    Visitor,
-    Lead,
-    Member,
-    Client,
-    Supplier,
-    Shipper,
-    Vendor,
-}
-
-impl OwnerKind {
-    pub const ALL: [OwnerKind; 9] = [
-        Self::Admin,
-        Self::System,
-        Self::Visitor,
-        Self::Lead,
-        Self::Member,
-        Self::Client,
-        Self::Supplier,
-        Self::Shipper,
-        Self::Vendor,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Admin => "admin",
-            Self::System => "system",
-            Self::Visitor => "visitor",
-            Self::Lead => "lead",
-            Self::Member => "member",
-            Self::Client => "client",
-            Self::Supplier => "supplier",
-            Self::Shipper => "shipper",
-            Self::Vendor => "vendor",
-        }
-    }
-}
-
-/// `kind:id`, for example `member:42` or `visitor:cookie-7f3a`.
+/// `kind:id`, for example `member:42`, `visitor:cookie-7f3a` or `tenant:acme`.
+///
+/// The kind is open: a lower-case prefix (`[a-z][a-z0-9_]*`, at most 32 bytes) names the kind
+/// of party, so each business brings its own (visitors, members, vendors, tenants, users…).
+/// The shipped funnels use the personas `visitor`, `lead`, `member`, `client`, `supplier`,
+/// `shipper` and `vendor`, and cmdflow itself acts as `system:cmdflow`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Owner {
-    kind: OwnerKind,
+    kind: String,
     id: String,
 }
 
 impl Owner {
+    /// The longest owner id, in bytes.
     pub const MAX_ID_LEN: usize = 128;
+    /// The longest owner kind, in bytes.
+    pub const MAX_KIND_LEN: usize = 32;
 
-    pub fn new(kind: OwnerKind, id: &str) -> Result<Self, DomainError> {
+    /// An owner of `kind` with `id`, or the rule it breaks.
+    pub fn new(kind: &str, id: &str) -> Result<Self, DomainError> {
+        let kind_ok = kind.len() <= Self::MAX_KIND_LEN
+            && kind.as_bytes().first().is_some_and(u8::is_ascii_lowercase)
+            && kind
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if !kind_ok {
+            return Err(DomainError::OwnerKind(truncate(
+                &format!("{kind}:{id}"),
+                64,
+            )));
+        }
         if id.is_empty() {
             return Err(DomainError::OwnerId("must not be empty"));
         }
@@ -166,33 +153,33 @@ impl Owner {
             ));
         }
         Ok(Self {
-            kind,
+            kind: kind.to_owned(),
             id: id.to_owned(),
         })
     }
 
+    /// Reads `kind:id`.
     pub fn parse(s: &str) -> Result<Self, DomainError> {
         let (kind, id) = s
             .split_once(':')
             .ok_or_else(|| DomainError::OwnerKind(truncate(s, 64)))?;
-        let kind = OwnerKind::ALL
-            .into_iter()
-            .find(|k| k.as_str() == kind)
-            .ok_or_else(|| DomainError::OwnerKind(truncate(s, 64)))?;
         Self::new(kind, id)
     }
 
-    pub fn kind(&self) -> OwnerKind {
-        self.kind
+    /// The kind of party, such as `member` or `tenant`.
+    pub fn kind(&self) -> &str {
+        &self.kind
     }
 
+    /// Who within the kind, such as `42`.
     pub fn id(&self) -> &str {
         &self.id
     }
 
+    /// `system:cmdflow`: cmdflow acting for itself.
     pub fn system() -> Self {
         Self {
-            kind: OwnerKind::System,
+            kind: "system".to_owned(),
             id: "cmdflow".to_owned(),
         }
     }
@@ -200,7 +187,7 @@ impl Owner {
 
 impl fmt::Display for Owner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.kind.as_str(), self.id)
+        write!(f, "{}:{}", self.kind, self.id)
     }
 }
 
@@ -254,10 +241,12 @@ pub fn check_dotted_name(s: &str, min_segments: usize) -> Result<(), DomainError
 pub struct Kind(String);
 
 impl Kind {
+    /// Reads a kind name (dotted lower-case words).
     pub fn parse(s: &str) -> Result<Self, DomainError> {
         check_dotted_name(s, 1)?;
         Ok(Self(s.to_owned()))
     }
+    /// The kind's name.
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -289,15 +278,22 @@ impl fmt::Display for Kind {
 #[sqlx(type_name = "command_state", rename_all = "lowercase")]
 #[serde(rename_all = "lowercase")]
 pub enum CommandState {
+    /// Created, its start not applied yet.
     Pending,
+    /// Working: its decisions move it on.
     Running,
+    /// Waiting for something outside it: children, a timer, an event.
     Waiting,
+    /// Ended well, with a result.
     Completed,
+    /// Ended badly, with a reason.
     Failed,
+    /// Ended by an abort, with a reason.
     Aborted,
 }
 
 impl CommandState {
+    /// Every state.
     pub const ALL: [CommandState; 6] = [
         Self::Pending,
         Self::Running,
@@ -307,10 +303,12 @@ impl CommandState {
         Self::Aborted,
     ];
 
+    /// Whether the state is an end (completed, failed, aborted).
     pub fn is_terminal(self) -> bool {
         matches!(self, Self::Completed | Self::Failed | Self::Aborted)
     }
 
+    /// The state's name, as stored.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Pending => "pending",
@@ -348,27 +346,96 @@ impl fmt::Display for CommandState {
 }
 
 /// A command as stored: the row a handler decides on.
+///
+/// `D` is the type of its data: JSON as stored (`Command` alone), or a workflow's own type,
+/// which the engine deserializes before the workflow decides (see [`Command::map_data`]).
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
-pub struct Command {
+pub struct Command<D = Value> {
+    /// Its id.
     pub id: CommandId,
+    /// Its kind, such as `purchase.approval`.
     pub kind: String,
+    /// Who it is attributed to, `kind:id`.
     pub owner: String,
+    /// The command that spawned it; `None` for a root.
     pub parent_id: Option<CommandId>,
+    /// The root of its tree (itself for a root).
     pub root_id: CommandId,
+    /// How deep in its tree (0 for a root).
     pub depth: i32,
+    /// Its state.
     pub state: CommandState,
-    pub data: Value,
+    /// Its data, as the last decision left it.
+    pub data: D,
+    /// What it completed with.
     pub result: Option<Value>,
+    /// Why it failed or was aborted.
     pub reason: Option<String>,
+    /// What a UI shows about it while it is open (`{code, text}`).
     pub ui: Option<Value>,
+    /// How many events changed it: the fence of every write.
     pub version: i64,
     /// The fan-in group this child reports to; `None` for roots and fire-and-forget children.
     pub group_name: Option<String>,
     /// `abort` or `abandon`: what happens to this child when its parent ends first.
     pub parent_close: String,
+    /// When it was created.
     pub created_at: DateTime<Utc>,
+    /// When it last changed.
     pub updated_at: DateTime<Utc>,
+    /// When it ended.
     pub ended_at: Option<DateTime<Utc>>,
+}
+
+impl<D> Command<D> {
+    /// A root command of `kind`, owned by `owner`, as it is when its start event arrives
+    /// (`pending`, version 0): for unit tests of a workflow's `decide`.
+    pub fn new(kind: &str, owner: &str, data: D) -> Self {
+        let id = CommandId::new();
+        let now = Utc::now();
+        Command {
+            id,
+            kind: kind.to_owned(),
+            owner: owner.to_owned(),
+            parent_id: None,
+            root_id: id,
+            depth: 0,
+            state: CommandState::Pending,
+            data,
+            result: None,
+            reason: None,
+            ui: None,
+            version: 0,
+            group_name: None,
+            parent_close: "abort".to_owned(),
+            created_at: now,
+            updated_at: now,
+            ended_at: None,
+        }
+    }
+
+    /// The same command with other data: what a typed workflow sees.
+    pub fn map_data<E>(self, data: E) -> Command<E> {
+        Command {
+            id: self.id,
+            kind: self.kind,
+            owner: self.owner,
+            parent_id: self.parent_id,
+            root_id: self.root_id,
+            depth: self.depth,
+            state: self.state,
+            data,
+            result: self.result,
+            reason: self.reason,
+            ui: self.ui,
+            version: self.version,
+            group_name: self.group_name,
+            parent_close: self.parent_close,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            ended_at: self.ended_at,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -379,7 +446,7 @@ mod tests {
     #[test]
     fn owners_parse_and_print_back() {
         let owner = Owner::parse("member:42").unwrap();
-        assert_eq!(owner.kind(), OwnerKind::Member);
+        assert_eq!(owner.kind(), "member");
         assert_eq!(owner.id(), "42");
         assert_eq!(owner.to_string(), "member:42");
         assert_eq!(
@@ -389,10 +456,22 @@ mod tests {
     }
 
     #[test]
+    fn owner_kinds_are_open_lower_case_words() {
+        for good in ["tenant:acme", "user:7", "b2b_partner:x-1", "vendor9:v"] {
+            assert_eq!(Owner::parse(good).unwrap().to_string(), good);
+        }
+        assert_eq!(Owner::parse("tenant:acme").unwrap().kind(), "tenant");
+        let long = format!("{}:1", "k".repeat(33));
+        assert!(Owner::parse(&long).is_err(), "a kind is at most 32 bytes");
+    }
+
+    #[test]
     fn bad_owners_are_refused_with_a_reason() {
         for bad in [
             "member",
-            "pirate:1",
+            "Pirate:1",
+            "1pirate:1",
+            "pi-rate:1",
             "member:",
             "member:a b",
             "member:x'; drop table commands;--",

@@ -3,11 +3,19 @@
 
 use std::path::PathBuf;
 
+/// `tests/corpus/` of the workspace, found from the including crate's directory upwards.
+pub fn corpus_root() -> PathBuf {
+    let crate_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    crate_dir
+        .ancestors()
+        .map(|dir| dir.join("tests/corpus"))
+        .find(|dir| dir.is_dir())
+        .unwrap_or_else(|| panic!("no tests/corpus above {}", crate_dir.display()))
+}
+
 /// Every input of `tests/corpus/{dir}`, by file name, sorted (seed files and notes skipped).
 pub fn corpus(dir: &str) -> Vec<(String, Vec<u8>)> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/corpus")
-        .join(dir);
+    let root = corpus_root().join(dir);
     let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&root)
         .unwrap_or_else(|e| panic!("{}: {e}", root.display()))
         .map(|entry| entry.unwrap().path())

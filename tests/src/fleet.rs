@@ -44,7 +44,7 @@ pub fn cmdflow_binary() -> PathBuf {
         .unwrap_or_else(|| {
             panic!(
                 "the cmdflow binary is not in {candidates:?}: build it first with \
-                 `cargo build -p cmdflow-gateway --bin cmdflow` (same CARGO_TARGET_DIR)"
+                 `cargo build -p cmdflow --bin cmdflow` (same CARGO_TARGET_DIR)"
             )
         })
 }
@@ -681,6 +681,9 @@ impl World {
         bus.declare_topology(&settings.delay_queues())
             .await
             .expect("declare the topology");
+        store::kinds::publish(&pool, &crate::registry().catalogue())
+            .await
+            .expect("publish the kind catalogue");
         World {
             config,
             pool,
@@ -787,6 +790,8 @@ impl Fleet {
             ("CMDFLOW_DEV_KEY", crate::TEST_KEY.to_owned()),
             ("CMDFLOW_RATE_LIMIT_PER_SECOND", "0".to_owned()),
             ("CMDFLOW_LOG_FORMAT", "json".to_owned()),
+            // The test kinds are cmdflow's examples.
+            ("CMDFLOW_EXAMPLES", "true".to_owned()),
             ("RUST_LOG", "warn,lapin=error".to_owned()),
         ]
         .into_iter()

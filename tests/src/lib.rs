@@ -87,6 +87,12 @@ pub async fn drop_database(admin: &str, name: &str) {
     }
 }
 
+/// The kinds every test world runs: cmdflow's examples (the demo and business kinds, the
+/// funnels and their templates).
+pub fn registry() -> Registry {
+    cmdflow_demo::registry().expect("the example kinds install")
+}
+
 /// The API key every test gateway accepts with every scope; [`http`] sends it.
 pub const TEST_KEY: &str = "cfk_test_4b8f2c1e9d7a6053";
 
@@ -133,8 +139,20 @@ impl TestEnv {
         Self::with(|_| {}).await
     }
 
-    /// A fresh database (migrated), namespace and lock prefix; `adjust` can change the config.
+    /// A fresh database (migrated), namespace and lock prefix, with cmdflow's example kinds in
+    /// the kind catalogue; `adjust` can change the config.
     pub async fn with(adjust: impl FnOnce(&mut Config)) -> TestEnv {
+        let env = Self::bare(adjust).await;
+        // The catalogue as this world's workers publish it, so a gateway started before any
+        // worker knows the kinds.
+        store::kinds::publish(&env.pool, &registry().catalogue())
+            .await
+            .expect("publish the kind catalogue");
+        env
+    }
+
+    /// [`TestEnv::with`], with an empty kind catalogue: for a binary that brings its own kinds.
+    pub async fn bare(adjust: impl FnOnce(&mut Config)) -> TestEnv {
         cmdflow_shared::telemetry::init_for_tests();
         cmdflow_shared::tls::install_provider();
         cmdflow_shared::metrics::install();
@@ -181,7 +199,7 @@ impl TestEnv {
     pub async fn start_gateway_with(&mut self, adjust: impl FnOnce(&mut Config)) -> RunningGateway {
         let mut config = self.config.clone();
         adjust(&mut config);
-        let app = Application::build(&config, Registry::builtin())
+        let app = Application::build(&config)
             .await
             .expect("build the gateway");
         let url = format!("http://{}", app.local_addr());
@@ -198,7 +216,7 @@ impl TestEnv {
     pub async fn build_worker(&self, adjust: impl FnOnce(&mut Config)) -> Worker {
         let mut config = self.config.clone();
         adjust(&mut config);
-        Worker::build(&config, Registry::builtin())
+        Worker::build(&config, registry())
             .await
             .expect("build a worker")
     }

@@ -465,13 +465,13 @@ async fn a_gateway_without_any_credential_source_refuses_to_start() {
     let env = TestEnv::new().await;
     let mut config = env.config.clone();
     config.dev_key = None;
-    let err = cmdflow_gateway::Application::build(&config, cmdflow_workers::Registry::builtin())
+    let err = cmdflow_gateway::Application::build(&config)
         .await
         .err()
         .unwrap();
     assert!(err.to_string().contains("CMDFLOW_AUTH_KEYS_FILE"), "{err}");
     config.dev_key = Some(Secret::new("short"));
-    let err = cmdflow_gateway::Application::build(&config, cmdflow_workers::Registry::builtin())
+    let err = cmdflow_gateway::Application::build(&config)
         .await
         .err()
         .unwrap();

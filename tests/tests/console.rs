@@ -566,6 +566,36 @@ async fn a_person_uses_the_console_in_a_real_browser() {
     assert_eq!(link, format!("#/commands/{quote}"));
     browser.shot("person-1280").await;
 
+    // Kinds: the catalogue the workers published, with what each kind's start requires.
+    browser
+        .client
+        .goto(&format!("{console}#/kinds"))
+        .await
+        .unwrap();
+    let kinds = browser
+        .until("the kind catalogue", &text_of("main table tbody"))
+        .await;
+    let kinds = kinds.as_str().unwrap();
+    for needle in [
+        "demo.counter",
+        "demo.requested",
+        "funnel.visitor_to_member",
+        "funnel",
+    ] {
+        assert!(kinds.contains(needle), "{needle} in {kinds}");
+    }
+    let query_row = browser
+        .js("return [...document.querySelectorAll('main table tbody tr')].find(r => r.cells[0].innerText === 'query').innerText")
+        .await;
+    assert!(
+        query_row
+            .as_str()
+            .unwrap()
+            .contains("A search a person ran"),
+        "{query_row}"
+    );
+    browser.shot("kinds-1280").await;
+
     // A credential the gateway no longer accepts: the API's 401 brings the sign-in back, with
     // the API's reason.
     browser
@@ -619,6 +649,7 @@ async fn a_person_uses_the_console_in_a_real_browser() {
             "[data-role=groups] tbody tr",
         ),
         ("person", "#/person/visitor%3Ae2e-quote", ".pending-card"),
+        ("kinds", "#/kinds", "main table tbody tr"),
     ] {
         browser
             .client

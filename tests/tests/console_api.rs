@@ -138,7 +138,7 @@ async fn the_command_search_filters_pages_refuses_bad_parameters_and_keeps_owner
         ("state=sleeping", "state"),
         ("since=yesterday", "since"),
         ("until=2026-02-30T00:00:00Z", "until"),
-        ("owner=pirate:1", "owner"),
+        ("owner=Pirate:1", "owner"),
         ("kind=Quote!", "kind"),
         ("after=not-a-cursor", "after"),
         ("colour=red", "query"),

@@ -82,6 +82,7 @@ async fn sigterm_drains_a_worker_under_load_losing_and_redoing_nothing() {
     let metrics_port = free_port();
     let mut worker = tokio::process::Command::new(cmdflow_binary())
         .arg("worker")
+        .env("CMDFLOW_EXAMPLES", "true")
         .env("CMDFLOW_DATABASE_URL", &env.config.database_url)
         .env("CMDFLOW_AMQP_URL", &env.config.amqp_url)
         .env("CMDFLOW_REDIS_URLS", &env.config.redis_urls)

@@ -192,7 +192,12 @@ async fn an_interrupted_replay_resumes_and_replays_the_rest_once() {
     .await;
     assert_eq!(status, 202);
     let job = started["job"]["id"].as_str().unwrap().to_owned();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // A worker has taken it up and replayed its first batch (of 10, a second's worth).
+    eventually(WAIT, "the first batch replayed", || async {
+        let (_, j) = get(&format!("{}/v1/dead-letters/replays/{job}", gw.url)).await;
+        (j["replayed"].as_i64()? >= 10).then_some(())
+    })
+    .await;
     let (status, _) = post(
         &format!("{}/v1/dead-letters/replays/{job}/interrupt", gw.url),
         "application/json",
@@ -224,5 +229,100 @@ async fn an_interrupted_replay_resumes_and_replays_the_rest_once() {
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(count(&env, &id).await, 30, "nothing replayed twice");
+    env.cleanup().await;
+}
+
+/// Dead letters in `state`.
+async fn dead_count(env: &TestEnv, state: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM dead_letters WHERE state = $1")
+        .bind(state)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_replay_outlives_the_gateway_that_started_it_and_the_worker_that_ran_it() {
+    let mut env = TestEnv::with(|c| c.replay_lease = Duration::from_secs(1)).await;
+    let gateway = env.start_gateway().await;
+    let first_worker = env.start_worker().await;
+    let id = frozen_counter_with_dead_increments(&env, &gateway.url, "member:61", 20).await;
+    send(&gateway.url, &event("demo.unfreeze", Some(&id), json!({}))).await;
+    eventually(WAIT, "unfrozen", || async {
+        (env.command(&id).await?.data["frozen"] == false).then_some(())
+    })
+    .await;
+    // No worker runs while the job is started: it waits in its table, not in a gateway task.
+    first_worker.cancel();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, started) = op(
+        &gateway.url,
+        "replay",
+        json!({"kind": "demo.counter", "rate": 10}),
+    )
+    .await;
+    assert_eq!(status, 202, "{started}");
+    let job = started["job"]["id"].as_str().unwrap().to_owned();
+    let job_id: uuid::Uuid = job.parse().unwrap();
+
+    // The gateway that started it goes away, and another takes its place.
+    gateway.shutdown.cancel();
+    let gateway = env.start_gateway().await;
+    // A worker claims the job and dies without letting go (kill -9): its lease stands.
+    let crashed =
+        cmdflow_shared::store::dead::claim_job(&env.pool, "crashed-worker", Duration::from_secs(1))
+            .await
+            .unwrap()
+            .expect("the job waits to be claimed");
+    assert_eq!(crashed.id, job_id);
+    // Resuming a running job is refused: it would start a second runner.
+    let (status, refused) = post(
+        &format!("{}/v1/dead-letters/replays/{job}/resume", gateway.url),
+        "application/json",
+        b"",
+    )
+    .await;
+    assert_eq!(
+        (status, refused["code"].as_str()),
+        (409, Some("conflict")),
+        "{refused}"
+    );
+
+    // Another worker takes it over once the lease runs out, and finishes it.
+    env.start_worker().await;
+    let done = wait_job(&gateway.url, &job, "finished").await;
+    assert_eq!(done["replayed"], 20, "{done}");
+    assert_ne!(done["claimed_by"], "crashed-worker", "{done}");
+    eventually(WAIT, "count 20", || async {
+        (count(&env, &id).await == 20).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(count(&env, &id).await, 20, "nothing replayed twice");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_replay_does_not_replay_its_own_new_dead_letters() {
+    let mut env = TestEnv::new().await;
+    let gateway = env.start_gateway().await;
+    env.start_worker().await;
+    // The counter stays frozen: every replayed increment fails again, into a new dead letter.
+    frozen_counter_with_dead_increments(&env, &gateway.url, "member:62", 10).await;
+    let (status, started) = op(&gateway.url, "replay", json!({"kind": "demo.counter"})).await;
+    assert_eq!(status, 202, "{started}");
+    let job = started["job"]["id"].as_str().unwrap().to_owned();
+    let done = wait_job(&gateway.url, &job, "finished").await;
+    assert_eq!(done["replayed"], 10, "{done}");
+    eventually(WAIT, "the replayed increments dead again", || async {
+        (dead_count(&env, "dead").await == 10).then_some(())
+    })
+    .await;
+    // Nothing more comes: the job was bounded by what it matched when it started.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(dead_count(&env, "replayed").await, 10);
+    assert_eq!(dead_count(&env, "dead").await, 10);
+    let (_, after) = get(&format!("{}/v1/dead-letters/replays/{job}", gateway.url)).await;
+    assert_eq!(after["replayed"], 10, "{after}");
     env.cleanup().await;
 }

@@ -149,7 +149,7 @@ async fn the_feed_pages_the_last_queries() {
         (422, Some("invalid_field")),
         "{b}"
     );
-    let (status, b) = get(&format!("{}/v1/owners/pirate:1/feed", gw.url)).await;
+    let (status, b) = get(&format!("{}/v1/owners/Pirate:1/feed", gw.url)).await;
     assert_eq!(
         (status, b["code"].as_str()),
         (400, Some("bad_request")),
@@ -333,7 +333,7 @@ fn bad_message_kind(
 #[tokio::test]
 async fn a_template_error_fails_the_command_with_the_template_name_and_sends_nothing() {
     let mut env = TestEnv::new().await;
-    let mut registry = cmdflow_workers::Registry::builtin();
+    let mut registry = cmdflow_tests::registry();
     registry.register("test.badmessage", bad_message_kind);
     env.start_worker_custom(
         registry,

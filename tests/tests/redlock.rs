@@ -172,6 +172,7 @@ impl WorkerProcess {
         let log = dir.join(format!("{name}.log"));
         let child = Command::new(cmdflow_binary())
             .arg("worker")
+            .env("CMDFLOW_EXAMPLES", "true")
             .env("CMDFLOW_DATABASE_URL", &c.database_url)
             .env(
                 "CMDFLOW_DATABASE_POOL_SIZE",

@@ -345,7 +345,7 @@ async fn bad_input_gets_its_status_and_code() {
     let (s, b) = post(
         &commands,
         "application/json",
-        br#"{"kind":"demo.counter","owner":"pirate:1"}"#,
+        br#"{"kind":"demo.counter","owner":"Pirate:1"}"#,
     )
     .await;
     assert_eq!((s, b["code"].as_str()), (422, Some("invalid_field")), "{b}");
@@ -641,5 +641,146 @@ async fn the_gateway_starts_and_accepts_events_while_redis_is_down() {
     env.start_worker().await;
     env.wait_state(&id, cmdflow_shared::CommandState::Running)
         .await;
+    env.cleanup().await;
+}
+
+/// A team's own kind, typed: a greeting for `name`, at most `times` times.
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+struct Greeting {
+    name: String,
+    #[serde(default)]
+    #[schemars(range(min = 1, max = 3))]
+    times: Option<u8>,
+}
+
+struct Greeter;
+
+impl cmdflow_workers::Workflow for Greeter {
+    const KIND: &'static str = "greeting";
+    const VERSION: &'static str = "7";
+    const STARTS_ON: &'static [&'static str] = &["visitor.greeted"];
+    type Data = Greeting;
+
+    fn decide(
+        &self,
+        command: &cmdflow_shared::Command<Greeting>,
+        event: &cmdflow_shared::Event,
+    ) -> Result<cmdflow_shared::Decision, cmdflow_shared::HandlerError> {
+        let times = command.data.times.unwrap_or(1);
+        Ok(cmdflow_shared::Decision::complete(json!({
+            "text": format!("Hello, {}", command.data.name).repeat(times.into()),
+            "on": event.ty,
+        })))
+    }
+}
+
+#[tokio::test]
+async fn the_gateway_knows_the_kinds_a_worker_publishes_and_checks_their_schema() {
+    let mut env = TestEnv::bare(|_| {}).await;
+    let gw = env.start_gateway().await;
+    let commands = format!("{}/v1/commands", gw.url);
+    let start = |data: Value| {
+        serde_json::to_vec(&json!({"kind": "greeting", "owner": "tenant:acme", "data": data}))
+            .unwrap()
+    };
+
+    // No worker has published yet: the gateway knows no kind, and says so.
+    let (s, b) = post(
+        &commands,
+        "application/json",
+        &start(json!({"name": "Ada"})),
+    )
+    .await;
+    assert_eq!((s, b["code"].as_str()), (422, Some("unknown_kind")), "{b}");
+    assert!(
+        b["detail"]
+            .as_str()
+            .unwrap()
+            .contains("no worker has published"),
+        "{b}"
+    );
+
+    // A worker with the kind starts; the gateway that was already running takes it up.
+    let mut registry = cmdflow_workers::Registry::new();
+    registry.workflow(Greeter).unwrap();
+    env.start_worker_custom(
+        registry,
+        std::sync::Arc::new(cmdflow_shared::time::SystemClock),
+    )
+    .await;
+    let (_, kinds) = get(&format!("{}/v1/kinds", gw.url)).await;
+    assert_eq!(kinds["kinds"][0]["name"], "greeting", "{kinds}");
+    assert_eq!(kinds["kinds"][0]["version"], "7");
+    assert_eq!(kinds["kinds"][0]["starts_on"], json!(["visitor.greeted"]));
+    assert_eq!(kinds["kinds"][0]["schema"]["required"], json!(["name"]));
+    let id = eventually(Duration::from_secs(10), "greeting accepted", || async {
+        let (s, b) = post(
+            &commands,
+            "application/json",
+            &start(json!({"name": "Ada"})),
+        )
+        .await;
+        (s == 202).then(|| b["command_id"].as_str().unwrap().to_owned())
+    })
+    .await;
+    let done = env
+        .wait_state(&id, cmdflow_shared::CommandState::Completed)
+        .await;
+    assert_eq!(done.result.unwrap()["text"], "Hello, Ada");
+    assert_eq!(done.owner, "tenant:acme", "owner kinds are open");
+
+    // Start data that breaks the derived schema: 422, naming the field.
+    for (data, field) in [
+        (json!({}), "data.name"),
+        (json!({"name": 7}), "data.name"),
+        (json!({"name": "Ada", "times": 9}), "data.times"),
+    ] {
+        let (s, b) = post(&commands, "application/json", &start(data.clone())).await;
+        assert_eq!(
+            (s, b["code"].as_str()),
+            (422, Some("invalid_field")),
+            "{data}: {b}"
+        );
+        assert!(
+            b["detail"].as_str().unwrap().starts_with(field),
+            "{data}: {b}"
+        );
+    }
+    // An unknown kind lists the kinds there are.
+    let (s, b) = post(
+        &commands,
+        "application/json",
+        br#"{"kind": "greetings", "owner": "member:1"}"#,
+    )
+    .await;
+    assert_eq!((s, b["code"].as_str()), (422, Some("unknown_kind")), "{b}");
+    assert!(
+        b["detail"]
+            .as_str()
+            .unwrap()
+            .ends_with("known kinds: greeting"),
+        "{b}"
+    );
+
+    // The broadcast type it starts on starts it, owned by the subject.
+    let mut greeted = event(
+        "visitor.greeted",
+        None,
+        json!({"name": "Grace", "times": 2}),
+    );
+    greeted["subject"] = json!("visitor:c-1");
+    env.publish_raw("visitor.greeted", &serde_json::to_vec(&greeted).unwrap())
+        .await;
+    let greeting = eventually(Duration::from_secs(30), "the broadcast start", || async {
+        let id: uuid::Uuid = sqlx::query_scalar(
+            "SELECT id FROM commands WHERE owner = 'visitor:c-1' AND state = 'completed'",
+        )
+        .fetch_optional(&env.pool)
+        .await
+        .unwrap()?;
+        env.command(&id.to_string()).await
+    })
+    .await;
+    assert_eq!(greeting.result.unwrap()["text"], "Hello, GraceHello, Grace");
     env.cleanup().await;
 }

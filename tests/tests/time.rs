@@ -50,7 +50,7 @@ fn timers_kind(_: &Command, event: &Event) -> Result<Decision, HandlerError> {
 }
 
 fn registry_with_timers() -> Registry {
-    let mut registry = Registry::builtin();
+    let mut registry = cmdflow_tests::registry();
     registry.register("test.timers", timers_kind);
     registry
 }
@@ -127,7 +127,7 @@ async fn cron_crosses_the_weekend_and_a_dst_change_in_berlin() {
     let gw = env.start_gateway().await;
     // Friday 2026-11-27, 22:30 in Berlin.
     let clock = Arc::new(ManualClock::new(berlin(2026, 11, 27, 22, 30)));
-    env.start_worker_custom(Registry::builtin(), clock.clone())
+    env.start_worker_custom(cmdflow_tests::registry(), clock.clone())
         .await;
     let scheduler = env.scheduler(clock.clone());
 
@@ -442,7 +442,7 @@ async fn after_downtime_overdue_timers_fire_once_and_cron_is_rearmed() {
     let gw = env.start_gateway().await;
     let start = Utc::now();
     let clock = Arc::new(ManualClock::new(start));
-    env.start_worker_custom(Registry::builtin(), clock.clone())
+    env.start_worker_custom(cmdflow_tests::registry(), clock.clone())
         .await;
     let scheduler = env.scheduler(clock.clone());
     let once = start_command(
@@ -558,17 +558,37 @@ async fn bad_time_input_gets_a_422_or_fails_the_command_with_its_reason() {
             "{needle}: {b}"
         );
     }
-    // Past the gateway (straight to the broker), the decision fails the command, and says why.
+    // Past the gateway (straight to the broker), the worker checks the same schema: the start
+    // is a dead letter whose reason names the field, and no command is created.
     let id = env
         .start_raw("demo.timer", "system:tests", json!({"cron": "61 * * * *"}))
         .await;
+    let dead = eventually(Duration::from_secs(60), "the refused start", || async {
+        env.dead_letter_after(0).await
+    })
+    .await;
+    assert_eq!(dead.error_class, "permanent");
+    assert!(
+        dead.reason.contains("data.cron") && dead.reason.contains("invalid cron expression"),
+        "{}",
+        dead.reason
+    );
+    assert!(
+        env.command(&id).await.is_none(),
+        "no command for a refused start"
+    );
+    // A decision that breaks a limit the schema cannot say still fails its command, with why:
+    // a fan-out of more children than CMDFLOW_MAX_CHILDREN.
+    let id = start_command(
+        &gw.url,
+        "demo.fanout",
+        "member:5",
+        json!({"children": 5000}),
+    )
+    .await;
     let failed = env.wait_state(&id, CommandState::Failed).await;
     assert!(
-        failed
-            .reason
-            .as_deref()
-            .unwrap()
-            .contains("invalid cron expression"),
+        failed.reason.as_deref().unwrap().contains("children"),
         "{failed:?}"
     );
     env.cleanup().await;

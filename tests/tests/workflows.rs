@@ -598,7 +598,7 @@ fn cleanup_kind(
 async fn an_aborted_command_gets_to_clean_up() {
     let mut env = TestEnv::new().await;
     let gw = env.start_gateway().await;
-    let mut registry = cmdflow_workers::Registry::builtin();
+    let mut registry = cmdflow_tests::registry();
     registry.register("test.cleanup", cleanup_kind);
     env.start_worker_custom(
         registry,

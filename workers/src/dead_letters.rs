@@ -8,12 +8,11 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use cmdflow_shared::Event;
 use cmdflow_shared::bus::{self, Bus, BusError};
-use cmdflow_shared::store::StoreError;
-use cmdflow_shared::store::dead::{self, Filter, NewDeadLetter, ReplayJob};
+use cmdflow_shared::store::dead::{self, Filter, NewDeadLetter};
 use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use serde_json::Value;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -144,71 +143,6 @@ async fn keep(pool: &PgPool, bus: &Bus, shutdown: &CancellationToken) -> Result<
                         .await,
                 );
                 tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
-    }
-}
-
-/// Headers for a replayed event: the original's, without the failure history, so it gets a fresh
-/// retry budget; marked with the dead letter it came from.
-pub fn replay_headers(id: i64) -> FieldTable {
-    let mut h = FieldTable::default();
-    h.insert("x-cmdflow-replayed-from".into(), AMQPValue::LongLongInt(id));
-    h
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ReplayError {
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Bus(#[from] BusError),
-    #[error("no replay job {0}")]
-    NoJob(uuid::Uuid),
-}
-
-/// Runs a replay job until it has replayed everything its filter selects, or someone interrupts
-/// it. It publishes each dead letter's original bytes under its original routing key (fresh
-/// retries), in batches, moving the job's cursor after each batch, so an interrupted job resumes
-/// where it stopped. A dead letter replayed twice (a crash between publish and cursor) is applied
-/// once: commands dedupe by event id. `rate` throttles to that many per second.
-pub async fn run_replay(
-    pool: &PgPool,
-    bus: &Bus,
-    id: uuid::Uuid,
-) -> Result<ReplayJob, ReplayError> {
-    loop {
-        let job = dead::get_job(pool, id)
-            .await?
-            .ok_or(ReplayError::NoJob(id))?;
-        if job.state != "running" {
-            return Ok(job);
-        }
-        let filter: Filter = serde_json::from_value(job.filter.clone()).unwrap_or_default();
-        let size = job.rate.map_or(100, |r| i64::from(r).clamp(1, 100));
-        let batch = dead::list(pool, &filter, job.last_id, size).await?;
-        if batch.is_empty() {
-            dead::set_job_state(pool, id, "finished", Some("running")).await?;
-            continue;
-        }
-        let started = Instant::now();
-        // One batch in flight at once: the confirms are pipelined, not awaited one by one.
-        let exchange = bus.topology().events_exchange();
-        let published = futures::future::join_all(batch.iter().map(|letter| {
-            let props = bus::event_properties(letter.event_id.as_deref().unwrap_or_default())
-                .with_headers(replay_headers(letter.id));
-            bus.publish(&exchange, &letter.routing_key, &letter.body, props)
-        }))
-        .await;
-        for result in published {
-            result?;
-        }
-        let ids: Vec<i64> = batch.iter().map(|l| l.id).collect();
-        dead::advance_job(pool, id, &ids).await?;
-        if let Some(rate) = job.rate.filter(|r| *r > 0) {
-            let due = Duration::from_secs_f64(batch.len() as f64 / f64::from(rate));
-            if let Some(rest) = due.checked_sub(started.elapsed()) {
-                tokio::time::sleep(rest).await;
             }
         }
     }

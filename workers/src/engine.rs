@@ -43,7 +43,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::handlers::Registry;
+use crate::registry::Registry;
 
 /// What to do with a message once the engine is done with it.
 #[derive(Debug, Clone, PartialEq)]
@@ -139,7 +139,6 @@ pub struct Engine {
     registry: Arc<Registry>,
     settings: EngineSettings,
     clock: Arc<dyn Clock>,
-    templates: crate::messages::Templates,
     /// One event per command at a time in this worker, before Redlock is asked.
     local: local::LocalLocks,
     /// Outbox rows the broker confirmed, deleted by the worker's next commit (or within
@@ -166,7 +165,6 @@ impl Engine {
             registry,
             settings,
             clock: Arc::new(SystemClock),
-            templates: crate::messages::Templates::builtin(),
             local: local::LocalLocks::default(),
             confirmed: std::sync::Mutex::new(Vec::new()),
         }

@@ -23,7 +23,7 @@
 //! `wait` for an event, `spawn` a command. Delays in a stage (`after`) are timers that leaving the
 //! stage cancels.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,36 +35,8 @@ use cmdflow_shared::{Command, CommandState, Decision, Event, HandlerError};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use crate::handlers::{Handler, Registry};
 use crate::messages::Templates;
-
-/// The funnels cmdflow ships with.
-pub const BUILTIN: &[(&str, &str)] = &[
-    (
-        "lead_to_visitor.toml",
-        include_str!("../funnels/lead_to_visitor.toml"),
-    ),
-    (
-        "visitor_to_member.toml",
-        include_str!("../funnels/visitor_to_member.toml"),
-    ),
-    (
-        "member_to_client.toml",
-        include_str!("../funnels/member_to_client.toml"),
-    ),
-    (
-        "lead_to_supplier.toml",
-        include_str!("../funnels/lead_to_supplier.toml"),
-    ),
-    (
-        "lead_to_shipper.toml",
-        include_str!("../funnels/lead_to_shipper.toml"),
-    ),
-    (
-        "lead_to_client.toml",
-        include_str!("../funnels/lead_to_client.toml"),
-    ),
-];
+use crate::registry::Handler;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -337,45 +309,41 @@ fn check_action(a: &Action, templates: &Templates, kinds: &BTreeSet<String>) -> 
     }
 }
 
-/// Loads the built-in funnels, or every `*.toml` in `dir` when given. Any invalid file stops
-/// start-up with its precise error.
-pub fn load(
-    dir: Option<&Path>,
+/// Reads every `*.toml` in `dir`: `(path, text)` pairs, by path.
+pub fn read_dir(dir: &Path) -> Result<Vec<(String, String)>, FunnelError> {
+    let io = |reason: String| FunnelError {
+        file: dir.display().to_string(),
+        funnel: "-".into(),
+        field: "-".into(),
+        reason,
+    };
+    let mut files = Vec::new();
+    let entries = std::fs::read_dir(dir).map_err(|e| io(e.to_string()))?;
+    for entry in entries {
+        let path = entry.map_err(|e| io(e.to_string()))?.path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| io(format!("{}: {e}", path.display())))?;
+            files.push((path.display().to_string(), text));
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Parses and checks funnel files (`(file name, TOML text)`). Any invalid file is an error
+/// with its precise place; so are two funnels of one name.
+pub fn parse_all(
+    files: &[(String, String)],
     templates: &Templates,
     kinds: &BTreeSet<String>,
 ) -> Result<Vec<FunnelDef>, FunnelError> {
-    let files: Vec<(String, String)> = match dir {
-        None => BUILTIN
-            .iter()
-            .map(|(f, t)| (format!("funnels/{f}"), (*t).to_owned()))
-            .collect(),
-        Some(dir) => {
-            let io = |reason: String| FunnelError {
-                file: dir.display().to_string(),
-                funnel: "-".into(),
-                field: "-".into(),
-                reason,
-            };
-            let mut files = Vec::new();
-            let entries = std::fs::read_dir(dir).map_err(|e| io(e.to_string()))?;
-            for entry in entries {
-                let path = entry.map_err(|e| io(e.to_string()))?.path();
-                if path.extension().is_some_and(|e| e == "toml") {
-                    let text = std::fs::read_to_string(&path)
-                        .map_err(|e| io(format!("{}: {e}", path.display())))?;
-                    files.push((path.display().to_string(), text));
-                }
-            }
-            files.sort();
-            files
-        }
-    };
     let mut defs: Vec<FunnelDef> = Vec::new();
     for (file, text) in files {
-        let def = FunnelDef::parse(&file, &text, templates, kinds)?;
+        let def = FunnelDef::parse(file, text, templates, kinds)?;
         if defs.iter().any(|d| d.name == def.name) {
             return Err(FunnelError {
-                file,
+                file: file.clone(),
                 funnel: def.name.clone(),
                 field: "name".into(),
                 reason: "another file defines a funnel of the same name".into(),
@@ -386,19 +354,15 @@ pub fn load(
     Ok(defs)
 }
 
-/// Registers one generic funnel kind per definition, started by its `start_on` event.
-pub fn register(registry: &mut Registry, defs: Vec<FunnelDef>) {
-    for def in defs {
-        let kind = def.kind();
-        let start_on = def.start_on.clone();
-        registry.register(&kind, FunnelHandler { def: Arc::new(def) });
-        registry.start_on(&start_on, &kind);
-    }
-}
-
 /// The generic funnel kind: runs any definition.
 pub struct FunnelHandler {
     def: Arc<FunnelDef>,
+}
+
+impl FunnelHandler {
+    pub fn new(def: FunnelDef) -> Self {
+        Self { def: Arc::new(def) }
+    }
 }
 
 fn guard_holds(guard: &Guard, data: &Map<String, Value>) -> bool {
@@ -592,11 +556,6 @@ impl Handler for FunnelHandler {
     }
 }
 
-/// Funnel definitions by kind, for reads (the console and the feed).
-pub fn by_kind(defs: &[FunnelDef]) -> HashMap<String, FunnelDef> {
-    defs.iter().map(|d| (d.kind(), d.clone())).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -608,25 +567,15 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn the_shipped_funnels_load() {
-        let defs = load(None, &Templates::builtin(), &kinds()).unwrap();
-        let names: Vec<&str> = defs.iter().map(|d| d.name.as_str()).collect();
-        assert_eq!(
-            names,
-            [
-                "lead_to_visitor",
-                "visitor_to_member",
-                "member_to_client",
-                "lead_to_supplier",
-                "lead_to_shipper",
-                "lead_to_client"
-            ]
-        );
+    fn templates() -> Templates {
+        let mut t = Templates::new();
+        t.add("funnel_welcome", "Welcome\n").unwrap();
+        t.add("funnel_nudge", "Still there?\n").unwrap();
+        t
     }
 
     fn bad(text: &str) -> FunnelError {
-        FunnelDef::parse("funnels/bad.toml", text, &Templates::builtin(), &kinds()).unwrap_err()
+        FunnelDef::parse("funnels/bad.toml", text, &templates(), &kinds()).unwrap_err()
     }
 
     const OK: &str = r#"
@@ -647,7 +596,7 @@ name = "b"
 
     #[test]
     fn a_good_definition_parses() {
-        FunnelDef::parse("funnels/t.toml", OK, &Templates::builtin(), &kinds()).unwrap();
+        FunnelDef::parse("funnels/t.toml", OK, &templates(), &kinds()).unwrap();
     }
 
     #[test]

@@ -1,14 +1,17 @@
-//! cmdflow's worker role: the engine that applies events to commands, the command kinds, and
-//! the loops that run beside it (the outbox sweeper).
+//! cmdflow's worker role: the engine that applies events to commands, the registry of the kinds
+//! it runs (filled by the binary that runs it), and the loops that run beside it: the outbox
+//! sweeper, the dead-letter keeper, the replay runner and the mailer.
 
 pub mod archiver;
 pub mod dead_letters;
 pub mod engine;
 pub mod fanin;
 pub mod funnels;
-pub mod handlers;
 pub mod messages;
+pub mod registry;
+pub mod replays;
 pub mod scheduler;
+pub mod workflow;
 
 use std::sync::Arc;
 
@@ -19,7 +22,8 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 pub use engine::{Applied, Disposition, Engine, EngineSettings};
-pub use handlers::Registry;
+pub use registry::{Handler, Registry, RegistryError};
+pub use workflow::Workflow;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -38,6 +42,7 @@ pub struct Worker {
     engine: Arc<Engine>,
     /// `(smtp_url, from)` when e-mails are sent.
     mail: Option<(String, String)>,
+    replay_lease: std::time::Duration,
 }
 
 impl Worker {
@@ -79,12 +84,18 @@ impl Worker {
             None
         };
         bus.declare_topology(&settings.delay_queues()).await?;
+        // The gateway checks starts against what the workers publish here.
+        store::kinds::publish(&pool, &registry.catalogue()).await?;
         let engine = Arc::new(Engine::new(pool, bus, locks, Arc::new(registry), settings));
         let mail = config
             .smtp_url
             .clone()
             .map(|url| (url, config.mail_from.clone()));
-        Ok(Worker { engine, mail })
+        Ok(Worker {
+            engine,
+            mail,
+            replay_lease: config.replay_lease,
+        })
     }
 
     /// Uses `clock` for "now" when timers are set (tests).
@@ -95,6 +106,7 @@ impl Worker {
         Worker {
             engine,
             mail: self.mail,
+            replay_lease: self.replay_lease,
         }
     }
 
@@ -119,9 +131,16 @@ impl Worker {
             Arc::clone(self.engine.bus()),
             shutdown.clone(),
         ));
+        let replays = replays::Runner::new(
+            self.engine.pool().clone(),
+            Arc::clone(self.engine.bus()),
+            self.replay_lease,
+        );
+        let replays = tokio::spawn(replays.run_until_stopped(shutdown.clone()));
         Arc::clone(&self.engine).run_until_stopped(shutdown).await;
         drop(sweeper.await);
         drop(keeper.await);
+        drop(replays.await);
         if let Some(mailer) = mailer {
             drop(mailer.await);
         }

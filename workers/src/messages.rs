@@ -5,7 +5,6 @@
 //! undefined value is an error that names the template, so a half-rendered message never goes
 //! out. Without SMTP configured, e-mails are kept and shown in the app.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -16,75 +15,84 @@ use serde_json::Value;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-/// The templates cmdflow ships with.
-const BUILTIN: &[(&str, &str)] = &[
-    (
-        "quote_submitted",
-        include_str!("../templates/quote_submitted.txt"),
-    ),
-    (
-        "membership_pending",
-        include_str!("../templates/membership_pending.txt"),
-    ),
-    (
-        "membership_approved",
-        include_str!("../templates/membership_approved.txt"),
-    ),
-    (
-        "membership_rejected",
-        include_str!("../templates/membership_rejected.txt"),
-    ),
-    (
-        "membership_reminder",
-        include_str!("../templates/membership_reminder.txt"),
-    ),
-    (
-        "funnel_welcome",
-        include_str!("../templates/funnel_welcome.txt"),
-    ),
-    (
-        "funnel_nudge",
-        include_str!("../templates/funnel_nudge.txt"),
-    ),
-    ("funnel_done", include_str!("../templates/funnel_done.txt")),
-    (
-        "visitor_nudge",
-        include_str!("../templates/visitor_nudge.txt"),
-    ),
-    (
-        "application_received",
-        include_str!("../templates/application_received.txt"),
-    ),
-    (
-        "application_reminder",
-        include_str!("../templates/application_reminder.txt"),
-    ),
-];
+/// A template that cannot be used: its name (or file) and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("template {name}: {reason}")]
+pub struct TemplateError {
+    pub name: String,
+    pub reason: String,
+}
 
-/// Compiled templates.
+/// Compiled templates, strict about undefined values.
 #[derive(Clone)]
 pub struct Templates {
-    env: Arc<Environment<'static>>,
+    env: Environment<'static>,
 }
 
 impl Default for Templates {
     fn default() -> Self {
-        Self::builtin()
+        Self::new()
     }
 }
 
 impl Templates {
-    pub fn builtin() -> Self {
+    /// No templates yet.
+    pub fn new() -> Self {
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
         env.add_filter("date", date_filter);
-        for (name, source) in BUILTIN {
-            // The built-in templates are compiled into the binary and tested below.
-            if let Err(e) = env.add_template(name, source) {
-                tracing::error!(template = name, error = %e, "A built-in template does not compile.");
-            }
+        Self { env }
+    }
+
+    /// Adds (or replaces) the template `name`. Its first line is the subject.
+    pub fn add(&mut self, name: &str, source: &str) -> Result<(), TemplateError> {
+        let error = |reason: String| TemplateError {
+            name: name.to_owned(),
+            reason,
+        };
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        {
+            return Err(error(
+                "a template's name is lower-case letters, digits and _".to_owned(),
+            ));
         }
-        Self { env: Arc::new(env) }
+        if source.lines().next().is_none_or(|l| l.trim().is_empty()) {
+            return Err(error("the first line (the subject) is empty".to_owned()));
+        }
+        self.env
+            .add_template_owned(name.to_owned(), source.to_owned())
+            .map_err(|e| error(e.to_string()))
+    }
+
+    /// Adds every `*.txt` file in `dir`, named after the file (`welcome.txt` → `welcome`).
+    /// Returns how many it added.
+    pub fn add_dir(&mut self, dir: &std::path::Path) -> Result<usize, TemplateError> {
+        let error = |reason: String| TemplateError {
+            name: dir.display().to_string(),
+            reason,
+        };
+        let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| error(e.to_string()))?
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .filter(|path| path.extension().is_some_and(|e| e == "txt"))
+            .collect();
+        files.sort();
+        for path in &files {
+            let name = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or_default();
+            let source = std::fs::read_to_string(path)
+                .map_err(|e| error(format!("{}: {e}", path.display())))?;
+            self.add(name, &source).map_err(|e| TemplateError {
+                name: path.display().to_string(),
+                reason: e.reason,
+            })?;
+        }
+        Ok(files.len())
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -222,19 +230,25 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn templates() -> Templates {
+        let mut t = Templates::new();
+        t.add(
+            "greeting",
+            "Hello, {{ name }}\n\nSince {{ now | date }} you have {{ total }} points.\n",
+        )
+        .unwrap();
+        t
+    }
+
     #[test]
-    fn the_builtin_templates_render_with_their_data() {
-        let t = Templates::builtin();
-        for (name, _) in BUILTIN {
-            assert!(t.contains(name), "{name} compiles");
-        }
-        let (subject, body) = t
+    fn a_template_renders_its_subject_and_body() {
+        let (subject, body) = templates()
             .render(
-                "quote_submitted",
+                "greeting",
                 &json!({"name": "Ada", "now": "2026-11-26T10:00:00Z", "total": 120}),
             )
             .unwrap();
-        assert_eq!(subject, "Your quote is on its way, Ada");
+        assert_eq!(subject, "Hello, Ada");
         assert!(
             body.contains("26 November 2026") && body.contains("120"),
             "{body}"
@@ -243,14 +257,44 @@ mod tests {
 
     #[test]
     fn a_missing_value_fails_loudly_with_the_template_name() {
-        let err = Templates::builtin()
-            .render(
-                "membership_approved",
-                &json!({"now": "2026-11-26T10:00:00Z"}),
-            )
+        let err = templates()
+            .render("greeting", &json!({"now": "2026-11-26T10:00:00Z"}))
             .unwrap_err();
-        assert!(err.starts_with("template membership_approved:"), "{err}");
-        let err = Templates::builtin().render("nope", &json!({})).unwrap_err();
+        assert!(err.starts_with("template greeting:"), "{err}");
+        let err = templates().render("nope", &json!({})).unwrap_err();
         assert!(err.contains("no such template"));
+    }
+
+    #[test]
+    fn bad_templates_are_refused_with_their_name() {
+        let mut t = Templates::new();
+        assert!(
+            t.add("x", "{% if %}\n")
+                .unwrap_err()
+                .to_string()
+                .starts_with("template x:")
+        );
+        assert!(t.add("Bad Name", "subject\n").is_err());
+        assert!(
+            t.add("empty", "\nbody")
+                .unwrap_err()
+                .reason
+                .contains("subject")
+        );
+    }
+
+    #[test]
+    fn a_directory_of_templates_loads_by_file_name() {
+        let dir = std::env::temp_dir().join(format!("cmdflow-templates-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("welcome.txt"), "Welcome, {{ name }}\nbody\n").unwrap();
+        std::fs::write(dir.join("notes.md"), "not a template").unwrap();
+        let mut t = Templates::new();
+        assert_eq!(t.add_dir(&dir).unwrap(), 1);
+        assert!(t.contains("welcome") && !t.contains("notes"));
+        std::fs::write(dir.join("broken.txt"), "{{ name\n").unwrap();
+        let err = Templates::new().add_dir(&dir).unwrap_err();
+        assert!(err.name.ends_with("broken.txt"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

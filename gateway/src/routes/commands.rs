@@ -15,6 +15,7 @@ use serde_json::{Map, Value, json};
 
 use crate::app::AppState;
 use crate::auth::Principal;
+use crate::catalogue::Lookup;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::routes::events::publish_all;
 use crate::routes::json_body;
@@ -54,7 +55,7 @@ pub async fn start_command(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<(StatusCode, Json<Started>)> {
     let body = json_body(&headers, body, &["application/json"])?;
-    let mut event = start_event(&state, &body)?;
+    let mut event = start_event(&state, &body).await?;
     let kind = event.data.get("kind").and_then(Value::as_str).unwrap_or("");
     principal.may_publish(kind)?;
     crate::routes::events::trace(&headers, std::slice::from_mut(&mut event));
@@ -69,8 +70,8 @@ pub async fn start_command(
     ))
 }
 
-/// Validates a start request and builds its event.
-fn start_event(state: &AppState, body: &[u8]) -> ApiResult<Event> {
+/// Validates a start request against the kind catalogue and builds its event.
+async fn start_event(state: &AppState, body: &[u8]) -> ApiResult<Event> {
     let value = cmdflow_shared::contract::parse_json(body)
         .map_err(|e| ApiError::MalformedJson(format!("malformed JSON: {e}")))?;
     let Value::Object(mut obj) = value else {
@@ -86,13 +87,19 @@ fn start_event(state: &AppState, body: &[u8]) -> ApiResult<Event> {
         Some(_) => return Err(ApiError::invalid("kind", "must be a string")),
         None => return Err(ApiError::invalid("kind", "is required")),
     };
-    if !state.registry.contains(kind.as_str()) {
-        let known: Vec<&str> = state.registry.kinds().collect();
-        return Err(ApiError::UnknownKind(format!(
-            "unknown command kind `{kind}`; known kinds: {}",
-            known.join(", ")
-        )));
-    }
+    let known = match state.catalogue.lookup(kind.as_str()).await? {
+        Lookup::Known(known) => known,
+        Lookup::Unknown(names) => {
+            let known = if names.is_empty() {
+                "none: no worker has published its kinds yet".to_owned()
+            } else {
+                names.join(", ")
+            };
+            return Err(ApiError::UnknownKind(format!(
+                "unknown command kind `{kind}`; known kinds: {known}"
+            )));
+        }
+    };
     let owner = match obj.remove("owner") {
         Some(Value::String(s)) => {
             Owner::parse(&s).map_err(|e| ApiError::invalid("owner", e.to_string()))?
@@ -110,8 +117,15 @@ fn start_event(state: &AppState, body: &[u8]) -> ApiResult<Event> {
         Some(Value::Object(map)) => map,
         Some(_) => return Err(ApiError::invalid("data", "must be a JSON object")),
     };
-    if let Err(reason) = state.registry.check_start(kind.as_str(), &data) {
-        return Err(ApiError::invalid("data", reason));
+    match &known.check {
+        Ok(check) => check
+            .check(&data)
+            .map_err(|v| ApiError::invalid(&v.field, v.reason))?,
+        Err(reason) => {
+            return Err(ApiError::UnknownKind(format!(
+                "kind `{kind}` has a start-data schema that does not compile ({reason}); fix the kind's registration"
+            )));
+        }
     }
     // The start data is stored as jsonb, which cannot hold U+0000.
     if let Some(at) = cmdflow_shared::contract::nul_in_map(&data, "data") {

@@ -8,8 +8,7 @@ use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use chrono::{DateTime, Utc};
-use cmdflow_shared::store::dead::{self, DeadLetter, Filter, Group, ReplayJob};
-use cmdflow_workers::dead_letters::run_replay;
+use cmdflow_shared::store::dead::{self, DeadLetter, Filter, Group, ReplayJob, ReplayState};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -282,7 +281,7 @@ pub async fn replay(
         Some(&job.id.to_string()),
     )
     .await?;
-    spawn_runner(&state, job.id);
+    // A worker claims it (the gateway runs no replays, so restarting it stops none).
     Ok((
         StatusCode::ACCEPTED,
         Json(ReplayAccepted {
@@ -291,21 +290,6 @@ pub async fn replay(
             job: Some(job),
         }),
     ))
-}
-
-fn spawn_runner(state: &AppState, id: uuid::Uuid) {
-    let (pool, bus) = (state.pool.clone(), state.bus.clone());
-    tokio::spawn(async move {
-        match run_replay(&pool, &bus, id).await {
-            Ok(job) => {
-                tracing::info!(job = %id, replayed = job.replayed, state = %job.state, "Replay stopped.")
-            }
-            Err(e) => {
-                tracing::error!(job = %id, error = %e, "A replay failed; resume it to continue.");
-                drop(dead::set_job_state(&pool, id, "interrupted", Some("running")).await);
-            }
-        }
-    });
 }
 
 fn job_id(raw: &str) -> ApiResult<uuid::Uuid> {
@@ -336,14 +320,21 @@ pub async fn interrupt(
     Path(raw): Path<String>,
 ) -> ApiResult<Json<ReplayJob>> {
     let id = job_id(&raw)?;
-    dead::set_job_state(&state.pool, id, "interrupted", Some("running")).await?;
+    dead::move_job(
+        &state.pool,
+        id,
+        ReplayState::Running,
+        ReplayState::Interrupted,
+    )
+    .await?;
     replay_status(State(state), Path(raw)).await
 }
 
-/// Resumes an interrupted replay where it stopped.
+/// Resumes an interrupted replay where it stopped; a worker takes it up. A replay that is
+/// running, finished or failed cannot be resumed (409).
 #[utoipa::path(post, path = "/v1/dead-letters/replays/{id}/resume", tag = "dead-letters",
     params(("id" = String, Path, description = "Replay job id")),
-    responses((status = 202, body = ReplayJob), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+    responses((status = 202, body = ReplayJob), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn resume(
     State(state): State<AppState>,
     Path(raw): Path<String>,
@@ -352,11 +343,22 @@ pub async fn resume(
     let job = dead::get_job(&state.pool, id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no replay {id}")))?;
-    if job.state == "finished" {
-        return Err(ApiError::invalid("state", "this replay has finished"));
+    let resumed = job.state == ReplayState::Interrupted
+        && dead::move_job(
+            &state.pool,
+            id,
+            ReplayState::Interrupted,
+            ReplayState::Running,
+        )
+        .await?;
+    if !resumed {
+        let state = dead::get_job(&state.pool, id)
+            .await?
+            .map_or(job.state, |j| j.state);
+        return Err(ApiError::Conflict(format!(
+            "replay {id} is {state}; only an interrupted replay can be resumed"
+        )));
     }
-    dead::set_job_state(&state.pool, id, "running", None).await?;
-    spawn_runner(&state, id);
     let Json(job) = replay_status(State(state), Path(raw)).await?;
     Ok((StatusCode::ACCEPTED, Json(job)))
 }

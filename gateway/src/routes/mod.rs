@@ -5,6 +5,7 @@ pub mod commands;
 pub mod dead_letters;
 pub mod events;
 pub mod health;
+pub mod kinds;
 pub mod overview;
 pub mod owners;
 pub mod search;

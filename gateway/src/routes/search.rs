@@ -205,7 +205,7 @@ mod tests {
     #[test]
     fn each_bad_parameter_is_named() {
         for (pairs, field) in [
-            (vec![("owner", "pirate:1")], "owner"),
+            (vec![("owner", "Pirate:1")], "owner"),
             (vec![("kind", "Not%20A%20Kind")], "kind"),
             (vec![("state", "running,sleeping")], "state"),
             (vec![("since", "yesterday")], "since"),

@@ -168,12 +168,24 @@ pub async fn list(
     after_id: i64,
     limit: i64,
 ) -> Result<Vec<DeadLetter>> {
-    let sql = format!("{COLUMNS} {WHERE} AND id > $10 ORDER BY id LIMIT $11");
+    list_through(pool, filter, after_id, i64::MAX, limit).await
+}
+
+/// [`list`], of dead letters up to `through_id` only (a replay's bound).
+pub async fn list_through(
+    pool: &PgPool,
+    filter: &Filter,
+    after_id: i64,
+    through_id: i64,
+    limit: i64,
+) -> Result<Vec<DeadLetter>> {
+    let sql = format!("{COLUMNS} {WHERE} AND id > $10 AND id <= $11 ORDER BY id LIMIT $12");
     Ok(bind_filter!(
         sqlx::query_as::<_, DeadLetter>(sqlx::AssertSqlSafe(sql)),
         filter
     )
     .bind(after_id)
+    .bind(through_id)
     .bind(limit)
     .fetch_all(pool)
     .await?)
@@ -262,6 +274,40 @@ pub async fn audit(
     Ok(())
 }
 
+/// Where a replay job is.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, sqlx::Type, utoipa::ToSchema,
+)]
+#[sqlx(type_name = "replay_state", rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
+pub enum ReplayState {
+    /// Waiting for a worker, or being run by one (see `claimed_by` and `lease_until`).
+    Running,
+    /// Every dead letter it matched was replayed.
+    Finished,
+    /// Stopped by someone; `resume` runs it on from its cursor.
+    Interrupted,
+    /// Stopped by an error it cannot get past (its `error` says which); not resumable.
+    Failed,
+}
+
+impl ReplayState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Finished => "finished",
+            Self::Interrupted => "interrupted",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for ReplayState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Debug, Clone, sqlx::FromRow, Serialize, utoipa::ToSchema)]
 pub struct ReplayJob {
     pub id: Uuid,
@@ -273,12 +319,23 @@ pub struct ReplayJob {
     pub total: i32,
     pub replayed: i32,
     pub last_id: i64,
-    /// `running`, `finished` or `interrupted`.
-    pub state: String,
+    /// The newest dead letter when the job started: it never replays one kept after that
+    /// (such as its own events failing again).
+    pub max_id: Option<i64>,
+    pub state: ReplayState,
+    /// The worker running it, while its lease lasts.
+    pub claimed_by: Option<String>,
+    pub lease_until: Option<DateTime<Utc>>,
+    /// Why it failed.
+    pub error: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
 
+const JOB_COLUMNS: &str = "id, actor, filter, rate, total, replayed, last_id, max_id, state, claimed_by, lease_until, error, created_at, updated_at";
+
+/// Creates a running job over what `filter` matches now: bounded by the newest dead letter
+/// there is, so what fails again while it runs is not replayed by it. A worker picks it up.
 pub async fn create_job(
     pool: &PgPool,
     actor: &str,
@@ -286,58 +343,131 @@ pub async fn create_job(
     rate: Option<i32>,
     total: i64,
 ) -> Result<ReplayJob> {
-    Ok(sqlx::query_as::<_, ReplayJob>(
-        "INSERT INTO replay_jobs (id, actor, filter, rate, total, state) VALUES ($1, $2, $3, $4, $5, 'running')
-         RETURNING id, actor, filter, rate, total, replayed, last_id, state, created_at, updated_at",
-    )
-    .bind(Uuid::now_v7())
-    .bind(actor)
-    .bind(serde_json::to_value(filter).unwrap_or(Value::Null))
-    .bind(rate)
-    .bind(total as i32)
-    .fetch_one(pool)
-    .await?)
+    const SQL: &str = "INSERT INTO replay_jobs (id, actor, filter, rate, total, state, max_id)
+         VALUES ($1, $2, $3, $4, $5, 'running', (SELECT coalesce(max(id), 0) FROM dead_letters))
+         RETURNING id, actor, filter, rate, total, replayed, last_id, max_id, state, claimed_by, lease_until, error, created_at, updated_at";
+    Ok(sqlx::query_as::<_, ReplayJob>(SQL)
+        .bind(Uuid::now_v7())
+        .bind(actor)
+        .bind(serde_json::to_value(filter).unwrap_or(Value::Null))
+        .bind(rate)
+        .bind(total as i32)
+        .fetch_one(pool)
+        .await?)
 }
 
 pub async fn get_job(pool: &PgPool, id: Uuid) -> Result<Option<ReplayJob>> {
-    Ok(sqlx::query_as::<_, ReplayJob>(
-        "SELECT id, actor, filter, rate, total, replayed, last_id, state, created_at, updated_at FROM replay_jobs WHERE id = $1",
-    )
-    .bind(id)
-    .fetch_optional(pool)
-    .await?)
+    let sql = format!("SELECT {JOB_COLUMNS} FROM replay_jobs WHERE id = $1");
+    Ok(sqlx::query_as::<_, ReplayJob>(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .fetch_optional(pool)
+        .await?)
 }
 
-/// Sets a job's state; `from` guards the move (`None`: any).
-pub async fn set_job_state(
-    pool: &PgPool,
-    id: Uuid,
-    state: &str,
-    from: Option<&str>,
-) -> Result<bool> {
+/// Moves a job from `from` to `to`. Returns whether it was in `from`.
+pub async fn move_job(pool: &PgPool, id: Uuid, from: ReplayState, to: ReplayState) -> Result<bool> {
     let done = sqlx::query(
-        "UPDATE replay_jobs SET state = $2, updated_at = now() WHERE id = $1 AND ($3::text IS NULL OR state = $3)",
+        "UPDATE replay_jobs SET state = $3, updated_at = now(),
+                claimed_by = CASE WHEN $3 = 'running' THEN NULL ELSE claimed_by END,
+                lease_until = CASE WHEN $3 = 'running' THEN NULL ELSE lease_until END
+          WHERE id = $1 AND state = $2",
     )
     .bind(id)
-    .bind(state)
     .bind(from)
+    .bind(to)
     .execute(pool)
     .await?;
     Ok(done.rows_affected() == 1)
 }
 
-/// Records a replayed batch: its dead letters are `replayed` and the job's cursor moves past them.
-pub async fn advance_job(pool: &PgPool, job: Uuid, ids: &[i64]) -> Result<()> {
+/// Claims the oldest running job whose lease is free or expired, for `lease`: a job whose
+/// worker died is taken over once its lease runs out.
+pub async fn claim_job(
+    pool: &PgPool,
+    worker: &str,
+    lease: std::time::Duration,
+) -> Result<Option<ReplayJob>> {
+    let sql = format!(
+        "UPDATE replay_jobs SET claimed_by = $1, lease_until = now() + $2, updated_at = now()
+          WHERE id = (SELECT id FROM replay_jobs
+                       WHERE state = 'running' AND (lease_until IS NULL OR lease_until < now())
+                       ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED)
+          RETURNING {JOB_COLUMNS}"
+    );
+    Ok(sqlx::query_as::<_, ReplayJob>(sqlx::AssertSqlSafe(sql))
+        .bind(worker)
+        .bind(interval(lease))
+        .fetch_optional(pool)
+        .await?)
+}
+
+fn interval(d: std::time::Duration) -> sqlx::postgres::types::PgInterval {
+    sqlx::postgres::types::PgInterval {
+        months: 0,
+        days: 0,
+        microseconds: i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
+    }
+}
+
+/// Gives up `worker`'s claims on running jobs (a worker stopping), so another takes them at
+/// once rather than after the lease.
+pub async fn release_jobs(pool: &PgPool, worker: &str) -> Result<u64> {
+    let done = sqlx::query(
+        "UPDATE replay_jobs SET claimed_by = NULL, lease_until = NULL, updated_at = now()
+          WHERE claimed_by = $1 AND state = 'running'",
+    )
+    .bind(worker)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Ends a job `worker` runs: `finished`, or `failed` with the error.
+pub async fn end_job(
+    pool: &PgPool,
+    id: Uuid,
+    worker: &str,
+    state: ReplayState,
+    error: Option<&str>,
+) -> Result<bool> {
+    let done = sqlx::query(
+        "UPDATE replay_jobs SET state = $3, error = $4, lease_until = NULL, updated_at = now()
+          WHERE id = $1 AND claimed_by = $2 AND state = 'running'",
+    )
+    .bind(id)
+    .bind(worker)
+    .bind(state)
+    .bind(error)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Records a replayed batch: its dead letters are `replayed`, the job's cursor moves past them
+/// and `worker`'s lease is renewed for `lease`. Returns the job as it is now (interrupted, or
+/// claimed by another worker after an expired lease, tells the runner to stop).
+pub async fn advance_job(
+    pool: &PgPool,
+    job: Uuid,
+    worker: &str,
+    ids: &[i64],
+    lease: std::time::Duration,
+) -> Result<Option<ReplayJob>> {
     let mut tx = pool.begin().await?;
     mark_replayed(&mut tx, ids).await?;
-    sqlx::query(
-        "UPDATE replay_jobs SET replayed = replayed + $2, last_id = greatest(last_id, $3), updated_at = now() WHERE id = $1",
-    )
-    .bind(job)
-    .bind(ids.len() as i32)
-    .bind(ids.iter().copied().max().unwrap_or(0))
-    .execute(&mut *tx)
-    .await?;
+    let sql = format!(
+        "UPDATE replay_jobs SET replayed = replayed + $2, last_id = greatest(last_id, $3), updated_at = now(),
+                lease_until = CASE WHEN claimed_by = $4 AND state = 'running' THEN now() + $5 ELSE lease_until END
+          WHERE id = $1 RETURNING {JOB_COLUMNS}"
+    );
+    let row = sqlx::query_as::<_, ReplayJob>(sqlx::AssertSqlSafe(sql))
+        .bind(job)
+        .bind(ids.len() as i32)
+        .bind(ids.iter().copied().max().unwrap_or(0))
+        .bind(worker)
+        .bind(interval(lease))
+        .fetch_optional(&mut *tx)
+        .await?;
     tx.commit().await?;
-    Ok(())
+    Ok(row)
 }

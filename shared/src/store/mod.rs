@@ -1049,5 +1049,6 @@ pub async fn outbox_backlog(pool: &PgPool) -> Result<i64> {
 pub mod archive;
 pub mod console;
 pub mod dead;
+pub mod kinds;
 pub mod people;
 pub mod time;

@@ -29,7 +29,7 @@
 //!
 //! Events are published straight to RabbitMQ with confirms, as an upstream service would, each
 //! carrying its send time; latency is from publish to the history row written in the event's
-//! transaction. Build in release mode: `cargo build --release -p cmdflow-gateway -p cmdflow-tests`.
+//! transaction. Build in release mode: `cargo build --release -p cmdflow -p cmdflow-tests`.
 //!
 //! `scripts/bench.sh` runs the matrix (the baseline, W1–W4 with 1, 2 and 4 worker processes,
 //! feedw1), each in a fresh run, and prints a Markdown table with `--table`.
@@ -52,7 +52,7 @@ use cmdflow_shared::bus::Bus;
 use cmdflow_shared::decision::Reports;
 use cmdflow_shared::{Config, store};
 use cmdflow_workers::scheduler::Scheduler;
-use cmdflow_workers::{EngineSettings, Registry, Worker};
+use cmdflow_workers::{EngineSettings, Worker};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio::process::{Child, Command};
@@ -248,7 +248,7 @@ impl Run {
     async fn start_workers(&self, shutdown: &CancellationToken) -> anyhow::Result<Vec<Child>> {
         if self.args.in_process {
             for _ in 0..self.args.workers {
-                let worker = Worker::build(&self.config, Registry::builtin()).await?;
+                let worker = Worker::build(&self.config, cmdflow_tests::registry()).await?;
                 tokio::spawn(worker.run_until_stopped(shutdown.clone()));
             }
             for _ in 0..self.args.schedulers {
@@ -264,6 +264,7 @@ impl Run {
         for role in roles {
             let child = Command::new(&bin)
                 .arg(role)
+                .env("CMDFLOW_EXAMPLES", "true")
                 .env("CMDFLOW_DATABASE_URL", &self.config.database_url)
                 .env("CMDFLOW_AMQP_URL", &self.config.amqp_url)
                 .env("CMDFLOW_REDIS_URLS", &self.config.redis_urls)
@@ -844,8 +845,7 @@ impl Run {
             let total = dead::count(&self.pool, &filter).await?;
             let job = dead::create_job(&self.pool, "loadgen", &filter, rate, total).await?;
             let started = Instant::now();
-            let done =
-                cmdflow_workers::dead_letters::run_replay(&self.pool, &self.bus, job.id).await?;
+            let done = cmdflow_workers::replays::run_replay(&self.pool, &self.bus, job.id).await?;
             let secs = started.elapsed().as_secs_f64();
             lines.push(json!({
                 "replayed": done.replayed,
@@ -967,13 +967,7 @@ impl Run {
             ..config.clone()
         };
         let pool = store::connect(&config.database_url, 16).await?;
-        let app = cmdflow_gateway::Application::build_with(
-            &config,
-            Registry::builtin(),
-            pool,
-            self.bus.clone(),
-        )
-        .await?;
+        let app = cmdflow_gateway::Application::build_with(&config, pool, self.bus.clone()).await?;
         let base = format!("http://{}", app.local_addr());
         let stop = CancellationToken::new();
         tokio::spawn(app.run_until_stopped(stop.clone()));
@@ -1224,7 +1218,7 @@ fn cmdflow_binary() -> anyhow::Result<PathBuf> {
     let bin = exe.with_file_name("cmdflow");
     if !bin.exists() {
         bail!(
-            "{} not found: build it with `cargo build --release -p cmdflow-gateway`, or pass --in-process",
+            "{} not found: build it with `cargo build --release -p cmdflow`, or pass --in-process",
             bin.display()
         );
     }

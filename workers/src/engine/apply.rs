@@ -655,6 +655,10 @@ impl Engine {
     ) -> Event {
         let mut e = Event::new(&format!("cmdflow/{}", command.kind), ty, data);
         e.commandid = to;
+        e.extensions.insert(
+            cmdflow_shared::contract::FROM_COMMAND.to_owned(),
+            json!(command.id),
+        );
         e.subject = Some(command.owner.clone());
         e.causationid = Some(cause.id.clone());
         e.correlationid = cause
@@ -749,6 +753,9 @@ impl Engine {
             if !self.registry.contains(&spec.kind) {
                 return Err(format!("cannot spawn unknown command kind `{}`", spec.kind));
             }
+            self.registry
+                .check_start(&spec.kind, &spec.data)
+                .map_err(|v| format!("cannot spawn {}: {v}", spec.kind))?;
             if let Some(owner) = &spec.owner {
                 Owner::parse(owner).map_err(|e| format!("child owner: {e}"))?;
             }
@@ -1140,7 +1147,7 @@ impl Engine {
                 context.insert("now".into(), json!(now));
                 context.insert("command".into(), json!({"id": command.id, "kind": command.kind, "created_at": command.created_at}));
                 context.insert("event".into(), json!({"type": event.ty, "data": event.data, "time": event.time}));
-                let (subject, body) = self.templates.render(&spec.template, &Value::Object(context))?;
+                let (subject, body) = self.registry.templates().render(&spec.template, &Value::Object(context))?;
                 let delivery = match (spec.channel, &spec.email) {
                     (Channel::InApp, _) => "in_app",
                     (Channel::Email, None) => return Err(format!("template {}: an e-mail needs an address", spec.template)),
@@ -1189,6 +1196,13 @@ impl Engine {
                 ));
             }
         };
+        // The kind's schema, as the gateway checks it: a start sent past the gateway is refused
+        // with the same field.
+        if let Value::Object(map) = &data {
+            self.registry
+                .check_start(kind.as_str(), map)
+                .map_err(|v| ApplyError::Permanent(format!("invalid start data of {kind}: {v}")))?;
+        }
         Ok(NewCommand {
             id,
             kind: kind.to_string(),

@@ -11,7 +11,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-#[path = "../../tests/corpus/replay.rs"]
+#[path = "../../../tests/corpus/replay.rs"]
 mod replay;
 
 use std::collections::BTreeSet;
@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 
 use cmdflow_workers::Registry;
 use cmdflow_workers::funnels::{self, FunnelDef, FunnelError};
-use cmdflow_workers::handlers::demo_time::{check_timer, check_wait};
 use cmdflow_workers::messages::Templates;
 use proptest::prelude::*;
 use proptest::test_runner::{FailurePersistence, FileFailurePersistence};
@@ -47,14 +46,54 @@ name = "b"
 /// The longest error a loader may produce, whatever the file: it is logged at start-up.
 const MAX_MESSAGE: usize = 1000;
 
+/// The example kinds and templates, without the funnels: what a funnel file is checked against.
+fn examples() -> &'static Registry {
+    static REGISTRY: OnceLock<Registry> = OnceLock::new();
+    REGISTRY.get_or_init(|| {
+        let mut registry = Registry::new();
+        cmdflow_demo::install_kinds(&mut registry).unwrap();
+        registry
+    })
+}
+
 fn kinds() -> BTreeSet<String> {
-    Registry::builtin().kinds().map(str::to_owned).collect()
+    examples().kinds().map(str::to_owned).collect()
+}
+
+fn templates() -> &'static Templates {
+    examples().templates()
 }
 
 fn parse(text: &str) -> Result<FunnelDef, FunnelError> {
-    static WORLD: OnceLock<(Templates, BTreeSet<String>)> = OnceLock::new();
-    let (templates, kinds) = WORLD.get_or_init(|| (Templates::builtin(), kinds()));
-    FunnelDef::parse("funnels/hostile.toml", text, templates, kinds)
+    static KINDS: OnceLock<BTreeSet<String>> = OnceLock::new();
+    FunnelDef::parse(
+        "funnels/hostile.toml",
+        text,
+        templates(),
+        KINDS.get_or_init(kinds),
+    )
+}
+
+/// Loads every funnel file of `dir`, as a worker does at start-up.
+fn load(dir: &Path) -> Result<Vec<FunnelDef>, FunnelError> {
+    funnels::read_dir(dir).and_then(|files| funnels::parse_all(&files, templates(), &kinds()))
+}
+
+/// `demo.timer`'s start-data check, as the gateway and the worker run it: `field: reason`,
+/// the field without its `data.` prefix.
+fn check_timer(data: &Map<String, Value>) -> Result<(), String> {
+    check_start("demo.timer", data)
+}
+
+fn check_wait(data: &Map<String, Value>) -> Result<(), String> {
+    check_start("demo.wait", data)
+}
+
+fn check_start(kind: &str, data: &Map<String, Value>) -> Result<(), String> {
+    examples().check_start(kind, data).map_err(|v| {
+        let field = v.field.strip_prefix("data.").unwrap_or(&v.field);
+        format!("{field}: {}", v.reason)
+    })
 }
 
 /// Why `e` is not a precise error, if it is not. `file` is the path it must name.
@@ -99,7 +138,7 @@ fn clip(s: &str) -> String {
 fn seeds() -> Option<Box<dyn FailurePersistence>> {
     Some(Box::new(FileFailurePersistence::Direct(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../tests/corpus/funnel/proptest-seeds.txt"
+        "/../../tests/corpus/funnel/proptest-seeds.txt"
     ))))
 }
 
@@ -138,8 +177,6 @@ fn expected(bytes: &[u8], key: &str) -> Option<String> {
 
 #[test]
 fn the_funnel_corpus_replays_through_the_loader() {
-    let templates = Templates::builtin();
-    let kinds = kinds();
     let mut failures = Vec::new();
     for (name, bytes) in corpus("funnel") {
         // Each file alone in a directory, loaded as the worker loads them at start-up.
@@ -147,7 +184,7 @@ fn the_funnel_corpus_replays_through_the_loader() {
         let path = dir.path().join(&name);
         std::fs::write(&path, &bytes).unwrap();
         let started = Instant::now();
-        let result = funnels::load(Some(dir.path()), &templates, &kinds);
+        let result = load(dir.path());
         if started.elapsed() > Duration::from_secs(2) {
             failures.push(format!("{name}: took {:?}", started.elapsed()));
         }
@@ -199,7 +236,7 @@ fn two_files_of_one_funnel_are_refused_by_name() {
     std::fs::write(dir.path().join("b.toml"), OK).unwrap();
     // Not a TOML file: skipped, whatever it holds.
     std::fs::write(dir.path().join("c.txt"), b"\xff\xfe garbage").unwrap();
-    let e = funnels::load(Some(dir.path()), &Templates::builtin(), &kinds()).unwrap_err();
+    let e = load(dir.path()).unwrap_err();
     assert_eq!(e.field, "name", "{e}");
     assert!(e.reason.contains("same name"), "{e}");
     assert!(e.file.ends_with("b.toml"), "{e}");
@@ -209,7 +246,7 @@ fn two_files_of_one_funnel_are_refused_by_name() {
 fn a_missing_directory_is_named() {
     let dir = TempDir::new();
     let gone = dir.path().join("no/such/dir");
-    let e = funnels::load(Some(&gone), &Templates::builtin(), &kinds()).unwrap_err();
+    let e = load(&gone).unwrap_err();
     assert!(imprecise(&e, &gone.display().to_string()).is_none(), "{e}");
 }
 

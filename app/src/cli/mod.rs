@@ -1,15 +1,18 @@
-//! The `cmdflow` command line: server roles (`up`, `gateway`, `worker`, `migrate`) and client
-//! subcommands (`emit`, `start`, `show`, `history`) that talk to the gateway at `CMDFLOW_URL`.
+//! The command line of a cmdflow binary: server roles (`up`, `gateway`, `worker`, `scheduler`,
+//! `archiver`, `activities`, `migrate`) and client subcommands (`emit`, `start`, `show`, …)
+//! that talk to the gateway at `CMDFLOW_URL`.
 
 pub mod client;
 pub mod dlq;
-pub mod roles;
 
 use clap::{Parser, Subcommand};
 
+use crate::App;
+use crate::roles;
+use client::{Client, EmitArgs};
+
 #[derive(Debug, Parser)]
 #[command(
-    name = "cmdflow",
     version,
     about = "Durable commands and events on PostgreSQL, RabbitMQ and Redis",
     long_about = "Durable commands and events on PostgreSQL, RabbitMQ and Redis.\n\n\
@@ -168,6 +171,9 @@ pub enum Cmd {
     /// Run the scheduler role only: turn due timers into events. Several may run at once.
     #[command(after_help = "Example:\n  cmdflow scheduler")]
     Scheduler,
+    /// Run the activities role only: the binary's activities, each consuming its own queue.
+    #[command(after_help = "Example:\n  my-binary activities")]
+    Activities,
     /// Run the archiver role only: move ended command trees to the archive, every interval.
     #[command(
         after_help = "Example:\n  CMDFLOW_ARCHIVE_RETENTION=30d CMDFLOW_ARCHIVE_RETENTION_BY_KIND=query=7d cmdflow archiver"
@@ -228,6 +234,9 @@ pub enum Cmd {
         #[arg(long)]
         wait: bool,
     },
+    /// List the kinds the workers run (the kind catalogue), with their start-data schemas.
+    #[command(after_help = "Examples:\n  cmdflow kinds\n  cmdflow kinds --json")]
+    Kinds,
     /// Show a command.
     #[command(after_help = "Example:\n  cmdflow show 0192f0c1-7a3b-7c2d-9e4f-5a6b7c8d9e0f")]
     Show { id: String },
@@ -263,4 +272,100 @@ pub enum Cmd {
         #[arg(long)]
         reason: Option<String>,
     },
+}
+
+/// The configuration of a server role: the app's, with telemetry, TLS and metrics set up.
+fn server_config(app: &App) -> anyhow::Result<cmdflow_shared::Config> {
+    let config = app.config().clone();
+    cmdflow_shared::tls::configure(config.tls_ca_file.as_deref())?;
+    cmdflow_shared::telemetry::init(&config.log_format);
+    cmdflow_shared::metrics::install();
+    Ok(config)
+}
+
+/// Runs what the command line names.
+pub async fn run(app: App, cli: Cli) -> anyhow::Result<()> {
+    let json = cli.json;
+    match cli.command {
+        Cmd::Up { http, concurrency } => {
+            let mut config = server_config(&app)?;
+            config.http_addr = http;
+            if let Some(n) = concurrency {
+                config.concurrency = n;
+            }
+            config.validate()?;
+            roles::up(&app, config).await
+        }
+        Cmd::Gateway { http } => {
+            let mut config = server_config(&app)?;
+            config.http_addr = http;
+            roles::gateway(config).await
+        }
+        Cmd::Worker { concurrency } => {
+            let mut config = server_config(&app)?;
+            if let Some(n) = concurrency {
+                config.concurrency = n;
+            }
+            config.validate()?;
+            roles::worker(app.registry(false)?, config).await
+        }
+        Cmd::Scheduler => roles::scheduler(server_config(&app)?).await,
+        Cmd::Archiver => roles::archiver(server_config(&app)?).await,
+        Cmd::Activities => roles::activities(&app, server_config(&app)?).await,
+        Cmd::Archive(ArchiveCmd::Run { dry_run }) => {
+            roles::archive_run(server_config(&app)?, dry_run, json).await
+        }
+        Cmd::Key(KeyCmd::New {
+            name,
+            scopes,
+            event_types,
+        }) => {
+            print!(
+                "{}",
+                cmdflow_gateway::auth::new_key_entry(&name, &scopes, &event_types)?
+            );
+            Ok(())
+        }
+        Cmd::Migrate => {
+            let config = server_config(&app)?;
+            roles::migrate(&config).await?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Cmd::Emit {
+            event_type,
+            command,
+            data,
+            source,
+            id,
+            correlation,
+            file,
+        } => {
+            let args = EmitArgs {
+                event_type,
+                command,
+                data,
+                source,
+                id,
+                correlation,
+                file,
+            };
+            client::emit(&Client::from_env(json)?, args).await
+        }
+        Cmd::Start {
+            kind,
+            owner,
+            data,
+            wait,
+        } => client::start(&Client::from_env(json)?, &kind, &owner, &data, wait).await,
+        Cmd::Kinds => client::kinds(&Client::from_env(json)?).await,
+        Cmd::Show { id } => client::show(&Client::from_env(json)?, &id).await,
+        Cmd::History { id } => client::history(&Client::from_env(json)?, &id).await,
+        Cmd::Feed { owner, kind, limit } => {
+            client::feed(&Client::from_env(json)?, &owner, kind.as_deref(), limit).await
+        }
+        Cmd::Dlq(cmd) => dlq::run(&Client::from_env(json)?, cmd).await,
+        Cmd::Tree { id } => client::tree(&Client::from_env(json)?, &id).await,
+        Cmd::Abort { id, reason } => client::abort(&Client::from_env(json)?, &id, reason).await,
+    }
 }

@@ -23,7 +23,7 @@ use cmdflow_shared::decision::{ChildSpec, FanIn, ParentClose, Reports};
 use cmdflow_shared::{Command, CommandState, Decision, Event, HandlerError};
 use serde_json::{Map, Value, json};
 
-use super::Registry;
+use cmdflow_workers::Registry;
 
 pub const NOOP: &str = "demo.noop";
 pub const COUNTER: &str = "demo.counter";
@@ -35,8 +35,14 @@ pub const REQUESTED: &str = "demo.requested";
 pub fn register(registry: &mut Registry) {
     registry
         .register(NOOP, noop)
+        .describe(NOOP, "Completes as soon as it starts (a demo)")
         .register(COUNTER, counter)
+        .describe(
+            COUNTER,
+            "Counts demo.increment events until demo.finish (a demo)",
+        )
         .register(FANOUT, fanout)
+        .describe(FANOUT, "Spawns children and follows their group (a demo)")
         .start_on(REQUESTED, COUNTER);
 }
 

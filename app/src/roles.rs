@@ -1,6 +1,7 @@
-//! Server roles: `up`, `gateway`, `worker`, `migrate`.
+//! Server roles: `up`, `gateway`, `worker`, `scheduler`, `archiver`, `activities`, `migrate`.
 
 use anyhow::Context;
+use cmdflow_gateway::Application;
 use cmdflow_shared::bus::Bus;
 use cmdflow_shared::config::{Secret, redact_url};
 use cmdflow_shared::{Config, store};
@@ -9,7 +10,7 @@ use cmdflow_workers::{Registry, Worker};
 use sqlx::migrate::MigrateDatabase;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::Application;
+use crate::App;
 
 /// Cancels the token on SIGINT or SIGTERM.
 pub fn shutdown_on_signals() -> CancellationToken {
@@ -36,15 +37,6 @@ pub fn shutdown_on_signals() -> CancellationToken {
         trigger.cancel();
     });
     token
-}
-
-/// The command kinds, with the funnels of `CMDFLOW_FUNNELS_DIR` when set. An invalid funnel
-/// file stops start-up with its file, funnel and field.
-fn registry(config: &Config) -> anyhow::Result<Registry> {
-    match &config.funnels_dir {
-        None => Ok(Registry::builtin()),
-        Some(dir) => Ok(Registry::with_funnels_from(std::path::Path::new(dir))?),
-    }
 }
 
 /// The `/metrics`, `/healthz` and `/readyz` listener of a role without the gateway.
@@ -78,7 +70,7 @@ async fn metrics_server(
     Ok(MetricsServer {
         stop,
         task: tokio::spawn(async move {
-            if let Err(e) = crate::app::serve_metrics(&addr, draining, stopping).await {
+            if let Err(e) = cmdflow_gateway::app::serve_metrics(&addr, draining, stopping).await {
                 tracing::error!(error = %e, "The metrics listener stopped.");
             }
         }),
@@ -103,26 +95,26 @@ pub async fn migrate(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn up(mut config: Config) -> anyhow::Result<()> {
+pub async fn up(app: &App, mut config: Config) -> anyhow::Result<()> {
     // A development fleet always has a key with every scope: CMDFLOW_DEV_KEY, or a new one.
     let generated = config.dev_key.is_none();
     let dev_key = config
         .dev_key
-        .get_or_insert_with(|| Secret::new(crate::auth::generate_key()))
+        .get_or_insert_with(|| Secret::new(cmdflow_gateway::auth::generate_key()))
         .clone();
     migrate(&config).await?;
-    let registry = registry(&config)?;
+    let registry = app.registry(true)?;
     let pool = store::connect(&config.database_url, config.database_pool_size).await?;
     let bus = Bus::connect(&config.amqp_url, &config.namespace, "cmdflow-up").await?;
     let worker = Worker::build_with(&config, registry.clone(), pool.clone(), bus.clone()).await?;
     let scheduler = Scheduler::new(pool.clone(), bus.clone(), &config);
     let archive_pool = pool.clone();
     let kinds = registry.kinds().collect::<Vec<_>>().join(", ");
-    let app = Application::build_with(&config, registry, pool, bus.clone()).await?;
+    let gateway = Application::build_with(&config, pool, bus.clone()).await?;
     let shutdown = shutdown_on_signals();
     println!(
         "cmdflow is up: gateway http://{} · namespace {} · kinds {}",
-        app.local_addr(),
+        gateway.local_addr(),
         config.namespace,
         kinds
     );
@@ -144,8 +136,12 @@ pub async fn up(mut config: Config) -> anyhow::Result<()> {
         config.archive_interval,
         shutdown.clone(),
     ));
-    let served = app.run_until_stopped(shutdown.clone()).await;
+    let activities = spawn_activities(app, &bus, &shutdown);
+    let served = gateway.run_until_stopped(shutdown.clone()).await;
     shutdown.cancel();
+    for task in activities {
+        task.await.context("an activity task failed")?;
+    }
     worker_task.await.context("the worker task failed")?;
     scheduler_task.await.context("the scheduler task failed")?;
     archiver_task.await.context("the archiver task failed")?;
@@ -154,7 +150,7 @@ pub async fn up(mut config: Config) -> anyhow::Result<()> {
 }
 
 pub async fn gateway(config: Config) -> anyhow::Result<()> {
-    let app = Application::build(&config, registry(&config)?).await?;
+    let app = Application::build(&config).await?;
     tracing::info!(addr = %app.local_addr(), "Gateway listening.");
     let shutdown = shutdown_on_signals();
     app.run_until_stopped(shutdown).await?;
@@ -237,12 +233,51 @@ pub async fn archive_run(config: Config, dry_run: bool, json: bool) -> anyhow::R
     Ok(())
 }
 
-pub async fn worker(config: Config) -> anyhow::Result<()> {
-    let worker = Worker::build(&config, registry(&config)?).await?;
+pub async fn worker(registry: Registry, config: Config) -> anyhow::Result<()> {
+    if registry.kinds().next().is_none() {
+        // Every event would become a dead letter for its unknown kind.
+        anyhow::bail!(
+            "this worker runs no kinds: register workflows with cmdflow::App, set CMDFLOW_FUNNELS_DIR, or CMDFLOW_EXAMPLES=true for cmdflow's examples"
+        );
+    }
+    let worker = Worker::build(&config, registry).await?;
     let shutdown = shutdown_on_signals();
     let metrics = metrics_server(&config, &shutdown).await?;
     tracing::info!(namespace = %config.namespace, concurrency = config.concurrency, "Worker started.");
     worker.run_until_stopped(shutdown).await;
+    metrics.finish().await;
+    Ok(())
+}
+
+/// Starts each of the app's activities on `bus`, until `shutdown`.
+fn spawn_activities(
+    app: &App,
+    bus: &std::sync::Arc<Bus>,
+    shutdown: &CancellationToken,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    app.activities
+        .iter()
+        .map(|activity| {
+            let activity = activity.clone();
+            tokio::spawn(activity.run_until_stopped(bus.clone(), shutdown.clone()))
+        })
+        .collect()
+}
+
+/// The activities role: each of the binary's activities consumes its own queue.
+pub async fn activities(app: &App, config: Config) -> anyhow::Result<()> {
+    if app.activities.is_empty() {
+        anyhow::bail!("this binary registers no activities (App::activity)");
+    }
+    let bus = Bus::connect(&config.amqp_url, &config.namespace, "cmdflow-activities").await?;
+    let shutdown = shutdown_on_signals();
+    let metrics = metrics_server(&config, &shutdown).await?;
+    let names: Vec<&str> = app.activities.iter().map(|a| a.name()).collect();
+    tracing::info!(activities = %names.join(", "), "Activities started.");
+    for task in spawn_activities(app, &bus, &shutdown) {
+        task.await.context("an activity task failed")?;
+    }
+    bus.close().await;
     metrics.finish().await;
     Ok(())
 }

@@ -1,10 +1,13 @@
 //! The `cmdflow` binary: an unreachable service stops it with one clear line, no panic.
+//! The worker roles run with cmdflow's example kinds (`CMDFLOW_EXAMPLES=true`), as an operator
+//! of this binary would run them.
 
 use std::process::Command;
 
 fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_cmdflow"))
         .args(args)
+        .env("CMDFLOW_EXAMPLES", "true")
         .envs(env.iter().copied())
         .env("RUST_LOG", "off")
         .env_remove("RUST_BACKTRACE")
@@ -77,6 +80,19 @@ fn unreachable_redis_stops_the_worker_with_one_line() {
     );
     assert_ne!(code, 0);
     assert_one_clear_line(&stderr, "Redis", "redis://127.0.0.1:1/");
+}
+
+#[test]
+fn a_worker_with_no_kinds_refuses_to_start_and_says_why() {
+    let (code, stderr) = run(&["worker"], &[("CMDFLOW_EXAMPLES", "false")]);
+    assert_ne!(code, 0);
+    assert_eq!(
+        stderr.lines().filter(|l| !l.trim().is_empty()).count(),
+        1,
+        "{stderr}"
+    );
+    assert!(stderr.contains("runs no kinds"), "{stderr}");
+    assert!(stderr.contains("CMDFLOW_EXAMPLES=true"), "{stderr}");
 }
 
 #[test]

@@ -195,6 +195,50 @@ pub async fn start(
     Ok(())
 }
 
+/// `kinds`: the kind catalogue, one kind a line: name, version, how it is defined, what starts
+/// it, and its start data's required fields.
+pub async fn kinds(client: &Client) -> anyhow::Result<()> {
+    let answer = client.get("/v1/kinds").await?;
+    if printed_json(client, &answer) {
+        return Ok(());
+    }
+    let kinds = answer["kinds"].as_array().cloned().unwrap_or_default();
+    if kinds.is_empty() {
+        println!("no kinds: no worker has published its kinds yet");
+    }
+    for kind in kinds {
+        let required: Vec<&str> = kind["schema"]["required"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        let starts: Vec<&str> = kind["starts_on"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        let mut line = format!(
+            "{}  v{}  {}",
+            kind["name"].as_str().unwrap_or_default(),
+            kind["version"].as_str().unwrap_or_default(),
+            kind["source"].as_str().unwrap_or_default(),
+        );
+        if !required.is_empty() {
+            line.push_str(&format!("  requires {}", required.join(", ")));
+        }
+        if !starts.is_empty() {
+            line.push_str(&format!("  started by {}", starts.join(", ")));
+        }
+        if let Some(text) = kind["description"].as_str() {
+            line.push_str(&format!("  · {text}"));
+        }
+        println!("{line}");
+    }
+    Ok(())
+}
+
 pub async fn show(client: &Client, id: &str) -> anyhow::Result<()> {
     let command = client
         .get(&format!("/v1/commands/{}", urlencode(id)))

@@ -12,18 +12,57 @@ use cmdflow_shared::time::{self, delay_from_millis};
 use cmdflow_shared::{Command, CommandState, Decision, Event, HandlerError};
 use serde_json::{Map, Value, json};
 
-use super::Registry;
+use cmdflow_workers::{Registry, RegistryError};
 
 pub const TIMER: &str = "demo.timer";
 pub const WAIT: &str = "demo.wait";
 
-pub fn register(registry: &mut Registry) {
+pub fn register(registry: &mut Registry) -> Result<(), RegistryError> {
+    let ms = json!({"type": ["integer", "null"], "minimum": 0, "maximum": MAX_DELAY_MS});
+    let text = |format: &str| json!({"type": ["string", "null"], "format": format});
     registry
         .register(TIMER, timer)
-        .check_start_with(TIMER, check_timer)
+        .describe(
+            TIMER,
+            "Sets one timer and completes after it fires (a demo)",
+        )
+        .schema(
+            TIMER,
+            json!({
+                "type": "object",
+                "properties": {
+                    "after_ms": ms,
+                    "at": text("date-time"),
+                    "cron": text("cron"),
+                    "tz": text("time-zone"),
+                    "name": text("timer-name"),
+                    "times": {"type": ["integer", "null"], "minimum": 1},
+                },
+            }),
+        )?;
+    registry
         .register(WAIT, wait)
-        .check_start_with(WAIT, check_wait);
+        .describe(
+            WAIT,
+            "Waits for one broadcast event, at most a timeout (a demo)",
+        )
+        .schema(
+            WAIT,
+            json!({
+                "type": "object",
+                "required": ["type", "key"],
+                "properties": {
+                    "type": {"type": "string", "format": "event-type"},
+                    "key": {"type": "string", "minLength": 1, "maxLength": 512},
+                    "timeout_ms": ms,
+                },
+            }),
+        )?;
+    Ok(())
 }
+
+/// The longest delay a timer may wait, in milliseconds.
+const MAX_DELAY_MS: u64 = time::MAX_DELAY.as_millis() as u64;
 
 fn str_field<'a>(data: &'a Map<String, Value>, field: &str) -> Result<Option<&'a str>, String> {
     match data.get(field) {
@@ -45,42 +84,6 @@ fn millis(data: &Map<String, Value>, field: &str) -> Result<Option<std::time::Du
                 .map_err(|e| format!("{field}: {e}"))
         }
     }
-}
-
-/// The gateway's check of `demo.timer` start data.
-pub fn check_timer(data: &Map<String, Value>) -> Result<(), String> {
-    millis(data, "after_ms")?;
-    if let Some(at) = str_field(data, "at")? {
-        DateTime::parse_from_rfc3339(at).map_err(|_| "at must be an RFC 3339 time".to_owned())?;
-    }
-    if let Some(expr) = str_field(data, "cron")? {
-        time::parse_cron(expr).map_err(|e| format!("cron: {e}"))?;
-        let tz = str_field(data, "tz")?.unwrap_or("UTC");
-        time::parse_zone(tz).map_err(|e| format!("tz: {e}"))?;
-        // A pattern that never occurs (`0 0 31 2 *`) is refused here, not failed by the worker.
-        time::next_cron(expr, tz, Utc::now()).map_err(|e| format!("cron: {e}"))?;
-    }
-    if let Some(name) = str_field(data, "name")? {
-        time::check_name(name).map_err(|e| format!("name: {e}"))?;
-    }
-    if let Some(times) = data.get("times")
-        && times.as_u64().is_none_or(|n| n == 0)
-    {
-        return Err("times must be a positive integer".to_owned());
-    }
-    Ok(())
-}
-
-/// The gateway's check of `demo.wait` start data.
-pub fn check_wait(data: &Map<String, Value>) -> Result<(), String> {
-    let ty = str_field(data, "type")?.ok_or("type is required")?;
-    cmdflow_shared::domain::check_dotted_name(ty, 2).map_err(|e| format!("type: {e}"))?;
-    let key = str_field(data, "key")?.ok_or("key is required")?;
-    if key.is_empty() || key.chars().count() > 512 {
-        return Err("key must be 1 to 512 characters".to_owned());
-    }
-    millis(data, "timeout_ms")?;
-    Ok(())
 }
 
 pub fn timer(command: &Command, event: &Event) -> Result<Decision, HandlerError> {
@@ -159,17 +162,23 @@ pub fn wait(command: &Command, event: &Event) -> Result<Decision, HandlerError> 
 mod tests {
     use super::*;
 
-    fn data(v: Value) -> Map<String, Value> {
-        v.as_object().cloned().unwrap()
+    fn check(kind: &str, v: Value) -> Result<(), String> {
+        let mut registry = Registry::new();
+        register(&mut registry).unwrap();
+        registry
+            .check_start(kind, v.as_object().unwrap())
+            .map_err(|e| e.to_string())
     }
 
     #[test]
     fn timer_checks_name_the_field() {
-        check_timer(&data(json!({"after_ms": 30_000}))).unwrap();
-        check_timer(&data(
+        check(TIMER, json!({"after_ms": 30_000})).unwrap();
+        check(
+            TIMER,
             json!({"cron": "0 * * * 1-5", "tz": "Europe/Berlin", "times": 2}),
-        ))
+        )
         .unwrap();
+        check(TIMER, json!({"after_ms": null, "name": null})).unwrap();
         for (bad, field) in [
             (json!({"after_ms": -5}), "after_ms"),
             (json!({"after_ms": 400_000_000_000i64}), "after_ms"),
@@ -179,31 +188,25 @@ mod tests {
             (json!({"at": "tomorrow"}), "at"),
             (json!({"times": 0}), "times"),
         ] {
-            let err = check_timer(&data(bad.clone())).unwrap_err();
-            assert!(err.starts_with(field), "{bad}: {err}");
+            let err = check(TIMER, bad.clone()).unwrap_err();
+            assert!(err.starts_with(&format!("data.{field}:")), "{bad}: {err}");
         }
     }
 
     #[test]
     fn wait_checks_name_the_field() {
-        check_wait(&data(
+        check(
+            WAIT,
             json!({"type": "special.clicked", "key": "member:42", "timeout_ms": 1000}),
-        ))
+        )
         .unwrap();
-        assert!(
-            check_wait(&data(json!({"key": "k"})))
-                .unwrap_err()
-                .starts_with("type")
-        );
-        assert!(
-            check_wait(&data(json!({"type": "special.clicked"})))
-                .unwrap_err()
-                .starts_with("key")
-        );
-        assert!(
-            check_wait(&data(json!({"type": "x", "key": "k"})))
-                .unwrap_err()
-                .starts_with("type")
-        );
+        for (bad, field) in [
+            (json!({"key": "k"}), "type"),
+            (json!({"type": "special.clicked"}), "key"),
+            (json!({"type": "x", "key": "k"}), "type"),
+        ] {
+            let err = check(WAIT, bad.clone()).unwrap_err();
+            assert!(err.starts_with(&format!("data.{field}:")), "{bad}: {err}");
+        }
     }
 }

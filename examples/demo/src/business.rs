@@ -18,7 +18,7 @@ use cmdflow_shared::decision::Channel;
 use cmdflow_shared::{Command, CommandState, Decision, Event, HandlerError};
 use serde_json::{Map, Value, json};
 
-use super::Registry;
+use cmdflow_workers::{Registry, RegistryError};
 
 pub const QUOTE: &str = "quote";
 pub const QUERY: &str = "query";
@@ -27,12 +27,40 @@ pub const MEMBERSHIP: &str = "membership";
 /// Who is reminded of pending memberships.
 pub const APPROVERS: &str = "admin:approvers";
 
-pub fn register(registry: &mut Registry) {
+pub fn register(registry: &mut Registry) -> Result<(), RegistryError> {
     registry
         .register(QUOTE, quote)
+        .describe(QUOTE, "A quote a person started, until they submit it")
+        .register(MEMBERSHIP, membership)
+        .describe(
+            MEMBERSHIP,
+            "A membership application, until an admin decides",
+        )
+        .schema(
+            MEMBERSHIP,
+            json!({
+                "type": "object",
+                "properties": {
+                    "email": {"type": ["string", "null"]},
+                    "name": {"type": ["string", "null"]},
+                    "approvers_tz": {"type": ["string", "null"], "format": "time-zone"},
+                },
+            }),
+        )?;
+    registry
         .register(QUERY, query)
-        .check_start_with(QUERY, check_query)
-        .register(MEMBERSHIP, membership);
+        .describe(QUERY, "A search a person ran")
+        .schema(
+            QUERY,
+            json!({
+                "type": "object",
+                "required": ["q"],
+                "properties": {
+                    "q": {"type": "string", "minLength": 1, "maxLength": 1000, "pattern": "\\S"},
+                },
+            }),
+        )?;
+    Ok(())
 }
 
 fn hint(code: &str, text: &str) -> Value {
@@ -61,15 +89,6 @@ pub fn quote(command: &Command, event: &Event) -> Result<Decision, HandlerError>
                 .message("quote_submitted", Channel::InApp, vars))
         }
         _ => Err(HandlerError::unexpected(QUOTE, event)),
-    }
-}
-
-/// The gateway's check of `query` start data.
-pub fn check_query(data: &Map<String, Value>) -> Result<(), String> {
-    match data.get("q") {
-        Some(Value::String(q)) if !q.trim().is_empty() && q.chars().count() <= 1000 => Ok(()),
-        Some(Value::String(_)) => Err("q must be 1 to 1000 characters".to_owned()),
-        _ => Err("q is required: the search the person ran".to_owned()),
     }
 }
 

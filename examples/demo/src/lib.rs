@@ -1,0 +1,180 @@
+//! cmdflow's example kinds. None of them runs unless a binary installs them: the `cmdflow`
+//! binary does for `cmdflow up` (and `CMDFLOW_EXAMPLES=true`), and so do the tests and the load
+//! generator. A production binary built on the `cmdflow` crate has only the kinds it registers.
+//!
+//! - [`demo`]: `demo.noop`, `demo.counter`, `demo.fanout`, for tests, demos and benchmarks;
+//! - [`demo_time`]: `demo.timer` and `demo.wait`;
+//! - [`business`]: `quote`, `query` and `membership`, behind the UI's examples;
+//! - the sales funnels in `funnels/` (`lead_to_visitor`, `visitor_to_member`, …), which spawn
+//!   `membership`, and the message templates in `templates/` they and the business kinds send.
+
+pub mod business;
+pub mod demo;
+pub mod demo_time;
+
+use cmdflow_workers::{Registry, RegistryError};
+
+/// The message templates, by name (the file's stem).
+pub const TEMPLATES: &[(&str, &str)] = &[
+    (
+        "quote_submitted",
+        include_str!("../templates/quote_submitted.txt"),
+    ),
+    (
+        "membership_pending",
+        include_str!("../templates/membership_pending.txt"),
+    ),
+    (
+        "membership_approved",
+        include_str!("../templates/membership_approved.txt"),
+    ),
+    (
+        "membership_rejected",
+        include_str!("../templates/membership_rejected.txt"),
+    ),
+    (
+        "membership_reminder",
+        include_str!("../templates/membership_reminder.txt"),
+    ),
+    (
+        "funnel_welcome",
+        include_str!("../templates/funnel_welcome.txt"),
+    ),
+    (
+        "funnel_nudge",
+        include_str!("../templates/funnel_nudge.txt"),
+    ),
+    ("funnel_done", include_str!("../templates/funnel_done.txt")),
+    (
+        "visitor_nudge",
+        include_str!("../templates/visitor_nudge.txt"),
+    ),
+    (
+        "application_received",
+        include_str!("../templates/application_received.txt"),
+    ),
+    (
+        "application_reminder",
+        include_str!("../templates/application_reminder.txt"),
+    ),
+];
+
+/// The sales funnels: `(file, TOML)`.
+pub const FUNNELS: &[(&str, &str)] = &[
+    (
+        "funnels/lead_to_visitor.toml",
+        include_str!("../funnels/lead_to_visitor.toml"),
+    ),
+    (
+        "funnels/visitor_to_member.toml",
+        include_str!("../funnels/visitor_to_member.toml"),
+    ),
+    (
+        "funnels/member_to_client.toml",
+        include_str!("../funnels/member_to_client.toml"),
+    ),
+    (
+        "funnels/lead_to_supplier.toml",
+        include_str!("../funnels/lead_to_supplier.toml"),
+    ),
+    (
+        "funnels/lead_to_shipper.toml",
+        include_str!("../funnels/lead_to_shipper.toml"),
+    ),
+    (
+        "funnels/lead_to_client.toml",
+        include_str!("../funnels/lead_to_client.toml"),
+    ),
+];
+
+/// Installs every example: the kinds, the templates, then the funnels (which spawn the
+/// kinds and send the templates).
+pub fn install(registry: &mut Registry) -> Result<(), RegistryError> {
+    install_kinds(registry)?;
+    let funnels: Vec<(String, String)> = FUNNELS
+        .iter()
+        .map(|(file, text)| ((*file).to_owned(), (*text).to_owned()))
+        .collect();
+    registry.funnels(&funnels)?;
+    Ok(())
+}
+
+/// Installs the kinds and templates, without the funnels (a binary that brings funnels of its
+/// own, from `CMDFLOW_FUNNELS_DIR`).
+pub fn install_kinds(registry: &mut Registry) -> Result<(), RegistryError> {
+    business::register(registry)?;
+    demo::register(registry);
+    demo_time::register(registry)?;
+    for (name, source) in TEMPLATES {
+        registry.template(name, source)?;
+    }
+    Ok(())
+}
+
+/// A registry with every example installed.
+pub fn registry() -> Result<Registry, RegistryError> {
+    let mut registry = Registry::new();
+    install(&mut registry)?;
+    Ok(registry)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_funnels_load() {
+        let registry = registry().unwrap();
+        let names: Vec<&str> = registry
+            .funnel_defs()
+            .iter()
+            .map(|d| d.name.as_str())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "lead_to_visitor",
+                "visitor_to_member",
+                "member_to_client",
+                "lead_to_supplier",
+                "lead_to_shipper",
+                "lead_to_client"
+            ]
+        );
+        assert!(registry.contains("funnel.visitor_to_member"));
+        assert_eq!(
+            registry.kinds_started_by("visitor.arrived"),
+            ["funnel.visitor_to_member"]
+        );
+    }
+
+    #[test]
+    fn every_template_renders_with_its_data() {
+        let registry = registry().unwrap();
+        let (subject, body) = registry
+            .templates()
+            .render(
+                "quote_submitted",
+                &serde_json::json!({"name": "Ada", "now": "2026-11-26T10:00:00Z", "total": 120}),
+            )
+            .unwrap();
+        assert_eq!(subject, "Your quote is on its way, Ada");
+        assert!(
+            body.contains("26 November 2026") && body.contains("120"),
+            "{body}"
+        );
+        for (name, _) in TEMPLATES {
+            assert!(registry.templates().contains(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn the_catalogue_lists_every_kind_with_its_schema() {
+        let catalogue = registry().unwrap().catalogue();
+        let query = catalogue.iter().find(|k| k.name == "query").unwrap();
+        assert_eq!(query.schema["required"], serde_json::json!(["q"]));
+        let counter = catalogue.iter().find(|k| k.name == "demo.counter").unwrap();
+        assert_eq!(counter.starts_on, ["demo.requested"]);
+        assert!(catalogue.iter().any(|k| k.name == "funnel.lead_to_client"));
+    }
+}

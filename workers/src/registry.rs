@@ -1,0 +1,305 @@
+//! The registry: every kind a worker runs (its handler, the schema of its start data, the
+//! broadcast types that start it, its version), the message templates, and the funnels. The
+//! binary that runs the worker fills it: cmdflow ships no kinds of its own.
+//!
+//! A worker publishes the registry's [`catalogue`](Registry::catalogue) at start-up, so the
+//! gateway can check starts without linking any handler.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Arc;
+
+use cmdflow_shared::schema::{self, StartCheck, Violation};
+use cmdflow_shared::store::kinds::{KindInfo, KindSource};
+use cmdflow_shared::{Command, Decision, Event, HandlerError};
+use serde_json::{Map, Value};
+
+use crate::funnels::{FunnelDef, FunnelError};
+use crate::messages::{TemplateError, Templates};
+use crate::workflow::{Typed, Workflow};
+
+/// A command kind. `decide` does no I/O: the engine applies what it returns.
+pub trait Handler: Send + Sync + 'static {
+    /// Decides what `event` does to `command`.
+    fn decide(&self, command: &Command, event: &Event) -> Result<Decision, HandlerError>;
+}
+
+impl<F> Handler for F
+where
+    F: Fn(&Command, &Event) -> Result<Decision, HandlerError> + Send + Sync + 'static,
+{
+    fn decide(&self, command: &Command, event: &Event) -> Result<Decision, HandlerError> {
+        self(command, event)
+    }
+}
+
+/// Why a registry could not be filled.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error(transparent)]
+    /// A funnel file that cannot run.
+    Funnel(#[from] FunnelError),
+    #[error(transparent)]
+    /// A template that cannot be used.
+    Template(#[from] TemplateError),
+    #[error("kind {kind}: {source}")]
+    /// A start-data schema that does not compile.
+    Schema {
+        /// The kind.
+        kind: String,
+        /// Why it does not compile.
+        #[source]
+        source: schema::SchemaError,
+    },
+    #[error("kind {0}: {1}")]
+    /// A kind that cannot be registered: its name, and why.
+    Kind(String, String),
+}
+
+/// One registered kind.
+#[derive(Clone)]
+struct Entry {
+    handler: Arc<dyn Handler>,
+    schema: Value,
+    check: Arc<StartCheck>,
+    version: String,
+    source: KindSource,
+    description: Option<String>,
+}
+
+/// Kind name → handler and schema; broadcast event type → the kinds it starts; templates;
+/// funnel definitions.
+#[derive(Clone, Default)]
+pub struct Registry {
+    kinds: BTreeMap<String, Entry>,
+    starts: BTreeMap<String, Vec<String>>,
+    templates: Templates,
+    funnels: Vec<FunnelDef>,
+    build: Option<String>,
+}
+
+/// The version a kind has when it names none.
+pub const DEFAULT_VERSION: &str = "1";
+
+impl Registry {
+    /// No kinds yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers an untyped handler, whose start data may be any JSON object. Replaces a kind
+    /// of the same name. Give it a schema with [`Registry::schema`].
+    pub fn register(&mut self, kind: &str, handler: impl Handler) -> &mut Self {
+        self.insert(kind, Arc::new(handler), KindSource::Rust);
+        self
+    }
+
+    fn insert(&mut self, kind: &str, handler: Arc<dyn Handler>, source: KindSource) {
+        let any = schema::any_object();
+        let check = StartCheck::compile(&any).map(Arc::new);
+        // `{"type": "object"}` always compiles.
+        if let Ok(check) = check {
+            self.kinds.insert(
+                kind.to_owned(),
+                Entry {
+                    handler,
+                    schema: any,
+                    check,
+                    version: DEFAULT_VERSION.to_owned(),
+                    source,
+                    description: None,
+                },
+            );
+        }
+    }
+
+    /// Registers a typed workflow: its kind, version and the JSON Schema of its data (derived
+    /// from `W::Data`), and the broadcast types that start it.
+    pub fn workflow<W: Workflow>(&mut self, workflow: W) -> Result<&mut Self, RegistryError> {
+        cmdflow_shared::domain::Kind::parse(W::KIND)
+            .map_err(|e| RegistryError::Kind(W::KIND.to_owned(), e.to_string()))?;
+        let schema = serde_json::to_value(schemars::schema_for!(W::Data))
+            .map_err(|e| RegistryError::Kind(W::KIND.to_owned(), e.to_string()))?;
+        self.insert(W::KIND, Arc::new(Typed(workflow)), KindSource::Rust);
+        self.schema(W::KIND, schema)?;
+        self.version(W::KIND, W::VERSION);
+        if let Some(text) = W::DESCRIPTION {
+            self.describe(W::KIND, text);
+        }
+        for ty in W::STARTS_ON {
+            self.start_on(ty, W::KIND);
+        }
+        Ok(self)
+    }
+
+    /// Sets the JSON Schema of `kind`'s start data; starts that break it are refused at the
+    /// gateway (422 naming the field) and at the worker (a dead letter naming the field).
+    pub fn schema(&mut self, kind: &str, schema: Value) -> Result<&mut Self, RegistryError> {
+        let check = StartCheck::compile(&schema).map_err(|source| RegistryError::Schema {
+            kind: kind.to_owned(),
+            source,
+        })?;
+        let entry = self
+            .kinds
+            .get_mut(kind)
+            .ok_or_else(|| RegistryError::Kind(kind.to_owned(), "is not registered".into()))?;
+        entry.schema = schema;
+        entry.check = Arc::new(check);
+        Ok(self)
+    }
+
+    /// Sets `kind`'s version (shown in the catalogue); a kind that names none is at `1`.
+    pub fn version(&mut self, kind: &str, version: &str) -> &mut Self {
+        if let Some(entry) = self.kinds.get_mut(kind) {
+            entry.version = version.to_owned();
+        }
+        self
+    }
+
+    /// Says in a sentence what `kind` is for (shown in the catalogue and the console).
+    pub fn describe(&mut self, kind: &str, text: &str) -> &mut Self {
+        if let Some(entry) = self.kinds.get_mut(kind) {
+            entry.description = Some(text.to_owned());
+        }
+        self
+    }
+
+    /// Names the build of the binary (its version), published with each kind.
+    pub fn set_build(&mut self, build: &str) -> &mut Self {
+        self.build = Some(build.to_owned());
+        self
+    }
+
+    /// A broadcast event of type `event_type` starts a command of `kind` (owned by the event's
+    /// `subject`), once per event.
+    pub fn start_on(&mut self, event_type: &str, kind: &str) -> &mut Self {
+        let kinds = self.starts.entry(event_type.to_owned()).or_default();
+        if !kinds.iter().any(|k| k == kind) {
+            kinds.push(kind.to_owned());
+        }
+        self
+    }
+
+    /// Adds a message template (first line: the subject).
+    pub fn template(&mut self, name: &str, source: &str) -> Result<&mut Self, RegistryError> {
+        self.templates.add(name, source)?;
+        Ok(self)
+    }
+
+    /// Adds every `*.txt` in `dir` as a template named after its file (`welcome.txt` →
+    /// `welcome`).
+    pub fn templates_dir(&mut self, dir: &Path) -> Result<&mut Self, RegistryError> {
+        self.templates.add_dir(dir)?;
+        Ok(self)
+    }
+
+    /// Adds funnels from `(file name, TOML text)` pairs, checked against the kinds and
+    /// templates registered so far: register the kinds they spawn and the templates they send
+    /// first. Each runs as the kind `funnel.{name}`.
+    pub fn funnels(&mut self, files: &[(String, String)]) -> Result<&mut Self, RegistryError> {
+        let defs = crate::funnels::parse_all(files, &self.templates, &self.kind_names())?;
+        self.add_funnels(defs)
+    }
+
+    /// Adds the funnels of every `*.toml` in `dir` (see [`Registry::funnels`]).
+    pub fn funnels_dir(&mut self, dir: &Path) -> Result<&mut Self, RegistryError> {
+        let files = crate::funnels::read_dir(dir)?;
+        self.funnels(&files)
+    }
+
+    fn add_funnels(&mut self, defs: Vec<FunnelDef>) -> Result<&mut Self, RegistryError> {
+        for def in defs {
+            if let Some(twin) = self.funnels.iter().find(|d| d.name == def.name) {
+                return Err(RegistryError::Kind(
+                    def.kind(),
+                    format!(
+                        "a funnel of that name is registered already ({})",
+                        twin.title
+                    ),
+                ));
+            }
+            let kind = def.kind();
+            let start_on = def.start_on.clone();
+            self.insert(
+                &kind,
+                Arc::new(crate::funnels::FunnelHandler::new(def.clone())),
+                KindSource::Funnel,
+            );
+            self.describe(&kind, &def.title);
+            self.start_on(&start_on, &kind);
+            self.funnels.push(def);
+        }
+        Ok(self)
+    }
+
+    /// The kinds a broadcast event of this type starts.
+    pub fn kinds_started_by(&self, event_type: &str) -> &[String] {
+        self.starts
+            .get(event_type)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+    }
+
+    /// The handler of `kind`.
+    pub fn get(&self, kind: &str) -> Option<&Arc<dyn Handler>> {
+        self.kinds.get(kind).map(|e| &e.handler)
+    }
+
+    /// Whether `kind` is registered.
+    pub fn contains(&self, kind: &str) -> bool {
+        self.kinds.contains_key(kind)
+    }
+
+    /// The registered kinds, by name.
+    pub fn kinds(&self) -> impl Iterator<Item = &str> {
+        self.kinds.keys().map(String::as_str)
+    }
+
+    fn kind_names(&self) -> BTreeSet<String> {
+        self.kinds.keys().cloned().collect()
+    }
+
+    /// Checks `kind`'s start data against its schema.
+    pub fn check_start(&self, kind: &str, data: &Map<String, Value>) -> Result<(), Violation> {
+        match self.kinds.get(kind) {
+            Some(entry) => entry.check.check(data),
+            None => Ok(()),
+        }
+    }
+
+    /// The message templates.
+    pub fn templates(&self) -> &Templates {
+        &self.templates
+    }
+
+    /// The funnel definitions, in the order they were added.
+    pub fn funnel_defs(&self) -> &[FunnelDef] {
+        &self.funnels
+    }
+
+    /// What a worker publishes to the kind catalogue.
+    pub fn catalogue(&self) -> Vec<KindInfo> {
+        let build = self
+            .build
+            .clone()
+            .unwrap_or_else(|| format!("cmdflow {}", env!("CARGO_PKG_VERSION")));
+        self.kinds
+            .iter()
+            .map(|(name, e)| KindInfo {
+                name: name.clone(),
+                schema: e.schema.clone(),
+                starts_on: self
+                    .starts
+                    .iter()
+                    .filter(|(_, kinds)| kinds.contains(name))
+                    .map(|(ty, _)| ty.clone())
+                    .collect(),
+                version: e.version.clone(),
+                build: build.clone(),
+                source: e.source,
+                description: e.description.clone(),
+                published_at: chrono::Utc::now(),
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,207 @@
+//! Dead-letter replays, run by workers: the gateway only records a job. A worker claims a
+//! running job under a lease (`FOR UPDATE SKIP LOCKED`), publishes its dead letters' original
+//! events again in batches, moving the job's cursor and renewing the lease after each, so a job
+//! outlives whoever started it and whichever worker ran it: a stopping worker lets go of its
+//! job, and a dead worker's lease runs out, and another worker goes on from the cursor.
+//!
+//! A job replays only the dead letters that existed when it started (`max_id`): what fails
+//! again while it runs is a new dead letter, for a new decision.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cmdflow_shared::bus::{self, Bus, BusError};
+use cmdflow_shared::store::StoreError;
+use cmdflow_shared::store::dead::{self, Filter, ReplayJob, ReplayState};
+use lapin::types::{AMQPValue, FieldTable};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+/// How often an idle worker looks for a job to run (an indexed look at the running jobs).
+const POLL: Duration = Duration::from_millis(250);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("no replay job {0}")]
+    NoJob(uuid::Uuid),
+}
+
+/// Headers for a replayed event: the original's, without the failure history, so it gets a fresh
+/// retry budget; marked with the dead letter it came from.
+pub fn replay_headers(id: i64) -> FieldTable {
+    let mut h = FieldTable::default();
+    h.insert("x-cmdflow-replayed-from".into(), AMQPValue::LongLongInt(id));
+    h
+}
+
+/// The runner of one worker process.
+pub struct Runner {
+    pool: PgPool,
+    bus: Arc<Bus>,
+    /// Who holds a claim: this process.
+    name: String,
+    lease: Duration,
+}
+
+/// How a claimed job ended for this runner.
+enum Stop {
+    /// Finished, failed, interrupted, or claimed by another worker: nothing more to do.
+    Done,
+    /// The worker is stopping: let go of the job for another.
+    Shutdown,
+}
+
+impl Runner {
+    pub fn new(pool: PgPool, bus: Arc<Bus>, lease: Duration) -> Self {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".to_owned());
+        let name = format!(
+            "{host}/{}/{}",
+            std::process::id(),
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        Self {
+            pool,
+            bus,
+            name,
+            lease,
+        }
+    }
+
+    /// Claims and runs jobs until `shutdown` fires; then lets go of its job.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) {
+        loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            match dead::claim_job(&self.pool, &self.name, self.lease).await {
+                Ok(Some(job)) => {
+                    tracing::info!(job = %job.id, replayed = job.replayed, total = job.total, "Running a replay.");
+                    match self.run(job, &shutdown).await {
+                        Ok(Stop::Done) => continue,
+                        Ok(Stop::Shutdown) => break,
+                        Err(e) => {
+                            // The cursor stayed where the last batch left it: this or another
+                            // worker goes on from there.
+                            tracing::warn!(error = %e, "A replay stopped on an error; it will be taken up again.");
+                            self.release().await;
+                        }
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "Could not look for replay jobs."),
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(POLL) => {}
+            }
+        }
+        self.release().await;
+    }
+
+    async fn release(&self) {
+        if let Err(e) = dead::release_jobs(&self.pool, &self.name).await {
+            tracing::warn!(error = %e, "Could not let go of a replay job; another worker takes it when its lease runs out.");
+        }
+    }
+
+    /// Runs one claimed job until it ends, someone interrupts it, another worker holds it, or
+    /// `shutdown` fires.
+    async fn run(
+        &self,
+        mut job: ReplayJob,
+        shutdown: &CancellationToken,
+    ) -> Result<Stop, ReplayError> {
+        let filter: Filter = match serde_json::from_value(job.filter.clone()) {
+            Ok(filter) => filter,
+            Err(e) => {
+                // Replaying "everything" instead would be the worst reading of a bad filter.
+                let reason = format!("the stored filter cannot be read: {e}");
+                tracing::error!(job = %job.id, reason, "A replay job failed.");
+                dead::end_job(
+                    &self.pool,
+                    job.id,
+                    &self.name,
+                    ReplayState::Failed,
+                    Some(&reason),
+                )
+                .await?;
+                return Ok(Stop::Done);
+            }
+        };
+        let through = job.max_id.unwrap_or(i64::MAX);
+        let size = job.rate.map_or(100, |r| i64::from(r).clamp(1, 100));
+        loop {
+            if shutdown.is_cancelled() {
+                return Ok(Stop::Shutdown);
+            }
+            let batch = dead::list_through(&self.pool, &filter, job.last_id, through, size).await?;
+            if batch.is_empty() {
+                dead::end_job(&self.pool, job.id, &self.name, ReplayState::Finished, None).await?;
+                tracing::info!(job = %job.id, replayed = job.replayed, "A replay finished.");
+                return Ok(Stop::Done);
+            }
+            let started = Instant::now();
+            // One batch in flight at once: the confirms are pipelined, not awaited one by one.
+            let exchange = self.bus.topology().events_exchange();
+            let published = futures::future::join_all(batch.iter().map(|letter| {
+                let props = bus::event_properties(letter.event_id.as_deref().unwrap_or_default())
+                    .with_headers(replay_headers(letter.id));
+                self.bus
+                    .publish(&exchange, &letter.routing_key, &letter.body, props)
+            }))
+            .await;
+            for result in published {
+                result?;
+            }
+            let ids: Vec<i64> = batch.iter().map(|l| l.id).collect();
+            job = dead::advance_job(&self.pool, job.id, &self.name, &ids, self.lease)
+                .await?
+                .ok_or(ReplayError::NoJob(job.id))?;
+            if job.state != ReplayState::Running || job.claimed_by.as_deref() != Some(&self.name) {
+                tracing::info!(job = %job.id, state = %job.state, "A replay stopped: interrupted, or taken over.");
+                return Ok(Stop::Done);
+            }
+            if let Some(rate) = job.rate.filter(|r| *r > 0) {
+                let due = Duration::from_secs_f64(batch.len() as f64 / f64::from(rate));
+                if let Some(rest) = due.checked_sub(started.elapsed()) {
+                    tokio::select! {
+                        () = shutdown.cancelled() => return Ok(Stop::Shutdown),
+                        () = tokio::time::sleep(rest) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Runs the replay job `id` here and now, to its end (the load generator and tests, with no
+/// worker running): claims running jobs until `id` is no longer running.
+pub async fn run_replay(
+    pool: &PgPool,
+    bus: &Arc<Bus>,
+    id: uuid::Uuid,
+) -> Result<ReplayJob, ReplayError> {
+    let runner = Runner::new(pool.clone(), Arc::clone(bus), Duration::from_secs(30));
+    let never = CancellationToken::new();
+    loop {
+        let job = dead::get_job(pool, id)
+            .await?
+            .ok_or(ReplayError::NoJob(id))?;
+        if job.state != ReplayState::Running {
+            return Ok(job);
+        }
+        match dead::claim_job(pool, &runner.name, runner.lease).await? {
+            Some(claimed) => {
+                if let Err(e) = runner.run(claimed, &never).await {
+                    runner.release().await;
+                    return Err(e);
+                }
+            }
+            None => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
