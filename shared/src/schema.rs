@@ -101,8 +101,15 @@ impl StartCheck {
 
     /// Checks start data; the first violation names its field.
     pub fn check(&self, data: &Map<String, Value>) -> Result<(), Violation> {
-        let instance = Value::Object(data.clone());
-        let Some(error) = self.validator.iter_errors(&instance).next() else {
+        self.check_value(&Value::Object(data.clone()))
+    }
+
+    /// [`StartCheck::check`] of data already held as a JSON value.
+    pub fn check_value(&self, instance: &Value) -> Result<(), Violation> {
+        if self.validator.is_valid(instance) {
+            return Ok(());
+        }
+        let Some(error) = self.validator.iter_errors(instance).next() else {
             return Ok(());
         };
         let mut field = String::from("data");

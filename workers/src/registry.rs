@@ -61,7 +61,8 @@ pub enum RegistryError {
 struct Entry {
     handler: Arc<dyn Handler>,
     schema: Value,
-    check: Arc<StartCheck>,
+    /// `None` for a kind whose start data may be any object: nothing to check.
+    check: Option<Arc<StartCheck>>,
     version: String,
     source: KindSource,
     description: Option<String>,
@@ -95,22 +96,17 @@ impl Registry {
     }
 
     fn insert(&mut self, kind: &str, handler: Arc<dyn Handler>, source: KindSource) {
-        let any = schema::any_object();
-        let check = StartCheck::compile(&any).map(Arc::new);
-        // `{"type": "object"}` always compiles.
-        if let Ok(check) = check {
-            self.kinds.insert(
-                kind.to_owned(),
-                Entry {
-                    handler,
-                    schema: any,
-                    check,
-                    version: DEFAULT_VERSION.to_owned(),
-                    source,
-                    description: None,
-                },
-            );
-        }
+        self.kinds.insert(
+            kind.to_owned(),
+            Entry {
+                handler,
+                schema: schema::any_object(),
+                check: None,
+                version: DEFAULT_VERSION.to_owned(),
+                source,
+                description: None,
+            },
+        );
     }
 
     /// Registers a typed workflow: its kind, version and the JSON Schema of its data (derived
@@ -143,8 +139,8 @@ impl Registry {
             .kinds
             .get_mut(kind)
             .ok_or_else(|| RegistryError::Kind(kind.to_owned(), "is not registered".into()))?;
+        entry.check = (schema != schema::any_object()).then(|| Arc::new(check));
         entry.schema = schema;
-        entry.check = Arc::new(check);
         Ok(self)
     }
 
@@ -261,8 +257,16 @@ impl Registry {
 
     /// Checks `kind`'s start data against its schema.
     pub fn check_start(&self, kind: &str, data: &Map<String, Value>) -> Result<(), Violation> {
-        match self.kinds.get(kind) {
-            Some(entry) => entry.check.check(data),
+        match self.kinds.get(kind).and_then(|e| e.check.as_ref()) {
+            Some(check) => check.check(data),
+            None => Ok(()),
+        }
+    }
+
+    /// [`Registry::check_start`] of start data already held as a JSON value.
+    pub fn check_start_value(&self, kind: &str, data: &Value) -> Result<(), Violation> {
+        match self.kinds.get(kind).and_then(|e| e.check.as_ref()) {
+            Some(check) => check.check_value(data),
             None => Ok(()),
         }
     }

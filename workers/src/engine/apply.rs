@@ -1198,11 +1198,9 @@ impl Engine {
         };
         // The kind's schema, as the gateway checks it: a start sent past the gateway is refused
         // with the same field.
-        if let Value::Object(map) = &data {
-            self.registry
-                .check_start(kind.as_str(), map)
-                .map_err(|v| ApplyError::Permanent(format!("invalid start data of {kind}: {v}")))?;
-        }
+        self.registry
+            .check_start_value(kind.as_str(), &data)
+            .map_err(|v| ApplyError::Permanent(format!("invalid start data of {kind}: {v}")))?;
         Ok(NewCommand {
             id,
             kind: kind.to_string(),
