@@ -259,7 +259,13 @@ impl Activity {
         // left to the broker to redeliver (nack), and answered again with the same id.
         for _ in 0..3 {
             match bus
-                .publish_event(&answer.ty, &answer.id, &body, bus::event_headers(&answer))
+                .publish_event(
+                    &answer.ty,
+                    &answer.id,
+                    &bus::route_key(&answer),
+                    &body,
+                    bus::event_headers(&answer),
+                )
                 .await
             {
                 Ok(()) => return Ok(()),

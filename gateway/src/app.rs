@@ -253,7 +253,7 @@ impl Application {
     /// Connects to the services and binds `config.http_addr`.
     pub async fn build(config: &Config) -> Result<Application, BuildError> {
         let pool = store::connect(&config.database_url, config.database_pool_size).await?;
-        let bus = Bus::connect(&config.amqp_url, &config.namespace, "cmdflow-gateway").await?;
+        let bus = Bus::for_config(config, "cmdflow-gateway").await?;
         Self::build_with(config, pool, bus).await
     }
 
@@ -271,6 +271,8 @@ impl Application {
             config.lock_wait,
         )?;
         // The gateway publishes without locks: Redis down is reported by readiness, not fatal.
+        // The exchanges it publishes to; a namespace with another number of partitions stops it.
+        bus.declare_exchanges().await?;
         if let Err(e) = locks.check_quorum().await {
             tracing::warn!(error = %e, "Redis has no quorum; the gateway starts anyway (workers need it).");
         }

@@ -12,16 +12,21 @@ use serde::{Deserialize, Serialize};
 /// Every setting of every role, each read from `CMDFLOW_<NAME>` (see the README's table).
 pub struct Config {
     /// PostgreSQL URL (`CMDFLOW_DATABASE_URL`).
+    #[serde(deserialize_with = "string_like::text")]
     pub database_url: String,
     /// Connections in the PostgreSQL pool of one process.
     pub database_pool_size: u32,
     /// AMQP URL of RabbitMQ (`CMDFLOW_AMQP_URL`).
+    #[serde(deserialize_with = "string_like::text")]
     pub amqp_url: String,
     /// Redis masters for Redlock, comma-separated (`CMDFLOW_REDIS_URLS`).
+    #[serde(deserialize_with = "string_like::text")]
     pub redis_urls: String,
     /// Prefix of every exchange, queue and lock key (`CMDFLOW_NAMESPACE`).
+    #[serde(deserialize_with = "string_like::text")]
     pub namespace: String,
     /// Where the gateway listens (`CMDFLOW_HTTP_ADDR`).
+    #[serde(deserialize_with = "string_like::text")]
     pub http_addr: String,
     /// Unacknowledged deliveries a worker holds (`CMDFLOW_PREFETCH`).
     pub prefetch: u16,
@@ -40,11 +45,9 @@ pub struct Config {
     /// (`CMDFLOW_LOCK_WAIT`).
     #[serde(with = "humantime_serde")]
     pub lock_wait: Duration,
-    /// The delay before an event that found its lock busy is tried again (`CMDFLOW_BUSY_DELAY`).
-    #[serde(with = "humantime_serde")]
-    pub busy_delay: Duration,
     /// Delays between attempts after a retryable error, comma-separated
     /// (`CMDFLOW_RETRY_DELAYS`, e.g. `1s,10s,1m,10m`). After the last one, the event is a dead letter.
+    #[serde(deserialize_with = "string_like::text")]
     pub retry_delays: String,
     /// Age after which the outbox sweeper republishes an unconfirmed row (`CMDFLOW_OUTBOX_SWEEP_AFTER`).
     #[serde(with = "humantime_serde")]
@@ -61,14 +64,18 @@ pub struct Config {
     pub scheduler_batch: i64,
     /// SMTP server for e-mails, `smtp://host[:port]` (`CMDFLOW_SMTP_URL`). Without it, e-mails
     /// are kept and shown in the app.
+    #[serde(deserialize_with = "string_like::optional")]
     pub smtp_url: Option<String>,
     /// The sender of e-mails (`CMDFLOW_MAIL_FROM`).
+    #[serde(deserialize_with = "string_like::text")]
     pub mail_from: String,
     /// A folder of funnel definitions (`*.toml`) to run besides those the binary registers
     /// (`CMDFLOW_FUNNELS_DIR`). An invalid file stops start-up with its precise error.
+    #[serde(deserialize_with = "string_like::optional")]
     pub funnels_dir: Option<String>,
     /// A folder of message templates (`*.txt`, named after the file) besides those the binary
     /// registers (`CMDFLOW_TEMPLATES_DIR`).
+    #[serde(deserialize_with = "string_like::optional")]
     pub templates_dir: Option<String>,
     /// Whether the binary's example kinds run (`CMDFLOW_EXAMPLES`): on for `cmdflow up` unless
     /// set to `false`, off for every other role unless set to `true`.
@@ -77,8 +84,22 @@ pub struct Config {
     /// died is taken over after it (`CMDFLOW_REPLAY_LEASE`).
     #[serde(with = "humantime_serde")]
     pub replay_lease: Duration,
+    /// How many partition queues the namespace's work is split into (`CMDFLOW_PARTITIONS`):
+    /// one command's events all go to one, in order, and each is consumed by one worker at a
+    /// time. The same for every process of a namespace; more partitions than workers lets
+    /// workers be added.
+    pub partitions: u32,
+    /// How long a worker holds a partition without renewing its claim; a dead worker's
+    /// partitions are taken over after it (`CMDFLOW_PARTITION_LEASE`).
+    #[serde(with = "humantime_serde")]
+    pub partition_lease: Duration,
+    /// How long an event for a command whose start has not been applied waits for that start
+    /// (parked, in order) before it becomes a dead letter (`CMDFLOW_START_WAIT`).
+    #[serde(with = "humantime_serde")]
+    pub start_wait: Duration,
     /// Where the `worker` and `scheduler` roles serve `/metrics` and `/healthz`
     /// (`CMDFLOW_METRICS_ADDR`); the gateway serves them on its own address.
+    #[serde(deserialize_with = "string_like::text")]
     pub metrics_addr: String,
     /// How long ended command trees stay live before the archiver moves them
     /// (`CMDFLOW_ARCHIVE_RETENTION`, e.g. `30d`).
@@ -86,6 +107,7 @@ pub struct Config {
     pub archive_retention: Duration,
     /// Retention per root kind, overriding the default: `kind=duration,…`
     /// (`CMDFLOW_ARCHIVE_RETENTION_BY_KIND`, e.g. `query=7d,quote=90d`).
+    #[serde(deserialize_with = "string_like::text")]
     pub archive_retention_by_kind: String,
     /// How often the archiver runs (`CMDFLOW_ARCHIVE_INTERVAL`).
     #[serde(with = "humantime_serde")]
@@ -93,20 +115,25 @@ pub struct Config {
     /// Trees moved per transaction (`CMDFLOW_ARCHIVE_BATCH`).
     pub archive_batch: i64,
     /// Log format: `json` or `pretty` (`CMDFLOW_LOG_FORMAT`).
+    #[serde(deserialize_with = "string_like::text")]
     pub log_format: String,
     /// A development key that holds every scope (`CMDFLOW_DEV_KEY`). `cmdflow up` generates and
     /// prints one when this is unset; other roles accept it only when it is set.
     pub dev_key: Option<Secret>,
     /// A TOML file of API keys, stored as SHA-256 hashes with their scopes
     /// (`CMDFLOW_AUTH_KEYS_FILE`); see the README for its format.
+    #[serde(deserialize_with = "string_like::optional")]
     pub auth_keys_file: Option<String>,
     /// The shared secret of HS256 JWTs (`CMDFLOW_JWT_HS256_SECRET`).
     pub jwt_hs256_secret: Option<Secret>,
     /// A PEM file with the public key of RS256 JWTs (`CMDFLOW_JWT_RS256_PUBLIC_KEY_FILE`).
+    #[serde(deserialize_with = "string_like::optional")]
     pub jwt_rs256_public_key_file: Option<String>,
     /// When set, JWTs must carry this `iss` (`CMDFLOW_JWT_ISSUER`).
+    #[serde(deserialize_with = "string_like::optional")]
     pub jwt_issuer: Option<String>,
     /// When set, JWTs must carry this `aud` (`CMDFLOW_JWT_AUDIENCE`).
+    #[serde(deserialize_with = "string_like::optional")]
     pub jwt_audience: Option<String>,
     /// Requests per second one caller (an API key, or a token's subject) may make
     /// (`CMDFLOW_RATE_LIMIT_PER_SECOND`); 0 turns the limit off.
@@ -116,6 +143,7 @@ pub struct Config {
     /// A PEM bundle of certificate authorities that TLS connections to RabbitMQ (`amqps://`),
     /// PostgreSQL (`sslmode=verify-full`) and Redis (`rediss://`) trust besides the system's
     /// (`CMDFLOW_TLS_CA_FILE`).
+    #[serde(deserialize_with = "string_like::optional")]
     pub tls_ca_file: Option<String>,
     /// How long a stopping process (SIGTERM) lets its in-flight events and requests finish
     /// (`CMDFLOW_SHUTDOWN_GRACE`). Keep it below the pod's `terminationGracePeriodSeconds`.
@@ -126,7 +154,7 @@ pub struct Config {
 /// A secret from the environment or a file: never printed, in `Debug` or in logs.
 #[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(transparent)]
-pub struct Secret(String);
+pub struct Secret(#[serde(deserialize_with = "string_like::text")] String);
 
 impl Secret {
     /// Keeps `value` as a secret.
@@ -161,7 +189,6 @@ impl Default for Config {
             lock_enabled: true,
             lock_ttl: Duration::from_secs(30),
             lock_wait: Duration::from_millis(200),
-            busy_delay: Duration::from_millis(100),
             retry_delays: "1s,10s,1m,10m".to_owned(),
             outbox_sweep_after: Duration::from_secs(10),
             max_depth: 16,
@@ -173,6 +200,9 @@ impl Default for Config {
             templates_dir: None,
             examples: None,
             replay_lease: Duration::from_secs(30),
+            partitions: crate::bus::DEFAULT_PARTITIONS,
+            partition_lease: Duration::from_secs(10),
+            start_wait: Duration::from_secs(15 * 60),
             metrics_addr: "127.0.0.1:9091".to_owned(),
             archive_retention: Duration::from_secs(30 * 24 * 3600),
             archive_retention_by_kind: String::new(),
@@ -270,6 +300,15 @@ impl Config {
         if self.replay_lease < Duration::from_secs(1) {
             return invalid("replay_lease", "must be at least 1s");
         }
+        if self.partitions == 0 || self.partitions > 1024 {
+            return invalid("partitions", "a namespace has 1 to 1024 partitions");
+        }
+        if self.partition_lease < Duration::from_secs(2) {
+            return invalid("partition_lease", "must be at least 2s");
+        }
+        if self.database_pool_size == 0 {
+            return invalid("database_pool_size", "a pool holds at least 1 connection");
+        }
         Ok(())
     }
 
@@ -334,6 +373,113 @@ impl Config {
     }
 }
 
+/// Settings that are text take whatever the environment gives: `CMDFLOW_NAMESPACE=2024` or
+/// a numeric JWT audience are read as the text they are, not refused as numbers.
+mod string_like {
+    use serde::Deserializer;
+    use serde::de::{self, Visitor};
+
+    struct Text;
+
+    impl<'de> Visitor<'de> for Text {
+        type Value = String;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("text")
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_owned())
+        }
+        fn visit_string<E: de::Error>(self, v: String) -> Result<String, E> {
+            Ok(v)
+        }
+        fn visit_bool<E: de::Error>(self, v: bool) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_i128<E: de::Error>(self, v: i128) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_u128<E: de::Error>(self, v: u128) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_char<E: de::Error>(self, v: char) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+    }
+
+    struct Optional;
+
+    impl<'de> Visitor<'de> for Optional {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("text, or nothing")
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Option<String>, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Option<String>, E> {
+            Ok(None)
+        }
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Option<String>, D::Error> {
+            text(d).map(Some)
+        }
+    }
+
+    pub fn text<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        d.deserialize_any(Text)
+    }
+
+    pub fn optional<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        d.deserialize_option(Optional)
+    }
+}
+
+/// `CMDFLOW_*` variables that are not settings: the CLI's, the config file's name, the test
+/// and script helpers.
+const NOT_SETTINGS: &[&str] = &["CONFIG", "URL", "TOKEN", "BIN", "SERVICES_VIA"];
+
+/// A warning for each `CMDFLOW_*` variable in `vars` that names no setting, with the closest
+/// one (a typo such as `CMDFLOW_CONCURENCY` would otherwise be ignored in silence).
+pub fn unknown_variables(vars: impl IntoIterator<Item = (String, String)>) -> Vec<String> {
+    let known: Vec<String> = match serde_json::to_value(Config::default()) {
+        Ok(serde_json::Value::Object(fields)) => {
+            fields.keys().map(|k| k.to_ascii_uppercase()).collect()
+        }
+        _ => Vec::new(),
+    };
+    let mut warnings = Vec::new();
+    for (name, _) in vars {
+        let Some(rest) = name.strip_prefix("CMDFLOW_") else {
+            continue;
+        };
+        if known.iter().any(|k| k == rest)
+            || NOT_SETTINGS.contains(&rest)
+            || rest.starts_with("TEST_")
+        {
+            continue;
+        }
+        let closest = known
+            .iter()
+            .map(|k| (strsim::levenshtein(k, rest), k))
+            .min()
+            .map(|(_, k)| format!("; did you mean CMDFLOW_{k}?"))
+            .unwrap_or_default();
+        warnings.push(format!(
+            "{name} is not a cmdflow setting and is ignored{closest}"
+        ));
+    }
+    warnings.sort();
+    warnings
+}
+
 /// A URL fit for a log line or an error message: the password is replaced by `***`.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
@@ -391,5 +537,57 @@ mod tests {
             "amqp://guest:***@127.0.0.1:5672/%2f"
         );
         assert_eq!(redact_url("redis://127.0.0.1/"), "redis://127.0.0.1/");
+    }
+
+    #[test]
+    fn text_settings_take_values_that_look_like_numbers_or_booleans() {
+        let config: Config = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string(
+                "namespace = 2024\njwt_audience = 12345\nmail_from = true\ndev_key = 1234567890123456789",
+            ))
+            .extract()
+            .unwrap();
+        assert_eq!(config.namespace, "2024");
+        assert_eq!(config.jwt_audience.as_deref(), Some("12345"));
+        assert_eq!(config.mail_from, "true");
+        assert_eq!(
+            config.dev_key.as_ref().map(Secret::expose),
+            Some("1234567890123456789")
+        );
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn an_unknown_variable_is_named_with_the_closest_setting() {
+        let vars = [
+            ("CMDFLOW_CONCURENCY", "8"),
+            ("CMDFLOW_NAMESPACE", "x"),
+            ("CMDFLOW_URL", "http://gw"),
+            ("CMDFLOW_TEST_ADMIN_URL", "postgres://"),
+            ("HOME", "/root"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let warnings = unknown_variables(vars);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].starts_with("CMDFLOW_CONCURENCY is not a cmdflow setting")
+                && warnings[0].ends_with("did you mean CMDFLOW_CONCURRENCY?"),
+            "{warnings:?}"
+        );
+    }
+
+    #[test]
+    fn a_pool_of_no_connections_is_refused() {
+        let config = Config {
+            database_pool_size: 0,
+            ..Config::default()
+        };
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("database_pool_size")
+        );
     }
 }

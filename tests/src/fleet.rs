@@ -629,7 +629,6 @@ pub fn fault_config(database_url: &str, amqp_url: &str, redis_urls: &str, ns: &s
         database_pool_size: 8,
         concurrency: 16,
         prefetch: 32,
-        busy_delay: Duration::from_millis(20),
         lock_wait: Duration::from_millis(50),
         // A killed worker's locks expire after this; the lock is extended while a handler
         // runs, so a short TTL is safe for handlers that take milliseconds.
@@ -638,6 +637,8 @@ pub fn fault_config(database_url: &str, amqp_url: &str, redis_urls: &str, ns: &s
         outbox_sweep_after: Duration::from_secs(1),
         rate_limit_per_second: 0,
         dev_key: Some(cmdflow_shared::config::Secret::new(crate::TEST_KEY)),
+        // A killed worker's partitions are taken over after this.
+        partition_lease: Duration::from_secs(3),
         ..Config::default()
     };
     config.validate().expect("a valid fault-test config");
@@ -674,13 +675,10 @@ impl World {
             .await
             .expect("connect to the test database");
         store::migrate(&pool).await.expect("migrate");
-        let bus = Bus::connect(&config.amqp_url, &config.namespace, "cmdflow-faults")
+        let bus = Bus::for_config(&config, "cmdflow-faults")
             .await
             .expect("connect to RabbitMQ");
-        let settings = cmdflow_workers::EngineSettings::from_config(&config).expect("settings");
-        bus.declare_topology(&settings.delay_queues())
-            .await
-            .expect("declare the topology");
+        bus.declare_topology().await.expect("declare the topology");
         store::kinds::publish(&pool, &crate::registry().catalogue())
             .await
             .expect("publish the kind catalogue");
@@ -693,13 +691,12 @@ impl World {
         }
     }
 
-    /// Messages ready plus unacknowledged in every queue of the namespace (work, retries,
-    /// dead), and consumers of the work queue; `None` while the broker cannot say.
+    /// Messages ready in every queue of the namespace (the partitions, unkeyed work, dead), and
+    /// consumers of the partition queues; `None` while the broker cannot say.
     pub async fn queues(&self) -> Option<(u32, u32)> {
-        let settings = cmdflow_workers::EngineSettings::from_config(&self.config).ok()?;
         let t = self.bus.topology();
         let mut names = vec![t.work_queue(), t.dead_queue()];
-        names.extend(settings.delay_queues().iter().map(|d| t.retry_queue(*d)));
+        names.extend((0..t.partitions()).map(|p| t.partition_queue(p)));
         let channel = tokio::time::timeout(Duration::from_secs(5), self.bus.channel())
             .await
             .ok()?
@@ -719,25 +716,36 @@ impl World {
                 .await
                 .ok()?;
             messages += q.message_count();
-            if name == t.work_queue() {
-                consumers = q.consumer_count();
+            if name != t.work_queue() && name != t.dead_queue() {
+                consumers += q.consumer_count();
             }
         }
         drop(channel.close(200, "done".into()).await);
         Some((messages, consumers))
     }
 
+    /// How many workers hold the namespace's partitions, once every partition is held and
+    /// consumed (one consumer each); `None` before.
+    pub async fn workers_consuming(&self) -> Option<u32> {
+        let holders = store::partitions::holders(&self.pool, &self.config.namespace)
+            .await
+            .ok()?;
+        let partitions = self.bus.topology().partitions();
+        if holders.len() != partitions as usize || holders.iter().any(|(_, o)| o.is_none()) {
+            return None;
+        }
+        let (_, consumers) = self.queues().await?;
+        if consumers != partitions {
+            return None;
+        }
+        let owners: std::collections::BTreeSet<&str> =
+            holders.iter().filter_map(|(_, o)| o.as_deref()).collect();
+        Some(owners.len() as u32)
+    }
+
     /// Deletes the namespace's exchanges and queues and drops the database. Best effort.
     pub async fn cleanup(self) {
-        if let Ok(settings) = cmdflow_workers::EngineSettings::from_config(&self.config) {
-            drop(
-                tokio::time::timeout(
-                    Duration::from_secs(20),
-                    self.bus.delete_topology(&settings.delay_queues()),
-                )
-                .await,
-            );
-        }
+        drop(tokio::time::timeout(Duration::from_secs(20), self.bus.delete_topology()).await);
         self.bus.close().await;
         self.pool.close().await;
         crate::drop_database(&self.admin, &self.database).await;
@@ -782,11 +790,12 @@ impl Fleet {
             ),
             ("CMDFLOW_CONCURRENCY", config.concurrency.to_string()),
             ("CMDFLOW_PREFETCH", config.prefetch.to_string()),
-            ("CMDFLOW_BUSY_DELAY", d(config.busy_delay)),
             ("CMDFLOW_LOCK_WAIT", d(config.lock_wait)),
             ("CMDFLOW_LOCK_TTL", d(config.lock_ttl)),
             ("CMDFLOW_RETRY_DELAYS", config.retry_delays.clone()),
             ("CMDFLOW_OUTBOX_SWEEP_AFTER", d(config.outbox_sweep_after)),
+            ("CMDFLOW_PARTITIONS", config.partitions.to_string()),
+            ("CMDFLOW_PARTITION_LEASE", d(config.partition_lease)),
             ("CMDFLOW_DEV_KEY", crate::TEST_KEY.to_owned()),
             ("CMDFLOW_RATE_LIMIT_PER_SECOND", "0".to_owned()),
             ("CMDFLOW_LOG_FORMAT", "json".to_owned()),

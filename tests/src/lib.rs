@@ -62,15 +62,36 @@ async fn sweep_stale_databases() {
             .unwrap_or_default();
             pool.close().await;
             let cutoff = chrono::Utc::now().timestamp() - 3600;
+            let mut stale = Vec::new();
             for name in names {
                 let created = name.split('_').nth(2).and_then(|t| t.parse::<i64>().ok());
                 // Names without a time are from before this scheme: stale too.
                 if created.is_none_or(|t| t < cutoff) {
                     drop_database(&admin_url(), &name).await;
+                    stale.extend(name.split('_').nth(3).map(str::to_owned));
                 }
             }
+            sweep_stale_namespaces(&stale).await;
         })
         .await;
+}
+
+/// Deletes the queues and exchanges of the namespaces of stale test databases (`t{suffix}`
+/// and `tf{suffix}`): a test that died left them, and a broker full of idle quorum queues slows
+/// every later test. Best effort.
+async fn sweep_stale_namespaces(suffixes: &[String]) {
+    if suffixes.is_empty() {
+        return;
+    }
+    let amqp = base_config().amqp_url;
+    for suffix in suffixes {
+        for namespace in [format!("t{suffix}"), format!("tf{suffix}")] {
+            if let Ok(bus) = Bus::connect(&amqp, &namespace, "cmdflow-test-sweep").await {
+                drop(bus.delete_topology().await);
+                bus.close().await;
+            }
+        }
+    }
 }
 
 /// Drops database `name`, disconnecting whoever is still on it. Best effort (clean-up).
@@ -109,7 +130,8 @@ fn base_config() -> Config {
     }
     // Short delays, so retry schedules run in a test's time.
     config.retry_delays = "100ms,200ms,300ms".to_owned();
-    config.busy_delay = Duration::from_millis(20);
+    // An event parked for a start that never comes is a dead letter after this.
+    config.start_wait = Duration::from_secs(2);
     config.lock_wait = Duration::from_millis(50);
     config.outbox_sweep_after = Duration::from_secs(1);
     config.database_pool_size = 8;
@@ -175,13 +197,10 @@ impl TestEnv {
             .await
             .expect("connect to the test database");
         store::migrate(&pool).await.expect("migrate");
-        let bus = Bus::connect(&config.amqp_url, &config.namespace, "cmdflow-test")
+        let bus = Bus::for_config(&config, "cmdflow-test")
             .await
             .expect("RabbitMQ must be running for the integration tests");
-        let settings = cmdflow_workers::EngineSettings::from_config(&config).expect("settings");
-        bus.declare_topology(&settings.delay_queues())
-            .await
-            .expect("declare topology");
+        bus.declare_topology().await.expect("declare topology");
         TestEnv {
             config,
             pool,
@@ -275,18 +294,22 @@ impl TestEnv {
         for (_, handle) in self.tasks.drain(..) {
             drop(tokio::time::timeout(Duration::from_secs(10), handle).await);
         }
-        let settings =
-            cmdflow_workers::EngineSettings::from_config(&self.config).expect("settings");
-        drop(self.bus.delete_topology(&settings.delay_queues()).await);
+        drop(self.bus.delete_topology().await);
         self.bus.close().await;
         self.pool.close().await;
         drop_database(&admin_url(), &self.database).await;
     }
 
-    /// Publishes raw bytes to the events exchange, as an upstream service would.
+    /// Publishes raw bytes to the events exchange, as an upstream service would: without a
+    /// partition header (a worker forwards it to its partition).
     pub async fn publish_raw(&self, routing_key: &str, body: &[u8]) {
         self.bus
-            .publish_event(routing_key, "raw", body, Default::default())
+            .publish(
+                &self.bus.topology().events_exchange(),
+                routing_key,
+                body,
+                cmdflow_shared::bus::event_properties("raw"),
+            )
             .await
             .expect("publish");
     }
@@ -308,12 +331,30 @@ impl TestEnv {
     pub async fn start_raw(&self, kind: &str, owner: &str, data: Value) -> String {
         let id = Uuid::now_v7().to_string();
         let start = start_event(&id, kind, owner, data);
-        self.publish_raw(
-            "command.start",
-            &serde_json::to_vec(&start).unwrap_or_default(),
-        )
-        .await;
+        let body = serde_json::to_vec(&start).unwrap_or_default();
+        // With its partition header, as the gateway publishes it: the events sent after it
+        // through the gateway queue up behind it.
+        self.bus
+            .publish_event(
+                "command.start",
+                start["id"].as_str().unwrap_or_default(),
+                &cmdflow_shared::bus::route_key_of(&body),
+                &body,
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .expect("publish");
         id
+    }
+
+    /// The partition queue the events of command `id` go to.
+    pub fn partition_queue_of(&self, id: &str) -> String {
+        let id: Uuid = id.parse().expect("a command id");
+        let t = self.bus.topology();
+        t.partition_queue(cmdflow_shared::bus::partition_of(
+            id.as_bytes(),
+            t.partitions(),
+        ))
     }
 
     /// Messages ready in a queue.

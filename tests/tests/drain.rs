@@ -80,6 +80,9 @@ async fn sigterm_drains_a_worker_under_load_losing_and_redoing_nothing() {
 
     // A worker process takes part of the backlog, then gets SIGTERM mid-load.
     let metrics_port = free_port();
+    // Its log goes to a file: a pipe nobody reads would fill and stall the worker's logging.
+    let logs = cmdflow_tests::fleet::Scratch::new("cffleet");
+    let log = logs.join("worker.log");
     let mut worker = tokio::process::Command::new(cmdflow_binary())
         .arg("worker")
         .env("CMDFLOW_EXAMPLES", "true")
@@ -94,7 +97,7 @@ async fn sigterm_drains_a_worker_under_load_losing_and_redoing_nothing() {
         .env("CMDFLOW_LOG_FORMAT", "json")
         .env("RUST_LOG", "warn,lapin=error")
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
@@ -122,10 +125,7 @@ async fn sigterm_drains_a_worker_under_load_losing_and_redoing_nothing() {
         .expect("the worker exits within its grace period")
         .unwrap();
     let drained_in = signalled.elapsed();
-    let mut stderr = String::new();
-    tokio::io::AsyncReadExt::read_to_string(worker.stderr.as_mut().unwrap(), &mut stderr)
-        .await
-        .unwrap();
+    let stderr = std::fs::read_to_string(&log).unwrap();
     assert!(status.success(), "exit {status:?}: {stderr}");
     assert!(
         !stderr.contains("still in flight"),

@@ -6,7 +6,10 @@
 //! - every event the gateway accepted (202) has its `processed_events` row (applied);
 //! - no event was received twice by a command (`command_events` history, whole database);
 //! - every fan-out (and timer) tree ended, successfully;
-//! - every counter equals the number of accepted increments addressed to it.
+//! - every counter equals the number of accepted increments addressed to it;
+//! - every counter received its increments in the order they were accepted: each counter's
+//!   increments are sent one after the other (the next once the last got its 202), and carry
+//!   their place (`seq`), which the counter's history must show rising.
 //!
 //! The load generator counts only 202s as accepted and sends anything else again with the same
 //! event id (commands dedupe by id), as a well-behaved upstream service does.
@@ -117,7 +120,7 @@ impl Plan {
             let e = Planned::new(
                 counters[c],
                 "demo.increment",
-                json!({"by": 1}),
+                json!({"by": 1, "seq": i / shape.counters}),
                 What::Increment(c),
             );
             main.push((i as f64 / shape.increments as f64, e));
@@ -199,7 +202,8 @@ async fn deliver(client: reqwest::Client, url: String, event: Planned, tally: Sh
 }
 
 /// Sends `events` spread evenly over `over` (each until accepted, at most 64 in flight);
-/// resolves when every one is accepted or given up.
+/// resolves when every one is accepted or given up. The increments of one counter are sent one
+/// after the other: each once the one before it was accepted.
 fn send_over(
     gateway: &str,
     events: Vec<Planned>,
@@ -213,8 +217,27 @@ fn send_over(
         let mut sends = tokio::task::JoinSet::new();
         let n = events.len().max(1) as u32;
         let start = tokio::time::Instant::now();
+        // Each counter's increments: a chain, in order.
+        let mut chains: HashMap<usize, Vec<(tokio::time::Instant, Planned)>> = HashMap::new();
+        let mut others = Vec::new();
         for (i, event) in events.into_iter().enumerate() {
-            tokio::time::sleep_until(start + over * i as u32 / n).await;
+            let due = start + over * i as u32 / n;
+            match event.what {
+                What::Increment(c) => chains.entry(c).or_default().push((due, event)),
+                _ => others.push((due, event)),
+            }
+        }
+        for (_, chain) in chains {
+            let (client, url, tally) = (client.clone(), url.clone(), tally.clone());
+            sends.spawn(async move {
+                for (due, event) in chain {
+                    tokio::time::sleep_until(due).await;
+                    deliver(client.clone(), url.clone(), event, tally.clone()).await;
+                }
+            });
+        }
+        for (due, event) in others {
+            tokio::time::sleep_until(due).await;
             let permit = permits.clone().acquire_owned().await.unwrap();
             let (client, url, tally) = (client.clone(), url.clone(), tally.clone());
             sends.spawn(async move {
@@ -237,10 +260,13 @@ struct Snapshot {
     trees_not_terminal: i64,
     trees_not_completed: i64,
     counters_off: i64,
+    /// Counters whose increments were applied in another order than they were accepted.
+    counters_out_of_order: i64,
     timers_not_fired_once: i64,
     outbox: i64,
     dead_letters: i64,
     queued: Option<u32>,
+    /// Workers sharing the partitions, once every partition has its consumer.
     consumers: Option<u32>,
 }
 
@@ -249,10 +275,41 @@ impl Snapshot {
         self.applied == self.accepted as i64
             && self.trees_not_terminal == 0
             && self.counters_off == 0
+            && self.counters_out_of_order == 0
             && self.timers_not_fired_once == 0
             && self.outbox == 0
             && self.queued == Some(0)
     }
+}
+
+/// The histories of up to three counters whose increments were applied out of order: what
+/// was applied when, by which version, to tell where the order broke.
+async fn out_of_order_detail(pool: &sqlx::PgPool, counters: &[Uuid]) -> String {
+    let rows: Vec<(Uuid, i64, i64, Option<i32>, chrono::DateTime<Utc>, Option<String>)> =
+        sqlx::query_as(
+            "WITH h AS (
+                SELECT command_id, seq, version, (detail->'data'->>'seq')::int AS place, at,
+                       event_id,
+                       lag((detail->'data'->>'seq')::int) OVER (PARTITION BY command_id ORDER BY seq) AS before
+                  FROM command_events
+                 WHERE entry = 'received' AND event_type = 'demo.increment' AND command_id = ANY($1)),
+             bad AS (SELECT DISTINCT command_id FROM h WHERE before IS NOT NULL AND place <= before LIMIT 3)
+             SELECT command_id, seq, version, place, at, event_id FROM h
+              WHERE command_id IN (SELECT command_id FROM bad) ORDER BY command_id, seq",
+        )
+        .bind(counters)
+        .fetch_all(pool)
+        .await
+        .unwrap_or_default();
+    rows.iter()
+        .map(|(c, seq, version, place, at, id)| {
+            format!(
+                "{c} seq={seq} v={version} place={place:?} at={} id={id:?}",
+                at.format("%H:%M:%S%.3f")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 async fn snapshot(
@@ -322,6 +379,19 @@ async fn snapshot(
     .bind(&expected)
     .fetch_one(pool)
     .await?;
+    let counters_out_of_order: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (
+            SELECT command_id FROM (
+                SELECT command_id, (detail->'data'->>'seq')::int AS place,
+                       lag((detail->'data'->>'seq')::int) OVER (PARTITION BY command_id ORDER BY seq) AS before
+                  FROM command_events
+                 WHERE entry = 'received' AND event_type = 'demo.increment' AND command_id = ANY($1)) x
+             WHERE before IS NOT NULL AND place <= before
+             GROUP BY command_id) y",
+    )
+    .bind(&counters)
+    .fetch_one(pool)
+    .await?;
     let timers: Vec<Uuid> = accepted
         .iter()
         .filter(|e| e.what == What::TimerStart)
@@ -341,6 +411,7 @@ async fn snapshot(
             .fetch_one(pool)
             .await?;
     let queues = world.queues().await;
+    let workers = world.workers_consuming().await;
     Ok(Snapshot {
         accepted: accepted.len(),
         applied,
@@ -348,11 +419,12 @@ async fn snapshot(
         trees_not_terminal,
         trees_not_completed,
         counters_off,
+        counters_out_of_order,
         timers_not_fired_once,
         outbox,
         dead_letters,
         queued: queues.map(|q| q.0),
-        consumers: queues.map(|q| q.1),
+        consumers: workers,
     })
 }
 
@@ -547,6 +619,16 @@ impl Run {
             "{}: counters that are not exact: {last:?}",
             self.fault
         );
+        let detail = if last.counters_out_of_order > 0 {
+            out_of_order_detail(&world.pool, &self.plan.counters).await
+        } else {
+            String::new()
+        };
+        assert_eq!(
+            last.counters_out_of_order, 0,
+            "{}: counters whose increments were applied out of their order: {last:?}\n{detail}",
+            self.fault
+        );
         assert_eq!(
             last.timers_not_fired_once, 0,
             "{}: timers not fired exactly once: {last:?}",
@@ -562,8 +644,18 @@ impl Run {
             "{}: the fleet did not settle: {last:?}",
             self.fault
         );
+        drop(t);
+        let sharing = tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                match world.workers_consuming().await {
+                    Some(n) if n == fault.workers => return n,
+                    _ => tokio::time::sleep(Duration::from_millis(250)).await,
+                }
+            }
+        })
+        .await;
         assert_eq!(
-            last.consumers,
+            sharing.ok(),
             Some(fault.workers),
             "{}: every worker consumes again",
             self.fault
@@ -594,12 +686,12 @@ impl Window {
     }
 }
 
-/// Waits until `n` workers consume the work queue.
+/// Waits until `n` workers share the partitions and each partition has its consumer.
 async fn consumers(world: &World, n: u32) {
     cmdflow_tests::eventually(
         Duration::from_secs(60),
-        &format!("{n} consumers"),
-        || async { world.queues().await.filter(|q| q.1 == n).map(|_| ()) },
+        &format!("{n} workers sharing the partitions"),
+        || async { (world.workers_consuming().await == Some(n)).then_some(()) },
     )
     .await;
 }

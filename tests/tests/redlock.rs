@@ -189,11 +189,6 @@ impl WorkerProcess {
                 "CMDFLOW_LOCK_WAIT",
                 format!("{}ms", c.lock_wait.as_millis()),
             )
-            .env(
-                "CMDFLOW_BUSY_DELAY",
-                format!("{}ms", c.busy_delay.as_millis()),
-            )
-            // The same delay queues the test declared (and deletes at clean-up).
             .env("CMDFLOW_RETRY_DELAYS", &c.retry_delays)
             .env("CMDFLOW_METRICS_ADDR", &metrics)
             .env("CMDFLOW_LOG_FORMAT", "json")
@@ -247,6 +242,12 @@ impl Drop for WorkerProcess {
 }
 
 /// Settled outcomes of `demo.increment` in this process (in-process workers).
+/// Tries at a lock that found it busy, or no majority of the masters.
+fn lock_busy() -> f64 {
+    let text = cmdflow_shared::metrics::install().render();
+    metric(&text, cmdflow_shared::metrics::LOCK_BUSY, &[])
+}
+
 fn increments_settled(outcome: &str) -> f64 {
     let text = cmdflow_shared::metrics::install().render();
     metric(
@@ -311,6 +312,7 @@ async fn publish_increments(bus: &Bus, id: &str, n: usize) -> Vec<String> {
         bus.publish_event(
             "demo.increment",
             e["id"].as_str().unwrap(),
+            &cmdflow_shared::bus::route_key_of(&body),
             &body,
             Default::default(),
         )
@@ -430,7 +432,13 @@ async fn with_two_masters_down_nothing_is_applied_and_nothing_is_lost() {
     let _serial = SERIAL.lock().await;
     let mut masters = Masters::start(3).await;
     let urls = masters.urls();
-    let mut env = TestEnv::with(|c| c.redis_urls = urls).await;
+    let mut env = TestEnv::with(|c| {
+        c.redis_urls = urls;
+        // Short, so the window below is past twice the TTL: a wait that gave up after it
+        // would send the events to the retry ladder in that window.
+        c.lock_ttl = Duration::from_secs(3);
+    })
+    .await;
     let gw = env.start_gateway().await;
     env.start_worker().await;
     env.start_worker().await;
@@ -441,7 +449,7 @@ async fn with_two_masters_down_nothing_is_applied_and_nothing_is_lost() {
     wait_count(&env, &id, 1, WAIT).await;
 
     let (busy0, retry0, dead0) = (
-        increments_settled("busy"),
+        lock_busy(),
         increments_settled("retry"),
         increments_settled("dead"),
     );
@@ -450,14 +458,14 @@ async fn with_two_masters_down_nothing_is_applied_and_nothing_is_lost() {
     let held = send_increments(&gw.url, &id, 50).await;
     sent.extend(held.iter().cloned());
 
-    // The workers do try them: each finds no majority and hands the event to the busy delay.
-    eventually(WAIT, "50 busy outcomes", || async {
-        (increments_settled("busy") - busy0 >= 50.0).then_some(())
+    // The workers do try: each try finds no majority, and the event waits in its place.
+    eventually(WAIT, "tries at the lock", || async {
+        (lock_busy() - busy0 >= 20.0).then_some(())
     })
     .await;
-    // A short window where the claim is that nothing happens.
+    // A window longer than twice the lock TTL, where the claim is that nothing happens.
     let window = Instant::now();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    tokio::time::sleep(env.config.lock_ttl * 2 + Duration::from_millis(500)).await;
     assert_eq!(count_in(&env.pool, &id).await, 1, "applied without a lock");
     let processed: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM processed_events WHERE command_id = $1::uuid AND event_id = ANY($2)",
@@ -471,19 +479,19 @@ async fn with_two_masters_down_nothing_is_applied_and_nothing_is_lost() {
         processed, 0,
         "no increment may be marked processed without a lock"
     );
-    let busy = increments_settled("busy") - busy0;
+    let busy = lock_busy() - busy0;
     let (retry, dead) = (
         increments_settled("retry") - retry0,
         increments_settled("dead") - dead0,
     );
     eprintln!(
-        "two masters down for {:.1}s: {busy} busy outcomes, {retry} retries, {dead} dead letters",
+        "two masters down for {:.1}s: {busy} tries at the lock, {retry} retries, {dead} dead letters",
         window.elapsed().as_secs_f64()
     );
     assert_eq!(
         (retry, dead),
         (0.0, 0.0),
-        "no quorum must mean `busy` (try later), never the retry ladder or dead letters"
+        "no quorum must mean waiting in place, never the retry ladder or dead letters"
     );
     assert!(env.dead_letter_after(0).await.is_none(), "dead-lettered");
 

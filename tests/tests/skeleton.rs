@@ -168,9 +168,11 @@ async fn an_event_redelivered_after_a_worker_died_before_its_ack_is_applied_once
         .basic_qos(1, BasicQosOptions::default())
         .await
         .unwrap();
+    // The command's partition: its start and its events are all there.
+    let partition = env.partition_queue_of(&id);
     let mut consumer = channel
         .basic_consume(
-            env.bus.topology().work_queue().as_str().into(),
+            partition.as_str().into(),
             "doomed".into(),
             BasicConsumeOptions::default(),
             Default::default(),
@@ -206,11 +208,10 @@ async fn an_event_redelivered_after_a_worker_died_before_its_ack_is_applied_once
 
     // A healthy worker gets the redelivery and must change nothing.
     env.start_worker().await;
-    let work = env.bus.topology().work_queue();
     eventually(
         Duration::from_secs(20),
         "the redelivery to be settled",
-        || async { (env.queue_depth(&work).await == 0).then_some(()) },
+        || async { (env.queue_depth(&partition).await == 0).then_some(()) },
     )
     .await;
     assert_eq!(
@@ -431,27 +432,27 @@ async fn permanently_bad_events_go_to_dead_letters_at_once_with_their_reason() {
 }
 
 #[tokio::test]
-async fn a_retryable_failure_is_retried_on_schedule_then_dead_lettered() {
+async fn an_event_for_a_command_that_never_starts_waits_for_it_then_is_a_dead_letter() {
     let mut env = TestEnv::new().await;
     let gw = env.start_gateway().await;
     env.start_worker().await;
-    // Addressed to a command that never comes: retryable (its start may be in flight), 3 delays.
+    // Addressed to a command whose start never comes: parked (its start could be on its way),
+    // then, past CMDFLOW_START_WAIT (2 s here), a dead letter that says so.
     let ghost = uuid::Uuid::now_v7().to_string();
     let ev = event("demo.increment", Some(&ghost), json!({}));
     let sent = std::time::Instant::now();
     assert_eq!(post_event(&gw.url, &ev).await.0, 202);
-    let dead = eventually(Duration::from_secs(20), "a dead letter", || {
+    let dead = eventually(Duration::from_secs(30), "a dead letter", || {
         env.dead_letter_after(0)
     })
     .await;
     assert!(
-        sent.elapsed() >= Duration::from_millis(600),
-        "100+200+300 ms of delays first"
+        sent.elapsed() >= Duration::from_secs(2),
+        "it waited for its start first"
     );
-    assert_eq!(dead.attempts, 4);
-    assert_eq!(dead.error_class, "retries_exhausted");
+    assert_eq!(dead.error_class, "start_never_came");
     assert!(
-        dead.reason.contains("gave up after 4 attempts") && dead.reason.contains(&ghost),
+        dead.reason.contains(&ghost) && dead.reason.contains("CMDFLOW_START_WAIT"),
         "{}",
         dead.reason
     );
@@ -459,25 +460,58 @@ async fn a_retryable_failure_is_retried_on_schedule_then_dead_lettered() {
         dead.routing_key, "demo.increment",
         "the original routing key, for replays"
     );
-    assert_eq!(
-        dead.error_chain.as_array().unwrap().len(),
-        4,
-        "three retried errors, then the verdict with the fourth"
-    );
-    assert!(dead.first_failed_at < dead.last_failed_at);
-    // Each attempt is recorded with its error.
-    let attempts: Vec<(i32, String)> = sqlx::query_as(
-        "SELECT attempt, error FROM event_attempts WHERE event_id = $1 ORDER BY attempt",
+    let parked: i64 = sqlx::query_scalar("SELECT count(*) FROM parked_events")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(parked, 0, "nothing left parked");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn events_that_come_before_their_commands_start_are_applied_after_it_in_order() {
+    let mut env = TestEnv::with(|c| c.start_wait = Duration::from_secs(60)).await;
+    let gw = env.start_gateway().await;
+    env.start_worker().await;
+    // The increments go through the gateway; the start, sent straight to the broker without a
+    // partition header, takes the longer way (forwarded to its partition) and comes last.
+    let id = uuid::Uuid::now_v7().to_string();
+    for seq in 0..5 {
+        let ev = event("demo.increment", Some(&id), json!({"by": 1, "seq": seq}));
+        assert_eq!(post_event(&gw.url, &ev).await.0, 202);
+    }
+    eventually(Duration::from_secs(20), "the increments parked", || async {
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM parked_events WHERE command_id = $1::uuid")
+                .bind(&id)
+                .fetch_one(&env.pool)
+                .await
+                .ok()?;
+        (n == 5).then_some(())
+    })
+    .await;
+    let start = cmdflow_tests::start_event(&id, "demo.counter", "member:7", json!({}));
+    env.publish_raw("command.start", &serde_json::to_vec(&start).unwrap())
+        .await;
+    wait_count(&env, &id, 5, Duration::from_secs(20)).await;
+    let order: Vec<Option<i64>> = sqlx::query_scalar(
+        "SELECT (detail->'data'->>'seq')::bigint FROM command_events
+          WHERE command_id = $1::uuid AND entry = 'received' ORDER BY seq",
     )
-    .bind(ev["id"].as_str().unwrap())
+    .bind(&id)
     .fetch_all(&env.pool)
     .await
     .unwrap();
     assert_eq!(
-        attempts.iter().map(|a| a.0).collect::<Vec<_>>(),
-        vec![1, 2, 3, 4]
+        order,
+        vec![None, Some(0), Some(1), Some(2), Some(3), Some(4)],
+        "the start, then the increments in the order they were accepted"
     );
-    assert!(attempts.iter().all(|a| a.1.contains("does not exist")));
+    let parked: i64 = sqlx::query_scalar("SELECT count(*) FROM parked_events")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(parked, 0);
     env.cleanup().await;
 }
 
@@ -782,5 +816,43 @@ async fn the_gateway_knows_the_kinds_a_worker_publishes_and_checks_their_schema(
     })
     .await;
     assert_eq!(greeting.result.unwrap()["text"], "Hello, GraceHello, Grace");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn readiness_is_503_while_the_events_exchange_is_missing() {
+    let mut env = TestEnv::new().await;
+    let gw = env.start_gateway().await;
+    let (s, b) = get(&format!("{}/readyz", gw.url)).await;
+    assert_eq!(s, 200, "{b}");
+
+    // A broker reset, or a namespace nobody declared: every publish would fail.
+    env.bus
+        .delete_topology()
+        .await
+        .expect("delete the topology");
+    let exchange = format!("{}.events", env.config.namespace);
+    let (s, b) = get(&format!("{}/readyz", gw.url)).await;
+    assert_eq!(s, 503, "{b}");
+    let check = b["checks"]["rabbitmq"].as_str().unwrap_or_default();
+    assert!(
+        check.contains(&exchange) && check.contains("does not exist"),
+        "names the missing exchange: {b}"
+    );
+    let (s, b) = post_event(&gw.url, &event("demo.increment", None, json!({}))).await;
+    assert!(
+        s == 503,
+        "a publish to a missing exchange is refused: {s} {b}"
+    );
+
+    // Declared again (a worker starting does it): ready, and accepting.
+    env.bus
+        .declare_topology()
+        .await
+        .expect("declare the topology");
+    let (s, b) = get(&format!("{}/readyz", gw.url)).await;
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = post_event(&gw.url, &event("demo.increment", None, json!({}))).await;
+    assert_eq!(s, 202, "{b}");
     env.cleanup().await;
 }

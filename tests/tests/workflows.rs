@@ -453,7 +453,7 @@ async fn a_worker_killed_between_commit_and_publish_is_covered_by_the_sweeper() 
     let channel = env.bus.channel().await.unwrap();
     let mut consumer = channel
         .basic_consume(
-            env.bus.topology().work_queue().as_str().into(),
+            env.partition_queue_of(&parent).as_str().into(),
             "doomed".into(),
             BasicConsumeOptions::default(),
             Default::default(),

@@ -1,8 +1,15 @@
 //! The engine: consume → lock → one transaction → commit → publish outbox → release → ack.
 //!
 //! [`Engine::process`] does everything for one message except settling it with the broker, and
-//! returns a [`Disposition`]; [`Engine::settle`] acks, delays or dead-letters accordingly. Inside,
-//! [`Engine::apply`] is the part that runs in a transaction it is handed.
+//! returns a [`Disposition`]; [`Engine::settle`] acks or dead-letters accordingly. Inside,
+//! [`Engine::apply`] is the part that runs in a transaction it is handed. [`consume`] is the
+//! loop that feeds it: the work partitions this worker holds, in order.
+//!
+//! Order: a command's events arrive at one worker (its partition's), in the order they were
+//! accepted. The consume loop takes each batch's turns of its commands ([`local`]) before it
+//! starts the batch, so batches apply a command's events in that order too. An event that must
+//! be tried again is tried in place, after each retry delay, its command's later events held
+//! behind it; a busy lock is waited for. Nothing goes round a delay queue, so nothing overtakes.
 //!
 //! Group commit: the consumer takes whatever deliveries have already arrived (up to
 //! `CMDFLOW_BATCH`) and [`Engine::process_batch`] applies them in one transaction, after one
@@ -12,48 +19,54 @@
 //! A command whose lock another worker holds gets a second round: once the batch has committed
 //! and let go of its locks, the worker waits for that one lock (holding no other) and applies
 //! the command's events of the batch together. A broadcast, or an event whose transaction
-//! failed, goes through [`Engine::process`] alone. Within a worker, events for one command wait in line ([`local`])
-//! before Redlock is asked, so only one of them contends with other workers.
+//! failed, goes alone.
 
 mod apply;
+pub mod consume;
 mod local;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cmdflow_shared::bus::{
-    self, Bus, BusError, HEADER_ATTEMPT, HEADER_BUSY, HEADER_ERROR_CLASS, HEADER_LAST_ERROR,
-    HEADER_REASON,
-};
+use cmdflow_shared::bus::{self, Bus, BusError, HEADER_ATTEMPT, HEADER_ERROR_CLASS, HEADER_REASON};
+use cmdflow_shared::contract::EnvelopeError;
+use cmdflow_shared::contract::types::COMMAND_START;
 use cmdflow_shared::lock::{Held, Locks};
 use cmdflow_shared::metrics as cm;
 use cmdflow_shared::store::{self, OutboxRow, StoreError};
 use cmdflow_shared::time::{Clock, SystemClock};
 use cmdflow_shared::{CommandId, Event};
-use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::types::{AMQPValue, FieldTable};
 use serde_json::Value;
 use sqlx::PgPool;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::registry::Registry;
+
+/// The failed tries of an event being tried again in place: how many, their errors, when the
+/// first was.
+#[derive(Debug, Clone, Default)]
+pub struct Failures {
+    pub attempts: u32,
+    pub errors: Vec<String>,
+    pub first_at: Option<chrono::DateTime<chrono::Utc>>,
+}
 
 /// What to do with a message once the engine is done with it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Disposition {
     /// Applied, or recognised as already applied, or deliberately ignored: ack it.
     Ack(Applied),
-    /// The lock was busy: try again after a short delay. Not a failure.
-    Busy,
-    /// Trouble that may pass (database, broker, a command not created yet): retry with backoff.
+    /// Trouble that may pass (database, broker, a command not created yet, a lock that stays
+    /// busy): tried again after each of the retry delays, in place, its command's later events
+    /// waiting behind it; after the last, a dead letter.
     Retry(String),
+    /// Not tried: an earlier event of its command waits to be tried again, and this one waits
+    /// behind it (the order of a command's events is kept).
+    Held,
     /// It can never succeed as it is: dead letters at once, with the reason.
     Dead { class: &'static str, reason: String },
 }
@@ -64,6 +77,8 @@ pub enum Applied {
     Duplicate,
     Ignored,
     Unmatched,
+    /// Its command does not exist yet: kept, to be applied right after the command's start.
+    Parked,
 }
 
 /// Errors inside the transaction, sorted where they happen.
@@ -71,7 +86,7 @@ pub enum Applied {
 pub enum ApplyError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("command {0} does not exist (yet)")]
+    #[error("command {0} does not exist (yet): no start of it has been applied")]
     NotFound(CommandId),
     #[error("{0}")]
     Permanent(String),
@@ -87,7 +102,14 @@ pub struct EngineSettings {
     /// The most deliveries (for distinct commands) applied in one transaction.
     pub batch: usize,
     pub retry_delays: Vec<Duration>,
-    pub busy_delay: Duration,
+    /// The Redlock TTL: a worker that waits for a lock says so once per TTL.
+    pub lock_ttl: Duration,
+    /// One try at a busy lock waits this long; after a Redis error, the next try waits it too.
+    pub lock_wait: Duration,
+    /// How long a partition claim lasts without renewal.
+    pub partition_lease: Duration,
+    /// How long an event parked for its command's start waits before it is a dead letter.
+    pub start_wait: Duration,
     pub outbox_sweep_after: Duration,
     pub max_depth: i32,
     pub max_children: usize,
@@ -106,22 +128,16 @@ impl EngineSettings {
             concurrency: config.concurrency,
             batch: config.batch,
             retry_delays: config.retry_delay_list()?,
-            busy_delay: config.busy_delay,
+            lock_ttl: config.lock_ttl,
+            lock_wait: config.lock_wait,
+            partition_lease: config.partition_lease,
+            start_wait: config.start_wait,
             outbox_sweep_after: config.outbox_sweep_after,
             max_depth: config.max_depth,
             max_children: config.max_children,
             early_event_window: config.early_event_window,
             smtp_enabled: config.smtp_url.is_some(),
         })
-    }
-
-    /// Every delay queue the topology needs.
-    pub fn delay_queues(&self) -> Vec<Duration> {
-        let mut delays = self.retry_delays.clone();
-        delays.push(self.busy_delay);
-        delays.sort();
-        delays.dedup();
-        delays
     }
 }
 
@@ -140,10 +156,12 @@ pub struct Engine {
     settings: EngineSettings,
     clock: Arc<dyn Clock>,
     /// One event per command at a time in this worker, before Redlock is asked.
-    local: local::LocalLocks,
+    local: Arc<local::LocalLocks>,
     /// Outbox rows the broker confirmed, deleted by the worker's next commit (or within
     /// [`OUTBOX_FLUSH`] when it is idle) rather than by a commit of their own.
     confirmed: std::sync::Mutex<Vec<i64>>,
+    /// Commands with events parked until their start (in the partitions this worker holds).
+    parked: std::sync::Mutex<std::collections::HashSet<CommandId>>,
 }
 
 /// How long confirmed outbox rows may wait for a commit to delete them, when none comes.
@@ -165,8 +183,9 @@ impl Engine {
             registry,
             settings,
             clock: Arc::new(SystemClock),
-            local: local::LocalLocks::default(),
+            local: Arc::new(local::LocalLocks::default()),
             confirmed: std::sync::Mutex::new(Vec::new()),
+            parked: std::sync::Mutex::default(),
         }
     }
 
@@ -202,72 +221,173 @@ impl Engine {
     }
 
     async fn process_inner(&self, body: &[u8], publish: bool) -> (Disposition, Vec<OutboxRow>) {
+        let event = match Event::parse(body) {
+            Ok(event) => event,
+            Err(e) => {
+                let dead = invalid(&e);
+                record_outcome(&dead, "invalid".to_owned(), None, Instant::now());
+                return (dead, Vec::new());
+            }
+        };
+        // This worker's turn for the command first, as the consume loop takes it.
+        let _turn = match event.commandid {
+            Some(id) => Some(self.local.lock(id).await),
+            None => None,
+        };
+        self.process_in_turn(&event, publish).await
+    }
+
+    /// Processes one parsed event whose command's turn in this worker the caller holds (or a
+    /// broadcast): Redlock, transaction, commit, publish the outbox (when asked), release.
+    pub(crate) async fn process_in_turn(
+        &self,
+        event: &Event,
+        publish: bool,
+    ) -> (Disposition, Vec<OutboxRow>) {
         let started = Instant::now();
-        let (disposition, outbox, ty, time) = self.process_unmeasured(body, publish).await;
-        record_outcome(&disposition, ty, time, started);
+        let (disposition, outbox) = self.process_unmeasured(event, publish).await;
+        record_outcome(&disposition, event.ty.clone(), event.time, started);
         (disposition, outbox)
     }
 
-    /// Processes several message bodies, returning one disposition each, in order. Events for
-    /// commands whose locks are free at once are applied in one transaction and one commit,
-    /// their outbox events published together under confirms: each command's events one after
-    /// the other, in the order they came, under its one lock, so a command still handles one
-    /// event at a time. A command that another batch of this worker holds goes in a second
-    /// round, when its turn comes; one whose Redis lock another worker holds is waited for
-    /// afterwards, one at a time, and its events applied together. Broadcasts and events whose
-    /// transaction failed go one by one through [`Engine::process`].
+    /// Processes several message bodies, returning one disposition each, in order: takes this
+    /// worker's turns of their commands (as the consume loop does before it starts a batch),
+    /// then [`Engine::process_reserved`]. An event left [`Disposition::Retry`] or
+    /// [`Disposition::Held`] is the caller's to try again, in order.
     pub async fn process_batch(&self, bodies: &[&[u8]]) -> Vec<Disposition> {
+        let events: Vec<Result<Event, EnvelopeError>> =
+            bodies.iter().map(|b| Event::parse(b)).collect();
+        let turns = self.local.turns(&commands_of(&events));
+        self.process_reserved(&events, turns).await.0
+    }
+
+    /// Processes a batch of parsed events whose commands' turns in this worker were taken in
+    /// `turns` (held now, or queued for behind earlier batches). Returns one disposition per
+    /// event, in order, and the turns, now held, for the caller to let go or keep.
+    ///
+    /// Events for commands whose turns are held at once and whose Redis locks are free are
+    /// applied in one transaction and one commit, their outbox events published together under
+    /// confirms: each command's events one after the other, in the order they came, under its
+    /// one lock. A command that another batch of this worker holds goes in a second round, when
+    /// its turn comes; one whose Redis lock another worker holds is waited for, one at a time.
+    /// Broadcasts, invalid events and events whose transaction failed go one by one, each
+    /// command's in order; after an event left to retry, its command's later events are
+    /// [`Disposition::Held`], never applied ahead of it.
+    pub(crate) async fn process_reserved(
+        &self,
+        events: &[Result<Event, EnvelopeError>],
+        turns: std::collections::BTreeMap<CommandId, local::Turn>,
+    ) -> (
+        Vec<Disposition>,
+        std::collections::BTreeMap<CommandId, local::LocalGuard>,
+    ) {
         let started = Instant::now();
-        let mut dispositions: Vec<Option<Disposition>> = vec![None; bodies.len()];
+        let mut dispositions: Vec<Option<Disposition>> = vec![None; events.len()];
         let mut alone: Vec<usize> = Vec::new();
         let mut together: Vec<(usize, CommandId, Event)> = Vec::new();
-        for (i, body) in bodies.iter().enumerate() {
-            match Event::parse(body) {
+        for (i, event) in events.iter().enumerate() {
+            match event {
                 Ok(event) => match event.commandid {
-                    Some(id) => together.push((i, id, event)),
+                    Some(id) => together.push((i, id, event.clone())),
                     None => alone.push(i),
                 },
                 // The one-by-one path dead-letters it with the reason.
                 Err(_) => alone.push(i),
             }
         }
-        if together.len() >= 2 {
-            // By command, each command's events in the order they came, in ascending id order.
-            together.sort_by_key(|(i, id, _)| (*id, *i));
-            let mut ids: Vec<CommandId> = together.iter().map(|(_, id, _)| *id).collect();
-            ids.dedup();
-            // The commands no other batch of this worker holds go first. Those that one holds
-            // are queued for in the same step and go second, when their turns come: a command
-            // shared with an earlier batch holds back only its own events, not the batch.
-            let (now, queued) = self.local.take_all(&ids);
-            let busy: Vec<CommandId> = queued.iter().map(local::Queued::id).collect();
-            let (later, first): (Vec<_>, Vec<_>) = together
+        // A command with parked events goes one event at a time: its parked ones are applied
+        // right after its start, before its next event.
+        let parked = self.parked_snapshot();
+        if !parked.is_empty() {
+            let (waiting, rest): (Vec<_>, Vec<_>) = together
                 .into_iter()
-                .partition(|(_, id, _)| busy.binary_search(id).is_ok());
+                .partition(|(_, id, _)| parked.contains(id));
+            alone.extend(waiting.into_iter().map(|(i, _, _)| i));
+            together = rest;
+        }
+        // By command, each command's events in the order they came, in ascending id order.
+        together.sort_by_key(|(i, id, _)| (*id, *i));
+        // The commands no other batch of this worker holds go first. Those that one holds go
+        // second, when their turns come: a command shared with an earlier batch holds back only
+        // its own events, not the batch.
+        let mut held = std::collections::BTreeMap::new();
+        let mut queued = Vec::new();
+        for (id, turn) in turns {
+            match turn {
+                local::Turn::Held(guard) => {
+                    held.insert(id, guard);
+                }
+                local::Turn::Queued(q) => queued.push(q),
+            }
+        }
+        let (first, later): (Vec<_>, Vec<_>) = together
+            .into_iter()
+            .partition(|(_, id, _)| held.contains_key(id));
+        if first.len() >= 2 {
             self.apply_round(first, started, &mut dispositions, &mut alone)
                 .await;
-            drop(now);
-            if !later.is_empty() {
-                let mut turns = Vec::with_capacity(queued.len());
-                for turn in queued {
-                    turns.push(turn.come().await);
-                }
+        } else {
+            alone.extend(first.into_iter().map(|(i, _, _)| i));
+        }
+        if !queued.is_empty() {
+            for turn in queued {
+                let guard = turn.come().await;
+                held.insert(guard.id(), guard);
+            }
+            // Whoever held these turns may have parked events of their commands meanwhile.
+            let parked = self.parked_snapshot();
+            let (waiting, later): (Vec<_>, Vec<_>) = later
+                .into_iter()
+                .partition(|(_, id, _)| parked.contains(id));
+            alone.extend(waiting.into_iter().map(|(i, _, _)| i));
+            if later.len() >= 2 {
                 self.apply_round(later, started, &mut dispositions, &mut alone)
                     .await;
-                drop(turns);
+            } else {
+                alone.extend(later.into_iter().map(|(i, _, _)| i));
             }
-        } else {
-            alone.extend(together.into_iter().map(|(i, _, _)| i));
         }
+        // One by one: each command's events in order, commands side by side.
         alone.sort_unstable();
-        let singles = alone.iter().map(|&i| self.process(bodies[i]));
-        for (i, outcome) in alone.iter().zip(futures::future::join_all(singles).await) {
-            dispositions[*i] = Some(outcome);
+        let mut lines: Vec<(Option<CommandId>, Vec<usize>)> = Vec::new();
+        for i in alone {
+            let id = events[i].as_ref().ok().and_then(|e| e.commandid);
+            match lines.iter_mut().find(|(c, _)| c.is_some() && *c == id) {
+                Some((_, line)) => line.push(i),
+                None => lines.push((id, vec![i])),
+            }
         }
-        dispositions
+        let runs = lines.iter().map(|(_, line)| async move {
+            let mut outcomes = Vec::with_capacity(line.len());
+            let mut stalled = false;
+            for &i in line {
+                let outcome = match &events[i] {
+                    _ if stalled => Disposition::Held,
+                    Err(e) => invalid(e),
+                    Ok(event) => self.process_in_turn(event, true).await.0,
+                };
+                stalled |= matches!(outcome, Disposition::Retry(_));
+                let id = events[i].as_ref().ok().and_then(|e| e.commandid);
+                if let (false, Some(id)) = (stalled, id)
+                    && self.has_parked(id)
+                    && let Err(retry) = self.apply_parked(id).await
+                {
+                    // The parked events wait for the next try; so does what comes after.
+                    tracing::warn!(command.id = %id, error = ?retry, "Could not apply a command's parked events yet.");
+                    stalled = true;
+                }
+                outcomes.push((i, outcome));
+            }
+            outcomes
+        });
+        for (i, outcome) in futures::future::join_all(runs).await.into_iter().flatten() {
+            dispositions[i] = Some(outcome);
+        }
+        let dispositions = dispositions
             .into_iter()
             .map(|d| d.unwrap_or_else(|| Disposition::Retry("not processed".to_owned())))
-            .collect()
+            .collect();
+        (dispositions, held)
     }
 
     /// Applies events (sorted by command, each command's in the order they came) whose local
@@ -332,17 +452,18 @@ impl Engine {
             // Second round, one command at a time, holding no other lock while it waits:
             // each busy command's events of this batch in one transaction under its lock.
             for chunk in waiting.chunk_by(|a, b| a.1 == b.1) {
-                let outcomes = match locks.acquire(chunk[0].1).await {
-                    Ok(Some(held)) => {
+                let outcomes = match self.lock_patiently(locks, chunk[0].1).await {
+                    Ok(held) => {
                         let done = self.transact_many(chunk, std::slice::from_ref(&held)).await;
                         locks.release(held).await;
                         done
                     }
-                    Ok(None) => {
-                        metrics::counter!(cm::LOCK_BUSY).increment(chunk.len() as u64);
-                        Some(vec![Disposition::Busy; chunk.len()])
-                    }
-                    Err(e) => Some(vec![Disposition::Retry(e.to_string()); chunk.len()]),
+                    // The first waits to be tried again, its successors behind it.
+                    Err(retry) => Some(
+                        std::iter::once(retry)
+                            .chain(std::iter::repeat_n(Disposition::Held, chunk.len() - 1))
+                            .collect(),
+                    ),
                 };
                 settle(chunk, outcomes);
             }
@@ -445,6 +566,32 @@ impl Engine {
     }
 }
 
+/// An event whose lock ran out before its commit: tried again, not a failure of its own.
+fn lock_ran_out() -> Disposition {
+    Disposition::Retry(
+        "the command's lock ran out before the commit (a pause or a stall)".to_owned(),
+    )
+}
+
+/// A body that is not a valid event: a dead letter at once, with the reason.
+fn invalid(e: &EnvelopeError) -> Disposition {
+    Disposition::Dead {
+        class: "invalid_event",
+        reason: format!("invalid event: {e}"),
+    }
+}
+
+/// The commands the events are addressed to, ascending, each once.
+fn commands_of(events: &[Result<Event, EnvelopeError>]) -> Vec<CommandId> {
+    let mut ids: Vec<CommandId> = events
+        .iter()
+        .filter_map(|e| e.as_ref().ok().and_then(|e| e.commandid))
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
 /// Whether a lock of `held` ran out since it was taken (a pause, a stall): then the transaction
 /// must write nothing. Counted in `LOCK_LOST` when so.
 fn lock_lost<'a>(held: impl IntoIterator<Item = &'a Held>) -> bool {
@@ -481,7 +628,8 @@ fn record_outcome(
         Disposition::Ack(Applied::Duplicate) => "duplicate",
         Disposition::Ack(Applied::Ignored) => "ignored",
         Disposition::Ack(Applied::Unmatched) => "unmatched",
-        Disposition::Busy => "busy",
+        Disposition::Ack(Applied::Parked) => "parked",
+        Disposition::Held => "held",
         Disposition::Retry(_) => "retry",
         Disposition::Dead { .. } => "dead",
     };
@@ -498,29 +646,167 @@ fn record_outcome(
 }
 
 impl Engine {
+    fn parked_snapshot(&self) -> std::collections::HashSet<CommandId> {
+        self.parked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn has_parked(&self, id: CommandId) -> bool {
+        self.parked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&id)
+    }
+
+    /// Notes commands with parked events (those of a partition this worker takes over).
+    pub(crate) fn note_parked(&self, ids: impl IntoIterator<Item = CommandId>) {
+        self.parked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(ids);
+    }
+
+    /// Parks `event` until its command's start is applied.
+    async fn park(&self, id: CommandId, event: &Event) -> Disposition {
+        let partition =
+            bus::partition_of(id.as_uuid().as_bytes(), self.bus.topology().partitions());
+        let parked = store::partitions::park(
+            &self.pool,
+            id.as_uuid(),
+            partition,
+            &event.source,
+            &event.id,
+            &event.ty,
+            &event.to_bytes(),
+        )
+        .await;
+        match parked {
+            Ok(_) => {
+                self.note_parked([id]);
+                tracing::debug!(command.id = %id, "An event came before its command's start; parked until the start.");
+                Disposition::Ack(Applied::Parked)
+            }
+            Err(e) => Disposition::Retry(e.to_string()),
+        }
+    }
+
+    /// Applies `id`'s parked events in order, once its start has been applied (this worker
+    /// holds its turn). Stops at one that must wait (the command still does not exist, or a
+    /// retryable error): `Err` for the latter.
+    async fn apply_parked(&self, id: CommandId) -> Result<(), Disposition> {
+        let rows = store::partitions::parked_for(&self.pool, id.as_uuid())
+            .await
+            .map_err(|e| Disposition::Retry(e.to_string()))?;
+        for row in &rows {
+            let outcome = match Event::parse(&row.body) {
+                Ok(event) => self.process_in_turn(&event, true).await.0,
+                Err(e) => invalid(&e),
+            };
+            match outcome {
+                // Still no command: it waits on, with the rest.
+                Disposition::Ack(Applied::Parked) => return Ok(()),
+                Disposition::Ack(_) => {}
+                Disposition::Dead { class, reason } => {
+                    let properties = bus::event_properties("parked");
+                    self.dead_letter_body(
+                        &row.body,
+                        properties,
+                        &row.routing_key,
+                        class,
+                        &reason,
+                        &Failures::default(),
+                    )
+                    .await
+                    .map_err(|e| Disposition::Retry(e.to_string()))?;
+                }
+                retry @ (Disposition::Retry(_) | Disposition::Held) => return Err(retry),
+            }
+            store::partitions::unpark(&self.pool, row.id)
+                .await
+                .map_err(|e| Disposition::Retry(e.to_string()))?;
+        }
+        self.parked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        Ok(())
+    }
+
+    /// Dead-letters the events parked longer than `CMDFLOW_START_WAIT`: their command never
+    /// started. Returns how many.
+    pub async fn expire_parked(&self) -> Result<usize, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let rows = store::partitions::overdue(&mut tx, self.settings.start_wait, 100).await?;
+        let mut done = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let reason = format!(
+                "command {} does not exist: its start was not applied within {} (CMDFLOW_START_WAIT)",
+                row.command_id,
+                humantime::format_duration(self.settings.start_wait)
+            );
+            let published = self
+                .dead_letter_body(
+                    &row.body,
+                    bus::event_properties("parked"),
+                    &row.routing_key,
+                    "start_never_came",
+                    &reason,
+                    &Failures::default(),
+                )
+                .await;
+            match published {
+                Ok(()) => done.push(row.id),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Could not dead-letter an expired parked event; trying again later.");
+                    break;
+                }
+            }
+        }
+        store::partitions::unpark_in(&mut tx, &done).await?;
+        tx.commit().await?;
+        Ok(done.len())
+    }
+
+    /// Waits for the command's Redlock lock, for as long as it takes. A partition's events come
+    /// to one worker, so the lock is busy only while another worker finishes what it took
+    /// before it let the partition go; no majority of the Redis masters is an outage of the
+    /// fleet, not a fault of the event. Either way the event keeps its place, its successors
+    /// behind it: it is never retried toward a dead letter for it. A warning every lock TTL
+    /// says how long it has waited.
+    async fn lock_patiently(&self, locks: &Locks, id: CommandId) -> Result<Held, Disposition> {
+        let waited = Instant::now();
+        let mut warned = Instant::now();
+        loop {
+            match locks.acquire(id).await {
+                Ok(Some(held)) => {
+                    metrics::histogram!(cm::LOCK_WAIT_SECONDS)
+                        .record(waited.elapsed().as_secs_f64());
+                    return Ok(held);
+                }
+                Ok(None) => metrics::counter!(cm::LOCK_BUSY).increment(1),
+                Err(e) => {
+                    metrics::counter!(cm::LOCK_BUSY).increment(1);
+                    tracing::debug!(command.id = %id, error = %e, "Could not take a lock.");
+                    tokio::time::sleep(self.settings.lock_wait).await;
+                }
+            }
+            if warned.elapsed() >= self.settings.lock_ttl {
+                warned = Instant::now();
+                tracing::warn!(command.id = %id, waited = ?waited.elapsed(), "Still waiting for a command's lock (busy, or no majority of the Redis masters); its events wait in order.");
+            }
+        }
+    }
+
     async fn process_unmeasured(
         &self,
-        body: &[u8],
+        event: &Event,
         publish: bool,
-    ) -> (
-        Disposition,
-        Vec<OutboxRow>,
-        String,
-        Option<chrono::DateTime<chrono::Utc>>,
-    ) {
-        let event = match Event::parse(body) {
-            Ok(event) => event,
-            Err(e) => {
-                let dead = Disposition::Dead {
-                    class: "invalid_event",
-                    reason: format!("invalid event: {e}"),
-                };
-                return (dead, Vec::new(), "invalid".to_owned(), None);
-            }
-        };
-        let (ty, time) = (event.ty.clone(), event.time);
+    ) -> (Disposition, Vec<OutboxRow>) {
+        let event = event.clone();
         let span = event_span(&event);
-        let (disposition, outbox) = async {
+        async {
             let Some(command_id) = event.commandid else {
                 // Starts new commands (fresh ids: nobody else can hold their lock) and wakes
                 // waiters (their rows are claimed under a key lock, not the command lock).
@@ -530,23 +816,12 @@ impl Engine {
                     .await;
             };
             tracing::Span::current().record("command.id", tracing::field::display(command_id));
-            let _turn = self.local.lock(command_id).await;
             let held = match &self.locks {
                 None => None,
-                Some(locks) => {
-                    let waited = Instant::now();
-                    let taken = locks.acquire(command_id).await;
-                    metrics::histogram!(cm::LOCK_WAIT_SECONDS)
-                        .record(waited.elapsed().as_secs_f64());
-                    match taken {
-                        Ok(Some(held)) => Some(held),
-                        Ok(None) => {
-                            metrics::counter!(cm::LOCK_BUSY).increment(1);
-                            return (Disposition::Busy, Vec::new());
-                        }
-                        Err(e) => return (Disposition::Retry(e.to_string()), Vec::new()),
-                    }
-                }
+                Some(locks) => match self.lock_patiently(locks, command_id).await {
+                    Ok(held) => Some(held),
+                    Err(retry) => return (retry, Vec::new()),
+                },
             };
             let done = self
                 .transact(&event, Target::Command(command_id), publish, held.as_ref())
@@ -559,8 +834,7 @@ impl Engine {
             done
         }
         .instrument(span)
-        .await;
-        (disposition, outbox, ty, time)
+        .await
     }
 
     /// One transaction for one event: apply, commit, then publish the outbox when asked.
@@ -577,9 +851,9 @@ impl Engine {
         };
         if lock_lost(held) {
             // Paused (or starved) since the lock was taken: do not wait on a row another worker
-            // may now hold under the lock we lost; the event comes back through the busy delay.
+            // may now hold under the lock we lost; the event is tried again.
             drop(tx.rollback().await);
-            return (Disposition::Busy, Vec::new());
+            return (lock_ran_out(), Vec::new());
         }
         let applied = async {
             let mut reports = Vec::new();
@@ -597,6 +871,11 @@ impl Engine {
                 drop(tx.rollback().await);
                 let disposition = match e {
                     ApplyError::Store(e) => Disposition::Retry(e.to_string()),
+                    // Its start may come the slower way (forwarded, or still in an outbox):
+                    // kept until then, in order.
+                    ApplyError::NotFound(id) if event.ty != COMMAND_START => {
+                        return (self.park(id, event).await, Vec::new());
+                    }
                     ApplyError::NotFound(_) => Disposition::Retry(e.to_string()),
                     ApplyError::Permanent(reason) => Disposition::Dead {
                         class: "permanent",
@@ -614,13 +893,13 @@ impl Engine {
             && lock_lost([held])
         {
             // Paused or stalled past the lock's validity: another worker may hold it now. Write
-            // nothing; the event comes back through the busy delay.
+            // nothing; the event is tried again.
             drop(tx.rollback().await);
             tracing::warn!(
                 lock.key = held.key(),
                 "The lock ran out before commit; rolled back, the event will be tried again."
             );
-            return (Disposition::Busy, Vec::new());
+            return (lock_ran_out(), Vec::new());
         }
         if let Err(e) = self.commit_with_confirmed(tx).await {
             return (
@@ -640,22 +919,11 @@ impl Engine {
         if rows.is_empty() {
             return;
         }
-        let results = futures::future::join_all(rows.iter().map(|row| async move {
-            let body = serde_json::to_vec(&row.body).unwrap_or_default();
-            let id = row
-                .body
-                .get("id")
-                .and_then(Value::as_str)
-                .unwrap_or_default();
-            self.bus
-                .publish_event(&row.event_type, id, &body, trace_headers(&row.body))
-                .await
-                .map(|()| row.id)
-        }))
-        .await;
-        let confirmed: Vec<i64> = results
-            .iter()
-            .filter_map(|r| r.as_ref().ok().copied())
+        let confirmed: Vec<i64> = self
+            .publish_rows(rows)
+            .await
+            .into_iter()
+            .filter_map(Result::ok)
             .collect();
         if confirmed.len() < rows.len() {
             tracing::warn!(
@@ -664,6 +932,43 @@ impl Engine {
             );
         }
         self.lock_confirmed().extend(confirmed);
+    }
+
+    /// Publishes outbox rows in their order (the order their events were decided), each to its
+    /// partition, under confirms: the ids of the confirmed rows, or why not.
+    async fn publish_rows(&self, rows: &[OutboxRow]) -> Vec<Result<i64, BusError>> {
+        let exchange = self.bus.topology().events_exchange();
+        let bodies: Vec<Vec<u8>> = rows
+            .iter()
+            .map(|row| serde_json::to_vec(&row.body).unwrap_or_default())
+            .collect();
+        let messages = rows
+            .iter()
+            .zip(&bodies)
+            .map(|(row, body)| {
+                let id = row
+                    .body
+                    .get("id")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
+                let mut headers = trace_headers(&row.body);
+                self.bus
+                    .add_partition(&mut headers, &route_key_of_json(&row.body));
+                bus::Outgoing {
+                    exchange: exchange.clone(),
+                    routing_key: &row.event_type,
+                    body,
+                    properties: bus::event_properties(id).with_headers(headers),
+                }
+            })
+            .collect();
+        self.bus
+            .publish_many(messages)
+            .await
+            .into_iter()
+            .zip(rows)
+            .map(|(r, row)| r.map(|()| row.id))
+            .collect()
     }
 
     fn lock_confirmed(&self) -> std::sync::MutexGuard<'_, Vec<i64>> {
@@ -700,57 +1005,31 @@ impl Engine {
         }
     }
 
-    /// Settles a delivery with the broker according to its disposition.
+    /// Settles a delivery with the broker according to its disposition: acks an event applied
+    /// (or recognised, or ignored), dead-letters a permanently bad one and acks it. A
+    /// [`Disposition::Retry`] or [`Disposition::Held`] is the retry lane's to try again in
+    /// place; one that reaches this (a caller without a lane) goes back to the broker.
     pub async fn settle(&self, delivery: &Delivery, disposition: &Disposition) {
-        let headers = delivery.properties.headers().as_ref();
-        let attempt = bus::header_u32(headers, HEADER_ATTEMPT);
+        self.settle_after(delivery, disposition, &Failures::default())
+            .await;
+    }
+
+    /// [`Engine::settle`] of an event that failed `failures` before (its retry lane).
+    pub(crate) async fn settle_after(
+        &self,
+        delivery: &Delivery,
+        disposition: &Disposition,
+        failures: &Failures,
+    ) {
         let forwarded = match disposition {
             Disposition::Ack(_) => Ok(()),
-            Disposition::Busy => {
-                let busy = bus::header_u32(headers, HEADER_BUSY) + 1;
-                if busy.is_multiple_of(100) {
-                    tracing::warn!(
-                        busy,
-                        "An event keeps finding its lock busy (or Redis without a majority)."
-                    );
-                }
-                let mut h = headers.cloned().unwrap_or_default();
-                h.insert(HEADER_BUSY.into(), AMQPValue::LongLongInt(busy.into()));
-                self.forward_delay(delivery, self.settings.busy_delay, h)
-                    .await
+            Disposition::Dead { class, reason } => {
+                self.dead_letter(delivery, class, reason, failures).await
             }
-            Disposition::Retry(error) => match self.settings.retry_delays.get(attempt as usize) {
-                Some(delay) => {
-                    tracing::warn!(attempt = attempt + 1, error = %error, delay = ?delay, "Retrying an event after a retryable error.");
-                    self.record_attempt(delivery, attempt + 1, error).await;
-                    let mut h = failure_headers(delivery, error);
-                    h.insert(
-                        HEADER_ATTEMPT.into(),
-                        AMQPValue::LongLongInt((attempt + 1).into()),
-                    );
-                    h.insert(HEADER_LAST_ERROR.into(), bus::string(&clip(error)));
-                    self.forward_delay(delivery, *delay, h).await
-                }
-                None => {
-                    self.record_attempt(delivery, attempt + 1, error).await;
-                    self.dead_letter(
-                        delivery,
-                        "retries_exhausted",
-                        &format!("gave up after {} attempts: {error}", attempt + 1),
-                    )
-                    .await
-                }
-            },
-            Disposition::Dead { class, reason } => self.dead_letter(delivery, class, reason).await,
-        };
-        match forwarded {
-            Ok(()) => {
-                if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
-                    tracing::warn!(error = %e, "Could not ack; the broker will redeliver and the event will be deduplicated.");
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "Could not forward the event; asking the broker to redeliver it.");
+            Disposition::Retry(_) | Disposition::Held => {
+                tracing::warn!(
+                    "An event to be tried again reached no retry lane; handing it back to the broker."
+                );
                 drop(
                     delivery
                         .acker
@@ -760,28 +1039,21 @@ impl Engine {
                         })
                         .await,
                 );
+                return;
+            }
+        };
+        match forwarded {
+            Ok(()) => {
+                if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+                    tracing::warn!(error = %e, "Could not ack; the broker will redeliver and the event will be deduplicated.");
+                }
+            }
+            Err(e) => {
+                // Not acked: the delivery stays with this worker until its channel closes, and
+                // comes back, in its place, to whoever takes the partition next.
+                tracing::warn!(error = %e, "Could not dead-letter an event; it stays unacknowledged and comes back.");
             }
         }
-    }
-
-    async fn forward_delay(
-        &self,
-        delivery: &Delivery,
-        delay: Duration,
-        mut headers: FieldTable,
-    ) -> Result<(), BusError> {
-        // The delay queue sends it back through the work queue under another routing key:
-        // keep the original, for dead letters and replays.
-        if bus::header_str(Some(&headers), bus::HEADER_ROUTING_KEY).is_none() {
-            headers.insert(
-                bus::HEADER_ROUTING_KEY.into(),
-                bus::string(delivery.routing_key.as_str()),
-            );
-        }
-        let props = delivery.properties.clone().with_headers(headers);
-        let queue = self.bus.topology().retry_queue(delay);
-        // The default exchange routes by queue name.
-        self.bus.publish("", &queue, &delivery.data, props).await
     }
 
     async fn dead_letter(
@@ -789,13 +1061,58 @@ impl Engine {
         delivery: &Delivery,
         class: &str,
         reason: &str,
+        failures: &Failures,
+    ) -> Result<(), BusError> {
+        self.dead_letter_body(
+            &delivery.data,
+            delivery.properties.clone(),
+            delivery.routing_key.as_str(),
+            class,
+            reason,
+            failures,
+        )
+        .await
+    }
+
+    /// Publishes an event's bytes to the dead letters, with the reason and its failures.
+    async fn dead_letter_body(
+        &self,
+        data: &[u8],
+        properties: lapin::BasicProperties,
+        routing_key: &str,
+        class: &str,
+        reason: &str,
+        failures: &Failures,
     ) -> Result<(), BusError> {
         tracing::error!(
             error.class = class,
             reason,
             "An event became a dead letter."
         );
-        let mut h = failure_headers(delivery, reason);
+        let mut h = properties.headers().clone().unwrap_or_default();
+        let first = failures.first_at.unwrap_or_else(chrono::Utc::now);
+        if bus::header_str(Some(&h), bus::HEADER_FIRST_FAILURE).is_none() {
+            h.insert(
+                bus::HEADER_FIRST_FAILURE.into(),
+                bus::string(&first.to_rfc3339()),
+            );
+        }
+        let mut chain: Vec<String> = bus::header_str(Some(&h), bus::HEADER_ERRORS)
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or_default();
+        chain.extend(failures.errors.iter().map(|e| clip(e)));
+        chain.push(clip(reason));
+        if chain.len() > 20 {
+            chain.drain(..chain.len() - 20);
+        }
+        h.insert(
+            bus::HEADER_ERRORS.into(),
+            bus::string(&serde_json::to_string(&chain).unwrap_or_default()),
+        );
+        h.insert(
+            HEADER_ATTEMPT.into(),
+            AMQPValue::LongLongInt(i64::from(failures.attempts)),
+        );
         h.insert(HEADER_REASON.into(), bus::string(&clip(reason)));
         h.insert(HEADER_ERROR_CLASS.into(), bus::string(class));
         h.insert(
@@ -803,12 +1120,10 @@ impl Engine {
             bus::string(&uuid::Uuid::now_v7().to_string()),
         );
         let routing_key = bus::header_str(Some(&h), bus::HEADER_ROUTING_KEY)
-            .unwrap_or_else(|| delivery.routing_key.as_str().to_owned());
-        let props = delivery.properties.clone().with_headers(h);
+            .unwrap_or_else(|| routing_key.to_owned());
+        let props = properties.with_headers(h);
         let dlx = self.bus.topology().dead_letter_exchange();
-        self.bus
-            .publish(&dlx, &routing_key, &delivery.data, props)
-            .await
+        self.bus.publish(&dlx, &routing_key, data, props).await
     }
 
     /// Records a failed attempt (best effort: the headers carry the errors too).
@@ -827,131 +1142,6 @@ impl Engine {
         if let Err(e) = result {
             tracing::warn!(error = %e, "Could not record a failed attempt.");
         }
-    }
-
-    /// Consumes the work queue until `shutdown` fires, reconnecting to the broker as needed.
-    /// On shutdown it stops consuming, lets in-flight events finish and ack, then returns.
-    pub async fn run_until_stopped(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            let started = Instant::now();
-            match self.consume(&shutdown).await {
-                Ok(()) => return,
-                Err(e) => {
-                    if shutdown.is_cancelled() {
-                        return;
-                    }
-                    if started.elapsed() > Duration::from_secs(10) {
-                        backoff = Duration::from_millis(100);
-                    }
-                    tracing::warn!(error = %e, queue.name = %self.bus.topology().work_queue(), retry_in = ?backoff, "Lost the broker; reconnecting.");
-                    tokio::select! {
-                        () = shutdown.cancelled() => return,
-                        () = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
-    }
-
-    async fn consume(self: &Arc<Self>, shutdown: &CancellationToken) -> Result<(), BusError> {
-        let channel = self.bus.channel().await?;
-        channel
-            .basic_qos(self.settings.prefetch, BasicQosOptions::default())
-            .await?;
-        let queue = self.bus.topology().work_queue();
-        let tag = format!("cmdflow-worker-{}", uuid::Uuid::new_v4());
-        let mut consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        tracing::info!(queue.name = %queue, "Consuming.");
-        let tracker = TaskTracker::new();
-        let permits = Arc::new(Semaphore::new(self.settings.concurrency));
-        let result = loop {
-            let permit = tokio::select! {
-                () = shutdown.cancelled() => break Ok(()),
-                permit = permits.clone().acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => break Ok(()),
-                },
-            };
-            let next = tokio::select! {
-                () = shutdown.cancelled() => break Ok(()),
-                next = consumer.next() => next,
-            };
-            let cancelled = || BusError::Connect {
-                url: self.bus.url(),
-                reason: "the consumer was cancelled by the broker".into(),
-            };
-            let mut batch = match next {
-                Some(Ok(delivery)) => vec![delivery],
-                Some(Err(e)) => break Err(BusError::from(e)),
-                None => break Err(cancelled()),
-            };
-            // Whatever has arrived already joins the batch (group commit); nothing waits for
-            // more, so a lone event is not delayed.
-            let mut failure = None;
-            while failure.is_none() && batch.len() < self.settings.batch {
-                match consumer.next().now_or_never() {
-                    Some(Some(Ok(delivery))) => batch.push(delivery),
-                    Some(Some(Err(e))) => failure = Some(BusError::from(e)),
-                    Some(None) => failure = Some(cancelled()),
-                    None => break,
-                }
-            }
-            let engine = Arc::clone(self);
-            tracker.spawn(async move {
-                let dispositions = match batch.as_slice() {
-                    [one] => vec![engine.process(&one.data).await],
-                    many => {
-                        let bodies: Vec<&[u8]> = many.iter().map(|d| d.data.as_slice()).collect();
-                        engine.process_batch(&bodies).await
-                    }
-                };
-                let settles = batch
-                    .iter()
-                    .zip(&dispositions)
-                    .map(|(delivery, disposition)| engine.settle(delivery, disposition));
-                futures::future::join_all(settles).await;
-                drop(permit);
-            });
-            if let Some(e) = failure {
-                break Err(e);
-            }
-        };
-        if result.is_ok() {
-            drop(
-                channel
-                    .basic_cancel(
-                        ShortString::from(tag.as_str()),
-                        BasicCancelOptions::default(),
-                    )
-                    .await,
-            );
-        }
-        tracker.close();
-        if tokio::time::timeout(self.settings.shutdown_grace, tracker.wait())
-            .await
-            .is_err()
-        {
-            // Their deliveries are unacknowledged: closing the channel hands them back to the
-            // broker, and whatever they committed is deduplicated when they come again.
-            tracing::warn!(
-                in_flight = tracker.len(),
-                grace = ?self.settings.shutdown_grace,
-                "Events still in flight after the shutdown grace; the broker will redeliver them."
-            );
-        }
-        // What was published in the end is deleted now, not left for another worker's sweep.
-        self.flush_confirmed().await;
-        drop(channel.close(200, "worker stopping".into()).await);
-        result
     }
 
     /// Publishes outbox rows that a crashed worker left behind, until `shutdown` fires.
@@ -976,6 +1166,16 @@ impl Engine {
                 Ok(n) => tracing::info!(published = n, "Swept outbox rows left behind."),
                 Err(e) => tracing::warn!(error = %e, "Outbox sweep failed; trying again later."),
             }
+            match self.expire_parked().await {
+                Ok(0) => {}
+                Ok(n) => tracing::warn!(
+                    dead_letters = n,
+                    "Events waited longer than CMDFLOW_START_WAIT for their command's start; they are dead letters."
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Could not look for expired parked events; trying again later.")
+                }
+            }
             if let Ok(backlog) = store::outbox_backlog(&self.pool).await {
                 metrics::gauge!(cm::OUTBOX_BACKLOG).set(backlog as f64);
             }
@@ -991,22 +1191,11 @@ impl Engine {
         let rows =
             store::claim_stale_outbox(&mut tx, self.settings.outbox_sweep_after, limit).await?;
         let mut confirmed = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let body = serde_json::to_vec(&row.body).unwrap_or_default();
-            let id = row
-                .body
-                .get("id")
-                .and_then(Value::as_str)
-                .unwrap_or_default();
-            match self
-                .bus
-                .publish_event(&row.event_type, id, &body, trace_headers(&row.body))
-                .await
-            {
-                Ok(()) => confirmed.push(row.id),
+        for published in self.publish_rows(&rows).await {
+            match published {
+                Ok(id) => confirmed.push(id),
                 Err(e) => {
                     tracing::warn!(error = %e, "The broker did not confirm a swept outbox event.");
-                    break;
                 }
             }
         }
@@ -1016,28 +1205,17 @@ impl Engine {
     }
 }
 
-/// The delivery's headers with the failure history added: the first failure time and the chain
-/// of errors.
-fn failure_headers(delivery: &Delivery, error: &str) -> FieldTable {
-    let mut h = delivery.properties.headers().clone().unwrap_or_default();
-    if bus::header_str(Some(&h), bus::HEADER_FIRST_FAILURE).is_none() {
-        h.insert(
-            bus::HEADER_FIRST_FAILURE.into(),
-            bus::string(&chrono::Utc::now().to_rfc3339()),
-        );
+/// What an outbox event's partition is a hash of, from its JSON (as [`bus::route_key`]).
+fn route_key_of_json(body: &Value) -> Vec<u8> {
+    let text = |k: &str| body.get(k).and_then(Value::as_str);
+    match (text("commandid"), text("correlationid")) {
+        (Some(id), _) => match id.parse::<CommandId>() {
+            Ok(id) => id.as_uuid().as_bytes().to_vec(),
+            Err(_) => id.as_bytes().to_vec(),
+        },
+        (None, Some(key)) => key.as_bytes().to_vec(),
+        (None, None) => text("id").unwrap_or_default().as_bytes().to_vec(),
     }
-    let mut chain: Vec<String> = bus::header_str(Some(&h), bus::HEADER_ERRORS)
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or_default();
-    chain.push(clip(error));
-    if chain.len() > 20 {
-        chain.drain(..chain.len() - 20);
-    }
-    h.insert(
-        bus::HEADER_ERRORS.into(),
-        bus::string(&serde_json::to_string(&chain).unwrap_or_default()),
-    );
-    h
 }
 
 /// AMQP headers for an outbox row: the `traceparent` its event carries.

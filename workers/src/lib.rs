@@ -56,8 +56,10 @@ impl Worker {
             lock_timeout,
         )
         .await?;
-        let bus = Bus::connect(&config.amqp_url, &config.namespace, "cmdflow-worker").await?;
-        Self::build_with(config, registry, pool, bus).await
+        // Redis before RabbitMQ: each is checked once, and an unreachable one is named at once.
+        let locks = Self::locks(config).await?;
+        let bus = Bus::for_config(config, "cmdflow-worker").await?;
+        Self::assemble(config, registry, pool, bus, locks).await
     }
 
     /// Builds on connections the caller already holds (one process running several roles).
@@ -67,23 +69,37 @@ impl Worker {
         pool: PgPool,
         bus: Arc<Bus>,
     ) -> Result<Worker, WorkerError> {
-        let settings = EngineSettings::from_config(config)?;
-        let locks = if config.lock_enabled {
-            let locks = Locks::new(
-                &config.redis_url_list(),
-                &config.namespace,
-                config.lock_ttl,
-                config.lock_wait,
-            )?;
-            locks.check_quorum().await?;
-            Some(locks)
-        } else {
+        let locks = Self::locks(config).await?;
+        Self::assemble(config, registry, pool, bus, locks).await
+    }
+
+    /// The Redlock quorum, checked, or none when locking is disabled.
+    async fn locks(config: &Config) -> Result<Option<Locks>, WorkerError> {
+        if !config.lock_enabled {
             tracing::warn!(
                 "Redlock is disabled: only the guarded update fences concurrent writers."
             );
-            None
-        };
-        bus.declare_topology(&settings.delay_queues()).await?;
+            return Ok(None);
+        }
+        let locks = Locks::new(
+            &config.redis_url_list(),
+            &config.namespace,
+            config.lock_ttl,
+            config.lock_wait,
+        )?;
+        locks.check_quorum().await?;
+        Ok(Some(locks))
+    }
+
+    async fn assemble(
+        config: &Config,
+        registry: Registry,
+        pool: PgPool,
+        bus: Arc<Bus>,
+        locks: Option<Locks>,
+    ) -> Result<Worker, WorkerError> {
+        let settings = EngineSettings::from_config(config)?;
+        bus.declare_topology().await?;
         // The gateway checks starts against what the workers publish here.
         store::kinds::publish(&pool, &registry.catalogue()).await?;
         let engine = Arc::new(Engine::new(pool, bus, locks, Arc::new(registry), settings));

@@ -130,7 +130,13 @@ impl Scheduler {
             let body = e.to_bytes();
             async move {
                 self.bus
-                    .publish_event(&e.ty, &e.id, &body, FieldTable::default())
+                    .publish_event(
+                        &e.ty,
+                        &e.id,
+                        &cmdflow_shared::bus::route_key(e),
+                        &body,
+                        FieldTable::default(),
+                    )
                     .await
             }
         }))

@@ -81,18 +81,28 @@ pub fn trace(headers: &HeaderMap, events: &mut [Event]) {
     }
 }
 
-/// Publishes events concurrently; fails with 503 unless the broker confirmed every one.
+/// Publishes events in their order, each to its partition, under confirms; fails with 503
+/// unless the broker confirmed every one. Events of a batch for one command keep their order.
 pub async fn publish_all(state: &AppState, events: &[Event]) -> ApiResult<()> {
-    let results = futures::future::join_all(events.iter().map(|event| {
-        let body = event.to_bytes();
-        async move {
+    let bodies: Vec<Vec<u8>> = events.iter().map(Event::to_bytes).collect();
+    let exchange = state.bus.topology().events_exchange();
+    let messages = events
+        .iter()
+        .zip(&bodies)
+        .map(|(event, body)| {
+            let mut headers = bus::event_headers(event);
             state
                 .bus
-                .publish_event(&event.ty, &event.id, &body, bus::event_headers(event))
-                .await
-        }
-    }))
-    .await;
+                .add_partition(&mut headers, &bus::route_key(event));
+            bus::Outgoing {
+                exchange: exchange.clone(),
+                routing_key: &event.ty,
+                body,
+                properties: bus::event_properties(&event.id).with_headers(headers),
+            }
+        })
+        .collect();
+    let results = state.bus.publish_many(messages).await;
     for (event, result) in events.iter().zip(results) {
         result.map_err(ApiError::BrokerUnavailable)?;
         metrics::counter!(cmdflow_shared::metrics::EVENTS_RECEIVED, "type" => event.ty.clone())

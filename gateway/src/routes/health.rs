@@ -52,8 +52,11 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Health>)
         }
     };
     let amqp = async {
-        match tokio::time::timeout(within, state.bus.connection()).await {
-            Ok(Ok(_)) => "ok".to_owned(),
+        // Connected is not enough: every publish fails while the exchange or the queues behind
+        // it are missing (a broker reset, a namespace nobody declared).
+        match tokio::time::timeout(within, state.bus.topology_in_place()).await {
+            Ok(Ok(None)) => "ok".to_owned(),
+            Ok(Ok(Some(missing))) => missing,
             Ok(Err(e)) => e.to_string(),
             Err(_) => "no answer within 2s".to_owned(),
         }

@@ -83,11 +83,9 @@ pub struct Overview {
         (status = 401, description = "No valid credential", body = ErrorBody),
         (status = 403, description = "No `commands:read` scope", body = ErrorBody)))]
 pub async fn get_overview(State(state): State<AppState>) -> ApiResult<Json<Overview>> {
-    let queue = state.bus.topology().work_queue();
-    let (rows, depth) = tokio::join!(
-        console::overview(&state.pool),
-        state.bus.queue_depth(&queue)
-    );
+    // The backlog of every work queue: the partitions and the unkeyed queue.
+    let queue = format!("{}.work.*", state.bus.topology().namespace());
+    let (rows, depth) = tokio::join!(console::overview(&state.pool), state.bus.work_backlog());
     let rows = rows?;
     let window = console::WINDOW_SECONDS;
     let processed: i64 = rows.series.iter().map(|b| b.processed).sum();

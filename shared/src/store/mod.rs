@@ -1050,5 +1050,6 @@ pub mod archive;
 pub mod console;
 pub mod dead;
 pub mod kinds;
+pub mod partitions;
 pub mod people;
 pub mod time;

@@ -51,8 +51,8 @@ use clap::Parser;
 use cmdflow_shared::bus::Bus;
 use cmdflow_shared::decision::Reports;
 use cmdflow_shared::{Config, store};
+use cmdflow_workers::Worker;
 use cmdflow_workers::scheduler::Scheduler;
-use cmdflow_workers::{EngineSettings, Worker};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio::process::{Child, Command};
@@ -131,6 +131,10 @@ struct Args {
     /// Turn Redlock off (the guarded update still fences); in b1–b4, the Redis lock.
     #[arg(long)]
     no_lock: bool,
+    /// Publish without the partition header, as a service that publishes plain CloudEvents
+    /// straight to the exchange does: a worker forwards each to its partition (one more hop).
+    #[arg(long)]
+    unkeyed: bool,
     /// Server for the per-run database.
     #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432")]
     pg_server: String,
@@ -226,16 +230,14 @@ impl Run {
             batch: args.batch,
             lock_enabled: !args.no_lock,
             database_pool_size: (args.concurrency as u32).clamp(4, 32),
-            busy_delay: Duration::from_millis(20),
             lock_wait: Duration::from_millis(50),
             ..Config::default()
         };
         config.validate()?;
         let pool = store::connect(&config.database_url, 8).await?;
         store::migrate(&pool).await?;
-        let bus = Bus::connect(&config.amqp_url, &config.namespace, "cmdflow-loadgen").await?;
-        let settings = EngineSettings::from_config(&config)?;
-        bus.declare_topology(&settings.delay_queues()).await?;
+        let bus = Bus::for_config(&config, "cmdflow-loadgen").await?;
+        bus.declare_topology().await?;
         Ok(Run {
             args,
             config,
@@ -277,7 +279,6 @@ impl Run {
                     "CMDFLOW_DATABASE_POOL_SIZE",
                     self.config.database_pool_size.to_string(),
                 )
-                .env("CMDFLOW_BUSY_DELAY", "20ms")
                 .env("CMDFLOW_METRICS_ADDR", "127.0.0.1:0")
                 .env("CMDFLOW_LOCK_WAIT", "50ms")
                 .env("RUST_LOG", "warn")
@@ -298,8 +299,7 @@ impl Run {
             );
             return;
         }
-        let settings = EngineSettings::from_config(&self.config).unwrap();
-        drop(self.bus.delete_topology(&settings.delay_queues()).await);
+        drop(self.bus.delete_topology().await);
         baseline::delete_queues(&self.bus, &self.config.namespace).await;
         self.pool.close().await;
         cmdflow_tests::drop_database(&format!("{}/postgres", self.args.pg_server), &self.database)
@@ -345,9 +345,16 @@ impl Run {
                 let ty = event["type"].as_str().unwrap().to_owned();
                 let id = event["id"].as_str().unwrap().to_owned();
                 async move {
-                    self.bus
-                        .publish_event(&ty, &id, &body, Default::default())
-                        .await
+                    if self.args.unkeyed {
+                        let props = cmdflow_shared::bus::event_properties(&id);
+                        let exchange = self.bus.topology().events_exchange();
+                        self.bus.publish(&exchange, &ty, &body, props).await
+                    } else {
+                        let key = cmdflow_shared::bus::route_key_of(&body);
+                        self.bus
+                            .publish_event(&ty, &id, &key, &body, Default::default())
+                            .await
+                    }
                 }
             }))
             .await;

@@ -1,9 +1,11 @@
 //! One event per command at a time inside this worker, before Redis is asked.
 //!
-//! Two deliveries for the same command in one worker would otherwise both ask Redlock, and the
-//! loser would wait out retries or go round the busy delay. Here the second waits in line, in
-//! order, and only one of them contends in Redis with the other workers. Batches take several
-//! of these in ascending id order, so two batches never wait on each other in a cycle.
+//! Two deliveries for the same command in one worker would otherwise both ask Redlock. Here the
+//! second waits in line, in order, and only one of them contends in Redis. The consume loop
+//! takes each batch's turns before it starts the batch, in the order the deliveries came, so a
+//! command's events are applied in that order. Batches take their turns in ascending id order,
+//! all at once, so two batches never wait on each other in a cycle. Turns are owned (`'static`):
+//! a batch's task, or the retry lane of a command, carries them.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -20,29 +22,42 @@ pub struct LocalLocks {
 }
 
 /// Held until dropped; the slot is removed when nobody else waits for it.
-pub struct LocalGuard<'a> {
-    owner: &'a LocalLocks,
+pub struct LocalGuard {
+    owner: Arc<LocalLocks>,
     id: CommandId,
     guard: Option<OwnedMutexGuard<()>>,
 }
 
+impl LocalGuard {
+    /// The command whose turn this is.
+    pub fn id(&self) -> CommandId {
+        self.id
+    }
+}
+
 /// A turn queued for by [`LocalLocks::take_all`], not yet come.
-pub struct Queued<'a> {
-    owner: &'a LocalLocks,
+pub struct Queued {
+    owner: Arc<LocalLocks>,
     id: CommandId,
     turn: Option<Pin<Box<dyn Future<Output = OwnedMutexGuard<()>> + Send>>>,
 }
 
+/// A command's turn, taken at once or queued for.
+pub enum Turn {
+    Held(LocalGuard),
+    Queued(Queued),
+}
+
 impl LocalLocks {
     /// Waits for the command's turn in this worker.
-    pub async fn lock(&self, id: CommandId) -> LocalGuard<'_> {
+    pub async fn lock(self: &Arc<Self>, id: CommandId) -> LocalGuard {
         let slot = {
             let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
             Arc::clone(slots.entry(id).or_default())
         };
         let guard = slot.lock_owned().await;
         LocalGuard {
-            owner: self,
+            owner: Arc::clone(self),
             id,
             guard: Some(guard),
         }
@@ -55,7 +70,7 @@ impl LocalLocks {
     /// batches stand in the same order in every line they share. A batch waits only for batches
     /// that queued before it, and those never for it: no cycle, and a command's events are
     /// still handled in the order this worker received them.
-    pub fn take_all(&self, ids: &[CommandId]) -> (Vec<LocalGuard<'_>>, Vec<Queued<'_>>) {
+    pub fn take_all(self: &Arc<Self>, ids: &[CommandId]) -> (Vec<LocalGuard>, Vec<Queued>) {
         let mut held = Vec::new();
         let mut queued = Vec::new();
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
@@ -68,12 +83,12 @@ impl LocalLocks {
                 Box::pin(slot.lock_owned());
             match turn.as_mut().poll(&mut cx) {
                 Poll::Ready(guard) => held.push(LocalGuard {
-                    owner: self,
+                    owner: Arc::clone(self),
                     id,
                     guard: Some(guard),
                 }),
                 Poll::Pending => queued.push(Queued {
-                    owner: self,
+                    owner: Arc::clone(self),
                     id,
                     turn: Some(turn),
                 }),
@@ -81,6 +96,18 @@ impl LocalLocks {
         }
         drop(slots);
         (held, queued)
+    }
+
+    /// [`LocalLocks::take_all`], as one [`Turn`] per command, by id.
+    pub fn turns(
+        self: &Arc<Self>,
+        ids: &[CommandId],
+    ) -> std::collections::BTreeMap<CommandId, Turn> {
+        let (held, queued) = self.take_all(ids);
+        held.into_iter()
+            .map(|g| (g.id, Turn::Held(g)))
+            .chain(queued.into_iter().map(|q| (q.id, Turn::Queued(q))))
+            .collect()
     }
 
     /// Commands with a slot: held or waited for.
@@ -95,21 +122,15 @@ impl LocalLocks {
     }
 }
 
-impl Queued<'_> {
-    pub fn id(&self) -> CommandId {
-        self.id
-    }
-}
-
-impl<'a> Queued<'a> {
+impl Queued {
     /// Waits until the turn comes.
-    pub async fn come(mut self) -> LocalGuard<'a> {
+    pub async fn come(mut self) -> LocalGuard {
         let guard = match self.turn.take() {
             Some(turn) => Some(turn.await),
             None => None,
         };
         LocalGuard {
-            owner: self.owner,
+            owner: Arc::clone(&self.owner),
             id: self.id,
             guard,
         }
@@ -133,7 +154,7 @@ impl LocalLocks {
     }
 }
 
-impl Drop for LocalGuard<'_> {
+impl Drop for LocalGuard {
     fn drop(&mut self) {
         self.owner.leave(self.id, self.guard.take());
     }
@@ -141,7 +162,7 @@ impl Drop for LocalGuard<'_> {
 
 /// A place in line given up (the batch ended before its turn came) is left, and so is the turn
 /// if it had come meanwhile.
-impl Drop for Queued<'_> {
+impl Drop for Queued {
     fn drop(&mut self) {
         if let Some(turn) = self.turn.take() {
             self.owner.leave(self.id, Some(turn));
@@ -185,7 +206,7 @@ mod tests {
     #[tokio::test]
     async fn batches_queue_in_one_order_and_never_wait_in_a_cycle() {
         use futures::FutureExt;
-        let locks = LocalLocks::default();
+        let locks = Arc::new(LocalLocks::default());
         let mut ids = vec![CommandId::new(), CommandId::new()];
         ids.sort();
         let holder = locks.lock(ids[0]).await;
@@ -225,7 +246,7 @@ mod tests {
 
     #[tokio::test]
     async fn different_commands_do_not_wait_for_each_other() {
-        let locks = LocalLocks::default();
+        let locks = Arc::new(LocalLocks::default());
         let a = locks.lock(CommandId::new()).await;
         let b = tokio::time::timeout(Duration::from_secs(1), locks.lock(CommandId::new())).await;
         assert!(b.is_ok(), "a second command waited for the first");
