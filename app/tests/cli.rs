@@ -103,6 +103,55 @@ fn a_bad_setting_names_its_field() {
 }
 
 #[test]
+fn an_unknown_setting_is_a_warning_naming_the_closest_one() {
+    let out = Command::new(env!("CARGO_BIN_EXE_cmdflow"))
+        .arg("worker")
+        .env("CMDFLOW_EXAMPLES", "true")
+        .env("CMDFLOW_CONCURENCY", "4")
+        .env(
+            "CMDFLOW_DATABASE_URL",
+            "postgres://postgres@127.0.0.1:1/cmdflow",
+        )
+        .env("RUST_LOG", "warn")
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("run cmdflow");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(
+            "CMDFLOW_CONCURENCY is not a cmdflow setting and is ignored; did you mean CMDFLOW_CONCURRENCY?"
+        ),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.matches("is not a cmdflow setting").count(),
+        1,
+        "only the unknown one: {stderr}"
+    );
+}
+
+#[test]
+fn a_string_setting_may_look_like_a_number() {
+    let (code, stderr) = run(
+        &["worker"],
+        &[
+            ("CMDFLOW_NAMESPACE", "2024"),
+            (
+                "CMDFLOW_DATABASE_URL",
+                "postgres://postgres@127.0.0.1:1/cmdflow",
+            ),
+        ],
+    );
+    assert_ne!(code, 0);
+    // The namespace is taken; start-up gets as far as the (unreachable) database.
+    assert_one_clear_line(
+        &stderr,
+        "PostgreSQL",
+        "postgres://postgres@127.0.0.1:1/cmdflow",
+    );
+}
+
+#[test]
 fn a_bad_funnel_file_stops_start_up_with_its_precise_error() {
     let dir = std::env::temp_dir().join(format!("cmdflow-funnels-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

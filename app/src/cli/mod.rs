@@ -279,6 +279,9 @@ fn server_config(app: &App) -> anyhow::Result<cmdflow_shared::Config> {
     let config = app.config().clone();
     cmdflow_shared::tls::configure(config.tls_ca_file.as_deref())?;
     cmdflow_shared::telemetry::init(&config.log_format);
+    for warning in cmdflow_shared::config::unknown_variables(std::env::vars()) {
+        tracing::warn!("{warning}");
+    }
     cmdflow_shared::metrics::install();
     Ok(config)
 }
