@@ -190,6 +190,10 @@ impl WorkerProcess {
                 format!("{}ms", c.lock_wait.as_millis()),
             )
             .env("CMDFLOW_RETRY_DELAYS", &c.retry_delays)
+            .env(
+                "CMDFLOW_PARTITION_LEASE",
+                format!("{}ms", c.partition_lease.as_millis()),
+            )
             .env("CMDFLOW_METRICS_ADDR", &metrics)
             .env("CMDFLOW_LOG_FORMAT", "json")
             .env("RUST_LOG", "warn")
@@ -541,6 +545,12 @@ async fn a_worker_paused_past_its_lock_ttl_loses_no_update() {
         // keep the busy churn (and the run time) down.
         c.concurrency = 4;
         c.prefetch = 8;
+        // One worker at a time consumes the command's partition. The other takes it over
+        // from a paused holder once the broker gives up on the holder's connection (two
+        // missed heartbeats) and the holder's claim has run out.
+        let sep = if c.amqp_url.contains('?') { '&' } else { '?' };
+        c.amqp_url = format!("{}{sep}heartbeat=1", c.amqp_url);
+        c.partition_lease = Duration::from_secs(2);
     })
     .await;
     let setup = Instant::now();
