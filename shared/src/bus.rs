@@ -591,26 +591,43 @@ impl Bus {
         Ok(())
     }
 
-    /// Before partitions, `{ns}.work` took every event straight from `{ns}.events`: if it is
-    /// there, it is unbound, so that nothing new waits in it.
+    /// Before partitions, `{ns}.work` took every event straight from `{ns}.events`. If it is
+    /// there and empty, it is deleted (deleting a missing queue is no error); if events still
+    /// wait in it, or an older worker consumes it, it is only unbound, so nothing new goes
+    /// there, and a warning says so.
     async fn unbind_legacy_work_queue(&self) -> Result<()> {
         let t = &self.topology;
-        // A passive declare of a missing queue closes its channel: a channel of its own.
+        let legacy = t.legacy_work_queue();
         let ch = self.channel().await?;
-        let found = passive_queue(&ch, &t.legacy_work_queue()).await;
-        match found {
+        let deleted = ch
+            .queue_delete(
+                legacy.as_str().into(),
+                QueueDeleteOptions {
+                    if_unused: true,
+                    if_empty: true,
+                    ..QueueDeleteOptions::default()
+                },
+            )
+            .await;
+        match deleted {
             Ok(_) => {
+                drop(ch.close(200, "checked".into()).await);
+                Ok(())
+            }
+            // PRECONDITION_FAILED: not empty, or consumed (it closed the channel).
+            Err(e) if amqp_code(&e) == Some(406) => {
+                let ch = self.channel().await?;
                 ch.queue_unbind(
-                    t.legacy_work_queue().as_str().into(),
+                    legacy.as_str().into(),
                     t.events_exchange().as_str().into(),
                     "#".into(),
                     FieldTable::default(),
                 )
                 .await?;
                 drop(ch.close(200, "unbound".into()).await);
+                tracing::warn!(queue.name = %legacy, "The work queue of an earlier cmdflow version still holds events or a consumer: it is unbound now; let the earlier workers empty it.");
                 Ok(())
             }
-            Err(e) if amqp_code(&e) == Some(404) => Ok(()),
             Err(e) => Err(e.into()),
         }
     }

@@ -856,3 +856,53 @@ async fn readiness_is_503_while_the_events_exchange_is_missing() {
     assert_eq!(s, 202, "{b}");
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn the_work_queue_of_an_earlier_version_is_unbound_or_deleted() {
+    let env = TestEnv::new().await;
+    let t = env.bus.topology().clone();
+    let legacy = t.legacy_work_queue();
+    let channel = env.bus.channel().await.unwrap();
+    // As the versions before partitions left it: bound to every event, one still waiting.
+    let bind = || async {
+        channel
+            .queue_declare(
+                legacy.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                Default::default(),
+            )
+            .await
+            .unwrap();
+        channel
+            .queue_bind(
+                legacy.as_str().into(),
+                t.events_exchange().as_str().into(),
+                "#".into(),
+                Default::default(),
+                Default::default(),
+            )
+            .await
+            .unwrap();
+    };
+    bind().await;
+    env.publish_raw("demo.increment", b"{}").await;
+    assert_eq!(env.queue_depth(&legacy).await, 1);
+
+    // Declared again (a new worker starts): unbound, what waits in it kept for the old workers.
+    env.bus.declare_topology().await.unwrap();
+    env.publish_raw("demo.increment", b"{}").await;
+    assert_eq!(env.queue_depth(&legacy).await, 1, "nothing new goes there");
+
+    // Emptied: the next declare deletes it.
+    channel
+        .queue_purge(legacy.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    env.bus.declare_topology().await.unwrap();
+    let gone = env.bus.queue_depth(&legacy).await;
+    assert!(gone.is_err(), "deleted once empty: {gone:?}");
+    env.cleanup().await;
+}
