@@ -285,7 +285,8 @@ impl Snapshot {
 /// The histories of up to three counters whose increments were applied out of order: what
 /// was applied when, by which version, to tell where the order broke.
 async fn out_of_order_detail(pool: &sqlx::PgPool, counters: &[Uuid]) -> String {
-    let rows: Vec<(Uuid, i64, i64, Option<i32>, chrono::DateTime<Utc>, Option<String>)> =
+    type Row = (Uuid, i64, i64, Option<i32>, DateTime<Utc>, Option<String>);
+    let rows: Vec<Row> =
         sqlx::query_as(
             "WITH h AS (
                 SELECT command_id, seq, version, (detail->'data'->>'seq')::int AS place, at,
@@ -563,88 +564,90 @@ impl Run {
         .fetch_one(&world.pool)
         .await
         .unwrap_or(-1);
-        let t = self.tally.lock().unwrap();
-        let mut answers: Vec<_> = t.answers.iter().collect();
-        answers.sort();
-        eprintln!(
-            "{}: answers {answers:?}; events applied during the fault: {during}; {last:?}",
-            self.fault
-        );
-        let crashed = fleet.crashed();
-        assert!(
-            crashed.is_empty(),
-            "{}: processes crashed: {crashed:?}",
-            self.fault
-        );
-        assert!(
-            t.refused.is_empty(),
-            "{}: the gateway refused events: {:?}",
-            self.fault,
-            t.refused
-        );
-        assert!(
-            t.gave_up.is_empty(),
-            "{}: {} events never got a 202",
-            self.fault,
-            t.gave_up.len()
-        );
-        assert_eq!(
-            last.accepted,
-            self.plan.setup.len() + self.plan.main.len(),
-            "{}: every event sent was accepted in the end",
-            self.fault
-        );
-        assert_eq!(
-            last.applied, last.accepted as i64,
-            "{}: accepted events not applied (lost): {last:?}",
-            self.fault
-        );
-        assert_eq!(
-            last.duplicates, 0,
-            "{}: events applied twice: {last:?}",
-            self.fault
-        );
-        assert_eq!(
-            last.trees_not_terminal, 0,
-            "{}: trees that never ended: {last:?}",
-            self.fault
-        );
-        assert_eq!(
-            last.trees_not_completed, 0,
-            "{}: trees that did not complete: {last:?}",
-            self.fault
-        );
-        assert_eq!(
-            last.counters_off, 0,
-            "{}: counters that are not exact: {last:?}",
-            self.fault
-        );
+        // Before the tally is locked: it is held to the end, across no await.
         let detail = if last.counters_out_of_order > 0 {
             out_of_order_detail(&world.pool, &self.plan.counters).await
         } else {
             String::new()
         };
-        assert_eq!(
-            last.counters_out_of_order, 0,
-            "{}: counters whose increments were applied out of their order: {last:?}\n{detail}",
-            self.fault
-        );
-        assert_eq!(
-            last.timers_not_fired_once, 0,
-            "{}: timers not fired exactly once: {last:?}",
-            self.fault
-        );
-        assert_eq!(
-            last.dead_letters, 0,
-            "{}: dead letters: {last:?}",
-            self.fault
-        );
-        assert!(
-            last.converged(),
-            "{}: the fleet did not settle: {last:?}",
-            self.fault
-        );
-        drop(t);
+        {
+            let t = self.tally.lock().unwrap();
+            let mut answers: Vec<_> = t.answers.iter().collect();
+            answers.sort();
+            eprintln!(
+                "{}: answers {answers:?}; events applied during the fault: {during}; {last:?}",
+                self.fault
+            );
+            let crashed = fleet.crashed();
+            assert!(
+                crashed.is_empty(),
+                "{}: processes crashed: {crashed:?}",
+                self.fault
+            );
+            assert!(
+                t.refused.is_empty(),
+                "{}: the gateway refused events: {:?}",
+                self.fault,
+                t.refused
+            );
+            assert!(
+                t.gave_up.is_empty(),
+                "{}: {} events never got a 202",
+                self.fault,
+                t.gave_up.len()
+            );
+            assert_eq!(
+                last.accepted,
+                self.plan.setup.len() + self.plan.main.len(),
+                "{}: every event sent was accepted in the end",
+                self.fault
+            );
+            assert_eq!(
+                last.applied, last.accepted as i64,
+                "{}: accepted events not applied (lost): {last:?}",
+                self.fault
+            );
+            assert_eq!(
+                last.duplicates, 0,
+                "{}: events applied twice: {last:?}",
+                self.fault
+            );
+            assert_eq!(
+                last.trees_not_terminal, 0,
+                "{}: trees that never ended: {last:?}",
+                self.fault
+            );
+            assert_eq!(
+                last.trees_not_completed, 0,
+                "{}: trees that did not complete: {last:?}",
+                self.fault
+            );
+            assert_eq!(
+                last.counters_off, 0,
+                "{}: counters that are not exact: {last:?}",
+                self.fault
+            );
+            assert_eq!(
+                last.counters_out_of_order, 0,
+                "{}: counters whose increments were applied out of their order: {last:?}\n{detail}",
+                self.fault
+            );
+            assert_eq!(
+                last.timers_not_fired_once, 0,
+                "{}: timers not fired exactly once: {last:?}",
+                self.fault
+            );
+            assert_eq!(
+                last.dead_letters, 0,
+                "{}: dead letters: {last:?}",
+                self.fault
+            );
+            assert!(
+                last.converged(),
+                "{}: the fleet did not settle: {last:?}",
+                self.fault
+            );
+        }
         let sharing = tokio::time::timeout(Duration::from_secs(60), async {
             loop {
                 match world.workers_consuming().await {

@@ -165,6 +165,7 @@ async fn main() -> anyhow::Result<()> {
     let run = Run::prepare(args).await?;
     let shutdown = CancellationToken::new();
     let mut children = run.start_workers(&shutdown).await?;
+    run.partitions_shared().await?;
 
     let mut failed = None;
     let mut results = Vec::new();
@@ -289,6 +290,38 @@ impl Run {
             children.push(child);
         }
         Ok(children)
+    }
+
+    /// Waits until the workers share every partition (one owner per worker), so that a run
+    /// measures the fleet at work, not its start-up hand-over; says how long that took.
+    async fn partitions_shared(&self) -> anyhow::Result<()> {
+        if self.args.workers == 0 || self.args.in_process {
+            return Ok(());
+        }
+        let began = Instant::now();
+        let n = self.config.partitions as usize;
+        loop {
+            let holders = store::partitions::holders(&self.pool, &self.config.namespace).await?;
+            let owners: std::collections::BTreeSet<&str> =
+                holders.iter().filter_map(|(_, o)| o.as_deref()).collect();
+            if holders.len() == n
+                && holders.iter().all(|(_, o)| o.is_some())
+                && owners.len() == self.args.workers
+            {
+                // Their consumers start on the claims' next tick.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                eprintln!(
+                    "loadgen: {} workers share {n} partitions after {} ms",
+                    self.args.workers,
+                    began.elapsed().as_millis()
+                );
+                return Ok(());
+            }
+            if began.elapsed() > Duration::from_secs(60) {
+                bail!("the workers did not share the partitions within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     async fn cleanup(self) {

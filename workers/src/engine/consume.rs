@@ -48,6 +48,9 @@ pub struct Incoming {
     _in_flight: InFlightGuard,
 }
 
+/// A command's stalled deliveries, in order, with what became of each.
+type Line = Vec<(Incoming, Disposition)>;
+
 /// How many deliveries of one partition are taken and not settled yet.
 #[derive(Default)]
 struct InFlight {
@@ -177,7 +180,7 @@ impl Engine {
         shutdown: CancellationToken,
     ) {
         let (dispositions, mut guards) = self.process_reserved(&events, turns).await;
-        let mut stalled: Vec<(Option<CommandId>, Vec<(Incoming, Disposition)>)> = Vec::new();
+        let mut stalled: Vec<(Option<CommandId>, Line)> = Vec::new();
         let mut done = Vec::new();
         for (incoming, disposition) in batch.into_iter().zip(dispositions) {
             let id = incoming.event.as_ref().ok().and_then(|e| e.commandid);
@@ -205,7 +208,7 @@ impl Engine {
     /// turn; the first that runs out of delays becomes a dead letter and the next goes on.
     async fn retry_lane(
         self: Arc<Self>,
-        line: Vec<(Incoming, Disposition)>,
+        line: Line,
         _turn: Option<local::LocalGuard>,
         shutdown: CancellationToken,
     ) {
