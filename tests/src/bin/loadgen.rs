@@ -131,6 +131,9 @@ struct Args {
     /// Turn Redlock off (the guarded update still fences); in b1–b4, the Redis lock.
     #[arg(long)]
     no_lock: bool,
+    /// Partition queues of the run's namespace (`CMDFLOW_PARTITIONS`).
+    #[arg(long, default_value_t = 16)]
+    partitions: u32,
     /// Publish without the partition header, as a service that publishes plain CloudEvents
     /// straight to the exchange does: a worker forwards each to its partition (one more hop).
     #[arg(long)]
@@ -230,6 +233,7 @@ impl Run {
             prefetch: args.prefetch,
             batch: args.batch,
             lock_enabled: !args.no_lock,
+            partitions: args.partitions,
             database_pool_size: (args.concurrency as u32).clamp(4, 32),
             lock_wait: Duration::from_millis(50),
             ..Config::default()
@@ -282,6 +286,7 @@ impl Run {
                 )
                 .env("CMDFLOW_METRICS_ADDR", "127.0.0.1:0")
                 .env("CMDFLOW_LOCK_WAIT", "50ms")
+                .env("CMDFLOW_PARTITIONS", self.config.partitions.to_string())
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::null())
                 .kill_on_drop(true)
