@@ -41,8 +41,8 @@ pub struct Config {
     /// Redlock TTL; the lock is extended while a handler runs (`CMDFLOW_LOCK_TTL`, e.g. `30s`).
     #[serde(with = "humantime_serde")]
     pub lock_ttl: Duration,
-    /// How long a worker waits for a busy lock before it hands the event to a short delay
-    /// (`CMDFLOW_LOCK_WAIT`).
+    /// How long one attempt at a busy lock waits; a worker tries again until it has the lock,
+    /// the command's later events waiting behind it (`CMDFLOW_LOCK_WAIT`).
     #[serde(with = "humantime_serde")]
     pub lock_wait: Duration,
     /// Delays between attempts after a retryable error, comma-separated
