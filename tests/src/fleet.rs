@@ -52,6 +52,8 @@ pub fn cmdflow_binary() -> PathBuf {
 /// A directory under the system's temporary directory, removed (with its contents) on drop.
 pub struct Scratch {
     path: PathBuf,
+    /// Left in place on drop (a failed test's logs).
+    keep: bool,
 }
 
 /// The prefixes of every scratch directory this module makes, for [`sweep_stale_scratch`].
@@ -64,7 +66,7 @@ impl Scratch {
         let name = format!("{prefix}-{}", &Uuid::new_v4().simple().to_string()[..10]);
         let path = std::env::temp_dir().join(name);
         std::fs::create_dir_all(&path).expect("create a scratch directory");
-        Scratch { path }
+        Scratch { path, keep: false }
     }
 
     pub fn path(&self) -> &Path {
@@ -78,6 +80,9 @@ impl Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
         drop(std::fs::remove_dir_all(&self.path));
     }
 }
@@ -801,7 +806,10 @@ impl Fleet {
             ("CMDFLOW_LOG_FORMAT", "json".to_owned()),
             // The test kinds are cmdflow's examples.
             ("CMDFLOW_EXAMPLES", "true".to_owned()),
-            ("RUST_LOG", "warn,lapin=error".to_owned()),
+            (
+                "RUST_LOG",
+                std::env::var("CMDFLOW_TEST_LOG").unwrap_or_else(|_| "warn,lapin=error".to_owned()),
+            ),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
@@ -967,6 +975,9 @@ impl Drop for Fleet {
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!("{}", self.log_tails(30));
+            // Kept for a look, whole; swept with the stale scratch after an hour.
+            self.logs.keep = true;
+            eprintln!("The whole logs are kept in {}.", self.logs.path().display());
         }
         // kill_on_drop kills what is still running.
     }
