@@ -2,6 +2,7 @@
 
 use anyhow::Context;
 use cmdflow_gateway::Application;
+use cmdflow_gateway::app::Needs;
 use cmdflow_shared::bus::Bus;
 use cmdflow_shared::config::{Secret, redact_url};
 use cmdflow_shared::{Config, store};
@@ -58,6 +59,7 @@ impl MetricsServer {
 async fn metrics_server(
     config: &Config,
     shutdown: &CancellationToken,
+    needs: Needs,
 ) -> anyhow::Result<MetricsServer> {
     let addr = config.metrics_addr.clone();
     // Bind now, so a taken port fails start-up with one line.
@@ -70,7 +72,9 @@ async fn metrics_server(
     Ok(MetricsServer {
         stop,
         task: tokio::spawn(async move {
-            if let Err(e) = cmdflow_gateway::app::serve_metrics(&addr, draining, stopping).await {
+            if let Err(e) =
+                cmdflow_gateway::app::serve_metrics(&addr, draining, stopping, needs).await
+            {
                 tracing::error!(error = %e, "The metrics listener stopped.");
             }
         }),
@@ -105,7 +109,7 @@ pub async fn up(app: &App, mut config: Config) -> anyhow::Result<()> {
     migrate(&config).await?;
     let registry = app.registry(true)?;
     let pool = store::connect(&config.database_url, config.database_pool_size).await?;
-    let bus = Bus::connect(&config.amqp_url, &config.namespace, "cmdflow-up").await?;
+    let bus = Bus::for_config(&config, "cmdflow-up").await?;
     let worker = Worker::build_with(&config, registry.clone(), pool.clone(), bus.clone()).await?;
     let scheduler = Scheduler::new(pool.clone(), bus.clone(), &config);
     let archive_pool = pool.clone();
@@ -161,9 +165,15 @@ pub async fn scheduler(config: Config) -> anyhow::Result<()> {
     // One connection per cycle in flight, one for LISTEN, one for the next-due and prune queries.
     let connections = cmdflow_workers::scheduler::IN_FLIGHT as u32 + 2;
     let pool = store::connect(&config.database_url, connections).await?;
-    let bus = Bus::connect(&config.amqp_url, &config.namespace, "cmdflow-scheduler").await?;
+    let bus = Bus::for_config(&config, "cmdflow-scheduler").await?;
+    bus.set_engine_mark(store::engine_mark(&pool).await?);
     let shutdown = shutdown_on_signals();
-    let metrics = metrics_server(&config, &shutdown).await?;
+    let needs = Needs {
+        pool: Some(pool.clone()),
+        bus: Some(bus.clone()),
+        locks: None,
+    };
+    let metrics = metrics_server(&config, &shutdown, needs).await?;
     tracing::info!(namespace = %config.namespace, "Scheduler started.");
     Scheduler::new(pool, bus, &config)
         .run_until_stopped(shutdown)
@@ -176,7 +186,11 @@ pub async fn archiver(config: Config) -> anyhow::Result<()> {
     let retention = config.retention()?;
     let pool = store::connect(&config.database_url, 2).await?;
     let shutdown = shutdown_on_signals();
-    let metrics = metrics_server(&config, &shutdown).await?;
+    let needs = Needs {
+        pool: Some(pool.clone()),
+        ..Needs::default()
+    };
+    let metrics = metrics_server(&config, &shutdown, needs).await?;
     tracing::info!(interval = ?config.archive_interval, "Archiver started.");
     cmdflow_workers::archiver::run_until_stopped(
         pool,
@@ -242,7 +256,12 @@ pub async fn worker(registry: Registry, config: Config) -> anyhow::Result<()> {
     }
     let worker = Worker::build(&config, registry).await?;
     let shutdown = shutdown_on_signals();
-    let metrics = metrics_server(&config, &shutdown).await?;
+    let needs = Needs {
+        pool: Some(worker.engine().pool().clone()),
+        bus: Some(worker.engine().bus().clone()),
+        locks: worker.engine().locks().cloned(),
+    };
+    let metrics = metrics_server(&config, &shutdown, needs).await?;
     tracing::info!(namespace = %config.namespace, concurrency = config.concurrency, "Worker started.");
     worker.run_until_stopped(shutdown).await;
     metrics.finish().await;
@@ -269,9 +288,13 @@ pub async fn activities(app: &App, config: Config) -> anyhow::Result<()> {
     if app.activities.is_empty() {
         anyhow::bail!("this binary registers no activities (App::activity)");
     }
-    let bus = Bus::connect(&config.amqp_url, &config.namespace, "cmdflow-activities").await?;
+    let bus = Bus::for_config(&config, "cmdflow-activities").await?;
     let shutdown = shutdown_on_signals();
-    let metrics = metrics_server(&config, &shutdown).await?;
+    let needs = Needs {
+        bus: Some(bus.clone()),
+        ..Needs::default()
+    };
+    let metrics = metrics_server(&config, &shutdown, needs).await?;
     let names: Vec<&str> = app.activities.iter().map(|a| a.name()).collect();
     tracing::info!(activities = %names.join(", "), "Activities started.");
     for task in spawn_activities(app, &bus, &shutdown) {

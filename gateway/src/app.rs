@@ -1,14 +1,15 @@
 //! The gateway application: state, router, and a listener it binds itself (port 0 in tests).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::{Json, Router};
 use cmdflow_shared::bus::Bus;
 use cmdflow_shared::lock::Locks;
 use cmdflow_shared::{Config, store};
@@ -26,6 +27,7 @@ use crate::auth::{self, Authenticator};
 use crate::catalogue::Catalogue;
 use crate::error::{ApiError, ErrorBody};
 use crate::routes::{commands, dead_letters, events, health, kinds, overview, owners, search};
+use crate::serve;
 
 /// The largest request body: a batch of events (each event is still at most 256 KiB).
 pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
@@ -135,14 +137,26 @@ pub async fn metrics_text() -> impl IntoResponse {
     )
 }
 
+/// What a role without the gateway needs to be ready: each dependency given is checked on every
+/// `/readyz` (see [`crate::routes::health::dependencies`]), and all must answer.
+#[derive(Clone, Default)]
+pub struct Needs {
+    pub pool: Option<PgPool>,
+    pub bus: Option<Arc<Bus>>,
+    pub locks: Option<Locks>,
+}
+
 /// Serves `/metrics`, `/healthz` and `/readyz` on `addr`, for the roles without the gateway's
-/// listener, until `stop`. Readiness turns false (503) as soon as `draining` fires, while the
-/// role finishes its work in flight.
+/// listener, until `stop`. Readiness is 503 as soon as `draining` fires, while the role
+/// finishes its work in flight, and whenever one of the dependencies in `needs` does not answer
+/// (a worker cannot apply anything without PostgreSQL, the broker and a Redis majority).
 pub async fn serve_metrics(
     addr: &str,
     draining: CancellationToken,
     stop: CancellationToken,
+    needs: Needs,
 ) -> std::io::Result<()> {
+    use crate::routes::health::{Health, dependencies};
     let listener = TcpListener::bind(addr).await?;
     let router = Router::new()
         .route("/metrics", get(metrics_text))
@@ -150,13 +164,33 @@ pub async fn serve_metrics(
         .route(
             "/readyz",
             get(move || {
-                let draining = draining.is_cancelled();
+                let (draining, needs) = (draining.is_cancelled(), needs.clone());
                 async move {
                     if draining {
-                        (StatusCode::SERVICE_UNAVAILABLE, "draining")
-                    } else {
-                        (StatusCode::OK, "ok")
+                        let checks = BTreeMap::from([("shutdown", "draining".to_owned())]);
+                        let health = Health {
+                            status: "draining",
+                            checks,
+                        };
+                        return (StatusCode::SERVICE_UNAVAILABLE, Json(health));
                     }
+                    let checks = dependencies(
+                        needs.pool.as_ref(),
+                        needs.bus.as_deref(),
+                        needs.locks.as_ref(),
+                    )
+                    .await;
+                    let ready = checks.values().all(|c| c == "ok");
+                    let status = if ready {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    };
+                    let health = Health {
+                        status: if ready { "ready" } else { "not_ready" },
+                        checks,
+                    };
+                    (status, Json(health))
                 }
             }),
         );
@@ -224,11 +258,12 @@ fn with_headers(
     replaced
 }
 
-/// A built gateway: a bound listener and its router.
+/// A built gateway: a bound listener, its router and the limits it serves them within.
 pub struct Application {
     listener: TcpListener,
     router: Router,
     draining: CancellationToken,
+    limits: serve::Limits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -273,6 +308,8 @@ impl Application {
         // The gateway publishes without locks: Redis down is reported by readiness, not fatal.
         // The exchanges it publishes to; a namespace with another number of partitions stops it.
         bus.declare_exchanges().await?;
+        // It speaks for the engine in starts and aborts, and for nobody in callers' events.
+        bus.set_engine_mark(store::engine_mark(&pool).await?);
         if let Err(e) = locks.check_quorum().await {
             tracing::warn!(error = %e, "Redis has no quorum; the gateway starts anyway (workers need it).");
         }
@@ -296,6 +333,7 @@ impl Application {
             listener,
             router,
             draining,
+            limits: serve::Limits::from_config(config),
         })
     }
 
@@ -309,14 +347,14 @@ impl Application {
         self.local_addr().port()
     }
 
-    /// Serves until `shutdown` fires, then finishes the requests in flight.
+    /// Serves until `shutdown` fires, then finishes the requests in flight. Slow and idle
+    /// clients are cut and connections capped as [`serve`] describes.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> std::io::Result<()> {
         let draining = self.draining;
-        axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(async move {
-                shutdown.cancelled().await;
-                draining.cancel();
-            })
-            .await
+        serve::serve(self.listener, self.router, self.limits, async move {
+            shutdown.cancelled().await;
+            draining.cancel();
+        })
+        .await
     }
 }

@@ -43,14 +43,17 @@ pub enum Scope {
     CommandsRead,
     OwnerRead,
     Ops,
+    /// `owner.linked`: joining two identities of one person.
+    Link,
 }
 
 impl Scope {
-    pub const ALL: [Scope; 4] = [
+    pub const ALL: [Scope; 5] = [
         Scope::Publish,
         Scope::CommandsRead,
         Scope::OwnerRead,
         Scope::Ops,
+        Scope::Link,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -59,6 +62,7 @@ impl Scope {
             Scope::CommandsRead => "commands:read",
             Scope::OwnerRead => "owner:read",
             Scope::Ops => "ops",
+            Scope::Link => "owners:link",
         }
     }
 
@@ -93,6 +97,22 @@ impl Principal {
             .map(|s| s.as_str())
             .collect::<Vec<_>>()
             .join(" ")
+    }
+
+    /// Acting on an owner's data (marking their messages read): the owner's own `owner:read`
+    /// token, or `ops`. Reading everything (`commands:read`) is not enough.
+    pub fn may_act_for_owner(&self, owner: &Owner) -> Result<(), ApiError> {
+        if self.has(Scope::Ops) || self.own_owner() == Some(owner) {
+            return Ok(());
+        }
+        if self.has(Scope::OwnerRead) {
+            return Err(self.not_own());
+        }
+        Err(ApiError::Forbidden(format!(
+            "this acts for an owner: it needs the owner's own `owner:read` token, or the `ops` \
+             scope; this credential has: {}",
+            self.scope_list()
+        )))
     }
 
     /// 403 unless the caller holds `scope`.
@@ -157,6 +177,10 @@ impl Principal {
     /// 403 unless the caller may publish events of type `ty` (or start commands of kind `ty`).
     pub fn may_publish(&self, ty: &str) -> Result<(), ApiError> {
         self.require(Scope::Publish)?;
+        if ty == cmdflow_shared::contract::types::OWNER_LINKED {
+            // Joining two people's identities shows one the other's data.
+            self.require(Scope::Link)?;
+        }
         match &self.allowed_types {
             None => Ok(()),
             Some(allowed) if allowed.iter().any(|p| type_matches(p, ty)) => Ok(()),
@@ -317,14 +341,22 @@ impl Authenticator {
         }
         let validation = |alg| {
             let mut v = Validation::new(alg);
-            v.set_required_spec_claims(&["exp", "sub"]);
+            // A configured issuer or audience is required, not only checked when present.
+            let mut required = vec!["exp", "sub"];
             match &config.jwt_audience {
-                Some(aud) => v.set_audience(&[aud]),
+                Some(aud) => {
+                    v.set_audience(&[aud]);
+                    required.push("aud");
+                }
                 None => v.validate_aud = false,
             }
             if let Some(iss) = &config.jwt_issuer {
                 v.set_issuer(&[iss]);
+                required.push("iss");
             }
+            v.set_required_spec_claims(&required);
+            v.validate_nbf = true;
+            v.leeway = config.jwt_leeway_secs;
             v
         };
         let hs256 = match &config.jwt_hs256_secret {
@@ -426,6 +458,9 @@ impl Authenticator {
             use jsonwebtoken::errors::ErrorKind;
             let why = match e.kind() {
                 ErrorKind::ExpiredSignature => "the token has expired".to_owned(),
+                ErrorKind::ImmatureSignature => {
+                    "the token is not valid yet (its `nbf` is in the future)".to_owned()
+                }
                 ErrorKind::InvalidSignature => "the token's signature is wrong".to_owned(),
                 ErrorKind::InvalidIssuer => "the token's issuer is not accepted".to_owned(),
                 ErrorKind::InvalidAudience => "the token's audience is not accepted".to_owned(),

@@ -58,6 +58,19 @@ impl ApiError {
         }
     }
 
+    /// 422 for text that PostgreSQL cannot store: a NUL character. Checked before the text
+    /// reaches a query or an event, so it is refused at the door and not as a 503 (or a dead
+    /// letter) later.
+    pub fn check_text(field: &str, value: &str) -> Result<(), ApiError> {
+        match value.find('\0') {
+            Some(at) => Err(Self::invalid(
+                field,
+                format!("holds a NUL character (at byte {at}); text may not contain U+0000"),
+            )),
+            None => Ok(()),
+        }
+    }
+
     fn parts(&self) -> (StatusCode, &'static str, String) {
         match self {
             Self::MalformedJson(d) => (StatusCode::BAD_REQUEST, "malformed_json", d.clone()),

@@ -8,5 +8,6 @@ pub mod catalogue;
 pub mod console;
 pub mod error;
 pub mod routes;
+pub mod serve;
 
 pub use app::{AppState, Application};

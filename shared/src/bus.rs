@@ -64,6 +64,9 @@ pub const HEADER_DEAD_ID: &str = "x-cmdflow-dead-id";
 /// Header carrying the partition an event goes to (a number, as text). Not `x-` prefixed: a
 /// headers exchange does not match binding arguments that are.
 pub const HEADER_PARTITION: &str = "cmdflow-partition";
+/// The engine's mark: set, with the secret of the `engine_mark` table, on every event cmdflow's
+/// own processes publish; a worker refuses an engine event type without it.
+pub const HEADER_ENGINE: &str = "x-cmdflow-engine";
 /// The argument of `ns.route` that records the namespace's number of partitions.
 const PARTITIONS_ARG: &str = "x-cmdflow-partitions";
 /// How many partitions a namespace has unless configured (`CMDFLOW_PARTITIONS`).
@@ -169,6 +172,24 @@ pub struct Bus {
     connection: Mutex<Option<Arc<Connection>>>,
     publisher: Mutex<Option<Channel>>,
     publish_timeout: Duration,
+    /// The engine's mark, once the process has read it from the store.
+    engine_mark: std::sync::OnceLock<String>,
+}
+
+/// The AMQP heartbeat asked for when neither the URL nor the config names one. The broker
+/// closes a connection that misses two heartbeats: a paused or frozen process (SIGSTOP, a
+/// stalled VM) gives back its unacknowledged deliveries, and its partitions' single active
+/// consumer, after about twice this, not at the end of its pause.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
+
+/// `url` with `heartbeat` (whole seconds, at least 1) as its `heartbeat` query parameter,
+/// unless it names one already.
+pub fn with_heartbeat(url: &str, heartbeat: Duration) -> String {
+    if url.contains("heartbeat=") {
+        return url.to_owned();
+    }
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}heartbeat={}", heartbeat.as_secs().max(1))
 }
 
 impl Bus {
@@ -181,21 +202,59 @@ impl Bus {
     /// Connects with the URL, namespace and partitions of `config`.
     pub async fn for_config(config: &crate::Config, name: &str) -> Result<Arc<Bus>> {
         let topology = Topology::with_partitions(&config.namespace, config.partitions);
-        Self::connect_to(&config.amqp_url, topology, name).await
+        let url = with_heartbeat(&config.amqp_url, config.amqp_heartbeat);
+        Self::connect_to(&url, topology, name).await
     }
 
-    /// Connects to `url` for `topology`.
+    /// Connects to `url` for `topology`. Without a `heartbeat` in the URL, it asks for
+    /// [`DEFAULT_HEARTBEAT`].
     pub async fn connect_to(url: &str, topology: Topology, name: &str) -> Result<Arc<Bus>> {
         let bus = Arc::new(Bus {
-            url: url.to_owned(),
+            url: with_heartbeat(url, DEFAULT_HEARTBEAT),
             name: name.to_owned(),
             topology,
             connection: Mutex::new(None),
             publisher: Mutex::new(None),
             publish_timeout: Duration::from_secs(10),
+            engine_mark: std::sync::OnceLock::new(),
         });
         bus.connection().await?;
         Ok(bus)
+    }
+
+    /// Makes this process one of cmdflow's own publishers: `mark` is the secret of the
+    /// `engine_mark` table ([`crate::store::engine_mark`]). Set once; later calls change nothing.
+    pub fn set_engine_mark(&self, mark: String) {
+        drop(self.engine_mark.set(mark));
+    }
+
+    /// Whether this process has read the engine's mark.
+    pub fn has_engine_mark(&self) -> bool {
+        self.engine_mark.get().is_some()
+    }
+
+    /// Marks an event this process publishes for the engine. Without a mark (a process that
+    /// never read it) the event goes unmarked, and a worker refuses it if it is an engine type.
+    pub fn mark_engine(&self, headers: &mut FieldTable) {
+        if let Some(mark) = self.engine_mark.get() {
+            headers.insert(HEADER_ENGINE.into(), string(mark));
+        }
+    }
+
+    /// Whether a message's headers carry the engine's mark.
+    pub fn is_from_engine(&self, headers: Option<&FieldTable>) -> bool {
+        match (self.engine_mark.get(), header_str(headers, HEADER_ENGINE)) {
+            (Some(mark), Some(seen)) => {
+                // In constant time: the comparison tells an attacker nothing of the mark.
+                mark.len() == seen.len()
+                    && mark
+                        .bytes()
+                        .zip(seen.bytes())
+                        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                        == 0
+            }
+            _ => false,
+        }
     }
 
     pub fn topology(&self) -> &Topology {

@@ -19,6 +19,11 @@ pub struct Config {
     /// AMQP URL of RabbitMQ (`CMDFLOW_AMQP_URL`).
     #[serde(deserialize_with = "string_like::text")]
     pub amqp_url: String,
+    /// AMQP heartbeat (`CMDFLOW_AMQP_HEARTBEAT`): the broker closes a connection that misses two,
+    /// so a paused worker's deliveries go back to the queue after about twice this. A
+    /// `heartbeat` in the URL wins.
+    #[serde(with = "humantime_serde")]
+    pub amqp_heartbeat: Duration,
     /// Redis masters for Redlock, comma-separated (`CMDFLOW_REDIS_URLS`).
     #[serde(deserialize_with = "string_like::text")]
     pub redis_urls: String,
@@ -28,6 +33,18 @@ pub struct Config {
     /// Where the gateway listens (`CMDFLOW_HTTP_ADDR`).
     #[serde(deserialize_with = "string_like::text")]
     pub http_addr: String,
+    /// How long a client may take to send a complete request head (request line and headers),
+    /// from when it connects or starts its next request; slower, it is disconnected before any
+    /// authentication (`CMDFLOW_HTTP_HEADER_TIMEOUT`).
+    #[serde(with = "humantime_serde")]
+    pub http_header_timeout: Duration,
+    /// How long a keep-alive connection may stay open with no request in flight
+    /// (`CMDFLOW_HTTP_IDLE_TIMEOUT`). A long request is never cut by it.
+    #[serde(with = "humantime_serde")]
+    pub http_idle_timeout: Duration,
+    /// The most connections the gateway holds open at once (`CMDFLOW_HTTP_MAX_CONNECTIONS`);
+    /// one more is answered 503 and closed at once.
+    pub http_max_connections: usize,
     /// Unacknowledged deliveries a worker holds (`CMDFLOW_PREFETCH`).
     pub prefetch: u16,
     /// Batches a worker processes at once (`CMDFLOW_CONCURRENCY`).
@@ -60,6 +77,10 @@ pub struct Config {
     /// (`CMDFLOW_EARLY_EVENT_WINDOW`).
     #[serde(with = "humantime_serde")]
     pub early_event_window: Duration,
+    /// How long an event that matched nothing stays listed in `/v1/events/unmatched`
+    /// (`CMDFLOW_UNMATCHED_RETENTION`); the scheduler deletes older ones.
+    #[serde(with = "humantime_serde")]
+    pub unmatched_retention: Duration,
     /// Timers one scheduler claims per transaction (`CMDFLOW_SCHEDULER_BATCH`).
     pub scheduler_batch: i64,
     /// SMTP server for e-mails, `smtp://host[:port]` (`CMDFLOW_SMTP_URL`). Without it, e-mails
@@ -135,6 +156,12 @@ pub struct Config {
     /// When set, JWTs must carry this `aud` (`CMDFLOW_JWT_AUDIENCE`).
     #[serde(deserialize_with = "string_like::optional")]
     pub jwt_audience: Option<String>,
+    /// Event sources allowed to send `owner.linked` straight to the broker, comma-separated
+    /// (`CMDFLOW_LINK_SOURCES`). Through the gateway, linking needs the `owners:link` scope.
+    #[serde(deserialize_with = "string_like::optional")]
+    pub link_sources: Option<String>,
+    /// Seconds of clock skew allowed on a JWT's `exp` and `nbf` (`CMDFLOW_JWT_LEEWAY_SECS`).
+    pub jwt_leeway_secs: u64,
     /// Requests per second one caller (an API key, or a token's subject) may make
     /// (`CMDFLOW_RATE_LIMIT_PER_SECOND`); 0 turns the limit off.
     pub rate_limit_per_second: u32,
@@ -180,9 +207,13 @@ impl Default for Config {
             database_url: "postgres://postgres@127.0.0.1:5432/cmdflow".to_owned(),
             database_pool_size: 16,
             amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned(),
+            amqp_heartbeat: Duration::from_secs(10),
             redis_urls: "redis://127.0.0.1:6379/".to_owned(),
             namespace: "cmdflow".to_owned(),
             http_addr: "127.0.0.1:8080".to_owned(),
+            http_header_timeout: Duration::from_secs(10),
+            http_idle_timeout: Duration::from_secs(60),
+            http_max_connections: 10_000,
             prefetch: 1024,
             concurrency: 4,
             batch: 128,
@@ -194,6 +225,7 @@ impl Default for Config {
             max_depth: 16,
             max_children: 1000,
             early_event_window: Duration::from_secs(300),
+            unmatched_retention: Duration::from_secs(7 * 24 * 3600),
             scheduler_batch: 500,
             smtp_url: None,
             funnels_dir: None,
@@ -216,6 +248,8 @@ impl Default for Config {
             jwt_rs256_public_key_file: None,
             jwt_issuer: None,
             jwt_audience: None,
+            jwt_leeway_secs: 5,
+            link_sources: None,
             rate_limit_per_second: 500,
             rate_limit_burst: 1000,
             tls_ca_file: None,
@@ -286,6 +320,11 @@ impl Config {
         if self.lock_ttl < Duration::from_secs(1) {
             return invalid("lock_ttl", "must be at least 1s");
         }
+        if self.amqp_heartbeat < Duration::from_secs(1)
+            || self.amqp_heartbeat > Duration::from_secs(600)
+        {
+            return invalid("amqp_heartbeat", "must be between 1s and 10m");
+        }
         self.retry_delay_list()?;
         if self.max_depth < 1 || self.max_children < 1 {
             return invalid("max_depth", "max_depth and max_children must be at least 1");
@@ -309,7 +348,34 @@ impl Config {
         if self.database_pool_size == 0 {
             return invalid("database_pool_size", "a pool holds at least 1 connection");
         }
+        if self.http_header_timeout.is_zero() {
+            return invalid(
+                "http_header_timeout",
+                "must be longer than zero (e.g. `10s`)",
+            );
+        }
+        if self.http_idle_timeout.is_zero() {
+            return invalid("http_idle_timeout", "must be longer than zero (e.g. `60s`)");
+        }
+        if self.http_max_connections == 0 {
+            return invalid(
+                "http_max_connections",
+                "the gateway must accept at least 1 connection",
+            );
+        }
         Ok(())
+    }
+
+    /// The sources allowed to send `owner.linked` straight to the broker.
+    pub fn link_source_list(&self) -> Vec<String> {
+        self.link_sources
+            .as_deref()
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect()
     }
 
     /// The Redis masters, one URL each.
@@ -573,6 +639,43 @@ mod tests {
             warnings[0].starts_with("CMDFLOW_CONCURENCY is not a cmdflow setting")
                 && warnings[0].ends_with("did you mean CMDFLOW_CONCURRENCY?"),
             "{warnings:?}"
+        );
+    }
+
+    #[test]
+    fn http_timeouts_and_connection_cap_of_zero_are_refused() {
+        let zero_header = Config {
+            http_header_timeout: Duration::ZERO,
+            ..Config::default()
+        };
+        let zero_idle = Config {
+            http_idle_timeout: Duration::ZERO,
+            ..Config::default()
+        };
+        let zero_cap = Config {
+            http_max_connections: 0,
+            ..Config::default()
+        };
+        for (config, field) in [
+            (zero_header, "http_header_timeout"),
+            (zero_idle, "http_idle_timeout"),
+            (zero_cap, "http_max_connections"),
+        ] {
+            let error = config.validate().unwrap_err().to_string();
+            assert!(error.contains(field), "{error}");
+        }
+        let config: Config = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string(
+                "http_header_timeout = \"2s\"\nhttp_idle_timeout = \"1m\"\nhttp_max_connections = 3",
+            ))
+            .extract()
+            .unwrap();
+        assert_eq!(config.http_header_timeout, Duration::from_secs(2));
+        assert_eq!(config.http_idle_timeout, Duration::from_secs(60));
+        assert_eq!(config.http_max_connections, 3);
+        assert!(
+            unknown_variables([("CMDFLOW_HTTP_IDLE_TIMEOUT".to_owned(), "5s".to_owned())])
+                .is_empty()
         );
     }
 

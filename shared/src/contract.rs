@@ -25,6 +25,10 @@ pub const MAX_ATTR_LEN: usize = 512;
 /// answer back with `commandid`.
 pub const FROM_COMMAND: &str = "fromcommandid";
 
+/// The extension attribute that names who linked two identities (`owner.linked`): the gateway
+/// sets it to the caller (`key:<name>`, `jwt:<sub>`), whatever the caller sent.
+pub const LINKED_BY: &str = "linkedby";
+
 /// Engine event types (`command.` prefix and the time events).
 pub mod types {
     /// Starts a command: `data = {kind, owner, data}`, addressed to the new command's id.
@@ -54,6 +58,15 @@ pub mod types {
     /// Whether `ty` is a child's report to its parent (an ACK).
     pub fn is_ack(ty: &str) -> bool {
         matches!(ty, COMMAND_COMPLETED | COMMAND_FAILED | COMMAND_ABORTED)
+    }
+
+    /// Whether `ty` is reserved for the engine (`command.*`, `children.*`, `timer.*`, `wait.*`):
+    /// only cmdflow's own processes send such events; the gateway refuses them from callers, and
+    /// a worker refuses them without the engine's mark.
+    pub fn is_reserved(ty: &str) -> bool {
+        ["command.", "children.", "timer.", "wait."]
+            .iter()
+            .any(|prefix| ty.starts_with(prefix))
     }
 
     /// Engine events a handler may leave unhandled without it being an error.

@@ -78,6 +78,36 @@ fn describe() {
     );
 }
 
+/// Most distinct event types, besides cmdflow's own, one process labels by name; past them, a
+/// type is counted as `other`. Callers choose event types, so a label taken verbatim would let
+/// them grow the series without limit.
+pub const MAX_TYPE_LABELS: usize = 100;
+
+/// The `type` label for an event type: cmdflow's own types, and the first [`MAX_TYPE_LABELS`]
+/// other types this process has seen, by name; any further type is `other`.
+pub fn type_label(ty: &str) -> String {
+    use crate::contract::types;
+    use std::collections::HashSet;
+    use std::sync::RwLock;
+    static SEEN: OnceLock<RwLock<HashSet<String>>> = OnceLock::new();
+    if types::is_reserved(ty) || ty == types::OWNER_LINKED {
+        return ty.to_owned();
+    }
+    let seen = SEEN.get_or_init(|| RwLock::new(HashSet::new()));
+    if seen.read().map(|s| s.contains(ty)).unwrap_or(false) {
+        return ty.to_owned();
+    }
+    let Ok(mut seen) = seen.write() else {
+        return "other".to_owned();
+    };
+    if seen.contains(ty) || seen.len() < MAX_TYPE_LABELS {
+        seen.insert(ty.to_owned());
+        ty.to_owned()
+    } else {
+        "other".to_owned()
+    }
+}
+
 /// Installs the process's Prometheus recorder once, and returns the handle that renders it.
 pub fn install() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();

@@ -70,7 +70,7 @@ pub enum TimeError {
     Duration(String),
     #[error("invalid timer name: {0}")]
     Name(String),
-    #[error("the cron expression `{0}` has no next occurrence")]
+    #[error("the cron expression `{0}` never occurs in the next 28 years")]
     NoOccurrence(String),
 }
 
@@ -182,7 +182,37 @@ pub fn parse_cron(expr: &str) -> Result<Cron, TimeError> {
             clip_to(field, SHOWN)
         )));
     }
+    let fields = expr.split_whitespace().count();
+    if !expr.trim_start().starts_with('@') && !(5..=6).contains(&fields) {
+        return Err(refuse(format!(
+            "{fields} fields; a pattern has 5 (minute hour day month weekday) or 6 (seconds first)"
+        )));
+    }
     Cron::from_str(expr).map_err(|e| refuse(e.to_string()))
+}
+
+/// How far ahead a pattern's next occurrence is looked for: 28 years, the cycle after which
+/// dates fall on the same weekdays again (within a century), so any pattern that can occur at
+/// all does within it.
+pub const CRON_HORIZON_DAYS: i64 = 28 * 366 + 1;
+
+/// Whether some day in the [`CRON_HORIZON_DAYS`] from `from` matches the pattern's month and day
+/// fields. Day by day over the calendar, it costs well under a millisecond even for a pattern
+/// that never occurs (`0 0 30 2 *`), where the full search would walk to the year 5000.
+fn occurs_within_horizon(cron: &Cron, from: chrono::NaiveDate) -> bool {
+    use chrono::Datelike;
+    from.iter_days().take(CRON_HORIZON_DAYS as usize).any(|d| {
+        cron.pattern.month_match(d.month()).unwrap_or(false)
+            && cron
+                .pattern
+                .day_match(
+                    d.year(),
+                    d.month(),
+                    d.day(),
+                    croner::Weekday::from_days_from_sunday(d.weekday().num_days_from_sunday()),
+                )
+                .unwrap_or(false)
+    })
 }
 
 pub fn parse_zone(tz: &str) -> Result<Tz, TimeError> {
@@ -195,6 +225,9 @@ pub fn next_cron(expr: &str, tz: &str, after: DateTime<Utc>) -> Result<DateTime<
     let cron = parse_cron(expr)?;
     let zone = parse_zone(tz)?;
     let local = after.with_timezone(&zone);
+    if !occurs_within_horizon(&cron, local.date_naive()) {
+        return Err(TimeError::NoOccurrence(clip_to(expr, SHOWN)));
+    }
     cron.find_next_occurrence(&local, false)
         .map(|t| t.with_timezone(&Utc))
         .map_err(|_| TimeError::NoOccurrence(clip_to(expr, SHOWN)))
@@ -208,6 +241,38 @@ mod tests {
 
     fn utc(s: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    #[test]
+    fn a_pattern_that_never_occurs_is_refused_within_the_horizon() {
+        let after = utc("2026-12-05T12:00:00Z");
+        for expr in ["0 0 30 2 *", "0 0 31 4,6,9,11 *", "0 0 0 31 2 *"] {
+            let cron = parse_cron(expr).unwrap();
+            assert!(!occurs_within_horizon(&cron, after.date_naive()), "{expr}");
+            let e = next_cron(expr, "UTC", after).unwrap_err();
+            assert!(
+                e.to_string().contains("never occurs in the next 28 years"),
+                "{e}"
+            );
+        }
+        // Rare but real: the 29th of February.
+        let cron = parse_cron("0 0 29 2 *").unwrap();
+        assert!(occurs_within_horizon(&cron, after.date_naive()));
+        assert_eq!(
+            next_cron("0 0 29 2 *", "UTC", after).unwrap(),
+            utc("2028-02-29T00:00:00Z")
+        );
+    }
+
+    #[test]
+    fn a_pattern_has_five_or_six_fields() {
+        for expr in ["0 0 * * * * 2027", "* * * *", "0 0 1 1 * * * *"] {
+            let e = parse_cron(expr).unwrap_err();
+            assert!(e.to_string().contains("fields"), "{expr}: {e}");
+        }
+        for expr in ["0 * * * 1-5", "30 0 * * * *", "@hourly"] {
+            assert!(parse_cron(expr).is_ok(), "{expr}");
+        }
     }
 
     #[test]

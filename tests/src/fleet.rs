@@ -684,6 +684,8 @@ impl World {
             .await
             .expect("connect to RabbitMQ");
         bus.declare_topology().await.expect("declare the topology");
+        // Its starts and aborts go straight to the broker, as the engine's would.
+        bus.set_engine_mark(store::engine_mark(&pool).await.expect("the engine's mark"));
         store::kinds::publish(&pool, &crate::registry().catalogue())
             .await
             .expect("publish the kind catalogue");

@@ -201,6 +201,8 @@ impl TestEnv {
             .await
             .expect("RabbitMQ must be running for the integration tests");
         bus.declare_topology().await.expect("declare topology");
+        // Its starts go straight to the broker, as the engine's would.
+        bus.set_engine_mark(store::engine_mark(&pool).await.expect("the engine's mark"));
         TestEnv {
             config,
             pool,
@@ -314,6 +316,21 @@ impl TestEnv {
             .expect("publish");
     }
 
+    /// [`TestEnv::publish_raw`] with the engine's mark, as cmdflow's own processes publish.
+    pub async fn publish_raw_as_engine(&self, routing_key: &str, body: &[u8]) {
+        let mut headers = lapin::types::FieldTable::default();
+        self.bus.mark_engine(&mut headers);
+        self.bus
+            .publish(
+                &self.bus.topology().events_exchange(),
+                routing_key,
+                body,
+                cmdflow_shared::bus::event_properties("raw").with_headers(headers),
+            )
+            .await
+            .expect("publish");
+    }
+
     /// The first dead letter kept (by a worker's keeper) after `after_id`, if any.
     pub async fn dead_letter_after(
         &self,
@@ -332,15 +349,17 @@ impl TestEnv {
         let id = Uuid::now_v7().to_string();
         let start = start_event(&id, kind, owner, data);
         let body = serde_json::to_vec(&start).unwrap_or_default();
-        // With its partition header, as the gateway publishes it: the events sent after it
-        // through the gateway queue up behind it.
+        // With its partition header and the engine's mark, as the gateway publishes it: the
+        // events sent after it through the gateway queue up behind it.
+        let mut headers = lapin::types::FieldTable::default();
+        self.bus.mark_engine(&mut headers);
         self.bus
             .publish_event(
                 "command.start",
                 start["id"].as_str().unwrap_or_default(),
                 &cmdflow_shared::bus::route_key_of(&body),
                 &body,
-                lapin::types::FieldTable::default(),
+                headers,
             )
             .await
             .expect("publish");

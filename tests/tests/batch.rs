@@ -409,7 +409,7 @@ async fn fanout_last_in_batch(env: &mut TestEnv, data: serde_json::Value) -> (St
         fanout.extend(data);
     }
     let start = start_event(&parent, "demo.fanout", "member:1", fanout);
-    env.publish_raw("command.start", &serde_json::to_vec(&start).unwrap())
+    env.publish_raw_as_engine("command.start", &serde_json::to_vec(&start).unwrap())
         .await;
     let kids = env.children_running(&parent, 3).await;
     env.wait_state(&parent, CommandState::Running).await;

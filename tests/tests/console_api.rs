@@ -197,7 +197,13 @@ async fn whoami_answers_any_credential_and_the_overview_needs_commands_read() {
     assert_eq!(me["id"], "key:dev");
     assert_eq!(
         me["scopes"],
-        json!(["events:publish", "commands:read", "owner:read", "ops"])
+        json!([
+            "events:publish",
+            "commands:read",
+            "owner:read",
+            "ops",
+            "owners:link"
+        ])
     );
     assert!(me["owner"].is_null());
     let (status, me) = who(Some(jwt("member:7", "owner:read"))).await;

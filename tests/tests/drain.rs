@@ -30,7 +30,9 @@ async fn sigterm_drains_a_worker_under_load_losing_and_redoing_nothing() {
     let addr = format!("127.0.0.1:{}", free_port());
     let server = tokio::spawn({
         let (addr, draining, stop) = (addr.clone(), draining.clone(), stop.clone());
-        async move { cmdflow_gateway::app::serve_metrics(&addr, draining, stop).await }
+        async move {
+            cmdflow_gateway::app::serve_metrics(&addr, draining, stop, Default::default()).await
+        }
     });
     let readyz = format!("http://{addr}/readyz");
     let status = eventually(Duration::from_secs(5), "the metrics listener", || async {
@@ -41,7 +43,8 @@ async fn sigterm_drains_a_worker_under_load_losing_and_redoing_nothing() {
     draining.cancel();
     let resp = http().get(&readyz).send().await.unwrap();
     assert_eq!(resp.status().as_u16(), 503);
-    assert_eq!(resp.text().await.unwrap(), "draining");
+    let health: Value = resp.json().await.unwrap();
+    assert_eq!(health["status"], "draining", "{health}");
     let live = http()
         .get(format!("http://{addr}/healthz"))
         .send()

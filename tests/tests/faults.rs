@@ -79,13 +79,20 @@ impl Planned {
         }
     }
 
+    /// A start through `POST /v1/commands`, with the command id chosen here: resent, it is the
+    /// same start (its event id is `start-{id}`).
     fn start(command: Uuid, kind: &str, data: Value, what: What) -> Planned {
-        Planned::new(
+        let body = json!({"id": command.to_string(), "kind": kind, "owner": "system:faults", "data": data});
+        Planned {
             command,
-            "command.start",
-            json!({"kind": kind, "owner": "system:faults", "data": data}),
+            id: format!("start-{command}"),
             what,
-        )
+            body: serde_json::to_vec(&body).unwrap(),
+        }
+    }
+
+    fn is_start(&self) -> bool {
+        self.id.starts_with("start-")
     }
 }
 
@@ -170,9 +177,17 @@ type SharedTally = Arc<Mutex<Tally>>;
 async fn deliver(client: reqwest::Client, url: String, event: Planned, tally: SharedTally) {
     let give_up_at = Instant::now() + GIVE_UP_AFTER;
     loop {
+        let (url, content_type) = if event.is_start() {
+            (
+                url.replace("/v1/events", "/v1/commands"),
+                "application/json",
+            )
+        } else {
+            (url.clone(), "application/cloudevents+json")
+        };
         let answer = client
             .post(&url)
-            .header("content-type", "application/cloudevents+json")
+            .header("content-type", content_type)
             .body(event.body.clone())
             .timeout(Duration::from_secs(15))
             .send()
@@ -324,7 +339,8 @@ async fn snapshot(
     let applied: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM unnest($1::uuid[], $2::text[]) a(command_id, event_id)
           WHERE EXISTS (SELECT 1 FROM processed_events p
-                         WHERE p.command_id = a.command_id AND p.source = $3 AND p.event_id = a.event_id)",
+                         WHERE p.command_id = a.command_id AND p.event_id = a.event_id
+                           AND p.source IN ($3, 'cmdflow/gateway'))",
     )
     .bind(&commands)
     .bind(&ids)

@@ -810,3 +810,639 @@ async fn numbers_in_data_are_kept_exactly() {
         assert_eq!(data[key].as_f64(), Some(exact), "{key}: {data}");
     }
 }
+
+// Trust boundaries: what a caller with a publishing key, or with the broker's address, must not
+// be able to do.
+
+/// A parent waiting for three children, all running: its id and its children's.
+async fn parent_with_three_children(
+    env: &TestEnv,
+    gateway: &str,
+    owner: &str,
+) -> (String, Vec<String>) {
+    let parent = cmdflow_tests::start_command(
+        gateway,
+        "demo.fanout",
+        owner,
+        json!({"children": 3, "child_kind": "demo.counter"}),
+    )
+    .await;
+    let kids = env.children_running(&parent, 3).await;
+    (parent, kids)
+}
+
+/// How many members of `parent`'s group completed, and the group's state.
+async fn group_of(env: &TestEnv, parent: &str) -> (i32, String) {
+    sqlx::query_as("SELECT completed, state FROM child_groups WHERE parent_id = $1::uuid")
+        .bind(parent)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap()
+}
+
+/// The reasons `id`'s history gives for the events it ignored.
+async fn ignored_reasons(env: &TestEnv, id: &str) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT detail->>'reason' FROM command_events
+          WHERE command_id = $1::uuid AND entry = 'ignored' ORDER BY seq",
+    )
+    .bind(id)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap()
+}
+
+/// A key that may publish any type cannot send an engine event through the gateway: 403, naming
+/// the type. A batch that holds one publishes nothing.
+#[tokio::test]
+async fn a_publishing_key_cannot_send_engine_events() {
+    let mut env = TestEnv::new().await;
+    let gw = env.start_gateway().await;
+    env.start_worker().await;
+    let (parent, kids) = parent_with_three_children(&env, &gw.url, "member:70").await;
+    let forged = [
+        ("command.abort", json!({"reason": "forged"})),
+        (
+            "command.completed",
+            json!({"child_id": kids[0], "group": "children", "kind": "demo.counter", "result": {"forged": true}}),
+        ),
+        (
+            "command.failed",
+            json!({"child_id": kids[1], "group": "children", "reason": "forged"}),
+        ),
+        (
+            "children.settled",
+            json!({"group": "children", "outcome": "completed"}),
+        ),
+        (
+            "timer.fired",
+            json!({"name": "t", "due_at": "2026-01-01T00:00:00Z"}),
+        ),
+        ("wait.timed_out", json!({"type": "x.y", "key": "k"})),
+        (
+            "command.start",
+            json!({"kind": "demo.counter", "owner": "member:70", "data": {}}),
+        ),
+    ];
+    for (ty, data) in &forged {
+        let body =
+            serde_json::to_vec(&cmdflow_tests::event(ty, Some(&parent), data.clone())).unwrap();
+        let (status, answer) = post(&format!("{}/v1/events", gw.url), CE, &body).await;
+        assert_eq!(status, 403, "{ty}: {answer}");
+        assert_eq!(answer["code"], "forbidden", "{ty}: {answer}");
+        let detail = answer["detail"].as_str().unwrap();
+        assert!(
+            detail.contains(ty) && detail.contains("engine"),
+            "{ty}: {answer}"
+        );
+    }
+    // Hidden in a batch behind a valid event: the whole batch is refused.
+    let batch = json!([
+        cmdflow_tests::event("demo.increment", Some(&kids[0]), json!({"by": 1})),
+        cmdflow_tests::event("command.abort", Some(&parent), json!({"reason": "forged"})),
+    ]);
+    let (status, answer) = post(
+        &format!("{}/v1/events", gw.url),
+        "application/cloudevents-batch+json",
+        &serde_json::to_vec(&batch).unwrap(),
+    )
+    .await;
+    assert_eq!(status, 403, "{answer}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(group_of(&env, &parent).await, (0, "open".to_owned()));
+    let parent_state = env.command(&parent).await.unwrap().state;
+    assert_eq!(parent_state, cmdflow_shared::CommandState::Running);
+    for kid in &kids {
+        let kid = env.command(kid).await.unwrap();
+        assert_eq!(kid.state, cmdflow_shared::CommandState::Running);
+        assert_eq!(
+            kid.data["count"], 0,
+            "the batch's increment was not published"
+        );
+    }
+    env.cleanup().await;
+}
+
+/// Straight to the broker, past the gateway: an engine event without the engine's mark is a dead
+/// letter that says why, and changes nothing. Replayed by an operator, it is refused again.
+#[tokio::test]
+async fn engine_events_forged_on_the_broker_are_dead_letters() {
+    let mut env = TestEnv::new().await;
+    let gw = env.start_gateway().await;
+    env.start_worker().await;
+    let (parent, kids) = parent_with_three_children(&env, &gw.url, "member:71").await;
+    let abort = cmdflow_tests::event("command.abort", Some(&parent), json!({"reason": "forged"}));
+    let done = cmdflow_tests::event(
+        "command.completed",
+        Some(&parent),
+        json!({"child_id": kids[0], "group": "children", "kind": "demo.counter", "result": {"forged": true}}),
+    );
+    env.publish_raw("command.abort", &serde_json::to_vec(&abort).unwrap())
+        .await;
+    env.publish_raw("command.completed", &serde_json::to_vec(&done).unwrap())
+        .await;
+    let dead = eventually(Duration::from_secs(20), "both dead-lettered", || async {
+        let first = env.dead_letter_after(0).await?;
+        let second = env.dead_letter_after(first.id).await?;
+        Some([first, second])
+    })
+    .await;
+    for letter in &dead {
+        assert!(letter.reason.contains("engine's mark"), "{}", letter.reason);
+        assert_eq!(letter.error_class, "invalid_event", "{letter:?}");
+    }
+    assert_eq!(group_of(&env, &parent).await, (0, "open".to_owned()));
+    assert_eq!(
+        env.command(&parent).await.unwrap().state,
+        cmdflow_shared::CommandState::Running
+    );
+    // An operator replays them: they are refused again, not laundered by the replay.
+    let (status, started) = post(
+        &format!("{}/v1/dead-letters/replay", gw.url),
+        JSON,
+        &serde_json::to_vec(&json!({"owner": "member:71"})).unwrap(),
+    )
+    .await;
+    assert_eq!(status, 202, "{started}");
+    eventually(
+        Duration::from_secs(20),
+        "the replays dead again",
+        || async {
+            let again = env.dead_letter_after(dead[1].id).await?;
+            let last = env.dead_letter_after(again.id).await?;
+            Some((again, last))
+        },
+    )
+    .await;
+    assert_eq!(group_of(&env, &parent).await, (0, "open".to_owned()));
+    for kid in &kids {
+        assert_eq!(
+            env.command(kid).await.unwrap().state,
+            cmdflow_shared::CommandState::Running
+        );
+    }
+    env.cleanup().await;
+}
+
+/// A report counts only from a member of the group it names. One that names a random command, or
+/// a real command that is not this parent's child, is ignored, and the history says so; the real
+/// children are not aborted.
+#[tokio::test]
+async fn a_report_from_a_command_that_is_not_a_child_does_not_count() {
+    let mut env = TestEnv::new().await;
+    let gw = env.start_gateway().await;
+    env.start_worker().await;
+    let (parent, kids) = parent_with_three_children(&env, &gw.url, "member:72").await;
+    let outsider =
+        cmdflow_tests::start_command(&gw.url, "demo.counter", "member:72", json!({})).await;
+    env.wait_state(&outsider, cmdflow_shared::CommandState::Running)
+        .await;
+    // Marked as the engine's (a bug, or a stolen mark): still not counted.
+    for child in [uuid::Uuid::now_v7().to_string(), outsider.clone()] {
+        for _ in 0..3 {
+            let report = cmdflow_tests::event(
+                "command.completed",
+                Some(&parent),
+                json!({"child_id": child, "group": "children", "kind": "demo.counter", "result": {"forged": true}}),
+            );
+            env.publish_raw_as_engine("command.completed", &serde_json::to_vec(&report).unwrap())
+                .await;
+        }
+    }
+    let reasons = eventually(Duration::from_secs(20), "six reports ignored", || async {
+        let reasons = ignored_reasons(&env, &parent).await;
+        (reasons.len() == 6).then_some(reasons)
+    })
+    .await;
+    assert!(
+        reasons
+            .iter()
+            .all(|r| r.contains("not a child of this command")),
+        "{reasons:?}"
+    );
+    assert_eq!(group_of(&env, &parent).await, (0, "open".to_owned()));
+    assert_eq!(
+        env.command(&parent).await.unwrap().state,
+        cmdflow_shared::CommandState::Running
+    );
+    for kid in &kids {
+        assert_eq!(
+            env.command(kid).await.unwrap().state,
+            cmdflow_shared::CommandState::Running
+        );
+    }
+    env.cleanup().await;
+}
+
+const HS_SECRET: &str = "an-hs256-secret-that-is-long-enough-0123";
+
+fn hs256(claims: Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(HS_SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// With an issuer and an audience configured, a token must carry both; `nbf` is checked; the
+/// leeway on `exp` is small (5 s by default).
+#[tokio::test]
+async fn jwt_claims_are_checked_as_documented() {
+    let mut env = TestEnv::new().await;
+    let gw = env
+        .start_gateway_with(|c| {
+            c.jwt_hs256_secret = Some(cmdflow_shared::config::Secret::new(HS_SECRET));
+            c.jwt_issuer = Some("https://id.example".to_owned());
+            c.jwt_audience = Some("cmdflow".to_owned());
+        })
+        .await;
+    let now = chrono::Utc::now().timestamp();
+    let good = json!({"sub": "member:73", "scope": "owner:read", "exp": now + 600,
+                      "iss": "https://id.example", "aud": "cmdflow"});
+    let with = |change: &dyn Fn(&mut serde_json::Map<String, Value>)| {
+        let mut claims = good.as_object().unwrap().clone();
+        change(&mut claims);
+        hs256(Value::Object(claims))
+    };
+    let cases: Vec<(&str, String, Option<&str>)> = vec![
+        ("good", hs256(good.clone()), None),
+        ("no iss", with(&|c| drop(c.remove("iss"))), Some("`iss`")),
+        ("no aud", with(&|c| drop(c.remove("aud"))), Some("`aud`")),
+        (
+            "another iss",
+            with(&|c| drop(c.insert("iss".into(), json!("https://evil.example")))),
+            Some("issuer"),
+        ),
+        (
+            "nbf in a minute",
+            with(&|c| drop(c.insert("nbf".into(), json!(now + 60)))),
+            Some("not valid yet"),
+        ),
+        (
+            "expired 30 s ago",
+            with(&|c| drop(c.insert("exp".into(), json!(now - 30)))),
+            Some("expired"),
+        ),
+    ];
+    let client = reqwest::Client::new();
+    for (case, token, refused) in cases {
+        let resp = client
+            .get(format!("{}/v1/owners/member:73/feed", gw.url))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        match refused {
+            None => assert_eq!(status, 200, "{case}: {body}"),
+            Some(words) => {
+                assert_eq!(status, 401, "{case}: {body}");
+                assert!(
+                    body["detail"].as_str().unwrap().contains(words),
+                    "{case}: {body}"
+                );
+            }
+        }
+    }
+    env.cleanup().await;
+}
+
+/// A keys file: a plain publisher, a publisher that may also link identities, and a reader.
+fn link_keys() -> (std::path::PathBuf, [String; 3]) {
+    use cmdflow_gateway::auth::{generate_key, hash_key};
+    let dir = std::env::temp_dir().join(format!("cmdflow-link-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let keys = [generate_key(), generate_key(), generate_key()];
+    let file = format!(
+        r#"
+[[keys]]
+name = "shop"
+sha256 = "{}"
+scopes = ["events:publish"]
+
+[[keys]]
+name = "linker"
+sha256 = "{}"
+scopes = ["events:publish", "owners:link"]
+
+[[keys]]
+name = "support"
+sha256 = "{}"
+scopes = ["commands:read"]
+"#,
+        hash_key(&keys[0]),
+        hash_key(&keys[1]),
+        hash_key(&keys[2]),
+    );
+    let path = dir.join("keys.toml");
+    std::fs::write(&path, file).unwrap();
+    (path, keys)
+}
+
+/// The audit entries for identity links, oldest first: (actor, from, to).
+async fn link_audit(env: &TestEnv) -> Vec<(String, String, String)> {
+    sqlx::query_as(
+        "SELECT actor, filter->>'from', filter->>'to' FROM ops_audit
+          WHERE action = 'owner.linked' ORDER BY id",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap()
+}
+
+/// Linking two identities joins two people's data, so it needs its own scope (`owners:link`), or
+/// a source the workers trust (CMDFLOW_LINK_SOURCES); the audit names who linked. A key that may
+/// only read commands cannot mark a person's messages read.
+#[tokio::test]
+async fn linking_identities_needs_its_own_scope_and_is_audited() {
+    let (keys_file, [shop, linker, support]) = link_keys();
+    let mut env = TestEnv::with(|c| {
+        c.auth_keys_file = Some(keys_file.to_string_lossy().into_owned());
+        c.link_sources = Some("identity-service".to_owned());
+    })
+    .await;
+    let gw = env.start_gateway().await;
+    env.start_worker().await;
+    let client = reqwest::Client::new();
+    let publish = |key: &str, ev: Value| {
+        client
+            .post(format!("{}/v1/events", gw.url))
+            .bearer_auth(key)
+            .header("content-type", CE)
+            .body(serde_json::to_vec(&ev).unwrap())
+            .send()
+    };
+    let link = |from: &str, to: &str| {
+        cmdflow_tests::event("owner.linked", None, json!({"from": from, "to": to}))
+    };
+    let owners = |owner: &'static str| {
+        let pool = env.pool.clone();
+        async move {
+            let mut o = cmdflow_shared::store::people::owners_of(&pool, owner)
+                .await
+                .unwrap();
+            o.sort();
+            o
+        }
+    };
+
+    // A plain publishing key: 403, naming the scope it lacks.
+    let resp = publish(&shop, link("member:alice80", "member:bob80"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 403);
+    let body: Value = resp.json().await.unwrap();
+    assert!(
+        body["detail"].as_str().unwrap().contains("owners:link"),
+        "{body}"
+    );
+    // Straight to the broker from a source nobody trusts, claiming a linker: a dead letter.
+    let mut forged = link("member:alice80", "member:bob80");
+    forged["source"] = json!("attacker");
+    forged["linkedby"] = json!("key:linker");
+    env.publish_raw("owner.linked", &serde_json::to_vec(&forged).unwrap())
+        .await;
+    let dead = eventually(Duration::from_secs(20), "the forged link dead", || async {
+        env.dead_letter_after(0).await
+    })
+    .await;
+    assert!(
+        dead.reason.contains("CMDFLOW_LINK_SOURCES") && dead.reason.contains("attacker"),
+        "{}",
+        dead.reason
+    );
+    assert_eq!(owners("member:alice80").await, vec!["member:alice80"]);
+
+    // The linker's key links, and the audit says it was that key.
+    let resp = publish(&linker, link("member:alice80", "member:bob80"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 202);
+    eventually(Duration::from_secs(20), "alice and bob linked", || async {
+        (owners("member:alice80").await == vec!["member:alice80", "member:bob80"]).then_some(())
+    })
+    .await;
+    // A trusted source on the broker links too; a `linkedby` it claims is not believed.
+    let mut trusted = link("member:carol80", "member:bob80");
+    trusted["source"] = json!("identity-service");
+    trusted["linkedby"] = json!("key:someone-else");
+    env.publish_raw("owner.linked", &serde_json::to_vec(&trusted).unwrap())
+        .await;
+    eventually(Duration::from_secs(20), "carol linked", || async {
+        (owners("member:carol80").await.len() == 3).then_some(())
+    })
+    .await;
+    let audit = link_audit(&env).await;
+    assert_eq!(audit.len(), 2, "{audit:?}");
+    assert!(
+        audit[0].0.starts_with("key:linker") && audit[0].1 == "member:alice80",
+        "{audit:?}"
+    );
+    assert_eq!(audit[1].0, "source:identity-service", "{audit:?}");
+
+    // A reader of commands cannot mark a person's messages read.
+    let resp = client
+        .post(format!(
+            "{}/v1/owners/member:alice80/messages/{}/read",
+            gw.url,
+            uuid::Uuid::now_v7()
+        ))
+        .bearer_auth(&support)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 403);
+    env.cleanup().await;
+}
+
+/// A cron that never occurs (the 30th of February) is refused after a bounded search, not one
+/// that walks to the year 5000 on the gateway's CPU; a pattern of 7 fields is refused by name.
+#[tokio::test]
+async fn impossible_and_seven_field_crons_are_refused() {
+    let mut env = TestEnv::new().await;
+    let gw = env.start_gateway().await;
+    for (cron, words) in [
+        ("0 0 30 2 *", "never occurs in the next 28 years"),
+        ("0 0 0 31 2 *", "never occurs in the next 28 years"),
+        ("0 0 * * * * 2027", "7 fields"),
+    ] {
+        let body = start_with(
+            json!("demo.timer"),
+            json!("member:74"),
+            json!({"cron": cron}),
+        );
+        let (status, answer) = post(&format!("{}/v1/commands", gw.url), JSON, &body).await;
+        assert_eq!(status, 422, "{cron}: {answer}");
+        let detail = answer["detail"].as_str().unwrap();
+        assert!(
+            detail.contains(words) && detail.contains("cron"),
+            "{cron}: {answer}"
+        );
+    }
+    assert_no_trace(&env, "impossible crons").await;
+    env.cleanup().await;
+}
+
+/// A NUL in an abort reason, a discard reason or a replay filter is refused at the door (422
+/// naming the field), not accepted and dead-lettered later, nor answered 503.
+#[tokio::test]
+async fn a_nul_in_an_operation_is_a_422() {
+    let mut env = TestEnv::new().await;
+    let gw = env.start_gateway().await;
+    env.start_worker().await;
+    let id = cmdflow_tests::start_command(&gw.url, "demo.counter", "member:75", json!({})).await;
+    env.wait_state(&id, cmdflow_shared::CommandState::Running)
+        .await;
+    let cases = [
+        (
+            format!("/v1/commands/{id}/abort"),
+            json!({"reason": "a\u{0}b"}),
+            "reason",
+        ),
+        (
+            "/v1/dead-letters/discard".to_owned(),
+            json!({"type": "demo.increment", "reason": "x\u{0}"}),
+            "reason",
+        ),
+        (
+            "/v1/dead-letters/replay".to_owned(),
+            json!({"owner": "member:\u{0}75"}),
+            "owner",
+        ),
+        (
+            "/v1/dead-letters/discard".to_owned(),
+            json!({"signature": "\u{0}", "reason": "why"}),
+            "signature",
+        ),
+    ];
+    for (path, body, field) in cases {
+        let (status, answer) = post(
+            &format!("{}{path}", gw.url),
+            JSON,
+            &serde_json::to_vec(&body).unwrap(),
+        )
+        .await;
+        assert_eq!(status, 422, "{path} {body}: {answer}");
+        let detail = answer["detail"].as_str().unwrap();
+        assert!(
+            detail.contains(field) && detail.contains("NUL"),
+            "{path}: {answer}"
+        );
+    }
+    let (status, answer) = get(&format!("{}/v1/dead-letters?kind=demo%00", gw.url)).await;
+    assert_eq!(status, 422, "{answer}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        env.command(&id).await.unwrap().state,
+        cmdflow_shared::CommandState::Running,
+        "the abort was not published"
+    );
+    assert!(env.dead_letter_after(0).await.is_none());
+    env.cleanup().await;
+}
+
+/// `cmdflow dlq show ID | head`: the reader goes away, and the CLI ends quietly (status 0, no
+/// panic) instead of panicking on the broken pipe.
+#[tokio::test]
+async fn the_cli_ends_quietly_when_its_reader_goes_away() {
+    let mut env = TestEnv::new().await;
+    let gw = env.start_gateway().await;
+    env.start_worker().await;
+    env.publish_raw("demo.increment", b"{not json").await;
+    let letter = eventually(Duration::from_secs(20), "a dead letter", || async {
+        env.dead_letter_after(0).await
+    })
+    .await;
+    for _ in 0..3 {
+        let mut child = tokio::process::Command::new(cmdflow_tests::fleet::cmdflow_binary())
+            .args(["dlq", "show", &letter.id.to_string()])
+            .env("CMDFLOW_URL", &gw.url)
+            .env("CMDFLOW_TOKEN", TEST_KEY)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The reader closes before the CLI has its answer from the gateway.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().await.unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    }
+    env.cleanup().await;
+}
+
+/// Callers choose event types, so the `type` label of the event metrics is bounded: past
+/// `MAX_TYPE_LABELS` distinct types, the rest count as `other` (3,000 types once made 3,018
+/// series).
+#[tokio::test]
+async fn made_up_event_types_do_not_grow_the_metric_series() {
+    let mut env = TestEnv::new().await;
+    let gw = env.start_gateway().await;
+    let max = cmdflow_shared::metrics::MAX_TYPE_LABELS;
+    let batch: Vec<Value> = (0..max + 50)
+        .map(|i| cmdflow_tests::event(&format!("spam.type{i}"), None, json!({})))
+        .collect();
+    let (status, answer) = post(
+        &format!("{}/v1/events", gw.url),
+        "application/cloudevents-batch+json",
+        &serde_json::to_vec(&batch).unwrap(),
+    )
+    .await;
+    assert_eq!(status, 202, "{answer}");
+    let text = reqwest::get(format!("{}/metrics", gw.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let types: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("cmdflow_events_received_total{"))
+        .filter_map(|l| l.split("type=\"").nth(1)?.split('"').next())
+        .collect();
+    assert!(types.contains("other"), "{types:?}");
+    let named = types
+        .iter()
+        .filter(|t| {
+            // cmdflow's own types are always named, and do not count.
+            **t != "other"
+                && **t != cmdflow_shared::contract::types::OWNER_LINKED
+                && !cmdflow_shared::contract::types::is_reserved(t)
+        })
+        .count();
+    assert!(named <= max, "{named} named types: {types:?}");
+    env.cleanup().await;
+}
+
+/// Unmatched events are a diagnostic list anyone who publishes adds to: past
+/// `CMDFLOW_UNMATCHED_RETENTION` they are deleted.
+#[tokio::test]
+async fn old_unmatched_events_are_pruned() {
+    let env = TestEnv::with(|c| c.unmatched_retention = Duration::from_secs(3600)).await;
+    for (id, age) in [
+        ("old-1", "2 hours"),
+        ("old-2", "8 days"),
+        ("fresh", "1 minute"),
+    ] {
+        sqlx::query(
+            "INSERT INTO unmatched_events (source, event_id, event_type, body, received_at)
+             VALUES ('tests', $1, 'x.happened', '{}', now() - $2::interval)",
+        )
+        .bind(id)
+        .bind(age)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    }
+    let scheduler = env.scheduler(std::sync::Arc::new(cmdflow_shared::time::SystemClock));
+    assert_eq!(scheduler.prune_unmatched().await.unwrap(), 2);
+    let left: Vec<String> = sqlx::query_scalar("SELECT event_id FROM unmatched_events")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, vec!["fresh"]);
+    env.cleanup().await;
+}

@@ -194,6 +194,10 @@ impl WorkerProcess {
                 "CMDFLOW_PARTITION_LEASE",
                 format!("{}ms", c.partition_lease.as_millis()),
             )
+            .env(
+                "CMDFLOW_AMQP_HEARTBEAT",
+                format!("{}s", c.amqp_heartbeat.as_secs()),
+            )
             .env("CMDFLOW_METRICS_ADDR", &metrics)
             .env("CMDFLOW_LOG_FORMAT", "json")
             .env("RUST_LOG", "warn")
@@ -446,6 +450,37 @@ async fn with_two_masters_down_nothing_is_applied_and_nothing_is_lost() {
     let gw = env.start_gateway().await;
     env.start_worker().await;
     env.start_worker().await;
+    // A worker's readiness, as `cmdflow worker` serves it: it needs the Redis majority.
+    let c = &env.config;
+    let locks = cmdflow_shared::lock::Locks::new(
+        &c.redis_url_list(),
+        &c.namespace,
+        c.lock_ttl,
+        c.lock_wait,
+    )
+    .unwrap();
+    let ready_addr = format!("127.0.0.1:{}", free_port());
+    let stop_ready = CancellationToken::new();
+    let needs = cmdflow_gateway::app::Needs {
+        pool: Some(env.pool.clone()),
+        bus: Some(env.bus.clone()),
+        locks: Some(locks),
+    };
+    let (addr, stop) = (ready_addr.clone(), stop_ready.clone());
+    tokio::spawn(async move {
+        cmdflow_gateway::app::serve_metrics(&addr, CancellationToken::new(), stop, needs).await
+    });
+    let readyz = || async {
+        let resp = reqwest::get(format!("http://{ready_addr}/readyz"))
+            .await
+            .ok()?;
+        let status = resp.status().as_u16();
+        Some((status, resp.json::<Value>().await.unwrap_or(Value::Null)))
+    };
+    eventually(WAIT, "the worker ready", || async {
+        readyz().await.filter(|(s, _)| *s == 200)
+    })
+    .await;
     let id = start_command(&gw.url, "demo.counter", "system:redlock", json!({})).await;
     env.wait_state(&id, CommandState::Running).await;
     // One increment first, so the workers hold live connections to every master when two die.
@@ -498,10 +533,20 @@ async fn with_two_masters_down_nothing_is_applied_and_nothing_is_lost() {
         "no quorum must mean waiting in place, never the retry ladder or dead letters"
     );
     assert!(env.dead_letter_after(0).await.is_none(), "dead-lettered");
+    // Without a Redis majority a worker can apply nothing: it says so on /readyz.
+    let (status, health) = readyz().await.unwrap();
+    assert_eq!(status, 503, "{health}");
+    assert_eq!(health["checks"]["postgres"], "ok", "{health}");
+    assert_ne!(health["checks"]["redis"], "ok", "{health}");
 
     // The masters come back (empty) on the same ports: every held event is applied once.
     masters.restart(0).await;
     masters.restart(1).await;
+    eventually(WAIT, "the worker ready again", || async {
+        readyz().await.filter(|(s, _)| *s == 200)
+    })
+    .await;
+    stop_ready.cancel();
     wait_count(&env, &id, 51, WAIT).await;
     assert_exact(&env, &id, &sent).await;
     env.cleanup().await;
@@ -809,5 +854,151 @@ async fn a_worker_waits_on_a_row_no_longer_than_its_lock_ttl() {
     holder.rollback().await.unwrap();
     wait_count(&env, &id, 5, WAIT).await;
     assert_exact(&env, &id, &sent).await;
+    env.cleanup().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. A paused worker stalls its commands for a bounded time, not for its whole pause.
+// ---------------------------------------------------------------------------------------------
+
+/// Counts of `ids`, in order.
+async fn counts(pool: &PgPool, ids: &[String]) -> Vec<i64> {
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        out.push(count_in(pool, id).await);
+    }
+    out
+}
+
+/// A worker paused (SIGSTOP) under load, with the default prefetch, heartbeat, partition lease
+/// and lock TTL, holds its unacknowledged deliveries, its partitions and maybe an open
+/// transaction. The broker gives them back once the paused connection misses two heartbeats,
+/// and PostgreSQL ends the transaction after half the lock TTL: while it is still paused (60 s),
+/// the other worker applies new events for every command. The stall is printed.
+#[tokio::test]
+async fn a_paused_worker_stalls_its_commands_for_a_bounded_time() {
+    let _serial = SERIAL.lock().await;
+    const PAUSE: Duration = Duration::from_secs(60);
+    let env = TestEnv::with(|c| {
+        c.amqp_heartbeat = cmdflow_shared::Config::default().amqp_heartbeat;
+        c.prefetch = cmdflow_shared::Config::default().prefetch;
+        c.partition_lease = cmdflow_shared::Config::default().partition_lease;
+        c.lock_ttl = cmdflow_shared::Config::default().lock_ttl;
+    })
+    .await;
+    let dir = std::env::temp_dir().join(format!("cmdflow-stall-{}", env.config.namespace));
+    std::fs::create_dir_all(&dir).unwrap();
+    let workers = [
+        WorkerProcess::spawn("a", &env, &dir),
+        WorkerProcess::spawn("b", &env, &dir),
+    ];
+    for w in &workers {
+        eventually(WAIT, &format!("worker {} up", w.name), || async {
+            w.metrics_text().await.map(|_| ())
+        })
+        .await;
+    }
+    let mut ids = Vec::new();
+    for i in 0..32 {
+        ids.push(
+            env.start_raw("demo.counter", &format!("system:stall{i}"), json!({}))
+                .await,
+        );
+    }
+    for id in &ids {
+        env.wait_state(id, CommandState::Running).await;
+    }
+    // Both workers hold partitions before the pause.
+    eventually(WAIT, "both workers consuming", || async {
+        let consumers: i64 = sqlx::query_scalar(
+            "SELECT count(DISTINCT owner) FROM work_partitions
+              WHERE namespace = $1 AND lease_until > now()",
+        )
+        .bind(&env.config.namespace)
+        .fetch_one(&env.pool)
+        .await
+        .ok()?;
+        (consumers == 2).then_some(())
+    })
+    .await;
+    let stop = CancellationToken::new();
+    let feeder = {
+        let (bus, ids, stop) = (env.bus.clone(), ids.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut sent = 0usize;
+            while !stop.is_cancelled() {
+                for id in &ids {
+                    publish_increments(&bus, id, 2).await;
+                    sent += 2;
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            sent
+        })
+    };
+    eventually(WAIT, "every counter moving", || async {
+        counts(&env.pool, &ids)
+            .await
+            .iter()
+            .all(|c| *c >= 4)
+            .then_some(())
+    })
+    .await;
+
+    signal(workers[0].pid(), "STOP");
+    let paused = Instant::now();
+    let at_pause = counts(&env.pool, &ids).await;
+    // Every command moves on while `a` is still paused: the stall is how long the last waited.
+    let mut stalled = vec![None; ids.len()];
+    while paused.elapsed() < PAUSE && stalled.iter().any(Option::is_none) {
+        let now = counts(&env.pool, &ids).await;
+        for (i, (before, now)) in at_pause.iter().zip(&now).enumerate() {
+            // Past what could have been in flight at the pause: events sent after it.
+            if stalled[i].is_none() && *now >= before + 8 {
+                stalled[i] = Some(paused.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let still_paused = paused.elapsed();
+    signal(workers[0].pid(), "CONT");
+    stop.cancel();
+    let sent = feeder.await.unwrap();
+    let longest = stalled.iter().flatten().max().copied();
+    eprintln!(
+        "paused worker a for {:.1}s: {} of {} commands moved on meanwhile; the longest stall \
+         {:?} (heartbeat {:?}, prefetch {}, partition lease {:?}, lock TTL {:?}); {sent} \
+         increments sent",
+        still_paused.as_secs_f64(),
+        stalled.iter().flatten().count(),
+        ids.len(),
+        longest,
+        env.config.amqp_heartbeat,
+        env.config.prefetch,
+        env.config.partition_lease,
+        env.config.lock_ttl,
+    );
+    let stuck: Vec<&String> = ids
+        .iter()
+        .zip(&stalled)
+        .filter(|(_, s)| s.is_none())
+        .map(|(id, _)| id)
+        .collect();
+    assert!(
+        stuck.is_empty(),
+        "{} commands made no progress during the {PAUSE:?} pause: {stuck:?}\nb's log:\n{}",
+        stuck.len(),
+        workers[1].log_lines("").join("\n")
+    );
+    // Nothing was lost or doubled on the way: every increment sent is applied once.
+    eventually(
+        Duration::from_secs(120),
+        "every increment applied",
+        || async {
+            let total: i64 = counts(&env.pool, &ids).await.iter().sum();
+            (total == sent as i64).then_some(())
+        },
+    )
+    .await;
     env.cleanup().await;
 }

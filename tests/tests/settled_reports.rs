@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use cmdflow_shared::CommandState;
-use cmdflow_tests::{TestEnv, event, eventually, get, send, start_command};
+use cmdflow_tests::{TestEnv, event, eventually, get, post, send, start_command};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -249,11 +249,13 @@ async fn an_aborted_parent_closes_the_group_and_its_children_wake_nobody() {
     )
     .await;
     env.children_running(&parent, 3).await;
-    send(
-        &gw.url,
-        &event("command.abort", Some(&parent), json!({"reason": "test"})),
+    let (status, answer) = post(
+        &format!("{}/v1/commands/{parent}/abort", gw.url),
+        "application/json",
+        br#"{"reason": "test"}"#,
     )
     .await;
+    assert_eq!(status, 202, "{answer}");
     env.wait_state(&parent, CommandState::Aborted).await;
     eventually(WAIT, "the children aborted and counted", || async {
         let (_, state, _, _, aborted, _) = group(&env, &parent).await;

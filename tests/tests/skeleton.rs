@@ -491,7 +491,7 @@ async fn events_that_come_before_their_commands_start_are_applied_after_it_in_or
     })
     .await;
     let start = cmdflow_tests::start_event(&id, "demo.counter", "member:7", json!({}));
-    env.publish_raw("command.start", &serde_json::to_vec(&start).unwrap())
+    env.publish_raw_as_engine("command.start", &serde_json::to_vec(&start).unwrap())
         .await;
     wait_count(&env, &id, 5, Duration::from_secs(20)).await;
     let order: Vec<Option<i64>> = sqlx::query_scalar(

@@ -419,8 +419,12 @@ async fn a_duplicated_ack_is_counted_once() {
         e["source"] = json!("replayer");
         e
     };
-    send(&gw.url, &replay).await;
-    send(&gw.url, &replay).await;
+    // The engine's own event, replayed: it carries the engine's mark.
+    let replay = serde_json::to_vec(&replay).unwrap();
+    env.publish_raw_as_engine("command.completed", &replay)
+        .await;
+    env.publish_raw_as_engine("command.completed", &replay)
+        .await;
     eventually(WAIT, "the replayed ACK noted", || async {
         history(&env, &parent)
             .await

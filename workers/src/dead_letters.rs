@@ -18,7 +18,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 /// What a dead-letter message says about its failure.
-pub fn describe(delivery: &Delivery) -> NewDeadLetter {
+pub fn describe(bus: &Bus, delivery: &Delivery) -> NewDeadLetter {
     let headers = delivery.properties.headers().as_ref();
     let event = Event::parse(&delivery.data).ok();
     let now = Utc::now();
@@ -69,6 +69,7 @@ pub fn describe(delivery: &Delivery) -> NewDeadLetter {
         attempts: attempts as i32,
         first_failed_at: first,
         last_failed_at: now,
+        from_engine: bus.is_from_engine(headers),
     }
 }
 
@@ -117,7 +118,7 @@ async fn keep(pool: &PgPool, bus: &Bus, shutdown: &CancellationToken) -> Result<
                 });
             }
         };
-        let letter = describe(&delivery);
+        let letter = describe(bus, &delivery);
         match dead::keep(pool, &letter).await {
             Ok(_) => {
                 drop(delivery.acker.ack(BasicAckOptions::default()).await);

@@ -116,6 +116,8 @@ pub struct EngineSettings {
     pub early_event_window: Duration,
     /// Whether e-mails are sent (an SMTP server is configured) or kept in the app.
     pub smtp_enabled: bool,
+    /// Sources allowed to send `owner.linked` straight to the broker.
+    pub link_sources: Vec<String>,
 }
 
 impl EngineSettings {
@@ -137,6 +139,7 @@ impl EngineSettings {
             max_children: config.max_children,
             early_event_window: config.early_event_window,
             smtp_enabled: config.smtp_url.is_some(),
+            link_sources: config.link_source_list(),
         })
     }
 }
@@ -197,6 +200,11 @@ impl Engine {
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// The Redlock quorum, unless locking is off.
+    pub fn locks(&self) -> Option<&Locks> {
+        self.locks.as_ref()
     }
 
     pub fn bus(&self) -> &Arc<Bus> {
@@ -633,6 +641,7 @@ fn record_outcome(
         Disposition::Retry(_) => "retry",
         Disposition::Dead { .. } => "dead",
     };
+    let ty = cm::type_label(&ty);
     metrics::counter!(cm::EVENTS_PROCESSED, "type" => ty.clone(), "outcome" => outcome)
         .increment(1);
     if outcome == "applied" {
@@ -952,6 +961,7 @@ impl Engine {
                     .and_then(Value::as_str)
                     .unwrap_or_default();
                 let mut headers = trace_headers(&row.body);
+                self.bus.mark_engine(&mut headers);
                 self.bus
                     .add_partition(&mut headers, &route_key_of_json(&row.body));
                 bus::Outgoing {

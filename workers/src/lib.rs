@@ -100,6 +100,7 @@ impl Worker {
     ) -> Result<Worker, WorkerError> {
         let settings = EngineSettings::from_config(config)?;
         bus.declare_topology().await?;
+        bus.set_engine_mark(store::engine_mark(&pool).await?);
         // The gateway checks starts against what the workers publish here.
         store::kinds::publish(&pool, &registry.catalogue()).await?;
         let engine = Arc::new(Engine::new(pool, bus, locks, Arc::new(registry), settings));

@@ -30,11 +30,18 @@ pub enum ReplayError {
     NoJob(uuid::Uuid),
 }
 
-/// Headers for a replayed event: the original's, without the failure history, so it gets a fresh
-/// retry budget; marked with the dead letter it came from.
-pub fn replay_headers(id: i64) -> FieldTable {
+/// Headers for a replayed event: none of the original's failure history, so it gets a fresh
+/// retry budget; marked with the dead letter it came from, and with the engine's mark only if
+/// the original carried it (a refused forgery stays refused, however often it is replayed).
+pub fn replay_headers(bus: &Bus, letter: &dead::DeadLetter) -> FieldTable {
     let mut h = FieldTable::default();
-    h.insert("x-cmdflow-replayed-from".into(), AMQPValue::LongLongInt(id));
+    h.insert(
+        "x-cmdflow-replayed-from".into(),
+        AMQPValue::LongLongInt(letter.id),
+    );
+    if letter.from_engine {
+        bus.mark_engine(&mut h);
+    }
     h
 }
 
@@ -149,7 +156,7 @@ impl Runner {
             let exchange = self.bus.topology().events_exchange();
             let published = futures::future::join_all(batch.iter().map(|letter| {
                 let props = bus::event_properties(letter.event_id.as_deref().unwrap_or_default())
-                    .with_headers(replay_headers(letter.id));
+                    .with_headers(replay_headers(&self.bus, letter));
                 self.bus
                     .publish(&exchange, &letter.routing_key, &letter.body, props)
             }))

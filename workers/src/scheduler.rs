@@ -63,6 +63,7 @@ pub struct Scheduler {
     clock: Arc<dyn Clock>,
     batch: i64,
     early_event_window: Duration,
+    unmatched_retention: Duration,
 }
 
 impl Scheduler {
@@ -73,12 +74,26 @@ impl Scheduler {
             clock: Arc::new(SystemClock),
             batch: config.scheduler_batch.max(1),
             early_event_window: config.early_event_window,
+            unmatched_retention: config.unmatched_retention,
         }
     }
 
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
         self
+    }
+
+    /// Deletes unmatched events past their retention, a batch at a time (the table is a
+    /// diagnostic list, and every caller may add to it). How many it deleted.
+    pub async fn prune_unmatched(&self) -> Result<u64, SchedulerError> {
+        let mut total = 0;
+        loop {
+            let n = timestore::prune_unmatched(&self.pool, self.unmatched_retention, 5000).await?;
+            total += n;
+            if n < 5000 {
+                return Ok(total);
+            }
+        }
     }
 
     /// Fires the timers due now (one batch). Returns how many fired.
@@ -118,6 +133,11 @@ impl Scheduler {
             timers,
             now,
         } = claimed;
+        if !self.bus.has_engine_mark() {
+            // Unmarked, a timer's event would be refused as a forgery.
+            self.bus
+                .set_engine_mark(cmdflow_shared::store::engine_mark(&self.pool).await?);
+        }
         let mut events = Vec::with_capacity(timers.len());
         for timer in &timers {
             if let Some(event) = self.firing(&mut tx, timer, now).await? {
@@ -128,6 +148,8 @@ impl Scheduler {
         // later under the same ids; if the commit fails after publishing, the ids dedupe.
         let published = futures::future::join_all(events.iter().map(|e| {
             let body = e.to_bytes();
+            let mut headers = FieldTable::default();
+            self.bus.mark_engine(&mut headers);
             async move {
                 self.bus
                     .publish_event(
@@ -135,7 +157,7 @@ impl Scheduler {
                         &e.id,
                         &cmdflow_shared::bus::route_key(e),
                         &body,
-                        FieldTable::default(),
+                        headers,
                     )
                     .await
             }
@@ -308,6 +330,11 @@ impl Scheduler {
                     Ok(n) if n > 0 => tracing::debug!(pruned = n, "Forgot old broadcast events."),
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "Could not prune recent events."),
+                }
+                match this.prune_unmatched().await {
+                    Ok(n) if n > 0 => tracing::debug!(pruned = n, "Forgot old unmatched events."),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "Could not prune unmatched events."),
                 }
             }
             if sleep_for.is_zero() {

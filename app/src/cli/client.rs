@@ -84,7 +84,7 @@ impl Client {
 /// Prints `value` as JSON when the client is in JSON mode; says whether it did.
 fn printed_json(client: &Client, value: &Value) -> bool {
     if client.json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(value).unwrap_or_default()
         );
@@ -145,7 +145,7 @@ pub async fn emit(client: &Client, args: EmitArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     for id in accepted["ids"].as_array().into_iter().flatten() {
-        println!("accepted {}", id.as_str().unwrap_or_default());
+        outln!("accepted {}", id.as_str().unwrap_or_default());
     }
     Ok(())
 }
@@ -173,7 +173,7 @@ pub async fn start(
         return Ok(());
     }
     if !client.json {
-        println!("started {id}");
+        outln!("started {id}");
     }
     if wait {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -204,7 +204,7 @@ pub async fn kinds(client: &Client) -> anyhow::Result<()> {
     }
     let kinds = answer["kinds"].as_array().cloned().unwrap_or_default();
     if kinds.is_empty() {
-        println!("no kinds: no worker has published its kinds yet");
+        outln!("no kinds: no worker has published its kinds yet");
     }
     for kind in kinds {
         let required: Vec<&str> = kind["schema"]["required"]
@@ -234,7 +234,7 @@ pub async fn kinds(client: &Client) -> anyhow::Result<()> {
         if let Some(text) = kind["description"].as_str() {
             line.push_str(&format!("  · {text}"));
         }
-        println!("{line}");
+        outln!("{line}");
     }
     Ok(())
 }
@@ -253,9 +253,12 @@ pub async fn history(client: &Client, id: &str) -> anyhow::Result<()> {
     let mut after = 0;
     let mut all = Vec::new();
     if !client.json {
-        println!(
+        outln!(
             "{:>6}  {:<32}  {:<13}  {:<20}  detail",
-            "seq", "at", "entry", "event"
+            "seq",
+            "at",
+            "entry",
+            "event"
         );
     }
     loop {
@@ -278,7 +281,7 @@ pub async fn history(client: &Client, id: &str) -> anyhow::Result<()> {
                 ),
                 _ => e["event_type"].as_str().unwrap_or("").to_owned(),
             };
-            println!(
+            outln!(
                 "{:>6}  {:<32}  {:<13}  {:<20}  {}",
                 e["seq"].to_string(),
                 e["at"].as_str().unwrap_or(""),
@@ -315,7 +318,7 @@ pub async fn feed(
     if printed_json(client, &feed) {
         return Ok(());
     }
-    println!(
+    outln!(
         "person   {}",
         feed["identities"]
             .as_array()
@@ -325,18 +328,18 @@ pub async fn feed(
             .collect::<Vec<_>>()
             .join(", ")
     );
-    println!("pending");
+    outln!("pending");
     for p in feed["pending"].as_array().into_iter().flatten() {
-        println!(
+        outln!(
             "  {:<22} {}  ({})",
             p["code"].as_str().unwrap_or(""),
             p["text"].as_str().unwrap_or(""),
             p["command_id"].as_str().unwrap_or("")
         );
     }
-    println!("history");
+    outln!("history");
     for c in feed["history"].as_array().into_iter().flatten() {
-        println!(
+        outln!(
             "  {}  {:<14} {:<10} {}",
             c["created_at"].as_str().unwrap_or(""),
             c["kind"].as_str().unwrap_or(""),
@@ -344,14 +347,14 @@ pub async fn feed(
             c["command_id"].as_str().unwrap_or("")
         );
     }
-    println!("messages");
+    outln!("messages");
     for m in feed["messages"].as_array().into_iter().flatten() {
         let read = if m["read"] == true {
             "read  "
         } else {
             "unread"
         };
-        println!(
+        outln!(
             "  {read} {:<6} {}",
             m["channel"].as_str().unwrap_or(""),
             m["subject"].as_str().unwrap_or("")
@@ -373,7 +376,7 @@ pub async fn tree(client: &Client, id: &str) -> anyhow::Result<()> {
             Some("failed" | "aborted") => format!(" ({})", node["reason"].as_str().unwrap_or("")),
             _ => String::new(),
         };
-        println!(
+        outln!(
             "{}{} {} [{}]{}",
             "  ".repeat(depth),
             node["id"].as_str().unwrap_or(""),
@@ -387,7 +390,7 @@ pub async fn tree(client: &Client, id: &str) -> anyhow::Result<()> {
     }
     walk(&tree["root"], 0);
     if tree["truncated"] == true {
-        println!("… cut at {} nodes", tree["nodes"]);
+        outln!("… cut at {} nodes", tree["nodes"]);
     }
     Ok(())
 }
@@ -404,7 +407,7 @@ pub async fn abort(client: &Client, id: &str, reason: Option<String>) -> anyhow:
     if printed_json(client, &accepted) {
         return Ok(());
     }
-    println!(
+    outln!(
         "abort accepted for {} (event {})",
         id,
         accepted["event_id"].as_str().unwrap_or("")
@@ -418,22 +421,23 @@ fn print_command(c: &Value) {
         Value::Null => "-".to_owned(),
         other => other.to_string(),
     };
-    println!("command  {}", field("id"));
-    println!("kind     {}", field("kind"));
-    println!("owner    {}", field("owner"));
-    println!("state    {} (version {})", field("state"), field("version"));
+    outln!("command  {}", field("id"));
+    outln!("kind     {}", field("kind"));
+    outln!("owner    {}", field("owner"));
+    outln!("state    {} (version {})", field("state"), field("version"));
     if !c["parent_id"].is_null() {
-        println!("parent   {} (group {})", field("parent_id"), field("group"));
+        outln!("parent   {} (group {})", field("parent_id"), field("group"));
     }
     if let Some(children) = c["children"].as_object()
         && children["total"].as_i64().unwrap_or(0) > 0
     {
-        println!(
+        outln!(
             "children {} open of {}",
-            children["open"], children["total"]
+            children["open"],
+            children["total"]
         );
         for g in children["groups"].as_array().into_iter().flatten() {
-            println!(
+            outln!(
                 "  group {} ({}): {} · {} completed, {} failed, {} aborted of {}",
                 g["name"].as_str().unwrap_or(""),
                 g["policy"].as_str().unwrap_or(""),
@@ -445,17 +449,17 @@ fn print_command(c: &Value) {
             );
         }
     }
-    println!("data     {}", field("data"));
+    outln!("data     {}", field("data"));
     if !c["result"].is_null() {
-        println!("result   {}", field("result"));
+        outln!("result   {}", field("result"));
     }
     if !c["reason"].is_null() {
-        println!("reason   {}", field("reason"));
+        outln!("reason   {}", field("reason"));
     }
-    println!("created  {}", field("created_at"));
-    println!("updated  {}", field("updated_at"));
+    outln!("created  {}", field("created_at"));
+    outln!("updated  {}", field("updated_at"));
     if !c["ended_at"].is_null() {
-        println!("ended    {}", field("ended_at"));
+        outln!("ended    {}", field("ended_at"));
     }
 }
 

@@ -79,15 +79,19 @@ pub async fn run(client: &Client, cmd: DlqCmd) -> anyhow::Result<()> {
                 ))
                 .await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&page)?);
+                outln!("{}", serde_json::to_string_pretty(&page)?);
                 return Ok(());
             }
-            println!(
+            outln!(
                 "{:>8}  {:<25}  {:<22}  {:<18}  {:>3}  reason",
-                "id", "last failed", "type", "owner", "try"
+                "id",
+                "last failed",
+                "type",
+                "owner",
+                "try"
             );
             for d in page["dead_letters"].as_array().into_iter().flatten() {
-                println!(
+                outln!(
                     "{:>8}  {:<25}  {:<22}  {:<18}  {:>3}  {}",
                     s(&d["id"]),
                     s(&d["last_failed_at"]),
@@ -103,15 +107,17 @@ pub async fn run(client: &Client, cmd: DlqCmd) -> anyhow::Result<()> {
                 .get(&format!("/v1/dead-letters/groups?{}", query(&filter)))
                 .await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&groups)?);
+                outln!("{}", serde_json::to_string_pretty(&groups)?);
                 return Ok(());
             }
-            println!(
+            outln!(
                 "{:>7}  {:<40}  {:<25}  latest reason",
-                "count", "signature", "last failed"
+                "count",
+                "signature",
+                "last failed"
             );
             for g in groups["groups"].as_array().into_iter().flatten() {
-                println!(
+                outln!(
                     "{:>7}  {:<40}  {:<25}  {}",
                     s(&g["count"]),
                     s(&g["signature"]),
@@ -123,7 +129,7 @@ pub async fn run(client: &Client, cmd: DlqCmd) -> anyhow::Result<()> {
         DlqCmd::Show { id } => {
             let d = client.get(&format!("/v1/dead-letters/{id}")).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&d)?);
+                outln!("{}", serde_json::to_string_pretty(&d)?);
                 return Ok(());
             }
             for k in [
@@ -140,13 +146,13 @@ pub async fn run(client: &Client, cmd: DlqCmd) -> anyhow::Result<()> {
                 "kind",
                 "owner",
             ] {
-                println!("{k:<16} {}", s(&d[k]));
+                outln!("{k:<16} {}", s(&d[k]));
             }
-            println!("errors");
+            outln!("errors");
             for e in d["error_chain"].as_array().into_iter().flatten() {
-                println!("  - {}", s(e));
+                outln!("  - {}", s(e));
             }
-            println!("event\n{}", serde_json::to_string_pretty(&d["body"])?);
+            outln!("event\n{}", serde_json::to_string_pretty(&d["body"])?);
         }
         DlqCmd::Replay {
             filter,
@@ -183,9 +189,9 @@ pub async fn run(client: &Client, cmd: DlqCmd) -> anyhow::Result<()> {
                         .await?;
                     if dry_run {
                         if json {
-                            println!("{}", serde_json::to_string_pretty(&answer)?);
+                            outln!("{}", serde_json::to_string_pretty(&answer)?);
                         } else {
-                            println!(
+                            outln!(
                                 "{} dead letters would be replayed (dry run: nothing changed)",
                                 answer["count"]
                             );
@@ -198,14 +204,14 @@ pub async fn run(client: &Client, cmd: DlqCmd) -> anyhow::Result<()> {
             let id = s(&job["id"]);
             if detach {
                 if json {
-                    println!("{}", serde_json::to_string_pretty(&job)?);
+                    outln!("{}", serde_json::to_string_pretty(&job)?);
                 } else {
-                    println!("replay {id} started: {} dead letters", job["total"]);
+                    outln!("replay {id} started: {} dead letters", job["total"]);
                 }
                 return Ok(());
             }
             if !json {
-                println!("replay {id}");
+                outln!("replay {id}");
             }
             loop {
                 let now = client
@@ -217,7 +223,7 @@ pub async fn run(client: &Client, cmd: DlqCmd) -> anyhow::Result<()> {
                 match now["state"].as_str() {
                     Some("finished") => {
                         if json {
-                            println!("{}", serde_json::to_string_pretty(&now)?);
+                            outln!("{}", serde_json::to_string_pretty(&now)?);
                         } else {
                             eprintln!();
                         }
@@ -253,14 +259,14 @@ pub async fn run(client: &Client, cmd: DlqCmd) -> anyhow::Result<()> {
                 )
                 .await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&answer)?);
+                outln!("{}", serde_json::to_string_pretty(&answer)?);
             } else if dry_run {
-                println!(
+                outln!(
                     "{} dead letters would be discarded (dry run: nothing changed)",
                     answer["count"]
                 );
             } else {
-                println!("discarded {} dead letters", answer["count"]);
+                outln!("discarded {} dead letters", answer["count"]);
             }
         }
     }

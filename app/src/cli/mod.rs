@@ -2,8 +2,39 @@
 //! `archiver`, `activities`, `migrate`) and client subcommands (`emit`, `start`, `show`, …)
 //! that talk to the gateway at `CMDFLOW_URL`.
 
+/// `println!` for the client commands' output. When the reader has gone (`cmdflow dlq show |
+/// head`), the command ends quietly, as Unix tools do, instead of panicking on the broken pipe.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            $crate::cli::output_failed(e);
+        }
+    }};
+}
+
+/// `print!` for the client commands' output, as [`outln!`].
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = write!(std::io::stdout().lock(), $($arg)*) {
+            $crate::cli::output_failed(e);
+        }
+    }};
+}
+
 pub mod client;
 pub mod dlq;
+
+/// Ends the process when the output cannot be written: quietly (status 0) when the reader closed
+/// the pipe, with the error otherwise.
+pub(crate) fn output_failed(e: std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    eprintln!("cmdflow: cannot write the output: {e}");
+    std::process::exit(1);
+}
 
 use clap::{Parser, Subcommand};
 
@@ -323,7 +354,7 @@ pub async fn run(app: App, cli: Cli) -> anyhow::Result<()> {
             scopes,
             event_types,
         }) => {
-            print!(
+            out!(
                 "{}",
                 cmdflow_gateway::auth::new_key_entry(&name, &scopes, &event_types)?
             );
@@ -332,7 +363,7 @@ pub async fn run(app: App, cli: Cli) -> anyhow::Result<()> {
         Cmd::Migrate => {
             let config = server_config(&app)?;
             roles::migrate(&config).await?;
-            println!("migrations applied");
+            outln!("migrations applied");
             Ok(())
         }
         Cmd::Emit {

@@ -17,11 +17,15 @@ use crate::app::AppState;
 use crate::auth::Principal;
 use crate::catalogue::Lookup;
 use crate::error::{ApiError, ApiResult, ErrorBody};
-use crate::routes::events::publish_all;
+use crate::routes::events::{Speaker, publish_all};
 use crate::routes::json_body;
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct StartCommand {
+    /// The new command's id (a UUID), when the caller chooses it: sending the same start again
+    /// (after a timeout or a 503) then starts one command, not two. Without it, cmdflow picks one.
+    #[schema(value_type = Option<String>)]
+    pub id: Option<String>,
     /// A registered command kind, e.g. `demo.counter`.
     pub kind: String,
     /// `kind:id`, e.g. `member:42`.
@@ -60,7 +64,7 @@ pub async fn start_command(
     principal.may_publish(kind)?;
     crate::routes::events::trace(&headers, std::slice::from_mut(&mut event));
     let command_id = event.commandid.unwrap_or_default();
-    publish_all(&state, std::slice::from_ref(&event)).await?;
+    publish_all(&state, std::slice::from_ref(&event), Speaker::Engine).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(Started {
@@ -131,18 +135,29 @@ async fn start_event(state: &AppState, body: &[u8]) -> ApiResult<Event> {
     if let Some(at) = cmdflow_shared::contract::nul_in_map(&data, "data") {
         return Err(ApiError::invalid(&at, cmdflow_shared::contract::NUL_REASON));
     }
+    let chosen = match obj.remove("id") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.parse::<CommandId>().map_err(|e| {
+            ApiError::invalid("id", format!("must be a UUID, the new command's id: {e}"))
+        })?),
+        Some(_) => return Err(ApiError::invalid("id", "must be a string (a UUID)")),
+    };
     if let Some(extra) = obj.keys().next() {
         return Err(ApiError::invalid(
             extra,
-            "is not a field of a command start (kind, owner, data)",
+            "is not a field of a command start (id, kind, owner, data)",
         ));
     }
-    let id = CommandId::new();
+    let id = chosen.unwrap_or_default();
     let mut start = Map::new();
     start.insert("kind".into(), json!(kind));
     start.insert("owner".into(), json!(owner.to_string()));
     start.insert("data".into(), Value::Object(data));
     let mut event = Event::new("cmdflow/gateway", COMMAND_START, start);
+    if chosen.is_some() {
+        // The same start sent again is the same event: applied once.
+        event.id = format!("start-{id}");
+    }
     event.commandid = Some(id);
     event.subject = Some(owner.to_string());
     event.correlationid = Some(id.to_string());
@@ -379,13 +394,14 @@ pub async fn abort_command(
             ApiError::invalid("body", format!("expected {{\"reason\": string}}: {e}"))
         })?
     };
-    if let Some(reason) = &request.reason
-        && reason.chars().count() > 1000
-    {
-        return Err(ApiError::invalid(
-            "reason",
-            "must be at most 1000 characters",
-        ));
+    if let Some(reason) = &request.reason {
+        if reason.chars().count() > 1000 {
+            return Err(ApiError::invalid(
+                "reason",
+                "must be at most 1000 characters",
+            ));
+        }
+        ApiError::check_text("reason", reason)?;
     }
     let command = store::get_command(&state.pool, id)
         .await?
@@ -404,7 +420,7 @@ pub async fn abort_command(
     event.subject = Some(command.owner);
     event.correlationid = Some(command.root_id.to_string());
     crate::routes::events::trace(&headers, std::slice::from_mut(&mut event));
-    publish_all(&state, std::slice::from_ref(&event)).await?;
+    publish_all(&state, std::slice::from_ref(&event), Speaker::Engine).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(AbortAccepted {

@@ -41,6 +41,13 @@ pub struct DeadLetterQuery {
 impl DeadLetterQuery {
     fn filter(&self) -> ApiResult<Filter> {
         check_state(self.state.as_deref())?;
+        check_texts(&[
+            ("type", &self.event_type),
+            ("kind", &self.kind),
+            ("owner", &self.owner),
+            ("funnel", &self.funnel),
+            ("signature", &self.signature),
+        ])?;
         Ok(Filter {
             event_type: self.event_type.clone(),
             kind: self.kind.clone(),
@@ -53,6 +60,16 @@ impl DeadLetterQuery {
             ids: None,
         })
     }
+}
+
+/// Each text of a filter or an operation is text PostgreSQL can compare and store.
+fn check_texts(fields: &[(&str, &Option<String>)]) -> ApiResult<()> {
+    for (field, value) in fields {
+        if let Some(value) = value {
+            ApiError::check_text(field, value)?;
+        }
+    }
+    Ok(())
 }
 
 fn check_state(state: Option<&str>) -> ApiResult<()> {
@@ -196,6 +213,14 @@ impl Operation {
         let op: Operation =
             serde_json::from_slice(&body).map_err(|e| ApiError::invalid("body", e.to_string()))?;
         check_state(op.state.as_deref())?;
+        check_texts(&[
+            ("type", &op.event_type),
+            ("kind", &op.kind),
+            ("owner", &op.owner),
+            ("funnel", &op.funnel),
+            ("signature", &op.signature),
+            ("reason", &op.reason),
+        ])?;
         if op.state.as_deref() == Some("discarded") {
             return Err(ApiError::invalid(
                 "state",

@@ -35,6 +35,7 @@ pub struct Accepted {
     responses(
         (status = 202, description = "Every event was confirmed by the broker", body = Accepted),
         (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 403, description = "A missing scope, a type outside the key's allow-list, or an engine event type", body = ErrorBody),
         (status = 413, description = "An event or the body is too large", body = ErrorBody),
         (status = 415, description = "Wrong content type", body = ErrorBody),
         (status = 422, description = "An invalid field, named in `detail`", body = ErrorBody),
@@ -48,16 +49,57 @@ pub async fn post_events(
     let body = json_body(&headers, body, EVENT_CONTENT_TYPES)?;
     let mut events = parse_batch(&body)?;
     for event in &events {
+        refuse_engine_type(&event.ty)?;
         principal.may_publish(&event.ty)?;
     }
+    for event in &mut events {
+        if event.ty == cmdflow_shared::contract::types::OWNER_LINKED {
+            // Who linked, for the audit: the caller, whatever the event said.
+            event.extensions.insert(
+                cmdflow_shared::contract::LINKED_BY.to_owned(),
+                serde_json::Value::String(principal.id.clone()),
+            );
+        }
+    }
     trace(&headers, &mut events);
-    publish_all(&state, &events).await?;
+    publish_all(&state, &events, Speaker::Caller).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(Accepted {
             ids: events.into_iter().map(|e| e.id).collect(),
         }),
     ))
+}
+
+/// 403 for an engine event type: only cmdflow speaks for the engine, whatever the key.
+/// Commands start through `POST /v1/commands`, and ops abort through
+/// `POST /v1/commands/{id}/abort`.
+pub fn refuse_engine_type(ty: &str) -> ApiResult<()> {
+    if !cmdflow_shared::contract::types::is_reserved(ty) {
+        return Ok(());
+    }
+    let instead = match ty {
+        cmdflow_shared::contract::types::COMMAND_START => {
+            "; start a command with POST /v1/commands"
+        }
+        cmdflow_shared::contract::types::COMMAND_ABORT => {
+            "; abort one with POST /v1/commands/{id}/abort (scope `ops`)"
+        }
+        _ => "",
+    };
+    Err(ApiError::Forbidden(format!(
+        "`{ty}` is an engine event type: command.*, children.*, timer.* and wait.* events come \
+         only from cmdflow itself{instead}"
+    )))
+}
+
+/// Who an event is published for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Speaker {
+    /// A caller's own events: published as they came, unmarked.
+    Caller,
+    /// The gateway speaking for the engine (a start, an abort): marked as the engine's.
+    Engine,
 }
 
 /// Gives every event a `traceparent`: its own, else a child of the request's, else a new trace.
@@ -83,7 +125,7 @@ pub fn trace(headers: &HeaderMap, events: &mut [Event]) {
 
 /// Publishes events in their order, each to its partition, under confirms; fails with 503
 /// unless the broker confirmed every one. Events of a batch for one command keep their order.
-pub async fn publish_all(state: &AppState, events: &[Event]) -> ApiResult<()> {
+pub async fn publish_all(state: &AppState, events: &[Event], speaker: Speaker) -> ApiResult<()> {
     let bodies: Vec<Vec<u8>> = events.iter().map(Event::to_bytes).collect();
     let exchange = state.bus.topology().events_exchange();
     let messages = events
@@ -91,6 +133,12 @@ pub async fn publish_all(state: &AppState, events: &[Event]) -> ApiResult<()> {
         .zip(&bodies)
         .map(|(event, body)| {
             let mut headers = bus::event_headers(event);
+            // A caller's `owner.linked` is vouched for: its `owners:link` scope was checked.
+            if speaker == Speaker::Engine
+                || event.ty == cmdflow_shared::contract::types::OWNER_LINKED
+            {
+                state.bus.mark_engine(&mut headers);
+            }
             state
                 .bus
                 .add_partition(&mut headers, &bus::route_key(event));
@@ -105,8 +153,11 @@ pub async fn publish_all(state: &AppState, events: &[Event]) -> ApiResult<()> {
     let results = state.bus.publish_many(messages).await;
     for (event, result) in events.iter().zip(results) {
         result.map_err(ApiError::BrokerUnavailable)?;
-        metrics::counter!(cmdflow_shared::metrics::EVENTS_RECEIVED, "type" => event.ty.clone())
-            .increment(1);
+        metrics::counter!(
+            cmdflow_shared::metrics::EVENTS_RECEIVED,
+            "type" => cmdflow_shared::metrics::type_label(&event.ty)
+        )
+        .increment(1);
     }
     Ok(())
 }

@@ -153,7 +153,7 @@ pub async fn read_message(
     Path((raw, id)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
     let owner = parse_owner(&raw)?;
-    principal.may_read_owner(&owner)?;
+    principal.may_act_for_owner(&owner)?;
     let id = uuid::Uuid::try_parse(&id)
         .map_err(|_| ApiError::BadRequest("the message id must be a UUID".into()))?;
     let owners = people::owners_of(&state.pool, &owner.to_string()).await?;

@@ -50,6 +50,8 @@ pub struct NewDeadLetter {
     pub attempts: i32,
     pub first_failed_at: DateTime<Utc>,
     pub last_failed_at: DateTime<Utc>,
+    /// It carried the engine's mark (an engine event that cmdflow itself published).
+    pub from_engine: bool,
 }
 
 /// Keeps a dead letter (once per dead-lettering), with the kind and owner of its command and its
@@ -57,9 +59,10 @@ pub struct NewDeadLetter {
 pub async fn keep(pool: &PgPool, d: &NewDeadLetter) -> Result<bool> {
     let done = sqlx::query(
         "INSERT INTO dead_letters (dead_id, event_source, event_id, event_type, routing_key, command_id, kind, owner,
-                                   body, reason, error_class, error_chain, signature, attempts, first_failed_at, last_failed_at)
+                                   body, reason, error_class, error_chain, signature, attempts, first_failed_at, last_failed_at,
+                                   from_engine)
          SELECT $1, $2, $3, $4, $5, $6, c.kind, c.owner, $7, $8, $9, $10,
-                $9 || ':' || coalesce(c.kind, $4, $5), $11, $12, $13
+                $9 || ':' || coalesce(c.kind, $4, $5), $11, $12, $13, $14
            FROM (SELECT 1) one LEFT JOIN commands c ON c.id = $6
          ON CONFLICT (dead_id) DO NOTHING",
     )
@@ -76,6 +79,7 @@ pub async fn keep(pool: &PgPool, d: &NewDeadLetter) -> Result<bool> {
     .bind(d.attempts)
     .bind(d.first_failed_at)
     .bind(d.last_failed_at)
+    .bind(d.from_engine)
     .execute(pool)
     .await?;
     Ok(done.rows_affected() == 1)
@@ -130,6 +134,9 @@ pub struct DeadLetter {
     pub replayed_at: Option<DateTime<Utc>>,
     pub discarded_at: Option<DateTime<Utc>>,
     pub discard_reason: Option<String>,
+    /// Replayed with the engine's mark (see [`NewDeadLetter::from_engine`]).
+    #[serde(skip)]
+    pub from_engine: bool,
 }
 
 const WHERE: &str = "
@@ -159,7 +166,7 @@ macro_rules! bind_filter {
 
 const COLUMNS: &str = "SELECT id, event_source, event_id, event_type, routing_key, command_id, kind, owner, body, reason,
         error_class, error_chain, signature, attempts, first_failed_at, last_failed_at, state, replayed_at,
-        discarded_at, discard_reason FROM dead_letters";
+        discarded_at, discard_reason, from_engine FROM dead_letters";
 
 /// A page of dead letters matching `filter`, oldest first, after `after_id`.
 pub async fn list(

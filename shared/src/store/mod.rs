@@ -45,10 +45,11 @@ pub async fn connect(url: &str, pool_size: u32) -> Result<PgPool> {
     connect_with_lock_timeout(url, pool_size, None).await
 }
 
-/// [`connect`], where a statement that waits longer than `lock_timeout` for a row lock fails
-/// instead of waiting on. A worker sets it to its Redlock TTL: a wait that long means the
-/// command's lock has lapsed (a pause, a stall), and whoever holds the row now holds the lock
-/// too, so the transaction gives up and the event is tried again under a fresh lock.
+/// [`connect`] for a worker whose Redlock TTL is `lock_timeout`: a statement that waits for a row
+/// lock, or runs, for 3/4 of the TTL fails instead of going on (a wait that long means the
+/// command's lock is about to lapse, and whoever holds the row will hold the lock), and a
+/// transaction idle for half the TTL (its process paused, or frozen) is ended by PostgreSQL, so
+/// the next holder of the lock is not kept waiting. The event is tried again under a fresh lock.
 pub async fn connect_with_lock_timeout(
     url: &str,
     pool_size: u32,
@@ -68,8 +69,16 @@ pub async fn connect_with_lock_timeout(
         "idle_in_transaction_session_timeout",
         IDLE_IN_TRANSACTION_TIMEOUT,
     )]);
-    if let Some(timeout) = lock_timeout {
-        options = options.options([("lock_timeout", format!("{}ms", timeout.as_millis()))]);
+    if let Some(ttl) = lock_timeout {
+        // A worker's transaction runs under its command's lock: whatever outlives the lock's TTL
+        // is ended by PostgreSQL before the TTL passes, so a paused or stalled worker holds the
+        // rows for less time than it holds the lock, and the next holder does not wait on it.
+        let ms = |d: Duration| format!("{}ms", d.as_millis().max(1));
+        options = options.options([
+            ("lock_timeout", ms(ttl * 3 / 4)),
+            ("statement_timeout", ms(ttl * 3 / 4)),
+            ("idle_in_transaction_session_timeout", ms(ttl / 2)),
+        ]);
     }
     let pool = PgPoolOptions::new()
         .max_connections(pool_size)
@@ -83,6 +92,14 @@ pub async fn connect_with_lock_timeout(
 pub async fn migrate(pool: &PgPool) -> Result<()> {
     MIGRATOR.run(pool).await?;
     Ok(())
+}
+
+/// The engine's mark: the secret cmdflow's processes mark their engine events with
+/// ([`crate::bus::Bus::set_engine_mark`]).
+pub async fn engine_mark(pool: &PgPool) -> Result<String> {
+    Ok(sqlx::query_scalar("SELECT mark FROM engine_mark WHERE id")
+        .fetch_one(pool)
+        .await?)
 }
 
 pub async fn ping(pool: &PgPool) -> Result<()> {
@@ -309,6 +326,23 @@ pub async fn count_report(
     } else {
         Counted::NoGroup
     })
+}
+
+/// Whether `child` is a child of `parent` in its group `group`.
+pub async fn is_group_member(
+    tx: &mut Tx<'_>,
+    child: CommandId,
+    parent: CommandId,
+    group: &str,
+) -> Result<bool> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM commands WHERE id = $1 AND parent_id = $2 AND group_name = $3)",
+    )
+    .bind(child)
+    .bind(parent)
+    .bind(group)
+    .fetch_one(&mut **tx)
+    .await?)
 }
 
 /// [`count_report`] for a batch that keeps its steps back: the group is read and locked once,

@@ -61,7 +61,13 @@ pub async fn has_open(tx: &mut Tx<'_>, owner: &str, kind: &str) -> Result<bool> 
 
 /// Joins two identities of one person: `from` (say, a cookie) now belongs to whoever `to` is.
 /// Every id already linked to `from`'s person follows.
-pub async fn link(tx: &mut Tx<'_>, from: &str, to: &str) -> Result<String> {
+pub async fn link(
+    tx: &mut Tx<'_>,
+    from: &str,
+    to: &str,
+    by: &str,
+    event_id: &str,
+) -> Result<String> {
     let person: String =
         sqlx::query_scalar("SELECT coalesce((SELECT person FROM identities WHERE owner = $1), $1)")
             .bind(to)
@@ -82,14 +88,28 @@ pub async fn link(tx: &mut Tx<'_>, from: &str, to: &str) -> Result<String> {
     owners.dedup();
     for owner in owners {
         sqlx::query(
-            "INSERT INTO identities (owner, person) VALUES ($1, $2)
-             ON CONFLICT (owner) DO UPDATE SET person = EXCLUDED.person, linked_at = now()",
+            "INSERT INTO identities (owner, person, linked_by) VALUES ($1, $2, $3)
+             ON CONFLICT (owner) DO UPDATE SET person = EXCLUDED.person, linked_at = now(),
+                                               linked_by = EXCLUDED.linked_by",
         )
         .bind(owner)
         .bind(&person)
+        .bind(by)
         .execute(&mut **tx)
         .await?;
     }
+    // Joining two people's data is audited, under who did it.
+    sqlx::query(
+        "INSERT INTO ops_audit (actor, action, filter, count, detail)
+         VALUES ($1, 'owner.linked', jsonb_build_object('from', $2::text, 'to', $3::text, 'event_id', $4::text), 1, $5)",
+    )
+    .bind(by)
+    .bind(from)
+    .bind(to)
+    .bind(event_id)
+    .bind(format!("{from} joined {person}"))
+    .execute(&mut **tx)
+    .await?;
     Ok(person)
 }
 

@@ -337,6 +337,22 @@ pub async fn prune_recent(pool: &PgPool, window: Duration) -> Result<u64> {
     Ok(done.rows_affected())
 }
 
+/// Forgets unmatched events older than `retention`, at most `batch` at a time (the oldest); how
+/// many it deleted.
+pub async fn prune_unmatched(pool: &PgPool, retention: Duration, batch: i64) -> Result<u64> {
+    let done = sqlx::query(
+        "DELETE FROM unmatched_events WHERE (source, event_id) IN (
+             SELECT source, event_id FROM unmatched_events
+              WHERE received_at < clock_timestamp() - make_interval(secs => $1)
+              ORDER BY received_at LIMIT $2)",
+    )
+    .bind(retention.as_secs_f64())
+    .bind(batch)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
+
 pub async fn record_unmatched(
     tx: &mut Tx<'_>,
     source: &str,

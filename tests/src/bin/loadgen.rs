@@ -243,6 +243,8 @@ impl Run {
         store::migrate(&pool).await?;
         let bus = Bus::for_config(&config, "cmdflow-loadgen").await?;
         bus.declare_topology().await?;
+        // It publishes starts and timers' events straight to the broker, as the engine does.
+        bus.set_engine_mark(store::engine_mark(&pool).await?);
         Ok(Run {
             args,
             config,
@@ -382,16 +384,20 @@ impl Run {
                 let body = serde_json::to_vec(event).unwrap();
                 let ty = event["type"].as_str().unwrap().to_owned();
                 let id = event["id"].as_str().unwrap().to_owned();
+                // Starts go out as the gateway sends them: with the engine's mark.
+                let mut headers = lapin::types::FieldTable::default();
+                if cmdflow_shared::contract::types::is_reserved(&ty) {
+                    self.bus.mark_engine(&mut headers);
+                }
                 async move {
                     if self.args.unkeyed {
-                        let props = cmdflow_shared::bus::event_properties(&id);
+                        let props =
+                            cmdflow_shared::bus::event_properties(&id).with_headers(headers);
                         let exchange = self.bus.topology().events_exchange();
                         self.bus.publish(&exchange, &ty, &body, props).await
                     } else {
                         let key = cmdflow_shared::bus::route_key_of(&body);
-                        self.bus
-                            .publish_event(&ty, &id, &key, &body, Default::default())
-                            .await
+                        self.bus.publish_event(&ty, &id, &key, &body, headers).await
                     }
                 }
             }))

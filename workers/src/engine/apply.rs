@@ -46,6 +46,26 @@ struct AckData {
     reason: Option<String>,
 }
 
+/// Why a child's report to `parent` does not count, if it does not: it names no child, or one
+/// that is not a member of the group it names. A report counts only from a member.
+async fn stranger(
+    tx: &mut Tx<'_>,
+    parent: &Command,
+    event: &Event,
+) -> Result<Option<String>, ApplyError> {
+    let ack: AckData = match serde_json::from_value(Value::Object(event.data.clone())) {
+        Ok(ack) => ack,
+        Err(e) => return Ok(Some(format!("not a child's report ({e}); not counted"))),
+    };
+    if store::is_group_member(tx, ack.child_id, parent.id, &ack.group).await? {
+        return Ok(None);
+    }
+    Ok(Some(format!(
+        "a report from {}, which is not a child of this command in group {}; not counted",
+        ack.child_id, ack.group
+    )))
+}
+
 /// A child's end, to be counted into its parent's group (whose reports are `settled`) at the end
 /// of the transaction. All of a transaction's reports are counted together, in (parent, group)
 /// order, after every event is applied: two batches that end children of the same parents then
@@ -186,6 +206,8 @@ impl Engine {
             })
         } else if event.ty == COMMAND_START && !starting {
             Some("the command has already started; a second start changes nothing".to_owned())
+        } else if types::is_ack(&event.ty) {
+            stranger(tx, &command, event).await?
         } else {
             None
         };
@@ -291,7 +313,12 @@ impl Engine {
                     })
             };
             let (from, to) = (field("from")?, field("to")?);
-            store::people::link(tx, &from.to_string(), &to.to_string()).await?;
+            // Through the gateway, the caller; straight from an allowed source, that source.
+            let by = match event.extensions.get(cmdflow_shared::contract::LINKED_BY) {
+                Some(Value::String(by)) => format!("{by} (from {})", event.source),
+                _ => format!("source:{}", event.source),
+            };
+            store::people::link(tx, &from.to_string(), &to.to_string(), &by, &event.id).await?;
             matched = true;
             applied = Applied::Applied;
         }

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use cmdflow_shared::bus::{self, Bus, BusError};
-use cmdflow_shared::contract::EnvelopeError;
+use cmdflow_shared::contract::{EnvelopeError, types};
 use cmdflow_shared::store::partitions;
 use cmdflow_shared::{CommandId, Event};
 use futures::{FutureExt, StreamExt};
@@ -432,6 +432,8 @@ impl Holder {
             .await?;
         let in_flight = Arc::new(InFlight::default());
         let (tx, counter, paused) = (self.tx.clone(), Arc::clone(&in_flight), pause.clone());
+        let bus = Arc::clone(bus);
+        let link_sources = self.engine.settings().link_sources.clone();
         let task = tokio::spawn(async move {
             let mut consumer = consumer;
             loop {
@@ -442,7 +444,7 @@ impl Holder {
                 };
                 let Some(Ok(delivery)) = next else { return };
                 let guard = counter.enter();
-                let event = Event::parse(&delivery.data);
+                let event = admit(&bus, &link_sources, &delivery);
                 let incoming = Incoming {
                     delivery,
                     event,
@@ -602,4 +604,47 @@ async fn forward_while_first(bus: &Bus, shutdown: &CancellationToken) -> Result<
             }
         }
     }
+}
+
+/// Parses a delivery from the broker, and refuses an engine event type (`command.*`,
+/// `children.*`, `timer.*`, `wait.*`) that does not carry the engine's mark: only cmdflow's own
+/// processes speak for the engine. `owner.linked` needs the mark too (the gateway checked the
+/// caller's `owners:link` scope), or a source in `link_sources`. A refused event becomes a dead
+/// letter with the reason.
+pub(crate) fn admit(
+    bus: &Bus,
+    link_sources: &[String],
+    delivery: &Delivery,
+) -> Result<Event, EnvelopeError> {
+    let mut event = Event::parse(&delivery.data)?;
+    let marked = || bus.is_from_engine(delivery.properties.headers().as_ref());
+    if event.ty == types::OWNER_LINKED && !marked() {
+        // Who linked is the gateway's word, never the sender's.
+        event.extensions.remove(cmdflow_shared::contract::LINKED_BY);
+    }
+    if event.ty == types::OWNER_LINKED
+        && !link_sources.contains(&event.source)
+        && !marked()
+    {
+        return Err(EnvelopeError::Invalid {
+            field: "source".to_owned(),
+            reason: format!(
+                "`{}` may not link identities: owner.linked comes through the gateway with the \
+                 `owners:link` scope, or straight from a source in CMDFLOW_LINK_SOURCES",
+                event.source
+            ),
+        });
+    }
+    if types::is_reserved(&event.ty) && !marked() {
+        return Err(EnvelopeError::Invalid {
+            field: "type".to_owned(),
+            reason: format!(
+                "`{}` is an engine event type and this one did not come from cmdflow \
+                 (it lacks the engine's mark); only cmdflow's own processes send command.*, \
+                 children.*, timer.* and wait.* events",
+                event.ty
+            ),
+        });
+    }
+    Ok(event)
 }
