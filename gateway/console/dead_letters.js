@@ -1,10 +1,77 @@
 // Dead letters: grouped by failure signature with counts, filtered by type, kind, owner and
-// funnel; replay (dry-run count, confirmation, progress) and discard (with a reason).
+// funnel; replay (dry-run count, confirmation, progress) and discard (with a reason). A letter
+// shows the first KiB of its event; the whole stored body is a download, one letter at a time.
 
-import { api } from './api.js';
+import { api, ApiError, token } from './api.js';
 import { add, commandLink, dialog, errorBox, fill, flash, formatNumber, h, ownerLink, table, time } from './ui.js';
 
 const FILTERS = ['type', 'kind', 'owner', 'funnel'];
+/** How much of a body the API lists (`body_prefix`). */
+const PREFIX_BYTES = 1024;
+
+/**
+ * Downloads a letter's stored body. The API needs the bearer credential, which a plain link
+ * would not send: the body is fetched, then saved from memory under the letter's name.
+ */
+async function downloadBody(l, problem) {
+  const headers = {};
+  const credential = token();
+  if (credential) headers.Authorization = `Bearer ${credential}`;
+  try {
+    let response;
+    try {
+      response = await fetch(new URL(l.body_url, window.location.origin), { headers, cache: 'no-store' });
+    } catch (e) {
+      throw new ApiError(0, 'network', `the gateway did not answer (${e.message})`);
+    }
+    if (!response.ok) {
+      let json = null;
+      try {
+        json = await response.json();
+      } catch {
+        json = null;
+      }
+      throw new ApiError(response.status, (json && json.code) || 'error', (json && json.detail) || response.statusText);
+    }
+    const url = URL.createObjectURL(await response.blob());
+    const link = h('a', { href: url, download: `dead-letter-${l.id}.bin`, hidden: true });
+    document.body.append(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 60000);
+    fill(problem);
+  } catch (error) {
+    fill(problem, errorBox(error, 'Could not download the body'));
+  }
+}
+
+/** A letter's event as listed: pretty JSON when the prefix is all of it, else the prefix as text. */
+function eventOf(l) {
+  const whole = !l.body_truncated && l.body_size <= PREFIX_BYTES;
+  let text = l.body_prefix;
+  if (whole) {
+    try {
+      text = JSON.stringify(JSON.parse(l.body_prefix), null, 2);
+    } catch {
+      // Not JSON: shown as it is.
+    }
+  }
+  let note = null;
+  if (l.body_truncated) {
+    note = `Kept truncated: only the first bytes of its ${formatNumber(l.body_size)} were kept, so it cannot be replayed. The first KiB:`;
+  } else if (!whole) {
+    note = `The first KiB of ${formatNumber(l.body_size)} bytes:`;
+  }
+  const problem = h('div', {});
+  return [
+    note ? h('p', { class: 'muted' }, note) : null,
+    h('pre', { class: 'json', 'data-role': 'body-prefix' }, text),
+    h('p', { class: 'mono muted' }, `SHA-256 ${l.body_sha256}`),
+    h('div', { class: 'actions' }, h('button', { type: 'button', 'data-role': 'download-body', on: { click: () => downloadBody(l, problem) } },
+      `Download the body (${formatNumber(l.body_size)} bytes${l.body_truncated ? ', as kept' : ''})`)),
+    problem,
+  ];
+}
 const STATES = ['dead', 'replayed', 'discarded'];
 
 function filterOf(params) {
@@ -29,7 +96,9 @@ function followReplay(ctx, job, box, onFinished) {
   const show = (j) => {
     bar.max = Math.max(1, j.total);
     bar.value = j.replayed;
-    text.textContent = `Replayed ${j.replayed} of ${j.total} — ${j.state}`;
+    const skipped = j.skipped ? ` (${formatNumber(j.skipped)} skipped: kept truncated)` : '';
+    const error = j.error ? `: ${j.error}` : '';
+    text.textContent = `Replayed ${j.replayed} of ${j.total}${skipped} — ${j.state}${error}`;
     text.dataset.state = j.state;
     fill(buttons, 
       j.state === 'running' ? h('button', { type: 'button', on: { click: () => act('interrupt') } }, 'Interrupt') : null,
@@ -83,10 +152,11 @@ function replayDialog(ctx, filter, label, progress, refresh) {
   });
   d.confirm.disabled = true;
   api('/v1/dead-letters/replay', { method: 'POST', body: { ...filter, dry_run: true } }).then((dry) => {
-    count.textContent = `${formatNumber(dry.count)} dead letter${dry.count === 1 ? '' : 's'} would be replayed.`;
+    const skipped = dry.skipped ? ` ${formatNumber(dry.skipped)} of them ${dry.skipped === 1 ? 'was' : 'were'} kept truncated and will be skipped (left dead).` : '';
+    count.textContent = `${formatNumber(dry.count)} dead letter${dry.count === 1 ? '' : 's'} would be replayed.${skipped}`;
     count.dataset.count = String(dry.count);
-    d.confirm.textContent = `Replay ${formatNumber(dry.count)}`;
-    d.confirm.disabled = dry.count === 0;
+    d.confirm.textContent = `Replay ${formatNumber(dry.count - (dry.skipped || 0))}`;
+    d.confirm.disabled = dry.count - (dry.skipped || 0) === 0;
   }, (error) => fill(count, errorBox(error, 'Dry run failed')));
 }
 
@@ -200,7 +270,7 @@ export default async function deadLetters(ctx) {
         { label: 'Owner', cell: (l) => (l.owner ? ownerLink(l.owner) : '—') },
         { label: 'Attempts', num: true, cell: (l) => String(l.attempts) },
         { label: 'Last failed', cell: (l) => time(l.last_failed_at) },
-        { label: 'Reason', cell: (l) => [l.reason, h('details', {}, h('summary', {}, 'Event'), h('pre', { class: 'json' }, JSON.stringify(l.body, null, 2)))] },
+        { label: 'Reason', cell: (l) => [l.reason, h('details', {}, h('summary', {}, 'Event'), eventOf(l))] },
         {
           label: '',
           cell: (l) => (l.state === 'dead' ? opsButton('Replay…', { 'data-role': 'replay-one' },

@@ -93,6 +93,7 @@ pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(dead_letters::list))
         .routes(routes!(dead_letters::groups))
         .routes(routes!(dead_letters::show))
+        .routes(routes!(dead_letters::body))
         .routes(routes!(dead_letters::replay))
         .routes(routes!(dead_letters::replay_status))
         .routes(routes!(dead_letters::interrupt))

@@ -105,6 +105,10 @@ pub struct Config {
     /// died is taken over after it (`CMDFLOW_REPLAY_LEASE`).
     #[serde(with = "humantime_serde")]
     pub replay_lease: Duration,
+    /// The most bytes of a dead letter's body kept, in bytes (`CMDFLOW_DEAD_LETTER_MAX_BODY`,
+    /// default 16 MiB). A longer message is kept truncated to this, with the size and SHA-256
+    /// of the whole, and cannot be replayed.
+    pub dead_letter_max_body: usize,
     /// How many partition queues the namespace's work is split into (`CMDFLOW_PARTITIONS`):
     /// one command's events all go to one, in order, and each is consumed by one worker at a
     /// time. The same for every process of a namespace; more partitions than workers lets
@@ -232,6 +236,7 @@ impl Default for Config {
             templates_dir: None,
             examples: None,
             replay_lease: Duration::from_secs(30),
+            dead_letter_max_body: 16 * 1024 * 1024,
             partitions: crate::bus::DEFAULT_PARTITIONS,
             partition_lease: Duration::from_secs(10),
             start_wait: Duration::from_secs(15 * 60),
@@ -338,6 +343,12 @@ impl Config {
         }
         if self.replay_lease < Duration::from_secs(1) {
             return invalid("replay_lease", "must be at least 1s");
+        }
+        if self.dead_letter_max_body == 0 || self.dead_letter_max_body > 1 << 30 {
+            return invalid(
+                "dead_letter_max_body",
+                "must be 1 byte to 1 GiB (1073741824), PostgreSQL's largest value",
+            );
         }
         if self.partitions == 0 || self.partitions > 1024 {
             return invalid("partitions", "a namespace has 1 to 1024 partitions");

@@ -1446,3 +1446,382 @@ async fn old_unmatched_events_are_pruned() {
     assert_eq!(left, vec!["fresh"]);
     env.cleanup().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Large dead letters: listed by a prefix, fetched whole one at a time, capped
+// ---------------------------------------------------------------------------------------------
+
+/// `len` bytes that are not JSON, different for each `seed`: a readable head, then every byte
+/// value (invalid UTF-8 and control characters included).
+fn not_json(seed: u64, len: usize) -> Vec<u8> {
+    let mut body = format!("{{not json {seed} ").into_bytes();
+    let mut x = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+    while body.len() < len {
+        x = x
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        body.push((x >> 56) as u8);
+    }
+    body.truncate(len);
+    body
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// `GET url` as bytes, with the response's headers.
+async fn get_bytes(url: &str) -> (u16, reqwest::header::HeaderMap, Vec<u8>) {
+    let resp = http().get(url).send().await.unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    (status, headers, resp.bytes().await.unwrap().to_vec())
+}
+
+fn header<'a>(headers: &'a reqwest::header::HeaderMap, name: &str) -> &'a str {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+}
+
+/// How many dead letters are open.
+async fn open_dead_letters(env: &TestEnv) -> i64 {
+    cmdflow_shared::store::dead::count(&env.pool, &cmdflow_shared::store::dead::Filter::default())
+        .await
+        .unwrap()
+}
+
+/// `cmdflow dlq show ID` against `gateway`: its standard output (it must succeed).
+async fn dlq_show(gateway: &str, id: i64) -> Vec<u8> {
+    let out = tokio::process::Command::new(cmdflow_tests::fleet::cmdflow_binary())
+        .args(["dlq", "show", &id.to_string()])
+        .env("CMDFLOW_URL", gateway)
+        .env("CMDFLOW_TOKEN", TEST_KEY)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "dlq show {id}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// Four 5 MB messages that fail: the list of them is a few KiB (a prefix, size and hash each),
+/// and each body comes back whole, byte for byte, from its own `/body`, and from the CLI.
+#[tokio::test]
+async fn large_dead_letters_are_listed_by_prefix_and_fetched_whole() {
+    const SIZE: usize = 5_000_000;
+    let mut env = TestEnv::new().await;
+    let gw = env.start_gateway().await;
+    env.start_worker().await;
+    let bodies: Vec<Vec<u8>> = (0..4).map(|i| not_json(i, SIZE)).collect();
+    for body in &bodies {
+        env.publish_raw("demo.increment", body).await;
+    }
+    eventually(Duration::from_secs(60), "four dead letters", || async {
+        (open_dead_letters(&env).await == 4).then_some(())
+    })
+    .await;
+
+    let (status, _, raw) = get_bytes(&format!("{}/v1/dead-letters?limit=100", gw.url)).await;
+    assert_eq!(status, 200);
+    assert!(
+        raw.len() < 64 * 1024,
+        "the list of four 5 MB letters is {} bytes",
+        raw.len()
+    );
+    let page: Value = serde_json::from_slice(&raw).unwrap();
+    assert_eq!(page["truncated"], false);
+    let letters = page["dead_letters"].as_array().unwrap();
+    assert_eq!(letters.len(), 4, "{page}");
+    let mut seen = Vec::new();
+    for letter in letters {
+        assert!(letter.get("body").is_none(), "no whole body in a list");
+        assert_eq!(letter["body_size"], SIZE);
+        assert_eq!(letter["body_truncated"], false);
+        let prefix = letter["body_prefix"].as_str().unwrap();
+        assert!(prefix.len() <= 3 * 1024, "{} bytes of prefix", prefix.len());
+        let sent = bodies
+            .iter()
+            .find(|b| prefix.starts_with(&String::from_utf8_lossy(&b[..12]).into_owned()))
+            .unwrap_or_else(|| panic!("a prefix of a sent body: {prefix:?}"));
+        assert_eq!(letter["body_sha256"], sha256_hex(sent));
+        let id = letter["id"].as_i64().unwrap();
+        assert_eq!(letter["body_url"], format!("/v1/dead-letters/{id}/body"));
+        seen.push(sha256_hex(sent));
+
+        // One letter: the same fields, still without its body.
+        let (status, one) = get(&format!("{}/v1/dead-letters/{id}", gw.url)).await;
+        assert_eq!(status, 200);
+        assert_eq!(one["body_sha256"], letter["body_sha256"]);
+        assert_eq!(one["body_prefix"], letter["body_prefix"]);
+
+        // Its body, whole.
+        let (status, headers, body) = get_bytes(&format!(
+            "{}{}",
+            gw.url,
+            letter["body_url"].as_str().unwrap()
+        ))
+        .await;
+        assert_eq!(status, 200);
+        assert_eq!(header(&headers, "content-type"), "application/octet-stream");
+        assert_eq!(header(&headers, "content-length"), SIZE.to_string());
+        assert_eq!(header(&headers, "x-cmdflow-body-sha256"), sha256_hex(sent));
+        assert_eq!(header(&headers, "x-cmdflow-body-truncated"), "false");
+        assert_eq!(body.len(), SIZE);
+        assert_eq!(sha256_hex(&body), sha256_hex(sent));
+        assert!(body == *sent, "byte for byte");
+    }
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 4, "each sent body once");
+
+    // The CLI prints the fields, then the body as it is (not JSON), streamed.
+    let id = letters[0]["id"].as_i64().unwrap();
+    let out = dlq_show(&gw.url, id).await;
+    let sha = letters[0]["body_sha256"].as_str().unwrap();
+    let sent = bodies.iter().find(|b| sha256_hex(b) == sha).unwrap();
+    let text = String::from_utf8_lossy(&out[..out.len().min(4096)]).into_owned();
+    assert!(text.contains(&format!("body_sha256      {sha}")), "{text}");
+    assert!(
+        text.contains(&format!("body_size        {SIZE} bytes")),
+        "{text}"
+    );
+    let at = out
+        .windows(16)
+        .position(|w| w == &sent[..16])
+        .expect("the body in the output");
+    assert_eq!(&out[at..at + SIZE], &sent[..], "the body, byte for byte");
+
+    // An unknown letter's body: the usual 404.
+    let (status, missing) = get(&format!("{}/v1/dead-letters/999999/body", gw.url)).await;
+    assert_eq!((status, missing["code"].as_str()), (404, Some("not_found")));
+    env.cleanup().await;
+}
+
+/// With `CMDFLOW_DEAD_LETTER_MAX_BODY` at 64 KiB, a 200 kB message is kept truncated with the
+/// size and hash of the whole; replaying it alone is refused with the reason, and a replay of
+/// all leaves it dead (skipped) while it replays the others.
+#[tokio::test]
+async fn a_dead_letter_past_the_cap_is_kept_truncated_and_never_replayed() {
+    const CAP: usize = 64 * 1024;
+    const SIZE: usize = 200_000;
+    let mut env = TestEnv::with(|c| c.dead_letter_max_body = CAP).await;
+    let gw = env.start_gateway().await;
+    env.start_worker().await;
+    let big = not_json(7, SIZE);
+    env.publish_raw("demo.increment", &big).await;
+    let letter = eventually(Duration::from_secs(30), "the big dead letter", || {
+        env.dead_letter_after(0)
+    })
+    .await;
+    assert!(letter.body_truncated, "{letter:?}");
+    assert_eq!(letter.body_size, SIZE as i64);
+    assert_eq!(
+        letter.body_sha256,
+        sha256_hex(&big),
+        "the hash of the whole"
+    );
+
+    let (status, headers, kept) =
+        get_bytes(&format!("{}/v1/dead-letters/{}/body", gw.url, letter.id)).await;
+    assert_eq!(status, 200);
+    assert_eq!(kept, big[..CAP], "its first bytes, as many as the cap");
+    assert_eq!(header(&headers, "content-length"), CAP.to_string());
+    assert_eq!(header(&headers, "x-cmdflow-body-truncated"), "true");
+    assert_eq!(header(&headers, "x-cmdflow-body-sha256"), sha256_hex(&big));
+    assert_eq!(header(&headers, "x-cmdflow-body-size"), SIZE.to_string());
+    let (_, shown) = get(&format!("{}/v1/dead-letters/{}", gw.url, letter.id)).await;
+    assert_eq!(shown["body_truncated"], true);
+    assert_eq!(shown["body_size"], SIZE);
+
+    // Replaying it alone is refused, with the reason; a dry run says it would be skipped.
+    let replay = |body: Value| {
+        let url = format!("{}/v1/dead-letters/replay", gw.url);
+        async move { post(&url, JSON, &serde_json::to_vec(&body).unwrap()).await }
+    };
+    let (status, refused) = replay(json!({"ids": [letter.id]})).await;
+    assert_eq!(status, 409, "{refused}");
+    assert_eq!(refused["code"], "conflict");
+    let detail = refused["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("truncated") && detail.contains("CMDFLOW_DEAD_LETTER_MAX_BODY"),
+        "{detail}"
+    );
+    let (status, dry) = replay(json!({"ids": [letter.id], "dry_run": true})).await;
+    assert_eq!(
+        (status, &dry["count"], &dry["skipped"]),
+        (200, &json!(1), &json!(1))
+    );
+
+    // A small letter beside it, which is JSON: the CLI prints it pretty.
+    env.publish_raw("demo.increment", b"{\"specversion\":\"1.0\",\"id\":7}")
+        .await;
+    let small = eventually(Duration::from_secs(30), "the small dead letter", || {
+        env.dead_letter_after(letter.id)
+    })
+    .await;
+    assert!(!small.body_truncated);
+    let out = dlq_show(&gw.url, small.id).await;
+    let out = String::from_utf8(out).unwrap();
+    assert!(out.contains("\"specversion\": \"1.0\""), "{out}");
+    let out = dlq_show(&gw.url, letter.id).await;
+    assert!(
+        String::from_utf8_lossy(&out).contains("truncated: only the first bytes were kept"),
+        "the CLI says it was cut"
+    );
+
+    // A replay of both publishes the small one and leaves the big one dead, counted as skipped.
+    let (status, started) = replay(json!({})).await;
+    assert_eq!(status, 202, "{started}");
+    assert_eq!(
+        (&started["count"], &started["skipped"]),
+        (&json!(2), &json!(1))
+    );
+    let job = started["job"]["id"].as_str().unwrap().to_owned();
+    let done = eventually(Duration::from_secs(30), "the replay finished", || async {
+        let (_, j) = get(&format!("{}/v1/dead-letters/replays/{job}", gw.url)).await;
+        (j["state"] == "finished").then_some(j)
+    })
+    .await;
+    assert_eq!(
+        (&done["replayed"], &done["skipped"]),
+        (&json!(1), &json!(1)),
+        "{done}"
+    );
+    let states: Vec<(i64, String)> =
+        sqlx::query_as("SELECT id, state FROM dead_letters WHERE id = ANY($1) ORDER BY id")
+            .bind(vec![letter.id, small.id])
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        states,
+        vec![
+            (letter.id, "dead".to_owned()),
+            (small.id, "replayed".to_owned())
+        ]
+    );
+    // The small one failed again (a new letter); the big one's first bytes were never sent.
+    let again = eventually(
+        Duration::from_secs(30),
+        "the replayed one dead again",
+        || env.dead_letter_after(small.id),
+    )
+    .await;
+    assert_eq!(again.body_sha256, small.body_sha256);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let big_rows: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM dead_letters WHERE body_size = $1")
+            .bind(SIZE as i64)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(big_rows, 1, "the truncated letter was not published");
+    env.cleanup().await;
+}
+
+/// Lists stop at their byte budget and say so: dead letters whose prefixes add up to more than
+/// 1 MiB come in pages that `next_after` walks, each once; unmatched events whose bodies add up
+/// to more than 1 MiB are cut, newest first, with `truncated`.
+#[tokio::test]
+async fn dead_letter_and_unmatched_lists_stop_at_their_byte_budget() {
+    let mut env = TestEnv::new().await;
+    let gw = env.start_gateway().await;
+    // 400 letters with 2 KiB bodies of control characters: each prefix is 6 KiB as JSON.
+    // Inserted as a keeper from before the size columns would: the schema describes them.
+    sqlx::query(
+        "INSERT INTO dead_letters (routing_key, body, reason, error_class, signature, attempts,
+                                   first_failed_at, last_failed_at)
+         SELECT 'x.failed', decode(repeat('01', 2048), 'hex'), 'test', 'permanent', 'permanent:x', 1,
+                now(), now()
+           FROM generate_series(1, 400)",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let mut after = 0_i64;
+    let mut ids = Vec::new();
+    let mut pages = 0;
+    loop {
+        let (status, _, raw) = get_bytes(&format!(
+            "{}/v1/dead-letters?limit=1000&after={after}",
+            gw.url
+        ))
+        .await;
+        assert_eq!(status, 200);
+        assert!(raw.len() <= 1024 * 1024 + 1024, "{} bytes", raw.len());
+        let page: Value = serde_json::from_slice(&raw).unwrap();
+        pages += 1;
+        for letter in page["dead_letters"].as_array().unwrap() {
+            assert_eq!(letter["body_size"], 2048);
+            assert_eq!(letter["body_sha256"], sha256_hex(&[1_u8; 2048]));
+            assert_eq!(letter["body_prefix"].as_str().unwrap().len(), 1024);
+            ids.push(letter["id"].as_i64().unwrap());
+        }
+        match page["next_after"].as_i64() {
+            Some(next) => {
+                assert_eq!(
+                    page["truncated"], true,
+                    "stopped by the budget, not the limit"
+                );
+                assert_eq!(Some(next), ids.last().copied());
+                after = next;
+            }
+            None => {
+                assert_eq!(page["truncated"], false);
+                break;
+            }
+        }
+    }
+    assert!(pages >= 3, "{pages} pages");
+    let expected: Vec<i64> = (ids[0]..ids[0] + 400).collect();
+    assert_eq!(ids, expected, "every letter once, in order");
+
+    // Unmatched events: 12 of about 200 KiB each, the newest last inserted.
+    for i in 0..12 {
+        sqlx::query(
+            "INSERT INTO unmatched_events (source, event_id, event_type, body, received_at)
+             VALUES ('tests', $1, 'x.big', jsonb_build_object('n', $2::int, 'blob', repeat('x', 200000)),
+                     now() - make_interval(secs => 100 - $2::int))",
+        )
+        .bind(format!("big-{i}"))
+        .bind(i)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    }
+    let (status, _, raw) = get_bytes(&format!(
+        "{}/v1/events/unmatched?type=x.big&limit=1000",
+        gw.url
+    ))
+    .await;
+    assert_eq!(status, 200);
+    assert!(raw.len() <= 1024 * 1024 + 4096, "{} bytes", raw.len());
+    let page: Value = serde_json::from_slice(&raw).unwrap();
+    assert_eq!(page["truncated"], true);
+    let ns: Vec<i64> = page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["body"]["n"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        ns,
+        vec![11, 10, 9, 8, 7],
+        "the newest, as many as fit 1 MiB"
+    );
+    // Within the budget, nothing is cut.
+    let (_, page) = get(&format!(
+        "{}/v1/events/unmatched?type=x.big&limit=3",
+        gw.url
+    ))
+    .await;
+    assert_eq!(page["truncated"], false);
+    assert_eq!(page["events"].as_array().map(Vec::len), Some(3));
+    env.cleanup().await;
+}

@@ -78,7 +78,18 @@ async fn dead_letters_are_grouped_dry_run_replayed_once_and_replaying_twice_chan
     let first = page["dead_letters"][0]["id"].as_i64().unwrap();
     let (status, one) = get(&format!("{}/v1/dead-letters/{first}", gw.url)).await;
     assert_eq!(status, 200);
-    assert_eq!(one["body"]["type"], "demo.increment", "the original event");
+    // The original event: the first KiB in the letter, all of it at its `body_url`.
+    let prefix: Value = serde_json::from_str(one["body_prefix"].as_str().unwrap()).unwrap();
+    assert_eq!(prefix["type"], "demo.increment", "the original event");
+    let body = cmdflow_tests::http()
+        .get(format!("{}{}", gw.url, one["body_url"].as_str().unwrap()))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(serde_json::from_slice::<Value>(&body).unwrap(), prefix);
     assert_eq!(one["kind"], "demo.counter");
 
     // A dry run counts and changes nothing.

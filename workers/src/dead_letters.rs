@@ -1,6 +1,11 @@
 //! The dead-letter keeper: consumes `{ns}.dead` into the `dead_letters` table, with the original
 //! event byte for byte, the reason and error chain, the attempts and failure times, the command's
 //! kind and owner, and a failure signature for grouping. Ops replay or discard them from there.
+//!
+//! A body is kept up to `CMDFLOW_DEAD_LETTER_MAX_BODY` bytes: past that, its first bytes are
+//! kept, marked truncated, with the size and SHA-256 of the whole message, so one huge message
+//! cannot fill the table, and an operator still sees what it was (and that it cannot be
+//! replayed).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -73,10 +78,16 @@ pub fn describe(bus: &Bus, delivery: &Delivery) -> NewDeadLetter {
     }
 }
 
-/// Keeps dead letters until `shutdown` fires, reconnecting to the broker as needed.
-pub async fn keep_until_stopped(pool: PgPool, bus: Arc<Bus>, shutdown: CancellationToken) {
+/// Keeps dead letters, each body up to `max_body` bytes, until `shutdown` fires, reconnecting to
+/// the broker as needed.
+pub async fn keep_until_stopped(
+    pool: PgPool,
+    bus: Arc<Bus>,
+    max_body: usize,
+    shutdown: CancellationToken,
+) {
     loop {
-        match keep(&pool, &bus, &shutdown).await {
+        match keep(&pool, &bus, max_body, &shutdown).await {
             Ok(()) => return,
             Err(e) => {
                 tracing::warn!(error = %e, queue.name = %bus.topology().dead_queue(), "The dead-letter keeper lost the broker; reconnecting.");
@@ -89,7 +100,12 @@ pub async fn keep_until_stopped(pool: PgPool, bus: Arc<Bus>, shutdown: Cancellat
     }
 }
 
-async fn keep(pool: &PgPool, bus: &Bus, shutdown: &CancellationToken) -> Result<(), BusError> {
+async fn keep(
+    pool: &PgPool,
+    bus: &Bus,
+    max_body: usize,
+    shutdown: &CancellationToken,
+) -> Result<(), BusError> {
     let channel = bus.channel().await?;
     channel.basic_qos(50, BasicQosOptions::default()).await?;
     let queue = bus.topology().dead_queue();
@@ -119,8 +135,17 @@ async fn keep(pool: &PgPool, bus: &Bus, shutdown: &CancellationToken) -> Result<
             }
         };
         let letter = describe(bus, &delivery);
-        match dead::keep(pool, &letter).await {
-            Ok(_) => {
+        match dead::keep(pool, &letter, max_body).await {
+            Ok(new) => {
+                if new && letter.body.len() > max_body {
+                    tracing::warn!(
+                        event.id = letter.event_id.as_deref().unwrap_or_default(),
+                        event.type = letter.event_type.as_deref().unwrap_or(&letter.routing_key),
+                        size = letter.body.len(),
+                        max_body,
+                        "A dead letter's body passed CMDFLOW_DEAD_LETTER_MAX_BODY; its first bytes are kept, and it cannot be replayed."
+                    );
+                }
                 drop(delivery.acker.ack(BasicAckOptions::default()).await);
                 metrics::counter!(cmdflow_shared::metrics::DEAD_LETTERS_KEPT, "class" => letter.error_class.clone())
                     .increment(1);

@@ -43,6 +43,8 @@ pub struct Worker {
     /// `(smtp_url, from)` when e-mails are sent.
     mail: Option<(String, String)>,
     replay_lease: std::time::Duration,
+    /// `CMDFLOW_DEAD_LETTER_MAX_BODY`, for the dead-letter keeper.
+    dead_letter_max_body: usize,
 }
 
 impl Worker {
@@ -112,6 +114,7 @@ impl Worker {
             engine,
             mail,
             replay_lease: config.replay_lease,
+            dead_letter_max_body: config.dead_letter_max_body,
         })
     }
 
@@ -124,6 +127,7 @@ impl Worker {
             engine,
             mail: self.mail,
             replay_lease: self.replay_lease,
+            dead_letter_max_body: self.dead_letter_max_body,
         }
     }
 
@@ -146,6 +150,7 @@ impl Worker {
         let keeper = tokio::spawn(dead_letters::keep_until_stopped(
             self.engine.pool().clone(),
             Arc::clone(self.engine.bus()),
+            self.dead_letter_max_body,
             shutdown.clone(),
         ));
         let replays = replays::Runner::new(

@@ -6,19 +6,32 @@
 //!
 //! A job replays only the dead letters that existed when it started (`max_id`): what fails
 //! again while it runs is a new dead letter, for a new decision.
+//!
+//! A dead letter kept truncated (its body passed `CMDFLOW_DEAD_LETTER_MAX_BODY`) is never
+//! published: its first bytes are not the event that failed. The job leaves it dead, counts it
+//! in `skipped` and goes on; the letter's `body_truncated` says why.
+//!
+//! Bodies are read per batch, whole, only for the letters published in it, and a batch stops
+//! taking letters once their bodies pass [`BATCH_BYTES`]: a worker never holds a hundred
+//! large bodies at once.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cmdflow_shared::bus::{self, Bus, BusError};
 use cmdflow_shared::store::StoreError;
-use cmdflow_shared::store::dead::{self, Filter, ReplayJob, ReplayState};
+use cmdflow_shared::store::dead::{self, DeadLetter, Filter, ReplayJob, ReplayState};
 use lapin::types::{AMQPValue, FieldTable};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 /// How often an idle worker looks for a job to run (an indexed look at the running jobs).
 const POLL: Duration = Duration::from_millis(250);
+
+/// The most body bytes a batch holds; a batch holds at least one letter, however large (each
+/// is at most `CMDFLOW_DEAD_LETTER_MAX_BODY`).
+pub const BATCH_BYTES: i64 = 32 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
@@ -43,6 +56,27 @@ pub fn replay_headers(bus: &Bus, letter: &dead::DeadLetter) -> FieldTable {
         bus.mark_engine(&mut h);
     }
     h
+}
+
+/// Splits a page of dead letters, in id order, into the batch to publish (letters kept whole,
+/// while their bodies fit [`BATCH_BYTES`]) and those to skip (kept truncated). It stops at the
+/// first letter that does not fit, so the job's cursor never passes a letter left for the next
+/// batch.
+fn take_batch(listed: Vec<DeadLetter>) -> (Vec<DeadLetter>, Vec<DeadLetter>) {
+    let (mut batch, mut skipped) = (Vec::new(), Vec::new());
+    let mut bytes = 0_i64;
+    for letter in listed {
+        if letter.body_truncated {
+            skipped.push(letter);
+            continue;
+        }
+        if !batch.is_empty() && bytes.saturating_add(letter.body_size) > BATCH_BYTES {
+            break;
+        }
+        bytes = bytes.saturating_add(letter.body_size);
+        batch.push(letter);
+    }
+    (batch, skipped)
 }
 
 /// The runner of one worker process.
@@ -145,29 +179,49 @@ impl Runner {
             if shutdown.is_cancelled() {
                 return Ok(Stop::Shutdown);
             }
-            let batch = dead::list_through(&self.pool, &filter, job.last_id, through, size).await?;
-            if batch.is_empty() {
+            let listed =
+                dead::list_through(&self.pool, &filter, job.last_id, through, size).await?;
+            if listed.is_empty() {
                 dead::end_job(&self.pool, job.id, &self.name, ReplayState::Finished, None).await?;
-                tracing::info!(job = %job.id, replayed = job.replayed, "A replay finished.");
+                tracing::info!(job = %job.id, replayed = job.replayed, skipped = job.skipped, "A replay finished.");
                 return Ok(Stop::Done);
             }
             let started = Instant::now();
+            let (batch, mut skipped) = take_batch(listed);
+            let ids: Vec<i64> = batch.iter().map(|l| l.id).collect();
+            let bodies: HashMap<i64, Vec<u8>> = dead::replayable_bodies(&self.pool, &ids)
+                .await?
+                .into_iter()
+                .collect();
+            // Only what was read whole is published (a letter is never cut after it is kept;
+            // one missing here is skipped, not marked replayed).
+            let (batch, missing): (Vec<DeadLetter>, Vec<DeadLetter>) =
+                batch.into_iter().partition(|l| bodies.contains_key(&l.id));
+            skipped.extend(missing);
+            for letter in &skipped {
+                tracing::warn!(job = %job.id, dead_letter.id = letter.id, size = letter.body_size,
+                    "A replay left a dead letter dead: its body was kept truncated, so its event cannot be published again.");
+            }
             // One batch in flight at once: the confirms are pipelined, not awaited one by one.
             let exchange = self.bus.topology().events_exchange();
             let published = futures::future::join_all(batch.iter().map(|letter| {
+                let body = bodies.get(&letter.id).map_or(&[][..], Vec::as_slice);
                 let props = bus::event_properties(letter.event_id.as_deref().unwrap_or_default())
                     .with_headers(replay_headers(&self.bus, letter));
                 self.bus
-                    .publish(&exchange, &letter.routing_key, &letter.body, props)
+                    .publish(&exchange, &letter.routing_key, body, props)
             }))
             .await;
             for result in published {
                 result?;
             }
-            let ids: Vec<i64> = batch.iter().map(|l| l.id).collect();
-            job = dead::advance_job(&self.pool, job.id, &self.name, &ids, self.lease)
-                .await?
-                .ok_or(ReplayError::NoJob(job.id))?;
+            let replayed: Vec<i64> = batch.iter().map(|l| l.id).collect();
+            let skipped: Vec<i64> = skipped.iter().map(|l| l.id).collect();
+            job = dead::advance_job(
+                &self.pool, job.id, &self.name, &replayed, &skipped, self.lease,
+            )
+            .await?
+            .ok_or(ReplayError::NoJob(job.id))?;
             if job.state != ReplayState::Running || job.claimed_by.as_deref() != Some(&self.name) {
                 tracing::info!(job = %job.id, state = %job.state, "A replay stopped: interrupted, or taken over.");
                 return Ok(Stop::Done);
@@ -210,5 +264,60 @@ pub async fn run_replay(
             }
             None => tokio::time::sleep(Duration::from_millis(100)).await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn letter(id: i64, size: i64, truncated: bool) -> DeadLetter {
+        DeadLetter {
+            id,
+            event_source: None,
+            event_id: None,
+            event_type: None,
+            routing_key: "x".to_owned(),
+            command_id: None,
+            kind: None,
+            owner: None,
+            body: dead::BodyPrefix::default(),
+            body_size: size,
+            body_sha256: String::new(),
+            body_truncated: truncated,
+            reason: String::new(),
+            error_class: String::new(),
+            error_chain: serde_json::Value::Null,
+            signature: String::new(),
+            attempts: 1,
+            first_failed_at: chrono::Utc::now(),
+            last_failed_at: chrono::Utc::now(),
+            state: "dead".to_owned(),
+            replayed_at: None,
+            discarded_at: None,
+            discard_reason: None,
+            from_engine: false,
+        }
+    }
+
+    fn ids(letters: &[DeadLetter]) -> Vec<i64> {
+        letters.iter().map(|l| l.id).collect()
+    }
+
+    #[test]
+    fn a_batch_skips_truncated_letters_and_stops_at_its_byte_budget() {
+        let mb = 1024 * 1024;
+        let (batch, skipped) = take_batch(vec![
+            letter(1, 10 * mb, false),
+            letter(2, 16 * mb, true),
+            letter(3, 16 * mb, false),
+            letter(4, 16 * mb, false),
+            letter(5, 1, true),
+        ]);
+        // 10 + 16 fit 32 MiB; the third whole one does not, so nothing after it is taken.
+        assert_eq!((ids(&batch), ids(&skipped)), (vec![1, 3], vec![2]));
+        // One letter larger than the budget still goes, alone.
+        let (batch, skipped) = take_batch(vec![letter(6, 40 * mb, false), letter(7, 1, false)]);
+        assert_eq!((ids(&batch), ids(&skipped)), (vec![6], vec![]));
     }
 }

@@ -65,6 +65,28 @@ impl Client {
             .await
     }
 
+    /// `GET path` for an answer that is not JSON (a dead letter's body): the response, to be
+    /// read a chunk at a time. An error status fails as [`Client::get`]'s do.
+    pub async fn get_raw(&self, path: &str) -> anyhow::Result<reqwest::Response> {
+        let req = self.http.get(format!("{}{path}", self.base));
+        let req = match &self.token {
+            Some(token) => req.bearer_auth(token),
+            None => req,
+        };
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the gateway at {}", self.base))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let body: Value = resp.json().await.unwrap_or(Value::Null);
+            let code = body.get("code").and_then(Value::as_str).unwrap_or("error");
+            let detail = body.get("detail").and_then(Value::as_str).unwrap_or("");
+            bail!("the gateway answered {status}: {code}: {detail}");
+        }
+        Ok(resp)
+    }
+
     pub async fn post(
         &self,
         path: &str,

@@ -1,4 +1,8 @@
 //! `cmdflow dlq …`: dead letters for people (tables) and scripts (`--json`).
+//!
+//! `dlq show` prints a letter's fields, then its body fetched from `/body`: pretty JSON when it
+//! is JSON and at most [`PRETTY_MAX`] bytes, else the bytes as they are, written as they
+//! arrive (a body can be megabytes).
 
 use std::time::Duration;
 
@@ -46,6 +50,47 @@ fn body(filter: &DlqFilter) -> serde_json::Map<String, Value> {
     b
 }
 
+/// The largest body `dlq show` reads whole to print as pretty JSON; a larger one is streamed
+/// to standard output as it is.
+const PRETTY_MAX: u64 = 4 * 1024 * 1024;
+
+/// Writes bytes to standard output, ending quietly when the reader has gone (as [`outln!`]).
+fn write_raw(bytes: &[u8]) {
+    use std::io::Write as _;
+    if let Err(e) = std::io::stdout().lock().write_all(bytes) {
+        super::output_failed(e);
+    }
+}
+
+/// Prints the stored body of dead letter `id`.
+async fn print_body(client: &Client, id: i64) -> anyhow::Result<()> {
+    let mut resp = client
+        .get_raw(&format!("/v1/dead-letters/{id}/body"))
+        .await?;
+    if resp.content_length().is_some_and(|n| n <= PRETTY_MAX) {
+        let bytes = resp.bytes().await?;
+        match serde_json::from_slice::<Value>(&bytes) {
+            Ok(event) => outln!("{}", serde_json::to_string_pretty(&event)?),
+            Err(_) => {
+                write_raw(&bytes);
+                if !bytes.ends_with(b"\n") {
+                    outln!();
+                }
+            }
+        }
+        return Ok(());
+    }
+    let mut last = b'\n';
+    while let Some(chunk) = resp.chunk().await? {
+        write_raw(&chunk);
+        last = chunk.last().copied().unwrap_or(last);
+    }
+    if last != b'\n' {
+        outln!();
+    }
+    Ok(())
+}
+
 fn s(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
@@ -56,11 +101,18 @@ fn s(v: &Value) -> String {
 
 fn progress(job: &Value) -> String {
     let total = job["total"].as_i64().unwrap_or(0).max(1);
-    let done = job["replayed"].as_i64().unwrap_or(0);
+    let replayed = job["replayed"].as_i64().unwrap_or(0);
+    let skipped = job["skipped"].as_i64().unwrap_or(0);
+    let done = replayed + skipped;
     let width = 30;
     let filled = (done * width / total).clamp(0, width) as usize;
+    let skipped = if skipped > 0 {
+        format!(" ({skipped} skipped: kept truncated)")
+    } else {
+        String::new()
+    };
     format!(
-        "[{}{}] {done}/{} {}",
+        "[{}{}] {replayed}/{}{skipped} {}",
         "#".repeat(filled),
         " ".repeat(width as usize - filled),
         job["total"],
@@ -148,11 +200,24 @@ pub async fn run(client: &Client, cmd: DlqCmd) -> anyhow::Result<()> {
             ] {
                 outln!("{k:<16} {}", s(&d[k]));
             }
+            let truncated = d["body_truncated"] == true;
+            outln!(
+                "{:<16} {} bytes{}",
+                "body_size",
+                s(&d["body_size"]),
+                if truncated {
+                    " (truncated: only the first bytes were kept; it cannot be replayed)"
+                } else {
+                    ""
+                }
+            );
+            outln!("{:<16} {}", "body_sha256", s(&d["body_sha256"]));
             outln!("errors");
             for e in d["error_chain"].as_array().into_iter().flatten() {
                 outln!("  - {}", s(e));
             }
-            outln!("event\n{}", serde_json::to_string_pretty(&d["body"])?);
+            outln!("event{}", if truncated { " (as kept)" } else { "" });
+            print_body(client, id).await?;
         }
         DlqCmd::Replay {
             filter,
@@ -191,10 +256,18 @@ pub async fn run(client: &Client, cmd: DlqCmd) -> anyhow::Result<()> {
                         if json {
                             outln!("{}", serde_json::to_string_pretty(&answer)?);
                         } else {
-                            outln!(
-                                "{} dead letters would be replayed (dry run: nothing changed)",
-                                answer["count"]
-                            );
+                            let skipped = answer["skipped"].as_i64().unwrap_or(0);
+                            let count = answer["count"].as_i64().unwrap_or(0);
+                            if skipped > 0 {
+                                outln!(
+                                    "{} dead letters would be replayed, {skipped} kept truncated would be skipped (dry run: nothing changed)",
+                                    count - skipped
+                                );
+                            } else {
+                                outln!(
+                                    "{count} dead letters would be replayed (dry run: nothing changed)"
+                                );
+                            }
                         }
                         return Ok(());
                     }
@@ -237,6 +310,17 @@ pub async fn run(client: &Client, cmd: DlqCmd) -> anyhow::Result<()> {
                             "replay {id} was interrupted after {} of {}; resume it with --resume {id}",
                             now["replayed"],
                             now["total"]
+                        );
+                    }
+                    Some("failed") => {
+                        if !json {
+                            eprintln!();
+                        }
+                        bail!(
+                            "replay {id} failed after {} of {}: {}",
+                            now["replayed"],
+                            now["total"],
+                            s(&now["error"])
                         );
                     }
                     _ => tokio::time::sleep(Duration::from_millis(500)).await,

@@ -1,16 +1,22 @@
 //! Dead letters for people: list and filter (type, kind, owner, funnel, signature, time), group
 //! by failure signature, show one, replay one, a filter or a group (dry-run count, throttled,
 //! resumable), discard with a reason. Replays and discards are audited (who, when, filter, count).
+//!
+//! A body can be megabytes, so a listed or shown letter carries only its first KiB
+//! (`body_prefix`), its size, SHA-256 and whether it was kept truncated, and a `body_url`. That
+//! route streams one body, read from PostgreSQL a slice at a time: the gateway holds at most
+//! one slice of it. A list answer stops adding letters at [`LIST_BUDGET`] bytes and gives the
+//! cursor to go on from.
 
 use axum::Json;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Extension, Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use cmdflow_shared::store::dead::{self, DeadLetter, Filter, Group, ReplayJob, ReplayState};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::app::AppState;
 use crate::auth::Principal;
@@ -95,20 +101,27 @@ fn actor(principal: &Principal, headers: &HeaderMap) -> String {
     }
 }
 
+/// The most bytes of dead letters (as JSON) one list answer carries: it stops before the letter
+/// that would pass it (always giving one) and says where to go on.
+pub const LIST_BUDGET: usize = 1024 * 1024;
+
+/// Bytes of a body read per query when it is streamed: the gateway holds one slice at a time.
+pub const BODY_SLICE: i64 = 256 * 1024;
+
+/// A dead letter as the API shows it: every field of the row, the first KiB of its body and
+/// where to fetch the rest.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct DeadLetterView {
     #[serde(flatten)]
     pub letter: DeadLetter,
-    /// The original event: parsed JSON when it is JSON, else its text (lossy).
-    #[schema(value_type = Object)]
-    pub body: Value,
+    /// Where the stored body is streamed whole: `/v1/dead-letters/{id}/body`.
+    pub body_url: String,
 }
 
 impl From<DeadLetter> for DeadLetterView {
     fn from(letter: DeadLetter) -> Self {
-        let body = serde_json::from_slice(&letter.body)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&letter.body).into_owned()));
-        Self { letter, body }
+        let body_url = format!("/v1/dead-letters/{}/body", letter.id);
+        Self { letter, body_url }
     }
 }
 
@@ -117,9 +130,50 @@ pub struct DeadLetterPage {
     pub dead_letters: Vec<DeadLetterView>,
     /// Pass as `after` for the next page; absent on the last page.
     pub next_after: Option<i64>,
+    /// The page holds fewer than `limit` letters because they filled the answer's budget
+    /// (1 MiB of JSON); `next_after` goes on.
+    pub truncated: bool,
 }
 
-/// Dead letters matching the filter, oldest first.
+/// Counts the bytes written to it: how long a value is as JSON, without keeping the JSON.
+struct ByteCount(usize);
+
+impl std::io::Write for ByteCount {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn json_len(value: &impl Serialize) -> usize {
+    let mut counted = ByteCount(0);
+    // Writing to a counter cannot fail; a value that cannot be serialised counts as empty.
+    drop(serde_json::to_writer(&mut counted, value));
+    counted.0
+}
+
+/// Takes letters, in order, while their JSON fits `budget` bytes (always the first); says
+/// whether it left any out.
+fn within_budget(letters: Vec<DeadLetter>, budget: usize) -> (Vec<DeadLetterView>, bool) {
+    let mut views = Vec::with_capacity(letters.len());
+    let mut used = 0_usize;
+    for letter in letters {
+        let view = DeadLetterView::from(letter);
+        let size = json_len(&view) + 1;
+        if !views.is_empty() && used + size > budget {
+            return (views, true);
+        }
+        used += size;
+        views.push(view);
+    }
+    (views, false)
+}
+
+/// Dead letters matching the filter, oldest first, each with the first KiB of its body: a page
+/// of at most `limit`, and at most 1 MiB.
 #[utoipa::path(get, path = "/v1/dead-letters", tag = "dead-letters", params(DeadLetterQuery),
     responses((status = 200, body = DeadLetterPage), (status = 422, description = "Invalid query", body = ErrorBody)))]
 pub async fn list(
@@ -138,12 +192,15 @@ pub async fn list(
         limit,
     )
     .await?;
-    let next_after = (letters.len() as i64 == limit)
-        .then(|| letters.last().map(|l| l.id))
+    let full = letters.len() as i64 == limit;
+    let (dead_letters, truncated) = within_budget(letters, LIST_BUDGET);
+    let next_after = (full || truncated)
+        .then(|| dead_letters.last().map(|l| l.letter.id))
         .flatten();
     Ok(Json(DeadLetterPage {
-        dead_letters: letters.into_iter().map(DeadLetterView::from).collect(),
+        dead_letters,
         next_after,
+        truncated,
     }))
 }
 
@@ -165,7 +222,12 @@ pub async fn groups(
     }))
 }
 
-/// One dead letter, with its original event.
+fn letter_id(raw: &str) -> ApiResult<i64> {
+    raw.parse()
+        .map_err(|_| ApiError::BadRequest("a dead letter id is a number".into()))
+}
+
+/// One dead letter, with the first KiB of its original event (`body_url` has all of it).
 #[utoipa::path(get, path = "/v1/dead-letters/{id}", tag = "dead-letters",
     params(("id" = i64, Path, description = "Dead letter id")),
     responses((status = 200, body = DeadLetterView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
@@ -173,13 +235,82 @@ pub async fn show(
     State(state): State<AppState>,
     Path(raw): Path<String>,
 ) -> ApiResult<Json<DeadLetterView>> {
-    let id: i64 = raw
-        .parse()
-        .map_err(|_| ApiError::BadRequest("a dead letter id is a number".into()))?;
+    let id = letter_id(&raw)?;
     let letter = dead::get(&state.pool, id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no dead letter {id}")))?;
     Ok(Json(letter.into()))
+}
+
+/// Bytes as they are, for the OpenAPI document (`string`, `binary`).
+#[derive(utoipa::ToSchema)]
+#[schema(value_type = String, format = Binary)]
+pub struct RawBody(pub Vec<u8>);
+
+/// The stored body of one dead letter, byte for byte, streamed: the original event, or its
+/// first `CMDFLOW_DEAD_LETTER_MAX_BODY` bytes when it was kept truncated.
+#[utoipa::path(get, path = "/v1/dead-letters/{id}/body", tag = "dead-letters",
+    params(("id" = i64, Path, description = "Dead letter id")),
+    responses(
+        (status = 200, description = "The stored body; `content-length` is its stored length",
+            content_type = "application/octet-stream", body = inline(RawBody),
+            headers(
+                ("x-cmdflow-body-sha256" = String, description = "Hex SHA-256 of the message as received"),
+                ("x-cmdflow-body-size" = i64, description = "Size of the message as received, in bytes"),
+                ("x-cmdflow-body-truncated" = bool, description = "`true` when only the first bytes were kept"))),
+        (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody)))]
+pub async fn body(State(state): State<AppState>, Path(raw): Path<String>) -> ApiResult<Response> {
+    let id = letter_id(&raw)?;
+    let stored = dead::stored_body(&state.pool, id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no dead letter {id}")))?;
+    let pool = state.pool.clone();
+    let length = stored.stored;
+    // One query per slice, each on a pooled connection only while it runs. A body never
+    // changes once kept; a row gone mid-way ends the stream short, and the client sees fewer
+    // bytes than `content-length`.
+    let slices = futures::stream::try_unfold(0_i64, move |offset| {
+        let pool = pool.clone();
+        async move {
+            if offset >= length {
+                return Ok(None);
+            }
+            let slice = dead::body_slice(&pool, id, offset, BODY_SLICE)
+                .await
+                .map_err(std::io::Error::other)?
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| {
+                    std::io::Error::other(format!("dead letter {id} is gone mid-download"))
+                })?;
+            let next = offset + slice.len() as i64;
+            Ok::<_, std::io::Error>(Some((Bytes::from(slice), next)))
+        }
+    });
+    let slices = futures::TryStreamExt::inspect_err(slices, move |e| {
+        tracing::warn!(error = %e, dead_letter.id = id, "A dead letter's body could not be streamed whole.");
+    });
+    let mut response = Body::from_stream(slices).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    headers.insert(
+        header::CONTENT_DISPOSITION,
+        HeaderValue::from_str(&format!("attachment; filename=\"dead-letter-{id}.bin\""))
+            .unwrap_or_else(|_| HeaderValue::from_static("attachment")),
+    );
+    if let Ok(sha) = HeaderValue::from_str(&stored.sha256) {
+        headers.insert("x-cmdflow-body-sha256", sha);
+    }
+    headers.insert("x-cmdflow-body-size", HeaderValue::from(stored.size));
+    headers.insert(
+        "x-cmdflow-body-truncated",
+        HeaderValue::from_static(if stored.truncated { "true" } else { "false" }),
+    );
+    Ok(response)
 }
 
 /// Which dead letters an operation takes, and how.
@@ -263,6 +394,9 @@ pub struct Counted {
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ReplayAccepted {
     pub count: i64,
+    /// Of `count`, the dead letters kept truncated: the job leaves them dead (their original
+    /// event is not whole), and counts them in its `skipped`.
+    pub skipped: i64,
     pub dry_run: bool,
     /// The replay job, absent on a dry run.
     pub job: Option<ReplayJob>,
@@ -270,11 +404,14 @@ pub struct ReplayAccepted {
 
 /// Replays the dead letters of a filter, a group (`signature`) or a list (`ids`): a job that
 /// publishes their original events again, throttled by `rate`. With `dry_run`, only the count.
+/// Dead letters kept truncated are never published: the job skips them, and a replay that
+/// would take nothing else is refused (409).
 #[utoipa::path(post, path = "/v1/dead-letters/replay", tag = "dead-letters",
     request_body(content = Operation, content_type = "application/json"),
     responses(
         (status = 200, description = "Dry run: the count", body = ReplayAccepted),
         (status = 202, description = "The replay job started", body = ReplayAccepted),
+        (status = 409, description = "Every dead letter it would take was kept truncated", body = ErrorBody),
         (status = 422, body = ErrorBody)))]
 pub async fn replay(
     State(state): State<AppState>,
@@ -285,15 +422,39 @@ pub async fn replay(
     let op = Operation::parse(&headers, body)?;
     let filter = op.filter();
     let count = dead::count(&state.pool, &filter).await?;
+    let skipped = dead::count_truncated(&state.pool, &filter).await?;
     if op.dry_run {
         return Ok((
             StatusCode::OK,
             Json(ReplayAccepted {
                 count,
+                skipped,
                 dry_run: true,
                 job: None,
             }),
         ));
+    }
+    if count > 0 && skipped == count {
+        let detail = if count == 1 {
+            let id = match filter.ids.as_deref() {
+                Some([id]) => id.to_string(),
+                _ => "{id}".to_owned(),
+            };
+            format!(
+                "the dead letter this would replay was kept truncated: its body passed \
+                 CMDFLOW_DEAD_LETTER_MAX_BODY, so its original event is not whole and is never \
+                 published again (what was kept is at /v1/dead-letters/{id}/body; discard it \
+                 when done)"
+            )
+        } else {
+            format!(
+                "all {count} dead letters this would replay were kept truncated: their bodies \
+                 passed CMDFLOW_DEAD_LETTER_MAX_BODY, so their original events are not whole and \
+                 are never published again (what was kept is at /v1/dead-letters/{{id}}/body; \
+                 discard them when done)"
+            )
+        };
+        return Err(ApiError::Conflict(detail));
     }
     let who = actor(&principal, &headers);
     let job = dead::create_job(&state.pool, &who, &filter, op.rate, count).await?;
@@ -311,6 +472,7 @@ pub async fn replay(
         StatusCode::ACCEPTED,
         Json(ReplayAccepted {
             count,
+            skipped,
             dry_run: false,
             job: Some(job),
         }),

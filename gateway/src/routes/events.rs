@@ -162,6 +162,10 @@ pub async fn publish_all(state: &AppState, events: &[Event], speaker: Speaker) -
     Ok(())
 }
 
+/// The most bytes of event bodies (as JSON text) one `GET /v1/events/unmatched` answer
+/// carries; the newest event is always given (an event is at most 256 KiB).
+pub const UNMATCHED_BUDGET: i64 = 1024 * 1024;
+
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
 pub struct UnmatchedQuery {
     /// Only events of this type.
@@ -174,9 +178,13 @@ pub struct UnmatchedQuery {
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Unmatched {
     pub events: Vec<cmdflow_shared::store::time::UnmatchedRow>,
+    /// More events matched within `limit` but were left out, older than these: their bodies
+    /// passed the answer's budget (1 MiB of JSON).
+    pub truncated: bool,
 }
 
-/// Broadcast events that started no command and woke no waiter, newest first.
+/// Broadcast events that started no command and woke no waiter, newest first, as many as fit
+/// 1 MiB of bodies.
 #[utoipa::path(get, path = "/v1/events/unmatched", tag = "events",
     params(UnmatchedQuery),
     responses(
@@ -192,8 +200,15 @@ pub async fn get_unmatched(
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::invalid("limit", "must be between 1 and 1000"));
     }
-    let events =
-        cmdflow_shared::store::time::unmatched(&state.pool, query.event_type.as_deref(), limit)
-            .await?;
-    Ok(Json(Unmatched { events }))
+    let page = cmdflow_shared::store::time::unmatched(
+        &state.pool,
+        query.event_type.as_deref(),
+        limit,
+        UNMATCHED_BUDGET,
+    )
+    .await?;
+    Ok(Json(Unmatched {
+        events: page.events,
+        truncated: page.truncated,
+    }))
 }

@@ -1,5 +1,10 @@
 //! Statements for operations: failed attempts, dead letters (filtered, grouped by failure
 //! signature, replayed, discarded), replay jobs and the audit of what ops did.
+//!
+//! A dead letter's body can be as large as the broker lets a message be, so no statement that
+//! returns many letters reads it: they carry its first [`BODY_PREFIX_BYTES`] (a
+//! [`BodyPrefix`]), its size and hash. One body is read whole only by [`body_slice`] (a slice at
+//! a time, for a download) and by [`replayable_bodies`] (a replay's batch, bounded by the caller).
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -34,6 +39,10 @@ pub async fn record_attempt(
     Ok(())
 }
 
+/// How much of a body a listed dead letter carries: enough to recognise the event. (`COLUMNS`
+/// spells it in its SQL; a test keeps the two equal.)
+pub const BODY_PREFIX_BYTES: i64 = 1024;
+
 /// A dead letter to keep.
 #[derive(Debug, Clone)]
 pub struct NewDeadLetter {
@@ -43,6 +52,8 @@ pub struct NewDeadLetter {
     pub event_type: Option<String>,
     pub routing_key: String,
     pub command_id: Option<CommandId>,
+    /// The message as received, whole: [`keep`] stores at most its cap of it, and its size and
+    /// SHA-256 in any case.
     pub body: Vec<u8>,
     pub reason: String,
     pub error_class: String,
@@ -55,14 +66,21 @@ pub struct NewDeadLetter {
 }
 
 /// Keeps a dead letter (once per dead-lettering), with the kind and owner of its command and its
-/// failure signature. Returns whether it was new.
-pub async fn keep(pool: &PgPool, d: &NewDeadLetter) -> Result<bool> {
+/// failure signature. Of its body, at most `max_body` bytes are stored: a longer one is kept
+/// truncated (`body_truncated`), which a replay refuses. Size and SHA-256 are of the message
+/// as received, computed by PostgreSQL as the migration that added them computed them for older
+/// rows, so one function defines a letter's hash. Returns whether it was new.
+pub async fn keep(pool: &PgPool, d: &NewDeadLetter, max_body: usize) -> Result<bool> {
+    // Bodies are at most 1 GiB in PostgreSQL; the config keeps the cap below that.
+    let cap = i32::try_from(max_body).unwrap_or(i32::MAX);
     let done = sqlx::query(
         "INSERT INTO dead_letters (dead_id, event_source, event_id, event_type, routing_key, command_id, kind, owner,
-                                   body, reason, error_class, error_chain, signature, attempts, first_failed_at, last_failed_at,
+                                   body, body_size, body_sha256, body_truncated,
+                                   reason, error_class, error_chain, signature, attempts, first_failed_at, last_failed_at,
                                    from_engine)
-         SELECT $1, $2, $3, $4, $5, $6, c.kind, c.owner, $7, $8, $9, $10,
-                $9 || ':' || coalesce(c.kind, $4, $5), $11, $12, $13, $14
+         SELECT $1, $2, $3, $4, $5, $6, c.kind, c.owner,
+                substring($7 FROM 1 FOR $15), length($7), encode(sha256($7), 'hex'), length($7) > $15,
+                $8, $9, $10, $9 || ':' || coalesce(c.kind, $4, $5), $11, $12, $13, $14
            FROM (SELECT 1) one LEFT JOIN commands c ON c.id = $6
          ON CONFLICT (dead_id) DO NOTHING",
     )
@@ -80,6 +98,7 @@ pub async fn keep(pool: &PgPool, d: &NewDeadLetter) -> Result<bool> {
     .bind(d.first_failed_at)
     .bind(d.last_failed_at)
     .bind(d.from_engine)
+    .bind(cap)
     .execute(pool)
     .await?;
     Ok(done.rows_affected() == 1)
@@ -120,8 +139,21 @@ pub struct DeadLetter {
     pub command_id: Option<CommandId>,
     pub kind: Option<String>,
     pub owner: Option<String>,
-    #[serde(skip)]
-    pub body: Vec<u8>,
+    /// The first [`BODY_PREFIX_BYTES`] of the stored body, as text (lossy). It is the whole body
+    /// only when `body_size` is at most that; never publish it as the event. (The field keeps
+    /// the name it had when it held the whole body, so code that compares a short body still
+    /// reads; JSON calls it `body_prefix`.)
+    #[sqlx(rename = "body_prefix")]
+    #[serde(rename = "body_prefix")]
+    #[schema(value_type = String)]
+    pub body: BodyPrefix,
+    /// The size of the message as received, in bytes.
+    pub body_size: i64,
+    /// The hex SHA-256 of the message as received.
+    pub body_sha256: String,
+    /// Only the first `CMDFLOW_DEAD_LETTER_MAX_BODY` bytes were kept: size and hash are still
+    /// the whole message's, and it cannot be replayed.
+    pub body_truncated: bool,
     pub reason: String,
     pub error_class: String,
     #[schema(value_type = Vec<String>)]
@@ -137,6 +169,74 @@ pub struct DeadLetter {
     /// Replayed with the engine's mark (see [`NewDeadLetter::from_engine`]).
     #[serde(skip)]
     pub from_engine: bool,
+}
+
+/// The first bytes of a dead letter's body. Serialised as text: UTF-8, lossy, without a last
+/// character the cut split.
+#[derive(Clone, Default, PartialEq, Eq, sqlx::Type)]
+#[sqlx(transparent)]
+pub struct BodyPrefix(Vec<u8>);
+
+impl BodyPrefix {
+    /// The prefix as text: invalid UTF-8 becomes U+FFFD, and a character cut at the end of
+    /// the prefix is left out rather than shown as one.
+    pub fn text(&self) -> String {
+        let bytes = self.0.as_slice();
+        let whole = match bytes.len().checked_sub(1) {
+            None => bytes,
+            Some(_) if bytes.len() < BODY_PREFIX_BYTES as usize => bytes,
+            Some(last) => {
+                // The start of the last character, at most 3 continuation bytes back.
+                let start = (last.saturating_sub(3)..=last)
+                    .rev()
+                    .find(|&i| bytes[i] & 0xC0 != 0x80)
+                    .unwrap_or(last);
+                let needs = match bytes[start] {
+                    0xC0..=0xDF => 2,
+                    0xE0..=0xEF => 3,
+                    0xF0..=0xF7 => 4,
+                    _ => 1,
+                };
+                if start + needs > bytes.len() {
+                    &bytes[..start]
+                } else {
+                    bytes
+                }
+            }
+        };
+        String::from_utf8_lossy(whole).into_owned()
+    }
+}
+
+impl std::ops::Deref for BodyPrefix {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for BodyPrefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BodyPrefix({:?})", self.text())
+    }
+}
+
+impl<const N: usize> PartialEq<&[u8; N]> for BodyPrefix {
+    fn eq(&self, other: &&[u8; N]) -> bool {
+        self.0 == other.as_slice()
+    }
+}
+
+impl PartialEq<&[u8]> for BodyPrefix {
+    fn eq(&self, other: &&[u8]) -> bool {
+        self.0 == *other
+    }
+}
+
+impl Serialize for BodyPrefix {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.text())
+    }
 }
 
 const WHERE: &str = "
@@ -164,7 +264,10 @@ macro_rules! bind_filter {
     };
 }
 
-const COLUMNS: &str = "SELECT id, event_source, event_id, event_type, routing_key, command_id, kind, owner, body, reason,
+/// Every column but the body, of which only the first KiB ([`BODY_PREFIX_BYTES`]): a slice of a
+/// value stored out of line reads only the chunks it covers.
+const COLUMNS: &str = "SELECT id, event_source, event_id, event_type, routing_key, command_id, kind, owner,
+        substring(body FROM 1 FOR 1024) AS body_prefix, body_size, body_sha256, body_truncated, reason,
         error_class, error_chain, signature, attempts, first_failed_at, last_failed_at, state, replayed_at,
         discarded_at, discard_reason, from_engine FROM dead_letters";
 
@@ -207,12 +310,71 @@ pub async fn count(pool: &PgPool, filter: &Filter) -> Result<i64> {
     )
 }
 
+/// How many of the dead letters matching `filter` were kept truncated (a replay skips them).
+pub async fn count_truncated(pool: &PgPool, filter: &Filter) -> Result<i64> {
+    let sql = format!("SELECT count(*) FROM dead_letters {WHERE} AND body_truncated");
+    Ok(
+        bind_filter!(sqlx::query_scalar(sqlx::AssertSqlSafe(sql)), filter)
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
+/// One dead letter, with the prefix of its body (see [`body_slice`] for the rest).
 pub async fn get(pool: &PgPool, id: i64) -> Result<Option<DeadLetter>> {
     let sql = format!("{COLUMNS} WHERE id = $1");
     Ok(sqlx::query_as::<_, DeadLetter>(sqlx::AssertSqlSafe(sql))
         .bind(id)
         .fetch_optional(pool)
         .await?)
+}
+
+/// What a download of one dead letter's body needs to know before its first byte.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct StoredBody {
+    /// Bytes stored: `size`, or the cap when `truncated`.
+    pub stored: i64,
+    /// The size of the message as received.
+    pub size: i64,
+    /// The hex SHA-256 of the message as received.
+    pub sha256: String,
+    pub truncated: bool,
+}
+
+/// The stored body's length, size, hash and whether it was cut, without reading it.
+pub async fn stored_body(pool: &PgPool, id: i64) -> Result<Option<StoredBody>> {
+    Ok(sqlx::query_as::<_, StoredBody>(
+        "SELECT length(body)::bigint AS stored, body_size AS size, body_sha256 AS sha256,
+                body_truncated AS truncated
+           FROM dead_letters WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await?)
+}
+
+/// `len` bytes of dead letter `id`'s stored body from byte `offset` (0-based): fewer at its
+/// end, none past it; `None` when there is no such dead letter.
+pub async fn body_slice(pool: &PgPool, id: i64, offset: i64, len: i64) -> Result<Option<Vec<u8>>> {
+    Ok(sqlx::query_scalar(
+        "SELECT substring(body FROM ($2 + 1)::int FOR $3::int) FROM dead_letters WHERE id = $1",
+    )
+    .bind(id)
+    .bind(offset)
+    .bind(len)
+    .fetch_optional(pool)
+    .await?)
+}
+
+/// The whole bodies of the dead letters `ids` that were kept whole, by id: the events a replay
+/// publishes again. The caller bounds how many bytes it asks for (see `body_size`).
+pub async fn replayable_bodies(pool: &PgPool, ids: &[i64]) -> Result<Vec<(i64, Vec<u8>)>> {
+    Ok(sqlx::query_as(
+        "SELECT id, body FROM dead_letters WHERE id = ANY($1) AND NOT body_truncated",
+    )
+    .bind(ids)
+    .fetch_all(pool)
+    .await?)
 }
 
 #[derive(Debug, Clone, sqlx::FromRow, Serialize, utoipa::ToSchema)]
@@ -325,6 +487,9 @@ pub struct ReplayJob {
     pub rate: Option<i32>,
     pub total: i32,
     pub replayed: i32,
+    /// Dead letters it left dead because they cannot be replayed: kept truncated
+    /// (`body_truncated`), their original event is not whole.
+    pub skipped: i32,
     pub last_id: i64,
     /// The newest dead letter when the job started: it never replays one kept after that
     /// (such as its own events failing again).
@@ -339,7 +504,7 @@ pub struct ReplayJob {
     pub updated_at: DateTime<Utc>,
 }
 
-const JOB_COLUMNS: &str = "id, actor, filter, rate, total, replayed, last_id, max_id, state, claimed_by, lease_until, error, created_at, updated_at";
+const JOB_COLUMNS: &str = "id, actor, filter, rate, total, replayed, skipped, last_id, max_id, state, claimed_by, lease_until, error, created_at, updated_at";
 
 /// Creates a running job over what `filter` matches now: bounded by the newest dead letter
 /// there is, so what fails again while it runs is not replayed by it. A worker picks it up.
@@ -352,7 +517,7 @@ pub async fn create_job(
 ) -> Result<ReplayJob> {
     const SQL: &str = "INSERT INTO replay_jobs (id, actor, filter, rate, total, state, max_id)
          VALUES ($1, $2, $3, $4, $5, 'running', (SELECT coalesce(max(id), 0) FROM dead_letters))
-         RETURNING id, actor, filter, rate, total, replayed, last_id, max_id, state, claimed_by, lease_until, error, created_at, updated_at";
+         RETURNING id, actor, filter, rate, total, replayed, skipped, last_id, max_id, state, claimed_by, lease_until, error, created_at, updated_at";
     Ok(sqlx::query_as::<_, ReplayJob>(SQL)
         .bind(Uuid::now_v7())
         .bind(actor)
@@ -450,31 +615,61 @@ pub async fn end_job(
     Ok(done.rows_affected() == 1)
 }
 
-/// Records a replayed batch: its dead letters are `replayed`, the job's cursor moves past them
-/// and `worker`'s lease is renewed for `lease`. Returns the job as it is now (interrupted, or
-/// claimed by another worker after an expired lease, tells the runner to stop).
+/// Records a replayed batch: its dead letters `replayed` are `replayed`, those `skipped` stay
+/// dead and are counted, the job's cursor moves past both, and `worker`'s lease is renewed for
+/// `lease`. Returns the job as it is now (interrupted, or claimed by another worker after an
+/// expired lease, tells the runner to stop).
 pub async fn advance_job(
     pool: &PgPool,
     job: Uuid,
     worker: &str,
-    ids: &[i64],
+    replayed: &[i64],
+    skipped: &[i64],
     lease: std::time::Duration,
 ) -> Result<Option<ReplayJob>> {
     let mut tx = pool.begin().await?;
-    mark_replayed(&mut tx, ids).await?;
+    mark_replayed(&mut tx, replayed).await?;
     let sql = format!(
-        "UPDATE replay_jobs SET replayed = replayed + $2, last_id = greatest(last_id, $3), updated_at = now(),
+        "UPDATE replay_jobs SET replayed = replayed + $2, skipped = skipped + $6,
+                last_id = greatest(last_id, $3), updated_at = now(),
                 lease_until = CASE WHEN claimed_by = $4 AND state = 'running' THEN now() + $5 ELSE lease_until END
           WHERE id = $1 RETURNING {JOB_COLUMNS}"
     );
     let row = sqlx::query_as::<_, ReplayJob>(sqlx::AssertSqlSafe(sql))
         .bind(job)
-        .bind(ids.len() as i32)
-        .bind(ids.iter().copied().max().unwrap_or(0))
+        .bind(replayed.len() as i32)
+        .bind(replayed.iter().chain(skipped).copied().max().unwrap_or(0))
         .bind(worker)
         .bind(interval(lease))
+        .bind(skipped.len() as i32)
         .fetch_optional(&mut *tx)
         .await?;
     tx.commit().await?;
     Ok(row)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_prefix_is_text_without_the_character_its_cut_split() {
+        // "é" is two bytes: a prefix of the first KiB that ends after its first byte.
+        let mut cut = vec![b'a'; BODY_PREFIX_BYTES as usize - 1];
+        cut.push(0xC3);
+        assert_eq!(BodyPrefix(cut).text(), "a".repeat(1023));
+        // The same byte in a short (whole) body is invalid UTF-8, shown as such.
+        assert_eq!(BodyPrefix(b"ab\xC3".to_vec()).text(), "ab\u{FFFD}");
+        // A whole character at the end stays; invalid bytes inside are replaced.
+        let mut whole = vec![0xFF];
+        whole.extend(std::iter::repeat_n(b'a', BODY_PREFIX_BYTES as usize - 3));
+        whole.extend("é".as_bytes());
+        let text = BodyPrefix(whole).text();
+        assert!(
+            text.starts_with('\u{FFFD}') && text.ends_with("aé"),
+            "{text}"
+        );
+        assert_eq!(BodyPrefix(Vec::new()).text(), "");
+        assert!(COLUMNS.contains(&format!("substring(body FROM 1 FOR {BODY_PREFIX_BYTES})")));
+    }
 }

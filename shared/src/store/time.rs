@@ -386,18 +386,70 @@ pub struct UnmatchedRow {
     pub received_at: DateTime<Utc>,
 }
 
-/// Unmatched events, newest first, optionally of one type.
+/// A page of unmatched events: as many as fit the byte budget it was asked for.
+#[derive(Debug, Clone, Default)]
+pub struct UnmatchedPage {
+    pub events: Vec<UnmatchedRow>,
+    /// More events matched within `limit`, left out because their bodies passed the budget.
+    pub truncated: bool,
+}
+
+/// Unmatched events, newest first, optionally of one type: at most `limit`, and only while
+/// their bodies (as JSON text, `length(body::text)`) add up to at most `budget` bytes. The
+/// first is always given, whatever its size (an event is at most 256 KiB).
+///
+/// The running sum is a window over the `limit` newest rows, so PostgreSQL measures at most
+/// `limit` bodies. The rows it returns are those that fit, and the first one left out (the
+/// second, or the one whose body passes the budget), without its body: it says `truncated`.
 pub async fn unmatched(
     pool: &PgPool,
     event_type: Option<&str>,
     limit: i64,
-) -> Result<Vec<UnmatchedRow>> {
-    Ok(sqlx::query_as::<_, UnmatchedRow>(
-        "SELECT source, event_id, event_type, correlation_key, body, received_at FROM unmatched_events
-          WHERE ($1::text IS NULL OR event_type = $1) ORDER BY received_at DESC LIMIT $2",
+    budget: i64,
+) -> Result<UnmatchedPage> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        source: String,
+        event_id: String,
+        event_type: String,
+        correlation_key: Option<String>,
+        /// `None` for the first row past the budget.
+        body: Option<Value>,
+        received_at: DateTime<Utc>,
+    }
+    let rows = sqlx::query_as::<_, Row>(
+        "SELECT source, event_id, event_type, correlation_key, received_at,
+                CASE WHEN n = 1 OR running <= $3 THEN body END AS body
+           FROM (SELECT source, event_id, event_type, correlation_key, body, received_at,
+                        row_number() OVER newest AS n,
+                        sum(length(body::text)) OVER newest AS running,
+                        length(body::text) AS size
+                   FROM unmatched_events
+                  WHERE ($1::text IS NULL OR event_type = $1)
+                 WINDOW newest AS (ORDER BY received_at DESC, source, event_id
+                                   ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
+                  ORDER BY received_at DESC, source, event_id LIMIT $2) newest
+          WHERE n <= 2 OR running - size <= $3
+          ORDER BY n",
     )
     .bind(event_type)
     .bind(limit)
+    .bind(budget)
     .fetch_all(pool)
-    .await?)
+    .await?;
+    let mut page = UnmatchedPage::default();
+    for row in rows {
+        match row.body {
+            Some(body) => page.events.push(UnmatchedRow {
+                source: row.source,
+                event_id: row.event_id,
+                event_type: row.event_type,
+                correlation_key: row.correlation_key,
+                body,
+                received_at: row.received_at,
+            }),
+            None => page.truncated = true,
+        }
+    }
+    Ok(page)
 }

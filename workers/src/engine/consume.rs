@@ -622,10 +622,7 @@ pub(crate) fn admit(
         // Who linked is the gateway's word, never the sender's.
         event.extensions.remove(cmdflow_shared::contract::LINKED_BY);
     }
-    if event.ty == types::OWNER_LINKED
-        && !link_sources.contains(&event.source)
-        && !marked()
-    {
+    if event.ty == types::OWNER_LINKED && !link_sources.contains(&event.source) && !marked() {
         return Err(EnvelopeError::Invalid {
             field: "source".to_owned(),
             reason: format!(
