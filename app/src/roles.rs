@@ -165,6 +165,7 @@ pub async fn scheduler(config: Config) -> anyhow::Result<()> {
     // One connection per cycle in flight, one for LISTEN, one for the next-due and prune queries.
     let connections = cmdflow_workers::scheduler::IN_FLIGHT as u32 + 2;
     let pool = store::connect(&config.database_url, connections).await?;
+    store::require_schema(&pool).await?;
     let bus = Bus::for_config(&config, "cmdflow-scheduler").await?;
     bus.set_engine_mark(store::engine_mark(&pool).await?);
     let shutdown = shutdown_on_signals();
@@ -185,6 +186,7 @@ pub async fn scheduler(config: Config) -> anyhow::Result<()> {
 pub async fn archiver(config: Config) -> anyhow::Result<()> {
     let retention = config.retention()?;
     let pool = store::connect(&config.database_url, 2).await?;
+    store::require_schema(&pool).await?;
     let shutdown = shutdown_on_signals();
     let needs = Needs {
         pool: Some(pool.clone()),

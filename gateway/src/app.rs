@@ -300,6 +300,8 @@ impl Application {
         bus: Arc<Bus>,
     ) -> Result<Application, BuildError> {
         let auth = Arc::new(Authenticator::from_config(config)?);
+        // A database this binary cannot run against stops it here, saying why.
+        store::require_schema(&pool).await?;
         let locks = Locks::new(
             &config.redis_url_list(),
             &config.namespace,

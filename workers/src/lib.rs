@@ -101,6 +101,8 @@ impl Worker {
         locks: Option<Locks>,
     ) -> Result<Worker, WorkerError> {
         let settings = EngineSettings::from_config(config)?;
+        // A database this binary cannot run against stops it here, saying why.
+        store::require_schema(&pool).await?;
         bus.declare_topology().await?;
         bus.set_engine_mark(store::engine_mark(&pool).await?);
         // The gateway checks starts against what the workers publish here.
