@@ -35,10 +35,8 @@ async fn applied_by_a_newer_binary(env: &TestEnv, version: i64, compatible: Opti
     }
 }
 
-/// What each role says about the database: `migrate`, a worker, a gateway, and the binary's
-/// own `cmdflow migrate`.
-async fn verdicts(env: &TestEnv) -> [Result<(), String>; 4] {
-    let migrate = store::migrate(&env.pool).await.map_err(|e| e.to_string());
+/// What a worker and a gateway say about the database as they build.
+async fn role_verdicts(env: &TestEnv) -> (Result<(), String>, Result<(), String>) {
     let worker = Worker::build(&env.config, cmdflow_tests::registry())
         .await
         .map(drop)
@@ -47,6 +45,14 @@ async fn verdicts(env: &TestEnv) -> [Result<(), String>; 4] {
         .await
         .map(drop)
         .map_err(|e| e.to_string());
+    (worker, gateway)
+}
+
+/// What each role says about the database: `migrate`, a worker, a gateway, and the binary's
+/// own `cmdflow migrate`.
+async fn verdicts(env: &TestEnv) -> [Result<(), String>; 4] {
+    let migrate = store::migrate(&env.pool).await.map_err(|e| e.to_string());
+    let (worker, gateway) = role_verdicts(env).await;
     let out = tokio::process::Command::new(cmdflow_tests::fleet::cmdflow_binary())
         .arg("migrate")
         .env("CMDFLOW_DATABASE_URL", &env.config.database_url)
@@ -117,14 +123,7 @@ async fn a_database_behind_the_binary_is_refused_until_migrated() {
         .unwrap();
     let schema = Schema::read(&env.pool).await.unwrap();
     assert_eq!(schema.missing, vec![last]);
-    let worker = Worker::build(&env.config, cmdflow_tests::registry())
-        .await
-        .map(drop)
-        .map_err(|e| e.to_string());
-    let gateway = Application::build(&env.config)
-        .await
-        .map(drop)
-        .map_err(|e| e.to_string());
+    let (worker, gateway) = role_verdicts(&env).await;
     for (role, verdict) in [("worker", worker), ("gateway", gateway)] {
         let why = verdict.expect_err(role);
         assert!(
