@@ -29,6 +29,13 @@ pub const FROM_COMMAND: &str = "fromcommandid";
 /// sets it to the caller (`key:<name>`, `jwt:<sub>`), whatever the caller sent.
 pub const LINKED_BY: &str = "linkedby";
 
+/// The extension attribute that says when cmdflow accepted an event (RFC 3339): the gateway sets
+/// it on every event it publishes, whatever the caller sent, and the engine on every event it
+/// emits. A command's events are ordered by it, and an early event matches only the waits of a
+/// command that started before the event was accepted. An event published straight to the
+/// broker without it counts as accepted when a worker first handles it.
+pub const ACCEPTED_AT: &str = "acceptedat";
+
 /// Engine event types (`command.` prefix and the time events).
 pub mod types {
     /// Starts a command: `data = {kind, owner, data}`, addressed to the new command's id.
@@ -311,14 +318,16 @@ impl Event {
         })
     }
 
-    /// A new event emitted by cmdflow itself, with a fresh id and the time set.
+    /// A new event emitted by cmdflow itself, with a fresh id, the time set and stamped as
+    /// accepted now.
     pub fn new(source: &str, ty: &str, data: Map<String, Value>) -> Event {
-        Event {
+        let now = Utc::now();
+        let mut event = Event {
             specversion: "1.0".to_owned(),
             id: Uuid::now_v7().to_string(),
             source: source.to_owned(),
             ty: ty.to_owned(),
-            time: Some(Utc::now()),
+            time: Some(now),
             subject: None,
             commandid: None,
             correlationid: None,
@@ -326,7 +335,26 @@ impl Event {
             datacontenttype: Some("application/json".to_owned()),
             data,
             extensions: BTreeMap::new(),
-        }
+        };
+        event.stamp_accepted(now);
+        event
+    }
+
+    /// When cmdflow accepted the event (its `acceptedat`), if it was stamped.
+    pub fn accepted_at(&self) -> Option<DateTime<Utc>> {
+        self.extensions
+            .get(ACCEPTED_AT)
+            .and_then(Value::as_str)
+            .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+            .map(|t| t.with_timezone(&Utc))
+    }
+
+    /// Stamps the event as accepted at `now`, replacing any `acceptedat` it carried.
+    pub fn stamp_accepted(&mut self, now: DateTime<Utc>) {
+        self.extensions.insert(
+            ACCEPTED_AT.to_owned(),
+            Value::String(now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
+        );
     }
 
     /// The event as structured-mode JSON.

@@ -11,7 +11,7 @@ use cmdflow_shared::contract::types::COMMAND_START;
 use cmdflow_shared::time::{Clock, ManualClock, SystemClock};
 use cmdflow_shared::{Command, CommandState, Decision, Event, HandlerError};
 use cmdflow_tests::proxy::Proxy;
-use cmdflow_tests::{TestEnv, event, eventually, get, post, send, start_command};
+use cmdflow_tests::{TestEnv, event, eventually, get, post, send, start_command, start_event};
 use cmdflow_workers::Registry;
 use cmdflow_workers::scheduler::Scheduler;
 use serde_json::{Value, json};
@@ -661,33 +661,72 @@ async fn a_wait_times_out_when_nothing_comes() {
     env.cleanup().await;
 }
 
+/// Sends `ev` through the gateway and waits until a worker has kept it for the early window.
+async fn sent_and_kept(env: &TestEnv, gateway: &str, ev: &Value) -> DateTime<Utc> {
+    send(gateway, ev).await;
+    eventually(WAIT, "the early event kept", || async {
+        sqlx::query_scalar("SELECT accepted_at FROM recent_events WHERE event_id = $1")
+            .bind(ev["id"].as_str().unwrap())
+            .fetch_optional(&env.pool)
+            .await
+            .unwrap()
+    })
+    .await
+}
+
 #[tokio::test]
-async fn an_event_just_before_its_wait_still_matches() {
+async fn an_event_accepted_after_the_start_matches_a_wait_registered_later() {
     let mut env = TestEnv::new().await;
     let gw = env.start_gateway().await;
     env.start_worker().await;
     env.start_scheduler();
+    // The race the early window is for: a start is accepted, then its event; the event is
+    // handled first, and the start reaches a worker only afterwards.
     let early = broadcast("special.clicked", "member:44", json!({"early": true}));
-    send(&gw.url, &early).await;
-    eventually(WAIT, "the early event recorded", || async {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM recent_events WHERE correlation_key = 'member:44'",
-        )
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
-        (n == 1).then_some(())
-    })
-    .await;
-    let id = start_command(
-        &gw.url,
+    let accepted = sent_and_kept(&env, &gw.url, &early).await;
+    let id = uuid::Uuid::now_v7().to_string();
+    let mut start = start_event(
+        &id,
         "demo.wait",
         "member:44",
         json!({"type": "special.clicked", "key": "member:44", "timeout_ms": 30_000}),
+    );
+    let before = accepted - chrono::Duration::milliseconds(5);
+    start["acceptedat"] = json!(before.to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
+    env.publish_raw_as_engine("command.start", &serde_json::to_vec(&start).unwrap())
+        .await;
+    let done = env.wait_state(&id, CommandState::Completed).await;
+    assert_eq!(done.result.unwrap()["id"], early["id"]);
+    assert_eq!(
+        done.created_at, before,
+        "a root counts from when its start was accepted"
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_event_accepted_before_the_command_started_does_not_match_it() {
+    let mut env = TestEnv::new().await;
+    let gw = env.start_gateway().await;
+    env.start_worker().await;
+    env.start_scheduler();
+    // An old answer, well inside the early window, and a command started after it.
+    let old = broadcast("special.clicked", "member:45", json!({"old": true}));
+    sent_and_kept(&env, &gw.url, &old).await;
+    let id = start_command(
+        &gw.url,
+        "demo.wait",
+        "member:45",
+        json!({"type": "special.clicked", "key": "member:45", "timeout_ms": 1_500}),
     )
     .await;
     let done = env.wait_state(&id, CommandState::Completed).await;
-    assert_eq!(done.result.unwrap()["id"], early["id"]);
+    assert_eq!(
+        done.result.unwrap()["timed_out"],
+        true,
+        "an event older than the command decided it"
+    );
+    assert_eq!(env.received(&id, "special.clicked").await, 0);
     env.cleanup().await;
 }
 

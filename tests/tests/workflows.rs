@@ -246,34 +246,45 @@ async fn a_fire_and_forget_child_sends_no_ack() {
 }
 
 #[tokio::test]
-async fn the_parent_close_policy_aborts_or_abandons_children_still_running() {
+async fn fire_and_forget_children_outlive_their_parent_but_not_its_abort() {
     let mut env = TestEnv::new().await;
     let gw = env.start_gateway().await;
     env.start_worker().await;
-    let spec = |abandon: bool| json!({"children": 2, "detached": true, "child_kind": "demo.counter", "abandon": abandon});
-    let aborting = start_command(&gw.url, "demo.fanout", "member:20", spec(false)).await;
-    let abandoning = start_command(&gw.url, "demo.fanout", "member:21", spec(true)).await;
-    let aborted_kids = env.children_running(&aborting, 2).await;
-    let abandoned_kids = env.children_running(&abandoning, 2).await;
-    send(&gw.url, &event("demo.finish", Some(&aborting), json!({}))).await;
-    send(&gw.url, &event("demo.finish", Some(&abandoning), json!({}))).await;
-    env.wait_state(&aborting, CommandState::Completed).await;
-    env.wait_state(&abandoning, CommandState::Completed).await;
+    // `abandon` left unset: a fire-and-forget child has no concern for its parent anyway.
+    let spec = json!({"children": 2, "detached": true, "child_kind": "demo.counter"});
+    let finishing = start_command(&gw.url, "demo.fanout", "member:20", spec.clone()).await;
+    let aborted = start_command(&gw.url, "demo.fanout", "member:21", spec).await;
+    let outliving = env.children_running(&finishing, 2).await;
+    let aborted_kids = env.children_running(&aborted, 2).await;
+
+    send(&gw.url, &event("demo.finish", Some(&finishing), json!({}))).await;
+    env.wait_state(&finishing, CommandState::Completed).await;
+    let (status, body) = post(
+        &format!("{}/v1/commands/{aborted}/abort", gw.url),
+        "application/json",
+        br#"{"reason": "the visitor left"}"#,
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    env.wait_state(&aborted, CommandState::Aborted).await;
+
+    // An explicit abort reaches every child, fire-and-forget ones too.
     for kid in &aborted_kids {
         let c = env.wait_state(kid, CommandState::Aborted).await;
-        assert!(c.reason.unwrap().contains("ended (completed)"));
+        assert!(c.reason.unwrap().contains("was aborted"));
     }
+    // The end of their parent does not.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    for kid in &abandoned_kids {
+    for kid in &outliving {
         assert_eq!(
             state_of(&env, kid).await,
             Some(CommandState::Running),
-            "an abandoned child runs on"
+            "a fire-and-forget child runs on after its parent completed"
         );
         send(&gw.url, &event("demo.increment", Some(kid), json!({}))).await;
     }
-    for kid in &abandoned_kids {
-        eventually(WAIT, "the abandoned child to keep counting", || async {
+    for kid in &outliving {
+        eventually(WAIT, "the child to keep counting", || async {
             (env.command(kid).await.unwrap().data["count"] == 1).then_some(())
         })
         .await;

@@ -5,6 +5,7 @@
 //! version = 1
 //! name = "visitor_to_member"
 //! title = "Visitor → member"
+//! track = "client"                  # one open funnel per person and track (default: its name)
 //! start_on = "visitor.arrived"      # a broadcast of this type (subject = the person) starts it
 //! initial = "visitor"
 //! final = ["member"]                # reaching one completes the funnel
@@ -22,6 +23,13 @@
 //! time events. Actions: `send` a templated message, set (`timer`) or `cancel_timer` a timer,
 //! `wait` for an event, `spawn` a command. Delays in a stage (`after`) are timers that leaving the
 //! stage cancels.
+//!
+//! A person is in at most one open funnel per track, across all their linked identities: a
+//! `start_on` broadcast for a person already in the track starts nothing, unless the event also
+//! moves the open funnel to a final stage (the hand-over from one funnel of a path to the next).
+//! A template is sent at most once per stage for a person (kept in `data.sent`), so coming back
+//! to a stage does not repeat its welcome. A stage without a `ui` hint shows the person no
+//! pending condition.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::path::Path;
@@ -29,7 +37,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cmdflow_shared::contract::types::{self, COMMAND_START, TIMER_FIRED};
-use cmdflow_shared::decision::{Channel, ChildSpec};
+use cmdflow_shared::decision::{Channel, ChildSpec, DataChange};
 use cmdflow_shared::domain::check_dotted_name;
 use cmdflow_shared::{Command, CommandState, Decision, Event, HandlerError};
 use serde::Deserialize;
@@ -44,6 +52,10 @@ pub struct FunnelDef {
     pub version: u32,
     pub name: String,
     pub title: String,
+    /// Funnels of one track are one path: a person is in at most one of them at a time.
+    /// Defaults to the funnel's own name.
+    #[serde(default)]
+    pub track: Option<String>,
     pub start_on: String,
     pub initial: String,
     #[serde(rename = "final")]
@@ -191,6 +203,20 @@ impl FunnelDef {
         self.stages.iter().find(|s| s.name == name)
     }
 
+    /// The funnel's track (its name when it names none).
+    pub fn track(&self) -> &str {
+        self.track.as_deref().unwrap_or(&self.name)
+    }
+
+    /// Whether an event of type `ty` moves a person at `stage` to a final stage.
+    pub fn ends_on(&self, stage: &str, ty: &str) -> bool {
+        self.stage(stage).is_some_and(|s| {
+            s.transitions
+                .iter()
+                .any(|t| t.on == ty && self.finals.contains(&t.to))
+        })
+    }
+
     fn validate(
         &self,
         templates: &Templates,
@@ -204,6 +230,9 @@ impl FunnelDef {
             );
         }
         check_dotted_name(&self.name, 1).map_err(|e| ("name".into(), e.to_string()))?;
+        if let Some(track) = &self.track {
+            check_dotted_name(track, 1).map_err(|e| ("track".into(), e.to_string()))?;
+        }
         check_dotted_name(&self.start_on, 2).map_err(|e| ("start_on".into(), e.to_string()))?;
         let names: Vec<&str> = self.stages.iter().map(|s| s.name.as_str()).collect();
         let mut seen = BTreeSet::new();
@@ -382,17 +411,25 @@ impl FunnelHandler {
         command.owner.clone()
     }
 
-    /// Applies `actions` to `decision`.
+    /// Applies `actions` to `decision`. A template already sent at this stage (in `sent`, the
+    /// `stage:template` keys of `data.sent`) is not sent again; one sent now is added.
     fn act(
         &self,
         command: &Command,
         stage: &str,
         actions: &[Action],
+        sent: &mut Vec<Value>,
         mut decision: Decision,
     ) -> Decision {
         for a in actions {
             decision = match a {
+                Action::Send { template, .. }
+                    if sent.contains(&json!(format!("{stage}:{template}"))) =>
+                {
+                    decision
+                }
                 Action::Send { template, email } => {
+                    sent.push(json!(format!("{stage}:{template}")));
                     let mut vars = Map::new();
                     vars.insert("stage".into(), json!(stage));
                     vars.insert("funnel".into(), json!(self.def.title));
@@ -441,6 +478,34 @@ impl FunnelHandler {
         decision
     }
 
+    /// [`FunnelHandler::act`], keeping in `data.sent` the `stage:template` keys of the messages
+    /// sent, so that none is sent twice.
+    fn act_once(
+        &self,
+        command: &Command,
+        stage: &str,
+        actions: &[Action],
+        decision: Decision,
+    ) -> Decision {
+        let mut sent = command
+            .data
+            .get("sent")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        let before = sent.len();
+        let decision = self.act(command, stage, actions, &mut sent, decision);
+        if sent.len() == before {
+            return decision;
+        }
+        let mut patch = match &decision.data {
+            Some(DataChange::Patch(patch)) => patch.clone(),
+            _ => Map::new(),
+        };
+        patch.insert("sent".into(), Value::Array(sent));
+        decision.with_patch(patch)
+    }
+
     /// Moves the person into `stage`: its hint, its waits, its delays, its actions.
     fn enter(
         &self,
@@ -469,7 +534,7 @@ impl FunnelHandler {
                 decision = decision.cancel_timer(&format!("after:{}:{i}", prev.name));
             }
         }
-        decision = self.act(command, &stage.name, &stage.on_enter, decision);
+        decision = self.act_once(command, &stage.name, &stage.on_enter, decision);
         if self.def.finals.contains(&stage.name) {
             return decision
                 .with_outcome(cmdflow_shared::decision::Outcome::Complete(
@@ -477,10 +542,13 @@ impl FunnelHandler {
                 ))
                 .with_ui(Value::Null);
         }
-        decision = decision.with_state(CommandState::Running).with_ui(match &stage.ui {
-            Some(ui) => json!({ "code": ui.code, "text": ui.text, "stage": stage.name }),
-            None => json!({ "code": format!("funnel.{}", self.def.name), "text": format!("{}: {}", self.def.title, stage.name), "stage": stage.name }),
-        });
+        // A stage without a hint shows the person nothing: no raw stage label.
+        decision = decision
+            .with_state(CommandState::Running)
+            .with_ui(match &stage.ui {
+                Some(ui) => json!({ "code": ui.code, "text": ui.text, "stage": stage.name }),
+                None => Value::Null,
+            });
         for (i, after) in stage.after.iter().enumerate() {
             if let Ok(d) = parse_delay(&after.delay) {
                 decision = decision.after(&format!("after:{}:{i}", stage.name), d);
@@ -501,7 +569,9 @@ impl FunnelHandler {
 
 impl Handler for FunnelHandler {
     fn decide(&self, command: &Command, event: &Event) -> Result<Decision, HandlerError> {
-        let now = event.time.map(|t| json!(t));
+        // When the event was accepted (the time it is about), else when its sender says it
+        // happened.
+        let now = event.accepted_at().or(event.time).map(|t| json!(t));
         let current = command.data.get("stage").and_then(Value::as_str);
         let Some(current) = current else {
             // The first event: the start (a broadcast of `start_on`, or an explicit start).
@@ -521,7 +591,7 @@ impl Handler for FunnelHandler {
                 .and_then(|i| i.parse::<usize>().ok())
             && let Some(after) = stage.after.get(i)
         {
-            return Ok(self.act(command, &stage.name, &after.actions, Decision::nothing()));
+            return Ok(self.act_once(command, &stage.name, &after.actions, Decision::nothing()));
         }
         let mut matched_type = false;
         for t in &stage.transitions {

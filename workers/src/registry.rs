@@ -281,6 +281,21 @@ impl Registry {
         &self.funnels
     }
 
+    /// The definition of the funnel that runs as `kind` (`funnel.{name}`).
+    pub fn funnel(&self, kind: &str) -> Option<&FunnelDef> {
+        let name = kind.strip_prefix("funnel.")?;
+        self.funnels.iter().find(|d| d.name == name)
+    }
+
+    /// The kinds of the funnels on `track`.
+    pub fn track_kinds(&self, track: &str) -> Vec<String> {
+        self.funnels
+            .iter()
+            .filter(|d| d.track() == track)
+            .map(FunnelDef::kind)
+            .collect()
+    }
+
     /// What a worker publishes to the kind catalogue.
     pub fn catalogue(&self) -> Vec<KindInfo> {
         let build = self

@@ -57,6 +57,30 @@ pub const TEMPLATES: &[(&str, &str)] = &[
         "application_reminder",
         include_str!("../templates/application_reminder.txt"),
     ),
+    (
+        "application_approved",
+        include_str!("../templates/application_approved.txt"),
+    ),
+    (
+        "application_declined",
+        include_str!("../templates/application_declined.txt"),
+    ),
+    (
+        "lead_welcome",
+        include_str!("../templates/lead_welcome.txt"),
+    ),
+    (
+        "visitor_welcome",
+        include_str!("../templates/visitor_welcome.txt"),
+    ),
+    (
+        "client_offer",
+        include_str!("../templates/client_offer.txt"),
+    ),
+    (
+        "client_welcome",
+        include_str!("../templates/client_welcome.txt"),
+    ),
 ];
 
 /// The sales funnels: `(file, TOML)`.
@@ -80,10 +104,6 @@ pub const FUNNELS: &[(&str, &str)] = &[
     (
         "funnels/lead_to_shipper.toml",
         include_str!("../funnels/lead_to_shipper.toml"),
-    ),
-    (
-        "funnels/lead_to_client.toml",
-        include_str!("../funnels/lead_to_client.toml"),
     ),
 ];
 
@@ -138,7 +158,6 @@ mod tests {
                 "member_to_client",
                 "lead_to_supplier",
                 "lead_to_shipper",
-                "lead_to_client"
             ]
         );
         assert!(registry.contains("funnel.visitor_to_member"));
@@ -146,6 +165,53 @@ mod tests {
             registry.kinds_started_by("visitor.arrived"),
             ["funnel.visitor_to_member"]
         );
+        // One event starts at most one funnel of the client track.
+        assert_eq!(
+            registry.kinds_started_by("lead.created"),
+            ["funnel.lead_to_visitor"]
+        );
+        assert_eq!(
+            registry.track_kinds("client"),
+            [
+                "funnel.lead_to_visitor",
+                "funnel.visitor_to_member",
+                "funnel.member_to_client"
+            ]
+        );
+        // Each funnel of the path hands over to the next on the event that starts it.
+        let def = |kind: &str| registry.funnel(kind).unwrap();
+        assert!(def("funnel.lead_to_visitor").ends_on("lead", "visitor.arrived"));
+        assert!(def("funnel.visitor_to_member").ends_on("applicant", "member.approved"));
+        assert!(!def("funnel.visitor_to_member").ends_on("visitor", "member.approved"));
+    }
+
+    #[test]
+    fn every_funnel_message_renders_with_only_the_persons_name() {
+        let registry = registry().unwrap();
+        for def in registry.funnel_defs() {
+            for stage in &def.stages {
+                let sends = stage
+                    .on_enter
+                    .iter()
+                    .chain(stage.after.iter().flat_map(|a| a.actions.iter()));
+                for action in sends {
+                    if let cmdflow_workers::funnels::Action::Send { template, .. } = action {
+                        let vars = serde_json::json!({
+                            "name": "Ada", "stage": stage.name, "funnel": def.title,
+                            "now": "2026-11-26T10:00:00Z", "stage_entered_at": "2026-11-26T10:00:00Z",
+                        });
+                        let (subject, body) = registry.templates().render(template, &vars).unwrap();
+                        assert!(!subject.trim().is_empty(), "{template}: no subject");
+                        assert!(body.contains("Hello Ada"), "{template}: {body}");
+                        // No raw stage label reads as a sentence to the person.
+                        assert!(
+                            !body.contains(&format!("the {} step", stage.name)),
+                            "{template}: {body}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]
@@ -175,6 +241,10 @@ mod tests {
         assert_eq!(query.schema["required"], serde_json::json!(["q"]));
         let counter = catalogue.iter().find(|k| k.name == "demo.counter").unwrap();
         assert_eq!(counter.starts_on, ["demo.requested"]);
-        assert!(catalogue.iter().any(|k| k.name == "funnel.lead_to_client"));
+        assert!(
+            catalogue
+                .iter()
+                .any(|k| k.name == "funnel.member_to_client")
+        );
     }
 }

@@ -64,7 +64,7 @@ pub async fn start_command(
     principal.may_publish(kind)?;
     crate::routes::events::trace(&headers, std::slice::from_mut(&mut event));
     let command_id = event.commandid.unwrap_or_default();
-    publish_all(&state, std::slice::from_ref(&event), Speaker::Engine).await?;
+    publish_all(&state, std::slice::from_mut(&mut event), Speaker::Engine).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(Started {
@@ -420,7 +420,7 @@ pub async fn abort_command(
     event.subject = Some(command.owner);
     event.correlationid = Some(command.root_id.to_string());
     crate::routes::events::trace(&headers, std::slice::from_mut(&mut event));
-    publish_all(&state, std::slice::from_ref(&event), Speaker::Engine).await?;
+    publish_all(&state, std::slice::from_mut(&mut event), Speaker::Engine).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(AbortAccepted {

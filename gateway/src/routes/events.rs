@@ -62,7 +62,7 @@ pub async fn post_events(
         }
     }
     trace(&headers, &mut events);
-    publish_all(&state, &events, Speaker::Caller).await?;
+    publish_all(&state, &mut events, Speaker::Caller).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(Accepted {
@@ -125,7 +125,16 @@ pub fn trace(headers: &HeaderMap, events: &mut [Event]) {
 
 /// Publishes events in their order, each to its partition, under confirms; fails with 503
 /// unless the broker confirmed every one. Events of a batch for one command keep their order.
-pub async fn publish_all(state: &AppState, events: &[Event], speaker: Speaker) -> ApiResult<()> {
+/// Each is stamped with the time it was accepted (`acceptedat`), replacing any the caller sent.
+pub async fn publish_all(
+    state: &AppState,
+    events: &mut [Event],
+    speaker: Speaker,
+) -> ApiResult<()> {
+    let now = chrono::Utc::now();
+    for event in events.iter_mut() {
+        event.stamp_accepted(now);
+    }
     let bodies: Vec<Vec<u8>> = events.iter().map(Event::to_bytes).collect();
     let exchange = state.bus.topology().events_exchange();
     let messages = events

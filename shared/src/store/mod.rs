@@ -234,13 +234,16 @@ pub struct NewCommand {
     pub group_name: Option<String>,
     /// `abort` or `abandon`.
     pub parent_close: String,
+    /// When the command counts as started: when the event that created it was accepted
+    /// (`None`: now). An early event accepted before it never matches its waits.
+    pub created_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// Inserts a command in `pending` unless its id exists. Returns whether it was created.
 pub async fn insert_command(tx: &mut Tx<'_>, new: &NewCommand) -> Result<bool> {
     let done = sqlx::query(
-        "INSERT INTO commands (id, kind, owner, parent_id, root_id, depth, state, data, group_name, parent_close)
-         VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $8, $9)
+        "INSERT INTO commands (id, kind, owner, parent_id, root_id, depth, state, data, group_name, parent_close, created_at)
+         VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $8, $9, coalesce($10, now()))
          ON CONFLICT (id) DO NOTHING",
     )
     .bind(new.id)
@@ -252,6 +255,7 @@ pub async fn insert_command(tx: &mut Tx<'_>, new: &NewCommand) -> Result<bool> {
     .bind(&new.data)
     .bind(&new.group_name)
     .bind(&new.parent_close)
+    .bind(new.created_at)
     .execute(&mut **tx)
     .await?;
     Ok(done.rows_affected() == 1)
@@ -269,13 +273,15 @@ pub async fn insert_children(tx: &mut Tx<'_>, children: &[NewCommand]) -> Result
                 "id": c.id, "kind": c.kind, "owner": c.owner, "parent_id": c.parent_id,
                 "root_id": c.root_id, "depth": c.depth, "data": c.data,
                 "group_name": c.group_name, "parent_close": c.parent_close,
+                "created_at": c.created_at,
             })
         })
         .collect();
     sqlx::query(
-        "INSERT INTO commands (id, kind, owner, parent_id, root_id, depth, state, data, group_name, parent_close)
+        "INSERT INTO commands (id, kind, owner, parent_id, root_id, depth, state, data, group_name, parent_close, created_at)
          SELECT (e->>'id')::uuid, e->>'kind', e->>'owner', (e->>'parent_id')::uuid, (e->>'root_id')::uuid,
-                (e->>'depth')::int, 'pending', e->'data', e->>'group_name', e->>'parent_close'
+                (e->>'depth')::int, 'pending', e->'data', e->>'group_name', e->>'parent_close',
+                coalesce((e->>'created_at')::timestamptz, now())
            FROM jsonb_array_elements($1) AS e",
     )
     .bind(Value::Array(rows))

@@ -48,14 +48,20 @@ pub async fn insert_message(
     Ok(done.rows_affected() == 1)
 }
 
-/// Whether `owner` has an open command of `kind`.
-pub async fn has_open(tx: &mut Tx<'_>, owner: &str, kind: &str) -> Result<bool> {
-    Ok(sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM commands WHERE owner = $1 AND kind = $2 AND state IN ('pending', 'running', 'waiting'))",
+/// The open commands of one of `kinds` owned by any of `owners`: their kind and `data.stage`.
+pub async fn open_in(
+    tx: &mut Tx<'_>,
+    owners: &[String],
+    kinds: &[String],
+) -> Result<Vec<(String, Option<String>)>> {
+    Ok(sqlx::query_as(
+        "SELECT kind, data->>'stage' FROM commands
+          WHERE owner = ANY($1) AND kind = ANY($2) AND state IN ('pending', 'running', 'waiting')
+          ORDER BY created_at",
     )
-    .bind(owner)
-    .bind(kind)
-    .fetch_one(&mut **tx)
+    .bind(owners)
+    .bind(kinds)
+    .fetch_all(&mut **tx)
     .await?)
 }
 
@@ -113,14 +119,14 @@ pub async fn link(
     Ok(person)
 }
 
-/// Every owner id of the person `owner` belongs to (at least `owner` itself).
-pub async fn owners_of(pool: &PgPool, owner: &str) -> Result<Vec<String>> {
+/// Every owner id of the person `owner` belongs to (at least `owner` itself), sorted.
+pub async fn owners_of<'e>(db: impl sqlx::PgExecutor<'e>, owner: &str) -> Result<Vec<String>> {
     let mut owners: Vec<String> = sqlx::query_scalar(
         "SELECT i.owner FROM identities i
           WHERE i.person = coalesce((SELECT person FROM identities WHERE owner = $1), $1)",
     )
     .bind(owner)
-    .fetch_all(pool)
+    .fetch_all(db)
     .await?;
     if !owners.iter().any(|o| o == owner) {
         owners.push(owner.to_owned());

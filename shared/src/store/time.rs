@@ -278,50 +278,55 @@ pub async fn waits_of(pool: &PgPool, command: CommandId) -> Result<Vec<WaitRow>>
     .await?)
 }
 
-/// Keeps a broadcast event for the early-event window. `false` when it was already kept: the
-/// event is a redelivery and has been matched before.
+/// Keeps a broadcast event for the early-event window, with when it was accepted (now, when
+/// it was not stamped). `false` when it was already kept: the event is a redelivery and has
+/// been matched before.
 pub async fn record_recent(
     tx: &mut Tx<'_>,
-    source: &str,
-    event_id: &str,
-    event_type: &str,
+    event: &crate::Event,
     key: &str,
     body: &Value,
 ) -> Result<bool> {
     let done = sqlx::query(
-        "INSERT INTO recent_events (source, event_id, event_type, correlation_key, body)
-         VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        "INSERT INTO recent_events (source, event_id, event_type, correlation_key, body, accepted_at)
+         VALUES ($1, $2, $3, $4, $5, coalesce($6, clock_timestamp())) ON CONFLICT DO NOTHING",
     )
-    .bind(source)
-    .bind(event_id)
-    .bind(event_type)
+    .bind(&event.source)
+    .bind(&event.id)
+    .bind(&event.ty)
     .bind(key)
     .bind(body)
+    .bind(event.accepted_at())
     .execute(&mut **tx)
     .await?;
     Ok(done.rows_affected() == 1)
 }
 
-/// The earliest event on (type, key) within the window that `command` has not yet received.
+/// The earliest event on (type, any of `keys`) within the window that `command` has not yet
+/// received and that was accepted no earlier than the command started (`started`): an event
+/// older than the command never decides it.
 pub async fn early_match(
     tx: &mut Tx<'_>,
     command: CommandId,
+    started: DateTime<Utc>,
     event_type: &str,
-    key: &str,
+    keys: &[String],
     window: Duration,
 ) -> Result<Option<Value>> {
     Ok(sqlx::query_scalar(
         "SELECT r.body FROM recent_events r
-          WHERE r.event_type = $2 AND r.correlation_key = $3
+          WHERE r.event_type = $2 AND r.correlation_key = ANY($3)
             AND r.received_at >= clock_timestamp() - make_interval(secs => $4)
+            AND coalesce(r.accepted_at, r.received_at) >= $5
             AND NOT EXISTS (SELECT 1 FROM processed_events p
                              WHERE p.command_id = $1 AND p.source = r.source AND p.event_id = r.event_id)
-          ORDER BY r.received_at LIMIT 1",
+          ORDER BY coalesce(r.accepted_at, r.received_at), r.received_at LIMIT 1",
     )
     .bind(command)
     .bind(event_type)
-    .bind(key)
+    .bind(keys)
     .bind(window.as_secs_f64())
+    .bind(started)
     .fetch_optional(&mut **tx)
     .await?)
 }

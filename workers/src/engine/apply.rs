@@ -264,10 +264,8 @@ impl Engine {
                 if !store::record_event_start(tx, &event.source, &event.id, kind, id).await? {
                     continue;
                 }
-                if kind.starts_with("funnel.")
-                    && store::people::has_open(tx, &owner.to_string(), kind).await?
-                {
-                    // One funnel command per person and funnel: this person is already in it.
+                if self.in_track_already(tx, &owner, kind, &event.ty).await? {
+                    // One open funnel per person and track: this person is on it already.
                     matched = true;
                     continue;
                 }
@@ -281,6 +279,7 @@ impl Engine {
                     data: Value::Object(event.data.clone()),
                     group_name: None,
                     parent_close: "abort".to_owned(),
+                    created_at: event.accepted_at(),
                 };
                 store::insert_command(tx, &new).await?;
                 // Just created: the event is new to it.
@@ -324,17 +323,23 @@ impl Engine {
         }
         let body = serde_json::to_value(event).unwrap_or(Value::Null);
         if let Some(key) = &event.correlationid {
-            time::lock_key(tx, &event.ty, key).await?;
-            if time::record_recent(tx, &event.source, &event.id, &event.ty, key, &body).await? {
-                for waiter in time::take_waiters(tx, &event.ty, key).await? {
-                    time::cancel_timer(tx, waiter, &wait_timer_name(&event.ty, key)).await?;
-                    let mut copy = event.clone();
-                    copy.commandid = Some(waiter);
-                    outbox.extend(
-                        store::insert_outbox(tx, waiter, std::slice::from_ref(&copy)).await?,
-                    );
-                    matched = true;
-                    applied = Applied::Applied;
+            // A person's event wakes the waits on every identity linked to them.
+            let keys = self.linked_keys(tx, key).await?;
+            for k in &keys {
+                time::lock_key(tx, &event.ty, k).await?;
+            }
+            if time::record_recent(tx, event, key, &body).await? {
+                for k in &keys {
+                    for waiter in time::take_waiters(tx, &event.ty, k).await? {
+                        time::cancel_timer(tx, waiter, &wait_timer_name(&event.ty, k)).await?;
+                        let mut copy = event.clone();
+                        copy.commandid = Some(waiter);
+                        outbox.extend(
+                            store::insert_outbox(tx, waiter, std::slice::from_ref(&copy)).await?,
+                        );
+                        matched = true;
+                        applied = Applied::Applied;
+                    }
                 }
             } else {
                 // Seen before: its waiters were woken then.
@@ -528,6 +533,13 @@ impl Engine {
         if next.state.is_terminal() {
             let reason = format!("its parent {} ended ({})", command.id, next.state);
             for id in orphans {
+                to_abort.push((id, reason.clone()));
+            }
+        }
+        if aborting && next.state == CommandState::Aborted {
+            // An abort reaches the whole tree, fire-and-forget children too.
+            let reason = format!("its parent {} was aborted", command.id);
+            for id in store::open_children(tx, command.id, None, false).await? {
                 to_abort.push((id, reason.clone()));
             }
         }
@@ -804,6 +816,7 @@ impl Engine {
             return Ok(());
         }
         let mut rows = Vec::with_capacity(decision.spawn_count());
+        let created_at = cause.accepted_at();
         let mut child = |spec: &ChildSpec, group: Option<&str>| {
             let id = CommandId::new();
             let owner = spec.owner.clone().unwrap_or_else(|| parent.owner.clone());
@@ -816,7 +829,13 @@ impl Engine {
                 depth: parent.depth + 1,
                 data: Value::Object(spec.data.clone()),
                 group_name: group.map(str::to_owned),
-                parent_close: spec.parent_close.as_str().to_owned(),
+                // A fire-and-forget child has no concern for its parent: the parent's end never
+                // aborts it (an abort of the parent does).
+                parent_close: match group {
+                    None => "abandon".to_owned(),
+                    Some(_) => spec.parent_close.as_str().to_owned(),
+                },
+                created_at,
             });
             let start = obj(json!({
                 "kind": spec.kind, "owner": owner, "data": spec.data, "parent_id": parent.id,
@@ -1076,8 +1095,17 @@ impl Engine {
     ) -> Result<(), ApplyError> {
         time::lock_key(tx, &wait.event_type, &wait.key).await?;
         let window = self.settings.early_event_window;
-        if let Some(body) =
-            time::early_match(tx, command.id, &wait.event_type, &wait.key, window).await?
+        // An event about any identity of the person, accepted since the command started.
+        let keys = self.linked_keys(tx, &wait.key).await?;
+        if let Some(body) = time::early_match(
+            tx,
+            command.id,
+            command.created_at,
+            &wait.event_type,
+            &keys,
+            window,
+        )
+        .await?
         {
             // The event came first: deliver it now, and register nothing.
             if let Ok(mut early) = serde_json::from_value::<Event>(body) {
@@ -1238,6 +1266,44 @@ impl Engine {
             data,
             group_name: None,
             parent_close: "abort".to_owned(),
+            // A root counts from when its start was accepted.
+            created_at: event.accepted_at(),
         })
+    }
+
+    /// Every identity linked to `key` when it names an owner (`lead:alice`), sorted; else
+    /// `key` alone.
+    async fn linked_keys(&self, tx: &mut Tx<'_>, key: &str) -> Result<Vec<String>, ApplyError> {
+        if Owner::parse(key).is_err() {
+            return Ok(vec![key.to_owned()]);
+        }
+        Ok(store::people::owners_of(&mut **tx, key).await?)
+    }
+
+    /// Whether `owner` (by any linked identity) is already on the track of the funnel `kind`:
+    /// in an open funnel of it that this event (`ty`) does not move to a final stage. Takes the
+    /// person's track lock, so two starts for one person are decided one after the other. A
+    /// kind that is not a funnel is on no track.
+    async fn in_track_already(
+        &self,
+        tx: &mut Tx<'_>,
+        owner: &Owner,
+        kind: &str,
+        ty: &str,
+    ) -> Result<bool, ApplyError> {
+        let Some(def) = self.registry.funnel(kind) else {
+            return Ok(false);
+        };
+        let owners = store::people::owners_of(&mut **tx, &owner.to_string()).await?;
+        let track = def.track();
+        time::lock_key(tx, &format!("funnel.track.{track}"), &owners[0]).await?;
+        let open = store::people::open_in(tx, &owners, &self.registry.track_kinds(track)).await?;
+        Ok(open.iter().any(|(kind, stage)| {
+            let ending = match (self.registry.funnel(kind), stage) {
+                (Some(def), Some(stage)) => def.ends_on(stage, ty),
+                _ => false,
+            };
+            !ending
+        }))
     }
 }
