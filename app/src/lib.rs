@@ -261,6 +261,11 @@ impl App {
         for dir in self.funnel_dirs.iter().chain(&extra_funnels) {
             registry.funnels_dir(dir)?;
         }
+        if let Some(file) = &self.config.deciders_file {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("CMDFLOW_DECIDERS_FILE {file}"))?;
+            registry.deciders(file, &text, self.config.lock_ttl)?;
+        }
         Ok(registry)
     }
 

@@ -54,7 +54,17 @@ pub struct AppState {
         description = "Durable commands and events: publish events, start commands, read their state and history. Every /v1 endpoint needs `Authorization: Bearer <API key or JWT>`."
     ),
     modifiers(&BearerAuth),
-    security(("bearer" = []))
+    security(("bearer" = [])),
+    // What a remote decider answers (it is called by the workers, not through this API).
+    components(schemas(
+        cmdflow_shared::remote::WireDecision,
+        cmdflow_shared::remote::WireEmit,
+        cmdflow_shared::remote::WireChild,
+        cmdflow_shared::remote::WireGroup,
+        cmdflow_shared::remote::WireTimer,
+        cmdflow_shared::remote::WireWait,
+        cmdflow_shared::remote::WireMessage
+    ))
 )]
 struct ApiDoc;
 

@@ -94,6 +94,10 @@ pub struct Config {
     /// (`CMDFLOW_FUNNELS_DIR`). An invalid file stops start-up with its precise error.
     #[serde(deserialize_with = "string_like::optional")]
     pub funnels_dir: Option<String>,
+    /// A TOML file declaring kinds decided by remote deciders over HTTP
+    /// (`CMDFLOW_DECIDERS_FILE`). An invalid file, or a secret that cannot be read, stops start-up.
+    #[serde(deserialize_with = "string_like::optional")]
+    pub deciders_file: Option<String>,
     /// A folder of message templates (`*.txt`, named after the file) besides those the binary
     /// registers (`CMDFLOW_TEMPLATES_DIR`).
     #[serde(deserialize_with = "string_like::optional")]
@@ -233,6 +237,7 @@ impl Default for Config {
             scheduler_batch: 500,
             smtp_url: None,
             funnels_dir: None,
+            deciders_file: None,
             templates_dir: None,
             examples: None,
             replay_lease: Duration::from_secs(30),

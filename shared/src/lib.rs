@@ -8,6 +8,7 @@ pub mod decision;
 pub mod domain;
 pub mod lock;
 pub mod metrics;
+pub mod remote;
 pub mod schema;
 pub mod store;
 pub mod telemetry;

@@ -90,6 +90,9 @@ pub enum ApplyError {
     NotFound(CommandId),
     #[error("{0}")]
     Permanent(String),
+    /// A remote decider could not answer now: tried again later.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// The worker's settings, from [`cmdflow_shared::Config`].
@@ -880,6 +883,10 @@ impl Engine {
                 drop(tx.rollback().await);
                 let disposition = match e {
                     ApplyError::Store(e) => Disposition::Retry(e.to_string()),
+                    ApplyError::Unavailable(reason) => {
+                        tracing::warn!(%reason, "A remote decider did not answer; the event is tried again later.");
+                        Disposition::Retry(reason)
+                    }
                     // Its start may come the slower way (forwarded, or still in an outbox):
                     // kept until then, in order.
                     ApplyError::NotFound(id) if event.ty != COMMAND_START => {

@@ -9,6 +9,7 @@ pub mod fanin;
 pub mod funnels;
 pub mod messages;
 pub mod registry;
+pub mod remote;
 pub mod replays;
 pub mod scheduler;
 pub mod workflow;

@@ -16,6 +16,7 @@ use serde_json::{Map, Value};
 
 use crate::funnels::{FunnelDef, FunnelError};
 use crate::messages::{TemplateError, Templates};
+use crate::remote::{DeciderDef, RemoteDecider};
 use crate::workflow::{Typed, Workflow};
 
 /// A command kind. `decide` does no I/O: the engine applies what it returns.
@@ -76,6 +77,7 @@ pub struct Registry {
     starts: BTreeMap<String, Vec<String>>,
     templates: Templates,
     funnels: Vec<FunnelDef>,
+    remotes: BTreeMap<String, Arc<RemoteDecider>>,
     build: Option<String>,
 }
 
@@ -226,6 +228,55 @@ impl Registry {
             self.funnels.push(def);
         }
         Ok(self)
+    }
+
+    /// Registers `kind` as decided by a remote decider (see [`crate::remote`]): the worker asks
+    /// it for every event of the kind's commands and applies the decision it answers.
+    pub fn remote(
+        &mut self,
+        kind: &str,
+        decider: RemoteDecider,
+    ) -> Result<&mut Self, RegistryError> {
+        cmdflow_shared::domain::Kind::parse(kind)
+            .map_err(|e| RegistryError::Kind(kind.to_owned(), e.to_string()))?;
+        let name = kind.to_owned();
+        // Never called: the engine asks the decider instead.
+        let local = move |_: &Command, _: &Event| -> Result<Decision, HandlerError> {
+            Err(HandlerError::Refused(format!("{name} is decided remotely")))
+        };
+        self.insert(kind, Arc::new(local), KindSource::Remote);
+        self.remotes.insert(kind.to_owned(), Arc::new(decider));
+        Ok(self)
+    }
+
+    /// Registers every decider of a deciders file (`file` names it in errors), each call
+    /// bounded below half of `lock_ttl`.
+    pub fn deciders(
+        &mut self,
+        file: &str,
+        text: &str,
+        lock_ttl: std::time::Duration,
+    ) -> Result<&mut Self, RegistryError> {
+        let defs: Vec<DeciderDef> = crate::remote::parse_file(file, text)
+            .map_err(|e| RegistryError::Kind("decider".into(), e))?;
+        for def in defs {
+            let decider = def
+                .build(lock_ttl)
+                .map_err(|e| RegistryError::Kind(def.kind.clone(), e))?;
+            self.remote(&def.kind, decider)?;
+            if let Some(text) = &def.description {
+                self.describe(&def.kind, text);
+            }
+            for ty in &def.start_on {
+                self.start_on(ty, &def.kind);
+            }
+        }
+        Ok(self)
+    }
+
+    /// The remote decider of `kind`, if it is decided remotely.
+    pub fn remote_decider(&self, kind: &str) -> Option<&Arc<RemoteDecider>> {
+        self.remotes.get(kind)
     }
 
     /// The kinds a broadcast event of this type starts.

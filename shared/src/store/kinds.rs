@@ -20,6 +20,8 @@ pub enum KindSource {
     Rust,
     /// A funnel definition (a data file).
     Funnel,
+    /// A decider in another service, called over HTTP.
+    Remote,
 }
 
 /// One entry of the catalogue.

@@ -20,6 +20,7 @@ use serde_json::{Map, Value, json};
 
 use super::{Applied, ApplyError, Engine};
 use crate::fanin::{Tally, Verdict, evaluate};
+use crate::remote::RemoteError;
 
 /// The data of a `command.start` event.
 #[derive(Debug, Deserialize)]
@@ -402,7 +403,24 @@ impl Engine {
             ApplyError::Permanent(format!("unknown command kind `{}`", command.kind))
         })?;
         let aborting = event.ty == COMMAND_ABORT;
-        let mut decision = match handler.decide(&command, event) {
+        let decided = match self.registry.remote_decider(&command.kind) {
+            // Asked under the command's lock, within the decider's bound (below the lock's TTL).
+            Some(remote) => match remote.decide(&command, event).await {
+                Ok(decision) => Ok(decision),
+                Err(e @ RemoteError::Unavailable { .. }) => {
+                    return Err(ApplyError::Unavailable(e.to_string()));
+                }
+                Err(e @ RemoteError::Invalid { .. }) => {
+                    return Err(ApplyError::Permanent(format!(
+                        "handler {} refused {}: {e}",
+                        command.kind, event.ty
+                    )));
+                }
+                Err(e @ RemoteError::Refused { .. }) => Err(HandlerError::Refused(e.to_string())),
+            },
+            None => handler.decide(&command, event),
+        };
+        let mut decision = match decided {
             Ok(decision) => decision,
             Err(HandlerError::UnexpectedEvent { .. }) if types::is_engine_event(&event.ty) => {
                 Decision::nothing()
