@@ -1228,6 +1228,11 @@ impl Engine {
         self.registry
             .check_start_value(kind.as_str(), &data)
             .map_err(|v| ApplyError::Permanent(format!("invalid start data of {kind}: {v}")))?;
+        if let Some(map) = data.as_object() {
+            cmdflow_shared::domain::check_email_in(map, "data").map_err(|(field, reason)| {
+                ApplyError::Permanent(format!("invalid start data of {kind}: {field}: {reason}"))
+            })?;
+        }
         Ok(NewCommand {
             id,
             kind: kind.to_string(),
