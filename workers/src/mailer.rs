@@ -27,10 +27,13 @@ use uuid::Uuid;
 /// The most e-mails one worker sends at once.
 pub const IN_FLIGHT: usize = 8;
 /// How long a claimed message is left to its worker before another may take it: longer than an
-/// SMTP conversation can last (each step times out after [`SMTP_TIMEOUT`]).
+/// SMTP conversation can last ([`SEND_TIMEOUT`]).
 pub const CLAIM_LEASE: Duration = Duration::from_secs(300);
 /// The time one SMTP step may take.
 pub const SMTP_TIMEOUT: Duration = Duration::from_secs(10);
+/// The time a whole SMTP conversation may take. lettre's own time-out does not cover every
+/// read, and a server that never answers must not keep a slot (and its message) for ever.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the mailer looks for due messages when it has nothing in flight to wait for.
 const POLL: Duration = Duration::from_millis(500);
 /// How often the failed and pending gauges are counted.
@@ -199,10 +202,13 @@ impl Mailer {
             Ok(email) => email,
             Err(e) => return Attempt::Permanent(e.to_string()),
         };
-        match self.inner.transport.send(email).await {
-            Ok(_) => Attempt::Sent,
-            Err(e) if e.is_permanent() => Attempt::Permanent(e.to_string()),
-            Err(e) => Attempt::Transient(e.to_string()),
+        match tokio::time::timeout(SEND_TIMEOUT, self.inner.transport.send(email)).await {
+            Ok(Ok(_)) => Attempt::Sent,
+            Ok(Err(e)) if e.is_permanent() => Attempt::Permanent(e.to_string()),
+            Ok(Err(e)) => Attempt::Transient(e.to_string()),
+            Err(_) => Attempt::Transient(format!(
+                "the SMTP server did not finish within {SEND_TIMEOUT:?}"
+            )),
         }
     }
 
