@@ -5,29 +5,31 @@
 -- `attempts` counts the tries begun; `next_attempt_at` is when the message may be tried again
 -- (NULL: at once); `failed_at` is when it was given up. The archive copies rows positionally
 -- (`INSERT INTO archive.messages SELECT * FROM messages`), so both tables gain the same columns
--- in the same order.
+-- in the same order. Every statement can run again over itself (a database rolled back by its
+-- migration record alone).
 ALTER TABLE messages
-    ADD COLUMN attempts        int NOT NULL DEFAULT 0,
-    ADD COLUMN next_attempt_at timestamptz,
-    ADD COLUMN failed_at       timestamptz;
+    ADD COLUMN IF NOT EXISTS attempts        int NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS next_attempt_at timestamptz,
+    ADD COLUMN IF NOT EXISTS failed_at       timestamptz;
 ALTER TABLE archive.messages
-    ADD COLUMN attempts        int NOT NULL DEFAULT 0,
-    ADD COLUMN next_attempt_at timestamptz,
-    ADD COLUMN failed_at       timestamptz;
+    ADD COLUMN IF NOT EXISTS attempts        int NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS next_attempt_at timestamptz,
+    ADD COLUMN IF NOT EXISTS failed_at       timestamptz;
 
 -- failed: given up, `last_error` says why. Only a new state: an older binary never writes it,
 -- and its sender, which reads `pending` rows only, leaves failed ones alone.
-ALTER TABLE messages DROP CONSTRAINT messages_delivery_check;
+ALTER TABLE messages DROP CONSTRAINT IF EXISTS messages_delivery_check;
 ALTER TABLE messages ADD CONSTRAINT messages_delivery_check
     CHECK (delivery IN ('in_app', 'pending', 'sent', 'kept', 'failed'));
-ALTER TABLE archive.messages DROP CONSTRAINT messages_delivery_check;
+ALTER TABLE archive.messages DROP CONSTRAINT IF EXISTS messages_delivery_check;
 ALTER TABLE archive.messages ADD CONSTRAINT messages_delivery_check
     CHECK (delivery IN ('in_app', 'pending', 'sent', 'kept', 'failed'));
 
 -- The mailer claims due messages in order; ops list the failed ones, newest first.
-CREATE INDEX messages_due ON messages (next_attempt_at NULLS FIRST, created_at)
+CREATE INDEX IF NOT EXISTS messages_due ON messages (next_attempt_at NULLS FIRST, created_at)
     WHERE delivery = 'pending';
-CREATE INDEX messages_failed ON messages (failed_at DESC) WHERE delivery = 'failed';
+CREATE INDEX IF NOT EXISTS messages_failed ON messages (failed_at DESC) WHERE delivery = 'failed';
 
 INSERT INTO schema_compat (version, compatible, note) VALUES
-    (16, true, 'adds messages.attempts, next_attempt_at, failed_at (also in the archive), the failed delivery state and two indexes');
+    (16, true, 'adds messages.attempts, next_attempt_at, failed_at (also in the archive), the failed delivery state and two indexes')
+    ON CONFLICT (version) DO NOTHING;
