@@ -670,6 +670,18 @@ mod tests {
     }
 
     #[test]
+    fn the_messages_list_needs_ops_and_reading_a_message_does_not() {
+        assert!(matches!(
+            route_scope(&Method::GET, "/v1/messages"),
+            Need::Scope(Scope::Ops)
+        ));
+        assert!(matches!(
+            route_scope(&Method::POST, "/v1/owners/member:1/messages/x/read"),
+            Need::Read
+        ));
+    }
+
+    #[test]
     fn patterns_match_types_and_prefixes() {
         assert!(type_matches("quote.*", "quote.started"));
         assert!(type_matches("quote.*", "quote.item.added"));
