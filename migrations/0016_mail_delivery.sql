@@ -25,8 +25,9 @@ ALTER TABLE archive.messages DROP CONSTRAINT IF EXISTS messages_delivery_check;
 ALTER TABLE archive.messages ADD CONSTRAINT messages_delivery_check
     CHECK (delivery IN ('in_app', 'pending', 'sent', 'kept', 'failed'));
 
--- The mailer claims due messages in order; ops list the failed ones, newest first.
-CREATE INDEX IF NOT EXISTS messages_due ON messages (next_attempt_at NULLS FIRST, created_at)
+-- The mailer claims due messages in the order they became due (a retry is not starved by new
+-- mail); ops list the failed ones, newest first.
+CREATE INDEX IF NOT EXISTS messages_due ON messages ((coalesce(next_attempt_at, created_at)))
     WHERE delivery = 'pending';
 CREATE INDEX IF NOT EXISTS messages_failed ON messages (failed_at DESC) WHERE delivery = 'failed';
 

@@ -154,14 +154,15 @@ impl Mailer {
         drop(tokio::time::timeout(SMTP_TIMEOUT, finish).await);
     }
 
-    /// Claims up to `limit` due messages: counts their attempt and leases them for
-    /// [`CLAIM_LEASE`], oldest due first, skipping those another worker holds.
+    /// Claims up to `limit` due messages (`next_attempt_at` unset or past): counts their attempt
+    /// and leases them for [`CLAIM_LEASE`], longest due first (a new message is due since it was
+    /// made), skipping those another worker holds.
     pub async fn claim_due(&self, limit: usize) -> Result<Vec<Claimed>, sqlx::Error> {
         sqlx::query_as(
             "WITH due AS (
                 SELECT id FROM messages
-                 WHERE delivery = $1 AND (next_attempt_at IS NULL OR next_attempt_at <= now())
-                 ORDER BY next_attempt_at NULLS FIRST, created_at
+                 WHERE delivery = $1 AND coalesce(next_attempt_at, created_at) <= now()
+                 ORDER BY coalesce(next_attempt_at, created_at)
                  LIMIT $2 FOR UPDATE SKIP LOCKED)
              UPDATE messages m
                 SET attempts = m.attempts + 1,
