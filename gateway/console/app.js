@@ -1,5 +1,6 @@
 // The console's shell: sign-in, who is signed in, and hash routing to the pages
-// (`#/`, `#/commands?owner=…`, `#/commands/<id>`, `#/kinds`, `#/dead-letters`, `#/person/<owner>`).
+// (`#/`, `#/commands?owner=…`, `#/commands/<id>`, `#/kinds`, `#/dead-letters`, `#/messages`,
+// `#/person/<owner>`).
 
 import { api, clearToken, onUnauthorized, setToken, token } from './api.js';
 import { add, errorBox, fill, h, timeZone } from './ui.js';
@@ -8,6 +9,7 @@ import commands from './commands.js';
 import command from './command.js';
 import deadLetters from './dead_letters.js';
 import kinds from './kinds.js';
+import messages from './messages.js';
 import person from './person.js';
 
 const ROUTES = [
@@ -16,6 +18,7 @@ const ROUTES = [
   { pattern: /^\/commands\/([^/]+)$/, page: command, nav: 'commands', title: 'Command' },
   { pattern: /^\/kinds$/, page: kinds, nav: 'kinds', title: 'Kinds' },
   { pattern: /^\/dead-letters$/, page: deadLetters, nav: 'dead-letters', title: 'Dead letters' },
+  { pattern: /^\/messages$/, page: messages, nav: 'messages', title: 'Messages' },
   { pattern: /^\/person(?:\/([^/]+))?$/, page: person, nav: 'person', title: 'Person' },
 ];
 

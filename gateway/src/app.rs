@@ -26,7 +26,9 @@ use utoipa_axum::routes;
 use crate::auth::{self, Authenticator};
 use crate::catalogue::Catalogue;
 use crate::error::{ApiError, ErrorBody};
-use crate::routes::{commands, dead_letters, events, health, kinds, overview, owners, search};
+use crate::routes::{
+    commands, dead_letters, events, health, kinds, messages, overview, owners, search,
+};
 use crate::serve;
 
 /// The largest request body: a batch of events (each event is still at most 256 KiB).
@@ -109,6 +111,7 @@ pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(dead_letters::interrupt))
         .routes(routes!(dead_letters::resume))
         .routes(routes!(dead_letters::discard))
+        .routes(routes!(messages::list))
         .routes(routes!(owners::get_feed))
         .routes(routes!(owners::read_message))
         .routes(routes!(health::healthz))

@@ -8,7 +8,7 @@
 //! - `commands:read`: read any command, its history and tree, any owner's feed;
 //! - `owner:read`: read the feed of the owner named in the token's `sub`, and that owner's
 //!   commands, nothing else;
-//! - `ops`: dead letters, replay, discard, abort.
+//! - `ops`: dead letters, replay, discard, abort, the messages list.
 //!
 //! A missing or wrong credential is 401; a missing scope, or another owner's data, is 403, and
 //! the answer never says whether the other owner or command exists. Each caller (API key, or
@@ -579,7 +579,7 @@ fn route_scope(method: &Method, path: &str) -> Need {
     if path == "/v1/whoami" || path == "/v1/kinds" {
         return Need::Credential;
     }
-    if path.starts_with("/v1/dead-letters") || path.ends_with("/abort") {
+    if path.starts_with("/v1/dead-letters") || path.ends_with("/abort") || path == "/v1/messages" {
         return Need::Scope(Scope::Ops);
     }
     if *method == Method::POST && (path == "/v1/events" || path == "/v1/commands") {
@@ -667,6 +667,18 @@ mod tests {
             jwt_hs256_secret: Some(Secret::new("0123456789abcdef0123456789abcdef")),
             ..Config::default()
         }
+    }
+
+    #[test]
+    fn the_messages_list_needs_ops_and_reading_a_message_does_not() {
+        assert!(matches!(
+            route_scope(&Method::GET, "/v1/messages"),
+            Need::Scope(Scope::Ops)
+        ));
+        assert!(matches!(
+            route_scope(&Method::POST, "/v1/owners/member:1/messages/x/read"),
+            Need::Read
+        ));
     }
 
     #[test]

@@ -90,6 +90,16 @@ pub struct Config {
     /// The sender of e-mails (`CMDFLOW_MAIL_FROM`).
     #[serde(deserialize_with = "string_like::text")]
     pub mail_from: String,
+    /// Attempts at one e-mail before it is `failed` (`CMDFLOW_MAIL_ATTEMPTS`, default 5). A
+    /// permanent refusal by the SMTP server (5xx) fails it at the first.
+    pub mail_attempts: u32,
+    /// Wait after an e-mail's first failed attempt, doubled after each further one
+    /// (`CMDFLOW_MAIL_RETRY_FIRST`, default 30s).
+    #[serde(with = "humantime_serde")]
+    pub mail_retry_first: Duration,
+    /// The longest wait between two attempts at an e-mail (`CMDFLOW_MAIL_RETRY_MAX`, default 1h).
+    #[serde(with = "humantime_serde")]
+    pub mail_retry_max: Duration,
     /// A folder of funnel definitions (`*.toml`) to run besides those the binary registers
     /// (`CMDFLOW_FUNNELS_DIR`). An invalid file stops start-up with its precise error.
     #[serde(deserialize_with = "string_like::optional")]
@@ -251,6 +261,9 @@ impl Default for Config {
             archive_interval: Duration::from_secs(60),
             archive_batch: 200,
             mail_from: "cmdflow <cmdflow@localhost>".to_owned(),
+            mail_attempts: 5,
+            mail_retry_first: Duration::from_secs(30),
+            mail_retry_max: Duration::from_secs(3600),
             log_format: "pretty".to_owned(),
             dev_key: None,
             auth_keys_file: None,
@@ -326,6 +339,15 @@ impl Config {
         }
         if self.concurrency == 0 || self.prefetch == 0 {
             return invalid("concurrency", "concurrency and prefetch must be at least 1");
+        }
+        if self.mail_attempts == 0 {
+            return invalid("mail_attempts", "an e-mail is tried at least once");
+        }
+        if self.mail_retry_first.is_zero() || self.mail_retry_first > self.mail_retry_max {
+            return invalid(
+                "mail_retry_first",
+                "must be more than 0 and at most mail_retry_max",
+            );
         }
         if self.lock_ttl < Duration::from_secs(1) {
             return invalid("lock_ttl", "must be at least 1s");

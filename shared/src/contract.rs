@@ -253,6 +253,10 @@ impl Event {
                 return Err(EnvelopeError::invalid("data", "must be a JSON object"));
             }
         };
+        // The owner's address enters here: one a mailer could never use is refused at the door
+        // (and dead-lettered when sent straight to the broker), not failed later, silently.
+        crate::domain::check_email_in(&data, "data")
+            .map_err(|(field, reason)| EnvelopeError::invalid(&field, reason))?;
         if obj.contains_key("data_base64") {
             return Err(EnvelopeError::invalid(
                 "data_base64",
@@ -624,6 +628,9 @@ mod tests {
             ("data", json!([1, 2]), "data"),
             ("data", json!("text"), "data"),
             ("datacontenttype", json!("text/xml"), "datacontenttype"),
+            ("data", json!({"email": "ada at example.org"}), "data.email"),
+            ("data", json!({"email": "ada@"}), "data.email"),
+            ("data", json!({"email": 7}), "data.email"),
         ];
         for (key, value, field) in cases {
             let mut v = good();
@@ -633,6 +640,11 @@ mod tests {
         let mut v = good();
         v.as_object_mut().unwrap().remove("source");
         assert_eq!(field_of(parse(v).unwrap_err()), "source");
+        for email in [json!("ada@example.org"), Value::Null] {
+            let mut v = good();
+            v["data"] = json!({ "email": email });
+            assert!(parse(v).is_ok(), "{email}");
+        }
         let mut v = good();
         v["Bad-Ext"] = json!(1);
         assert_eq!(field_of(parse(v).unwrap_err()), "Bad-Ext");

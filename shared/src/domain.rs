@@ -211,6 +211,36 @@ impl<'de> Deserialize<'de> for Owner {
     }
 }
 
+/// Checks an e-mail address (`ada@example.org`, no display name) as the mailer will read it:
+/// an address that passes here is one SMTP can be asked to deliver to.
+pub fn check_email(s: &str) -> Result<(), String> {
+    s.parse::<lettre::Address>()
+        .map(|_| ())
+        .map_err(|e| format!("`{}` is not an e-mail address ({e})", clip_for_error(s)))
+}
+
+/// At most 64 characters of caller input, for an error message.
+fn clip_for_error(s: &str) -> String {
+    match s.char_indices().nth(64) {
+        Some((at, _)) => format!("{}…", &s[..at]),
+        None => s.to_owned(),
+    }
+}
+
+/// The owner's e-mail address in data that carries one (`data.email`): `Err((field, reason))`
+/// when it is present and not an address. Absent or null is fine; a schema may require it.
+pub fn check_email_in(
+    data: &serde_json::Map<String, Value>,
+    at: &str,
+) -> Result<(), (String, String)> {
+    let field = format!("{at}.email");
+    match data.get("email") {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::String(s)) => check_email(s).map_err(|reason| (field, reason)),
+        Some(_) => Err((field, "must be a string (an e-mail address)".to_owned())),
+    }
+}
+
 /// Checks a dotted lower-case name such as `quote.requested` or `demo.counter`:
 /// segments of `[a-z0-9_]`, starting with a letter, joined by dots, at most 64 bytes.
 pub fn check_dotted_name(s: &str, min_segments: usize) -> Result<(), DomainError> {

@@ -19,9 +19,29 @@ pub const DEAD_LETTERS_OPEN: &str = "cmdflow_dead_letters";
 pub const AUTH_FAILURES: &str = "cmdflow_auth_refused_total";
 pub const LOCK_LOST: &str = "cmdflow_lock_lost_total";
 pub const BATCH_SIZE: &str = "cmdflow_batch_size";
+pub const MAIL_ATTEMPTS: &str = "cmdflow_mail_attempts_total";
+pub const MESSAGES_FAILED_TOTAL: &str = "cmdflow_messages_failed_total";
+pub const MESSAGES_FAILED: &str = "cmdflow_messages_failed";
+pub const MAIL_PENDING: &str = "cmdflow_mail_pending";
 
 fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        MAIL_ATTEMPTS,
+        "Attempts at sending an e-mail, by outcome (sent, retry, failed)."
+    );
+    describe_counter!(
+        MESSAGES_FAILED_TOTAL,
+        "Messages given up: an e-mail refused or out of attempts, or a template that did not render."
+    );
+    describe_gauge!(
+        MESSAGES_FAILED,
+        "Messages in the failed state, as the mailer last counted."
+    );
+    describe_gauge!(
+        MAIL_PENDING,
+        "E-mails waiting to be sent (due or backing off), as the mailer last counted."
+    );
     describe_counter!(
         LOCK_LOST,
         "Events rolled back because their command's lock ran out before commit (a paused or stalled worker)."

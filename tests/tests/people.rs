@@ -331,7 +331,7 @@ fn bad_message_kind(
 }
 
 #[tokio::test]
-async fn a_template_error_fails_the_command_with_the_template_name_and_sends_nothing() {
+async fn a_template_error_fails_the_message_with_the_template_name_not_the_command() {
     let mut env = TestEnv::new().await;
     let mut registry = cmdflow_tests::registry();
     registry.register("test.badmessage", bad_message_kind);
@@ -343,19 +343,21 @@ async fn a_template_error_fails_the_command_with_the_template_name_and_sends_not
     let id = env
         .start_raw("test.badmessage", "member:50", json!({}))
         .await;
-    let failed = env.wait_state(&id, CommandState::Failed).await;
+    // The step commits: the command runs on, its message stored failed with the reason.
+    env.wait_state(&id, CommandState::Running).await;
+    let (delivery, subject, reason): (String, String, Option<String>) =
+        sqlx::query_as("SELECT delivery, subject, last_error FROM messages")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(delivery, "failed");
+    assert_eq!(subject, "", "nothing half-rendered is kept");
     assert!(
-        failed
-            .reason
+        reason
             .as_deref()
-            .unwrap()
+            .unwrap_or_default()
             .starts_with("template membership_reminder:"),
-        "{failed:?}"
+        "{reason:?}"
     );
-    let messages: i64 = sqlx::query_scalar("SELECT count(*) FROM messages")
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
-    assert_eq!(messages, 0, "nothing half-rendered went out");
     env.cleanup().await;
 }

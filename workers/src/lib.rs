@@ -7,6 +7,7 @@ pub mod dead_letters;
 pub mod engine;
 pub mod fanin;
 pub mod funnels;
+pub mod mailer;
 pub mod messages;
 pub mod registry;
 pub mod remote;
@@ -41,8 +42,8 @@ pub enum WorkerError {
 /// A worker: its engine and the connections it was built with.
 pub struct Worker {
     engine: Arc<Engine>,
-    /// `(smtp_url, from)` when e-mails are sent.
-    mail: Option<(String, String)>,
+    /// `(smtp_url, from, retry)` when e-mails are sent.
+    mail: Option<(String, String, mailer::Retry)>,
     replay_lease: std::time::Duration,
     /// `CMDFLOW_DEAD_LETTER_MAX_BODY`, for the dead-letter keeper.
     dead_letter_max_body: usize,
@@ -109,10 +110,13 @@ impl Worker {
         // The gateway checks starts against what the workers publish here.
         store::kinds::publish(&pool, &registry.catalogue()).await?;
         let engine = Arc::new(Engine::new(pool, bus, locks, Arc::new(registry), settings));
-        let mail = config
-            .smtp_url
-            .clone()
-            .map(|url| (url, config.mail_from.clone()));
+        let mail = config.smtp_url.clone().map(|url| {
+            (
+                url,
+                config.mail_from.clone(),
+                mailer::Retry::from_config(config),
+            )
+        });
         Ok(Worker {
             engine,
             mail,
@@ -142,13 +146,14 @@ impl Worker {
     pub async fn run_until_stopped(self, shutdown: CancellationToken) {
         let sweeper =
             tokio::spawn(Arc::clone(&self.engine).sweep_outbox_until_stopped(shutdown.clone()));
-        let mailer = self.mail.map(|(url, from)| {
-            tokio::spawn(messages::send_until_stopped(
-                self.engine.pool().clone(),
-                url,
-                from,
-                shutdown.clone(),
-            ))
+        let mailer = self.mail.and_then(|(url, from, retry)| {
+            match mailer::Mailer::new(self.engine.pool().clone(), &url, &from, retry) {
+                Ok(mailer) => Some(tokio::spawn(mailer.send_until_stopped(shutdown.clone()))),
+                Err(e) => {
+                    tracing::error!(error = %e, "The mailer cannot start; e-mails stay pending.");
+                    None
+                }
+            }
         });
         let keeper = tokio::spawn(dead_letters::keep_until_stopped(
             self.engine.pool().clone(),

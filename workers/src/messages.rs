@@ -1,19 +1,13 @@
-//! Personal answers: message templates rendered with minijinja, and the loop that sends e-mails
-//! through SMTP (lettre) to `CMDFLOW_SMTP_URL`.
+//! Personal answers: message templates rendered with minijinja. The e-mails among them are sent
+//! by the mailer (`mailer.rs`).
 //!
 //! A template file's first line is the subject; the rest is the body. Rendering is strict: an
 //! undefined value is an error that names the template, so a half-rendered message never goes
 //! out. Without SMTP configured, e-mails are kept and shown in the app.
 
-use std::time::Duration;
-
 use chrono::{DateTime, Utc};
-use lettre::message::Mailbox;
-use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use minijinja::{Environment, UndefinedBehavior};
 use serde_json::Value;
-use sqlx::PgPool;
-use tokio_util::sync::CancellationToken;
 
 /// A template that cannot be used: its name (or file) and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -124,105 +118,6 @@ fn date_filter(value: String) -> String {
     DateTime::parse_from_rfc3339(&value)
         .map(|t| t.with_timezone(&Utc).format("%-d %B %Y").to_string())
         .unwrap_or(value)
-}
-
-/// Sends pending e-mails until `shutdown` fires. Each one is claimed with `SKIP LOCKED`, so
-/// several workers never send the same message twice.
-pub async fn send_until_stopped(
-    pool: PgPool,
-    smtp_url: String,
-    from: String,
-    shutdown: CancellationToken,
-) {
-    let transport = match smtp_transport(&smtp_url) {
-        Ok(transport) => transport,
-        Err(e) => {
-            tracing::error!(error = %e, "CMDFLOW_SMTP_URL is not a valid SMTP URL; e-mails stay pending.");
-            return;
-        }
-    };
-    loop {
-        match send_pending(&pool, &transport, &from).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(sent = n, "Sent e-mails."),
-            Err(e) => tracing::warn!(error = %e, "Sending e-mails failed; trying again shortly."),
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(Duration::from_millis(500)) => {}
-        }
-    }
-}
-
-/// `smtp://host[:port]`: plain SMTP, as a local relay or a test server speaks it. (TLS to a remote
-/// server arrives with the security issue.)
-pub fn smtp_transport(url: &str) -> Result<AsyncSmtpTransport<Tokio1Executor>, String> {
-    let rest = url
-        .strip_prefix("smtp://")
-        .ok_or_else(|| format!("`{url}`: expected smtp://host[:port]"))?;
-    let rest = rest.trim_end_matches('/');
-    let (host, port) = match rest.rsplit_once(':') {
-        Some((host, port)) => (
-            host,
-            port.parse::<u16>()
-                .map_err(|_| format!("`{url}`: bad port"))?,
-        ),
-        None => (rest, 25),
-    };
-    if host.is_empty() {
-        return Err(format!("`{url}`: no host"));
-    }
-    Ok(
-        AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host)
-            .port(port)
-            .timeout(Some(Duration::from_secs(10)))
-            .build(),
-    )
-}
-
-async fn send_pending(
-    pool: &PgPool,
-    transport: &AsyncSmtpTransport<Tokio1Executor>,
-    from: &str,
-) -> Result<usize, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    let rows: Vec<(uuid::Uuid, String, String, String)> = sqlx::query_as(
-        "SELECT id, email_to, subject, body FROM messages
-          WHERE delivery = 'pending' ORDER BY created_at LIMIT 50 FOR UPDATE SKIP LOCKED",
-    )
-    .fetch_all(&mut *tx)
-    .await?;
-    let mut sent = 0;
-    for (id, to, subject, body) in rows {
-        let outcome = async {
-            let email = Message::builder()
-                .from(from.parse::<Mailbox>().map_err(|e| format!("from: {e}"))?)
-                .to(to.parse::<Mailbox>().map_err(|e| format!("to {to}: {e}"))?)
-                .subject(subject)
-                .body(body)
-                .map_err(|e| e.to_string())?;
-            transport.send(email).await.map_err(|e| e.to_string())
-        }
-        .await;
-        match outcome {
-            Ok(_) => {
-                sqlx::query("UPDATE messages SET delivery = 'sent', sent_at = now(), last_error = NULL WHERE id = $1")
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await?;
-                sent += 1;
-            }
-            Err(e) => {
-                sqlx::query("UPDATE messages SET last_error = $2 WHERE id = $1")
-                    .bind(id)
-                    .bind(&e)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-        }
-    }
-    tx.commit().await?;
-    Ok(sent)
 }
 
 #[cfg(test)]

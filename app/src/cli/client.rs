@@ -371,7 +371,10 @@ pub async fn feed(
     }
     outln!("messages");
     for m in feed["messages"].as_array().into_iter().flatten() {
-        let read = if m["read"] == true {
+        // A failed message never reached the person: not unread.
+        let read = if m["delivery"] == "failed" {
+            "failed"
+        } else if m["read"] == true {
             "read  "
         } else {
             "unread"

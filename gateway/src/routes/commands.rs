@@ -131,6 +131,9 @@ async fn start_event(state: &AppState, body: &[u8]) -> ApiResult<Event> {
             )));
         }
     }
+    // The owner's address, as the kind's e-mails will use it.
+    cmdflow_shared::domain::check_email_in(&data, "data")
+        .map_err(|(field, reason)| ApiError::invalid(&field, reason))?;
     // The start data is stored as jsonb, which cannot hold U+0000.
     if let Some(at) = cmdflow_shared::contract::nul_in_map(&data, "data") {
         return Err(ApiError::invalid(&at, cmdflow_shared::contract::NUL_REASON));

@@ -6,6 +6,7 @@ pub mod dead_letters;
 pub mod events;
 pub mod health;
 pub mod kinds;
+pub mod messages;
 pub mod overview;
 pub mod owners;
 pub mod search;

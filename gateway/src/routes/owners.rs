@@ -8,7 +8,7 @@ use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use cmdflow_shared::CommandId;
 use cmdflow_shared::domain::Owner;
-use cmdflow_shared::store::people::{self, FeedCommand, MessageRow};
+use cmdflow_shared::store::people::{self, Delivery, FeedCommand, MessageRow};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -121,15 +121,21 @@ pub async fn get_feed(
             })
         })
         .collect();
-    pending.extend(messages.iter().filter(|m| !m.read).map(|m| Pending {
-        code: "message.unread".to_owned(),
-        text: if m.channel == "email" {
-            format!("Here is an email: {}", m.subject)
-        } else {
-            format!("Here is a message: {}", m.subject)
-        },
-        command_id: m.command_id,
-    }));
+    // A failed message never reached the person: nothing for them to read.
+    pending.extend(
+        messages
+            .iter()
+            .filter(|m| !m.read && m.delivery != Delivery::Failed)
+            .map(|m| Pending {
+                code: "message.unread".to_owned(),
+                text: if m.channel == "email" {
+                    format!("Here is an email: {}", m.subject)
+                } else {
+                    format!("Here is a message: {}", m.subject)
+                },
+                command_id: m.command_id,
+            }),
+    );
     Ok(Json(Feed {
         owner: owner.to_string(),
         identities: owners,

@@ -10,6 +10,68 @@ use uuid::Uuid;
 use super::{Result, Tx};
 use crate::domain::{CommandId, CommandState};
 
+/// Where a message stands (`messages.delivery`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Delivery {
+    /// Shown in the app only.
+    InApp,
+    /// An e-mail to send: due, or waiting for its next attempt (`next_attempt_at`).
+    Pending,
+    /// The SMTP server took it.
+    Sent,
+    /// No SMTP server configured: shown in the app instead.
+    Kept,
+    /// Given up, with its reason (`last_error`): a template that did not render, an address
+    /// the SMTP server refused for good, or the last attempt spent. Not counted as unread.
+    Failed,
+}
+
+impl Delivery {
+    pub const ALL: [Delivery; 5] = [
+        Delivery::InApp,
+        Delivery::Pending,
+        Delivery::Sent,
+        Delivery::Kept,
+        Delivery::Failed,
+    ];
+
+    /// The value in `messages.delivery`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Delivery::InApp => "in_app",
+            Delivery::Pending => "pending",
+            Delivery::Sent => "sent",
+            Delivery::Kept => "kept",
+            Delivery::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Delivery> {
+        Self::ALL.into_iter().find(|d| d.as_str() == s)
+    }
+}
+
+// Stored as text (with a CHECK of the same values), so read and written as text.
+impl sqlx::Type<sqlx::Postgres> for Delivery {
+    fn type_info() -> sqlx::postgres::PgTypeInfo {
+        <&str as sqlx::Type<sqlx::Postgres>>::type_info()
+    }
+
+    fn compatible(ty: &sqlx::postgres::PgTypeInfo) -> bool {
+        <&str as sqlx::Type<sqlx::Postgres>>::compatible(ty)
+    }
+}
+
+impl<'r> sqlx::Decode<'r, sqlx::Postgres> for Delivery {
+    fn decode(
+        value: sqlx::postgres::PgValueRef<'r>,
+    ) -> std::result::Result<Self, sqlx::error::BoxDynError> {
+        let s = <&str as sqlx::Decode<sqlx::Postgres>>::decode(value)?;
+        Delivery::parse(s).ok_or_else(|| format!("unknown delivery state `{s}`").into())
+    }
+}
+
 /// A rendered message to store.
 #[derive(Debug, Clone)]
 pub struct NewMessage {
@@ -19,7 +81,10 @@ pub struct NewMessage {
     pub subject: String,
     pub body: String,
     pub email_to: Option<String>,
-    pub delivery: &'static str,
+    pub delivery: Delivery,
+    /// Why the message failed before it was stored (its template did not render), with
+    /// `delivery` [`Delivery::Failed`].
+    pub failed_reason: Option<String>,
 }
 
 /// Stores a message once per trigger key; a redelivered trigger stores nothing.
@@ -30,8 +95,10 @@ pub async fn insert_message(
     trigger: &str,
 ) -> Result<bool> {
     let done = sqlx::query(
-        "INSERT INTO messages (id, owner, command_id, trigger_key, template, channel, subject, body, email_to, delivery)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (trigger_key) DO NOTHING",
+        "INSERT INTO messages (id, owner, command_id, trigger_key, template, channel, subject, body, email_to, delivery,
+                               last_error, failed_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, CASE WHEN $11::text IS NULL THEN NULL ELSE now() END)
+         ON CONFLICT (trigger_key) DO NOTHING",
     )
     .bind(Uuid::now_v7())
     .bind(&m.owner)
@@ -42,7 +109,8 @@ pub async fn insert_message(
     .bind(&m.subject)
     .bind(&m.body)
     .bind(&m.email_to)
-    .bind(m.delivery)
+    .bind(m.delivery.as_str())
+    .bind(&m.failed_reason)
     .execute(&mut **tx)
     .await?;
     Ok(done.rows_affected() == 1)
@@ -159,8 +227,7 @@ pub struct MessageRow {
     pub channel: String,
     pub subject: String,
     pub body: String,
-    /// `in_app`, `pending`, `sent` or `kept` (no SMTP: shown in the app).
-    pub delivery: String,
+    pub delivery: Delivery,
     pub read: bool,
     pub created_at: DateTime<Utc>,
 }
@@ -239,4 +306,53 @@ pub async fn mark_read(pool: &PgPool, owners: &[String], id: Uuid) -> Result<boo
     .execute(pool)
     .await?;
     Ok(done.rows_affected() == 1)
+}
+
+/// A message as ops see it: where its delivery stands, and why it failed.
+#[derive(Debug, Clone, sqlx::FromRow, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct MailRow {
+    pub id: Uuid,
+    pub owner: String,
+    pub command_id: CommandId,
+    pub template: String,
+    /// `in_app` or `email`.
+    pub channel: String,
+    pub subject: String,
+    pub email_to: Option<String>,
+    pub delivery: Delivery,
+    /// Attempts at sending it begun so far.
+    pub attempts: i32,
+    /// When it is tried again (a pending e-mail that failed an attempt).
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    /// Why the last attempt failed; for a failed message, why it was given up.
+    pub reason: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub sent_at: Option<DateTime<Utc>>,
+    pub failed_at: Option<DateTime<Utc>>,
+}
+
+/// Messages in `delivery`, newest first: the failed ones by when they failed, the others by
+/// when they were made. At most `limit`.
+pub async fn messages_in(pool: &PgPool, delivery: Delivery, limit: i64) -> Result<Vec<MailRow>> {
+    Ok(sqlx::query_as(
+        "SELECT id, owner, command_id, template, channel, subject, email_to, delivery, attempts,
+                next_attempt_at, last_error AS reason, created_at, sent_at, failed_at
+           FROM messages WHERE delivery = $1
+          ORDER BY CASE WHEN $1 = 'failed' THEN failed_at END DESC NULLS LAST, created_at DESC
+          LIMIT $2",
+    )
+    .bind(delivery.as_str())
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// How many messages are failed and how many e-mails pending, for the gauges.
+pub async fn count_failed_and_pending(pool: &PgPool) -> Result<(i64, i64)> {
+    Ok(sqlx::query_as(
+        "SELECT (SELECT count(*) FROM messages WHERE delivery = 'failed'),
+                (SELECT count(*) FROM messages WHERE delivery = 'pending')",
+    )
+    .fetch_one(pool)
+    .await?)
 }

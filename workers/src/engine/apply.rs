@@ -440,16 +440,11 @@ impl Engine {
             notes.push(reason.clone());
             decision = Decision::fail(reason);
         }
-        // Render every message before anything is applied: a template error fails the command
-        // with the template's name, and no half-rendered message goes out.
-        let rendered = match self.render_messages(&command, event, &decision) {
-            Ok(rendered) => rendered,
-            Err(reason) => {
-                notes.push(reason.clone());
-                decision = Decision::fail(reason);
-                Vec::new()
-            }
-        };
+        // Render every message before anything is applied. A template error fails that message
+        // (stored `failed` with the error as its reason), never the command's step: the business
+        // decision stands, and no half-rendered message goes out.
+        let rendered = self.render_messages(&command, event, &decision);
+        notes.extend(rendered.iter().filter_map(|m| m.failed_reason.clone()));
 
         let mut next = command.clone();
         let default_state = if command.state == CommandState::Pending {
@@ -605,7 +600,11 @@ impl Engine {
                 "{}/{}/{}/{}/{i}",
                 command.id, event.source, event.id, m.template
             );
-            store::people::insert_message(tx, m, command.id, &trigger).await?;
+            let stored = store::people::insert_message(tx, m, command.id, &trigger).await?;
+            if stored && let Some(reason) = &m.failed_reason {
+                tracing::warn!(command.id = %command.id, template = %m.template, reason = %reason, "A message failed to render; it is stored failed and the step goes on.");
+                metrics::counter!(cmdflow_shared::metrics::MESSAGES_FAILED_TOTAL).increment(1);
+            }
         }
 
         let mut detail = obj(json!({ "source": event.source, "data": event.data }));
@@ -1202,17 +1201,32 @@ impl Engine {
         command: &Command,
         event: &Event,
         decision: &Decision,
-    ) -> Result<Vec<store::people::NewMessage>, String> {
+    ) -> Vec<store::people::NewMessage> {
+        use store::people::Delivery;
         let now = self.clock.now();
         decision
             .messages
             .iter()
             .map(|spec| {
+                let channel = match spec.channel {
+                    Channel::InApp => "in_app",
+                    Channel::Email => "email",
+                };
+                let to = spec.to.clone().unwrap_or_else(|| command.owner.clone());
+                let failed = |reason: String| store::people::NewMessage {
+                    owner: to.clone(),
+                    template: spec.template.clone(),
+                    channel,
+                    subject: String::new(),
+                    body: String::new(),
+                    email_to: spec.email.clone(),
+                    delivery: Delivery::Failed,
+                    failed_reason: Some(reason),
+                };
                 let mut context = command.data.as_object().cloned().unwrap_or_default();
                 for (k, v) in &spec.vars {
                     context.insert(k.clone(), v.clone());
                 }
-                let to = spec.to.clone().unwrap_or_else(|| command.owner.clone());
                 if !context.contains_key("name") {
                     context.insert("name".into(), json!(to.split_once(':').map_or(to.as_str(), |(_, id)| id)));
                 }
@@ -1220,25 +1234,29 @@ impl Engine {
                 context.insert("now".into(), json!(now));
                 context.insert("command".into(), json!({"id": command.id, "kind": command.kind, "created_at": command.created_at}));
                 context.insert("event".into(), json!({"type": event.ty, "data": event.data, "time": event.time}));
-                let (subject, body) = self.registry.templates().render(&spec.template, &Value::Object(context))?;
-                let delivery = match (spec.channel, &spec.email) {
-                    (Channel::InApp, _) => "in_app",
-                    (Channel::Email, None) => return Err(format!("template {}: an e-mail needs an address", spec.template)),
-                    (Channel::Email, Some(_)) if self.settings.smtp_enabled => "pending",
-                    (Channel::Email, Some(_)) => "kept",
+                let (subject, body) = match self.registry.templates().render(&spec.template, &Value::Object(context)) {
+                    Ok(rendered) => rendered,
+                    Err(reason) => return failed(reason),
                 };
-                Ok(store::people::NewMessage {
-                    owner: to,
-                    template: spec.template.clone(),
-                    channel: match spec.channel {
-                        Channel::InApp => "in_app",
-                        Channel::Email => "email",
+                let delivery = match (spec.channel, &spec.email) {
+                    (Channel::InApp, _) => Delivery::InApp,
+                    (Channel::Email, None) => return failed(format!("template {}: an e-mail needs an address", spec.template)),
+                    (Channel::Email, Some(address)) => match cmdflow_shared::domain::check_email(address) {
+                        Err(reason) => return failed(format!("template {}: to: {reason}", spec.template)),
+                        Ok(()) if self.settings.smtp_enabled => Delivery::Pending,
+                        Ok(()) => Delivery::Kept,
                     },
+                };
+                store::people::NewMessage {
+                    owner: to.clone(),
+                    template: spec.template.clone(),
+                    channel,
                     subject,
                     body,
                     email_to: spec.email.clone(),
                     delivery,
-                })
+                    failed_reason: None,
+                }
             })
             .collect()
     }
@@ -1274,6 +1292,11 @@ impl Engine {
         self.registry
             .check_start_value(kind.as_str(), &data)
             .map_err(|v| ApplyError::Permanent(format!("invalid start data of {kind}: {v}")))?;
+        if let Some(map) = data.as_object() {
+            cmdflow_shared::domain::check_email_in(map, "data").map_err(|(field, reason)| {
+                ApplyError::Permanent(format!("invalid start data of {kind}: {field}: {reason}"))
+            })?;
+        }
         Ok(NewCommand {
             id,
             kind: kind.to_string(),
