@@ -669,14 +669,26 @@ async fn an_event_just_before_its_wait_still_matches() {
     env.start_scheduler();
     let early = broadcast("special.clicked", "member:44", json!({"early": true}));
     send(&gw.url, &early).await;
-    eventually(WAIT, "the early event recorded", || async {
+    let unmatched = || async {
+        let (_, list) = get(&format!(
+            "{}/v1/events/unmatched?type=special.clicked",
+            gw.url
+        ))
+        .await;
+        list["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["event_id"] == early["id"])
+    };
+    eventually(WAIT, "the early event recorded, and unmatched", || async {
         let n: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM recent_events WHERE correlation_key = 'member:44'",
         )
         .fetch_one(&env.pool)
         .await
         .unwrap();
-        (n == 1).then_some(())
+        (n == 1 && unmatched().await).then_some(())
     })
     .await;
     let id = start_command(
@@ -688,6 +700,10 @@ async fn an_event_just_before_its_wait_still_matches() {
     .await;
     let done = env.wait_state(&id, CommandState::Completed).await;
     assert_eq!(done.result.unwrap()["id"], early["id"]);
+    assert!(
+        !unmatched().await,
+        "an event that matched a wait is not unmatched"
+    );
     env.cleanup().await;
 }
 

@@ -303,6 +303,7 @@ pub async fn record_recent(
 }
 
 /// The earliest event on (type, key) within the window that `command` has not yet received.
+/// It is no longer unmatched: its row in `unmatched_events` goes in the same statement.
 pub async fn early_match(
     tx: &mut Tx<'_>,
     command: CommandId,
@@ -311,12 +312,16 @@ pub async fn early_match(
     window: Duration,
 ) -> Result<Option<Value>> {
     Ok(sqlx::query_scalar(
-        "SELECT r.body FROM recent_events r
-          WHERE r.event_type = $2 AND r.correlation_key = $3
-            AND r.received_at >= clock_timestamp() - make_interval(secs => $4)
-            AND NOT EXISTS (SELECT 1 FROM processed_events p
-                             WHERE p.command_id = $1 AND p.source = r.source AND p.event_id = r.event_id)
-          ORDER BY r.received_at LIMIT 1",
+        "WITH m AS (
+             SELECT r.source, r.event_id, r.body FROM recent_events r
+              WHERE r.event_type = $2 AND r.correlation_key = $3
+                AND r.received_at >= clock_timestamp() - make_interval(secs => $4)
+                AND NOT EXISTS (SELECT 1 FROM processed_events p
+                                 WHERE p.command_id = $1 AND p.source = r.source AND p.event_id = r.event_id)
+              ORDER BY r.received_at LIMIT 1),
+              matched AS (DELETE FROM unmatched_events u USING m
+                           WHERE u.source = m.source AND u.event_id = m.event_id)
+         SELECT m.body FROM m",
     )
     .bind(command)
     .bind(event_type)
