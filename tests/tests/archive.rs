@@ -37,7 +37,7 @@ async fn archival_moves_whole_eligible_trees_once_and_they_stay_readable() {
     let kept = start_command(&gw.url, "demo.counter", "member:90", json!({})).await;
     env.wait_state(&done_tree, CommandState::Completed).await;
     env.wait_state(&query, CommandState::Completed).await;
-    env.wait_state(&open_tree, CommandState::Running).await;
+    env.wait_state(&open_tree, CommandState::Waiting).await;
     env.wait_state(&kept, CommandState::Running).await;
     send(&gw.url, &event("demo.finish", Some(&kept), json!({}))).await;
     env.wait_state(&kept, CommandState::Completed).await;
