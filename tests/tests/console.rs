@@ -289,7 +289,7 @@ async fn a_person_uses_the_console_in_a_real_browser() {
         &gw.url,
         "quote",
         "visitor:e2e-quote",
-        json!({"items": ["chair"]}),
+        json!({"items": [{"name": "chair", "qty": 2}], "name": "Ada"}),
     )
     .await;
     eventually(WAIT, "the unfinished quote in the feed", || async {
@@ -564,6 +564,14 @@ async fn a_person_uses_the_console_in_a_real_browser() {
         .js("return document.querySelector(\".pending-card[data-code='quote.unfinished'] a\").getAttribute('href')")
         .await;
     assert_eq!(link, format!("#/commands/{quote}"));
+    // Greeted by the name the feed knows; an item object reads as its name.
+    assert_eq!(browser.js(&text_of(".hello")).await, "Hello, Ada");
+    let activity = browser.js(&text_of("[data-role=activity]")).await;
+    let activity = activity.as_str().unwrap();
+    assert!(
+        activity.contains("Your quote for chair") && !activity.contains("[object Object]"),
+        "{activity}"
+    );
     browser.shot("person-1280").await;
 
     // Kinds: the catalogue the workers published, with what each kind's start requires.

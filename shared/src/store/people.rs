@@ -165,6 +165,8 @@ pub struct MessageRow {
 /// because ops ran the archiver; `include_archived` only widens the history.
 pub struct FeedRows {
     pub owners: Vec<String>,
+    /// The person's name, from the latest of their commands whose data holds one.
+    pub name: Option<String>,
     pub history: Vec<FeedCommand>,
     pub hinted: Vec<(CommandId, Value)>,
     pub messages: Vec<MessageRow>,
@@ -179,12 +181,18 @@ pub async fn feed(
     include_archived: bool,
 ) -> Result<FeedRows> {
     let (before_at, before_id) = before.unzip();
-    let (owners, history, hinted, messages): (Vec<String>, Value, Value, Value) = sqlx::query_as(
+    let (owners, name, history, hinted, messages): (Vec<String>, Option<String>, Value, Value, Value) = sqlx::query_as(
         "WITH p AS (SELECT coalesce((SELECT person FROM identities WHERE owner = $1), $1) AS person),
               o AS (SELECT array_agg(DISTINCT x ORDER BY x) AS owners
                       FROM (SELECT i.owner AS x FROM identities i, p WHERE i.person = p.person
                             UNION ALL SELECT $1) s)
          SELECT o.owners,
+                (SELECT n.data->>'name' FROM (SELECT owner, data, created_at FROM commands
+                                              UNION ALL
+                                              SELECT owner, data, created_at FROM archive.commands) n
+                  WHERE n.owner = ANY(o.owners) AND jsonb_typeof(n.data->'name') = 'string'
+                    AND btrim(n.data->>'name') <> ''
+                  ORDER BY n.created_at DESC LIMIT 1),
                 (SELECT coalesce(json_agg(h), '[]'::json) FROM (
                     SELECT c.id AS command_id, c.kind, c.owner, c.state, c.data, c.result, c.created_at, c.ended_at
                       FROM (SELECT id, kind, owner, state, data, result, created_at, ended_at, parent_id FROM commands
@@ -226,6 +234,7 @@ pub async fn feed(
     };
     Ok(FeedRows {
         owners,
+        name,
         history: serde_json::from_value(history).map_err(|e| decode("history", e))?,
         hinted: serde_json::from_value(hinted).map_err(|e| decode("hints", e))?,
         messages: serde_json::from_value(messages).map_err(|e| decode("messages", e))?,
