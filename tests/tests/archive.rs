@@ -212,7 +212,7 @@ async fn archiving_changes_nothing_a_person_sees_and_archived_trees_are_served()
             .fetch_all(&env.pool)
             .await
             .unwrap();
-    assert_eq!(archived, [membership.clone()]);
+    assert_eq!(archived, std::slice::from_ref(&membership));
 
     // The person's view is the same; `include_archived` only widens the history.
     let after = feed(&gw.url, owner, "include_archived=true").await;
