@@ -2,9 +2,11 @@
 -- (commands carrying a UI hint) and messages from the archive as well as the live tables, and
 -- `GET /v1/commands/{id}/tree` walks an archived tree by parent. These indexes serve those reads;
 -- the live one lets the archiver skip, cheaply, a tree whose messages still wait for delivery.
-CREATE INDEX archive_commands_owner_ui ON archive.commands (owner) WHERE ui IS NOT NULL;
-CREATE INDEX archive_commands_parent ON archive.commands (parent_id);
-CREATE INDEX messages_undelivered_by_command ON messages (command_id) WHERE delivery = 'pending';
+-- Re-runnable: a database whose ledger lost this migration can run it again.
+CREATE INDEX IF NOT EXISTS archive_commands_owner_ui ON archive.commands (owner) WHERE ui IS NOT NULL;
+CREATE INDEX IF NOT EXISTS archive_commands_parent ON archive.commands (parent_id);
+CREATE INDEX IF NOT EXISTS messages_undelivered_by_command ON messages (command_id) WHERE delivery = 'pending';
 
 INSERT INTO schema_compat (version, compatible, note) VALUES
-    (17, true, 'adds indexes for the archive reads of the feed and the tree');
+    (17, true, 'adds indexes for the archive reads of the feed and the tree')
+    ON CONFLICT (version) DO NOTHING;
