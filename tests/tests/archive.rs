@@ -120,6 +120,11 @@ async fn archival_moves_whole_eligible_trees_once_and_they_stay_readable() {
         (status, command["state"].as_str()),
         (200, Some("completed"))
     );
+    assert_eq!(
+        (&command["children"]["total"], &command["children"]["open"]),
+        (&json!(2), &json!(0)),
+        "its children, counted in the archive"
+    );
     let (status, history) = get(&format!("{}/v1/commands/{done_tree}/history", gw.url)).await;
     assert_eq!(status, 200);
     assert!(history["entries"].as_array().unwrap().len() >= 4);

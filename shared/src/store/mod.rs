@@ -550,11 +550,14 @@ pub async fn open_children(
     .await?)
 }
 
-/// How many children a command has, and how many are still open.
+/// How many children a command has, and how many are still open; an archived command's from
+/// the archive (its tree moved whole).
 pub async fn children_counts(pool: &PgPool, parent: CommandId) -> Result<(i64, i64)> {
     let (total, open): (i64, i64) = sqlx::query_as(
         "SELECT count(*), count(*) FILTER (WHERE state IN ('pending', 'running', 'waiting'))
-           FROM commands WHERE parent_id = $1",
+           FROM (SELECT state FROM commands WHERE parent_id = $1
+                 UNION ALL
+                 SELECT state FROM archive.commands WHERE parent_id = $1) c",
     )
     .bind(parent)
     .fetch_one(pool)
