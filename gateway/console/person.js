@@ -13,11 +13,18 @@ const DOING = {
   aborted: 'cancelled',
 };
 
+/** A quote item as text: a string as it is, an object by its name (or title, or SKU). */
+function itemText(item) {
+  if (item === null || typeof item !== 'object') return String(item);
+  const label = item.name ?? item.title ?? item.sku ?? item.id;
+  return label !== undefined && label !== null ? String(label) : JSON.stringify(item);
+}
+
 /** A sentence for one of the person's commands, in their words rather than ours. */
 function activity(c) {
   const data = c.data || {};
   if (c.kind === 'query') return `You searched for “${data.q || ''}”`;
-  if (c.kind === 'quote') return `Your quote${data.items ? ` for ${[].concat(data.items).join(', ')}` : ''}`;
+  if (c.kind === 'quote') return `Your quote${data.items ? ` for ${[].concat(data.items).map(itemText).join(', ')}` : ''}`;
   if (c.kind === 'membership') return 'Your membership application';
   if (c.kind.startsWith('funnel.')) return `Your journey: ${c.kind.slice(7).replaceAll('_', ' ')}${data.stage ? ` (${data.stage})` : ''}`;
   return c.kind;
@@ -70,7 +77,8 @@ export default async function person(ctx) {
       },
     }, 'Show older') : null);
   };
-  const name = owner.split(':').slice(1).join(':');
+  // Greet by the person's name when the feed knows it, else by the id part of the owner.
+  const name = feed.name || owner.split(':').slice(1).join(':');
   add(app, 
     h('p', { class: 'hello' }, `Hello, ${name}`),
     feed.identities.length > 1 ? h('p', { class: 'muted' }, `Also known as ${feed.identities.filter((i) => i !== owner).join(', ')}`) : null,

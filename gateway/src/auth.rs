@@ -585,7 +585,9 @@ fn route_scope(method: &Method, path: &str) -> Need {
     if *method == Method::POST && (path == "/v1/events" || path == "/v1/commands") {
         return Need::Scope(Scope::Publish);
     }
-    if path == "/v1/events/unmatched" || path.ends_with("/tree") || path == "/v1/overview" {
+    // A tree is a per-command read (`Need::Read`): its handler checks the owner, as for the
+    // command itself.
+    if path == "/v1/events/unmatched" || path == "/v1/overview" {
         return Need::Scope(Scope::CommandsRead);
     }
     Need::Read

@@ -1,5 +1,5 @@
 //! Archival: only eligible trees move, whole; a batch killed half-way moves nothing; archived
-//! commands stay readable.
+//! commands stay readable, trees included; a person's feed is the same before and after.
 
 #![allow(clippy::unwrap_used)]
 
@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use cmdflow_shared::CommandState;
 use cmdflow_shared::store::archive;
-use cmdflow_tests::{TestEnv, event, get, send, start_command};
+use cmdflow_tests::{TestEnv, event, eventually, get, post, send, start_command};
 use cmdflow_workers::archiver;
-use serde_json::json;
+use serde_json::{Value, json};
 
 async fn count(env: &TestEnv, sql: &'static str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(&env.pool).await.unwrap()
@@ -37,7 +37,7 @@ async fn archival_moves_whole_eligible_trees_once_and_they_stay_readable() {
     let kept = start_command(&gw.url, "demo.counter", "member:90", json!({})).await;
     env.wait_state(&done_tree, CommandState::Completed).await;
     env.wait_state(&query, CommandState::Completed).await;
-    env.wait_state(&open_tree, CommandState::Running).await;
+    env.wait_state(&open_tree, CommandState::Waiting).await;
     env.wait_state(&kept, CommandState::Running).await;
     send(&gw.url, &event("demo.finish", Some(&kept), json!({}))).await;
     env.wait_state(&kept, CommandState::Completed).await;
@@ -120,6 +120,11 @@ async fn archival_moves_whole_eligible_trees_once_and_they_stay_readable() {
         (status, command["state"].as_str()),
         (200, Some("completed"))
     );
+    assert_eq!(
+        (&command["children"]["total"], &command["children"]["open"]),
+        (&json!(2), &json!(0)),
+        "its children, counted in the archive"
+    );
     let (status, history) = get(&format!("{}/v1/commands/{done_tree}/history", gw.url)).await;
     assert_eq!(status, 200);
     assert!(history["entries"].as_array().unwrap().len() >= 4);
@@ -131,5 +136,139 @@ async fn archival_moves_whole_eligible_trees_once_and_they_stay_readable() {
     ))
     .await;
     assert_eq!(full_feed["history"][0]["command_id"], query);
+    env.cleanup().await;
+}
+
+fn codes(feed: &Value) -> Vec<String> {
+    let mut codes: Vec<String> = feed["pending"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["code"].as_str().unwrap().to_owned())
+        .collect();
+    codes.sort();
+    codes
+}
+
+async fn feed(gateway: &str, owner: &str, query: &str) -> Value {
+    let (status, feed) = get(&format!("{gateway}/v1/owners/{owner}/feed?{query}")).await;
+    assert_eq!(status, 200, "{feed}");
+    feed
+}
+
+#[tokio::test]
+async fn archiving_changes_nothing_a_person_sees_and_archived_trees_are_served() {
+    let mut env = TestEnv::with(|c| c.archive_retention = Duration::from_millis(300)).await;
+    let gw = env.start_gateway().await;
+    env.start_worker().await;
+    let owner = "member:91";
+    // A pending condition (an unfinished quote, live), an approved membership whose messages
+    // are unread, and an ended quote whose e-mail the sender has not sent yet.
+    let quote = start_command(&gw.url, "quote", owner, json!({"items": ["lamp"]})).await;
+    let membership = start_command(&gw.url, "membership", owner, json!({"name": "Ada"})).await;
+    env.wait_state(&membership, CommandState::Waiting).await;
+    send(
+        &gw.url,
+        &event(
+            "membership.approved",
+            Some(&membership),
+            json!({"by": "admin:1"}),
+        ),
+    )
+    .await;
+    env.wait_state(&membership, CommandState::Completed).await;
+    let unsent = start_command(&gw.url, "quote", owner, json!({"items": ["desk"]})).await;
+    env.wait_state(&unsent, CommandState::Running).await;
+    send(&gw.url, &event("quote.submitted", Some(&unsent), json!({}))).await;
+    env.wait_state(&unsent, CommandState::Completed).await;
+    sqlx::query("UPDATE messages SET delivery = 'pending' WHERE command_id = $1::uuid")
+        .bind(&unsent)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let before = eventually(Duration::from_secs(30), "the feed settles", || async {
+        let f = feed(&gw.url, owner, "include_archived=true").await;
+        (codes(&f)
+            == [
+                "client.offer", // the member_to_client funnel, started by the approval
+                "membership.approved",
+                "message.unread",
+                "message.unread",
+                "message.unread",
+                "message.unread",
+                "quote.unfinished",
+            ])
+        .then_some(f)
+    })
+    .await;
+    let live_before = feed(&gw.url, owner, "").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let retention = env.config.retention().unwrap();
+    let moved = archiver::run_all(&env.pool, &retention, 10, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(
+        moved.trees, 1,
+        "the membership; the unsent e-mail keeps its quote live"
+    );
+    let archived: Vec<String> =
+        sqlx::query_scalar("SELECT id::text FROM archive.commands ORDER BY id")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(archived, std::slice::from_ref(&membership));
+
+    // The person's view is the same; `include_archived` only widens the history.
+    let after = feed(&gw.url, owner, "include_archived=true").await;
+    assert_eq!(after, before);
+    let live_after = feed(&gw.url, owner, "").await;
+    for part in ["identities", "pending", "messages"] {
+        assert_eq!(live_after[part], live_before[part], "{part}");
+    }
+    let history = |f: &Value| -> Vec<Value> {
+        f["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["command_id"].clone())
+            .collect()
+    };
+    assert!(!history(&live_after).contains(&json!(membership)));
+    assert!(history(&after).contains(&json!(membership)));
+
+    // An archived message can still be read, and then shows read.
+    let welcome = after["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["command_id"] == json!(membership) && m["read"] == false)
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, _) = post(
+        &format!("{}/v1/owners/{owner}/messages/{welcome}/read", gw.url),
+        "application/json",
+        b"",
+    )
+    .await;
+    assert_eq!(status, 204);
+    let read = feed(&gw.url, owner, "").await;
+    assert!(
+        read["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["id"] == json!(welcome) && m["read"] == true)
+    );
+
+    // The tree of the archived root is served.
+    let (status, tree) = get(&format!("{}/v1/commands/{membership}/tree", gw.url)).await;
+    assert_eq!(status, 200, "{tree}");
+    assert_eq!(tree["root"]["id"], json!(membership));
+    assert_eq!(tree["root"]["state"], "completed");
+    assert_eq!(tree["nodes"], 1);
+    let _ = quote;
     env.cleanup().await;
 }

@@ -312,6 +312,13 @@ async fn an_owner_token_reads_its_own_feed_and_commands_and_nothing_about_others
     assert_eq!(other, none);
     let (status, _) = get_as(&format!("{url}/v1/commands/{theirs}/history"), Some(&token)).await;
     assert_eq!(status, 403);
+    // A tree follows the rule of its command: the caller's own, and nothing else.
+    let (status, tree) = get_as(&format!("{url}/v1/commands/{mine}/tree"), Some(&token)).await;
+    assert_eq!((status, &tree["root"]["id"]), (200, &json!(mine)), "{tree}");
+    let (status, other) = get_as(&format!("{url}/v1/commands/{theirs}/tree"), Some(&token)).await;
+    assert_eq!(status, 403, "{other}");
+    let (status, none) = get_as(&format!("{url}/v1/commands/{missing}/tree"), Some(&token)).await;
+    assert_eq!((status, other), (403, none));
     // It publishes nothing and operates nothing.
     let (status, body) = post_as(
         &format!("{url}/v1/commands"),

@@ -395,7 +395,7 @@ async fn a_parent_ending_in_a_batch_closes_the_group_it_counted_into() {
     env.cleanup().await;
 }
 
-/// A `demo.fanout` of three `demo.counter` children (`data` adds to its data), all running,
+/// A `demo.fanout` of three `demo.counter` children (`data` adds to its data), all started,
 /// whose id sorts after every other id, so that its events go last in a batch; the set-up
 /// worker is stopped.
 async fn fanout_last_in_batch(env: &mut TestEnv, data: serde_json::Value) -> (String, Vec<String>) {
@@ -404,6 +404,12 @@ async fn fanout_last_in_batch(env: &mut TestEnv, data: serde_json::Value) -> (St
         "ffffffff-ffff-7fff-bfff-{:012x}",
         uuid::Uuid::now_v7().as_u128() & 0xffff_ffff_ffff
     );
+    // A parent of a fan-in group waits for it; one of detached children runs on.
+    let settled = if data["detached"] == true {
+        CommandState::Running
+    } else {
+        CommandState::Waiting
+    };
     let mut fanout = json!({"children": 3, "child_kind": "demo.counter"});
     if let (Some(fanout), serde_json::Value::Object(data)) = (fanout.as_object_mut(), data) {
         fanout.extend(data);
@@ -412,7 +418,7 @@ async fn fanout_last_in_batch(env: &mut TestEnv, data: serde_json::Value) -> (St
     env.publish_raw_as_engine("command.start", &serde_json::to_vec(&start).unwrap())
         .await;
     let kids = env.children_running(&parent, 3).await;
-    env.wait_state(&parent, CommandState::Running).await;
+    env.wait_state(&parent, settled).await;
     stop_setup(setup).await;
     (parent, kids)
 }

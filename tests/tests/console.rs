@@ -272,7 +272,7 @@ async fn a_person_uses_the_console_in_a_real_browser() {
         }),
     )
     .await;
-    env.wait_state(&fanout, CommandState::Running).await;
+    env.wait_state(&fanout, CommandState::Waiting).await;
     eventually(WAIT, "both children waiting", || async {
         let waiting: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM commands WHERE parent_id = $1::uuid AND state = 'waiting'",
@@ -289,7 +289,7 @@ async fn a_person_uses_the_console_in_a_real_browser() {
         &gw.url,
         "quote",
         "visitor:e2e-quote",
-        json!({"items": ["chair"]}),
+        json!({"items": [{"name": "chair", "qty": 2}], "name": "Ada"}),
     )
     .await;
     eventually(WAIT, "the unfinished quote in the feed", || async {
@@ -359,7 +359,7 @@ async fn a_person_uses_the_console_in_a_real_browser() {
             tree.matches("running").count(),
             tree.matches("waiting").count()
         ),
-        (1, 2),
+        (0, 3),
         "{tree}"
     );
     browser
@@ -564,6 +564,14 @@ async fn a_person_uses_the_console_in_a_real_browser() {
         .js("return document.querySelector(\".pending-card[data-code='quote.unfinished'] a\").getAttribute('href')")
         .await;
     assert_eq!(link, format!("#/commands/{quote}"));
+    // Greeted by the name the feed knows; an item object reads as its name.
+    assert_eq!(browser.js(&text_of(".hello")).await, "Hello, Ada");
+    let activity = browser.js(&text_of("[data-role=activity]")).await;
+    let activity = activity.as_str().unwrap();
+    assert!(
+        activity.contains("Your quote for chair") && !activity.contains("[object Object]"),
+        "{activity}"
+    );
     browser.shot("person-1280").await;
 
     // Kinds: the catalogue the workers published, with what each kind's start requires.

@@ -911,7 +911,7 @@ async fn a_publishing_key_cannot_send_engine_events() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(group_of(&env, &parent).await, (0, "open".to_owned()));
     let parent_state = env.command(&parent).await.unwrap().state;
-    assert_eq!(parent_state, cmdflow_shared::CommandState::Running);
+    assert_eq!(parent_state, cmdflow_shared::CommandState::Waiting);
     for kid in &kids {
         let kid = env.command(kid).await.unwrap();
         assert_eq!(kid.state, cmdflow_shared::CommandState::Running);
@@ -954,7 +954,7 @@ async fn engine_events_forged_on_the_broker_are_dead_letters() {
     assert_eq!(group_of(&env, &parent).await, (0, "open".to_owned()));
     assert_eq!(
         env.command(&parent).await.unwrap().state,
-        cmdflow_shared::CommandState::Running
+        cmdflow_shared::CommandState::Waiting
     );
     // An operator replays them: they are refused again, not laundered by the replay.
     let (status, started) = post(
@@ -1023,7 +1023,7 @@ async fn a_report_from_a_command_that_is_not_a_child_does_not_count() {
     assert_eq!(group_of(&env, &parent).await, (0, "open".to_owned()));
     assert_eq!(
         env.command(&parent).await.unwrap().state,
-        cmdflow_shared::CommandState::Running
+        cmdflow_shared::CommandState::Waiting
     );
     for kid in &kids {
         assert_eq!(

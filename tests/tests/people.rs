@@ -49,6 +49,7 @@ async fn an_unfinished_quote_shows_until_it_is_submitted_and_its_message_until_r
     )
     .await;
     let f = wait_codes(&gw.url, "visitor:cookie-1", &["quote.unfinished"]).await;
+    assert!(f["name"].is_null(), "no name given: {f}");
     assert_eq!(
         f["pending"][0]["text"],
         "Here is that quote you started but never finished"
@@ -171,6 +172,7 @@ async fn a_membership_goes_from_pending_to_approved() {
     )
     .await;
     assert_eq!(f["messages"][0]["subject"], "Your membership is pending");
+    assert_eq!(f["name"], "Grace", "the name the person gave");
     let (_, view) = get(&format!("{}/v1/commands/{m}", gw.url)).await;
     assert_eq!(
         view["timers"][0]["cron"], "0 10 * * 1-5",

@@ -684,6 +684,19 @@ async fn an_event_accepted_after_the_start_matches_a_wait_registered_later() {
     // handled first, and the start reaches a worker only afterwards.
     let early = broadcast("special.clicked", "member:44", json!({"early": true}));
     let accepted = sent_and_kept(&env, &gw.url, &early).await;
+    let unmatched = || async {
+        let (_, list) = get(&format!(
+            "{}/v1/events/unmatched?type=special.clicked",
+            gw.url
+        ))
+        .await;
+        list["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["event_id"] == early["id"])
+    };
+    assert!(unmatched().await, "kept as unmatched while nothing waits for it");
     let id = uuid::Uuid::now_v7().to_string();
     let mut start = start_event(
         &id,
@@ -700,6 +713,10 @@ async fn an_event_accepted_after_the_start_matches_a_wait_registered_later() {
     assert_eq!(
         done.created_at, before,
         "a root counts from when its start was accepted"
+    );
+    assert!(
+        !unmatched().await,
+        "an event that matched a wait is not unmatched"
     );
     env.cleanup().await;
 }

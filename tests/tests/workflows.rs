@@ -198,8 +198,8 @@ async fn quorum_completes_when_enough_children_complete() {
     env.wait_state(&kids[0], CommandState::Completed).await;
     assert_eq!(
         state_of(&env, &parent).await,
-        Some(CommandState::Running),
-        "one of two is not a quorum"
+        Some(CommandState::Waiting),
+        "one of two is not a quorum: the parent still waits for its children"
     );
     send(&gw.url, &event("demo.finish", Some(&kids[1]), json!({}))).await;
     env.wait_state(&parent, CommandState::Completed).await;
@@ -449,7 +449,7 @@ async fn a_duplicated_ack_is_counted_once() {
     })
     .await;
     assert_eq!(group_completed().await, 1, "a child counts once");
-    assert_eq!(state_of(&env, &parent).await, Some(CommandState::Running));
+    assert_eq!(state_of(&env, &parent).await, Some(CommandState::Waiting));
 
     send(&gw.url, &event("demo.finish", Some(&kids[1]), json!({}))).await;
     let done = env.wait_state(&parent, CommandState::Completed).await;

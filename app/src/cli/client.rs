@@ -129,6 +129,7 @@ pub struct EmitArgs {
     pub source: String,
     pub id: Option<String>,
     pub correlation: Option<String>,
+    pub subject: Option<String>,
     pub file: Option<String>,
 }
 
@@ -154,6 +155,7 @@ pub async fn emit(client: &Client, args: EmitArgs) -> anyhow::Result<()> {
                 "time": chrono::Utc::now().to_rfc3339(),
                 "commandid": args.command,
                 "correlationid": args.correlation,
+                "subject": args.subject,
                 "datacontenttype": "application/json",
                 "data": parse_object("--data", &args.data)?,
             });
@@ -257,6 +259,60 @@ pub async fn kinds(client: &Client) -> anyhow::Result<()> {
             line.push_str(&format!("  · {text}"));
         }
         outln!("{line}");
+    }
+    Ok(())
+}
+
+/// Which commands `commands` lists.
+pub struct CommandsFilter {
+    pub owner: Option<String>,
+    pub kind: Option<String>,
+    pub state: Option<String>,
+    pub limit: u32,
+}
+
+/// `commands`: one page of `GET /v1/commands`, newest first, one command a line.
+pub async fn commands(client: &Client, filter: &CommandsFilter) -> anyhow::Result<()> {
+    let mut query = vec![format!("limit={}", filter.limit)];
+    for (name, value) in [
+        ("owner", &filter.owner),
+        ("kind", &filter.kind),
+        ("state", &filter.state),
+    ] {
+        if let Some(value) = value {
+            query.push(format!("{name}={}", urlencode(value)));
+        }
+    }
+    let page = client
+        .get(&format!("/v1/commands?{}", query.join("&")))
+        .await?;
+    if printed_json(client, &page) {
+        return Ok(());
+    }
+    let commands = page["commands"].as_array().cloned().unwrap_or_default();
+    if commands.is_empty() {
+        outln!("no commands");
+        return Ok(());
+    }
+    outln!(
+        "{:<36}  {:<24}  {:<24}  {:<9}  created",
+        "id",
+        "kind",
+        "owner",
+        "state"
+    );
+    for c in &commands {
+        outln!(
+            "{:<36}  {:<24}  {:<24}  {:<9}  {}",
+            c["id"].as_str().unwrap_or_default(),
+            c["kind"].as_str().unwrap_or_default(),
+            c["owner"].as_str().unwrap_or_default(),
+            c["state"].as_str().unwrap_or_default(),
+            c["created_at"].as_str().unwrap_or_default()
+        );
+    }
+    if page["next"].is_string() {
+        outln!("(more: raise --limit, or narrow with --owner, --kind or --state)");
     }
     Ok(())
 }
@@ -473,6 +529,33 @@ fn print_command(c: &Value) {
                 g["total"]
             );
         }
+    }
+    for t in c["timers"].as_array().into_iter().flatten() {
+        let text = |k: &str| t[k].as_str().unwrap_or("").to_owned();
+        let mut line = format!(
+            "timer    {} ({}) due {}",
+            text("name"),
+            text("kind"),
+            text("due_at")
+        );
+        if let Some(cron) = t["cron"].as_str() {
+            line.push_str(&format!(", cron {cron} {}", text("tz")));
+        }
+        if t["fired"].as_i64().unwrap_or(0) > 0 {
+            line.push_str(&format!(", fired {}", t["fired"]));
+        }
+        outln!("{line}");
+    }
+    for w in c["waits"].as_array().into_iter().flatten() {
+        let mut line = format!(
+            "wait     {} on {}",
+            w["event_type"].as_str().unwrap_or(""),
+            w["correlation_key"].as_str().unwrap_or("")
+        );
+        if let Some(at) = w["timeout_at"].as_str() {
+            line.push_str(&format!(", times out {at}"));
+        }
+        outln!("{line}");
     }
     outln!("data     {}", field("data"));
     if !c["result"].is_null() {

@@ -223,7 +223,7 @@ pub enum Cmd {
     Migrate,
     /// Publish one event through the gateway.
     #[command(
-        after_help = "Examples:\n  cmdflow emit demo.increment --command 0192f0c1-... --data '{\"by\": 2}'\n  cmdflow emit quote.requested --correlation visitor:cookie-7f3a\n  cmdflow emit --file event.json"
+        after_help = "Examples:\n  cmdflow emit demo.increment --command 0192f0c1-... --data '{\"by\": 2}'\n  cmdflow emit quote.requested --correlation visitor:cookie-7f3a\n  cmdflow emit visitor.arrived --subject visitor:cookie-7f3a\n  cmdflow emit --file event.json"
     )]
     Emit {
         /// Event type, e.g. `demo.increment`. Not needed with --file.
@@ -244,8 +244,12 @@ pub enum Cmd {
         /// Correlation id.
         #[arg(long)]
         correlation: Option<String>,
+        /// The person the event is about, `kind:id`: a broadcast with a subject starts the
+        /// funnels and kinds registered for its type, owned by that person.
+        #[arg(long)]
+        subject: Option<String>,
         /// Send a whole CloudEvent (or an array) from this file; `-` reads standard input.
-        #[arg(long, conflicts_with_all = ["event_type", "command", "id", "correlation"])]
+        #[arg(long, conflicts_with_all = ["event_type", "command", "id", "correlation", "subject"])]
         file: Option<String>,
     },
     /// Start a command.
@@ -268,7 +272,26 @@ pub enum Cmd {
     /// List the kinds the workers run (the kind catalogue), with their start-data schemas.
     #[command(after_help = "Examples:\n  cmdflow kinds\n  cmdflow kinds --json")]
     Kinds,
-    /// Show a command.
+    /// List commands, newest first; every flag narrows.
+    #[command(
+        after_help = "Examples:\n  cmdflow commands --owner member:42\n  cmdflow commands --kind quote --state open --limit 10"
+    )]
+    Commands {
+        /// Owner, `kind:id`.
+        #[arg(long)]
+        owner: Option<String>,
+        /// Command kind.
+        #[arg(long)]
+        kind: Option<String>,
+        /// A state, or several separated by commas; `open` and `ended` stand for the
+        /// non-terminal and terminal states.
+        #[arg(long)]
+        state: Option<String>,
+        /// Commands to list, 1 to 200.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Show a command, with its children, timers and waits.
     #[command(after_help = "Example:\n  cmdflow show 0192f0c1-7a3b-7c2d-9e4f-5a6b7c8d9e0f")]
     Show { id: String },
     /// Show a command's history.
@@ -373,6 +396,7 @@ pub async fn run(app: App, cli: Cli) -> anyhow::Result<()> {
             source,
             id,
             correlation,
+            subject,
             file,
         } => {
             let args = EmitArgs {
@@ -382,6 +406,7 @@ pub async fn run(app: App, cli: Cli) -> anyhow::Result<()> {
                 source,
                 id,
                 correlation,
+                subject,
                 file,
             };
             client::emit(&Client::from_env(json)?, args).await
@@ -393,6 +418,20 @@ pub async fn run(app: App, cli: Cli) -> anyhow::Result<()> {
             wait,
         } => client::start(&Client::from_env(json)?, &kind, &owner, &data, wait).await,
         Cmd::Kinds => client::kinds(&Client::from_env(json)?).await,
+        Cmd::Commands {
+            owner,
+            kind,
+            state,
+            limit,
+        } => {
+            let filter = client::CommandsFilter {
+                owner,
+                kind,
+                state,
+                limit,
+            };
+            client::commands(&Client::from_env(json)?, &filter).await
+        }
         Cmd::Show { id } => client::show(&Client::from_env(json)?, &id).await,
         Cmd::History { id } => client::history(&Client::from_env(json)?, &id).await,
         Cmd::Feed { owner, kind, limit } => {

@@ -167,11 +167,13 @@ pub fn fanout(command: &Command, event: &Event) -> Result<Decision, HandlerError
                     }
                 })
                 .collect();
-            let decision = Decision::nothing().with_state(CommandState::Running);
             if detached {
+                // Nothing reports back: it runs on until `demo.finish`.
+                let decision = Decision::nothing().with_state(CommandState::Running);
                 Ok(specs.into_iter().fold(decision, Decision::spawn_detached))
             } else {
-                let decision = decision
+                // No state named: the engine has a parent of a fan-in group wait for it.
+                let decision = Decision::nothing()
                     .spawn_group("children", policy, specs)
                     .with_group_reports("children", reports);
                 match data.get("deadline_ms").and_then(Value::as_u64) {

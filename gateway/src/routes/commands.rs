@@ -303,19 +303,24 @@ pub struct Tree {
     pub truncated: bool,
 }
 
-/// A command and all its descendants, with states and outcomes.
+/// A command and all its descendants, with states and outcomes, live or archived (a tree moves
+/// to the archive whole).
 #[utoipa::path(get, path = "/v1/commands/{id}/tree", tag = "commands",
     params(("id" = String, Path, description = "Command id (UUID)")),
     responses(
         (status = 200, body = Tree),
         (status = 400, description = "Not a command id", body = ErrorBody),
+        (status = 403, description = "Not this caller's owner, and no `commands:read`", body = ErrorBody),
         (status = 404, description = "No such command", body = ErrorBody)))]
 pub async fn get_tree(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(raw): Path<String>,
 ) -> ApiResult<Json<Tree>> {
     let id = parse_id(&raw)?;
     let rows = store::subtree(&state.pool, id, MAX_TREE_NODES + 1).await?;
+    // The rule of `GET /v1/commands/{id}`: the owner of the command asked for.
+    principal.may_read_command(rows.first().map(|c| c.owner.as_str()))?;
     if rows.is_empty() {
         return Err(ApiError::NotFound(format!("no command {id}")));
     }

@@ -42,6 +42,8 @@ pub struct Feed {
     pub owner: String,
     /// Every owner id of the same person.
     pub identities: Vec<String>,
+    /// The person's name when one of their commands carries it (`data.name`), the latest.
+    pub name: Option<String>,
     pub history: Vec<FeedCommand>,
     /// Pass as `cursor` for the next page of history; absent on the last page.
     pub next_cursor: Option<String>,
@@ -86,6 +88,7 @@ pub async fn get_feed(
     let before = query.cursor.as_deref().map(parse_cursor).transpose()?;
     let people::FeedRows {
         owners,
+        name,
         history,
         hinted,
         messages,
@@ -139,6 +142,7 @@ pub async fn get_feed(
     Ok(Json(Feed {
         owner: owner.to_string(),
         identities: owners,
+        name,
         history,
         next_cursor,
         pending,

@@ -1,5 +1,6 @@
 //! Archival statements: which trees are eligible (every node ended, the root ended longer ago
-//! than its kind's retention), and moving a batch of whole trees to the `archive` schema in the
+//! than its kind's retention, and no message of the tree still waits for delivery: the sender
+//! reads only live rows), and moving a batch of whole trees to the `archive` schema in the
 //! caller's transaction, so a batch moves completely or not at all.
 
 use std::time::Duration;
@@ -31,7 +32,9 @@ const ELIGIBLE: &str = "
      AND c.ended_at < now() - make_interval(secs => coalesce(
            (SELECT k.secs FROM unnest($1::text[], $2::float8[]) AS k(kind, secs) WHERE k.kind = c.kind), $3))
      AND NOT EXISTS (SELECT 1 FROM commands d
-                      WHERE d.root_id = c.id AND d.state IN ('pending', 'running', 'waiting'))";
+                      WHERE d.root_id = c.id AND d.state IN ('pending', 'running', 'waiting'))
+     AND NOT EXISTS (SELECT 1 FROM commands d JOIN messages m ON m.command_id = d.id
+                      WHERE d.root_id = c.id AND m.delivery = 'pending')";
 
 /// How many trees are eligible now.
 pub async fn eligible(pool: &PgPool, retention: &Retention) -> Result<i64> {

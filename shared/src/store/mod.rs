@@ -556,11 +556,14 @@ pub async fn open_children(
     .await?)
 }
 
-/// How many children a command has, and how many are still open.
+/// How many children a command has, and how many are still open; an archived command's from
+/// the archive (its tree moved whole).
 pub async fn children_counts(pool: &PgPool, parent: CommandId) -> Result<(i64, i64)> {
     let (total, open): (i64, i64) = sqlx::query_as(
         "SELECT count(*), count(*) FILTER (WHERE state IN ('pending', 'running', 'waiting'))
-           FROM commands WHERE parent_id = $1",
+           FROM (SELECT state FROM commands WHERE parent_id = $1
+                 UNION ALL
+                 SELECT state FROM archive.commands WHERE parent_id = $1) c",
     )
     .bind(parent)
     .fetch_one(pool)
@@ -568,22 +571,39 @@ pub async fn children_counts(pool: &PgPool, parent: CommandId) -> Result<(i64, i
     Ok((total, open))
 }
 
-/// A command and all its descendants (at most `limit` rows), parents before children.
+/// A command and all its descendants (at most `limit` rows), parents before children. Trees
+/// move to the archive whole, so a command not in the live table is read, with its tree, from
+/// the archive.
 pub async fn subtree(pool: &PgPool, id: CommandId, limit: i64) -> Result<Vec<Command>> {
-    Ok(sqlx::query_as::<_, Command>(
+    const LIVE: &str = concat!(
         "WITH RECURSIVE tree AS (
              SELECT c.*, 0 AS level FROM commands c WHERE c.id = $1
              UNION ALL
              SELECT c.*, t.level + 1 FROM commands c JOIN tree t ON c.parent_id = t.id
-         )
-         SELECT id, kind, owner, parent_id, root_id, depth, state, data, result, reason, ui, version,
-                group_name, parent_close, created_at, updated_at, ended_at
-           FROM tree ORDER BY level, id LIMIT $2",
-    )
-    .bind(id)
-    .bind(limit)
-    .fetch_all(pool)
-    .await?)
+         ) SELECT ",
+        command_columns!(),
+        " FROM tree ORDER BY level, id LIMIT $2"
+    );
+    const ARCHIVED: &str = concat!(
+        "WITH RECURSIVE tree AS (
+             SELECT c.*, 0 AS level FROM archive.commands c WHERE c.id = $1
+             UNION ALL
+             SELECT c.*, t.level + 1 FROM archive.commands c JOIN tree t ON c.parent_id = t.id
+         ) SELECT ",
+        command_columns!(),
+        " FROM tree ORDER BY level, id LIMIT $2"
+    );
+    for sql in [LIVE, ARCHIVED] {
+        let rows = sqlx::query_as::<_, Command>(sql)
+            .bind(id)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?;
+        if !rows.is_empty() {
+            return Ok(rows);
+        }
+    }
+    Ok(Vec::new())
 }
 
 /// Records that a broadcast event started `kind`. `false` when it already did.

@@ -233,9 +233,13 @@ pub struct MessageRow {
 }
 
 /// Everything the feed shows, read in one round trip: the person's owner ids, a page of history,
-/// the commands carrying UI hints, and the latest messages.
+/// the commands carrying UI hints, and the latest messages. Hints and messages are read from the
+/// archive too, whatever `include_archived` says: what a person still needs does not vanish
+/// because ops ran the archiver; `include_archived` only widens the history.
 pub struct FeedRows {
     pub owners: Vec<String>,
+    /// The person's name, from the latest of their commands whose data holds one.
+    pub name: Option<String>,
     pub history: Vec<FeedCommand>,
     pub hinted: Vec<(CommandId, Value)>,
     pub messages: Vec<MessageRow>,
@@ -250,12 +254,18 @@ pub async fn feed(
     include_archived: bool,
 ) -> Result<FeedRows> {
     let (before_at, before_id) = before.unzip();
-    let (owners, history, hinted, messages): (Vec<String>, Value, Value, Value) = sqlx::query_as(
+    let (owners, name, history, hinted, messages): (Vec<String>, Option<String>, Value, Value, Value) = sqlx::query_as(
         "WITH p AS (SELECT coalesce((SELECT person FROM identities WHERE owner = $1), $1) AS person),
               o AS (SELECT array_agg(DISTINCT x ORDER BY x) AS owners
                       FROM (SELECT i.owner AS x FROM identities i, p WHERE i.person = p.person
                             UNION ALL SELECT $1) s)
          SELECT o.owners,
+                (SELECT n.data->>'name' FROM (SELECT owner, data, created_at FROM commands
+                                              UNION ALL
+                                              SELECT owner, data, created_at FROM archive.commands) n
+                  WHERE n.owner = ANY(o.owners) AND jsonb_typeof(n.data->'name') = 'string'
+                    AND btrim(n.data->>'name') <> ''
+                  ORDER BY n.created_at DESC LIMIT 1),
                 (SELECT coalesce(json_agg(h), '[]'::json) FROM (
                     SELECT c.id AS command_id, c.kind, c.owner, c.state, c.data, c.result, c.created_at, c.ended_at
                       FROM (SELECT id, kind, owner, state, data, result, created_at, ended_at, parent_id FROM commands
@@ -267,14 +277,21 @@ pub async fn feed(
                        AND ($3::timestamptz IS NULL OR (c.created_at, c.id) < ($3, $4))
                      ORDER BY c.created_at DESC, c.id DESC LIMIT $5) h),
                 (SELECT coalesce(json_agg(json_build_array(u.id, u.ui)), '[]'::json) FROM (
-                    SELECT c.id, c.ui FROM commands c
+                    SELECT c.id, c.ui FROM (SELECT id, owner, ui, updated_at FROM commands
+                                            UNION ALL
+                                            SELECT id, owner, ui, updated_at FROM archive.commands) c
                      WHERE c.owner = ANY(o.owners) AND c.ui IS NOT NULL
-                     ORDER BY c.updated_at DESC LIMIT 100) u),
+                     ORDER BY c.updated_at DESC, c.id DESC LIMIT 100) u),
                 (SELECT coalesce(json_agg(m), '[]'::json) FROM (
                     SELECT g.id, g.owner, g.command_id, g.template, g.channel, g.subject, g.body, g.delivery,
                            g.read_at IS NOT NULL AS read, g.created_at
-                      FROM messages g WHERE g.owner = ANY(o.owners)
-                     ORDER BY g.created_at DESC LIMIT 50) m)
+                      FROM (SELECT id, owner, command_id, template, channel, subject, body, delivery,
+                                   read_at, created_at FROM messages
+                            UNION ALL
+                            SELECT id, owner, command_id, template, channel, subject, body, delivery,
+                                   read_at, created_at FROM archive.messages) g
+                     WHERE g.owner = ANY(o.owners)
+                     ORDER BY g.created_at DESC, g.id DESC LIMIT 50) m)
            FROM o",
     )
     .bind(owner)
@@ -290,22 +307,28 @@ pub async fn feed(
     };
     Ok(FeedRows {
         owners,
+        name,
         history: serde_json::from_value(history).map_err(|e| decode("history", e))?,
         hinted: serde_json::from_value(hinted).map_err(|e| decode("hints", e))?,
         messages: serde_json::from_value(messages).map_err(|e| decode("messages", e))?,
     })
 }
 
-/// Marks a message read; `false` when the person has no such message.
+/// Marks a message read, live or archived (the feed shows both); `false` when the person has no
+/// such message.
 pub async fn mark_read(pool: &PgPool, owners: &[String], id: Uuid) -> Result<bool> {
-    let done = sqlx::query(
-        "UPDATE messages SET read_at = coalesce(read_at, now()) WHERE id = $1 AND owner = ANY($2)",
+    let done: i64 = sqlx::query_scalar(
+        "WITH live AS (UPDATE messages SET read_at = coalesce(read_at, now())
+                        WHERE id = $1 AND owner = ANY($2) RETURNING 1),
+              archived AS (UPDATE archive.messages SET read_at = coalesce(read_at, now())
+                            WHERE id = $1 AND owner = ANY($2) RETURNING 1)
+         SELECT (SELECT count(*) FROM live) + (SELECT count(*) FROM archived)",
     )
     .bind(id)
     .bind(owners)
-    .execute(pool)
+    .fetch_one(pool)
     .await?;
-    Ok(done.rows_affected() == 1)
+    Ok(done == 1)
 }
 
 /// A message as ops see it: where its delivery stands, and why it failed.

@@ -304,7 +304,8 @@ pub async fn record_recent(
 
 /// The earliest event on (type, any of `keys`) within the window that `command` has not yet
 /// received and that was accepted no earlier than the command started (`started`): an event
-/// older than the command never decides it.
+/// older than the command never decides it. It is no longer unmatched: its row in
+/// `unmatched_events` goes in the same statement.
 pub async fn early_match(
     tx: &mut Tx<'_>,
     command: CommandId,
@@ -314,13 +315,17 @@ pub async fn early_match(
     window: Duration,
 ) -> Result<Option<Value>> {
     Ok(sqlx::query_scalar(
-        "SELECT r.body FROM recent_events r
-          WHERE r.event_type = $2 AND r.correlation_key = ANY($3)
-            AND r.received_at >= clock_timestamp() - make_interval(secs => $4)
-            AND coalesce(r.accepted_at, r.received_at) >= $5
-            AND NOT EXISTS (SELECT 1 FROM processed_events p
-                             WHERE p.command_id = $1 AND p.source = r.source AND p.event_id = r.event_id)
-          ORDER BY coalesce(r.accepted_at, r.received_at), r.received_at LIMIT 1",
+        "WITH m AS (
+             SELECT r.source, r.event_id, r.body FROM recent_events r
+              WHERE r.event_type = $2 AND r.correlation_key = ANY($3)
+                AND r.received_at >= clock_timestamp() - make_interval(secs => $4)
+                AND coalesce(r.accepted_at, r.received_at) >= $5
+                AND NOT EXISTS (SELECT 1 FROM processed_events p
+                                 WHERE p.command_id = $1 AND p.source = r.source AND p.event_id = r.event_id)
+              ORDER BY coalesce(r.accepted_at, r.received_at), r.received_at LIMIT 1),
+              matched AS (DELETE FROM unmatched_events u USING m
+                           WHERE u.source = m.source AND u.event_id = m.event_id)
+         SELECT m.body FROM m",
     )
     .bind(command)
     .bind(event_type)

@@ -447,7 +447,10 @@ impl Engine {
         notes.extend(rendered.iter().filter_map(|m| m.failed_reason.clone()));
 
         let mut next = command.clone();
-        let default_state = if command.state == CommandState::Pending {
+        // A command that starts a fan-in group and names no state now waits for its children.
+        let default_state = if !decision.spawn_groups.is_empty() {
+            CommandState::Waiting
+        } else if command.state == CommandState::Pending {
             CommandState::Running
         } else {
             command.state
