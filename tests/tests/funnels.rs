@@ -562,3 +562,43 @@ async fn a_new_application_is_not_decided_by_an_old_answer() {
     );
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn an_event_handled_before_the_link_still_reaches_the_persons_funnel() {
+    let mut env = TestEnv::new().await;
+    let gw = env.start_gateway().await;
+    env.start_worker().await;
+    let (lead, member) = ("lead:eve", "member:eve");
+    send(
+        &gw.url,
+        &about("visitor.arrived", lead, json!({"name": "Eve"})),
+    )
+    .await;
+    at_stage(&env, lead, "visitor_to_member", "visitor").await;
+    // The sign-up service's two events took different paths: the sign-up, about member:eve,
+    // was handled first, when nothing linked the two yet.
+    let signed_up = about("member.signed_up", member, json!({}));
+    send(&gw.url, &signed_up).await;
+    eventually(WAIT, "the sign-up kept as unmatched", || async {
+        let (_, list) = get(&format!("{}/v1/events/unmatched", gw.url)).await;
+        list["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["event_id"] == signed_up["id"])
+            .then_some(())
+    })
+    .await;
+    link(&gw.url, lead, member).await;
+    at_stage(&env, lead, "visitor_to_member", "applicant").await;
+    let (_, list) = get(&format!("{}/v1/events/unmatched", gw.url)).await;
+    assert!(
+        !list["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["event_id"] == signed_up["id"]),
+        "the sign-up matched once the link came"
+    );
+    env.cleanup().await;
+}

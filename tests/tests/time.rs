@@ -696,7 +696,10 @@ async fn an_event_accepted_after_the_start_matches_a_wait_registered_later() {
             .iter()
             .any(|e| e["event_id"] == early["id"])
     };
-    assert!(unmatched().await, "kept as unmatched while nothing waits for it");
+    assert!(
+        unmatched().await,
+        "kept as unmatched while nothing waits for it"
+    );
     let id = uuid::Uuid::now_v7().to_string();
     let mut start = start_event(
         &id,

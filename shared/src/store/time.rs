@@ -336,6 +336,48 @@ pub async fn early_match(
     .await?)
 }
 
+/// Waits on any of `owners` (one person's identities) that an event kept within the window,
+/// correlated by another of them, would have woken had the identities been linked then: the
+/// earliest such event per wait, accepted no earlier than the waiting command started, and not
+/// yet received by it. Each is taken: the wait ends, and the event is no longer unmatched.
+/// Returns (waiting command, event type, wait key, event body).
+pub async fn take_across_link(
+    tx: &mut Tx<'_>,
+    owners: &[String],
+    window: Duration,
+) -> Result<Vec<(CommandId, String, String, Value)>> {
+    Ok(sqlx::query_as(
+        "WITH m AS (
+             SELECT DISTINCT ON (w.command_id, w.event_type, w.correlation_key)
+                    w.command_id, w.event_type, w.correlation_key, r.source, r.event_id, r.body
+               FROM waits w
+               JOIN commands c ON c.id = w.command_id
+               JOIN recent_events r ON r.event_type = w.event_type
+                                   AND r.correlation_key = ANY($1)
+                                   AND r.correlation_key <> w.correlation_key
+              WHERE w.correlation_key = ANY($1)
+                AND r.received_at >= clock_timestamp() - make_interval(secs => $2)
+                AND coalesce(r.accepted_at, r.received_at) >= c.created_at
+                AND NOT EXISTS (SELECT 1 FROM processed_events p
+                                 WHERE p.command_id = w.command_id AND p.source = r.source
+                                   AND p.event_id = r.event_id)
+              ORDER BY w.command_id, w.event_type, w.correlation_key,
+                       coalesce(r.accepted_at, r.received_at)),
+              taken AS (DELETE FROM waits w USING m
+                         WHERE w.command_id = m.command_id AND w.event_type = m.event_type
+                           AND w.correlation_key = m.correlation_key
+                     RETURNING w.command_id),
+              matched AS (DELETE FROM unmatched_events u USING m
+                           WHERE u.source = m.source AND u.event_id = m.event_id)
+         SELECT m.command_id, m.event_type, m.correlation_key, m.body FROM m
+          ORDER BY m.command_id, m.event_type",
+    )
+    .bind(owners)
+    .bind(window.as_secs_f64())
+    .fetch_all(&mut **tx)
+    .await?)
+}
+
 /// Forgets broadcast events older than the window.
 pub async fn prune_recent(pool: &PgPool, window: Duration) -> Result<u64> {
     let done = sqlx::query(

@@ -83,6 +83,12 @@ pub struct Report {
     cause: Event,
 }
 
+/// The advisory lock a broadcast takes on its correlation key, and an `owner.linked` on every
+/// identity it joins: an event about a person is matched either wholly before a link of theirs
+/// or wholly after it, never half-way (its keys read before the link, the link's catch-up run
+/// before the event is kept).
+const IDENTITY_LOCK: &str = "identity";
+
 /// The engine's name for the timer of a wait's timeout.
 pub fn wait_timer_name(event_type: &str, key: &str) -> String {
     format!("wait:{event_type}:{key}")
@@ -318,13 +324,37 @@ impl Engine {
                 Some(Value::String(by)) => format!("{by} (from {})", event.source),
                 _ => format!("source:{}", event.source),
             };
+            // A broadcast about any of these identities is decided either wholly before the link
+            // or wholly after it (see `IDENTITY_LOCK`).
+            let mut both = store::people::owners_of(&mut **tx, &from.to_string()).await?;
+            both.extend(store::people::owners_of(&mut **tx, &to.to_string()).await?);
+            both.sort();
+            both.dedup();
+            for key in &both {
+                time::lock_key(tx, IDENTITY_LOCK, key).await?;
+            }
             store::people::link(tx, &from.to_string(), &to.to_string(), &by, &event.id).await?;
+            // What the person did as one identity, before the link reached a worker, now
+            // reaches the waits on the others.
+            let owners = store::people::owners_of(&mut **tx, &to.to_string()).await?;
+            let window = self.settings.early_event_window;
+            for (waiter, ty, key, body) in time::take_across_link(tx, &owners, window).await? {
+                time::cancel_timer(tx, waiter, &wait_timer_name(&ty, &key)).await?;
+                if let Ok(mut woken) = serde_json::from_value::<Event>(body) {
+                    woken.commandid = Some(waiter);
+                    outbox.extend(
+                        store::insert_outbox(tx, waiter, std::slice::from_ref(&woken)).await?,
+                    );
+                }
+            }
             matched = true;
             applied = Applied::Applied;
         }
         let body = serde_json::to_value(event).unwrap_or(Value::Null);
         if let Some(key) = &event.correlationid {
-            // A person's event wakes the waits on every identity linked to them.
+            // A person's event wakes the waits on every identity linked to them, as linked when
+            // it is decided: a link being applied for it waits, or is waited for.
+            time::lock_key(tx, IDENTITY_LOCK, key).await?;
             let keys = self.linked_keys(tx, key).await?;
             for k in &keys {
                 time::lock_key(tx, &event.ty, k).await?;
