@@ -235,12 +235,13 @@ async fn a_hot_commands_events_in_one_batch_each_see_the_last_write() {
 
 /// A batch keeps each event's step (row, history, outbox) back and writes them together; a
 /// statement that reads other commands' rows first writes what was kept back. In one batch, two
-/// of a parent's three detached children finish and then the parent does (its id sorts after
-/// theirs, so its event goes last): ending, the parent aborts only the child still open.
+/// of a parent's three group children finish and then the parent does (its id sorts after
+/// theirs, so its event goes last): ending, the parent aborts only the child still open. (A
+/// fire-and-forget child would not be aborted at all: its parent's end leaves it running.)
 #[tokio::test]
 async fn a_batch_reads_the_steps_it_kept_back() {
     let mut env = TestEnv::new().await;
-    let (parent, kids) = fanout_last_in_batch(&mut env, json!({"detached": true})).await;
+    let (parent, kids) = fanout_last_in_batch(&mut env, json!({})).await;
 
     one_batch_applied(&env, &[finish(&kids[0]), finish(&kids[1]), finish(&parent)]).await;
     for id in [&kids[0], &kids[1], &parent] {
