@@ -76,6 +76,44 @@ async fn sweep_stale_databases() {
         .await;
 }
 
+impl Drop for TestEnv {
+    /// A test that failed before its `cleanup` still leaves no queues and no database behind:
+    /// a broker full of idle quorum queues slows every later test, and once stopped answering.
+    /// The test's runtime is unwinding, so this works on its own thread, connections and
+    /// runtime, for at most 30 s.
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        for (token, handle) in &self.tasks {
+            token.cancel();
+            handle.abort();
+        }
+        let (amqp, namespace, database) = (
+            self.config.amqp_url.clone(),
+            self.config.namespace.clone(),
+            self.database.clone(),
+        );
+        let (done, wait) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                runtime.block_on(async {
+                    if let Ok(bus) = Bus::connect(&amqp, &namespace, "cmdflow-test-drop").await {
+                        drop(bus.delete_topology().await);
+                        bus.close().await;
+                    }
+                    drop_database(&admin_url(), &database).await;
+                });
+            }
+            done.send(()).ok();
+        });
+        wait.recv_timeout(Duration::from_secs(30)).ok();
+    }
+}
+
 /// Deletes the queues and exchanges of the namespaces of stale test databases (`t{suffix}`
 /// and `tf{suffix}`): a test that died left them, and a broker full of idle quorum queues slows
 /// every later test. Best effort.
@@ -148,6 +186,9 @@ pub struct TestEnv {
     pub bus: Arc<Bus>,
     database: String,
     tasks: Vec<(CancellationToken, JoinHandle<()>)>,
+    /// Set by [`TestEnv::cleanup`]; a world dropped without it (a failed assertion) is cleaned
+    /// up by its `Drop`.
+    cleaned: bool,
 }
 
 /// A gateway running in the test.
@@ -209,7 +250,13 @@ impl TestEnv {
             bus,
             database,
             tasks: Vec::new(),
+            cleaned: false,
         }
+    }
+
+    /// The name of this world's database.
+    pub fn database(&self) -> &str {
+        &self.database
     }
 
     /// Starts a gateway on port 0 and returns its base URL.
@@ -300,6 +347,7 @@ impl TestEnv {
         self.bus.close().await;
         self.pool.close().await;
         drop_database(&admin_url(), &self.database).await;
+        self.cleaned = true;
     }
 
     /// Publishes raw bytes to the events exchange, as an upstream service would: without a

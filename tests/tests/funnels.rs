@@ -176,8 +176,17 @@ async fn visitor_to_member_then_member_to_client() {
     .unwrap();
     assert_eq!(funnels, 1, "one funnel command per person and funnel");
 
+    // The sign-up carries no `time`: the stage is entered when it was accepted, not when the
+    // funnel last changed.
+    let before_signup = Utc::now();
     send(&gw.url, &about("member.signed_up", person, json!({}))).await;
-    at_stage(&env, person, "visitor_to_member", "applicant").await;
+    let applicant = at_stage(&env, person, "visitor_to_member", "applicant").await;
+    let entered: chrono::DateTime<Utc> =
+        serde_json::from_value(applicant.data["stage_entered_at"].clone()).unwrap();
+    assert!(
+        entered >= before_signup,
+        "stage_entered_at {entered} is before the sign-up was sent ({before_signup})"
+    );
     eventually(WAIT, "membership.pending", || async {
         let codes = pending_codes(&gw.url, person).await;
         (codes.contains(&"membership.pending".to_owned())

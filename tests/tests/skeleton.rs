@@ -906,3 +906,38 @@ async fn the_work_queue_of_an_earlier_version_is_unbound_or_deleted() {
     assert!(gone.is_err(), "deleted once empty: {gone:?}");
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_world_dropped_without_cleanup_leaves_nothing_behind() {
+    let env = TestEnv::new().await;
+    let database = env.database().to_owned();
+    let queue = env.partition_queue_of(&uuid::Uuid::now_v7().to_string());
+    let amqp = env.config.amqp_url.clone();
+    // As when an assertion fails before `cleanup`.
+    drop(env);
+    let admin = sqlx::PgPool::connect(&cmdflow_tests::admin_url())
+        .await
+        .unwrap();
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_database WHERE datname = $1")
+        .bind(&database)
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "the database {database} is left behind");
+    let conn = lapin::Connection::connect(&amqp, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    let declared = channel
+        .queue_declare(
+            queue.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await;
+    assert!(declared.is_err(), "the queue {queue} is left behind");
+    drop(conn.close(200, "done".into()).await);
+}
