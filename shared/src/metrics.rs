@@ -23,6 +23,8 @@ pub const MAIL_ATTEMPTS: &str = "cmdflow_mail_attempts_total";
 pub const MESSAGES_FAILED_TOTAL: &str = "cmdflow_messages_failed_total";
 pub const MESSAGES_FAILED: &str = "cmdflow_messages_failed";
 pub const MAIL_PENDING: &str = "cmdflow_mail_pending";
+pub const DECIDER_CALLS: &str = "cmdflow_decider_calls_total";
+pub const DECIDER_SECONDS: &str = "cmdflow_decider_seconds";
 
 fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
@@ -41,6 +43,15 @@ fn describe() {
     describe_gauge!(
         MAIL_PENDING,
         "E-mails waiting to be sent (due or backing off), as the mailer last counted."
+    );
+    describe_counter!(
+        DECIDER_CALLS,
+        "Calls to remote deciders, by kind and outcome (decided, unavailable, refused, invalid)."
+    );
+    describe_histogram!(
+        DECIDER_SECONDS,
+        Unit::Seconds,
+        "How long a remote decider took to answer, by kind."
     );
     describe_counter!(
         LOCK_LOST,

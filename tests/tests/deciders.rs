@@ -105,6 +105,24 @@ async fn a_python_decider_drives_an_order_through_its_events_and_a_child() {
     // The feed showed what the decider said, and the end cleared it.
     let (_, feed) = get(&format!("{gw}/v1/owners/member:7/feed")).await;
     assert_eq!(feed["pending"], json!([]), "{feed}");
+    // The calls are counted by outcome: the 503 as unavailable, the rest decided.
+    let text = cmdflow_tests::http()
+        .get(format!("{gw}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for outcome in ["decided", "unavailable"] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("cmdflow_decider_calls_total{")
+                    && l.contains("kind=\"py.order\"")
+                    && l.contains(&format!("outcome=\"{outcome}\""))),
+            "no {outcome} call counted"
+        );
+    }
     env.cleanup().await;
 }
 

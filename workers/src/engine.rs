@@ -22,6 +22,7 @@
 //! failed, goes alone.
 
 mod apply;
+mod broadcast;
 pub mod consume;
 mod local;
 

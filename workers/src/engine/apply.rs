@@ -5,7 +5,7 @@
 use chrono::Utc;
 use cmdflow_shared::contract::types::{
     self, CHILDREN_DEADLINE, CHILDREN_SETTLED, COMMAND_ABORT, COMMAND_ABORTED, COMMAND_COMPLETED,
-    COMMAND_FAILED, COMMAND_START, OWNER_LINKED,
+    COMMAND_FAILED, COMMAND_START,
 };
 use cmdflow_shared::decision::{
     AbortChildren, Channel, ChildSpec, Decision, FanIn, Outcome, TimerOp, WaitSpec, apply_data,
@@ -82,12 +82,6 @@ pub struct Report {
     /// The event that ended the child: the settled event it may cause is chained to it.
     cause: Event,
 }
-
-/// The advisory lock a broadcast takes on its correlation key, and an `owner.linked` on every
-/// identity it joins: an event about a person is matched either wholly before a link of theirs
-/// or wholly after it, never half-way (its keys read before the link, the link's catch-up run
-/// before the event is kept).
-const IDENTITY_LOCK: &str = "identity";
 
 /// The engine's name for the timer of a wait's timeout.
 pub fn wait_timer_name(event_type: &str, key: &str) -> String {
@@ -240,162 +234,9 @@ impl Engine {
         Ok((Applied::Applied, outbox, written))
     }
 
-    /// Handles a broadcast event: starts the kinds registered for its type (one new command per
-    /// kind, at most once per event, owned by the event's `subject`), wakes every command waiting
-    /// for its (type, correlation id), keeps it for the early-event window, and records it as
-    /// unmatched when it did neither.
-    pub async fn apply_broadcast(
-        &self,
-        tx: &mut Tx<'_>,
-        event: &Event,
-        kinds: &[String],
-    ) -> Result<(Applied, Vec<OutboxRow>), ApplyError> {
-        let mut outbox = Vec::new();
-        let mut applied = Applied::Duplicate;
-        let mut matched = !kinds.is_empty();
-        if !kinds.is_empty() {
-            let owner = event
-                .subject
-                .as_deref()
-                .ok_or_else(|| {
-                    ApplyError::Permanent(format!(
-                        "{} starts a command, so it needs `subject` set to the owner (such as visitor:cookie-7f3a)",
-                        event.ty
-                    ))
-                })
-                .and_then(|s| {
-                    Owner::parse(s).map_err(|e| ApplyError::Permanent(format!("subject: {e}")))
-                })?;
-            for kind in kinds {
-                let id = CommandId::new();
-                if !store::record_event_start(tx, &event.source, &event.id, kind, id).await? {
-                    continue;
-                }
-                if self.in_track_already(tx, &owner, kind, &event.ty).await? {
-                    // One open funnel per person and track: this person is on it already.
-                    matched = true;
-                    continue;
-                }
-                let new = NewCommand {
-                    id,
-                    kind: kind.clone(),
-                    owner: owner.to_string(),
-                    parent_id: None,
-                    root_id: id,
-                    depth: 0,
-                    data: Value::Object(event.data.clone()),
-                    group_name: None,
-                    parent_close: "abort".to_owned(),
-                    created_at: event.accepted_at(),
-                };
-                store::insert_command(tx, &new).await?;
-                // Just created: the event is new to it.
-                let locked = store::lock_and_mark(tx, id, &event.source, &event.id)
-                    .await?
-                    .ok_or(ApplyError::NotFound(id))?;
-                // A root: it has no group to report to.
-                let (rows, _, _) = self
-                    .decide_and_apply(tx, locked.command, event, false, None)
-                    .await?;
-                outbox.extend(rows);
-                applied = Applied::Applied;
-            }
-        }
-        if event.ty == OWNER_LINKED {
-            let field = |name: &str| {
-                event
-                    .data
-                    .get(name)
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| {
-                        ApplyError::Permanent(format!(
-                            "owner.linked needs data.{name}, an owner such as member:42"
-                        ))
-                    })
-                    .and_then(|s| {
-                        Owner::parse(s).map_err(|e| {
-                            ApplyError::Permanent(format!("owner.linked data.{name}: {e}"))
-                        })
-                    })
-            };
-            let (from, to) = (field("from")?, field("to")?);
-            // Through the gateway, the caller; straight from an allowed source, that source.
-            let by = match event.extensions.get(cmdflow_shared::contract::LINKED_BY) {
-                Some(Value::String(by)) => format!("{by} (from {})", event.source),
-                _ => format!("source:{}", event.source),
-            };
-            // A broadcast about any of these identities is decided either wholly before the link
-            // or wholly after it (see `IDENTITY_LOCK`).
-            let mut both = store::people::owners_of(&mut **tx, &from.to_string()).await?;
-            both.extend(store::people::owners_of(&mut **tx, &to.to_string()).await?);
-            both.sort();
-            both.dedup();
-            for key in &both {
-                time::lock_key(tx, IDENTITY_LOCK, key).await?;
-            }
-            store::people::link(tx, &from.to_string(), &to.to_string(), &by, &event.id).await?;
-            // What the person did as one identity, before the link reached a worker, now
-            // reaches the waits on the others.
-            let owners = store::people::owners_of(&mut **tx, &to.to_string()).await?;
-            let window = self.settings.early_event_window;
-            for (waiter, ty, key, body) in time::take_across_link(tx, &owners, window).await? {
-                time::cancel_timer(tx, waiter, &wait_timer_name(&ty, &key)).await?;
-                if let Ok(mut woken) = serde_json::from_value::<Event>(body) {
-                    woken.commandid = Some(waiter);
-                    outbox.extend(
-                        store::insert_outbox(tx, waiter, std::slice::from_ref(&woken)).await?,
-                    );
-                }
-            }
-            matched = true;
-            applied = Applied::Applied;
-        }
-        let body = serde_json::to_value(event).unwrap_or(Value::Null);
-        if let Some(key) = &event.correlationid {
-            // A person's event wakes the waits on every identity linked to them, as linked when
-            // it is decided: a link being applied for it waits, or is waited for.
-            time::lock_key(tx, IDENTITY_LOCK, key).await?;
-            let keys = self.linked_keys(tx, key).await?;
-            for k in &keys {
-                time::lock_key(tx, &event.ty, k).await?;
-            }
-            if time::record_recent(tx, event, key, &body).await? {
-                for k in &keys {
-                    for waiter in time::take_waiters(tx, &event.ty, k).await? {
-                        time::cancel_timer(tx, waiter, &wait_timer_name(&event.ty, k)).await?;
-                        let mut copy = event.clone();
-                        copy.commandid = Some(waiter);
-                        outbox.extend(
-                            store::insert_outbox(tx, waiter, std::slice::from_ref(&copy)).await?,
-                        );
-                        matched = true;
-                        applied = Applied::Applied;
-                    }
-                }
-            } else {
-                // Seen before: its waiters were woken then.
-                matched = true;
-            }
-        }
-        if !matched {
-            time::record_unmatched(
-                tx,
-                &event.source,
-                &event.id,
-                &event.ty,
-                event.correlationid.as_deref(),
-                &body,
-            )
-            .await?;
-            tracing::info!(event.type = %event.ty, "A broadcast event matched nothing; kept as unmatched.");
-            applied = Applied::Unmatched;
-        }
-        Ok((applied, outbox))
-    }
-
     /// Decides and applies one event to a locked command. Returns its outbox rows and, when it
     /// ends a child that `counts_itself` into its group, the report to count before the commit.
-    async fn decide_and_apply(
+    pub(super) async fn decide_and_apply(
         &self,
         tx: &mut Tx<'_>,
         command: Command,
@@ -435,7 +276,7 @@ impl Engine {
         let aborting = event.ty == COMMAND_ABORT;
         let decided = match self.registry.remote_decider(&command.kind) {
             // Asked under the command's lock, within the decider's bound (below the lock's TTL).
-            Some(remote) => match remote.decide(&command, event).await {
+            Some(remote) => match self.ask_remote(remote, &command, event).await {
                 Ok(decision) => Ok(decision),
                 Err(e @ RemoteError::Unavailable { .. }) => {
                     return Err(ApplyError::Unavailable(e.to_string()));
@@ -1294,6 +1135,29 @@ impl Engine {
             .collect()
     }
 
+    /// Asks a remote decider, counting the call by kind and outcome and timing it.
+    async fn ask_remote(
+        &self,
+        remote: &crate::remote::RemoteDecider,
+        command: &cmdflow_shared::Command,
+        event: &Event,
+    ) -> Result<Decision, RemoteError> {
+        let started = std::time::Instant::now();
+        let answer = remote.decide(command, event).await;
+        let outcome = match &answer {
+            Ok(_) => "decided",
+            Err(RemoteError::Unavailable { .. }) => "unavailable",
+            Err(RemoteError::Refused { .. }) => "refused",
+            Err(RemoteError::Invalid { .. }) => "invalid",
+        };
+        let kind = command.kind.clone();
+        metrics::counter!(cmdflow_shared::metrics::DECIDER_CALLS, "kind" => kind.clone(), "outcome" => outcome)
+            .increment(1);
+        metrics::histogram!(cmdflow_shared::metrics::DECIDER_SECONDS, "kind" => kind)
+            .record(started.elapsed().as_secs_f64());
+        answer
+    }
+
     pub(super) fn new_command(
         &self,
         id: CommandId,
@@ -1343,41 +1207,5 @@ impl Engine {
             // A root counts from when its start was accepted.
             created_at: event.accepted_at(),
         })
-    }
-
-    /// Every identity linked to `key` when it names an owner (`lead:alice`), sorted; else
-    /// `key` alone.
-    async fn linked_keys(&self, tx: &mut Tx<'_>, key: &str) -> Result<Vec<String>, ApplyError> {
-        if Owner::parse(key).is_err() {
-            return Ok(vec![key.to_owned()]);
-        }
-        Ok(store::people::owners_of(&mut **tx, key).await?)
-    }
-
-    /// Whether `owner` (by any linked identity) is already on the track of the funnel `kind`:
-    /// in an open funnel of it that this event (`ty`) does not move to a final stage. Takes the
-    /// person's track lock, so two starts for one person are decided one after the other. A
-    /// kind that is not a funnel is on no track.
-    async fn in_track_already(
-        &self,
-        tx: &mut Tx<'_>,
-        owner: &Owner,
-        kind: &str,
-        ty: &str,
-    ) -> Result<bool, ApplyError> {
-        let Some(def) = self.registry.funnel(kind) else {
-            return Ok(false);
-        };
-        let owners = store::people::owners_of(&mut **tx, &owner.to_string()).await?;
-        let track = def.track();
-        time::lock_key(tx, &format!("funnel.track.{track}"), &owners[0]).await?;
-        let open = store::people::open_in(tx, &owners, &self.registry.track_kinds(track)).await?;
-        Ok(open.iter().any(|(kind, stage)| {
-            let ending = match (self.registry.funnel(kind), stage) {
-                (Some(def), Some(stage)) => def.ends_on(stage, ty),
-                _ => false,
-            };
-            !ending
-        }))
     }
 }
