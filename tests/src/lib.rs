@@ -550,6 +550,27 @@ pub async fn get(url: &str) -> (u16, Value) {
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 
+/// The codes of a feed's pending conditions, sorted.
+pub fn pending_codes(feed: &Value) -> Vec<String> {
+    let mut codes: Vec<String> = feed["pending"]
+        .as_array()
+        .expect("a feed has pending conditions")
+        .iter()
+        .map(|p| p["code"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    codes.sort();
+    codes
+}
+
+/// Whether `GET /v1/events/unmatched` (of type `ty`, when given) lists the event `ev`.
+pub async fn listed_unmatched(gateway: &str, ty: Option<&str>, ev: &Value) -> bool {
+    let query = ty.map(|t| format!("?type={t}")).unwrap_or_default();
+    let (_, list) = get(&format!("{gateway}/v1/events/unmatched{query}")).await;
+    list["events"]
+        .as_array()
+        .is_some_and(|events| events.iter().any(|e| e["event_id"] == ev["id"]))
+}
+
 /// Posts one event to the gateway and expects a 202.
 pub async fn send(gateway: &str, ev: &Value) {
     let body = serde_json::to_vec(ev).unwrap_or_default();

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use cmdflow_shared::CommandState;
 use cmdflow_shared::store::archive;
-use cmdflow_tests::{TestEnv, event, eventually, get, post, send, start_command};
+use cmdflow_tests::{TestEnv, event, eventually, get, pending_codes, post, send, start_command};
 use cmdflow_workers::archiver;
 use serde_json::{Value, json};
 
@@ -139,17 +139,6 @@ async fn archival_moves_whole_eligible_trees_once_and_they_stay_readable() {
     env.cleanup().await;
 }
 
-fn codes(feed: &Value) -> Vec<String> {
-    let mut codes: Vec<String> = feed["pending"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["code"].as_str().unwrap().to_owned())
-        .collect();
-    codes.sort();
-    codes
-}
-
 async fn feed(gateway: &str, owner: &str, query: &str) -> Value {
     let (status, feed) = get(&format!("{gateway}/v1/owners/{owner}/feed?{query}")).await;
     assert_eq!(status, 200, "{feed}");
@@ -188,7 +177,7 @@ async fn archiving_changes_nothing_a_person_sees_and_archived_trees_are_served()
         .unwrap();
     let before = eventually(Duration::from_secs(30), "the feed settles", || async {
         let f = feed(&gw.url, owner, "include_archived=true").await;
-        (codes(&f)
+        (pending_codes(&f)
             == [
                 "client.offer", // the member_to_client funnel, started by the approval
                 "membership.approved",

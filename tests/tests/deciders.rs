@@ -72,15 +72,14 @@ async fn world(decider: &Decider, secret: &str) -> (TestEnv, String) {
     (env, gw.url)
 }
 
-#[tokio::test]
-async fn a_python_decider_drives_an_order_through_its_events_and_a_child() {
-    let decider = Decider::start(SECRET).await;
-    let (env, gw) = world(&decider, SECRET).await;
+/// Starts a `py.order` through the gateway, once the gateway knows the kind, and waits until
+/// the decider has set it running.
+async fn start_order(env: &TestEnv, gw: &str, owner: &str) -> String {
     let order = eventually(WAIT, "the gateway to know py.order", || async {
         let (status, body) = post(
             &format!("{gw}/v1/commands"),
             "application/json",
-            json!({"kind": "py.order", "owner": "member:7"})
+            json!({"kind": "py.order", "owner": owner})
                 .to_string()
                 .as_bytes(),
         )
@@ -89,6 +88,14 @@ async fn a_python_decider_drives_an_order_through_its_events_and_a_child() {
     })
     .await;
     env.wait_state(&order, CommandState::Running).await;
+    order
+}
+
+#[tokio::test]
+async fn a_python_decider_drives_an_order_through_its_events_and_a_child() {
+    let decider = Decider::start(SECRET).await;
+    let (env, gw) = world(&decider, SECRET).await;
+    let order = start_order(&env, &gw, "member:7").await;
     send(&gw, &event("order.item_added", Some(&order), json!({}))).await;
     // The decider answers 503 once for this one: it is tried again, not lost.
     send(
@@ -130,19 +137,7 @@ async fn a_python_decider_drives_an_order_through_its_events_and_a_child() {
 async fn a_bad_answer_or_a_refusal_is_a_dead_letter_naming_why() {
     let decider = Decider::start(SECRET).await;
     let (env, gw) = world(&decider, SECRET).await;
-    let order = eventually(WAIT, "the gateway to know py.order", || async {
-        let (status, body) = post(
-            &format!("{gw}/v1/commands"),
-            "application/json",
-            json!({"kind": "py.order", "owner": "member:8"})
-                .to_string()
-                .as_bytes(),
-        )
-        .await;
-        (status == 202).then(|| body["command_id"].as_str().unwrap().to_owned())
-    })
-    .await;
-    env.wait_state(&order, CommandState::Running).await;
+    let order = start_order(&env, &gw, "member:8").await;
 
     // An invalid decision: the dead letter names the field.
     send(&gw, &event("order.scrambled", Some(&order), json!({}))).await;

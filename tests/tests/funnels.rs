@@ -9,7 +9,9 @@ use std::time::Duration;
 use chrono::Utc;
 use cmdflow_shared::CommandState;
 use cmdflow_shared::time::ManualClock;
-use cmdflow_tests::{TestEnv, event, eventually, get, send, start_command};
+use cmdflow_tests::{
+    TestEnv, event, eventually, get, listed_unmatched, pending_codes, send, start_command,
+};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -63,41 +65,15 @@ async fn wait_message(gateway: &str, person: &str, subject: &str) {
     .await;
 }
 
-async fn pending_codes(gateway: &str, person: &str) -> Vec<String> {
+async fn codes_of(gateway: &str, person: &str) -> Vec<String> {
     let (_, feed) = get(&format!("{gateway}/v1/owners/{person}/feed")).await;
-    feed["pending"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["code"].as_str().unwrap().to_owned())
-        .collect()
+    pending_codes(&feed)
 }
 
 /// Fires every timer due within `ahead`, as a scheduler would once that time has come.
 async fn time_passes(env: &TestEnv, ahead: chrono::Duration) {
     let scheduler = env.scheduler(Arc::new(ManualClock::new(Utc::now() + ahead)));
     while scheduler.fire_due().await.unwrap() > 0 {}
-}
-
-/// Approves the person's open membership (an admin event addressed to the command).
-async fn approve_membership(env: &TestEnv, gateway: &str, person: &str) {
-    let id: uuid::Uuid = eventually(WAIT, "the spawned membership", || async {
-        sqlx::query_scalar("SELECT id FROM commands WHERE owner = $1 AND kind = 'membership' AND state = 'waiting'")
-            .bind(person)
-            .fetch_optional(&env.pool)
-            .await
-            .unwrap()
-    })
-    .await;
-    send(
-        gateway,
-        &event(
-            "membership.approved",
-            Some(&id.to_string()),
-            json!({"by": "admin:1"}),
-        ),
-    )
-    .await;
 }
 
 #[tokio::test]
@@ -113,7 +89,7 @@ async fn lead_to_visitor() {
     at_stage(&env, "lead:1", "lead_to_visitor", "lead").await;
     wait_message(&gw.url, "lead:1", "Welcome, Ada").await;
     assert!(
-        pending_codes(&gw.url, "lead:1")
+        codes_of(&gw.url, "lead:1")
             .await
             .contains(&"visit.invited".to_owned())
     );
@@ -128,7 +104,7 @@ async fn lead_to_visitor() {
     env.wait_state(&done.id.to_string(), CommandState::Completed)
         .await;
     assert!(
-        !pending_codes(&gw.url, "lead:1")
+        !codes_of(&gw.url, "lead:1")
             .await
             .contains(&"visit.invited".to_owned())
     );
@@ -154,7 +130,7 @@ async fn visitor_to_member_then_member_to_client() {
     .await;
     at_stage(&env, person, "visitor_to_member", "visitor").await;
     eventually(WAIT, "membership.required", || async {
-        pending_codes(&gw.url, person)
+        codes_of(&gw.url, person)
             .await
             .contains(&"membership.required".to_owned())
             .then_some(())
@@ -188,18 +164,18 @@ async fn visitor_to_member_then_member_to_client() {
         "stage_entered_at {entered} is before the sign-up was sent ({before_signup})"
     );
     eventually(WAIT, "membership.pending", || async {
-        let codes = pending_codes(&gw.url, person).await;
+        let codes = codes_of(&gw.url, person).await;
         (codes.contains(&"membership.pending".to_owned())
             && !codes.contains(&"membership.required".to_owned()))
         .then_some(())
     })
     .await;
-    approve_membership(&env, &gw.url, person).await;
+    answer_membership(&env, &gw.url, person, "membership.approved").await;
     let member = at_stage(&env, person, "visitor_to_member", "member").await;
     env.wait_state(&member.id.to_string(), CommandState::Completed)
         .await;
     eventually(WAIT, "membership.approved", || async {
-        pending_codes(&gw.url, person)
+        codes_of(&gw.url, person)
             .await
             .contains(&"membership.approved".to_owned())
             .then_some(())
@@ -294,13 +270,7 @@ async fn feed_is(gateway: &str, person: &str, step: &str, pending: &[&str], mess
     let found = tokio::time::timeout(WAIT, async {
         loop {
             let (_, feed) = get(&format!("{gateway}/v1/owners/{person}/feed")).await;
-            let mut codes: Vec<String> = feed["pending"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|p| p["code"].as_str().unwrap().to_owned())
-                .collect();
-            codes.sort();
+            let mut codes = pending_codes(&feed);
             // Every unread message is a pending condition of its own: all of them are unread.
             let unread = codes.iter().filter(|c| *c == "message.unread").count();
             codes.retain(|c| c != "message.unread");
@@ -589,24 +559,15 @@ async fn an_event_handled_before_the_link_still_reaches_the_persons_funnel() {
     let signed_up = about("member.signed_up", member, json!({}));
     send(&gw.url, &signed_up).await;
     eventually(WAIT, "the sign-up kept as unmatched", || async {
-        let (_, list) = get(&format!("{}/v1/events/unmatched", gw.url)).await;
-        list["events"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e["event_id"] == signed_up["id"])
+        listed_unmatched(&gw.url, None, &signed_up)
+            .await
             .then_some(())
     })
     .await;
     link(&gw.url, lead, member).await;
     at_stage(&env, lead, "visitor_to_member", "applicant").await;
-    let (_, list) = get(&format!("{}/v1/events/unmatched", gw.url)).await;
     assert!(
-        !list["events"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e["event_id"] == signed_up["id"]),
+        !listed_unmatched(&gw.url, None, &signed_up).await,
         "the sign-up matched once the link came"
     );
     env.cleanup().await;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use cmdflow_shared::CommandState;
 use cmdflow_tests::smtp::SmtpSink;
-use cmdflow_tests::{TestEnv, event, eventually, get, post, send, start_command};
+use cmdflow_tests::{TestEnv, event, eventually, get, pending_codes, post, send, start_command};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -17,21 +17,10 @@ async fn feed(gateway: &str, owner: &str) -> Value {
     feed
 }
 
-fn codes(feed: &Value) -> Vec<String> {
-    let mut codes: Vec<String> = feed["pending"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["code"].as_str().unwrap().to_owned())
-        .collect();
-    codes.sort();
-    codes
-}
-
 async fn wait_codes(gateway: &str, owner: &str, want: &[&str]) -> Value {
     eventually(WAIT, &format!("pending {want:?} for {owner}"), || async {
         let f = feed(gateway, owner).await;
-        (codes(&f) == want).then_some(f)
+        (pending_codes(&f) == want).then_some(f)
     })
     .await
 }
@@ -185,12 +174,12 @@ async fn a_membership_goes_from_pending_to_approved() {
     .await;
     let f = eventually(WAIT, "approved", || async {
         let f = feed(&gw.url, "member:7").await;
-        codes(&f)
+        pending_codes(&f)
             .contains(&"membership.approved".to_owned())
             .then_some(f)
     })
     .await;
-    assert!(!codes(&f).contains(&"membership.pending".to_owned()));
+    assert!(!pending_codes(&f).contains(&"membership.pending".to_owned()));
     assert!(
         f["messages"]
             .as_array()
@@ -225,7 +214,7 @@ async fn a_visitor_linked_to_a_member_keeps_one_history() {
         })
         .await;
         assert_eq!(
-            codes(&f),
+            pending_codes(&f),
             vec!["quote.unfinished"],
             "the cookie's quote follows the person"
         );

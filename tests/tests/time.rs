@@ -11,7 +11,9 @@ use cmdflow_shared::contract::types::COMMAND_START;
 use cmdflow_shared::time::{Clock, ManualClock, SystemClock};
 use cmdflow_shared::{Command, CommandState, Decision, Event, HandlerError};
 use cmdflow_tests::proxy::Proxy;
-use cmdflow_tests::{TestEnv, event, eventually, get, post, send, start_command, start_event};
+use cmdflow_tests::{
+    TestEnv, event, eventually, get, listed_unmatched, post, send, start_command, start_event,
+};
 use cmdflow_workers::Registry;
 use cmdflow_workers::scheduler::Scheduler;
 use serde_json::{Value, json};
@@ -645,16 +647,8 @@ async fn a_wait_times_out_when_nothing_comes() {
     let late = broadcast("special.clicked", "member:43", json!({}));
     send(&gw.url, &late).await;
     eventually(WAIT, "the late event listed as unmatched", || async {
-        let (_, list) = get(&format!(
-            "{}/v1/events/unmatched?type=special.clicked",
-            gw.url
-        ))
-        .await;
-        list["events"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e["event_id"] == late["id"])
+        listed_unmatched(&gw.url, Some("special.clicked"), &late)
+            .await
             .then_some(())
     })
     .await;
@@ -684,18 +678,7 @@ async fn an_event_accepted_after_the_start_matches_a_wait_registered_later() {
     // handled first, and the start reaches a worker only afterwards.
     let early = broadcast("special.clicked", "member:44", json!({"early": true}));
     let accepted = sent_and_kept(&env, &gw.url, &early).await;
-    let unmatched = || async {
-        let (_, list) = get(&format!(
-            "{}/v1/events/unmatched?type=special.clicked",
-            gw.url
-        ))
-        .await;
-        list["events"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e["event_id"] == early["id"])
-    };
+    let unmatched = || listed_unmatched(&gw.url, Some("special.clicked"), &early);
     assert!(
         unmatched().await,
         "kept as unmatched while nothing waits for it"
