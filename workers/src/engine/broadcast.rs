@@ -114,10 +114,10 @@ impl Engine {
             }
             store::people::link(tx, &from.to_string(), &to.to_string(), &by, &event.id).await?;
             // What the person did as one identity, before the link reached a worker, now
-            // reaches the waits on the others.
-            let owners = store::people::owners_of(&mut **tx, &to.to_string()).await?;
+            // reaches the waits on the others. The joined person's identities are `both`: the
+            // link moved all of `from`'s to `to`'s person.
             let window = self.settings.early_event_window;
-            for (waiter, ty, key, body) in time::take_across_link(tx, &owners, window).await? {
+            for (waiter, ty, key, body) in time::take_across_link(tx, &both, window).await? {
                 time::cancel_timer(tx, waiter, &wait_timer_name(&ty, &key)).await?;
                 if let Ok(mut woken) = serde_json::from_value::<Event>(body) {
                     woken.commandid = Some(waiter);
