@@ -84,8 +84,7 @@
 //!
 //! ## Data files
 //!
-//! Funnels (sales funnels as TOML files) need no Rust: [`App::funnels_dir`] or
-//! `CMDFLOW_FUNNELS_DIR`. Every kind your binary registers is published to the kind catalogue
+//! Flows and funnels (TOML files) need no Rust: [`App::flows_dir`] or `CMDFLOW_FLOWS_DIR`. Every kind your binary registers is published to the kind catalogue
 //! at start-up, which the gateway reads: the gateway links none of your code.
 
 #![warn(missing_docs)]
@@ -127,7 +126,7 @@ pub struct App {
     registry: Registry,
     /// The first registration that failed: reported when the app runs.
     error: Option<RegistryError>,
-    funnel_dirs: Vec<PathBuf>,
+    flow_dirs: Vec<PathBuf>,
     template_dirs: Vec<PathBuf>,
     examples: Option<Install>,
     pub(crate) activities: Vec<Activity>,
@@ -147,7 +146,7 @@ impl App {
             config,
             registry: Registry::new(),
             error: None,
-            funnel_dirs: Vec::new(),
+            flow_dirs: Vec::new(),
             template_dirs: Vec::new(),
             examples: None,
             activities: Vec::new(),
@@ -201,10 +200,10 @@ impl App {
         self
     }
 
-    /// Adds the funnels of every `*.toml` in `dir`, when the app runs
-    /// (`CMDFLOW_FUNNELS_DIR` adds one more directory).
-    pub fn funnels_dir(mut self, dir: impl AsRef<Path>) -> Self {
-        self.funnel_dirs.push(dir.as_ref().to_owned());
+    /// Adds the flows (and funnels) of every `*.toml` in `dir`, when the app runs
+    /// (`CMDFLOW_FLOWS_DIR` adds one more directory).
+    pub fn flows_dir(mut self, dir: impl AsRef<Path>) -> Self {
+        self.flow_dirs.push(dir.as_ref().to_owned());
         self
     }
 
@@ -257,9 +256,10 @@ impl App {
                 .templates_dir(dir)
                 .with_context(|| format!("templates in {}", dir.display()))?;
         }
-        let extra_funnels = self.config.funnels_dir.as_ref().map(PathBuf::from);
-        for dir in self.funnel_dirs.iter().chain(&extra_funnels) {
-            registry.funnels_dir(dir)?;
+        let extra = [&self.config.flows_dir, &self.config.funnels_dir];
+        let extra: Vec<PathBuf> = extra.into_iter().flatten().map(PathBuf::from).collect();
+        for dir in self.flow_dirs.iter().chain(&extra) {
+            registry.flows_dir(dir)?;
         }
         if let Some(file) = &self.config.deciders_file {
             let text = std::fs::read_to_string(file)

@@ -100,8 +100,12 @@ pub struct Config {
     /// The longest wait between two attempts at an e-mail (`CMDFLOW_MAIL_RETRY_MAX`, default 1h).
     #[serde(with = "humantime_serde")]
     pub mail_retry_max: Duration,
-    /// A folder of funnel definitions (`*.toml`) to run besides those the binary registers
-    /// (`CMDFLOW_FUNNELS_DIR`). An invalid file stops start-up with its precise error.
+    /// A folder of flow definitions (`*.toml`, funnels included) to run besides those the
+    /// binary registers (`CMDFLOW_FLOWS_DIR`). An invalid file stops start-up with its precise
+    /// error.
+    #[serde(deserialize_with = "string_like::optional")]
+    pub flows_dir: Option<String>,
+    /// One more such folder, by its earlier name (`CMDFLOW_FUNNELS_DIR`).
     #[serde(deserialize_with = "string_like::optional")]
     pub funnels_dir: Option<String>,
     /// A TOML file declaring kinds decided by remote deciders over HTTP
@@ -246,6 +250,7 @@ impl Default for Config {
             unmatched_retention: Duration::from_secs(7 * 24 * 3600),
             scheduler_batch: 500,
             smtp_url: None,
+            flows_dir: None,
             funnels_dir: None,
             deciders_file: None,
             templates_dir: None,

@@ -415,6 +415,9 @@ pub struct Command<D = Value> {
     pub updated_at: DateTime<Utc>,
     /// When it ended.
     pub ended_at: Option<DateTime<Utc>>,
+    /// The version of its kind's definition it started on, and runs on to its end (`None`:
+    /// started before versions were kept; it runs on the current definition).
+    pub kind_version: Option<String>,
 }
 
 impl<D> Command<D> {
@@ -441,6 +444,7 @@ impl<D> Command<D> {
             created_at: now,
             updated_at: now,
             ended_at: None,
+            kind_version: None,
         }
     }
 
@@ -464,6 +468,7 @@ impl<D> Command<D> {
             created_at: self.created_at,
             updated_at: self.updated_at,
             ended_at: self.ended_at,
+            kind_version: self.kind_version,
         }
     }
 }

@@ -94,6 +94,14 @@ pub enum ApplyError {
     /// A remote decider could not answer now: tried again later.
     #[error("{0}")]
     Unavailable(String),
+    /// The command runs on a version of its kind this worker does not have: its events wait
+    /// (parked, in order) for a worker that has it.
+    #[error("command {id} runs on version {version} of {kind}, which this worker does not have")]
+    VersionMissing {
+        id: CommandId,
+        kind: String,
+        version: String,
+    },
 }
 
 /// The worker's settings, from [`cmdflow_shared::Config`].
@@ -683,6 +691,18 @@ impl Engine {
 
     /// Parks `event` until its command's start is applied.
     async fn park(&self, id: CommandId, event: &Event) -> Disposition {
+        self.park_for(id, event, None).await
+    }
+
+    /// Parks `event` until its command's start is applied (`waiting_for` `None`), or until a
+    /// worker that has the definition its command runs on takes it (`waiting_for` names it;
+    /// such an event does not expire).
+    async fn park_for(
+        &self,
+        id: CommandId,
+        event: &Event,
+        waiting_for: Option<&str>,
+    ) -> Disposition {
         let partition =
             bus::partition_of(id.as_uuid().as_bytes(), self.bus.topology().partitions());
         let parked = store::partitions::park(
@@ -693,15 +713,36 @@ impl Engine {
             &event.id,
             &event.ty,
             &event.to_bytes(),
+            waiting_for,
         )
         .await;
         match parked {
-            Ok(_) => {
+            Ok(new) => {
                 self.note_parked([id]);
-                tracing::debug!(command.id = %id, "An event came before its command's start; parked until the start.");
+                match waiting_for {
+                    Some(what) if new => {
+                        tracing::warn!(command.id = %id, event.r#type = %event.ty, waiting_for = what, "An event waits for a worker with its command's definition; parked.")
+                    }
+                    Some(_) => {}
+                    None => {
+                        tracing::debug!(command.id = %id, "An event came before its command's start; parked until the start.")
+                    }
+                }
                 Disposition::Ack(Applied::Parked)
             }
             Err(e) => Disposition::Retry(e.to_string()),
+        }
+    }
+
+    /// Applies the events parked for a definition of commands in a partition this worker just
+    /// took, each in its command's turn. Those whose version this worker does not have either
+    /// stay parked, in order, for the next worker.
+    pub(crate) async fn resume_waiting(self: Arc<Self>, ids: Vec<CommandId>) {
+        for id in ids {
+            let _turn = self.local.lock(id).await;
+            if let Err(retry) = self.apply_parked(id).await {
+                tracing::warn!(command.id = %id, error = ?retry, "Could not apply a command's parked events yet.");
+            }
         }
     }
 
@@ -894,6 +935,13 @@ impl Engine {
                         return (self.park(id, event).await, Vec::new());
                     }
                     ApplyError::NotFound(_) => Disposition::Retry(e.to_string()),
+                    ApplyError::VersionMissing { id, kind, version } => {
+                        let waiting_for = format!("{kind} version {version}");
+                        return (
+                            self.park_for(id, event, Some(&waiting_for)).await,
+                            Vec::new(),
+                        );
+                    }
                     ApplyError::Permanent(reason) => Disposition::Dead {
                         class: "permanent",
                         reason,

@@ -6,7 +6,7 @@ pub mod archiver;
 pub mod dead_letters;
 pub mod engine;
 pub mod fanin;
-pub mod funnels;
+pub mod flows;
 pub mod mailer;
 pub mod messages;
 pub mod registry;
@@ -37,6 +37,9 @@ pub enum WorkerError {
     Bus(#[from] cmdflow_shared::bus::BusError),
     #[error(transparent)]
     Lock(#[from] cmdflow_shared::lock::LockError),
+    /// A flow whose version names another text in the store.
+    #[error("{0}")]
+    Flow(String),
 }
 
 /// A worker: its engine and the connections it was built with.
@@ -107,6 +110,7 @@ impl Worker {
         store::require_schema(&pool).await?;
         bus.declare_topology().await?;
         bus.set_engine_mark(store::engine_mark(&pool).await?);
+        let registry = flows::sync_versions(&pool, registry).await?;
         // The gateway checks starts against what the workers publish here.
         store::kinds::publish(&pool, &registry.catalogue()).await?;
         let engine = Arc::new(Engine::new(pool, bus, locks, Arc::new(registry), settings));

@@ -14,7 +14,7 @@ use cmdflow_shared::store::kinds::{KindInfo, KindSource};
 use cmdflow_shared::{Command, Decision, Event, HandlerError};
 use serde_json::{Map, Value};
 
-use crate::funnels::{FunnelDef, FunnelError};
+use crate::flows::{FlowDef, FlowError, FlowHandler};
 use crate::messages::{TemplateError, Templates};
 use crate::remote::{DeciderDef, RemoteDecider};
 use crate::workflow::{Typed, Workflow};
@@ -38,8 +38,8 @@ where
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error(transparent)]
-    /// A funnel file that cannot run.
-    Funnel(#[from] FunnelError),
+    /// A flow file that cannot run.
+    Flow(#[from] FlowError),
     #[error(transparent)]
     /// A template that cannot be used.
     Template(#[from] TemplateError),
@@ -76,8 +76,11 @@ pub struct Registry {
     kinds: BTreeMap<String, Entry>,
     starts: BTreeMap<String, Vec<String>>,
     templates: Templates,
-    funnels: Vec<FunnelDef>,
+    flows: Vec<FlowDef>,
     remotes: BTreeMap<String, Arc<RemoteDecider>>,
+    /// Earlier versions of kinds, kept so that commands started on them finish on them:
+    /// kind → version → handler.
+    earlier: BTreeMap<String, BTreeMap<String, Arc<dyn Handler>>>,
     build: Option<String>,
 }
 
@@ -154,6 +157,69 @@ impl Registry {
         self
     }
 
+    /// Keeps `handler` as version `version` of `kind`, a version that is not (or no longer) the
+    /// current one: commands started on it finish on it, while new commands start on the
+    /// current one. Register the current version first.
+    pub fn keep_version(
+        &mut self,
+        kind: &str,
+        version: &str,
+        handler: impl Handler,
+    ) -> Result<&mut Self, RegistryError> {
+        self.keep_version_arc(kind, version, Arc::new(handler))
+    }
+
+    fn keep_version_arc(
+        &mut self,
+        kind: &str,
+        version: &str,
+        handler: Arc<dyn Handler>,
+    ) -> Result<&mut Self, RegistryError> {
+        let entry = self.kinds.get(kind).ok_or_else(|| {
+            RegistryError::Kind(
+                kind.to_owned(),
+                "is not registered: register its current version first".into(),
+            )
+        })?;
+        if entry.version == version {
+            return Err(RegistryError::Kind(
+                kind.to_owned(),
+                format!("version {version} is its current version already"),
+            ));
+        }
+        self.earlier
+            .entry(kind.to_owned())
+            .or_default()
+            .insert(version.to_owned(), handler);
+        Ok(self)
+    }
+
+    /// The current version of `kind`: the one new commands start on.
+    pub fn version_of(&self, kind: &str) -> Option<&str> {
+        self.kinds.get(kind).map(|e| e.version.as_str())
+    }
+
+    /// The versions of `kind` this registry runs, the current one first.
+    pub fn versions_of(&self, kind: &str) -> Vec<&str> {
+        let mut all: Vec<&str> = self.version_of(kind).into_iter().collect();
+        if let Some(earlier) = self.earlier.get(kind) {
+            all.extend(earlier.keys().map(String::as_str));
+        }
+        all
+    }
+
+    /// The handler of version `version` of `kind` (`None`: the current one). `None` when this
+    /// registry does not have that version: the command's events must wait for a worker that
+    /// has it, never be decided by another version.
+    pub fn handler_for(&self, kind: &str, version: Option<&str>) -> Option<&Arc<dyn Handler>> {
+        let entry = self.kinds.get(kind)?;
+        match version {
+            None => Some(&entry.handler),
+            Some(v) if v == entry.version => Some(&entry.handler),
+            Some(v) => self.earlier.get(kind)?.get(v),
+        }
+    }
+
     /// Says in a sentence what `kind` is for (shown in the catalogue and the console).
     pub fn describe(&mut self, kind: &str, text: &str) -> &mut Self {
         if let Some(entry) = self.kinds.get_mut(kind) {
@@ -191,43 +257,58 @@ impl Registry {
         Ok(self)
     }
 
-    /// Adds funnels from `(file name, TOML text)` pairs, checked against the kinds and
-    /// templates registered so far: register the kinds they spawn and the templates they send
-    /// first. Each runs as the kind `funnel.{name}`.
-    pub fn funnels(&mut self, files: &[(String, String)]) -> Result<&mut Self, RegistryError> {
-        let defs = crate::funnels::parse_all(files, &self.templates, &self.kind_names())?;
-        self.add_funnels(defs)
-    }
-
-    /// Adds the funnels of every `*.toml` in `dir` (see [`Registry::funnels`]).
-    pub fn funnels_dir(&mut self, dir: &Path) -> Result<&mut Self, RegistryError> {
-        let files = crate::funnels::read_dir(dir)?;
-        self.funnels(&files)
-    }
-
-    fn add_funnels(&mut self, defs: Vec<FunnelDef>) -> Result<&mut Self, RegistryError> {
+    /// Adds flows (and funnels) from `(file name, TOML text)` pairs, checked against the kinds
+    /// and templates registered so far: register the kinds they spawn and the templates they
+    /// send first. A funnel runs as the kind `funnel.{name}`, a flow as its `kind`.
+    pub fn flows(&mut self, files: &[(String, String)]) -> Result<&mut Self, RegistryError> {
+        let defs = crate::flows::parse_all(files, &self.templates, &self.kind_names())?;
         for def in defs {
-            if let Some(twin) = self.funnels.iter().find(|d| d.name == def.name) {
-                return Err(RegistryError::Kind(
-                    def.kind(),
-                    format!(
-                        "a funnel of that name is registered already ({})",
-                        twin.title
-                    ),
-                ));
-            }
-            let kind = def.kind();
-            let start_on = def.start_on.clone();
-            self.insert(
-                &kind,
-                Arc::new(crate::funnels::FunnelHandler::new(def.clone())),
-                KindSource::Funnel,
-            );
-            self.describe(&kind, &def.title);
-            self.start_on(&start_on, &kind);
-            self.funnels.push(def);
+            self.add_flow(def)?;
         }
         Ok(self)
+    }
+
+    /// Adds the flows of every `*.toml` in `dir` (see [`Registry::flows`]).
+    pub fn flows_dir(&mut self, dir: &Path) -> Result<&mut Self, RegistryError> {
+        let files = crate::flows::read_dir(dir)?;
+        self.flows(&files)
+    }
+
+    /// Adds one parsed flow as the current version of its kind.
+    pub fn add_flow(&mut self, def: FlowDef) -> Result<&mut Self, RegistryError> {
+        let kind = def.kind();
+        if self.kinds.contains_key(&kind) {
+            let what = match self.flows.iter().find(|d| d.kind() == kind) {
+                Some(twin) => format!("{} defines it already", twin.source.file),
+                None => "a kind of that name is registered already".to_owned(),
+            };
+            return Err(RegistryError::Kind(kind, what));
+        }
+        let source = if def.is_funnel() {
+            KindSource::Funnel
+        } else {
+            KindSource::Flow
+        };
+        self.insert(&kind, Arc::new(FlowHandler::new(def.clone())), source);
+        self.version(&kind, &def.flow_version());
+        self.describe(&kind, def.description.as_deref().unwrap_or(&def.title));
+        if let Some(start_on) = &def.start_on {
+            self.start_on(start_on, &kind);
+        }
+        self.flows.push(def);
+        Ok(self)
+    }
+
+    /// Keeps an earlier version of a flow registered here (read back from the store): commands
+    /// started on it finish on it. Checked against this registry's kinds and templates.
+    pub fn keep_flow_version(
+        &mut self,
+        file: &str,
+        text: &str,
+    ) -> Result<&mut Self, RegistryError> {
+        let def = FlowDef::parse(file, text, &self.templates, &self.kind_names())?;
+        let (kind, version) = (def.kind(), def.flow_version());
+        self.keep_version_arc(&kind, &version, Arc::new(FlowHandler::new(def)))
     }
 
     /// Registers `kind` as decided by a remote decider (see [`crate::remote`]): the worker asks
@@ -327,23 +408,28 @@ impl Registry {
         &self.templates
     }
 
-    /// The funnel definitions, in the order they were added.
-    pub fn funnel_defs(&self) -> &[FunnelDef] {
-        &self.funnels
+    /// The flow definitions (funnels included), in the order they were added: the current
+    /// version of each.
+    pub fn flow_defs(&self) -> &[FlowDef] {
+        &self.flows
+    }
+
+    /// The current definition of the flow that runs as `kind`.
+    pub fn flow(&self, kind: &str) -> Option<&FlowDef> {
+        self.flows.iter().find(|d| d.kind() == kind)
     }
 
     /// The definition of the funnel that runs as `kind` (`funnel.{name}`).
-    pub fn funnel(&self, kind: &str) -> Option<&FunnelDef> {
-        let name = kind.strip_prefix("funnel.")?;
-        self.funnels.iter().find(|d| d.name == name)
+    pub fn funnel(&self, kind: &str) -> Option<&FlowDef> {
+        self.flow(kind).filter(|d| d.is_funnel())
     }
 
     /// The kinds of the funnels on `track`.
     pub fn track_kinds(&self, track: &str) -> Vec<String> {
-        self.funnels
+        self.flows
             .iter()
-            .filter(|d| d.track() == track)
-            .map(FunnelDef::kind)
+            .filter(|d| d.is_funnel() && d.track() == Some(track))
+            .map(FlowDef::kind)
             .collect()
     }
 

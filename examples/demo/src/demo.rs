@@ -237,6 +237,7 @@ mod tests {
             created_at: Utc::now(),
             updated_at: Utc::now(),
             ended_at: None,
+            kind_version: None,
         }
     }
 

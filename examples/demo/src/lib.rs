@@ -115,7 +115,7 @@ pub fn install(registry: &mut Registry) -> Result<(), RegistryError> {
         .iter()
         .map(|(file, text)| ((*file).to_owned(), (*text).to_owned()))
         .collect();
-    registry.funnels(&funnels)?;
+    registry.flows(&funnels)?;
     Ok(())
 }
 
@@ -146,9 +146,9 @@ mod tests {
     fn the_shipped_funnels_load() {
         let registry = registry().unwrap();
         let names: Vec<&str> = registry
-            .funnel_defs()
+            .flow_defs()
             .iter()
-            .map(|d| d.name.as_str())
+            .filter_map(|d| d.name.as_deref())
             .collect();
         assert_eq!(
             names,
@@ -188,14 +188,14 @@ mod tests {
     #[test]
     fn every_funnel_message_renders_with_only_the_persons_name() {
         let registry = registry().unwrap();
-        for def in registry.funnel_defs() {
+        for def in registry.flow_defs() {
             for stage in &def.stages {
                 let sends = stage
                     .on_enter
                     .iter()
                     .chain(stage.after.iter().flat_map(|a| a.actions.iter()));
                 for action in sends {
-                    if let cmdflow_workers::funnels::Action::Send { template, .. } = action {
+                    if let cmdflow_workers::flows::Action::Send { template, .. } = action {
                         let vars = serde_json::json!({
                             "name": "Ada", "stage": stage.name, "funnel": def.title,
                             "now": "2026-11-26T10:00:00Z", "stage_entered_at": "2026-11-26T10:00:00Z",

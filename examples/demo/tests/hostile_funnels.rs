@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use cmdflow_workers::Registry;
-use cmdflow_workers::funnels::{self, FunnelDef, FunnelError};
+use cmdflow_workers::flows::{self, FlowDef, FlowError};
 use cmdflow_workers::messages::Templates;
 use proptest::prelude::*;
 use proptest::test_runner::{FailurePersistence, FileFailurePersistence};
@@ -64,9 +64,9 @@ fn templates() -> &'static Templates {
     examples().templates()
 }
 
-fn parse(text: &str) -> Result<FunnelDef, FunnelError> {
+fn parse(text: &str) -> Result<FlowDef, FlowError> {
     static KINDS: OnceLock<BTreeSet<String>> = OnceLock::new();
-    FunnelDef::parse(
+    FlowDef::parse(
         "funnels/hostile.toml",
         text,
         templates(),
@@ -75,8 +75,8 @@ fn parse(text: &str) -> Result<FunnelDef, FunnelError> {
 }
 
 /// Loads every funnel file of `dir`, as a worker does at start-up.
-fn load(dir: &Path) -> Result<Vec<FunnelDef>, FunnelError> {
-    funnels::read_dir(dir).and_then(|files| funnels::parse_all(&files, templates(), &kinds()))
+fn load(dir: &Path) -> Result<Vec<FlowDef>, FlowError> {
+    flows::read_dir(dir).and_then(|files| flows::parse_all(&files, templates(), &kinds()))
 }
 
 /// `demo.timer`'s start-data check, as the gateway and the worker run it: `field: reason`,
@@ -97,7 +97,7 @@ fn check_start(kind: &str, data: &Map<String, Value>) -> Result<(), String> {
 }
 
 /// Why `e` is not a precise error, if it is not. `file` is the path it must name.
-fn imprecise(e: &FunnelError, file: &str) -> Option<String> {
+fn imprecise(e: &FlowError, file: &str) -> Option<String> {
     let message = e.to_string();
     if e.file != file {
         return Some(format!("names file {:?}", e.file));
@@ -125,7 +125,7 @@ fn imprecise(e: &FunnelError, file: &str) -> Option<String> {
 }
 
 /// The message stays short, whatever the size of the file.
-fn too_long(e: &FunnelError) -> Option<String> {
+fn too_long(e: &FlowError) -> Option<String> {
     let n = e.to_string().chars().count();
     (n > MAX_MESSAGE).then(|| format!("a {n}-character message"))
 }

@@ -191,6 +191,9 @@ pub struct CommandView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub waits: Option<Vec<store::time::WaitRow>>,
     pub kind: String,
+    /// The version of its kind's definition it started on and runs on (`null`: started before
+    /// versions were kept).
+    pub kind_version: Option<String>,
     pub owner: String,
     pub state: CommandState,
     #[schema(value_type = Object)]
@@ -228,6 +231,7 @@ impl From<Command> for CommandView {
             timers: None,
             waits: None,
             kind: c.kind,
+            kind_version: c.kind_version,
             owner: c.owner,
             state: c.state,
             data: c.data,

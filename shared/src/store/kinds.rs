@@ -22,6 +22,8 @@ pub enum KindSource {
     Funnel,
     /// A decider in another service, called over HTTP.
     Remote,
+    /// A flow definition (a data file) that is not a funnel.
+    Flow,
 }
 
 /// One entry of the catalogue.

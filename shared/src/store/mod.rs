@@ -237,13 +237,15 @@ pub struct NewCommand {
     /// When the command counts as started: when the event that created it was accepted
     /// (`None`: now). An early event accepted before it never matches its waits.
     pub created_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// The version of the kind's definition it starts on.
+    pub kind_version: Option<String>,
 }
 
 /// Inserts a command in `pending` unless its id exists. Returns whether it was created.
 pub async fn insert_command(tx: &mut Tx<'_>, new: &NewCommand) -> Result<bool> {
     let done = sqlx::query(
-        "INSERT INTO commands (id, kind, owner, parent_id, root_id, depth, state, data, group_name, parent_close, created_at)
-         VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $8, $9, coalesce($10, now()))
+        "INSERT INTO commands (id, kind, owner, parent_id, root_id, depth, state, data, group_name, parent_close, created_at, kind_version)
+         VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $8, $9, coalesce($10, now()), $11)
          ON CONFLICT (id) DO NOTHING",
     )
     .bind(new.id)
@@ -256,6 +258,7 @@ pub async fn insert_command(tx: &mut Tx<'_>, new: &NewCommand) -> Result<bool> {
     .bind(&new.group_name)
     .bind(&new.parent_close)
     .bind(new.created_at)
+    .bind(&new.kind_version)
     .execute(&mut **tx)
     .await?;
     Ok(done.rows_affected() == 1)
@@ -273,15 +276,15 @@ pub async fn insert_children(tx: &mut Tx<'_>, children: &[NewCommand]) -> Result
                 "id": c.id, "kind": c.kind, "owner": c.owner, "parent_id": c.parent_id,
                 "root_id": c.root_id, "depth": c.depth, "data": c.data,
                 "group_name": c.group_name, "parent_close": c.parent_close,
-                "created_at": c.created_at,
+                "created_at": c.created_at, "kind_version": c.kind_version,
             })
         })
         .collect();
     sqlx::query(
-        "INSERT INTO commands (id, kind, owner, parent_id, root_id, depth, state, data, group_name, parent_close, created_at)
+        "INSERT INTO commands (id, kind, owner, parent_id, root_id, depth, state, data, group_name, parent_close, created_at, kind_version)
          SELECT (e->>'id')::uuid, e->>'kind', e->>'owner', (e->>'parent_id')::uuid, (e->>'root_id')::uuid,
                 (e->>'depth')::int, 'pending', e->'data', e->>'group_name', e->>'parent_close',
-                coalesce((e->>'created_at')::timestamptz, now())
+                coalesce((e->>'created_at')::timestamptz, now()), e->>'kind_version'
            FROM jsonb_array_elements($1) AS e",
     )
     .bind(Value::Array(rows))
@@ -293,7 +296,7 @@ pub async fn insert_children(tx: &mut Tx<'_>, children: &[NewCommand]) -> Result
 /// The columns of a [`Command`], in one place for every statement that returns one.
 macro_rules! command_columns {
     () => {
-        "id, kind, owner, parent_id, root_id, depth, state, data, result, reason, ui, version, group_name, parent_close, created_at, updated_at, ended_at"
+        "id, kind, owner, parent_id, root_id, depth, state, data, result, reason, ui, version, group_name, parent_close, created_at, updated_at, ended_at, kind_version"
     };
 }
 
@@ -1222,6 +1225,7 @@ pub async fn outbox_backlog(pool: &PgPool) -> Result<i64> {
 pub mod archive;
 pub mod console;
 pub mod dead;
+pub mod flows;
 pub mod kinds;
 pub mod partitions;
 pub mod people;

@@ -182,10 +182,11 @@ pub async fn park(
     event_id: &str,
     routing_key: &str,
     body: &[u8],
+    waiting_for: Option<&str>,
 ) -> Result<bool> {
     let done = sqlx::query(
-        "INSERT INTO parked_events (command_id, partition, source, event_id, routing_key, body)
-         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (command_id, source, event_id) DO NOTHING",
+        "INSERT INTO parked_events (command_id, partition, source, event_id, routing_key, body, waiting_for)
+         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (command_id, source, event_id) DO NOTHING",
     )
     .bind(command)
     .bind(partition as i32)
@@ -193,6 +194,7 @@ pub async fn park(
     .bind(event_id)
     .bind(routing_key)
     .bind(body)
+    .bind(waiting_for)
     .execute(pool)
     .await?;
     Ok(done.rows_affected() == 1)
@@ -205,6 +207,18 @@ pub async fn parked_for(pool: &PgPool, command: uuid::Uuid) -> Result<Vec<Parked
           WHERE command_id = $1 ORDER BY id",
     )
     .bind(command)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// The commands in `partitions` with events parked for a definition (not for their start).
+pub async fn waiting_commands(pool: &PgPool, partitions: &[u32]) -> Result<Vec<uuid::Uuid>> {
+    let partitions: Vec<i32> = partitions.iter().map(|p| *p as i32).collect();
+    Ok(sqlx::query_scalar(
+        "SELECT DISTINCT command_id FROM parked_events
+          WHERE partition = ANY($1) AND waiting_for IS NOT NULL",
+    )
+    .bind(&partitions)
     .fetch_all(pool)
     .await?)
 }
@@ -235,7 +249,8 @@ pub async fn parked_commands(pool: &PgPool, partitions: &[u32]) -> Result<Vec<uu
 pub async fn overdue(tx: &mut super::Tx<'_>, wait: Duration, limit: i64) -> Result<Vec<Parked>> {
     Ok(sqlx::query_as::<_, Parked>(
         "SELECT id, command_id, routing_key, body, parked_at FROM parked_events
-          WHERE parked_at < now() - $1 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
+          WHERE parked_at < now() - $1 AND waiting_for IS NULL
+          ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
     )
     .bind(interval(wait))
     .bind(limit)

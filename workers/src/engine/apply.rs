@@ -247,6 +247,28 @@ impl Engine {
         let mut out: Vec<Event> = Vec::new();
         let mut notes: Vec<String> = Vec::new();
 
+        // Only the definition the command started on decides it: without it, nothing is
+        // applied and the event waits.
+        let handler = match self
+            .registry
+            .handler_for(&command.kind, command.kind_version.as_deref())
+        {
+            Some(handler) => handler,
+            None if self.registry.contains(&command.kind) => {
+                return Err(ApplyError::VersionMissing {
+                    id: command.id,
+                    kind: command.kind.clone(),
+                    version: command.kind_version.clone().unwrap_or_default(),
+                });
+            }
+            None => {
+                return Err(ApplyError::Permanent(format!(
+                    "unknown command kind `{}`",
+                    command.kind
+                )));
+            }
+        };
+
         if types::is_ack(&event.ty) {
             self.fold_ack(
                 tx,
@@ -270,9 +292,6 @@ impl Engine {
             .await?;
         }
 
-        let handler = self.registry.get(&command.kind).ok_or_else(|| {
-            ApplyError::Permanent(format!("unknown command kind `{}`", command.kind))
-        })?;
         let aborting = event.ty == COMMAND_ABORT;
         let decided = match self.registry.remote_decider(&command.kind) {
             // Asked under the command's lock, within the decider's bound (below the lock's TTL).
@@ -487,6 +506,10 @@ impl Engine {
         }
         if !notes.is_empty() {
             detail.insert("notes".into(), json!(notes));
+        }
+        // The version of the definition that decided it.
+        if let Some(version) = &command.kind_version {
+            detail.insert("kind_version".into(), json!(version));
         }
         let mut history = vec![HistoryEntry {
             entry: EntryKind::Received,
@@ -727,6 +750,7 @@ impl Engine {
                     Some(_) => spec.parent_close.as_str().to_owned(),
                 },
                 created_at,
+                kind_version: self.registry.version_of(&spec.kind).map(str::to_owned),
             });
             let start = obj(json!({
                 "kind": spec.kind, "owner": owner, "data": spec.data, "parent_id": parent.id,
@@ -1206,6 +1230,7 @@ impl Engine {
             parent_close: "abort".to_owned(),
             // A root counts from when its start was accepted.
             created_at: event.accepted_at(),
+            kind_version: self.registry.version_of(kind.as_str()).map(str::to_owned),
         })
     }
 }

@@ -66,6 +66,7 @@ impl Engine {
                     group_name: None,
                     parent_close: "abort".to_owned(),
                     created_at: event.accepted_at(),
+                    kind_version: self.registry.version_of(kind).map(str::to_owned),
                 };
                 store::insert_command(tx, &new).await?;
                 // Just created: the event is new to it.
@@ -200,7 +201,9 @@ impl Engine {
             return Ok(false);
         };
         let owners = store::people::owners_of(&mut **tx, &owner.to_string()).await?;
-        let track = def.track();
+        let Some(track) = def.track() else {
+            return Ok(false);
+        };
         time::lock_key(tx, &format!("funnel.track.{track}"), &owners[0]).await?;
         let open = store::people::open_in(tx, &owners, &self.registry.track_kinds(track)).await?;
         Ok(open.iter().any(|(kind, stage)| {

@@ -402,6 +402,12 @@ impl Holder {
                 Ok(consuming) => {
                     tracing::info!(partition = p, "Consuming a partition.");
                     self.consuming.insert(p, consuming);
+                    // Events that wait for a definition: this worker may have it.
+                    let waiting = partitions::waiting_commands(pool, &[p]).await?;
+                    if !waiting.is_empty() {
+                        let ids = waiting.into_iter().map(CommandId::from).collect();
+                        tokio::spawn(engine.clone().resume_waiting(ids));
+                    }
                 }
                 // Still consumed by the worker that held it (finishing, or paused): next time.
                 Err(e) => {
