@@ -709,6 +709,13 @@ def cross_check(docs, mode, expected_ns, secrets_allowed=True):
     for (kind, name), idx in targets_scaled.items():
         for i in idx:
             check(i, len(idx) == 1, f"{kind}/{name} is scaled by {len(idx)} autoscalers")
+    # An autoscaler owns the replica count: `spec.replicas` on its target would reset it at every
+    # apply (issue 23, item 2).
+    for i, d in enumerate(docs):
+        if (d["kind"], d["metadata"]["name"]) in targets_scaled:
+            check(i, "replicas" not in (d.get("spec") or {}),
+                  "spec.replicas is set, but an HPA or ScaledObject owns this count: every apply "
+                  "would reset the autoscaler's choice")
     for i, d in by_kind.get("Certificate", []):
         ref_ = d["spec"]["issuerRef"]
         if ref_.get("kind", "Issuer") == "Issuer":
