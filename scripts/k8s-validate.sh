@@ -716,6 +716,28 @@ def cross_check(docs, mode, expected_ns, secrets_allowed=True):
             check(i, "replicas" not in (d.get("spec") or {}),
                   "spec.replicas is set, but an HPA or ScaledObject owns this count: every apply "
                   "would reset the autoscaler's choice")
+    config = {}
+    for _, cm in by_kind.get("ConfigMap", []):
+        if cm["metadata"]["name"].startswith("cmdflow-config"):
+            config.update(cm.get("data") or {})
+    # KEDA on RabbitMQ: ready + unacked messages, one worker per prefetch (k8s/README.md,
+    # "Autoscaling"). Ready messages alone read 0 while every worker holds a full prefetch.
+    for i, d in by_kind.get("ScaledObject", []):
+        for trig in d["spec"].get("triggers") or []:
+            if trig.get("type") != "rabbitmq":
+                continue
+            md = trig.get("metadata") or {}
+            check(i, md.get("protocol") == "http",
+                  "rabbitmq trigger: protocol must be http (the management API counts unacked "
+                  "messages; AMQP reports ready ones only)")
+            check(i, md.get("mode") == "QueueLength", "rabbitmq trigger: mode must be QueueLength")
+            check(i, str(md.get("excludeUnacknowledged", "false")).lower() != "true",
+                  "rabbitmq trigger: excludeUnacknowledged must be false (count ready + unacked)")
+            prefetch = config.get("CMDFLOW_PREFETCH")
+            if prefetch is not None:
+                check(i, md.get("value") == prefetch,
+                      f"rabbitmq trigger: value {md.get('value')!r} is not CMDFLOW_PREFETCH "
+                      f"({prefetch}), the messages one worker holds")
     for i, d in by_kind.get("Certificate", []):
         ref_ = d["spec"]["issuerRef"]
         if ref_.get("kind", "Issuer") == "Issuer":
