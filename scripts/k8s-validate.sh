@@ -738,6 +738,42 @@ def cross_check(docs, mode, expected_ns, secrets_allowed=True):
                 check(i, md.get("value") == prefetch,
                       f"rabbitmq trigger: value {md.get('value')!r} is not CMDFLOW_PREFETCH "
                       f"({prefetch}), the messages one worker holds")
+    # The migration Job, re-runnable by Argo CD and Flux (k8s/README.md, "Migrations").
+    def wave(doc):
+        try:
+            return int(((doc["metadata"].get("annotations") or {}).get(
+                "argocd.argoproj.io/sync-wave", "0")))
+        except ValueError:
+            return 0
+    for i, d in by_kind.get("Job", []):
+        ann = d["metadata"].get("annotations") or {}
+        hook = ann.get("argocd.argoproj.io/hook")
+        check(i, hook in ("PreSync", "Sync"),
+              "Job without argocd.argoproj.io/hook (PreSync or Sync): Argo CD would try to "
+              "patch its immutable template")
+        check(i, "BeforeHookCreation" in ann.get("argocd.argoproj.io/hook-delete-policy", ""),
+              "Job without argocd.argoproj.io/hook-delete-policy: BeforeHookCreation")
+        check(i, ann.get("kustomize.toolkit.fluxcd.io/force") == "enabled",
+              "Job without kustomize.toolkit.fluxcd.io/force: enabled: Flux cannot apply a new "
+              "image over it")
+        check(i, "ttlSecondsAfterFinished" not in d["spec"],
+              "Job with ttlSecondsAfterFinished: a GitOps tool re-creates (re-runs) it after "
+              "every deletion")
+        spec = pod_template(d).get("spec") or {}
+        used = [("ConfigMap", ef["configMapRef"]["name"]) for _, c in containers(spec)
+                for ef in c.get("envFrom") or [] if "configMapRef" in ef]
+        used += [("ServiceAccount", spec["serviceAccountName"])] if spec.get(
+            "serviceAccountName") else []
+        for kind, name in used:
+            for _, dep in by_kind.get(kind, []):
+                if dep["metadata"]["name"] != name:
+                    continue
+                if hook == "PreSync":
+                    check(i, False, f"PreSync hook uses {kind} {name!r} of the same sync, "
+                          "which Argo CD creates only after the PreSync phase")
+                elif hook == "Sync":
+                    check(i, wave(dep) < wave(d), f"{kind} {name!r} is not in an earlier "
+                          "argocd.argoproj.io/sync-wave than the Job that uses it")
     for i, d in by_kind.get("Certificate", []):
         ref_ = d["spec"]["issuerRef"]
         if ref_.get("kind", "Issuer") == "Issuer":
