@@ -774,6 +774,38 @@ def cross_check(docs, mode, expected_ns, secrets_allowed=True):
                 elif hook == "Sync":
                     check(i, wave(dep) < wave(d), f"{kind} {name!r} is not in an earlier "
                           "argocd.argoproj.io/sync-wave than the Job that uses it")
+    # SMTP egress for the pods that send mail (the workers).
+    def egress_ports(labels):
+        """Ports the egress policies selecting `labels` allow: None means any."""
+        policies = [p for _, p in by_kind.get("NetworkPolicy", [])
+                    if "Egress" in (p["spec"].get("policyTypes") or [])
+                    and (not p["spec"].get("podSelector")
+                         or matches(p["spec"]["podSelector"], labels))]
+        if not policies:
+            return None
+        ports = set()
+        for p in policies:
+            for rule in p["spec"].get("egress") or []:
+                if not rule.get("ports"):
+                    return None
+                ports |= {pt.get("port") for pt in rule["ports"]
+                          if pt.get("protocol", "TCP") == "TCP"}
+        return ports
+    smtp_url = config.get("CMDFLOW_SMTP_URL")
+    if smtp_url:
+        hostport = smtp_url.split("://", 1)[-1].split("/", 1)[0].rsplit("@", 1)[-1]
+        smtp_ports = {int(hostport.rsplit(":", 1)[1])} if ":" in hostport else {25}
+    else:
+        smtp_ports = {25, 465, 587}
+    for i, d, tpl in pods:
+        spec = tpl.get("spec") or {}
+        if not any((c.get("args") or [None])[0] == "worker" for c in spec.get("containers") or []):
+            continue
+        allowed = egress_ports((tpl.get("metadata") or {}).get("labels") or {})
+        if allowed is not None:
+            missing = sorted(smtp_ports - allowed)
+            check(i, not missing, f"the mailer cannot reach SMTP: egress to TCP {missing} is "
+                  "not allowed (CMDFLOW_SMTP_URL or 25/465/587)")
     for i, d in by_kind.get("Certificate", []):
         ref_ = d["spec"]["issuerRef"]
         if ref_.get("kind", "Issuer") == "Issuer":
