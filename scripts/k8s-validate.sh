@@ -16,7 +16,12 @@
 #   * cross-references the schemas cannot see: selectors that select nothing, scale targets,
 #     ConfigMaps, Secrets and Issuers that do not exist, named ports, the namespace, image tags,
 #     resource requests/limits, the hardened securityContext on every container, and no Secret
-#     rendered from the repository outside the dev overlay.
+#     rendered from the repository outside the dev overlay;
+#   * operational rules (k8s/README.md, "Validate"): no spec.replicas under an autoscaler, KEDA
+#     counting ready + unacked messages with a target of CMDFLOW_PREFETCH, a migration Job that
+#     Argo CD and Flux can re-run, SMTP egress for the workers.
+# Before the manifests, the Dockerfile, statically: pinned base images, a stripped binary, a
+# cargo-chef dependency layer.
 # Targets: each overlay (dev, prod); each component in k8s/components on top of the prod overlay
 # (reporting the documents it changes); the dev overlay plus base/archiver.yaml if that is not in
 # the kustomization; base/secret.example.yaml on its own.
@@ -213,8 +218,74 @@ if [ -f "$ROOT/k8s/base/secret.example.yaml" ]; then
     TARGETS+=("base/secret.example.yaml|$ROOT/k8s/base/secret.example.yaml|file|")
 fi
 
+# --- Dockerfile (static: no image is built) -------------------------------------------------------
+# Base images pinned by digest or exact version tag, the release binary stripped, and the
+# dependencies compiled in a layer of their own (cargo-chef) before the sources are copied.
+STATIC_FAILED=0
+say "==> Dockerfile (static checks)"
+"$PY" - "$ROOT/Dockerfile" "$ROOT/Cargo.toml" <<'PY' || STATIC_FAILED=1
+import re
+import sys
+import tomllib
+
+dockerfile, cargo_toml = sys.argv[1], sys.argv[2]
+text = open(dockerfile).read().replace("\\\n", " ")
+lines = [l.strip() for l in text.splitlines() if l.strip() and not l.strip().startswith("#")]
+args, stages, problems = {}, set(), []
+froms = []
+for n, line in enumerate(lines):
+    word, _, rest = line.partition(" ")
+    word = word.upper()
+    if word == "ARG":
+        name, eq, value = rest.strip().partition("=")
+        if eq and name not in args:
+            args[name] = value.strip().strip('"')
+    elif word == "FROM":
+        parts = rest.split()
+        image = re.sub(r"\$\{?(\w+)\}?", lambda m: args.get(m.group(1), m.group(0)), parts[0])
+        if len(parts) >= 3 and parts[1].upper() == "AS":
+            stages.add(parts[2])
+        froms.append((n, image))
+pinned = 0
+for n, image in froms:
+    if image in stages:
+        continue
+    name, _, digest = image.partition("@")
+    tag = name.rsplit("/", 1)[-1].partition(":")[2]
+    if re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+        pinned += 1
+    elif re.match(r"^v?\d+\.\d+\.\d+", tag):
+        pinned += 1
+    else:
+        problems.append(f"base image {image!r} is pinned by neither a digest nor an exact "
+                        "version tag (x.y.z)")
+cargo = tomllib.load(open(cargo_toml, "rb"))
+strip_toml = cargo.get("profile", {}).get("release", {}).get("strip") in (True, "symbols")
+strip_env = re.search(r"CARGO_PROFILE_RELEASE_STRIP=(\"?)(true|symbols)\1(\s|$)", text) is not None
+strip_cmd = re.search(r"(^|[\s;&])strip\s+\S*cmdflow", text, re.M) is not None
+if not (strip_toml or strip_env or strip_cmd):
+    problems.append("the release binary is not stripped ([profile.release] strip, "
+                    "CARGO_PROFILE_RELEASE_STRIP=symbols, or `strip` in the build)")
+cook = [n for n, l in enumerate(lines) if re.match(r"RUN\b.*\bcargo chef cook\b.*--release", l)]
+build = [n for n, l in enumerate(lines) if re.match(r"RUN\b.*\bcargo build\b.*--release", l)]
+copy_all = [n for n, l in enumerate(lines) if re.match(r"COPY\s+(--\S+\s+)*\.\s+\.", l)]
+if not cook or not build:
+    problems.append("no `cargo chef cook --release` layer before `cargo build --release`: "
+                    "every source change recompiles every dependency")
+elif not any(cook[0] < c < build[-1] for c in copy_all):
+    problems.append("`cargo chef cook` does not run before the sources are copied "
+                    "(COPY . .), so its layer is not reused")
+for p in problems:
+    print(f"  FAIL  {p}")
+if not problems:
+    print(f"  ok    {pinned} base images pinned, binary stripped "
+          f"({'Cargo.toml' if strip_toml else 'image build'}), dependencies cooked in their own layer")
+sys.exit(1 if problems else 0)
+PY
+
 # --- validate -------------------------------------------------------------------------------------
-"$PY" - "$K8S_VERSIONS" "$NODE_SCRIPT" "$NODE_DIR" "${TARGETS[@]}" <<'PY'
+MANIFESTS_FAILED=0
+"$PY" - "$K8S_VERSIONS" "$NODE_SCRIPT" "$NODE_DIR" "${TARGETS[@]}" <<'PY' || MANIFESTS_FAILED=1
 import functools
 import json
 import os
@@ -938,3 +1009,8 @@ if total_bad:
     sys.exit(1)
 print("k8s-validate: OK: every document is valid")
 PY
+
+if [ "$STATIC_FAILED" = 1 ]; then
+    say "k8s-validate: FAILED: Dockerfile (above)"
+fi
+[ "$MANIFESTS_FAILED" = 0 ] && [ "$STATIC_FAILED" = 0 ]
