@@ -25,9 +25,20 @@ pub const MESSAGES_FAILED: &str = "cmdflow_messages_failed";
 pub const MAIL_PENDING: &str = "cmdflow_mail_pending";
 pub const DECIDER_CALLS: &str = "cmdflow_decider_calls_total";
 pub const DECIDER_SECONDS: &str = "cmdflow_decider_seconds";
+pub const QUEUE_MESSAGES: &str = "cmdflow_queue_messages";
+pub const TIMERS_OVERDUE_SECONDS: &str = "cmdflow_timers_overdue_seconds";
 
 fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(
+        QUEUE_MESSAGES,
+        "Messages ready in a cmdflow queue (not those delivered and unacknowledged), by queue, as a worker last counted."
+    );
+    describe_gauge!(
+        TIMERS_OVERDUE_SECONDS,
+        Unit::Seconds,
+        "How long the oldest due timer has waited to fire (0 when none is due), as a worker last counted."
+    );
     describe_counter!(
         MAIL_ATTEMPTS,
         "Attempts at sending an e-mail, by outcome (sent, retry, failed)."
@@ -105,7 +116,7 @@ fn describe() {
     describe_counter!(DEAD_LETTERS_KEPT, "Dead letters kept, by error class.");
     describe_gauge!(
         DEAD_LETTERS_OPEN,
-        "Dead letters waiting for ops (neither replayed nor discarded), as last counted."
+        "Dead letters waiting for ops (neither replayed nor discarded), counted from PostgreSQL periodically by every worker."
     );
 }
 
