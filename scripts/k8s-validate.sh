@@ -8,8 +8,8 @@
 #     validation (unknown fields rejected) against the Kubernetes OpenAPI schemas bundled in the
 #     PyPI package kubernetes-validate, for the oldest Kubernetes we support and the newest one the
 #     package ships (K8S_VERSIONS below);
-#   * CRD kinds (ScaledObject, TriggerAuthentication, ServiceMonitor, PodMonitor, RabbitmqCluster,
-#     CNPG Cluster, cert-manager Issuer and Certificate): not in those schemas. Each gets a minimal strict schema kept in this script (the
+#   * CRD kinds (ScaledObject, TriggerAuthentication, ServiceMonitor, PodMonitor, PrometheusRule,
+#     RabbitmqCluster, CNPG Cluster, cert-manager Issuer and Certificate): not in those schemas. Each gets a minimal strict schema kept in this script (the
 #     fields we use and their known siblings, types, required fields), and the KEDA and Prometheus
 #     Operator kinds are also type-checked with the upstream-generated models of the npm packages
 #     @kubernetes-models/keda and @kubernetes-models/prometheus-operator. Any other CRD kind fails;
@@ -22,6 +22,9 @@
 #     Argo CD and Flux can re-run, SMTP egress for the workers.
 # Before the manifests, the Dockerfile, statically: pinned base images, a stripped binary, a
 # cargo-chef dependency layer.
+# After them, the alerts (k8s/base/prometheusrule.yaml) and the Grafana dashboard: every metric
+# name they use is exported by cmdflow's code, every alert has a promtool unit test
+# (k8s/tests/alerts.test.yaml), and promtool passes them.
 # Targets: each overlay (dev, prod); each component in k8s/components on top of the prod overlay
 # (reporting the documents it changes); the dev overlay plus base/archiver.yaml if that is not in
 # the kustomization; base/secret.example.yaml on its own.
@@ -40,6 +43,9 @@
 #   node + npm packages  optional: the machine's node and npm install the two packages into the
 #                        cache; without node the upstream CRD type check is reported as skipped
 #                        (the minimal CRD schemas still run)
+#   promtool             Debian's package `prometheus` (apt-get, as root) if not on the PATH:
+#                        `promtool check rules` and `promtool test rules` for the alerts; skipped,
+#                        and said so, only where it cannot be installed
 # A fresh machine installs all of it in about 15 s (one 18 MB wheel and a few small ones).
 set -euo pipefail
 
@@ -532,9 +538,24 @@ CRD_SCHEMAS[("cert-manager.io/v1", "Certificate")] = crd("cert-manager.io/v1", "
     "signatureAlgorithm": S,
 }, required=["secretName", "issuerRef"]))
 
+CRD_SCHEMAS[("monitoring.coreos.com/v1", "PrometheusRule")] = crd(
+    "monitoring.coreos.com/v1", "PrometheusRule", obj({
+        "groups": arr(obj({
+            "name": {"type": "string", "minLength": 1}, "interval": DURATION,
+            "query_offset": DURATION, "limit": I, "partial_response_strategy": S,
+            "labels": STRMAP,
+            "rules": arr({**obj({
+                "alert": S, "record": S, "expr": {"type": ["string", "integer"]},
+                "for": DURATION, "keep_firing_for": DURATION, "labels": STRMAP,
+                "annotations": STRMAP,
+            }, required=["expr"]), "oneOf": [{"required": ["alert"]}, {"required": ["record"]}]}),
+        }, required=["name", "rules"])),
+    }))
+
 UPSTREAM_MODELS = {("keda.sh/v1alpha1", "ScaledObject"), ("keda.sh/v1alpha1", "TriggerAuthentication"),
                    ("monitoring.coreos.com/v1", "ServiceMonitor"),
-                   ("monitoring.coreos.com/v1", "PodMonitor")}
+                   ("monitoring.coreos.com/v1", "PodMonitor"),
+                   ("monitoring.coreos.com/v1", "PrometheusRule")}
 
 
 def group_of(api_version):
@@ -1010,7 +1031,126 @@ if total_bad:
 print("k8s-validate: OK: every document is valid")
 PY
 
+# --- alerts and dashboard -------------------------------------------------------------------------
+# Every metric name the PrometheusRule and the Grafana dashboard use must be one that cmdflow's code
+# exports (a string literal in a crate's src/, e.g. shared/src/metrics.rs; the process_* names are
+# listed there and checked against the live /metrics text by its unit test). Every alert must be in
+# k8s/tests/alerts.test.yaml, and `promtool test rules` must pass it; `promtool check rules` parses
+# the rules as each overlay renders them. promtool comes from Debian's package `prometheus`
+# (installed here if missing); only where it cannot be had are the promtool steps skipped.
+ALERTS_FAILED=0
+say "==> alerts and dashboard"
+PROMTOOL=$(command -v promtool || true)
+if [ -z "$PROMTOOL" ]; then
+    say "    installing promtool (Debian package prometheus)"
+    apt_install prometheus || true
+    PROMTOOL=$(command -v promtool || true)
+fi
+mkdir -p "$WORK/alerts"
+"$PY" - "$ROOT" "$WORK/alerts" "$WORK"/*.yaml <<'PY' || ALERTS_FAILED=1
+import json
+import os
+import re
+import sys
+
+import yaml
+
+root, out, rendered = sys.argv[1], sys.argv[2], sys.argv[3:]
+rule_file = os.path.join(root, "k8s/base/prometheusrule.yaml")
+dashboard_file = os.path.join(root, "k8s/base/dashboards/cmdflow.json")
+test_file = os.path.join(root, "k8s/tests/alerts.test.yaml")
+problems = []
+
+rule_doc = yaml.safe_load(open(rule_file))
+with open(os.path.join(out, "rules.yaml"), "w") as f:
+    yaml.safe_dump(rule_doc["spec"], f, sort_keys=False)
+# The rules as each overlay renders them, for `promtool check rules`.
+for path in rendered:
+    name = os.path.splitext(os.path.basename(path))[0]
+    with open(path) as f:
+        for d in yaml.safe_load_all(f):
+            if d and d.get("kind") == "PrometheusRule":
+                with open(os.path.join(out, f"rendered-{name}-{d['metadata']['name']}.yaml"), "w") as g:
+                    yaml.safe_dump(d["spec"], g, sort_keys=False)
+
+exprs = [("rule " + (r.get("alert") or r.get("record")), str(r["expr"]))
+         for g in rule_doc["spec"]["groups"] for r in g["rules"]]
+dash = json.load(open(dashboard_file))
+def panels(ps):
+    for p in ps:
+        yield p
+        yield from panels(p.get("panels") or [])
+for p in panels(dash.get("panels") or []):
+    for t in p.get("targets") or []:
+        exprs.append((f"dashboard panel {p.get('title')!r}", t.get("expr", "")))
+for v in (dash.get("templating") or {}).get("list") or []:
+    q = v.get("query")
+    q = q.get("query", "") if isinstance(q, dict) else (q or "")
+    if v.get("type") == "query":
+        exprs.append((f"dashboard variable {v.get('name')!r}", q))
+
+exported = set()
+for crate in ("shared", "gateway", "workers", "app"):
+    for dirpath, _, files in os.walk(os.path.join(root, crate, "src")):
+        for fn in files:
+            if fn.endswith(".rs"):
+                exported |= set(re.findall(r'"((?:cmdflow|process)_[a-z0-9_]+)"',
+                                           open(os.path.join(dirpath, fn)).read()))
+used = {}
+for where, expr in exprs:
+    # Label values in quotes are not metric names.
+    for name in re.findall(r"\b((?:cmdflow|process)_[a-z0-9_]+)\b", re.sub(r'"[^"]*"', '""', expr)):
+        base = name
+        for suffix in ("_bucket", "_sum", "_count"):
+            if name.endswith(suffix) and name[: -len(suffix)] in exported:
+                base = name[: -len(suffix)]
+        used.setdefault(base, set()).add(where)
+for name, wheres in sorted(used.items()):
+    if name not in exported:
+        problems.append(f"{name} (in {', '.join(sorted(wheres))}) is exported by no cmdflow code")
+
+tests = yaml.safe_load(open(test_file))
+tested = {t["alertname"] for g in tests.get("tests") or [] for t in g.get("alert_rule_test") or []
+          if t.get("exp_alerts")}
+for g in rule_doc["spec"]["groups"]:
+    for r in g["rules"]:
+        if "alert" in r and r["alert"] not in tested:
+            problems.append(f"alert {r['alert']} has no promtool test that expects it to fire "
+                            "(k8s/tests/alerts.test.yaml)")
+for p in problems:
+    print(f"  FAIL  {p}")
+if not problems:
+    print(f"  ok    {len(used)} metric names in {len(exprs)} expressions (rules and dashboard), "
+          "all exported by cmdflow's code; every alert has a test that fires it")
+sys.exit(1 if problems else 0)
+PY
+if [ -n "$PROMTOOL" ]; then
+    cp "$ROOT/k8s/tests/alerts.test.yaml" "$WORK/alerts/"
+    for f in "$WORK"/alerts/rendered-*.yaml; do
+        [ -e "$f" ] || continue
+        if out=$("$PROMTOOL" check rules "$f" 2>&1); then
+            say "  ok    promtool check rules: $(basename "$f" .yaml | sed 's/^rendered-//'): $(printf '%s' "$out" | sed -n 's/.*SUCCESS: //p')"
+        else
+            say "  FAIL  promtool check rules $(basename "$f"):"
+            printf '%s\n' "$out" | sed 's/^/          /'
+            ALERTS_FAILED=1
+        fi
+    done
+    if out=$(cd "$WORK/alerts" && "$PROMTOOL" test rules alerts.test.yaml 2>&1); then
+        say "  ok    promtool test rules k8s/tests/alerts.test.yaml ($("$PROMTOOL" --version 2>&1 | head -1))"
+    else
+        say "  FAIL  promtool test rules k8s/tests/alerts.test.yaml:"
+        printf '%s\n' "$out" | sed 's/^/          /'
+        ALERTS_FAILED=1
+    fi
+else
+    say "  skip  promtool: not installed, and Debian's package prometheus could not be installed (not root, or no apt)"
+fi
+
 if [ "$STATIC_FAILED" = 1 ]; then
     say "k8s-validate: FAILED: Dockerfile (above)"
 fi
-[ "$MANIFESTS_FAILED" = 0 ] && [ "$STATIC_FAILED" = 0 ]
+if [ "$ALERTS_FAILED" = 1 ]; then
+    say "k8s-validate: FAILED: alerts and dashboard (above)"
+fi
+[ "$MANIFESTS_FAILED" = 0 ] && [ "$STATIC_FAILED" = 0 ] && [ "$ALERTS_FAILED" = 0 ]
