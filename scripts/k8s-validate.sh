@@ -1043,7 +1043,11 @@ say "==> alerts and dashboard"
 PROMTOOL=$(command -v promtool || true)
 if [ -z "$PROMTOOL" ]; then
     say "    installing promtool (Debian package prometheus)"
-    apt_install prometheus || true
+    if ! apt_install prometheus && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        # Package lists older than the mirror's files: refresh them once and try again.
+        apt-get update -qq >/dev/null 2>&1 || true
+        apt_install prometheus || true
+    fi
     PROMTOOL=$(command -v promtool || true)
 fi
 mkdir -p "$WORK/alerts"
