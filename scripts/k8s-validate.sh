@@ -8,15 +8,23 @@
 #     validation (unknown fields rejected) against the Kubernetes OpenAPI schemas bundled in the
 #     PyPI package kubernetes-validate, for the oldest Kubernetes we support and the newest one the
 #     package ships (K8S_VERSIONS below);
-#   * CRD kinds (ScaledObject, TriggerAuthentication, ServiceMonitor, PodMonitor, RabbitmqCluster,
-#     CNPG Cluster, cert-manager Issuer and Certificate): not in those schemas. Each gets a minimal strict schema kept in this script (the
+#   * CRD kinds (ScaledObject, TriggerAuthentication, ServiceMonitor, PodMonitor, PrometheusRule,
+#     RabbitmqCluster, CNPG Cluster, cert-manager Issuer and Certificate): not in those schemas. Each gets a minimal strict schema kept in this script (the
 #     fields we use and their known siblings, types, required fields), and the KEDA and Prometheus
 #     Operator kinds are also type-checked with the upstream-generated models of the npm packages
 #     @kubernetes-models/keda and @kubernetes-models/prometheus-operator. Any other CRD kind fails;
 #   * cross-references the schemas cannot see: selectors that select nothing, scale targets,
 #     ConfigMaps, Secrets and Issuers that do not exist, named ports, the namespace, image tags,
 #     resource requests/limits, the hardened securityContext on every container, and no Secret
-#     rendered from the repository outside the dev overlay.
+#     rendered from the repository outside the dev overlay;
+#   * operational rules (k8s/README.md, "Validate"): no spec.replicas under an autoscaler, KEDA
+#     counting ready + unacked messages with a target of CMDFLOW_PREFETCH, a migration Job that
+#     Argo CD and Flux can re-run, SMTP egress for the workers.
+# Before the manifests, the Dockerfile, statically: pinned base images, a stripped binary, a
+# cargo-chef dependency layer.
+# After them, the alerts (k8s/base/prometheusrule.yaml) and the Grafana dashboard: every metric
+# name they use is exported by cmdflow's code, every alert has a promtool unit test
+# (k8s/tests/alerts.test.yaml), and promtool passes them.
 # Targets: each overlay (dev, prod); each component in k8s/components on top of the prod overlay
 # (reporting the documents it changes); the dev overlay plus base/archiver.yaml if that is not in
 # the kustomization; base/secret.example.yaml on its own.
@@ -35,6 +43,9 @@
 #   node + npm packages  optional: the machine's node and npm install the two packages into the
 #                        cache; without node the upstream CRD type check is reported as skipped
 #                        (the minimal CRD schemas still run)
+#   promtool             Debian's package `prometheus` (apt-get, as root) if not on the PATH:
+#                        `promtool check rules` and `promtool test rules` for the alerts; skipped,
+#                        and said so, only where it cannot be installed
 # A fresh machine installs all of it in about 15 s (one 18 MB wheel and a few small ones).
 set -euo pipefail
 
@@ -213,8 +224,74 @@ if [ -f "$ROOT/k8s/base/secret.example.yaml" ]; then
     TARGETS+=("base/secret.example.yaml|$ROOT/k8s/base/secret.example.yaml|file|")
 fi
 
+# --- Dockerfile (static: no image is built) -------------------------------------------------------
+# Base images pinned by digest or exact version tag, the release binary stripped, and the
+# dependencies compiled in a layer of their own (cargo-chef) before the sources are copied.
+STATIC_FAILED=0
+say "==> Dockerfile (static checks)"
+"$PY" - "$ROOT/Dockerfile" "$ROOT/Cargo.toml" <<'PY' || STATIC_FAILED=1
+import re
+import sys
+import tomllib
+
+dockerfile, cargo_toml = sys.argv[1], sys.argv[2]
+text = open(dockerfile).read().replace("\\\n", " ")
+lines = [l.strip() for l in text.splitlines() if l.strip() and not l.strip().startswith("#")]
+args, stages, problems = {}, set(), []
+froms = []
+for n, line in enumerate(lines):
+    word, _, rest = line.partition(" ")
+    word = word.upper()
+    if word == "ARG":
+        name, eq, value = rest.strip().partition("=")
+        if eq and name not in args:
+            args[name] = value.strip().strip('"')
+    elif word == "FROM":
+        parts = rest.split()
+        image = re.sub(r"\$\{?(\w+)\}?", lambda m: args.get(m.group(1), m.group(0)), parts[0])
+        if len(parts) >= 3 and parts[1].upper() == "AS":
+            stages.add(parts[2])
+        froms.append((n, image))
+pinned = 0
+for n, image in froms:
+    if image in stages:
+        continue
+    name, _, digest = image.partition("@")
+    tag = name.rsplit("/", 1)[-1].partition(":")[2]
+    if re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+        pinned += 1
+    elif re.match(r"^v?\d+\.\d+\.\d+", tag):
+        pinned += 1
+    else:
+        problems.append(f"base image {image!r} is pinned by neither a digest nor an exact "
+                        "version tag (x.y.z)")
+cargo = tomllib.load(open(cargo_toml, "rb"))
+strip_toml = cargo.get("profile", {}).get("release", {}).get("strip") in (True, "symbols")
+strip_env = re.search(r"CARGO_PROFILE_RELEASE_STRIP=(\"?)(true|symbols)\1(\s|$)", text) is not None
+strip_cmd = re.search(r"(^|[\s;&])strip\s+\S*cmdflow", text, re.M) is not None
+if not (strip_toml or strip_env or strip_cmd):
+    problems.append("the release binary is not stripped ([profile.release] strip, "
+                    "CARGO_PROFILE_RELEASE_STRIP=symbols, or `strip` in the build)")
+cook = [n for n, l in enumerate(lines) if re.match(r"RUN\b.*\bcargo chef cook\b.*--release", l)]
+build = [n for n, l in enumerate(lines) if re.match(r"RUN\b.*\bcargo build\b.*--release", l)]
+copy_all = [n for n, l in enumerate(lines) if re.match(r"COPY\s+(--\S+\s+)*\.\s+\.", l)]
+if not cook or not build:
+    problems.append("no `cargo chef cook --release` layer before `cargo build --release`: "
+                    "every source change recompiles every dependency")
+elif not any(cook[0] < c < build[-1] for c in copy_all):
+    problems.append("`cargo chef cook` does not run before the sources are copied "
+                    "(COPY . .), so its layer is not reused")
+for p in problems:
+    print(f"  FAIL  {p}")
+if not problems:
+    print(f"  ok    {pinned} base images pinned, binary stripped "
+          f"({'Cargo.toml' if strip_toml else 'image build'}), dependencies cooked in their own layer")
+sys.exit(1 if problems else 0)
+PY
+
 # --- validate -------------------------------------------------------------------------------------
-"$PY" - "$K8S_VERSIONS" "$NODE_SCRIPT" "$NODE_DIR" "${TARGETS[@]}" <<'PY'
+MANIFESTS_FAILED=0
+"$PY" - "$K8S_VERSIONS" "$NODE_SCRIPT" "$NODE_DIR" "${TARGETS[@]}" <<'PY' || MANIFESTS_FAILED=1
 import functools
 import json
 import os
@@ -461,9 +538,24 @@ CRD_SCHEMAS[("cert-manager.io/v1", "Certificate")] = crd("cert-manager.io/v1", "
     "signatureAlgorithm": S,
 }, required=["secretName", "issuerRef"]))
 
+CRD_SCHEMAS[("monitoring.coreos.com/v1", "PrometheusRule")] = crd(
+    "monitoring.coreos.com/v1", "PrometheusRule", obj({
+        "groups": arr(obj({
+            "name": {"type": "string", "minLength": 1}, "interval": DURATION,
+            "query_offset": DURATION, "limit": I, "partial_response_strategy": S,
+            "labels": STRMAP,
+            "rules": arr({**obj({
+                "alert": S, "record": S, "expr": {"type": ["string", "integer"]},
+                "for": DURATION, "keep_firing_for": DURATION, "labels": STRMAP,
+                "annotations": STRMAP,
+            }, required=["expr"]), "oneOf": [{"required": ["alert"]}, {"required": ["record"]}]}),
+        }, required=["name", "rules"])),
+    }))
+
 UPSTREAM_MODELS = {("keda.sh/v1alpha1", "ScaledObject"), ("keda.sh/v1alpha1", "TriggerAuthentication"),
                    ("monitoring.coreos.com/v1", "ServiceMonitor"),
-                   ("monitoring.coreos.com/v1", "PodMonitor")}
+                   ("monitoring.coreos.com/v1", "PodMonitor"),
+                   ("monitoring.coreos.com/v1", "PrometheusRule")}
 
 
 def group_of(api_version):
@@ -709,6 +801,103 @@ def cross_check(docs, mode, expected_ns, secrets_allowed=True):
     for (kind, name), idx in targets_scaled.items():
         for i in idx:
             check(i, len(idx) == 1, f"{kind}/{name} is scaled by {len(idx)} autoscalers")
+    # An autoscaler owns the replica count: `spec.replicas` on its target would reset it at every
+    # apply (issue 23, item 2).
+    for i, d in enumerate(docs):
+        if (d["kind"], d["metadata"]["name"]) in targets_scaled:
+            check(i, "replicas" not in (d.get("spec") or {}),
+                  "spec.replicas is set, but an HPA or ScaledObject owns this count: every apply "
+                  "would reset the autoscaler's choice")
+    config = {}
+    for _, cm in by_kind.get("ConfigMap", []):
+        if cm["metadata"]["name"].startswith("cmdflow-config"):
+            config.update(cm.get("data") or {})
+    # KEDA on RabbitMQ: ready + unacked messages, one worker per prefetch (k8s/README.md,
+    # "Autoscaling"). Ready messages alone read 0 while every worker holds a full prefetch.
+    for i, d in by_kind.get("ScaledObject", []):
+        for trig in d["spec"].get("triggers") or []:
+            if trig.get("type") != "rabbitmq":
+                continue
+            md = trig.get("metadata") or {}
+            check(i, md.get("protocol") == "http",
+                  "rabbitmq trigger: protocol must be http (the management API counts unacked "
+                  "messages; AMQP reports ready ones only)")
+            check(i, md.get("mode") == "QueueLength", "rabbitmq trigger: mode must be QueueLength")
+            check(i, str(md.get("excludeUnacknowledged", "false")).lower() != "true",
+                  "rabbitmq trigger: excludeUnacknowledged must be false (count ready + unacked)")
+            prefetch = config.get("CMDFLOW_PREFETCH")
+            if prefetch is not None:
+                check(i, md.get("value") == prefetch,
+                      f"rabbitmq trigger: value {md.get('value')!r} is not CMDFLOW_PREFETCH "
+                      f"({prefetch}), the messages one worker holds")
+    # The migration Job, re-runnable by Argo CD and Flux (k8s/README.md, "Migrations").
+    def wave(doc):
+        try:
+            return int(((doc["metadata"].get("annotations") or {}).get(
+                "argocd.argoproj.io/sync-wave", "0")))
+        except ValueError:
+            return 0
+    for i, d in by_kind.get("Job", []):
+        ann = d["metadata"].get("annotations") or {}
+        hook = ann.get("argocd.argoproj.io/hook")
+        check(i, hook in ("PreSync", "Sync"),
+              "Job without argocd.argoproj.io/hook (PreSync or Sync): Argo CD would try to "
+              "patch its immutable template")
+        check(i, "BeforeHookCreation" in ann.get("argocd.argoproj.io/hook-delete-policy", ""),
+              "Job without argocd.argoproj.io/hook-delete-policy: BeforeHookCreation")
+        check(i, ann.get("kustomize.toolkit.fluxcd.io/force") == "enabled",
+              "Job without kustomize.toolkit.fluxcd.io/force: enabled: Flux cannot apply a new "
+              "image over it")
+        check(i, "ttlSecondsAfterFinished" not in d["spec"],
+              "Job with ttlSecondsAfterFinished: a GitOps tool re-creates (re-runs) it after "
+              "every deletion")
+        spec = pod_template(d).get("spec") or {}
+        used = [("ConfigMap", ef["configMapRef"]["name"]) for _, c in containers(spec)
+                for ef in c.get("envFrom") or [] if "configMapRef" in ef]
+        used += [("ServiceAccount", spec["serviceAccountName"])] if spec.get(
+            "serviceAccountName") else []
+        for kind, name in used:
+            for _, dep in by_kind.get(kind, []):
+                if dep["metadata"]["name"] != name:
+                    continue
+                if hook == "PreSync":
+                    check(i, False, f"PreSync hook uses {kind} {name!r} of the same sync, "
+                          "which Argo CD creates only after the PreSync phase")
+                elif hook == "Sync":
+                    check(i, wave(dep) < wave(d), f"{kind} {name!r} is not in an earlier "
+                          "argocd.argoproj.io/sync-wave than the Job that uses it")
+    # SMTP egress for the pods that send mail (the workers).
+    def egress_ports(labels):
+        """Ports the egress policies selecting `labels` allow: None means any."""
+        policies = [p for _, p in by_kind.get("NetworkPolicy", [])
+                    if "Egress" in (p["spec"].get("policyTypes") or [])
+                    and (not p["spec"].get("podSelector")
+                         or matches(p["spec"]["podSelector"], labels))]
+        if not policies:
+            return None
+        ports = set()
+        for p in policies:
+            for rule in p["spec"].get("egress") or []:
+                if not rule.get("ports"):
+                    return None
+                ports |= {pt.get("port") for pt in rule["ports"]
+                          if pt.get("protocol", "TCP") == "TCP"}
+        return ports
+    smtp_url = config.get("CMDFLOW_SMTP_URL")
+    if smtp_url:
+        hostport = smtp_url.split("://", 1)[-1].split("/", 1)[0].rsplit("@", 1)[-1]
+        smtp_ports = {int(hostport.rsplit(":", 1)[1])} if ":" in hostport else {25}
+    else:
+        smtp_ports = {25, 465, 587}
+    for i, d, tpl in pods:
+        spec = tpl.get("spec") or {}
+        if not any((c.get("args") or [None])[0] == "worker" for c in spec.get("containers") or []):
+            continue
+        allowed = egress_ports((tpl.get("metadata") or {}).get("labels") or {})
+        if allowed is not None:
+            missing = sorted(smtp_ports - allowed)
+            check(i, not missing, f"the mailer cannot reach SMTP: egress to TCP {missing} is "
+                  "not allowed (CMDFLOW_SMTP_URL or 25/465/587)")
     for i, d in by_kind.get("Certificate", []):
         ref_ = d["spec"]["issuerRef"]
         if ref_.get("kind", "Issuer") == "Issuer":
@@ -841,3 +1030,131 @@ if total_bad:
     sys.exit(1)
 print("k8s-validate: OK: every document is valid")
 PY
+
+# --- alerts and dashboard -------------------------------------------------------------------------
+# Every metric name the PrometheusRule and the Grafana dashboard use must be one that cmdflow's code
+# exports (a string literal in a crate's src/, e.g. shared/src/metrics.rs; the process_* names are
+# listed there and checked against the live /metrics text by its unit test). Every alert must be in
+# k8s/tests/alerts.test.yaml, and `promtool test rules` must pass it; `promtool check rules` parses
+# the rules as each overlay renders them. promtool comes from Debian's package `prometheus`
+# (installed here if missing); only where it cannot be had are the promtool steps skipped.
+ALERTS_FAILED=0
+say "==> alerts and dashboard"
+PROMTOOL=$(command -v promtool || true)
+if [ -z "$PROMTOOL" ]; then
+    say "    installing promtool (Debian package prometheus)"
+    if ! apt_install prometheus && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        # Package lists older than the mirror's files: refresh them once and try again.
+        apt-get update -qq >/dev/null 2>&1 || true
+        apt_install prometheus || true
+    fi
+    PROMTOOL=$(command -v promtool || true)
+fi
+mkdir -p "$WORK/alerts"
+"$PY" - "$ROOT" "$WORK/alerts" "$WORK"/*.yaml <<'PY' || ALERTS_FAILED=1
+import json
+import os
+import re
+import sys
+
+import yaml
+
+root, out, rendered = sys.argv[1], sys.argv[2], sys.argv[3:]
+rule_file = os.path.join(root, "k8s/base/prometheusrule.yaml")
+dashboard_file = os.path.join(root, "k8s/base/dashboards/cmdflow.json")
+test_file = os.path.join(root, "k8s/tests/alerts.test.yaml")
+problems = []
+
+rule_doc = yaml.safe_load(open(rule_file))
+with open(os.path.join(out, "rules.yaml"), "w") as f:
+    yaml.safe_dump(rule_doc["spec"], f, sort_keys=False)
+# The rules as each overlay renders them, for `promtool check rules`.
+for path in rendered:
+    name = os.path.splitext(os.path.basename(path))[0]
+    with open(path) as f:
+        for d in yaml.safe_load_all(f):
+            if d and d.get("kind") == "PrometheusRule":
+                with open(os.path.join(out, f"rendered-{name}-{d['metadata']['name']}.yaml"), "w") as g:
+                    yaml.safe_dump(d["spec"], g, sort_keys=False)
+
+exprs = [("rule " + (r.get("alert") or r.get("record")), str(r["expr"]))
+         for g in rule_doc["spec"]["groups"] for r in g["rules"]]
+dash = json.load(open(dashboard_file))
+def panels(ps):
+    for p in ps:
+        yield p
+        yield from panels(p.get("panels") or [])
+for p in panels(dash.get("panels") or []):
+    for t in p.get("targets") or []:
+        exprs.append((f"dashboard panel {p.get('title')!r}", t.get("expr", "")))
+for v in (dash.get("templating") or {}).get("list") or []:
+    q = v.get("query")
+    q = q.get("query", "") if isinstance(q, dict) else (q or "")
+    if v.get("type") == "query":
+        exprs.append((f"dashboard variable {v.get('name')!r}", q))
+
+exported = set()
+for crate in ("shared", "gateway", "workers", "app"):
+    for dirpath, _, files in os.walk(os.path.join(root, crate, "src")):
+        for fn in files:
+            if fn.endswith(".rs"):
+                exported |= set(re.findall(r'"((?:cmdflow|process)_[a-z0-9_]+)"',
+                                           open(os.path.join(dirpath, fn)).read()))
+used = {}
+for where, expr in exprs:
+    # Label values in quotes are not metric names.
+    for name in re.findall(r"\b((?:cmdflow|process)_[a-z0-9_]+)\b", re.sub(r'"[^"]*"', '""', expr)):
+        base = name
+        for suffix in ("_bucket", "_sum", "_count"):
+            if name.endswith(suffix) and name[: -len(suffix)] in exported:
+                base = name[: -len(suffix)]
+        used.setdefault(base, set()).add(where)
+for name, wheres in sorted(used.items()):
+    if name not in exported:
+        problems.append(f"{name} (in {', '.join(sorted(wheres))}) is exported by no cmdflow code")
+
+tests = yaml.safe_load(open(test_file))
+tested = {t["alertname"] for g in tests.get("tests") or [] for t in g.get("alert_rule_test") or []
+          if t.get("exp_alerts")}
+for g in rule_doc["spec"]["groups"]:
+    for r in g["rules"]:
+        if "alert" in r and r["alert"] not in tested:
+            problems.append(f"alert {r['alert']} has no promtool test that expects it to fire "
+                            "(k8s/tests/alerts.test.yaml)")
+for p in problems:
+    print(f"  FAIL  {p}")
+if not problems:
+    print(f"  ok    {len(used)} metric names in {len(exprs)} expressions (rules and dashboard), "
+          "all exported by cmdflow's code; every alert has a test that fires it")
+sys.exit(1 if problems else 0)
+PY
+if [ -n "$PROMTOOL" ]; then
+    cp "$ROOT/k8s/tests/alerts.test.yaml" "$WORK/alerts/"
+    for f in "$WORK"/alerts/rendered-*.yaml; do
+        [ -e "$f" ] || continue
+        if out=$("$PROMTOOL" check rules "$f" 2>&1); then
+            say "  ok    promtool check rules: $(basename "$f" .yaml | sed 's/^rendered-//'): $(printf '%s' "$out" | sed -n 's/.*SUCCESS: //p')"
+        else
+            say "  FAIL  promtool check rules $(basename "$f"):"
+            printf '%s\n' "$out" | sed 's/^/          /'
+            ALERTS_FAILED=1
+        fi
+    done
+    if out=$(cd "$WORK/alerts" && "$PROMTOOL" test rules alerts.test.yaml 2>&1); then
+        say "  ok    promtool test rules k8s/tests/alerts.test.yaml ($("$PROMTOOL" --version 2>&1 | head -1))"
+    else
+        say "  FAIL  promtool test rules k8s/tests/alerts.test.yaml:"
+        printf '%s\n' "$out" | sed 's/^/          /'
+        ALERTS_FAILED=1
+    fi
+else
+    say "  skip  promtool: not installed, and Debian's package prometheus could not be installed (not root, or no apt)"
+fi
+
+if [ "$STATIC_FAILED" = 1 ]; then
+    say "k8s-validate: FAILED: Dockerfile (above)"
+fi
+if [ "$ALERTS_FAILED" = 1 ]; then
+    say "k8s-validate: FAILED: alerts and dashboard (above)"
+fi
+[ "$MANIFESTS_FAILED" = 0 ] && [ "$STATIC_FAILED" = 0 ] && [ "$ALERTS_FAILED" = 0 ]

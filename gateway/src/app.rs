@@ -139,7 +139,8 @@ pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
             REQUEST_TIMEOUT,
         ))
         .layer(axum::middleware::map_response(json_errors))
-        .layer(TraceLayer::new_for_http());
+        .layer(TraceLayer::new_for_http())
+        .layer(axum::middleware::from_fn(crate::http_metrics::record));
     (router, openapi)
 }
 
@@ -147,7 +148,7 @@ pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
 pub async fn metrics_text() -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        cmdflow_shared::metrics::install().render(),
+        cmdflow_shared::metrics::render(),
     )
 }
 

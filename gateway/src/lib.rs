@@ -7,6 +7,7 @@ pub mod auth;
 pub mod catalogue;
 pub mod console;
 pub mod error;
+pub mod http_metrics;
 pub mod routes;
 pub mod serve;
 

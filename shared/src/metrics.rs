@@ -25,9 +25,39 @@ pub const MESSAGES_FAILED: &str = "cmdflow_messages_failed";
 pub const MAIL_PENDING: &str = "cmdflow_mail_pending";
 pub const DECIDER_CALLS: &str = "cmdflow_decider_calls_total";
 pub const DECIDER_SECONDS: &str = "cmdflow_decider_seconds";
+pub const BUILD_INFO: &str = "cmdflow_build_info";
+pub const HTTP_REQUESTS: &str = "cmdflow_http_requests_total";
+pub const HTTP_REQUEST_SECONDS: &str = "cmdflow_http_request_duration_seconds";
+pub const QUEUE_MESSAGES: &str = "cmdflow_queue_messages";
+pub const TIMERS_OVERDUE_SECONDS: &str = "cmdflow_timers_overdue_seconds";
+
+/// The version every process reports in [`BUILD_INFO`]: the workspace's.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; its `version` label is the cmdflow version this process runs."
+    );
+    describe_counter!(
+        HTTP_REQUESTS,
+        "Requests the gateway answered, by route template, method and status class (2xx, 4xx, 5xx)."
+    );
+    describe_histogram!(
+        HTTP_REQUEST_SECONDS,
+        Unit::Seconds,
+        "Time from a request's arrival to its answer's head, by route template and method."
+    );
+    describe_gauge!(
+        QUEUE_MESSAGES,
+        "Messages ready in a cmdflow queue (not those delivered and unacknowledged), by queue, as a worker last counted."
+    );
+    describe_gauge!(
+        TIMERS_OVERDUE_SECONDS,
+        Unit::Seconds,
+        "How long the oldest due timer has waited to fire (0 when none is due), as a worker last counted."
+    );
     describe_counter!(
         MAIL_ATTEMPTS,
         "Attempts at sending an e-mail, by outcome (sent, retry, failed)."
@@ -105,7 +135,7 @@ fn describe() {
     describe_counter!(DEAD_LETTERS_KEPT, "Dead letters kept, by error class.");
     describe_gauge!(
         DEAD_LETTERS_OPEN,
-        "Dead letters waiting for ops (neither replayed nor discarded), as last counted."
+        "Dead letters waiting for ops (neither replayed nor discarded), counted from PostgreSQL periodically by every worker."
     );
 }
 
@@ -139,6 +169,33 @@ pub fn type_label(ty: &str) -> String {
     }
 }
 
+/// The `process_*` series that [`render`] adds on Linux (the `metrics-process` collector, as the
+/// Prometheus client libraries name them): what dashboards and alerts may use.
+pub const PROCESS_METRICS: &[&str] = &[
+    "process_cpu_seconds_total",
+    "process_open_fds",
+    "process_max_fds",
+    "process_virtual_memory_bytes",
+    "process_virtual_memory_max_bytes",
+    "process_resident_memory_bytes",
+    "process_start_time_seconds",
+    "process_threads",
+];
+
+/// The `process_*` series (CPU seconds, resident memory, open file descriptors, threads, start
+/// time), read from the operating system each time [`render`] runs.
+fn process_collector() -> &'static metrics_process::Collector {
+    static COLLECTOR: OnceLock<metrics_process::Collector> = OnceLock::new();
+    COLLECTOR.get_or_init(metrics_process::Collector::default)
+}
+
+/// The Prometheus text of every series of this process, with the process series read now.
+pub fn render() -> String {
+    let handle = install();
+    process_collector().collect();
+    handle.render()
+}
+
 /// Installs the process's Prometheus recorder once, and returns the handle that renders it.
 pub fn install() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -156,7 +213,30 @@ pub fn install() -> PrometheusHandle {
                 Err(_) => PrometheusBuilder::new().build_recorder().handle(),
             };
             describe();
+            process_collector().describe();
+            metrics::gauge!(BUILD_INFO, "version" => VERSION).set(1.0);
             handle
         })
         .clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_reports_the_build_and_the_process() {
+        let text = render();
+        assert!(
+            text.contains(&format!("{BUILD_INFO}{{version=\"{VERSION}\"}} 1")),
+            "no build_info in:\n{text}"
+        );
+        #[cfg(target_os = "linux")]
+        for name in PROCESS_METRICS {
+            assert!(
+                text.lines().any(|l| l.starts_with(name)),
+                "no {name} in:\n{text}"
+            );
+        }
+    }
 }

@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use cmdflow_shared::metrics::{DEAD_LETTERS_OPEN, QUEUE_MESSAGES, TIMERS_OVERDUE_SECONDS};
+use cmdflow_tests::fleet::metric;
 use cmdflow_tests::{
     TestEnv, event, eventually, frozen_counter_with_dead_increments, get, post, send,
 };
@@ -24,6 +26,19 @@ async fn op(gateway: &str, path: &str, body: Value) -> (u16, Value) {
         &serde_json::to_vec(&body).unwrap(),
     )
     .await
+}
+
+/// The gauges a worker refreshes from the stores, read once into a recorder of this test's own
+/// (tests run in parallel in one process, so the global one mixes their worlds).
+async fn gauges(env: &TestEnv) -> String {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    {
+        // The test runs on one thread, so the local recorder sees every gauge refresh_once sets.
+        let _local = metrics::set_default_local_recorder(&recorder);
+        cmdflow_workers::gauges::refresh_once(&env.pool, &env.bus).await;
+    }
+    handle.render()
 }
 
 async fn wait_job(gateway: &str, job: &str, state: &str) -> Value {
@@ -67,6 +82,14 @@ async fn dead_letters_are_grouped_dry_run_replayed_once_and_replaying_twice_chan
         "invalid_event:demo.increment"
     );
     assert_eq!(groups["groups"][1]["count"], 2);
+    let before = gauges(&env).await;
+    assert_eq!(metric(&before, DEAD_LETTERS_OPEN, &[]), 7.0, "{before}");
+    let dead_queue = env.bus.topology().dead_queue();
+    assert!(
+        before.contains(&format!("{QUEUE_MESSAGES}{{queue=\"{dead_queue}\"}}")),
+        "no depth of {dead_queue} in:\n{before}"
+    );
+    assert_eq!(metric(&before, TIMERS_OVERDUE_SECONDS, &[]), 0.0);
 
     // Filters and one dead letter.
     let (_, page) = get(&format!(
@@ -145,6 +168,9 @@ async fn dead_letters_are_grouped_dry_run_replayed_once_and_replaying_twice_chan
         1,
         "only the invalid events are still dead"
     );
+    // The gauge follows the table, whoever replayed: no worker kept a dead letter since.
+    let after = gauges(&env).await;
+    assert_eq!(metric(&after, DEAD_LETTERS_OPEN, &[]), 2.0, "{after}");
 
     // Discard the rest, with a reason; audited.
     let (status, b) = op(

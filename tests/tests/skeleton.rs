@@ -623,6 +623,12 @@ async fn metrics_expose_the_fleet_and_move_as_events_flow() {
     let received = [("type", "demo.increment")];
     let applied_before = series(&before, "cmdflow_events_processed_total", &applied);
     let received_before = series(&before, "cmdflow_events_received_total", &received);
+    let posted = [
+        ("route", "/v1/events"),
+        ("method", "POST"),
+        ("status", "2xx"),
+    ];
+    let posted_before = series(&before, "cmdflow_http_requests_total", &posted);
     for _ in 0..3 {
         assert_eq!(
             post_event(&gw.url, &event("demo.increment", Some(&id), json!({})))
@@ -646,12 +652,33 @@ async fn metrics_expose_the_fleet_and_move_as_events_flow() {
             &[("type", "demo.increment")]
         ) >= 3.0
     );
+    // The gateway's own traffic, by route template and status class, with its latency.
+    assert!(series(&after, "cmdflow_http_requests_total", &posted) >= posted_before + 3.0);
+    assert!(
+        series(
+            &after,
+            "cmdflow_http_request_duration_seconds_count",
+            &[("route", "/v1/events"), ("method", "POST")]
+        ) >= 3.0
+    );
+    // Which version runs, and the process itself.
+    let version = [("version", cmdflow_shared::metrics::VERSION)];
+    assert_eq!(series(&after, "cmdflow_build_info", &version), 1.0);
+    for name in cmdflow_shared::metrics::PROCESS_METRICS {
+        assert!(
+            after.lines().any(|l| l.starts_with(&format!("{name} "))),
+            "{name} in the gateway's /metrics"
+        );
+    }
     for name in [
         "cmdflow_events_received_total",
         "cmdflow_events_processed_total",
         "cmdflow_handler_seconds",
         "cmdflow_event_latency_seconds",
         "cmdflow_lock_wait_seconds",
+        "cmdflow_http_requests_total",
+        "cmdflow_http_request_duration_seconds",
+        "cmdflow_build_info",
     ] {
         assert!(
             after.contains(&format!("# HELP {name}")),

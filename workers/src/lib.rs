@@ -1,12 +1,14 @@
 //! cmdflow's worker role: the engine that applies events to commands, the registry of the kinds
 //! it runs (filled by the binary that runs it), and the loops that run beside it: the outbox
-//! sweeper, the dead-letter keeper, the replay runner and the mailer.
+//! sweeper, the dead-letter keeper, the replay runner, the mailer and the gauges read from the
+//! stores.
 
 pub mod archiver;
 pub mod dead_letters;
 pub mod engine;
 pub mod fanin;
 pub mod flows;
+pub mod gauges;
 pub mod mailer;
 pub mod messages;
 pub mod registry;
@@ -171,7 +173,13 @@ impl Worker {
             self.replay_lease,
         );
         let replays = tokio::spawn(replays.run_until_stopped(shutdown.clone()));
+        let gauges = tokio::spawn(gauges::refresh_until_stopped(
+            self.engine.pool().clone(),
+            Arc::clone(self.engine.bus()),
+            shutdown.clone(),
+        ));
         Arc::clone(&self.engine).run_until_stopped(shutdown).await;
+        drop(gauges.await);
         drop(sweeper.await);
         drop(keeper.await);
         drop(replays.await);
