@@ -37,6 +37,8 @@ CREATE TABLE IF NOT EXISTS flow_versions (
 -- An event that waits for something other than its command's start: `version X` when no
 -- definition of the command's version is on the worker that holds it. Those do not expire.
 ALTER TABLE parked_events ADD COLUMN IF NOT EXISTS waiting_for text;
+CREATE INDEX IF NOT EXISTS parked_events_waiting ON parked_events (partition)
+    WHERE waiting_for IS NOT NULL;
 
 -- Kinds defined by a flow file (that are not funnels) are published to the catalogue as such.
 ALTER TYPE kind_source ADD VALUE IF NOT EXISTS 'flow';

@@ -925,9 +925,17 @@ pub fn parse_all(
     templates: &Templates,
     kinds: &BTreeSet<String>,
 ) -> Result<Vec<FlowDef>, FlowError> {
+    // The flows of one batch may spawn one another.
+    let mut kinds = kinds.clone();
+    kinds.extend(
+        files
+            .iter()
+            .filter_map(|(_, text)| toml::from_str::<FlowDef>(text).ok())
+            .map(|d| d.kind()),
+    );
     let mut defs: Vec<FlowDef> = Vec::new();
     for (file, text) in files {
-        let def = FlowDef::parse(file, text, templates, kinds)?;
+        let def = FlowDef::parse(file, text, templates, &kinds)?;
         if let Some(twin) = defs.iter().find(|d| d.kind() == def.kind()) {
             return Err(FlowError {
                 file: file.clone(),

@@ -71,6 +71,8 @@ pub struct Overview {
     /// Dead letters neither replayed nor discarded.
     pub dead_letters_open: i64,
     pub timers: Timers,
+    /// Events that wait for a worker with the definition version their command runs on.
+    pub waiting_for_definition: i64,
     /// People in each stage of each funnel (open funnel commands), by funnel.
     pub funnels: Vec<FunnelStage>,
 }
@@ -127,6 +129,7 @@ pub async fn get_overview(State(state): State<AppState>) -> ApiResult<Json<Overv
             overdue: rows.timers_overdue,
             due_next_hour: rows.timers_due_next_hour,
         },
+        waiting_for_definition: rows.waiting_for_definition,
         funnels: rows.funnels,
     }))
 }

@@ -51,6 +51,8 @@ pub struct OverviewRows {
     pub dead_letters_open: i64,
     pub timers_overdue: i64,
     pub timers_due_next_hour: i64,
+    /// Events parked until a worker with their command's definition version takes them.
+    pub waiting_for_definition: i64,
     pub funnels: Vec<FunnelStage>,
 }
 
@@ -67,6 +69,7 @@ pub async fn overview(pool: &PgPool) -> Result<OverviewRows> {
     let row: (
         DateTime<Utc>,
         Value,
+        i64,
         i64,
         i64,
         i64,
@@ -110,6 +113,7 @@ pub async fn overview(pool: &PgPool) -> Result<OverviewRows> {
                 (SELECT count(*) FROM dead_letters WHERE state = 'dead'),
                 (SELECT count(*) FROM timers WHERE due_at <= now.t),
                 (SELECT count(*) FROM timers WHERE due_at > now.t AND due_at <= now.t + interval '1 hour'),
+                (SELECT count(*) FROM parked_events WHERE waiting_for IS NOT NULL),
                 (SELECT coalesce(json_agg(f ORDER BY f.funnel, f.people DESC, f.stage), '[]'::json) FROM (
                     SELECT substr(kind, 8) AS funnel, coalesce(data->>'stage', '(starting)') AS stage,
                            count(*) AS people
@@ -135,6 +139,7 @@ pub async fn overview(pool: &PgPool) -> Result<OverviewRows> {
         dead_letters_open,
         timers_overdue,
         timers_due_next_hour,
+        waiting_for_definition,
         funnels,
     ) = row;
     Ok(OverviewRows {
@@ -146,6 +151,7 @@ pub async fn overview(pool: &PgPool) -> Result<OverviewRows> {
         dead_letters_open,
         timers_overdue,
         timers_due_next_hour,
+        waiting_for_definition,
         funnels: serde_json::from_value(funnels).map_err(|e| decode("funnels", e))?,
     })
 }
