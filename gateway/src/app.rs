@@ -91,9 +91,9 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
-/// The router and the OpenAPI document generated from the same handlers.
-pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
-    let (api, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+/// The API's routes, with the OpenAPI document generated from their handlers.
+fn api_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(events::post_events))
         .routes(routes!(events::get_unmatched))
         .routes(routes!(commands::start_command))
@@ -119,8 +119,29 @@ pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(search::search_commands))
         .routes(routes!(overview::get_overview))
         .routes(routes!(overview::whoami))
-        .with_state(state.clone())
-        .split_for_parts();
+}
+
+/// The OpenAPI document of the API, as `/openapi.json` serves it.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let mut doc = api_routes().split_for_parts().1;
+    open_health(&mut doc);
+    doc
+}
+
+/// The health endpoints take no credential: `security: []` overrides the document's bearer
+/// default, so that generated clients and probes send none.
+fn open_health(doc: &mut utoipa::openapi::OpenApi) {
+    for path in ["/healthz", "/readyz"] {
+        if let Some(get) = doc.paths.paths.get_mut(path).and_then(|p| p.get.as_mut()) {
+            get.security = Some(Vec::new());
+        }
+    }
+}
+
+/// The router and the OpenAPI document generated from the same handlers.
+pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
+    let (api, mut openapi) = api_routes().with_state(state.clone()).split_for_parts();
+    open_health(&mut openapi);
     let doc = openapi.clone();
     let router = api
         .route_layer(axum::middleware::from_fn_with_state(

@@ -224,6 +224,7 @@ pub async fn publish_all(
 pub const UNMATCHED_BUDGET: i64 = 1024 * 1024;
 
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct UnmatchedQuery {
     /// Only events of this type.
     #[serde(rename = "type")]
@@ -245,7 +246,7 @@ pub struct Unmatched {
 #[utoipa::path(get, path = "/v1/events/unmatched", tag = "events",
     params(UnmatchedQuery),
     responses(
-        (status = 200, body = Unmatched),
+        (status = 200, description = "Unmatched events, newest first", body = Unmatched),
         (status = 422, description = "Invalid query", body = ErrorBody)))]
 pub async fn get_unmatched(
     State(state): State<AppState>,
