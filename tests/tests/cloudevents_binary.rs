@@ -97,6 +97,32 @@ async fn binary_mode_events_from_the_sdk_are_applied_over_http_and_amqp() {
     assert_eq!(received.len(), 2, "{history}");
     assert_eq!(received[0]["event_id"], answers[0]["id"], "{history}");
 
+    // What a header cannot carry as it is arrives as it was sent: a broadcast nobody waits for
+    // is kept, with its attributes, among the unmatched events.
+    let subject = "visitor:caf\u{e9} \"x\" 100%";
+    let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let broadcast = json!([{
+        "attributes": {"type": "binary.unheard", "source": "dapr/app", "subject": subject,
+                       "correlationid": subject, "traceparent": traceparent},
+        "data": {"n": 1}
+    }]);
+    let answers = send_http(&gw.url, &broadcast).await;
+    assert_eq!(answers[0]["status"], 202, "{}", answers[0]);
+    let unmatched = format!("{}/v1/events/unmatched?type=binary.unheard", gw.url);
+    let kept = eventually(
+        Duration::from_secs(30),
+        "the unmatched broadcast",
+        || async {
+            let (_, list) = cmdflow_tests::get(&unmatched).await;
+            list["events"].as_array().and_then(|e| e.first().cloned())
+        },
+    )
+    .await;
+    assert_eq!(kept["event_id"], answers[0]["id"], "{kept}");
+    assert_eq!(kept["body"]["subject"], subject, "{kept}");
+    assert_eq!(kept["body"]["data"], json!({"n": 1}), "{kept}");
+    assert_eq!(kept["body"]["traceparent"], traceparent, "{kept}");
+
     // AMQP: the binding's two prefixes, and Knative's RabbitMQ binding.
     send_amqp(
         &env,
