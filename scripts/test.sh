@@ -45,6 +45,10 @@ else
         die "could not install chromium chromium-driver; install them by hand (apt-get install -y chromium chromium-driver)"
 fi
 
+step "python test venv: scripts/test-venv.sh (CloudEvents SDK, pika, openapi-spec-validator)"
+CMDFLOW_TEST_VENV=$(bash scripts/test-venv.sh) || die "could not make the tests' Python venv (see above)"
+export CMDFLOW_TEST_VENV
+
 step "cargo doc -p cmdflow --no-deps (the SDK reference, warnings are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc -p cmdflow --no-deps
 

@@ -281,13 +281,19 @@ impl App {
                     .map(|n| n.to_string_lossy().into_owned())
             })
             .unwrap_or_else(|| "cmdflow".to_owned());
-        let cli = <cli::Cli as clap::Parser>::parse();
+        // Asked for before the line is parsed, so that a usage error is JSON too.
+        let json = std::env::args().skip(1).any(|a| a == "--json");
+        let cli = match <cli::Cli as clap::Parser>::try_parse() {
+            Ok(cli) => cli,
+            // `--help` and `--version` (status 0), and usage errors without `--json` (status 2,
+            // `Exit::Usage`), as clap prints them.
+            Err(e) if !e.use_stderr() || !json => e.exit(),
+            Err(e) => cli::exit::fail(&program, &anyhow::Error::new(e), json),
+        };
+        let json = cli.json;
         match cli::run(self, cli).await {
             Ok(()) => Ok(()),
-            Err(e) => {
-                eprintln!("{program}: {e:#}");
-                std::process::exit(1);
-            }
+            Err(e) => cli::exit::fail(&program, &e, json),
         }
     }
 }

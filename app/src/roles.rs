@@ -221,16 +221,17 @@ pub async fn archive_run(config: Config, dry_run: bool, json: bool) -> anyhow::R
         }
         return Ok(());
     }
+    let mut shown = crate::cli::progress::Progress::new();
     let moved = cmdflow_workers::archiver::run_all(&pool, &retention, config.archive_batch, |m| {
         if !json {
             let done = (m.trees * 30 / eligible.max(1)).clamp(0, 30) as usize;
-            eprint!(
-                "\r[{}{}] {}/{eligible} trees, {} rows",
+            shown.update(format!(
+                "[{}{}] {}/{eligible} trees, {} rows",
                 "#".repeat(done),
                 " ".repeat(30 - done),
                 m.trees,
                 m.rows()
-            );
+            ));
         }
     })
     .await?;
@@ -240,7 +241,7 @@ pub async fn archive_run(config: Config, dry_run: bool, json: bool) -> anyhow::R
             serde_json::json!({ "trees": moved.trees, "commands": moved.commands, "events": moved.events, "messages": moved.messages })
         );
     } else {
-        eprintln!();
+        shown.finish();
         println!(
             "archived {} trees ({} commands, {} history rows, {} messages)",
             moved.trees, moved.commands, moved.events, moved.messages

@@ -20,15 +20,16 @@ use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
-use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouter};
 use utoipa_axum::routes;
 
-use crate::auth::{self, Authenticator};
+use crate::auth::{self, Authenticator, Scope};
 use crate::catalogue::Catalogue;
 use crate::error::{ApiError, ErrorBody};
 use crate::routes::{
     commands, dead_letters, events, health, kinds, messages, overview, owners, search,
 };
+use crate::scopes::{Need, RouteNeeds};
 use crate::serve;
 
 /// The largest request body: a batch of events (each event is still at most 256 KiB).
@@ -91,42 +92,95 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
+/// The API's routes, each added with what it needs of its caller: the router, the OpenAPI
+/// document generated from the handlers, and the declared needs the auth middleware checks.
+/// A route added without a need is refused ([`crate::scopes`]).
+fn api_routes() -> Api {
+    use Need::{Credential, Public, Read};
+    let ops = Need::Scope(Scope::Ops);
+    let publish = Need::Scope(Scope::Publish);
+    let read_all = Need::Scope(Scope::CommandsRead);
+    Api::new()
+        .route(publish, routes!(events::post_events))
+        .route(read_all, routes!(events::get_unmatched))
+        .route(publish, routes!(commands::start_command))
+        .route(Read, routes!(commands::get_command))
+        .route(Read, routes!(commands::get_history))
+        // A tree is a per-command read: its handler checks the owner, as for the command.
+        .route(Read, routes!(commands::get_tree))
+        .route(ops, routes!(commands::abort_command))
+        .route(Credential, routes!(kinds::list_kinds))
+        .route(ops, routes!(dead_letters::list))
+        .route(ops, routes!(dead_letters::groups))
+        .route(ops, routes!(dead_letters::show))
+        .route(ops, routes!(dead_letters::body))
+        .route(ops, routes!(dead_letters::replay))
+        .route(ops, routes!(dead_letters::replay_status))
+        .route(ops, routes!(dead_letters::interrupt))
+        .route(ops, routes!(dead_letters::resume))
+        .route(ops, routes!(dead_letters::discard))
+        .route(ops, routes!(messages::list))
+        .route(Read, routes!(owners::get_feed))
+        // Marking a message read acts for its owner: the handler asks for that owner's own
+        // token, or `ops`.
+        .route(Read, routes!(owners::read_message))
+        .route(Public, routes!(health::healthz))
+        .route(Public, routes!(health::readyz))
+        .route(Read, routes!(search::search_commands))
+        .route(read_all, routes!(overview::get_overview))
+        .route(Credential, routes!(overview::whoami))
+}
+
+/// The API's router under construction, with the need each route declared.
+struct Api {
+    router: OpenApiRouter<AppState>,
+    needs: RouteNeeds,
+}
+
+impl Api {
+    fn new() -> Api {
+        Api {
+            router: OpenApiRouter::with_openapi(ApiDoc::openapi()),
+            needs: RouteNeeds::default(),
+        }
+    }
+
+    /// Adds a route, declaring what it needs of its caller.
+    fn route(mut self, need: Need, route: UtoipaMethodRouter<AppState>) -> Api {
+        self.needs.declare(&route.1, need);
+        self.router = self.router.routes(route);
+        self
+    }
+
+    /// The router, and the OpenAPI document with each operation's `security` from its need.
+    fn split(self) -> (Router<AppState>, utoipa::openapi::OpenApi, RouteNeeds) {
+        let (router, mut doc) = self.router.split_for_parts();
+        self.needs.document(&mut doc);
+        (router, doc, self.needs)
+    }
+}
+
+/// The OpenAPI document of the API, as `/openapi.json` serves it.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api_routes().split().1
+}
+
+/// Every route of the API with what it needs of its caller, as `METHOD path`.
+pub fn route_needs() -> Vec<(String, Need)> {
+    api_routes().split().2.listing()
+}
+
 /// The router and the OpenAPI document generated from the same handlers.
 pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
-    let (api, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
-        .routes(routes!(events::post_events))
-        .routes(routes!(events::get_unmatched))
-        .routes(routes!(commands::start_command))
-        .routes(routes!(commands::get_command))
-        .routes(routes!(commands::get_history))
-        .routes(routes!(commands::get_tree))
-        .routes(routes!(commands::abort_command))
-        .routes(routes!(kinds::list_kinds))
-        .routes(routes!(dead_letters::list))
-        .routes(routes!(dead_letters::groups))
-        .routes(routes!(dead_letters::show))
-        .routes(routes!(dead_letters::body))
-        .routes(routes!(dead_letters::replay))
-        .routes(routes!(dead_letters::replay_status))
-        .routes(routes!(dead_letters::interrupt))
-        .routes(routes!(dead_letters::resume))
-        .routes(routes!(dead_letters::discard))
-        .routes(routes!(messages::list))
-        .routes(routes!(owners::get_feed))
-        .routes(routes!(owners::read_message))
-        .routes(routes!(health::healthz))
-        .routes(routes!(health::readyz))
-        .routes(routes!(search::search_commands))
-        .routes(routes!(overview::get_overview))
-        .routes(routes!(overview::whoami))
-        .with_state(state.clone())
-        .split_for_parts();
+    let (api, openapi, needs) = api_routes().split();
+    let api = api.with_state(state.clone());
+    let gate = Arc::new(auth::Gate {
+        auth: state.auth.clone(),
+        needs,
+    });
     let doc = openapi.clone();
     let router = api
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.auth.clone(),
-            auth::middleware,
-        ))
+        .route_layer(axum::middleware::from_fn_with_state(gate, auth::middleware))
         // The console's files: no data, no credentials (its API calls carry them).
         .merge(crate::console::router())
         .route("/openapi.json", get(move || async move { axum::Json(doc) }))
@@ -373,5 +427,171 @@ impl Application {
             draining.cancel();
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use axum::body::Body;
+    use axum::http::Request;
+    use cmdflow_shared::config::Secret;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    /// Every route of the API with what it needs. A route added without a declared need is
+    /// refused at run time and missing here; a new route fails this test until it is listed,
+    /// so that a reviewer sees who may call it.
+    #[test]
+    fn every_route_declares_what_it_needs() {
+        let expected = [
+            ("GET /healthz", "public"),
+            ("GET /readyz", "public"),
+            (
+                "GET /v1/commands",
+                "commands:read or owner:read (own owner)",
+            ),
+            ("POST /v1/commands", "events:publish"),
+            (
+                "GET /v1/commands/{id}",
+                "commands:read or owner:read (own owner)",
+            ),
+            ("POST /v1/commands/{id}/abort", "ops"),
+            (
+                "GET /v1/commands/{id}/history",
+                "commands:read or owner:read (own owner)",
+            ),
+            (
+                "GET /v1/commands/{id}/tree",
+                "commands:read or owner:read (own owner)",
+            ),
+            ("GET /v1/dead-letters", "ops"),
+            ("POST /v1/dead-letters/discard", "ops"),
+            ("GET /v1/dead-letters/groups", "ops"),
+            ("POST /v1/dead-letters/replay", "ops"),
+            ("GET /v1/dead-letters/replays/{id}", "ops"),
+            ("POST /v1/dead-letters/replays/{id}/interrupt", "ops"),
+            ("POST /v1/dead-letters/replays/{id}/resume", "ops"),
+            ("GET /v1/dead-letters/{id}", "ops"),
+            ("GET /v1/dead-letters/{id}/body", "ops"),
+            ("POST /v1/events", "events:publish"),
+            ("GET /v1/events/unmatched", "commands:read"),
+            ("GET /v1/kinds", "any credential"),
+            ("GET /v1/messages", "ops"),
+            ("GET /v1/overview", "commands:read"),
+            (
+                "GET /v1/owners/{owner}/feed",
+                "commands:read or owner:read (own owner)",
+            ),
+            (
+                "POST /v1/owners/{owner}/messages/{id}/read",
+                "commands:read or owner:read (own owner)",
+            ),
+            ("GET /v1/whoami", "any credential"),
+        ];
+        let listed: Vec<(String, String)> = route_needs()
+            .into_iter()
+            .map(|(route, need)| (route, need.describe()))
+            .collect();
+        let expected: Vec<(String, String)> = expected
+            .iter()
+            .map(|(r, n)| ((*r).to_owned(), (*n).to_owned()))
+            .collect();
+        assert_eq!(listed, expected);
+
+        // The document has every route, each with the security of its need.
+        let doc = serde_json::to_value(openapi()).unwrap();
+        let mut documented = 0;
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                documented += 1;
+                let security = op["security"].to_string();
+                assert!(!security.contains("undeclared"), "{method} {path}");
+                if path.starts_with("/v1/") {
+                    assert!(security.contains("bearer"), "{method} {path}: {security}");
+                } else {
+                    assert_eq!(op["security"], serde_json::json!([]), "{method} {path}");
+                }
+            }
+        }
+        assert_eq!(documented, expected.len());
+        assert_eq!(
+            doc["paths"]["/v1/dead-letters"]["get"]["security"],
+            serde_json::json!([{"bearer": ["ops"]}])
+        );
+    }
+
+    fn gate(needs: RouteNeeds) -> Arc<auth::Gate> {
+        let config = Config {
+            dev_key: Some(Secret::new("cfk_dev_0123456789abcdef")),
+            jwt_hs256_secret: Some(Secret::new("0123456789abcdef0123456789abcdef")),
+            ..Config::default()
+        };
+        Arc::new(auth::Gate {
+            auth: Arc::new(Authenticator::from_config(&config).unwrap()),
+            needs,
+        })
+    }
+
+    async fn status(router: &Router, uri: &str, token: Option<&str>) -> u16 {
+        let mut request = Request::get(uri);
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        let response = router
+            .clone()
+            .oneshot(request.body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        response.status().as_u16()
+    }
+
+    #[tokio::test]
+    async fn a_route_without_a_declared_need_is_refused_even_to_every_scope() {
+        let mut needs = RouteNeeds::default();
+        let (_, paths, _): UtoipaMethodRouter<AppState> = routes!(health::healthz);
+        needs.declare(&paths, Need::Public);
+        let ok = || async { "ok" };
+        let router = Router::new()
+            .route("/healthz", get(ok))
+            .route("/v1/new-ops-endpoint", get(ok))
+            .route_layer(axum::middleware::from_fn_with_state(
+                gate(needs),
+                auth::middleware,
+            ));
+        let dev = Some("cfk_dev_0123456789abcdef");
+        assert_eq!(status(&router, "/healthz", None).await, 200);
+        assert_eq!(status(&router, "/v1/new-ops-endpoint", dev).await, 403);
+        assert_eq!(status(&router, "/v1/new-ops-endpoint", None).await, 403);
+    }
+
+    #[tokio::test]
+    async fn a_declared_scope_is_required() {
+        let mut needs = RouteNeeds::default();
+        let (_, paths, _): UtoipaMethodRouter<AppState> = routes!(dead_letters::list);
+        needs.declare(&paths, Need::Scope(Scope::Ops));
+        let router = Router::new()
+            .route("/v1/dead-letters", get(|| async { "ok" }))
+            .route_layer(axum::middleware::from_fn_with_state(
+                gate(needs),
+                auth::middleware,
+            ));
+        let key = jsonwebtoken::EncodingKey::from_secret(b"0123456789abcdef0123456789abcdef");
+        let exp = chrono::Utc::now().timestamp() + 60;
+        let reader = jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &serde_json::json!({"sub": "member:1", "scope": "commands:read owner:read", "exp": exp}),
+            &key,
+        )
+        .unwrap();
+        assert_eq!(status(&router, "/v1/dead-letters", None).await, 401);
+        assert_eq!(
+            status(&router, "/v1/dead-letters", Some(&reader)).await,
+            403
+        );
+        let dev = Some("cfk_dev_0123456789abcdef");
+        assert_eq!(status(&router, "/v1/dead-letters", dev).await, 200);
     }
 }

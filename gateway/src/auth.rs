@@ -10,7 +10,8 @@
 //!   commands, nothing else;
 //! - `ops`: dead letters, replay, discard, abort, the messages list.
 //!
-//! A missing or wrong credential is 401; a missing scope, or another owner's data, is 403, and
+//! Each route declares which of these it needs ([`crate::scopes`]); one that declares nothing
+//! is refused. A missing or wrong credential is 401; a missing scope, or another owner's data, is 403, and
 //! the answer never says whether the other owner or command exists. Each caller (API key, or
 //! token subject) has its own rate limit; beyond it the answer is 429 with `Retry-After`.
 
@@ -21,7 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{Method, header};
+use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use cmdflow_shared::Config;
@@ -33,6 +34,10 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::error::ApiError;
+use crate::scopes::{Need, RouteNeeds};
+
+/// The name of the bearer security scheme in the OpenAPI document.
+pub const BEARER: &str = "bearer";
 
 /// The prefix of every API key cmdflow generates.
 pub const KEY_PREFIX: &str = "cfk_";
@@ -574,39 +579,20 @@ fn check_entries(file: KeysFile, shown: &str) -> Result<Vec<(String, Grant)>, Au
     Ok(out)
 }
 
-/// What a route needs of its caller, beyond being authenticated.
-fn route_scope(method: &Method, path: &str) -> Need {
-    if path == "/v1/whoami" || path == "/v1/kinds" {
-        return Need::Credential;
-    }
-    if path.starts_with("/v1/dead-letters") || path.ends_with("/abort") || path == "/v1/messages" {
-        return Need::Scope(Scope::Ops);
-    }
-    if *method == Method::POST && (path == "/v1/events" || path == "/v1/commands") {
-        return Need::Scope(Scope::Publish);
-    }
-    // A tree is a per-command read (`Need::Read`): its handler checks the owner, as for the
-    // command itself.
-    if path == "/v1/events/unmatched" || path == "/v1/overview" {
-        return Need::Scope(Scope::CommandsRead);
-    }
-    Need::Read
+/// The authenticator, and what each route declared it needs of its caller: what the
+/// middleware checks every request of the API against.
+#[derive(Debug)]
+pub struct Gate {
+    pub auth: Arc<Authenticator>,
+    pub needs: RouteNeeds,
 }
 
-/// What a route asks of its caller.
-enum Need {
-    /// Any valid credential, whatever its scopes (`/v1/whoami`, `/v1/kinds`).
-    Credential,
-    Scope(Scope),
-    /// Command and owner reads: `commands:read`, or `owner:read`, which the handler checks
-    /// against the owner it reads.
-    Read,
-}
-
-/// Authenticates every `/v1` request, applies the caller's rate limit and the route's scope,
-/// and hands the [`Principal`] to the handler.
+/// Checks every request of the API against the need its route declared: none for a public
+/// route; otherwise authenticates the caller, applies its rate limit and the route's scope,
+/// and hands the [`Principal`] to the handler. A route that declared no need is refused,
+/// whatever the caller holds.
 pub async fn middleware(
-    State(auth): State<Arc<Authenticator>>,
+    State(gate): State<Arc<Gate>>,
     mut request: Request,
     next: Next,
 ) -> Response {
@@ -615,9 +601,26 @@ pub async fn middleware(
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| request.uri().path().to_owned());
-    if !path.starts_with("/v1/") {
+    let need = match gate.needs.get(request.method(), &path) {
+        Some(need) => need,
+        None if gate.needs.knows_path(&path) => {
+            return axum::http::StatusCode::METHOD_NOT_ALLOWED.into_response();
+        }
+        None => {
+            let route = format!("{} {path}", request.method());
+            tracing::error!(route = %route, "A route declares no scope; it is refused until it does.");
+            return refused(
+                "undeclared",
+                ApiError::Forbidden(format!(
+                    "`{route}` declares no scope, so no credential may call it"
+                )),
+            );
+        }
+    };
+    if need == Need::Public {
         return next.run(request).await;
     }
+    let auth = &gate.auth;
     let principal = match auth.authenticate(
         request
             .headers()
@@ -637,8 +640,8 @@ pub async fn middleware(
             },
         );
     }
-    let allowed = match route_scope(request.method(), &path) {
-        Need::Credential => Ok(()),
+    let allowed = match need {
+        Need::Public | Need::Credential => Ok(()),
         Need::Scope(scope) => principal.require(scope),
         Need::Read if principal.has(Scope::CommandsRead) || principal.has(Scope::OwnerRead) => {
             Ok(())
@@ -669,18 +672,6 @@ mod tests {
             jwt_hs256_secret: Some(Secret::new("0123456789abcdef0123456789abcdef")),
             ..Config::default()
         }
-    }
-
-    #[test]
-    fn the_messages_list_needs_ops_and_reading_a_message_does_not() {
-        assert!(matches!(
-            route_scope(&Method::GET, "/v1/messages"),
-            Need::Scope(Scope::Ops)
-        ));
-        assert!(matches!(
-            route_scope(&Method::POST, "/v1/owners/member:1/messages/x/read"),
-            Need::Read
-        ));
     }
 
     #[test]

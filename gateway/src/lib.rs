@@ -9,6 +9,7 @@ pub mod console;
 pub mod error;
 pub mod http_metrics;
 pub mod routes;
+pub mod scopes;
 pub mod serve;
 
 pub use app::{AppState, Application};

@@ -2,7 +2,8 @@
 //! attributes `commandid`, `correlationid` and `causationid`.
 //!
 //! Every event that enters cmdflow, through the gateway or straight from RabbitMQ, is parsed
-//! by [`Event::parse`], which says precisely what is wrong with a bad one.
+//! by [`Event::parse`], which says precisely what is wrong with a bad one. Events in binary
+//! content mode (attributes as headers) are read by [`binary`] into the same checks.
 
 use std::collections::BTreeMap;
 
@@ -12,6 +13,8 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use crate::domain::{CommandId, check_dotted_name};
+
+pub mod binary;
 
 /// The largest event accepted, serialized.
 pub const MAX_EVENT_BYTES: usize = 256 * 1024;

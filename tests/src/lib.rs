@@ -3,6 +3,7 @@
 
 pub mod fleet;
 pub mod proxy;
+pub mod python;
 pub mod smtp;
 
 use std::future::Future;

@@ -8,6 +8,8 @@ use anyhow::{Context, bail};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use super::exit::{GatewayError, UsageError};
+
 pub struct Client {
     base: String,
     http: reqwest::Client,
@@ -53,9 +55,7 @@ impl Client {
         let status = resp.status();
         let body: Value = resp.json().await.unwrap_or(Value::Null);
         if !status.is_success() {
-            let code = body.get("code").and_then(Value::as_str).unwrap_or("error");
-            let detail = body.get("detail").and_then(Value::as_str).unwrap_or("");
-            bail!("the gateway answered {status}: {code}: {detail}");
+            return Err(refused(status, &body).into());
         }
         Ok(body)
     }
@@ -80,9 +80,7 @@ impl Client {
         let status = resp.status();
         if !status.is_success() {
             let body: Value = resp.json().await.unwrap_or(Value::Null);
-            let code = body.get("code").and_then(Value::as_str).unwrap_or("error");
-            let detail = body.get("detail").and_then(Value::as_str).unwrap_or("");
-            bail!("the gateway answered {status}: {code}: {detail}");
+            return Err(refused(status, &body).into());
         }
         Ok(resp)
     }
@@ -103,6 +101,21 @@ impl Client {
     }
 }
 
+/// The error for a refusal from the gateway, with its status and `{code, detail}`.
+fn refused(status: reqwest::StatusCode, body: &Value) -> GatewayError {
+    let text = |field: &str, default: &str| {
+        body.get(field)
+            .and_then(Value::as_str)
+            .unwrap_or(default)
+            .to_owned()
+    };
+    GatewayError {
+        status: status.as_u16(),
+        code: text("code", "error"),
+        detail: text("detail", status.canonical_reason().unwrap_or("")),
+    }
+}
+
 /// Prints `value` as JSON when the client is in JSON mode; says whether it did.
 fn printed_json(client: &Client, value: &Value) -> bool {
     if client.json {
@@ -115,9 +128,10 @@ fn printed_json(client: &Client, value: &Value) -> bool {
 }
 
 fn parse_object(flag: &str, raw: &str) -> anyhow::Result<Value> {
-    let value: Value = serde_json::from_str(raw).with_context(|| format!("{flag} is not JSON"))?;
+    let value: Value =
+        serde_json::from_str(raw).map_err(|e| UsageError(format!("{flag} is not JSON: {e}")))?;
     if !value.is_object() {
-        bail!("{flag} must be a JSON object");
+        return Err(UsageError(format!("{flag} must be a JSON object")).into());
     }
     Ok(value)
 }

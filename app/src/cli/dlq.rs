@@ -10,6 +10,7 @@ use anyhow::bail;
 use serde_json::{Value, json};
 
 use super::client::Client;
+use super::progress::Progress;
 use super::{DlqCmd, DlqFilter};
 
 fn query(filter: &DlqFilter) -> String {
@@ -286,25 +287,26 @@ pub async fn run(client: &Client, cmd: DlqCmd) -> anyhow::Result<()> {
             if !json {
                 outln!("replay {id}");
             }
+            let mut shown = Progress::new();
             loop {
                 let now = client
                     .get(&format!("/v1/dead-letters/replays/{id}"))
                     .await?;
                 if !json {
-                    eprint!("\r{}", progress(&now));
+                    shown.update(progress(&now));
                 }
                 match now["state"].as_str() {
                     Some("finished") => {
                         if json {
                             outln!("{}", serde_json::to_string_pretty(&now)?);
                         } else {
-                            eprintln!();
+                            shown.finish();
                         }
                         return Ok(());
                     }
                     Some("interrupted") => {
                         if !json {
-                            eprintln!();
+                            shown.finish();
                         }
                         bail!(
                             "replay {id} was interrupted after {} of {}; resume it with --resume {id}",
@@ -314,7 +316,7 @@ pub async fn run(client: &Client, cmd: DlqCmd) -> anyhow::Result<()> {
                     }
                     Some("failed") => {
                         if !json {
-                            eprintln!();
+                            shown.finish();
                         }
                         bail!(
                             "replay {id} failed after {} of {}: {}",

@@ -25,6 +25,8 @@ macro_rules! out {
 
 pub mod client;
 pub mod dlq;
+pub mod exit;
+pub mod progress;
 
 /// Ends the process when the output cannot be written: quietly (status 0) when the reader closed
 /// the pipe, with the error otherwise.
@@ -53,7 +55,8 @@ use client::{Client, EmitArgs};
         Client subcommands talk to the gateway at CMDFLOW_URL (default http://127.0.0.1:8080)."
 )]
 pub struct Cli {
-    /// Client subcommands: print the gateway's JSON instead of tables, for scripts.
+    /// Client subcommands: print the gateway's JSON instead of tables, for scripts; errors
+    /// are then one JSON object on standard error.
     #[arg(long, global = true)]
     pub json: bool,
     #[command(subcommand)]

@@ -254,7 +254,7 @@ impl From<Command> for CommandView {
 #[utoipa::path(get, path = "/v1/commands/{id}", tag = "commands",
     params(("id" = String, Path, description = "Command id (UUID)")),
     responses(
-        (status = 200, body = CommandView),
+        (status = 200, description = "The command", body = CommandView),
         (status = 400, description = "Not a command id", body = ErrorBody),
         (status = 404, description = "No such command", body = ErrorBody)))]
 pub async fn get_command(
@@ -312,7 +312,7 @@ pub struct Tree {
 #[utoipa::path(get, path = "/v1/commands/{id}/tree", tag = "commands",
     params(("id" = String, Path, description = "Command id (UUID)")),
     responses(
-        (status = 200, body = Tree),
+        (status = 200, description = "The command and its descendants", body = Tree),
         (status = 400, description = "Not a command id", body = ErrorBody),
         (status = 403, description = "Not this caller's owner, and no `commands:read`", body = ErrorBody),
         (status = 404, description = "No such command", body = ErrorBody)))]
@@ -443,6 +443,7 @@ pub async fn abort_command(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct HistoryQuery {
     /// Return entries after this `seq` (the cursor from the previous page).
     pub after: Option<i64>,
@@ -462,7 +463,7 @@ pub struct History {
 #[utoipa::path(get, path = "/v1/commands/{id}/history", tag = "commands",
     params(("id" = String, Path, description = "Command id (UUID)"), HistoryQuery),
     responses(
-        (status = 200, body = History),
+        (status = 200, description = "A page of the history, oldest first", body = History),
         (status = 400, description = "Not a command id", body = ErrorBody),
         (status = 404, description = "No such command", body = ErrorBody),
         (status = 422, description = "Invalid query", body = ErrorBody)))]

@@ -25,6 +25,7 @@ use crate::routes::json_body;
 
 /// The query of the list and group endpoints.
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct DeadLetterQuery {
     /// Event type.
     #[serde(rename = "type")]
@@ -174,8 +175,8 @@ fn within_budget(letters: Vec<DeadLetter>, budget: usize) -> (Vec<DeadLetterView
 
 /// Dead letters matching the filter, oldest first, each with the first KiB of its body: a page
 /// of at most `limit`, and at most 1 MiB.
-#[utoipa::path(get, path = "/v1/dead-letters", tag = "dead-letters", params(DeadLetterQuery),
-    responses((status = 200, body = DeadLetterPage), (status = 422, description = "Invalid query", body = ErrorBody)))]
+#[utoipa::path(get, path = "/v1/dead-letters", tag = "dead-letters", operation_id = "list_dead_letters", params(DeadLetterQuery),
+    responses((status = 200, description = "A page of dead letters, oldest first", body = DeadLetterPage), (status = 422, description = "Invalid query", body = ErrorBody)))]
 pub async fn list(
     State(state): State<AppState>,
     query: Result<Query<DeadLetterQuery>, QueryRejection>,
@@ -211,7 +212,7 @@ pub struct Groups {
 
 /// Dead letters grouped by failure signature (error class and failing handler), with counts.
 #[utoipa::path(get, path = "/v1/dead-letters/groups", tag = "dead-letters", params(DeadLetterQuery),
-    responses((status = 200, body = Groups), (status = 422, description = "Invalid query", body = ErrorBody)))]
+    responses((status = 200, description = "Dead letters grouped by failure signature", body = Groups), (status = 422, description = "Invalid query", body = ErrorBody)))]
 pub async fn groups(
     State(state): State<AppState>,
     query: Result<Query<DeadLetterQuery>, QueryRejection>,
@@ -230,7 +231,7 @@ fn letter_id(raw: &str) -> ApiResult<i64> {
 /// One dead letter, with the first KiB of its original event (`body_url` has all of it).
 #[utoipa::path(get, path = "/v1/dead-letters/{id}", tag = "dead-letters",
     params(("id" = i64, Path, description = "Dead letter id")),
-    responses((status = 200, body = DeadLetterView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 200, description = "The dead letter", body = DeadLetterView), (status = 400, description = "Not a dead-letter id", body = ErrorBody), (status = 404, description = "No such dead letter", body = ErrorBody)))]
 pub async fn show(
     State(state): State<AppState>,
     Path(raw): Path<String>,
@@ -258,8 +259,8 @@ pub struct RawBody(pub Vec<u8>);
                 ("x-cmdflow-body-sha256" = String, description = "Hex SHA-256 of the message as received"),
                 ("x-cmdflow-body-size" = i64, description = "Size of the message as received, in bytes"),
                 ("x-cmdflow-body-truncated" = bool, description = "`true` when only the first bytes were kept"))),
-        (status = 400, body = ErrorBody),
-        (status = 404, body = ErrorBody)))]
+        (status = 400, description = "Not a dead-letter id", body = ErrorBody),
+        (status = 404, description = "No such dead letter", body = ErrorBody)))]
 pub async fn body(State(state): State<AppState>, Path(raw): Path<String>) -> ApiResult<Response> {
     let id = letter_id(&raw)?;
     let stored = dead::stored_body(&state.pool, id)
@@ -412,7 +413,7 @@ pub struct ReplayAccepted {
         (status = 200, description = "Dry run: the count", body = ReplayAccepted),
         (status = 202, description = "The replay job started", body = ReplayAccepted),
         (status = 409, description = "Every dead letter it would take was kept truncated", body = ErrorBody),
-        (status = 422, body = ErrorBody)))]
+        (status = 422, description = "An invalid filter or option, named in `detail`", body = ErrorBody)))]
 pub async fn replay(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -486,7 +487,7 @@ fn job_id(raw: &str) -> ApiResult<uuid::Uuid> {
 /// A replay job's progress.
 #[utoipa::path(get, path = "/v1/dead-letters/replays/{id}", tag = "dead-letters",
     params(("id" = String, Path, description = "Replay job id")),
-    responses((status = 200, body = ReplayJob), (status = 404, body = ErrorBody)))]
+    responses((status = 200, description = "The replay job", body = ReplayJob), (status = 404, description = "No such replay job", body = ErrorBody)))]
 pub async fn replay_status(
     State(state): State<AppState>,
     Path(raw): Path<String>,
@@ -501,7 +502,7 @@ pub async fn replay_status(
 /// Interrupts a running replay after its current batch.
 #[utoipa::path(post, path = "/v1/dead-letters/replays/{id}/interrupt", tag = "dead-letters",
     params(("id" = String, Path, description = "Replay job id")),
-    responses((status = 200, body = ReplayJob), (status = 404, body = ErrorBody)))]
+    responses((status = 200, description = "The replay job, interrupted", body = ReplayJob), (status = 404, description = "No such replay job", body = ErrorBody)))]
 pub async fn interrupt(
     State(state): State<AppState>,
     Path(raw): Path<String>,
@@ -521,7 +522,7 @@ pub async fn interrupt(
 /// running, finished or failed cannot be resumed (409).
 #[utoipa::path(post, path = "/v1/dead-letters/replays/{id}/resume", tag = "dead-letters",
     params(("id" = String, Path, description = "Replay job id")),
-    responses((status = 202, body = ReplayJob), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 202, description = "The replay job, running again", body = ReplayJob), (status = 404, description = "No such replay job", body = ErrorBody), (status = 409, description = "The job is running, finished or failed: it cannot be resumed", body = ErrorBody)))]
 pub async fn resume(
     State(state): State<AppState>,
     Path(raw): Path<String>,
@@ -553,7 +554,7 @@ pub async fn resume(
 /// Discards the dead letters of a filter, a group or a list, with a reason.
 #[utoipa::path(post, path = "/v1/dead-letters/discard", tag = "dead-letters",
     request_body(content = Operation, content_type = "application/json"),
-    responses((status = 200, body = Counted), (status = 422, body = ErrorBody)))]
+    responses((status = 200, description = "How many dead letters were discarded", body = Counted), (status = 422, description = "An invalid filter, named in `detail`", body = ErrorBody)))]
 pub async fn discard(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,

@@ -1,20 +1,21 @@
 //! `POST /v1/events`: one CloudEvent or a batch, validated, published with confirms, and
-//! answered 202 only once the broker has confirmed every one.
+//! answered 202 only once the broker has confirmed every one. Events come in structured mode
+//! (the body is the event) or in binary mode (`ce-*` headers, the body is the data).
 
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Extension, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, header};
 use cmdflow_shared::Event;
 use cmdflow_shared::bus;
-use cmdflow_shared::contract::parse_batch;
+use cmdflow_shared::contract::{binary, parse_batch};
 use serde::Serialize;
 
 use crate::app::AppState;
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult, ErrorBody};
-use crate::routes::json_body;
+use crate::routes::{json_body, read_body};
 
 pub const EVENT_CONTENT_TYPES: &[&str] = &[
     "application/json",
@@ -29,8 +30,12 @@ pub struct Accepted {
 }
 
 /// Publishes one CloudEvent, or a JSON array of them.
+///
+/// In binary content mode (CloudEvents HTTP binding), the attributes are `ce-*` headers
+/// (`ce-specversion`, `ce-id`, `ce-source`, `ce-type`, `ce-commandid`, …; values
+/// percent-encoded), `Content-Type` is the data's (JSON), and the body is the data.
 #[utoipa::path(post, path = "/v1/events", tag = "events",
-    request_body(content = Event, description = "A CloudEvent 1.0 (structured JSON), or an array of them",
+    request_body(content = Event, description = "A CloudEvent 1.0 (structured JSON), or an array of them; or, in binary mode, the event's data with its attributes as `ce-*` headers",
         content_type = "application/cloudevents+json"),
     responses(
         (status = 202, description = "Every event was confirmed by the broker", body = Accepted),
@@ -46,8 +51,11 @@ pub async fn post_events(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<(StatusCode, Json<Accepted>)> {
-    let body = json_body(&headers, body, EVENT_CONTENT_TYPES)?;
-    let mut events = parse_batch(&body)?;
+    let mut events = if is_binary_mode(&headers) {
+        vec![binary_event(&headers, &read_body(body)?)?]
+    } else {
+        parse_batch(&json_body(&headers, body, EVENT_CONTENT_TYPES)?)?
+    };
     for event in &events {
         refuse_engine_type(&event.ty)?;
         principal.may_publish(&event.ty)?;
@@ -69,6 +77,46 @@ pub async fn post_events(
             ids: events.into_iter().map(|e| e.id).collect(),
         }),
     ))
+}
+
+/// Whether a request is in CloudEvents binary mode: it carries `ce-*` headers, and its content
+/// type is not a structured-mode one (the HTTP binding's rule).
+fn is_binary_mode(headers: &HeaderMap) -> bool {
+    let structured = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|ct| ct.split(';').next())
+        .is_some_and(|ct| {
+            ct.trim()
+                .to_ascii_lowercase()
+                .starts_with("application/cloudevents")
+        });
+    !structured
+        && headers
+            .keys()
+            .any(|name| name.as_str().starts_with(binary::HTTP_PREFIX))
+}
+
+/// The event of a binary-mode request: its `ce-*` headers (percent-decoded) are the
+/// attributes, `Content-Type` the data's content type, and the body the data.
+fn binary_event(headers: &HeaderMap, body: &[u8]) -> ApiResult<Event> {
+    let mut attributes = Vec::new();
+    for (name, value) in headers {
+        let Some(attribute) = name.as_str().strip_prefix(binary::HTTP_PREFIX) else {
+            continue;
+        };
+        let value = binary::percent_decode(value.as_bytes()).ok_or_else(|| {
+            ApiError::invalid(
+                name.as_str(),
+                "must be percent-encoded UTF-8 (CloudEvents HTTP binding)",
+            )
+        })?;
+        attributes.push((attribute.to_owned(), serde_json::Value::String(value)));
+    }
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    Ok(Event::from_binary(attributes, content_type, body)?)
 }
 
 /// 403 for an engine event type: only cmdflow speaks for the engine, whatever the key.
@@ -176,6 +224,7 @@ pub async fn publish_all(
 pub const UNMATCHED_BUDGET: i64 = 1024 * 1024;
 
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct UnmatchedQuery {
     /// Only events of this type.
     #[serde(rename = "type")]
@@ -197,7 +246,7 @@ pub struct Unmatched {
 #[utoipa::path(get, path = "/v1/events/unmatched", tag = "events",
     params(UnmatchedQuery),
     responses(
-        (status = 200, body = Unmatched),
+        (status = 200, description = "Unmatched events, newest first", body = Unmatched),
         (status = 422, description = "Invalid query", body = ErrorBody)))]
 pub async fn get_unmatched(
     State(state): State<AppState>,

@@ -12,6 +12,7 @@ use crate::app::AppState;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct MessagesQuery {
     /// `failed` (default), `pending` or `sent`.
     pub state: Option<String>,
@@ -26,9 +27,9 @@ pub struct Messages {
 }
 
 /// Messages in one delivery state, newest first (the failed ones by when they failed).
-#[utoipa::path(get, path = "/v1/messages", tag = "messages", params(MessagesQuery),
+#[utoipa::path(get, path = "/v1/messages", tag = "messages", operation_id = "list_messages", params(MessagesQuery),
     responses(
-        (status = 200, body = Messages),
+        (status = 200, description = "Messages in that state, newest first", body = Messages),
         (status = 403, description = "The key lacks the `ops` scope", body = ErrorBody),
         (status = 422, description = "Invalid query", body = ErrorBody)))]
 pub async fn list(

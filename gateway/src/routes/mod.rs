@@ -44,6 +44,12 @@ pub fn json_body(
             accepted.join(", ")
         )));
     }
+    read_body(body)
+}
+
+/// The body of a request whose content type was checked already; maps body-limit rejections
+/// (413).
+pub fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::TooLarge(format!("the body is too large: {}", rejection.body_text()))

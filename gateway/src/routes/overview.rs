@@ -81,7 +81,7 @@ pub struct Overview {
 /// queue declare.
 #[utoipa::path(get, path = "/v1/overview", tag = "console",
     responses(
-        (status = 200, body = Overview),
+        (status = 200, description = "The overview", body = Overview),
         (status = 401, description = "No valid credential", body = ErrorBody),
         (status = 403, description = "No `commands:read` scope", body = ErrorBody)))]
 pub async fn get_overview(State(state): State<AppState>) -> ApiResult<Json<Overview>> {
@@ -147,7 +147,7 @@ pub struct WhoAmI {
 /// Who the caller is and what it may do. Any valid credential may ask, whatever its scopes.
 #[utoipa::path(get, path = "/v1/whoami", tag = "console",
     responses(
-        (status = 200, body = WhoAmI),
+        (status = 200, description = "Who the caller is, and its scopes", body = WhoAmI),
         (status = 401, description = "No valid credential", body = ErrorBody),
         (status = 429, description = "Over the caller's rate limit", body = ErrorBody)))]
 pub async fn whoami(Extension(principal): Extension<Principal>) -> Json<WhoAmI> {

@@ -17,6 +17,7 @@ use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct FeedQuery {
     /// History page size, 1 to 100 (default 20).
     pub limit: Option<i64>,
@@ -67,7 +68,7 @@ fn parse_cursor(raw: &str) -> ApiResult<(DateTime<Utc>, CommandId)> {
 #[utoipa::path(get, path = "/v1/owners/{owner}/feed", tag = "owners",
     params(("owner" = String, Path, description = "Owner, `kind:id`"), FeedQuery),
     responses(
-        (status = 200, body = Feed),
+        (status = 200, description = "The owner's feed", body = Feed),
         (status = 400, description = "Not an owner", body = ErrorBody),
         (status = 401, description = "No valid credential", body = ErrorBody),
         (status = 403, description = "Not this caller's owner, and no `commands:read`", body = ErrorBody),

@@ -20,6 +20,7 @@ const DEFAULT_LIMIT: i64 = 50;
 
 /// Every parameter is optional; an empty one is the same as an absent one.
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct SearchQuery {
     /// Exactly this owner, `kind:id` (an `owner:read` caller must give its own).
@@ -156,7 +157,7 @@ impl SearchQuery {
 /// Commands matching the filters, newest first (by creation time, then id).
 #[utoipa::path(get, path = "/v1/commands", tag = "commands", params(SearchQuery),
     responses(
-        (status = 200, body = CommandPage),
+        (status = 200, description = "A page of the matching commands", body = CommandPage),
         (status = 401, description = "No valid credential", body = ErrorBody),
         (status = 403, description = "Neither `commands:read` nor `owner:read` for this owner", body = ErrorBody),
         (status = 422, description = "An invalid parameter, named in the detail", body = ErrorBody)))]

@@ -106,6 +106,7 @@ pub async fn keep(pool: &PgPool, d: &NewDeadLetter, max_body: usize) -> Result<b
 
 /// Which dead letters an operation applies to. Every field narrows; none means all open ones.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct Filter {
     /// Event type.
     #[serde(rename = "type")]

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use cmdflow_shared::bus::{self, Bus, BusError};
-use cmdflow_shared::contract::{EnvelopeError, types};
+use cmdflow_shared::contract::{EnvelopeError, binary, types};
 use cmdflow_shared::store::partitions;
 use cmdflow_shared::{CommandId, Event};
 use futures::{FutureExt, StreamExt};
@@ -574,11 +574,22 @@ async fn forward_while_first(bus: &Bus, shutdown: &CancellationToken) -> Result<
                 _ => break,
             }
         }
+        // An event in CloudEvents binary mode (attributes as `cloudEvents:*` properties) enters
+        // as the structured event it stands for, so every hop after this one reads one form.
+        let structured: Vec<_> = batch
+            .iter()
+            .map(|d| binary::structured_message(&d.properties, &d.data))
+            .collect();
         let messages = batch
             .iter()
-            .map(|d| {
-                let mut headers = d.properties.headers().clone().unwrap_or_default();
-                bus.add_partition(&mut headers, &bus::route_key_of(&d.data));
+            .zip(&structured)
+            .map(|(d, structured)| {
+                let (body, properties) = match structured {
+                    Some((body, properties)) => (body.as_slice(), properties),
+                    None => (d.data.as_slice(), &d.properties),
+                };
+                let mut headers = properties.headers().clone().unwrap_or_default();
+                bus.add_partition(&mut headers, &bus::route_key_of(body));
                 if bus::header_str(Some(&headers), bus::HEADER_ROUTING_KEY).is_none() {
                     headers.insert(
                         bus::HEADER_ROUTING_KEY.into(),
@@ -588,8 +599,8 @@ async fn forward_while_first(bus: &Bus, shutdown: &CancellationToken) -> Result<
                 bus::Outgoing {
                     exchange: route.clone(),
                     routing_key: d.routing_key.as_str(),
-                    body: &d.data,
-                    properties: d.properties.clone().with_headers(headers),
+                    body,
+                    properties: properties.clone().with_headers(headers),
                 }
             })
             .collect();
@@ -622,7 +633,9 @@ pub(crate) fn admit(
     link_sources: &[String],
     delivery: &Delivery,
 ) -> Result<Event, EnvelopeError> {
-    let mut event = Event::parse(&delivery.data)?;
+    // A message in binary mode that the forwarder left as it came (not a valid event) is read
+    // as binary here, so that its dead letter says what is wrong with it.
+    let mut event = Event::from_amqp(&delivery.properties, &delivery.data)?;
     let marked = || bus.is_from_engine(delivery.properties.headers().as_ref());
     if event.ty == types::OWNER_LINKED && !marked() {
         // Who linked is the gateway's word, never the sender's.
