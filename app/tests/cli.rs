@@ -179,7 +179,9 @@ name = "done"
     std::fs::remove_dir_all(&dir).unwrap();
     assert_ne!(code, 0);
     assert!(
-        stderr.contains("broken.toml: funnel broken: stages[0] (lead).transitions[0].to: unknown stage `visiter`"),
+        stderr.contains(
+            "broken.toml: flow broken: stages[0] (lead).transitions[0].to: unknown stage `visiter`"
+        ),
         "{stderr}"
     );
     assert_eq!(
