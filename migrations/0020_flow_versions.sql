@@ -26,8 +26,9 @@ CREATE TABLE IF NOT EXISTS flow_versions (
     hash          text NOT NULL,
     file          text NOT NULL,
     definition    text NOT NULL,
-    -- The flow as a Mermaid state diagram, for the console.
+    -- The flow as a Mermaid state diagram, and drawn as SVG, for the console.
     mermaid       text NOT NULL,
+    svg           text NOT NULL,
     registered_at timestamptz NOT NULL DEFAULT now(),
     -- When a worker last started with this version as the current one.
     current_at    timestamptz NOT NULL DEFAULT now(),

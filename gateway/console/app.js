@@ -1,5 +1,5 @@
 // The console's shell: sign-in, who is signed in, and hash routing to the pages
-// (`#/`, `#/commands?owner=…`, `#/commands/<id>`, `#/kinds`, `#/dead-letters`, `#/messages`,
+// (`#/`, `#/commands?owner=…`, `#/commands/<id>`, `#/kinds`, `#/flows/<kind>`, `#/dead-letters`, `#/messages`,
 // `#/person/<owner>`).
 
 import { api, clearToken, onUnauthorized, setToken, token } from './api.js';
@@ -9,6 +9,7 @@ import commands from './commands.js';
 import command from './command.js';
 import deadLetters from './dead_letters.js';
 import kinds from './kinds.js';
+import flows from './flows.js';
 import messages from './messages.js';
 import person from './person.js';
 
@@ -17,6 +18,7 @@ const ROUTES = [
   { pattern: /^\/commands$/, page: commands, nav: 'commands', title: 'Commands' },
   { pattern: /^\/commands\/([^/]+)$/, page: command, nav: 'commands', title: 'Command' },
   { pattern: /^\/kinds$/, page: kinds, nav: 'kinds', title: 'Kinds' },
+  { pattern: /^\/flows(?:\/([^/]+))?$/, page: flows, nav: 'flows', title: 'Flows' },
   { pattern: /^\/dead-letters$/, page: deadLetters, nav: 'dead-letters', title: 'Dead letters' },
   { pattern: /^\/messages$/, page: messages, nav: 'messages', title: 'Messages' },
   { pattern: /^\/person(?:\/([^/]+))?$/, page: person, nav: 'person', title: 'Person' },

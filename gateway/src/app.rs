@@ -27,7 +27,7 @@ use crate::auth::{self, Authenticator, Scope};
 use crate::catalogue::Catalogue;
 use crate::error::{ApiError, ErrorBody};
 use crate::routes::{
-    commands, dead_letters, events, health, kinds, messages, overview, owners, search,
+    commands, dead_letters, events, flows, health, kinds, messages, overview, owners, search,
 };
 use crate::scopes::{Need, RouteNeeds};
 use crate::serve;
@@ -128,6 +128,8 @@ fn api_routes() -> Api {
         .route(Public, routes!(health::readyz))
         .route(Read, routes!(search::search_commands))
         .route(read_all, routes!(overview::get_overview))
+        .route(read_all, routes!(flows::list_flows))
+        .route(read_all, routes!(flows::get_flow))
         .route(Credential, routes!(overview::whoami))
 }
 
@@ -478,6 +480,8 @@ mod tests {
             ("GET /v1/dead-letters/{id}/body", "ops"),
             ("POST /v1/events", "events:publish"),
             ("GET /v1/events/unmatched", "commands:read"),
+            ("GET /v1/flows", "commands:read"),
+            ("GET /v1/flows/{kind}", "commands:read"),
             ("GET /v1/kinds", "any credential"),
             ("GET /v1/messages", "ops"),
             ("GET /v1/overview", "commands:read"),

@@ -57,6 +57,7 @@ static ASSETS: &[Asset] = &[
     asset!("command.js", JS),
     asset!("dead_letters.js", JS),
     asset!("kinds.js", JS),
+    asset!("flows.js", JS),
     asset!("messages.js", JS),
     asset!("person.js", JS),
 ];

@@ -604,6 +604,43 @@ async fn a_person_uses_the_console_in_a_real_browser() {
     );
     browser.shot("kinds-1280").await;
 
+    // Flows: a funnel's versions, drawn, with its Mermaid source and its file.
+    browser
+        .client
+        .goto(&format!("{console}#/flows"))
+        .await
+        .unwrap();
+    let flows = browser
+        .until("the flows", &text_of("main table tbody"))
+        .await;
+    assert!(
+        flows.as_str().unwrap().contains("funnel.visitor_to_member"),
+        "{flows}"
+    );
+    browser
+        .client
+        .goto(&format!("{console}#/flows/funnel.visitor_to_member"))
+        .await
+        .unwrap();
+    let drawn = browser
+        .until(
+            "the flow's diagram, drawn",
+            "const img = document.querySelector('.flow-diagram img'); return img && img.complete && img.naturalWidth > 0 ? img.naturalWidth : null",
+        )
+        .await;
+    assert!(drawn.as_i64().unwrap() > 100, "{drawn}");
+    let mermaid = browser
+        .js("return document.querySelectorAll('details pre')[0].textContent")
+        .await;
+    assert!(
+        mermaid
+            .as_str()
+            .unwrap()
+            .starts_with("stateDiagram-v2\n    state \"visitor\" as visitor"),
+        "{mermaid}"
+    );
+    browser.shot("flow-1280").await;
+
     // A credential the gateway no longer accepts: the API's 401 brings the sign-in back, with
     // the API's reason.
     browser
@@ -658,6 +695,11 @@ async fn a_person_uses_the_console_in_a_real_browser() {
         ),
         ("person", "#/person/visitor%3Ae2e-quote", ".pending-card"),
         ("kinds", "#/kinds", "main table tbody tr"),
+        (
+            "flow",
+            "#/flows/funnel.visitor_to_member",
+            ".flow-diagram img",
+        ),
     ] {
         browser
             .client

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use cmdflow_shared::time::SystemClock;
 use cmdflow_shared::{CommandState, Decision};
-use cmdflow_tests::{TestEnv, event, eventually, post, send};
+use cmdflow_tests::{TestEnv, event, eventually, get, post, send};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -229,6 +229,47 @@ async fn an_edited_flow_applies_to_new_commands_and_old_ones_finish_on_theirs() 
     for i in 0..5 {
         new.push(start(&gw, "help.ticket", &format!("member:{}", 20 + i), json!({})).await);
     }
+    for id in &new {
+        env.wait_state(id, CommandState::Running).await;
+    }
+    // The console's API shows both versions, the new one current, with what runs on each.
+    let (status, listed) = get(&format!("{gw}/v1/flows")).await;
+    assert_eq!(status, 200, "{listed}");
+    let ticket = listed["flows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["kind"] == "help.ticket")
+        .unwrap_or_else(|| panic!("{listed}"));
+    assert_eq!(ticket["current"], "2", "{listed}");
+    assert_eq!(ticket["versions"], json!(["2", "1"]), "{listed}");
+    let (status, detail) = get(&format!("{gw}/v1/flows/help.ticket")).await;
+    assert_eq!(status, 200, "{detail}");
+    let open: Vec<(String, i64)> = detail["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            assert!(
+                v["mermaid"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("stateDiagram-v2")
+            );
+            assert!(v["svg"].as_str().unwrap().contains("<svg"), "{v}");
+            (
+                v["version"].as_str().unwrap().to_owned(),
+                v["open_commands"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        open,
+        [("2".to_owned(), 5), ("1".to_owned(), 10)],
+        "{detail}"
+    );
+    let (status, missing) = get(&format!("{gw}/v1/flows/help.nothing")).await;
+    assert_eq!(status, 404, "{missing}");
     for id in old.iter().chain(&new) {
         send(&gw, &event("ticket.noted", Some(id), json!({}))).await;
         send(&gw, &event("ticket.closed", Some(id), json!({}))).await;

@@ -656,6 +656,69 @@ impl FlowDef {
         out
     }
 
+    /// The flow as a Graphviz DOT graph: states, transitions (labelled with their event and
+    /// guard) and timers that move.
+    pub fn dot(&self) -> String {
+        let q = |s: &str| format!("\"{}\"", s.replace(['"', '\\'], "'"));
+        let mut out = String::from("digraph flow {\n  rankdir=LR;\n  \"[start]\" [shape=point];\n");
+        for stage in &self.stages {
+            let shape = if self.finals.contains(&stage.name) {
+                "doublecircle"
+            } else {
+                "box"
+            };
+            let _ = writeln!(out, "  {} [shape={shape}];", q(&stage.name));
+        }
+        let _ = writeln!(out, "  \"[start]\" -> {};", q(&self.initial));
+        for stage in &self.stages {
+            for t in &stage.transitions {
+                let to = t.to.as_deref().unwrap_or(&stage.name);
+                let guard = t.guard.as_ref().map(guard_text).unwrap_or_default();
+                let _ = writeln!(
+                    out,
+                    "  {} -> {} [label={}];",
+                    q(&stage.name),
+                    q(to),
+                    q(&format!("{}{guard}", t.on))
+                );
+            }
+            for a in stage.after.iter().filter(|a| a.to.is_some()) {
+                let to = a.to.as_deref().unwrap_or(&stage.name);
+                let _ = writeln!(
+                    out,
+                    "  {} -> {} [label={}];",
+                    q(&stage.name),
+                    q(to),
+                    q(&when_text(a))
+                );
+            }
+        }
+        out.push_str("}\n");
+        out
+    }
+
+    /// The flow drawn as an SVG image (laid out from [`FlowDef::dot`]); empty when the layout
+    /// fails.
+    pub fn svg(&self) -> String {
+        use layout::backends::svg::SVGWriter;
+        use layout::gv::{DotParser, GraphBuilder};
+        let dot = self.dot();
+        // The layout is a library's: a graph it cannot draw costs the picture, not the worker.
+        std::panic::catch_unwind(|| {
+            let mut parser = DotParser::new(&dot);
+            let tree = parser.process().ok()?;
+            let mut builder = GraphBuilder::new();
+            builder.visit_graph(&tree);
+            let mut graph = builder.get();
+            let mut svg = SVGWriter::new();
+            graph.do_it(false, false, false, &mut svg);
+            Some(svg.finalize())
+        })
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+    }
+
     /// The flow as text: its states, timers and transitions (what `cmdflow flows show` prints).
     pub fn describe(&self) -> String {
         let mut out = String::new();
@@ -966,14 +1029,18 @@ pub async fn sync_versions(
     let defs: Vec<FlowDef> = registry.flow_defs().to_vec();
     for def in &defs {
         let (kind, version) = (def.kind(), def.flow_version());
+        let (mermaid, svg) = (def.mermaid(), def.svg());
         let recorded = store::flows::record(
             pool,
-            &kind,
-            &version,
-            &def.source.hash,
-            &def.source.file,
-            &def.source.text,
-            &def.mermaid(),
+            store::flows::NewFlowVersion {
+                kind: &kind,
+                version: &version,
+                hash: &def.source.hash,
+                file: &def.source.file,
+                definition: &def.source.text,
+                mermaid: &mermaid,
+                svg: &svg,
+            },
         )
         .await?;
         if let Err(other) = recorded {
@@ -1560,5 +1627,94 @@ name = "b"
                 .starts_with("funnels/bad.toml: flow bad: bytes"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_flow_is_drawn_and_described() {
+        let mut kinds = kinds();
+        kinds.insert("shop.supplier_quote".into());
+        let mut templates = templates();
+        templates.add("quote_submitted", "Quote\n").unwrap();
+        let text = include_str!("../../examples/flows/quote.toml");
+        let def = FlowDef::parse("flows/quote.toml", text, &templates, &kinds).unwrap();
+        assert_eq!(def.kind(), "shop.quote");
+        assert_eq!(def.flow_version().len(), 12);
+        let mermaid = def.mermaid();
+        assert!(mermaid.starts_with("stateDiagram-v2\n    state \"collecting\" as collecting"));
+        assert!(
+            mermaid.contains("    offered --> expired : wait.timed_out\n"),
+            "{mermaid}"
+        );
+        assert!(mermaid.contains("    accepted --> [*]\n"), "{mermaid}");
+        let svg = def.svg();
+        assert!(svg.contains("<svg"), "{svg}");
+        for state in [
+            "collecting",
+            "offered",
+            "accepted",
+            "declined",
+            "expired",
+            "unpriced",
+        ] {
+            assert!(svg.contains(&format!(">{state}<")), "{state} is not drawn");
+        }
+        let text = def.describe();
+        assert!(text.contains("[collecting] (initial)"), "{text}");
+        assert!(
+            text.contains("cron 0 0 9-17 * * Mon-Fri (Europe/Paris)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("on quote.answered [accepted = true] → accepted"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn guards_compare_and_changes_read_the_event() {
+        let def = FlowDef::parse(
+            "flows/c.toml",
+            r#"
+version = 1
+kind = "t.counter"
+title = "Counter"
+initial = "counting"
+[[states]]
+name = "counting"
+transitions = [
+  { on = "t.add", guard = { path = "$.event.by", gte = 1, lt = 10 }, inc = { count = 1 }, set = { last = "$.event.by", who = "$.command.owner" } },
+  { on = "t.stop", guard = { path = "$.data.count", gt = 1 }, actions = [{ complete = { result = { count = "$.data.count" } } }] },
+]
+"#,
+            &templates(),
+            &kinds(),
+        )
+        .unwrap();
+        let handler = FlowHandler::new(def);
+        let mut command = Command::new("t.counter", "member:1", json!({ "stage": "counting" }));
+        let ev = |ty: &str, data: Value| Event::new("t", ty, data.as_object().cloned().unwrap());
+        let d = handler
+            .decide(&command, &ev("t.add", json!({ "by": 3 })))
+            .unwrap();
+        assert_eq!(
+            d.data,
+            Some(DataChange::Patch(
+                json!({ "count": 1, "last": 3, "who": "member:1" })
+                    .as_object()
+                    .cloned()
+                    .unwrap()
+            ))
+        );
+        // Out of the guard's range: nothing changes.
+        let d = handler
+            .decide(&command, &ev("t.add", json!({ "by": 10 })))
+            .unwrap();
+        assert_eq!(d, Decision::nothing());
+        // Not yet above one: the stop is ignored; then it completes with the count.
+        let d = handler.decide(&command, &ev("t.stop", json!({}))).unwrap();
+        assert_eq!(d.outcome, None);
+        command.data["count"] = json!(2);
+        let d = handler.decide(&command, &ev("t.stop", json!({}))).unwrap();
+        assert_eq!(d.outcome, Some(Outcome::Complete(json!({ "count": 2 }))));
     }
 }

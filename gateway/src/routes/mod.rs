@@ -4,6 +4,7 @@
 pub mod commands;
 pub mod dead_letters;
 pub mod events;
+pub mod flows;
 pub mod health;
 pub mod kinds;
 pub mod messages;

@@ -24,9 +24,23 @@ pub struct FlowVersion {
     pub definition: String,
     /// The flow as a Mermaid state diagram.
     pub mermaid: String,
+    /// The flow drawn as an SVG image.
+    pub svg: String,
     pub registered_at: DateTime<Utc>,
     /// When a worker last started with it as the kind's current version.
     pub current_at: DateTime<Utc>,
+}
+
+/// A version of a flow as a worker loaded it, to record.
+#[derive(Debug, Clone, Copy)]
+pub struct NewFlowVersion<'a> {
+    pub kind: &'a str,
+    pub version: &'a str,
+    pub hash: &'a str,
+    pub file: &'a str,
+    pub definition: &'a str,
+    pub mermaid: &'a str,
+    pub svg: &'a str,
 }
 
 /// Records a version a worker starts with as its kind's current one. `Err` text: when the
@@ -34,30 +48,30 @@ pub struct FlowVersion {
 /// `revision`), the file that holds the other text.
 pub async fn record(
     pool: &PgPool,
-    kind: &str,
-    version: &str,
-    hash: &str,
-    file: &str,
-    definition: &str,
-    mermaid: &str,
+    new: NewFlowVersion<'_>,
 ) -> Result<std::result::Result<(), String>> {
     let row: (String, String) = sqlx::query_as(
-        "INSERT INTO flow_versions (kind, version, hash, file, definition, mermaid)
-         VALUES ($1, $2, $3, $4, $5, $6)
+        "INSERT INTO flow_versions (kind, version, hash, file, definition, mermaid, svg)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)
          ON CONFLICT (kind, version) DO UPDATE
             SET current_at = CASE WHEN flow_versions.hash = excluded.hash
                                   THEN now() ELSE flow_versions.current_at END
          RETURNING hash, file",
     )
-    .bind(kind)
-    .bind(version)
-    .bind(hash)
-    .bind(file)
-    .bind(definition)
-    .bind(mermaid)
+    .bind(new.kind)
+    .bind(new.version)
+    .bind(new.hash)
+    .bind(new.file)
+    .bind(new.definition)
+    .bind(new.mermaid)
+    .bind(new.svg)
     .fetch_one(pool)
     .await?;
-    Ok(if row.0 == hash { Ok(()) } else { Err(row.1) })
+    Ok(if row.0 == new.hash {
+        Ok(())
+    } else {
+        Err(row.1)
+    })
 }
 
 /// Every version of `kind`, the newest first.
