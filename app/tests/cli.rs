@@ -223,3 +223,150 @@ fn key_new_prints_the_key_once_and_an_entry_with_only_its_hash() {
     assert_ne!(code, 0);
     assert!(stderr.contains("unknown scope `admin`"), "{stderr}");
 }
+
+/// Runs cmdflow (with the examples) and returns its exit code, standard output and error.
+fn run_out(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_cmdflow"))
+        .args(args)
+        .env("CMDFLOW_EXAMPLES", "true")
+        .env_remove("CMDFLOW_FLOWS_DIR")
+        .env("RUST_LOG", "off")
+        .output()
+        .expect("run cmdflow");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+const EXAMPLE_FLOWS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/flows");
+
+#[test]
+fn flows_check_names_every_bad_file_and_exits_with_2() {
+    let dir = std::env::temp_dir().join(format!("cmdflow-flows-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = r#"
+version = 1
+kind = "ops.ticket"
+title = "Ticket"
+initial = "open"
+final = ["closed"]
+[[states]]
+name = "open"
+transitions = [{ on = "ticket.closed", to = "closed" }]
+[[states]]
+name = "closed"
+"#;
+    std::fs::write(dir.join("a_good.toml"), good).unwrap();
+    std::fs::write(
+        dir.join("b_bad.toml"),
+        good.replace("ops.ticket", "ops.bad")
+            .replace("to = \"closed\" }", "to = \"closd\" }"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("c_twin.toml"),
+        good.replace("title = \"Ticket\"", "title = \"Twin\""),
+    )
+    .unwrap();
+    let (code, stdout, stderr) = run_out(&["flows", "check", dir.to_str().unwrap()]);
+    let (json_code, json_out, _) = run_out(&["flows", "check", "--json", dir.to_str().unwrap()]);
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    assert_eq!(code, 2, "{stdout}{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    assert!(lines[0].starts_with("ok "), "{stdout}");
+    assert!(lines[0].contains("a_good.toml") && lines[0].contains("ops.ticket"));
+    assert!(lines[0].contains("2 states"), "{stdout}");
+    assert!(
+        lines[1].contains(
+            "b_bad.toml: flow ops.bad: states[0] (open).transitions[0].to: unknown stage `closd`"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        lines[2].contains("c_twin.toml: flow ops.ticket: kind:")
+            && lines[2].contains("a_good.toml defines a flow of the same kind"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("2 of 3 flow files cannot run"), "{stderr}");
+
+    assert_eq!(json_code, 2);
+    let rows: serde_json::Value = serde_json::from_str(&json_out).expect("JSON rows");
+    let oks: Vec<bool> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["ok"].as_bool().unwrap())
+        .collect();
+    assert_eq!(oks, [true, false, false]);
+    assert_eq!(
+        rows[1]["error"]["field"],
+        "states[0] (open).transitions[0].to"
+    );
+}
+
+#[test]
+fn flows_check_passes_the_shipped_flows_and_refuses_a_name_taken_in_code() {
+    let (code, stdout, stderr) = run_out(&["flows", "check", EXAMPLE_FLOWS]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(
+        stdout.contains("shop.quote version ") && stdout.contains(", 6 states"),
+        "{stdout}"
+    );
+
+    // `demo.counter` is a Rust kind of this binary: a flow may not take its name.
+    let dir = std::env::temp_dir().join(format!("cmdflow-flows-taken-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("counter.toml"),
+        "version = 1\nkind = \"demo.counter\"\ntitle = \"C\"\ninitial = \"a\"\nfinal = [\"a\"]\n[[states]]\nname = \"a\"\n",
+    )
+    .unwrap();
+    let (code, stdout, _) = run_out(&["flows", "check", dir.to_str().unwrap()]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(code, 2, "{stdout}");
+    assert!(
+        stdout.contains("flow demo.counter: kind: a kind of that name is registered already"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn flows_show_prints_states_transitions_and_the_diagram() {
+    let (code, text, stderr) = run_out(&["flows", "show", "shop.quote", "--from", EXAMPLE_FLOWS]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(text.starts_with("shop.quote — Quote\nversion "), "{text}");
+    assert!(text.contains("[collecting] (initial)"), "{text}");
+    assert!(
+        text.contains("on children.settled [outcome = \"succeeded\"] → offered"),
+        "{text}"
+    );
+
+    let (code, mermaid, _) = run_out(&[
+        "flows",
+        "show",
+        "shop.quote",
+        "--from",
+        EXAMPLE_FLOWS,
+        "--mermaid",
+    ]);
+    assert_eq!(code, 0);
+    assert!(mermaid.starts_with("stateDiagram-v2"), "{mermaid}");
+    assert!(mermaid.contains("collecting --> offered"), "{mermaid}");
+
+    // The binary's own funnels need no --from.
+    let (code, text, _) = run_out(&["flows", "show", "funnel.lead_to_visitor"]);
+    assert_eq!(code, 0);
+    assert!(text.contains("on visitor.arrived → visitor"), "{text}");
+
+    let (code, _, stderr) = run_out(&["flows", "show", "shop.nothing"]);
+    assert_eq!(code, 4, "{stderr}");
+    assert!(
+        stderr.contains("no flow runs as shop.nothing; flows: ")
+            && stderr.contains("funnel.lead_to_visitor"),
+        "{stderr}"
+    );
+}

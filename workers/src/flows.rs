@@ -379,13 +379,23 @@ impl FlowDef {
         })?;
         def.validate(templates, kinds)
             .map_err(|(field, reason)| FlowError {
+                // Named as the file names its states: `states` (flows) or `stages` (funnels).
+                field: match field.strip_prefix("stages") {
+                    Some(rest)
+                        if text
+                            .parse::<toml::Table>()
+                            .is_ok_and(|t| t.contains_key("states")) =>
+                    {
+                        format!("states{rest}")
+                    }
+                    _ => field,
+                },
                 file: file.to_owned(),
                 // The name may be what is wrong, and huge: the error repeats its beginning.
                 flow: cmdflow_shared::contract::clip_to(
                     def.name.as_deref().or(def.kind.as_deref()).unwrap_or(&stem),
                     64,
                 ),
-                field,
                 reason,
             })?;
         def.source = FlowSource {
@@ -556,11 +566,18 @@ impl FlowDef {
                     }
                     check_values(table).map_err(|r| (place.clone(), r))?;
                     if field == "inc"
-                        && let Some((k, _)) = table.iter().find(|(_, v)| {
-                            !matches!(v, toml::Value::Integer(_) | toml::Value::Float(_))
+                        && let Some((k, _)) = table.iter().find(|(_, v)| match v {
+                            toml::Value::Integer(_) | toml::Value::Float(_) => false,
+                            toml::Value::String(s) => !is_path(s),
+                            _ => true,
                         })
                     {
-                        return err(place, format!("`{k}` must be a number to add"));
+                        return err(
+                            place,
+                            format!(
+                                "`{k}` must be a number to add, or a $.event/$.data path to one"
+                            ),
+                        );
                     }
                 }
                 check_actions(&t.actions, &format!("transitions[{j}].actions"))?;
@@ -882,9 +899,9 @@ fn check_action(a: &Action, templates: &Templates, kinds: &BTreeSet<String>) -> 
         }
     };
     match a {
-        Action::Send { template, .. } if !templates.contains(template) => {
-            Err(format!("missing template `{template}`"))
-        }
+        Action::Send { template, .. } if !templates.contains(template) => Err(format!(
+            "missing template `{template}`: register it, or put {template}.txt in CMDFLOW_TEMPLATES_DIR"
+        )),
         Action::Send { .. } => Ok(()),
         Action::Timer {
             name,
@@ -988,7 +1005,17 @@ pub fn parse_all(
     templates: &Templates,
     kinds: &BTreeSet<String>,
 ) -> Result<Vec<FlowDef>, FlowError> {
-    // The flows of one batch may spawn one another.
+    check_each(files, templates, kinds).into_iter().collect()
+}
+
+/// Checks every flow file on its own (`(file name, TOML text)`), in order: each file's flow,
+/// or what is wrong with it. The flows of one batch may spawn one another; the second flow of a
+/// kind is an error.
+pub fn check_each(
+    files: &[(String, String)],
+    templates: &Templates,
+    kinds: &BTreeSet<String>,
+) -> Vec<Result<FlowDef, FlowError>> {
     let mut kinds = kinds.clone();
     kinds.extend(
         files
@@ -996,24 +1023,27 @@ pub fn parse_all(
             .filter_map(|(_, text)| toml::from_str::<FlowDef>(text).ok())
             .map(|d| d.kind()),
     );
-    let mut defs: Vec<FlowDef> = Vec::new();
+    let mut checked: Vec<Result<FlowDef, FlowError>> = Vec::new();
     for (file, text) in files {
-        let def = FlowDef::parse(file, text, templates, &kinds)?;
-        if let Some(twin) = defs.iter().find(|d| d.kind() == def.kind()) {
-            return Err(FlowError {
-                file: file.clone(),
-                flow: def.kind(),
-                field: if def.is_funnel() { "name" } else { "kind" }.into(),
-                reason: if def.is_funnel() {
-                    format!("{} defines a funnel of the same name", twin.source.file)
-                } else {
-                    format!("{} defines a flow of the same kind", twin.source.file)
-                },
-            });
-        }
-        defs.push(def);
+        let def = FlowDef::parse(file, text, templates, &kinds).and_then(|def| {
+            let twin = checked.iter().flatten().find(|d| d.kind() == def.kind());
+            match twin {
+                None => Ok(def),
+                Some(twin) => Err(FlowError {
+                    file: file.clone(),
+                    flow: def.kind(),
+                    field: if def.is_funnel() { "name" } else { "kind" }.into(),
+                    reason: if def.is_funnel() {
+                        format!("{} defines a funnel of the same name", twin.source.file)
+                    } else {
+                        format!("{} defines a flow of the same kind", twin.source.file)
+                    },
+                }),
+            }
+        });
+        checked.push(def);
     }
-    Ok(defs)
+    checked
 }
 
 /// Records the registry's flows as their kinds' current versions, and keeps every earlier
@@ -1450,30 +1480,39 @@ impl FlowHandler {
         Ok(decision)
     }
 
-    /// A transition's data changes: `set` values, then `inc` additions.
-    fn changes(scope: &Scope<'_>, t: &Transition) -> Map<String, Value> {
+    /// A transition's data changes: `set` values, then `inc` additions (a number, or a path
+    /// to one: a path to anything else is invalid data).
+    fn changes(scope: &Scope<'_>, t: &Transition) -> Result<Map<String, Value>, HandlerError> {
         let mut patch = t
             .set
             .as_ref()
             .map(|s| scope.resolve_table(s))
             .unwrap_or_default();
         for (k, by) in t.inc.iter().flatten() {
+            let by = match by {
+                toml::Value::String(path) => match scope.get(path) {
+                    Some(n @ Value::Number(_)) => n,
+                    other => {
+                        return Err(HandlerError::InvalidData(format!(
+                            "inc {k}: {path} is {}, not a number",
+                            other.map_or_else(|| "absent".to_owned(), |v| v.to_string())
+                        )));
+                    }
+                },
+                other => serde_json::to_value(other).unwrap_or(json!(0)),
+            };
             let current = patch
                 .get(k)
                 .or_else(|| scope.command.data.get(k))
                 .cloned()
                 .unwrap_or(json!(0));
-            let sum = match (current.as_i64(), by.as_integer()) {
+            let sum = match (current.as_i64(), by.as_i64()) {
                 (Some(a), Some(b)) => json!(a.saturating_add(b)),
-                _ => json!(
-                    current.as_f64().unwrap_or(0.0)
-                        + by.as_float().unwrap_or(0.0)
-                        + by.as_integer().unwrap_or(0) as f64
-                ),
+                _ => json!(current.as_f64().unwrap_or(0.0) + by.as_f64().unwrap_or(0.0)),
             };
             patch.insert(k.clone(), sum);
         }
-        patch
+        Ok(patch)
     }
 }
 
@@ -1520,7 +1559,7 @@ impl Handler for FlowHandler {
             if !t.guard.as_ref().is_none_or(|g| scope.holds(g)) {
                 continue;
             }
-            let decision = merge_patch(Decision::nothing(), Self::changes(&scope, t));
+            let decision = merge_patch(Decision::nothing(), Self::changes(&scope, t)?);
             let decision = self.act_once(&scope, &stage.name, &t.actions, decision)?;
             let next = match &t.to {
                 Some(to) => Some(
@@ -1716,5 +1755,53 @@ transitions = [
         command.data["count"] = json!(2);
         let d = handler.decide(&command, &ev("t.stop", json!({}))).unwrap();
         assert_eq!(d.outcome, Some(Outcome::Complete(json!({ "count": 2 }))));
+    }
+
+    #[test]
+    fn inc_adds_the_number_a_path_names_and_refuses_anything_else() {
+        let flow = |inc: &str| {
+            format!(
+                "version = 1\nkind = \"t.sum\"\ntitle = \"Sum\"\ninitial = \"s\"\n[[states]]\nname = \"s\"\ntransitions = [{{ on = \"t.add\", inc = {{ total = {inc} }} }}]\n"
+            )
+        };
+        let def = FlowDef::parse(
+            "flows/s.toml",
+            &flow("\"$.event.amount\""),
+            &templates(),
+            &kinds(),
+        )
+        .unwrap();
+        let handler = FlowHandler::new(def);
+        let command = Command::new("t.sum", "member:1", json!({ "stage": "s", "total": 5 }));
+        let ev = |data: Value| Event::new("t", "t.add", data.as_object().cloned().unwrap());
+        let d = handler
+            .decide(&command, &ev(json!({ "amount": 4 })))
+            .unwrap();
+        let total = match d.data {
+            Some(DataChange::Patch(p)) => p["total"].clone(),
+            other => panic!("a patch, got {other:?}"),
+        };
+        assert_eq!(total, json!(9));
+        // A value that is no number is invalid data (a dead letter with this reason).
+        let e = handler
+            .decide(&command, &ev(json!({ "amount": "four" })))
+            .unwrap_err();
+        assert_eq!(
+            e,
+            HandlerError::InvalidData(
+                r#"inc total: $.event.amount is "four", not a number"#.into()
+            )
+        );
+        let e = handler.decide(&command, &ev(json!({}))).unwrap_err();
+        assert!(e.to_string().contains("$.event.amount is absent"), "{e}");
+        // A string that is no path is refused when the file loads.
+        let e =
+            FlowDef::parse("flows/s.toml", &flow("\"four\""), &templates(), &kinds()).unwrap_err();
+        assert_eq!(e.field, "states[0] (s).transitions[0].inc");
+        assert!(
+            e.reason.contains("`total` must be a number to add"),
+            "{}",
+            e.reason
+        );
     }
 }

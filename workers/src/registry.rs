@@ -268,6 +268,29 @@ impl Registry {
         Ok(self)
     }
 
+    /// Checks flow files against this registry without adding them (what `cmdflow flows
+    /// check` runs): each file's flow, or what is wrong with it. Besides the file's own
+    /// errors, a flow may not take the name of a kind registered in code or decided remotely.
+    pub fn check_flows(&self, files: &[(String, String)]) -> Vec<Result<FlowDef, FlowError>> {
+        let checked = crate::flows::check_each(files, &self.templates, &self.kind_names());
+        checked
+            .into_iter()
+            .map(|def| {
+                let def = def?;
+                let kind = def.kind();
+                match self.kinds.get(&kind).map(|e| e.source) {
+                    Some(KindSource::Rust | KindSource::Remote) => Err(FlowError {
+                        file: def.source.file.clone(),
+                        flow: kind,
+                        field: if def.is_funnel() { "name" } else { "kind" }.into(),
+                        reason: "a kind of that name is registered already, in code or as a remote decider".into(),
+                    }),
+                    _ => Ok(def),
+                }
+            })
+            .collect()
+    }
+
     /// Adds the flows of every `*.toml` in `dir` (see [`Registry::flows`]).
     pub fn flows_dir(&mut self, dir: &Path) -> Result<&mut Self, RegistryError> {
         let files = crate::flows::read_dir(dir)?;

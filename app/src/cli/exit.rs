@@ -68,6 +68,9 @@ impl Exit {
             if cause.is::<UsageError>() || cause.is::<clap::Error>() {
                 return Exit::Usage;
             }
+            if cause.is::<NotFoundError>() {
+                return Exit::NotFound;
+            }
             // Sending failed: no connection, a reset, a timeout.
             if let Some(e) = cause.downcast_ref::<reqwest::Error>()
                 && !e.is_builder()
@@ -92,6 +95,11 @@ pub struct GatewayError {
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct UsageError(pub String);
+
+/// What the command line names does not exist, found without asking the gateway.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NotFoundError(pub String);
 
 /// Prints `error` on standard error, as text or as JSON, and ends the process with its exit
 /// code.

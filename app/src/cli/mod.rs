@@ -26,6 +26,7 @@ macro_rules! out {
 pub mod client;
 pub mod dlq;
 pub mod exit;
+pub mod flows;
 pub mod progress;
 
 /// Ends the process when the output cannot be written: quietly (status 0) when the reader closed
@@ -319,6 +320,9 @@ pub enum Cmd {
     /// Show a command's tree: every descendant with its state.
     #[command(after_help = "Example:\n  cmdflow tree 0192f0c1-7a3b-7c2d-9e4f-5a6b7c8d9e0f")]
     Tree { id: String },
+    /// Flow files: check them, or show a flow's states and transitions.
+    #[command(subcommand)]
+    Flows(flows::FlowsCmd),
     /// Abort a command and its open descendants.
     #[command(
         after_help = "Example:\n  cmdflow abort 0192f0c1-7a3b-7c2d-9e4f-5a6b7c8d9e0f --reason 'customer cancelled'"
@@ -442,6 +446,7 @@ pub async fn run(app: App, cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Dlq(cmd) => dlq::run(&Client::from_env(json)?, cmd).await,
         Cmd::Tree { id } => client::tree(&Client::from_env(json)?, &id).await,
+        Cmd::Flows(cmd) => flows::run(&app.registry(false)?, cmd, json),
         Cmd::Abort { id, reason } => client::abort(&Client::from_env(json)?, &id, reason).await,
     }
 }
