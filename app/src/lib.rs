@@ -239,7 +239,7 @@ impl App {
 
     /// The registry a role runs with: the app's kinds and templates, the examples when `up`
     /// (or `CMDFLOW_EXAMPLES`) asks for them, then the template and funnel directories. The
-    /// first error names its kind, template or funnel file.
+    /// first error names its kind, template, decider or flow file.
     pub fn registry(&self, development: bool) -> anyhow::Result<Registry> {
         if let Some(e) = &self.error {
             anyhow::bail!("{e}");
@@ -256,15 +256,16 @@ impl App {
                 .templates_dir(dir)
                 .with_context(|| format!("templates in {}", dir.display()))?;
         }
-        let extra = [&self.config.flows_dir, &self.config.funnels_dir];
-        let extra: Vec<PathBuf> = extra.into_iter().flatten().map(PathBuf::from).collect();
-        for dir in self.flow_dirs.iter().chain(&extra) {
-            registry.flows_dir(dir)?;
-        }
+        // Remote kinds first: a flow may spawn them.
         if let Some(file) = &self.config.deciders_file {
             let text = std::fs::read_to_string(file)
                 .with_context(|| format!("CMDFLOW_DECIDERS_FILE {file}"))?;
             registry.deciders(file, &text, self.config.lock_ttl)?;
+        }
+        let extra = [&self.config.flows_dir, &self.config.funnels_dir];
+        let extra: Vec<PathBuf> = extra.into_iter().flatten().map(PathBuf::from).collect();
+        for dir in self.flow_dirs.iter().chain(&extra) {
+            registry.flows_dir(dir)?;
         }
         Ok(registry)
     }

@@ -370,3 +370,72 @@ fn flows_show_prints_states_transitions_and_the_diagram() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_flow_may_spawn_a_remote_kind_and_a_decider_may_not_take_a_kind_in_code() {
+    let dir = std::env::temp_dir().join(format!("cmdflow-flows-remote-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("flows")).unwrap();
+    let deciders = |kind: &str| {
+        format!(
+            "[[decider]]\nkind = \"{kind}\"\nurl = \"http://127.0.0.1:9/decide\"\nsecret_env = \"CLI_TEST_DECIDER_SECRET\"\n"
+        )
+    };
+    std::fs::write(dir.join("billing.toml"), deciders("billing.invoice")).unwrap();
+    std::fs::write(dir.join("taken.toml"), deciders("demo.counter")).unwrap();
+    std::fs::write(
+        dir.join("flows/order.toml"),
+        r#"
+version = 1
+kind = "shop.order"
+title = "Order"
+initial = "billing"
+final = ["billed"]
+[[states]]
+name = "billing"
+on_enter = [{ group = { name = "invoice", children = [{ kind = "billing.invoice" }] } }]
+transitions = [{ on = "children.settled", to = "billed" }]
+[[states]]
+name = "billed"
+"#,
+    )
+    .unwrap();
+    let with = |deciders: &str, args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_cmdflow"))
+            .args(args)
+            .env("CMDFLOW_EXAMPLES", "true")
+            .env("CMDFLOW_DECIDERS_FILE", dir.join(deciders))
+            .env("CLI_TEST_DECIDER_SECRET", "a-secret-of-enough-bytes")
+            .env("RUST_LOG", "off")
+            .output()
+            .expect("run cmdflow");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let flows = dir.join("flows");
+    let (code, out) = with("billing.toml", &["flows", "check", flows.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    // A worker loads the deciders before the flows, so it starts as the check said.
+    let (code, out) = with(
+        "billing.toml",
+        &[
+            "flows",
+            "show",
+            "shop.order",
+            "--from",
+            flows.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = with("taken.toml", &["worker"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_ne!(code, 0);
+    assert!(
+        out.contains(
+            "kind demo.counter: cannot be decided remotely: a handler in code defines it already"
+        ),
+        "{out}"
+    );
+}

@@ -304,6 +304,12 @@ fn check_path(s: &str) -> Result<(), String> {
         .find_map(|root| s.strip_prefix(root));
     match rest {
         Some("") if !s.starts_with("$.command") => Ok(()),
+        Some(rest) if s.starts_with("$.command") => match rest {
+            ".id" | ".owner" | ".kind" => Ok(()),
+            _ => Err(format!(
+                "`{s}` names no field of the command: use $.command.id, $.command.owner or $.command.kind"
+            )),
+        },
         Some(rest) if rest.starts_with('.') && rest.len() > 1 => Ok(()),
         _ => Err(format!(
             "`{s}` is not a path: use $.event.<field>, $.data.<field> or $.command.<id|owner|kind>"
@@ -1116,6 +1122,9 @@ fn lookup<'a>(root: &'a Value, path: &str) -> Option<&'a Value> {
 struct Scope<'a> {
     command: &'a Command,
     event: Value,
+    /// The data a transition has set so far (`set`, `inc`): `$.data` paths see it, so that its
+    /// actions and the next state's work on the data as changed.
+    changed: Map<String, Value>,
 }
 
 impl<'a> Scope<'a> {
@@ -1123,7 +1132,24 @@ impl<'a> Scope<'a> {
         Self {
             command,
             event: Value::Object(event.data.clone()),
+            changed: Map::new(),
         }
+    }
+
+    /// The value at `rest` (`.field.…`) of the command's data, as changed.
+    fn data(&self, rest: &str) -> Option<Value> {
+        let rest = rest.trim_start_matches('.');
+        if rest.is_empty() {
+            let mut data = self.command.data.as_object().cloned().unwrap_or_default();
+            data.extend(self.changed.clone());
+            return Some(Value::Object(data));
+        }
+        let (first, tail) = rest.split_once('.').unwrap_or((rest, ""));
+        let root = self
+            .changed
+            .get(first)
+            .or_else(|| self.command.data.get(first))?;
+        lookup(root, tail).cloned()
     }
 
     /// The value of a `$.…` path, or of a plain path in the event's data.
@@ -1132,7 +1158,7 @@ impl<'a> Scope<'a> {
             return lookup(&self.event, rest).cloned();
         }
         if let Some(rest) = path.strip_prefix("$.data") {
-            return lookup(&self.command.data, rest).cloned();
+            return self.data(rest);
         }
         match path {
             "$.command.id" => Some(json!(self.command.id)),
@@ -1559,7 +1585,12 @@ impl Handler for FlowHandler {
             if !t.guard.as_ref().is_none_or(|g| scope.holds(g)) {
                 continue;
             }
-            let decision = merge_patch(Decision::nothing(), Self::changes(&scope, t)?);
+            let changed = Self::changes(&scope, t)?;
+            let scope = Scope {
+                changed: changed.clone(),
+                ..scope
+            };
+            let decision = merge_patch(Decision::nothing(), changed);
             let decision = self.act_once(&scope, &stage.name, &t.actions, decision)?;
             let next = match &t.to {
                 Some(to) => Some(
@@ -1755,6 +1786,74 @@ transitions = [
         command.data["count"] = json!(2);
         let d = handler.decide(&command, &ev("t.stop", json!({}))).unwrap();
         assert_eq!(d.outcome, Some(Outcome::Complete(json!({ "count": 2 }))));
+    }
+
+    #[test]
+    fn a_transition_acts_on_the_data_it_has_just_set() {
+        let def = FlowDef::parse(
+            "flows/o.toml",
+            r#"
+version = 1
+kind = "t.order"
+title = "Order"
+initial = "open"
+[[states]]
+name = "open"
+transitions = [
+  { on = "t.priced", to = "priced", set = { total = "$.event.total", due = "$.event.due" }, inc = { changes = 1 }, actions = [
+    { emit = { type = "t.total", data = { total = "$.data.total", changes = "$.data.changes", all = "$.data" } } },
+  ] },
+]
+[[states]]
+name = "priced"
+on_enter = [{ timer = { name = "pay", at = "$.data.due" } }]
+transitions = [{ on = "t.paid", actions = [{ complete = { result = { total = "$.data.total" } } }] }]
+"#,
+            &templates(),
+            &kinds(),
+        )
+        .unwrap();
+        let handler = FlowHandler::new(def);
+        let command = Command::new(
+            "t.order",
+            "member:1",
+            json!({ "stage": "open", "note": "n" }),
+        );
+        let event = Event::new(
+            "t",
+            "t.priced",
+            json!({ "total": 12, "due": "2030-01-01T00:00:00Z" })
+                .as_object()
+                .cloned()
+                .unwrap(),
+        );
+        let d = handler.decide(&command, &event).unwrap();
+        let emitted = &d.emit[0].data;
+        assert_eq!(emitted["total"], json!(12));
+        assert_eq!(emitted["changes"], json!(1));
+        assert_eq!(emitted["all"]["note"], json!("n"));
+        assert_eq!(emitted["all"]["total"], json!(12));
+        let due = chrono::DateTime::parse_from_rfc3339("2030-01-01T00:00:00Z").unwrap();
+        assert!(
+            format!("{:?}", d.timers).contains(&format!("{:?}", due.with_timezone(&chrono::Utc))),
+            "the timer is set at the time the transition set: {:?}",
+            d.timers
+        );
+    }
+
+    #[test]
+    fn a_command_path_names_one_of_its_fields() {
+        let text = OK.replace(
+            r#"on_enter = [{ send = { template = "funnel_welcome" } }]"#,
+            r#"on_enter = [{ emit = { type = "t.x", data = { who = "$.command.ownr" } } }]"#,
+        );
+        let e = bad(&text);
+        assert!(
+            e.reason
+                .contains("`$.command.ownr` names no field of the command"),
+            "{}",
+            e.reason
+        );
     }
 
     #[test]

@@ -343,6 +343,18 @@ impl Registry {
     ) -> Result<&mut Self, RegistryError> {
         cmdflow_shared::domain::Kind::parse(kind)
             .map_err(|e| RegistryError::Kind(kind.to_owned(), e.to_string()))?;
+        if let Some(entry) = self.kinds.get(kind) {
+            let what = match entry.source {
+                KindSource::Rust => "a handler in code",
+                KindSource::Funnel => "a funnel",
+                KindSource::Flow => "a flow",
+                KindSource::Remote => "another decider",
+            };
+            return Err(RegistryError::Kind(
+                kind.to_owned(),
+                format!("cannot be decided remotely: {what} defines it already"),
+            ));
+        }
         let name = kind.to_owned();
         // Never called: the engine asks the decider instead.
         let local = move |_: &Command, _: &Event| -> Result<Decision, HandlerError> {
