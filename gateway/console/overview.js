@@ -37,6 +37,8 @@ function draw(o) {
         { alert: o.outbox_backlog > 1000 }),
       card('dead', 'Dead letters', formatNumber(o.dead_letters_open), 'waiting for replay or discard',
         { alert: o.dead_letters_open > 0, href: '#/dead-letters' }),
+      card('waiting', 'Waiting for a flow version', formatNumber(o.waiting_for_definition),
+        'events of commands whose flow version no worker runs', { alert: o.waiting_for_definition > 0, href: '#/flows' }),
       card('timers', 'Timers due in the next hour', formatNumber(o.timers.due_next_hour),
         `${formatNumber(o.timers.overdue)} overdue`, { alert: o.timers.overdue > 100 })),
     h('div', { class: 'grid2' },

@@ -318,6 +318,8 @@ async fn a_person_uses_the_console_in_a_real_browser() {
         .await;
     let dead = browser.js(&text_of("[data-metric=dead] .value")).await;
     assert_eq!(dead, "3", "three dead letters on the overview");
+    let waiting = browser.js(&text_of("[data-metric=waiting] .value")).await;
+    assert_eq!(waiting, "0", "no event waits for a flow version");
     let who = browser.js(&text_of("#who")).await;
     assert!(who.as_str().unwrap().contains("key:dev"), "{who}");
     browser.shot("overview-1280").await;
