@@ -2,6 +2,10 @@
 //! services, with worker processes it starts itself, and prints one JSON line per result.
 //!
 //! - W1: N single-step `demo.increment` events spread over 1,000 counters.
+//! - W1flow, W1remote: W1 on the counter defined as a flow file (`bench.flow_counter`), and on
+//!   the counter decided by a remote decider this process serves over HTTP
+//!   (`bench.remote_counter`, signed requests): the cost of a data-defined kind, and of the
+//!   decider's round trip, next to the Rust `demo.counter`.
 //! - W2: 1,000 `demo.fanout` parents × 10 `demo.noop` children (one persisted step each); each
 //!   child's end is an event to its parent. W2s: the same with the group's reports `settled`
 //!   (the children count themselves into the group; the parent hears once).
@@ -39,6 +43,8 @@
 // In `loadgen/` beside this file: with no `main.rs` there, cargo takes no binary from it.
 #[path = "loadgen/baseline.rs"]
 mod baseline;
+#[path = "loadgen/remote.rs"]
+mod remote;
 #[path = "loadgen/report.rs"]
 mod report;
 
@@ -66,8 +72,8 @@ use uuid::Uuid;
     args_override_self = true
 )]
 struct Args {
-    /// Workloads to run, comma-separated: w1, w2, w2s, w3, w4, b1, b2, b3, b4, feed, feedw1,
-    /// replay, archive, timers1m.
+    /// Workloads to run, comma-separated: w1, w1flow, w1remote, w2, w2s, w3, w4, b1, b2, b3,
+    /// b4, feed, feedw1, replay, archive, timers1m.
     #[arg(long, default_value = "w1,w2,w3,w4")]
     workloads: String,
     /// W1: number of increments.
@@ -152,6 +158,9 @@ struct Run {
     pool: PgPool,
     bus: std::sync::Arc<Bus>,
     database: String,
+    /// The flow and the remote decider of `w1flow` and `w1remote`, in a directory of the run.
+    counters: remote::Files,
+    dir: PathBuf,
 }
 
 #[tokio::main]
@@ -174,7 +183,9 @@ async fn main() -> anyhow::Result<()> {
     let mut results = Vec::new();
     for workload in run.args.workloads.split(',').map(str::trim) {
         let result = match workload {
-            "w1" => run.w1().await,
+            "w1" => run.w1("W1", "demo.counter").await,
+            "w1flow" => run.w1("W1flow", remote::FLOW_KIND).await,
+            "w1remote" => run.w1("W1remote", remote::REMOTE_KIND).await,
             "w2" => run.w2(Reports::Each).await,
             "w2s" => run.w2(Reports::Settled).await,
             "w3" => run.w3().await,
@@ -245,12 +256,16 @@ impl Run {
         bus.declare_topology().await?;
         // It publishes starts and timers' events straight to the broker, as the engine does.
         bus.set_engine_mark(store::engine_mark(&pool).await?);
+        let dir = std::env::temp_dir().join(format!("cmdflow-loadgen-{suffix}"));
+        let counters = remote::prepare(&dir).await?;
         Ok(Run {
             args,
             config,
             pool,
             bus,
             database,
+            counters,
+            dir,
         })
     }
 
@@ -289,6 +304,9 @@ impl Run {
                 .env("CMDFLOW_METRICS_ADDR", "127.0.0.1:0")
                 .env("CMDFLOW_LOCK_WAIT", "50ms")
                 .env("CMDFLOW_PARTITIONS", self.config.partitions.to_string())
+                .env("CMDFLOW_FLOWS_DIR", &self.counters.flows_dir)
+                .env("CMDFLOW_DECIDERS_FILE", &self.counters.deciders_file)
+                .env(remote::SECRET_ENV, &self.counters.secret)
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::null())
                 .kill_on_drop(true)
@@ -332,6 +350,7 @@ impl Run {
     }
 
     async fn cleanup(self) {
+        drop(std::fs::remove_dir_all(&self.dir));
         if self.args.keep {
             eprintln!(
                 "kept database {} and namespace {}",
@@ -346,8 +365,8 @@ impl Run {
             .await;
     }
 
-    /// Starts `n` counters and waits until all are running.
-    async fn start_counters(&self, n: usize) -> anyhow::Result<Vec<Uuid>> {
+    /// Starts `n` counters of `kind` and waits until all are running.
+    async fn start_counters(&self, kind: &str, n: usize) -> anyhow::Result<Vec<Uuid>> {
         let ids: Vec<Uuid> = (0..n).map(|_| Uuid::now_v7()).collect();
         let events: Vec<Value> = ids
             .iter()
@@ -355,7 +374,7 @@ impl Run {
                 json!({
                     "specversion": "1.0", "id": Uuid::now_v7().to_string(), "source": "loadgen",
                     "type": "command.start", "commandid": id.to_string(),
-                    "data": {"kind": "demo.counter", "owner": "system:loadgen", "data": {}},
+                    "data": {"kind": kind, "owner": "system:loadgen", "data": {}},
                 })
             })
             .collect();
@@ -496,10 +515,16 @@ impl Run {
         }))
     }
 
-    async fn w1(&self) -> anyhow::Result<Value> {
-        let counters = self.start_counters(self.args.counters).await?;
+    /// W1 on counters of `kind`, reported as `name`.
+    async fn w1(&self, name: &str, kind: &str) -> anyhow::Result<Value> {
+        if self.args.in_process && kind != "demo.counter" {
+            bail!("{name} needs worker processes (drop --in-process)");
+        }
+        let counters = self.start_counters(kind, self.args.counters).await?;
         let events = self.increments(&counters, self.args.events);
-        self.measure("W1", &counters, events).await
+        let mut line = self.measure(name, &counters, events).await?;
+        line["kind"] = json!(kind);
+        Ok(line)
     }
 
     async fn w2(&self, reports: Reports) -> anyhow::Result<Value> {
@@ -828,7 +853,9 @@ impl Run {
         let commands: i64 = sqlx::query_scalar("SELECT count(*) FROM commands")
             .fetch_one(&self.pool)
             .await?;
-        let counters = self.start_counters(self.args.counters).await?;
+        let counters = self
+            .start_counters("demo.counter", self.args.counters)
+            .await?;
         let events = self.increments(&counters, self.args.events);
         let (base, gateway) = self.serve_gateway(&self.config).await?;
         let clients = self.args.feed_clients;
@@ -1085,7 +1112,7 @@ impl Run {
     }
 
     async fn w4(&self) -> anyhow::Result<Value> {
-        let counter = self.start_counters(1).await?;
+        let counter = self.start_counters("demo.counter", 1).await?;
         let events = self.increments(&counter, self.args.hot_events);
         self.measure("W4", &counter, events).await
     }

@@ -3,9 +3,14 @@
 
 use serde_json::{Value, json};
 
-/// Each W workload with its baseline. `feedw1` is W1 run under feed reads.
-const PAIRS: [(&str, &str); 6] = [
+/// Each W workload with its baseline. `feedw1` is W1 run under feed reads; the flow and
+/// remote counters are compared with the Rust counter too.
+const PAIRS: [(&str, &str); 10] = [
     ("W1", "B1"),
+    ("W1flow", "B1"),
+    ("W1remote", "B1"),
+    ("W1flow", "W1"),
+    ("W1remote", "W1"),
     ("W2", "B2"),
     ("W2s", "B2"),
     ("W3", "B3"),
@@ -17,7 +22,9 @@ const PAIRS: [(&str, &str); 6] = [
 /// lateness in ms (lower is better).
 fn headline(line: &Value) -> Option<(&'static str, f64)> {
     match line["workload"].as_str()? {
-        "W1" | "W4" | "B1" | "B4" => Some(("events_per_s", line["events_per_s"].as_f64()?)),
+        "W1" | "W1flow" | "W1remote" | "W4" | "B1" | "B4" => {
+            Some(("events_per_s", line["events_per_s"].as_f64()?))
+        }
         "W2" | "W2s" | "B2" => Some(("parents_per_s", line["parents_per_s"].as_f64()?)),
         "W3" | "B3" => Some(("lateness_p99_ms", line["lateness_ms"]["p99"].as_f64()?)),
         "feedw1" => Some(("events_per_s", line["w1"]["events_per_s"].as_f64()?)),
@@ -85,6 +92,7 @@ pub fn markdown(text: &str) -> String {
         let ratio = lines
             .iter()
             .rev()
+            .filter(|b| b["workload"].as_str().is_some_and(|w| w.starts_with('B')))
             .find_map(|b| ratio_to(line, b))
             .map(|(_, _, v)| format!("{v}"))
             .unwrap_or_else(|| "–".to_owned());
@@ -98,7 +106,9 @@ pub fn markdown(text: &str) -> String {
     out.push_str(
         "\nW3/B3: p50/p99 are the timers' lateness and the ratio is of p99 lateness (above 1 is \
          worse). feedw1: events/s is W1's while the feed is read, p50/p99 the feed's, the ratio \
-         W1's events/s to B1's. W2s is W2 with the group's reports `settled`. Elsewhere p50/p99 \
+         W1's events/s to B1's. W2s is W2 with the group's reports `settled`. W1flow and W1remote \
+         are W1 on the counter defined as a flow file and on a remote decider over HTTP. \
+         Elsewhere p50/p99 \
          are publish-to-commit latency (W2/W2s/B2: of the \
          parent).\n",
     );
