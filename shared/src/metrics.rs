@@ -19,6 +19,7 @@ pub const DEAD_LETTERS_OPEN: &str = "cmdflow_dead_letters";
 pub const AUTH_FAILURES: &str = "cmdflow_auth_refused_total";
 pub const LOCK_LOST: &str = "cmdflow_lock_lost_total";
 pub const BATCH_SIZE: &str = "cmdflow_batch_size";
+pub const BATCH_FAILURES: &str = "cmdflow_batch_failures_total";
 pub const MAIL_ATTEMPTS: &str = "cmdflow_mail_attempts_total";
 pub const MESSAGES_FAILED_TOTAL: &str = "cmdflow_messages_failed_total";
 pub const MESSAGES_FAILED: &str = "cmdflow_messages_failed";
@@ -90,6 +91,10 @@ fn describe() {
     describe_histogram!(
         BATCH_SIZE,
         "Events committed together in one transaction (group commit), per batch of two or more."
+    );
+    describe_counter!(
+        BATCH_FAILURES,
+        "Batch transactions that failed, by cause: store (a PostgreSQL error, also logged at WARN) or event (one event the batch could not take); their events are then tried one by one."
     );
     describe_counter!(
         AUTH_FAILURES,

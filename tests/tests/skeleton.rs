@@ -377,6 +377,70 @@ async fn bad_input_gets_its_status_and_code() {
     env.cleanup().await;
 }
 
+/// PostgreSQL's errors are sorted by SQLSTATE: one that says the data can never be stored (here
+/// a CHECK constraint, 23514) makes a dead letter at once, naming it; one that may pass (here a
+/// row lock not available within the lock timeout, 55P03) is tried again, and then applies.
+#[tokio::test]
+async fn a_store_error_is_retried_only_when_trying_again_can_help() {
+    let mut env = TestEnv::with(|c| {
+        // 1.5 s of lock_timeout for the worker's statements; retries after 500 ms, then 1 h, so
+        // that a permanent error retried through the ladder could not reach dead letters in time.
+        c.lock_ttl = Duration::from_secs(2);
+        c.retry_delays = "500ms,1h".to_owned();
+    })
+    .await;
+    sqlx::query(
+        "ALTER TABLE commands ADD CONSTRAINT test_refuses_poison CHECK (NOT (data ? 'poison'))",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let gw = env.start_gateway().await;
+    env.start_worker().await;
+
+    let poisoned = start_command(&gw.url, "demo.counter", "member:6", json!({"poison": 1})).await;
+    let letter = eventually(Duration::from_secs(20), "a dead letter", || {
+        env.dead_letter_after(0)
+    })
+    .await;
+    assert_eq!(letter.error_class, "store", "{}", letter.reason);
+    assert!(
+        letter.reason.contains("SQLSTATE 23514") && letter.reason.contains("test_refuses_poison"),
+        "{}",
+        letter.reason
+    );
+    assert_eq!(letter.attempts, 1, "no retry for data PostgreSQL refuses");
+    assert_eq!(
+        letter.command_id.map(|c| c.to_string()),
+        Some(poisoned.clone())
+    );
+
+    // A row held by another transaction past the worker's lock timeout: retried, then applied.
+    let id = start_command(&gw.url, "demo.counter", "member:6", json!({})).await;
+    wait_count(&env, &id, 0, Duration::from_secs(20)).await;
+    let mut holder = env.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM commands WHERE id = $1::uuid FOR UPDATE")
+        .bind(&id)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let bump = event("demo.increment", Some(&id), json!({"by": 2}));
+    assert_eq!(post_event(&gw.url, &bump).await.0, 202);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        count_of(&env, &id).await,
+        Some(0),
+        "held back by the row lock"
+    );
+    holder.rollback().await.unwrap();
+    wait_count(&env, &id, 2, Duration::from_secs(20)).await;
+    assert!(
+        env.dead_letter_after(letter.id).await.is_none(),
+        "a lock timeout is not a dead letter"
+    );
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn permanently_bad_events_go_to_dead_letters_at_once_with_their_reason() {
     let mut env = TestEnv::new().await;

@@ -567,7 +567,17 @@ impl Engine {
         let (applied, outbox) = match written {
             Ok(written) => written,
             Err(e) => {
-                tracing::debug!(error = %e, "A batch's transaction failed; its events are retried one by one.");
+                // An event the batch cannot take (a refusal, a command not there yet, a version
+                // this worker lacks) is routine: it is dealt with on its own. A PostgreSQL error
+                // is not, and an operator sees it.
+                let cause = if matches!(e, ApplyError::Store(_)) {
+                    tracing::warn!(error = %e, events = events.len(), "A batch's transaction failed in PostgreSQL; its events are tried one by one.");
+                    "store"
+                } else {
+                    tracing::debug!(error = %e, "A batch could not take one of its events; its events are tried one by one.");
+                    "event"
+                };
+                metrics::counter!(cm::BATCH_FAILURES, "cause" => cause).increment(1);
                 drop(tx.rollback().await);
                 return None;
             }
@@ -924,6 +934,14 @@ impl Engine {
             Err(e) => {
                 drop(tx.rollback().await);
                 let disposition = match e {
+                    // PostgreSQL refused the data itself: another try would fail the same way.
+                    ApplyError::Store(e) if e.is_permanent() => Disposition::Dead {
+                        class: "store",
+                        reason: format!(
+                            "PostgreSQL refused the event's changes (SQLSTATE {}): {e}",
+                            e.sqlstate().unwrap_or_else(|| "-".to_owned())
+                        ),
+                    },
                     ApplyError::Store(e) => Disposition::Retry(e.to_string()),
                     ApplyError::Unavailable(reason) => {
                         tracing::warn!(%reason, "A remote decider did not answer; the event is tried again later.");

@@ -38,6 +38,42 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+impl StoreError {
+    /// Whether trying again cannot help: PostgreSQL refused the data itself (see
+    /// [`is_permanent_sqlstate`]), or a value could not be encoded or decoded. Everything else
+    /// (a lost connection, a timeout, a deadlock, a serialization failure, a lock not
+    /// available, a shutdown, a fenced update that lost, or a state not known here) may pass
+    /// and is tried again.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            StoreError::Database(sqlx::Error::Database(db)) => {
+                db.code().is_some_and(|code| is_permanent_sqlstate(&code))
+            }
+            StoreError::Database(
+                sqlx::Error::Encode(_) | sqlx::Error::Decode(_) | sqlx::Error::ColumnDecode { .. },
+            ) => true,
+            _ => false,
+        }
+    }
+
+    /// The SQLSTATE PostgreSQL answered, if it answered one.
+    pub fn sqlstate(&self) -> Option<String> {
+        match self {
+            StoreError::Database(sqlx::Error::Database(db)) => db.code().map(|c| c.into_owned()),
+            _ => None,
+        }
+    }
+}
+
+/// Whether a SQLSTATE says the statement can never succeed with this data: class 22 (a data
+/// exception: an encoding, a range, a malformed value), 23 (an integrity constraint: unique,
+/// foreign key, check, not null) or 54 (a program limit: a row or index entry too large).
+/// The other classes (08 connection, 40 rollback, 53 resources, 55 lock not available, 57
+/// cancelled or shut down, 58 system, XX internal, …) are worth another try.
+pub fn is_permanent_sqlstate(code: &str) -> bool {
+    matches!(code.get(..2), Some("22" | "23" | "54"))
+}
+
 /// How long a connection may sit idle inside a transaction before PostgreSQL aborts it: longer
 /// than any handler, and than the default lock TTL (30 s).
 pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "60s";
@@ -1230,3 +1266,22 @@ pub mod kinds;
 pub mod partitions;
 pub mod people;
 pub mod time;
+
+#[cfg(test)]
+mod error_tests {
+    use super::is_permanent_sqlstate;
+
+    #[test]
+    fn data_constraint_and_limit_errors_are_permanent_and_the_rest_retried() {
+        for permanent in [
+            "22P05", "22021", "22003", "23505", "23514", "23503", "54000",
+        ] {
+            assert!(is_permanent_sqlstate(permanent), "{permanent}");
+        }
+        for retried in [
+            "40001", "40P01", "55P03", "57014", "57P01", "08006", "53300", "XX000", "",
+        ] {
+            assert!(!is_permanent_sqlstate(retried), "{retried}");
+        }
+    }
+}
