@@ -363,3 +363,52 @@ async fn a_replay_does_not_replay_its_own_new_dead_letters() {
     assert_eq!(after["replayed"], 10, "{after}");
     env.cleanup().await;
 }
+
+/// A replay job whose stored filter cannot be read fails, with the reason, and replays nothing:
+/// read as "no filter", it would replay every dead letter there is.
+#[tokio::test]
+async fn a_replay_whose_stored_filter_cannot_be_read_fails_and_replays_nothing() {
+    let env = TestEnv::new().await;
+    sqlx::query(
+        "INSERT INTO dead_letters (routing_key, body, reason, error_class, signature, attempts,
+                                   first_failed_at, last_failed_at)
+         SELECT 'demo.increment', convert_to('{}', 'UTF8'), 'test', 'permanent', 'permanent:x', 1,
+                now(), now()
+           FROM generate_series(1, 3)",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let filter = cmdflow_shared::store::dead::Filter {
+        kind: Some("quote".to_owned()),
+        ..Default::default()
+    };
+    let job = cmdflow_shared::store::dead::create_job(&env.pool, "test", &filter, None, 0)
+        .await
+        .unwrap();
+    // Stored by an older or a broken gateway: not a filter at all.
+    sqlx::query("UPDATE replay_jobs SET filter = '\"everything\"'::jsonb WHERE id = $1")
+        .bind(job.id)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let ended = cmdflow_workers::replays::run_replay(&env.pool, &env.bus, job.id)
+        .await
+        .unwrap();
+    assert_eq!(
+        ended.state,
+        cmdflow_shared::store::dead::ReplayState::Failed
+    );
+    let error = ended.error.unwrap_or_default();
+    assert!(
+        error.contains("the stored filter cannot be read"),
+        "{error}"
+    );
+    assert_eq!(ended.replayed, 0);
+    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letters WHERE state = 'dead'")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(dead, 3, "every letter stays dead");
+    env.cleanup().await;
+}
