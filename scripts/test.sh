@@ -8,7 +8,18 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-step() { printf '\n==> %s\n' "$*"; }
+# Each step says how long the one before it took, and the last line the whole run.
+began=$SECONDS
+step_began=$SECONDS
+step_name=""
+step() {
+    if [ -n "$step_name" ]; then
+        printf '    (%s: %ds)\n' "$step_name" "$((SECONDS - step_began))"
+    fi
+    step_name="$*"
+    step_began=$SECONDS
+    printf '\n==> %s\n' "$*"
+}
 die() { printf 'test.sh: %s\n' "$*" >&2; exit 1; }
 
 if ! command -v cargo >/dev/null 2>&1; then
@@ -56,4 +67,4 @@ step "cargo test --workspace $*"
 cargo test --workspace "$@"
 
 step "k8s manifests: scripts/k8s-validate.sh" && bash scripts/k8s-validate.sh
-step "all checks passed"
+step "all checks passed in $(((SECONDS - began) / 60)) min $(((SECONDS - began) % 60)) s"

@@ -22,8 +22,9 @@
 //! written after that instant (for the scheduler, the first `timer.fired`). It is the outage
 //! as the fleet's users see it, not the time to drain the backlog.
 //!
-//! Run: `cargo build -p cmdflow-gateway --bin cmdflow && cargo test -p cmdflow-tests --test
-//! faults -- --nocapture`.
+//! Run: `cargo build -p cmdflow --bin cmdflow && cargo test -p cmdflow-tests --test
+//! faults -- --nocapture`. A test binary of its own: its faults restart services and its
+//! recovery is timed, so it does not share the machine with the other integration tests.
 
 #![allow(clippy::unwrap_used)]
 
