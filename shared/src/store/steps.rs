@@ -1,0 +1,321 @@
+//! The batch writer: each event's step (the command's new state, its history and its outbox
+//! rows), fenced by the version its transaction read, written one at a time or kept back and
+//! flushed together before the commit.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+use crate::domain::{Command, CommandId};
+
+use super::*;
+
+/// Writes one step of a command in one round trip: its new state, fenced by the version the
+/// transaction read (zero rows is a conflict, never a success, and then nothing else is
+/// written); its history lines at the new version, in order; and the events it emits into the
+/// outbox, whose rows are returned. `next` is then brought up to the row as written (version,
+/// `updated_at`, `ended_at`).
+pub async fn write_step(
+    tx: &mut Tx<'_>,
+    next: &mut Command,
+    seen_version: i64,
+    history: &[HistoryEntry],
+    events: &[crate::contract::Event],
+) -> Result<Vec<OutboxRow>> {
+    #[derive(sqlx::FromRow)]
+    struct Written {
+        updated: i64,
+        updated_at: Option<DateTime<Utc>>,
+        ended_at: Option<DateTime<Utc>>,
+        id: Option<i64>,
+        command_id: Option<CommandId>,
+        event_type: Option<String>,
+        body: Option<Value>,
+    }
+    let rows = sqlx::query_as::<_, Written>(
+        "WITH u AS (
+            UPDATE commands
+               SET state = $3, data = $4, result = $5, reason = $6, ui = $7,
+                   version = version + 1, updated_at = now(),
+                   ended_at = CASE WHEN $3 IN ('completed'::command_state, 'failed'::command_state, 'aborted'::command_state)
+                                   THEN coalesce(ended_at, now()) END
+             WHERE id = $1 AND version = $2
+         RETURNING id, updated_at, ended_at),
+         h AS (
+            INSERT INTO command_events (command_id, version, entry, event_id, event_type, from_state, to_state, detail)
+            SELECT u.id, $2 + 1, e->>'entry', e->>'event_id', e->>'event_type',
+                   (e->>'from_state')::command_state, (e->>'to_state')::command_state,
+                   nullif(e->'detail', 'null'::jsonb)
+              FROM u, jsonb_array_elements($8) WITH ORDINALITY AS r(e, ord)
+             ORDER BY r.ord),
+         o AS (
+            INSERT INTO outbox (command_id, event_id, event_type, body)
+            SELECT u.id, r.body->>'id', r.body->>'type', r.body
+              FROM u, jsonb_array_elements($9) WITH ORDINALITY AS r(body, ord)
+             ORDER BY r.ord
+         RETURNING id, command_id, event_type, body)
+         SELECT (SELECT count(*) FROM u) AS updated, (SELECT updated_at FROM u) AS updated_at,
+                (SELECT ended_at FROM u) AS ended_at, o.id, o.command_id, o.event_type, o.body
+           FROM (SELECT 1) AS one LEFT JOIN o ON true
+          ORDER BY o.id",
+    )
+    .bind(next.id)
+    .bind(seen_version)
+    .bind(next.state)
+    .bind(&next.data)
+    .bind(&next.result)
+    .bind(&next.reason)
+    .bind(&next.ui)
+    .bind(serde_json::to_value(history).unwrap_or(Value::Null))
+    .bind(serde_json::to_value(events).unwrap_or(Value::Null))
+    .fetch_all(&mut **tx)
+    .await?;
+    let Some(first) = rows.first().filter(|r| r.updated > 0) else {
+        return Err(StoreError::Conflict {
+            id: next.id,
+            version: seen_version,
+        });
+    };
+    // `next` becomes the row as written, for a later event of the same transaction.
+    next.version = seen_version + 1;
+    if let Some(at) = first.updated_at {
+        next.updated_at = at;
+    }
+    next.ended_at = first.ended_at;
+    Ok(rows
+        .into_iter()
+        .filter_map(|r| {
+            Some(OutboxRow {
+                id: r.id?,
+                command_id: r.command_id?,
+                event_type: r.event_type?,
+                body: r.body?,
+            })
+        })
+        .collect())
+}
+
+/// Steps of a batch's transaction kept back to be written together by [`flush_steps`]: the last
+/// row of each command (fenced by the version the transaction read first), and every history
+/// line and outbox event in the order they were written. What [`write_step`] writes, in one
+/// round trip for the whole batch instead of one per event.
+///
+/// Nothing else in the transaction sees a kept-back step until it is flushed: flush before any
+/// statement that reads other commands' rows, their history, the outbox, or a group the batch
+/// counted into.
+#[derive(Debug)]
+pub struct Steps {
+    /// The transaction's `now()`, for the rows as they will be written.
+    now: DateTime<Utc>,
+    rows: Vec<(i64, Command)>,
+    index: std::collections::HashMap<CommandId, usize>,
+    history: Vec<Value>,
+    /// Each event to the outbox: its command, type and body.
+    outbox: Vec<(CommandId, String, Value)>,
+    /// Fan-in groups (of `each` reports) as the batch's events left them, by parent and name:
+    /// read once, locked, and saved by the flush.
+    pub(super) groups: std::collections::HashMap<(CommandId, String), GroupRow>,
+    /// Outbox rows of the steps flushed so far, to publish after the commit.
+    pub written: Vec<OutboxRow>,
+}
+
+impl Steps {
+    /// Nothing kept back yet, in a transaction whose `now()` is `now`.
+    pub fn new(now: DateTime<Utc>) -> Self {
+        Self {
+            now,
+            rows: Vec::new(),
+            index: std::collections::HashMap::new(),
+            history: Vec::new(),
+            outbox: Vec::new(),
+            groups: std::collections::HashMap::new(),
+            written: Vec::new(),
+        }
+    }
+
+    /// [`write_step`], kept back. `next` is brought up to the row as it will be written.
+    pub fn step(
+        &mut self,
+        next: &mut Command,
+        seen_version: i64,
+        history: &[HistoryEntry],
+        events: &[crate::contract::Event],
+    ) {
+        let now = self.now;
+        next.version = seen_version + 1;
+        next.updated_at = now;
+        next.ended_at = if next.state.is_terminal() {
+            next.ended_at.or(Some(now))
+        } else {
+            None
+        };
+        match self.index.get(&next.id) {
+            Some(&i) => self.rows[i].1 = next.clone(),
+            None => {
+                self.index.insert(next.id, self.rows.len());
+                self.rows.push((seen_version, next.clone()));
+            }
+        }
+        self.history(next.id, next.version, history);
+        self.outbox.extend(events.iter().map(|e| {
+            let body = serde_json::to_value(e).unwrap_or(Value::Null);
+            (next.id, e.ty.clone(), body)
+        }));
+    }
+
+    /// [`append_history`], kept back.
+    pub fn history(&mut self, command: CommandId, version: i64, entries: &[HistoryEntry]) {
+        self.history.extend(entries.iter().map(|e| {
+            let mut line = serde_json::to_value(e).unwrap_or(Value::Null);
+            if let Value::Object(line) = &mut line {
+                line.insert("command_id".into(), serde_json::json!(command));
+                line.insert("version".into(), serde_json::json!(version));
+            }
+            line
+        }));
+    }
+
+    /// Whether a step of `command` is kept back: its row, or one of its groups.
+    pub fn keeps(&self, command: CommandId) -> bool {
+        self.index.contains_key(&command)
+            || self.groups.keys().any(|(parent, _)| *parent == command)
+    }
+
+    /// Keeps `group` as the batch's event left it, to be saved by the next flush.
+    pub fn keep_group(&mut self, group: GroupRow) {
+        self.groups
+            .insert((group.parent_id, group.name.clone()), group);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+            && self.history.is_empty()
+            && self.outbox.is_empty()
+            && self.groups.is_empty()
+    }
+}
+
+/// Writes the steps `steps` kept back, in one round trip: each command's row, fenced by the
+/// version the transaction first read (a row that moved on is a conflict, and the caller rolls
+/// back), the history lines and the outbox events in order, and the groups counted into. The
+/// outbox rows join `steps.written`; the groups are forgotten (read again when needed).
+pub async fn flush_steps(tx: &mut Tx<'_>, steps: &mut Steps) -> Result<()> {
+    if steps.is_empty() {
+        return Ok(());
+    }
+    #[derive(sqlx::FromRow)]
+    struct Written {
+        updated: Vec<uuid::Uuid>,
+        id: Option<i64>,
+    }
+    let ids: Vec<uuid::Uuid> = steps.rows.iter().map(|(_, c)| c.id.as_uuid()).collect();
+    let rows: Vec<Value> = steps
+        .rows
+        .iter()
+        .map(|(seen, c)| {
+            serde_json::json!({
+                "id": c.id, "seen": seen, "version": c.version, "state": c.state.as_str(),
+                "data": c.data, "result": c.result, "reason": c.reason, "ui": c.ui,
+            })
+        })
+        .collect();
+    let (group_parents, groups): (Vec<uuid::Uuid>, Vec<Value>) = steps
+        .groups
+        .drain()
+        .map(|(_, g)| {
+            let parent = g.parent_id.as_uuid();
+            let row = serde_json::json!({
+                "parent_id": g.parent_id, "name": g.name, "completed": g.completed,
+                "failed": g.failed, "aborted": g.aborted, "outcomes": g.outcomes,
+                "state": g.state,
+            });
+            (parent, row)
+        })
+        .unzip();
+    let written = sqlx::query_as::<_, Written>(
+        "WITH v AS (
+            SELECT * FROM jsonb_to_recordset($1)
+                AS v(id uuid, seen bigint, version bigint, state command_state, data jsonb,
+                     result jsonb, reason text, ui jsonb)),
+         u AS (
+            UPDATE commands c
+               SET state = v.state, data = v.data, result = v.result, reason = v.reason,
+                   ui = v.ui, version = v.version, updated_at = now(),
+                   ended_at = CASE WHEN v.state IN ('completed'::command_state, 'failed'::command_state, 'aborted'::command_state)
+                                   THEN coalesce(c.ended_at, now()) END
+              FROM v
+             WHERE c.id = ANY($4) AND c.id = v.id AND c.version = v.seen
+         RETURNING c.id),
+         h AS (
+            INSERT INTO command_events (command_id, version, entry, event_id, event_type, from_state, to_state, detail)
+            SELECT (e->>'command_id')::uuid, (e->>'version')::bigint, e->>'entry', e->>'event_id',
+                   e->>'event_type', (e->>'from_state')::command_state,
+                   (e->>'to_state')::command_state, nullif(e->'detail', 'null'::jsonb)
+              FROM jsonb_array_elements($2) WITH ORDINALITY AS r(e, ord)
+             ORDER BY r.ord),
+         o AS (
+            INSERT INTO outbox (command_id, event_id, event_type, body)
+            SELECT (r.x->>0)::uuid, r.x->1->>'id', r.x->1->>'type', r.x->1
+              FROM jsonb_array_elements($3) WITH ORDINALITY AS r(x, ord)
+             ORDER BY r.ord
+         RETURNING id),
+         g AS (
+            UPDATE child_groups x
+               SET completed = gv.completed, failed = gv.failed, aborted = gv.aborted,
+                   outcomes = gv.outcomes, state = gv.state,
+                   settled_at = CASE WHEN gv.state <> 'open' THEN coalesce(x.settled_at, now()) END
+              FROM jsonb_to_recordset($5)
+                AS gv(parent_id uuid, name text, completed int, failed int, aborted int,
+                      outcomes jsonb, state text)
+             WHERE x.parent_id = ANY($6) AND x.parent_id = gv.parent_id AND x.name = gv.name)
+         SELECT ARRAY(SELECT id FROM u) AS updated, o.id
+           FROM (SELECT 1) AS one LEFT JOIN o ON true
+          ORDER BY o.id",
+    )
+    .bind(Value::Array(rows))
+    .bind(Value::Array(std::mem::take(&mut steps.history)))
+    .bind(Value::Array(
+        steps
+            .outbox
+            .iter()
+            .map(|(command, _, body)| serde_json::json!([command, body]))
+            .collect(),
+    ))
+    // The ids again, as an array: the row estimate of a JSON record set is a guess, and with
+    // it the planner may scan the whole table; `= ANY` goes through the primary key.
+    .bind(ids)
+    .bind(Value::Array(groups))
+    // The groups' parents, for the same reason: a scan of `child_groups` for each batch.
+    .bind(group_parents)
+    .fetch_all(&mut **tx)
+    .await?;
+    let updated = written
+        .first()
+        .map(|w| w.updated.as_slice())
+        .unwrap_or_default();
+    if let Some((seen, c)) = steps
+        .rows
+        .iter()
+        .find(|(_, c)| !updated.contains(&c.id.as_uuid()))
+    {
+        return Err(StoreError::Conflict {
+            id: c.id,
+            version: *seen,
+        });
+    }
+    steps.rows.clear();
+    steps.index.clear();
+    // The ids come back ascending, as the rows were inserted: in the order of `outbox`. The
+    // bodies stay here instead of coming back over the wire.
+    let ids = written.iter().filter_map(|w| w.id);
+    let events = std::mem::take(&mut steps.outbox);
+    steps.written.extend(
+        ids.zip(events)
+            .map(|(id, (command_id, event_type, body))| OutboxRow {
+                id,
+                command_id,
+                event_type,
+                body,
+            }),
+    );
+    Ok(())
+}
