@@ -52,8 +52,8 @@ out=${BENCH_OUT:-target/bench/$(date +%Y%m%d-%H%M%S).jsonl}
 mkdir -p "$(dirname "$out")"
 : >"$out"
 
-printf '==> cargo build --release -p cmdflow -p cmdflow-tests\n' >&2
-cargo build --release -p cmdflow -p cmdflow-tests >&2
+printf '==> cargo build --release -p cmdflow -p cmdflow-bench\n' >&2
+cargo build --release -p cmdflow -p cmdflow-bench >&2
 loadgen="$target/release/loadgen"
 [ -x "$loadgen" ] || die "$loadgen was not built"
 

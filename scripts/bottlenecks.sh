@@ -19,7 +19,7 @@ done
 runs=${BOTTLENECK_RUNS:-w1:1 w1:2 w1:4 w2:1 w2:2 w2:4}
 pg=${LOADGEN_PG_SERVER:-postgres://postgres@127.0.0.1:5432}
 target=${CARGO_TARGET_DIR:-target}
-cargo build --release -p cmdflow -p cmdflow-tests >&2
+cargo build --release -p cmdflow -p cmdflow-bench >&2
 loadgen="$target/release/loadgen"
 data=$(mktemp)
 trap 'rm -f "$data" "$data.old"' EXIT

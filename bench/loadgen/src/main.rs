@@ -19,7 +19,7 @@
 //!   `--event-rate`, W1 is published at that pace instead of all at once: the feed's latency
 //!   while the fleet carries a given load. Each client's first answered request (its connection
 //!   set-up) is not timed; the clients run on their own runtime thread.
-//! - b1–b4: the hand-written baseline (`loadgen/baseline.rs`) in the shapes of W1–W4: no cmdflow
+//! - b1–b4: the hand-written baseline (`baseline.rs`) in the shapes of W1–W4: no cmdflow
 //!   engine, just consume, a Redis `SET NX PX` lock, one PostgreSQL transaction, commit, ack.
 //!   When a run has a W workload and its baseline, it prints `{"ratio": "w1/b1", "value": …}`
 //!   (throughput ratio; for W3/B3 the ratio of p99 lateness). Run them with
@@ -33,19 +33,15 @@
 //!
 //! Events are published straight to RabbitMQ with confirms, as an upstream service would, each
 //! carrying its send time; latency is from publish to the history row written in the event's
-//! transaction. Build in release mode: `cargo build --release -p cmdflow -p cmdflow-tests`.
+//! transaction. Build in release mode: `cargo build --release -p cmdflow -p cmdflow-bench`.
 //!
 //! `scripts/bench.sh` runs the matrix (the baseline, W1–W4 with 1, 2 and 4 worker processes,
 //! feedw1), each in a fresh run, and prints a Markdown table with `--table`.
 
 #![allow(clippy::unwrap_used)]
 
-// In `loadgen/` beside this file: with no `main.rs` there, cargo takes no binary from it.
-#[path = "loadgen/baseline.rs"]
 mod baseline;
-#[path = "loadgen/remote.rs"]
 mod remote;
-#[path = "loadgen/report.rs"]
 mod report;
 
 use std::path::PathBuf;
