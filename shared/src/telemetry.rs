@@ -5,6 +5,12 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt;
 use tracing_subscriber::prelude::*;
 
+/// The log format when `CMDFLOW_LOG_FORMAT` is unset: pretty for a person at a terminal, JSON
+/// lines for a log collector (standard error redirected: a container, a service manager).
+pub fn default_log_format(stderr_is_terminal: bool) -> &'static str {
+    if stderr_is_terminal { "pretty" } else { "json" }
+}
+
 /// Installs the global subscriber once. `RUST_LOG` filters (default `info`).
 pub fn init(format: &str) {
     init_with_default(format, "info,lapin=warn,sqlx=warn");
@@ -45,4 +51,15 @@ pub fn init_with_default(format: &str, default_filter: &str) {
     };
     // A second init (tests, embedded use) keeps the first subscriber.
     drop(result);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logs_are_json_unless_a_person_reads_them() {
+        assert_eq!(default_log_format(false), "json");
+        assert_eq!(default_log_format(true), "pretty");
+    }
 }
