@@ -196,6 +196,7 @@ pub fn router(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         ))
         .layer(axum::middleware::map_response(json_errors))
         .layer(TraceLayer::new_for_http())
+        .layer(axum::middleware::from_fn(crate::http_trace::record))
         .layer(axum::middleware::from_fn(crate::http_metrics::record));
     (router, openapi)
 }

@@ -8,6 +8,7 @@ pub mod catalogue;
 pub mod console;
 pub mod error;
 pub mod http_metrics;
+pub mod http_trace;
 pub mod routes;
 pub mod scopes;
 pub mod serve;

@@ -1,6 +1,7 @@
 //! Configuration: compiled-in defaults pointing at local services, then an optional TOML file
 //! (`CMDFLOW_CONFIG`), then `CMDFLOW_…` environment variables. Validated once at start-up.
 
+use std::io::IsTerminal;
 use std::time::Duration;
 
 use figment::Figment;
@@ -157,7 +158,8 @@ pub struct Config {
     pub archive_interval: Duration,
     /// Trees moved per transaction (`CMDFLOW_ARCHIVE_BATCH`).
     pub archive_batch: i64,
-    /// Log format: `json` or `pretty` (`CMDFLOW_LOG_FORMAT`).
+    /// Log format: `json` or `pretty` (`CMDFLOW_LOG_FORMAT`). Unset, `pretty` when standard error
+    /// is a terminal and `json` otherwise (see [`crate::telemetry::default_log_format`]).
     #[serde(deserialize_with = "string_like::text")]
     pub log_format: String,
     /// A development key that holds every scope (`CMDFLOW_DEV_KEY`). `cmdflow up` generates and
@@ -269,7 +271,8 @@ impl Default for Config {
             mail_attempts: 5,
             mail_retry_first: Duration::from_secs(30),
             mail_retry_max: Duration::from_secs(3600),
-            log_format: "pretty".to_owned(),
+            log_format: crate::telemetry::default_log_format(std::io::stderr().is_terminal())
+                .to_owned(),
             dev_key: None,
             auth_keys_file: None,
             jwt_hs256_secret: None,
@@ -637,6 +640,22 @@ mod tests {
                 .to_string()
                 .contains("namespace")
         );
+    }
+
+    #[test]
+    fn the_log_format_follows_the_terminal_unless_it_is_set() {
+        assert_eq!(
+            Config::default().log_format,
+            crate::telemetry::default_log_format(std::io::stderr().is_terminal())
+        );
+        // A value set in the file or as CMDFLOW_LOG_FORMAT (the same merge) wins either way.
+        for set in ["json", "pretty"] {
+            let config: Config = Figment::from(Serialized::defaults(Config::default()))
+                .merge(Toml::string(&format!("log_format = \"{set}\"")))
+                .extract()
+                .unwrap();
+            assert_eq!(config.log_format, set);
+        }
     }
 
     #[test]

@@ -828,6 +828,12 @@ impl Fleet {
         }
     }
 
+    /// Sets a variable in the environment of every role started from now on.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_owned(), value.to_owned()));
+    }
+
     /// The gateway's base URL (`http://127.0.0.1:port`).
     pub fn gateway_url(&self) -> &str {
         &self.gateway_url
@@ -956,6 +962,35 @@ impl Fleet {
             .map(|l| tail_of(l, lines))
             .collect::<Vec<_>>()
             .join("\n")
+    }
+
+    /// Stops every process as a rolling update does (SIGTERM), and waits until each has exited
+    /// within `within`: the names and exit statuses, in start order (gateway, workers,
+    /// scheduler).
+    pub async fn terminate(mut self, within: Duration) -> Vec<(String, std::process::ExitStatus)> {
+        let mut roles: Vec<Role> = self
+            .gateway
+            .take()
+            .into_iter()
+            .chain(self.workers.iter_mut().filter_map(Option::take))
+            .chain(self.scheduler.take())
+            .collect();
+        for role in &roles {
+            if let Some(pid) = role.child.id() {
+                signal(pid, "TERM", false);
+            }
+        }
+        let mut exited = Vec::new();
+        for role in &mut roles {
+            let status = tokio::time::timeout(within, role.child.wait())
+                .await
+                .unwrap_or_else(|_| panic!("{} did not stop within {within:?}", role.name))
+                .expect("wait for a role to exit");
+            exited.push((role.name.clone(), status));
+        }
+        // Their logs stay readable for the test's failure report.
+        self.old_logs.extend(roles.into_iter().map(|r| r.log));
+        exited
     }
 
     /// Stops every process (SIGKILL: nothing of the test depends on a clean shutdown).

@@ -499,6 +499,8 @@ impl Engine {
         held: &[Held],
     ) -> Option<Vec<Disposition>> {
         let mut tx = self.pool.begin().await.ok()?;
+        // Each event's handling span, open until its batch has committed and published.
+        let mut handles = Vec::with_capacity(events.len());
         if lock_lost(held) {
             // Paused (or starved) since the locks were taken: do not wait on a row another
             // worker may now hold under the lock we lost.
@@ -530,6 +532,7 @@ impl Engine {
             for (_, id, event) in events {
                 let span = event_span(event);
                 span.record("command.id", tracing::field::display(id));
+                handles.push(span.clone());
                 // A command without a row when the batch began (a root that its start creates)
                 // locks and marks each of its events itself.
                 let locked = rows.get_mut(id).map(|row| {
@@ -586,12 +589,14 @@ impl Engine {
             drop(tx.rollback().await);
             return None;
         }
-        if let Err(e) = self.commit_with_confirmed(tx).await {
+        let committing = commit_span(&handles);
+        if let Err(e) = self.commit_with_confirmed(tx).instrument(committing).await {
             let reason = format!("PostgreSQL commit: {e}");
             return Some(vec![Disposition::Retry(reason); events.len()]);
         }
         metrics::histogram!(cm::BATCH_SIZE).record(events.len() as f64);
-        self.publish_outbox(&outbox).await;
+        let first = handles.first().cloned().unwrap_or_else(tracing::Span::none);
+        self.publish_outbox(&outbox).instrument(first).await;
         Some(applied.into_iter().map(Disposition::Ack).collect())
     }
 }
@@ -633,16 +638,50 @@ fn lock_lost<'a>(held: impl IntoIterator<Item = &'a Held>) -> bool {
 }
 
 /// The span an event is handled in: its id, type and trace id (from `traceparent`); the
-/// command id is recorded once known.
+/// command id is recorded once known. With traces on, it is a child of the span its
+/// `traceparent` names (the gateway's publish, or the handling that emitted it).
 fn event_span(event: &Event) -> tracing::Span {
-    let trace_id = event
+    let traceparent = event
         .extensions
         .get(cmdflow_shared::trace::TRACEPARENT)
-        .and_then(Value::as_str)
+        .and_then(Value::as_str);
+    let trace_id = traceparent
         .and_then(cmdflow_shared::trace::parse)
         .map(|(trace, _)| trace.to_owned())
         .unwrap_or_default();
-    tracing::info_span!("event", command.id = tracing::field::Empty, event.id = %event.id, event.type = %event.ty, trace.id = %trace_id)
+    let span = tracing::info_span!("handle", otel.kind = tracing::field::Empty, command.id = tracing::field::Empty, event.id = %event.id, event.type = %event.ty, trace.id = %trace_id);
+    cmdflow_shared::telemetry::set_parent(&span, traceparent);
+    cmdflow_shared::telemetry::set_kind(&span, "consumer");
+    span
+}
+
+/// The span of a transaction's commit, for traces (none when they are off): a child of the
+/// first event's handling span, and for a batch, linked to the others'.
+fn commit_span(handles: &[tracing::Span]) -> tracing::Span {
+    let Some(first) = handles.first() else {
+        return tracing::Span::none();
+    };
+    if !cmdflow_shared::telemetry::traces_enabled() {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(parent: first, "commit", db.system.name = "postgresql", events = handles.len());
+    for other in &handles[1..] {
+        span.follows_from(other);
+    }
+    span
+}
+
+/// The span of publishing committed outbox rows, for traces (none when they are off).
+fn outbox_span(rows: usize) -> tracing::Span {
+    if !cmdflow_shared::telemetry::traces_enabled() {
+        return tracing::Span::none();
+    }
+    tracing::info_span!(
+        "outbox publish",
+        otel.kind = "producer",
+        messaging.system = "rabbitmq",
+        messaging.batch.message_count = rows
+    )
 }
 
 /// Counts an event's outcome, and for an applied one its handling time and its latency from
@@ -984,7 +1023,8 @@ impl Engine {
             );
             return (lock_ran_out(), Vec::new());
         }
-        if let Err(e) = self.commit_with_confirmed(tx).await {
+        let committing = commit_span(&[tracing::Span::current()]);
+        if let Err(e) = self.commit_with_confirmed(tx).instrument(committing).await {
             return (
                 Disposition::Retry(format!("PostgreSQL commit: {e}")),
                 Vec::new(),
@@ -1004,6 +1044,7 @@ impl Engine {
         }
         let confirmed: Vec<i64> = self
             .publish_rows(rows)
+            .instrument(outbox_span(rows.len()))
             .await
             .into_iter()
             .filter_map(Result::ok)

@@ -335,11 +335,12 @@ pub enum Cmd {
     },
 }
 
-/// The configuration of a server role: the app's, with telemetry, TLS and metrics set up.
-fn server_config(app: &App) -> anyhow::Result<cmdflow_shared::Config> {
+/// The configuration of a server role: the app's, with telemetry, TLS and metrics set up. `role`
+/// names the process in its spans (`cmdflow-gateway`, …) unless `OTEL_SERVICE_NAME` does.
+fn server_config(app: &App, role: &str) -> anyhow::Result<cmdflow_shared::Config> {
     let config = app.config().clone();
     cmdflow_shared::tls::configure(config.tls_ca_file.as_deref())?;
-    cmdflow_shared::telemetry::init(&config.log_format);
+    cmdflow_shared::telemetry::init(&config.log_format, &format!("cmdflow-{role}"))?;
     for warning in cmdflow_shared::config::unknown_variables(std::env::vars()) {
         tracing::warn!("{warning}");
     }
@@ -347,12 +348,21 @@ fn server_config(app: &App) -> anyhow::Result<cmdflow_shared::Config> {
     Ok(config)
 }
 
-/// Runs what the command line names.
+/// Runs what the command line names; once a server role has stopped, sends its last spans.
 pub async fn run(app: App, cli: Cli) -> anyhow::Result<()> {
+    let result = run_command(app, cli).await;
+    if cmdflow_shared::telemetry::traces_enabled() {
+        // Blocks while the exporter sends (a few seconds at most): off the async threads.
+        drop(tokio::task::spawn_blocking(cmdflow_shared::telemetry::shutdown).await);
+    }
+    result
+}
+
+async fn run_command(app: App, cli: Cli) -> anyhow::Result<()> {
     let json = cli.json;
     match cli.command {
         Cmd::Up { http, concurrency } => {
-            let mut config = server_config(&app)?;
+            let mut config = server_config(&app, "up")?;
             config.http_addr = http;
             if let Some(n) = concurrency {
                 config.concurrency = n;
@@ -361,23 +371,23 @@ pub async fn run(app: App, cli: Cli) -> anyhow::Result<()> {
             roles::up(&app, config).await
         }
         Cmd::Gateway { http } => {
-            let mut config = server_config(&app)?;
+            let mut config = server_config(&app, "gateway")?;
             config.http_addr = http;
             roles::gateway(config).await
         }
         Cmd::Worker { concurrency } => {
-            let mut config = server_config(&app)?;
+            let mut config = server_config(&app, "worker")?;
             if let Some(n) = concurrency {
                 config.concurrency = n;
             }
             config.validate()?;
             roles::worker(app.registry(false)?, config).await
         }
-        Cmd::Scheduler => roles::scheduler(server_config(&app)?).await,
-        Cmd::Archiver => roles::archiver(server_config(&app)?).await,
-        Cmd::Activities => roles::activities(&app, server_config(&app)?).await,
+        Cmd::Scheduler => roles::scheduler(server_config(&app, "scheduler")?).await,
+        Cmd::Archiver => roles::archiver(server_config(&app, "archiver")?).await,
+        Cmd::Activities => roles::activities(&app, server_config(&app, "activities")?).await,
         Cmd::Archive(ArchiveCmd::Run { dry_run }) => {
-            roles::archive_run(server_config(&app)?, dry_run, json).await
+            roles::archive_run(server_config(&app, "archive")?, dry_run, json).await
         }
         Cmd::Key(KeyCmd::New {
             name,
@@ -391,7 +401,7 @@ pub async fn run(app: App, cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Migrate => {
-            let config = server_config(&app)?;
+            let config = server_config(&app, "migrate")?;
             roles::migrate(&config).await?;
             outln!("migrations applied");
             Ok(())

@@ -161,7 +161,7 @@ struct Run {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    cmdflow_shared::telemetry::init_with_default("pretty", "warn,lapin=error");
+    cmdflow_shared::telemetry::init_with_default("pretty", "warn,lapin=error", "cmdflow-loadgen")?;
     cmdflow_shared::tls::install_provider();
     let args = Args::parse();
     if let Some(file) = &args.table {

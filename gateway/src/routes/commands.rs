@@ -57,16 +57,17 @@ pub async fn start_command(
     Extension(principal): Extension<Principal>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> ApiResult<(StatusCode, Json<Started>)> {
+) -> ApiResult<(StatusCode, HeaderMap, Json<Started>)> {
     let body = json_body(&headers, body, &["application/json"])?;
     let mut event = start_event(&state, &body).await?;
     let kind = event.data.get("kind").and_then(Value::as_str).unwrap_or("");
     principal.may_publish(kind)?;
-    crate::routes::events::trace(&headers, std::slice::from_mut(&mut event));
     let command_id = event.commandid.unwrap_or_default();
-    publish_all(&state, std::slice::from_mut(&mut event), Speaker::Engine).await?;
+    let events = std::slice::from_mut(&mut event);
+    publish_all(&state, &headers, events, Speaker::Engine).await?;
     Ok((
         StatusCode::ACCEPTED,
+        crate::http_trace::accepted_trace(events),
         Json(Started {
             command_id,
             event_id: event.id,
@@ -394,7 +395,7 @@ pub async fn abort_command(
     Path(raw): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> ApiResult<(StatusCode, Json<AbortAccepted>)> {
+) -> ApiResult<(StatusCode, HeaderMap, Json<AbortAccepted>)> {
     let id = parse_id(&raw)?;
     let body = body
         .map_err(|e| ApiError::BadRequest(format!("could not read the body: {}", e.body_text())))?;
@@ -431,10 +432,11 @@ pub async fn abort_command(
     event.commandid = Some(id);
     event.subject = Some(command.owner);
     event.correlationid = Some(command.root_id.to_string());
-    crate::routes::events::trace(&headers, std::slice::from_mut(&mut event));
-    publish_all(&state, std::slice::from_mut(&mut event), Speaker::Engine).await?;
+    let events = std::slice::from_mut(&mut event);
+    publish_all(&state, &headers, events, Speaker::Engine).await?;
     Ok((
         StatusCode::ACCEPTED,
+        crate::http_trace::accepted_trace(events),
         Json(AbortAccepted {
             command_id: id,
             event_id: event.id,

@@ -11,6 +11,7 @@ use cmdflow_shared::Event;
 use cmdflow_shared::bus;
 use cmdflow_shared::contract::{binary, parse_batch};
 use serde::Serialize;
+use tracing::Instrument;
 
 use crate::app::AppState;
 use crate::auth::Principal;
@@ -50,7 +51,7 @@ pub async fn post_events(
     Extension(principal): Extension<Principal>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> ApiResult<(StatusCode, Json<Accepted>)> {
+) -> ApiResult<(StatusCode, HeaderMap, Json<Accepted>)> {
     let mut events = if is_binary_mode(&headers) {
         vec![binary_event(&headers, &read_body(body)?)?]
     } else {
@@ -69,10 +70,10 @@ pub async fn post_events(
             );
         }
     }
-    trace(&headers, &mut events);
-    publish_all(&state, &mut events, Speaker::Caller).await?;
+    publish_all(&state, &headers, &mut events, Speaker::Caller).await?;
     Ok((
         StatusCode::ACCEPTED,
+        crate::http_trace::accepted_trace(&events),
         Json(Accepted {
             ids: events.into_iter().map(|e| e.id).collect(),
         }),
@@ -150,11 +151,14 @@ pub enum Speaker {
     Engine,
 }
 
-/// Gives every event a `traceparent`: its own, else a child of the request's, else a new trace.
-pub fn trace(headers: &HeaderMap, events: &mut [Event]) {
+/// Gives every event a `traceparent`: its own, else a child of `publish` (the span it is
+/// published in) when traces are on, else a child of the request's `traceparent` header, else a
+/// new trace.
+fn trace(headers: &HeaderMap, events: &mut [Event], publish: &tracing::Span) {
     let parent = headers
         .get(cmdflow_shared::trace::TRACEPARENT)
         .and_then(|v| v.to_str().ok());
+    let span = cmdflow_shared::telemetry::traceparent(publish);
     for event in events {
         let own = event
             .extensions
@@ -163,9 +167,12 @@ pub fn trace(headers: &HeaderMap, events: &mut [Event]) {
             .and_then(cmdflow_shared::trace::parse)
             .is_some();
         if !own {
+            let traceparent = span
+                .clone()
+                .unwrap_or_else(|| cmdflow_shared::trace::child_of(parent));
             event.extensions.insert(
                 cmdflow_shared::trace::TRACEPARENT.to_owned(),
-                serde_json::Value::String(cmdflow_shared::trace::child_of(parent)),
+                serde_json::Value::String(traceparent),
             );
         }
     }
@@ -173,18 +180,34 @@ pub fn trace(headers: &HeaderMap, events: &mut [Event]) {
 
 /// Publishes events in their order, each to its partition, under confirms; fails with 503
 /// unless the broker confirmed every one. Events of a batch for one command keep their order.
-/// Each is stamped with the time it was accepted (`acceptedat`), replacing any the caller sent.
+/// Each is stamped with the time it was accepted (`acceptedat`), replacing any the caller sent,
+/// and given a `traceparent` ([`trace`]) from the request's `headers`. With traces on, they are
+/// published in a `publish` span, the parent of the workers' spans for them.
 pub async fn publish_all(
     state: &AppState,
+    headers: &HeaderMap,
     events: &mut [Event],
     speaker: Speaker,
 ) -> ApiResult<()> {
+    let exchange = state.bus.topology().events_exchange();
+    let span = if cmdflow_shared::telemetry::traces_enabled() {
+        tracing::info_span!(
+            "publish",
+            otel.kind = "producer",
+            messaging.system = "rabbitmq",
+            messaging.destination.name = %exchange,
+            messaging.batch.message_count = events.len(),
+            otel.status_code = tracing::field::Empty,
+        )
+    } else {
+        tracing::Span::none()
+    };
+    trace(headers, events, &span);
     let now = chrono::Utc::now();
     for event in events.iter_mut() {
         event.stamp_accepted(now);
     }
     let bodies: Vec<Vec<u8>> = events.iter().map(Event::to_bytes).collect();
-    let exchange = state.bus.topology().events_exchange();
     let messages = events
         .iter()
         .zip(&bodies)
@@ -207,8 +230,15 @@ pub async fn publish_all(
             }
         })
         .collect();
-    let results = state.bus.publish_many(messages).await;
+    let results = state
+        .bus
+        .publish_many(messages)
+        .instrument(span.clone())
+        .await;
     for (event, result) in events.iter().zip(results) {
+        if result.is_err() {
+            span.record("otel.status_code", "ERROR");
+        }
         result.map_err(ApiError::BrokerUnavailable)?;
         metrics::counter!(
             cmdflow_shared::metrics::EVENTS_RECEIVED,

@@ -27,4 +27,5 @@ mod skeleton;
 mod slow_clients;
 mod time;
 mod tls;
+mod traces;
 mod workflows;

@@ -618,15 +618,19 @@ impl Engine {
             .correlationid
             .clone()
             .or_else(|| Some(command.root_id.to_string()));
-        // The trace goes on: a new span in the cause's trace.
-        if let Some(parent) = cause
-            .extensions
-            .get(cmdflow_shared::trace::TRACEPARENT)
-            .and_then(Value::as_str)
-        {
+        // The trace goes on: a child of this handling's span when traces are on, else a new
+        // span in the cause's trace.
+        let traceparent = cmdflow_shared::telemetry::current_traceparent().or_else(|| {
+            cause
+                .extensions
+                .get(cmdflow_shared::trace::TRACEPARENT)
+                .and_then(Value::as_str)
+                .map(|parent| cmdflow_shared::trace::child_of(Some(parent)))
+        });
+        if let Some(traceparent) = traceparent {
             e.extensions.insert(
                 cmdflow_shared::trace::TRACEPARENT.to_owned(),
-                json!(cmdflow_shared::trace::child_of(Some(parent))),
+                json!(traceparent),
             );
         }
         e
