@@ -22,12 +22,13 @@
 //! failed, goes alone.
 //!
 //! By file: [`consume`] (the loop, partitions, batches and retry lanes), `batch` (group
-//! commit), `process` (one event on its own), `apply` (a decision applied in a transaction),
-//! `broadcast` (events addressed to no command), `parked` (events waiting for their start or
-//! their flow version), `outbox` (publishing after the commit, and the sweeper), `settle`
-//! (ack or dead letter), `local` (this worker's turns of its commands). The lock is
-//! [`cmdflow_shared::lock`], the fan-in [`crate::fanin`], the batch writer
-//! [`cmdflow_shared::store::steps`].
+//! commit), `process` (one event on its own), `apply` (a decision applied in a transaction,
+//! with `apply/children` for spawning and fan-in, `apply/timers` for timers and waits, and
+//! `apply/decision` for the checks before it), `broadcast` (events addressed to no command),
+//! `parked` (events waiting for their start or their flow version), `outbox` (publishing after
+//! the commit, and the sweeper), `settle` (ack or dead letter), `local` (this worker's turns of
+//! its commands). The lock is [`cmdflow_shared::lock`], the fan-in [`crate::fanin`], the batch
+//! writer [`cmdflow_shared::store::steps`].
 
 mod apply;
 mod batch;

@@ -1,0 +1,316 @@
+//! Children and fan-in: spawning (with the limits), counting each child's report into its
+//! group once, and the group's verdict, deadline and close.
+
+use super::*;
+
+impl Engine {
+    /// Creates the decision's children as rows in this transaction, opens their groups, and
+    /// queues their start events.
+    pub(super) async fn spawn(
+        &self,
+        tx: &mut Tx<'_>,
+        parent: &Command,
+        cause: &Event,
+        decision: &Decision,
+        out: &mut Vec<Event>,
+    ) -> Result<(), ApplyError> {
+        if decision.spawn_count() == 0 {
+            return Ok(());
+        }
+        let mut rows = Vec::with_capacity(decision.spawn_count());
+        let created_at = cause.accepted_at();
+        let mut child = |spec: &ChildSpec, group: Option<&str>| {
+            let id = CommandId::new();
+            let owner = spec.owner.clone().unwrap_or_else(|| parent.owner.clone());
+            rows.push(NewCommand {
+                id,
+                kind: spec.kind.clone(),
+                owner: owner.clone(),
+                parent_id: Some(parent.id),
+                root_id: parent.root_id,
+                depth: parent.depth + 1,
+                data: Value::Object(spec.data.clone()),
+                group_name: group.map(str::to_owned),
+                // A fire-and-forget child has no concern for its parent: the parent's end never
+                // aborts it (an abort of the parent does).
+                parent_close: match group {
+                    None => "abandon".to_owned(),
+                    Some(_) => spec.parent_close.as_str().to_owned(),
+                },
+                created_at,
+                kind_version: self.registry.version_of(&spec.kind).map(str::to_owned),
+            });
+            let start = obj(json!({
+                "kind": spec.kind, "owner": owner, "data": spec.data, "parent_id": parent.id,
+            }));
+            out.push(self.engine_event(parent, cause, COMMAND_START, start, Some(id)));
+        };
+        for spec in &decision.spawn_detached {
+            child(spec, None);
+        }
+        for group in &decision.spawn_groups {
+            for spec in &group.children {
+                child(spec, Some(&group.name));
+            }
+        }
+        store::insert_children(tx, &rows).await?;
+        for group in &decision.spawn_groups {
+            let quorum = match group.policy {
+                FanIn::Quorum(q) => Some(q as i32),
+                _ => None,
+            };
+            let deadline_at = group
+                .deadline
+                .and_then(|d| chrono::Duration::from_std(d).ok())
+                .map(|d| Utc::now() + d);
+            let new = store::NewGroup {
+                parent: parent.id,
+                name: &group.name,
+                policy: group.policy.name(),
+                quorum,
+                reports: group.reports.name(),
+                add_total: group.children.len() as i32,
+                deadline_at,
+            };
+            let row = store::upsert_group(tx, &new).await?.ok_or_else(|| {
+                ApplyError::Permanent(format!(
+                    "group {} of {} has already settled; spawn into a new group",
+                    group.name, parent.id
+                ))
+            })?;
+            if let Some(due_at) = deadline_at {
+                time::upsert_timer(
+                    tx,
+                    &NewTimer {
+                        command: parent.id,
+                        name: &format!("group:{}", group.name),
+                        kind: "group_deadline",
+                        due_at,
+                        cron: None,
+                        tz: None,
+                        payload: Some(json!({ "group": group.name })),
+                    },
+                )
+                .await?;
+            }
+            // An empty group settles at once, so a parent never waits on nothing.
+            if row.total == 0 {
+                let mut row = row;
+                // A group just made has no members to read.
+                self.settle_if_decided(tx, parent, cause, &mut row, out, None)
+                    .await?;
+                store::save_group(tx, &row).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts the transaction's reports into their groups, in (parent, group, child) order, and
+    /// settles each group its policy decides: its open members are aborted and the parent gets
+    /// one `children.settled`. Returns the outbox rows of those events.
+    pub async fn count_reports(
+        &self,
+        tx: &mut Tx<'_>,
+        mut reports: Vec<Report>,
+    ) -> Result<Vec<OutboxRow>, ApplyError> {
+        reports.sort_by(|a, b| (a.parent, &a.group, a.child).cmp(&(b.parent, &b.group, b.child)));
+        let mut outbox = Vec::new();
+        for r in reports {
+            let child = r.child.to_string();
+            let mut group = match store::count_report(
+                tx, r.parent, &r.group, &child, r.state, &r.outcome,
+            )
+            .await?
+            {
+                store::Counted::Counted(group) if group.state == "open" => group,
+                store::Counted::Counted(group) => {
+                    tracing::debug!(group = %group.name, state = %group.state, "Counted into a group that had already ended.");
+                    continue;
+                }
+                store::Counted::AlreadyReported | store::Counted::NoGroup => continue,
+            };
+            let verdict = verdict_of(&group);
+            if verdict == Verdict::Open {
+                continue;
+            }
+            let Some(parent) = store::command_in(tx, r.parent).await? else {
+                tracing::warn!(parent = %r.parent, group = %group.name, "A group decided by a child's report has no live parent; left as it is.");
+                continue;
+            };
+            let reason = format!("group {} settled ({})", group.name, verdict.as_str());
+            let mut out = Vec::new();
+            self.close_group(
+                tx, &parent, &r.cause, &mut group, verdict, &reason, false, &mut out, None,
+            )
+            .await?;
+            store::save_group(tx, &group).await?;
+            outbox.extend(store::insert_outbox(tx, r.child, &out).await?);
+        }
+        Ok(outbox)
+    }
+
+    /// Folds a child's ACK into its group: counts it once, and settles the group when its policy
+    /// says so.
+    pub(super) async fn fold_ack(
+        &self,
+        tx: &mut Tx<'_>,
+        parent: &Command,
+        event: &Event,
+        out: &mut Vec<Event>,
+        notes: &mut Vec<String>,
+        mut steps: Option<&mut store::Steps>,
+    ) -> Result<(), ApplyError> {
+        let ack: AckData = match serde_json::from_value(Value::Object(event.data.clone())) {
+            Ok(ack) => ack,
+            Err(e) => {
+                notes.push(format!("not a child's report ({e}); no group counted it"));
+                return Ok(());
+            }
+        };
+        let state = match event.ty.as_str() {
+            COMMAND_COMPLETED => "completed",
+            COMMAND_FAILED => "failed",
+            COMMAND_ABORTED => "aborted",
+            _ => return Ok(()),
+        };
+        let mut outcome = ended(state, ack.result, ack.reason);
+        outcome.insert("state".into(), json!(state));
+        outcome.insert("kind".into(), json!(ack.kind));
+        let child = ack.child_id.to_string();
+        let outcome = Value::Object(outcome);
+        let counted = match steps.as_deref_mut() {
+            Some(steps) => {
+                store::count_report_kept(tx, steps, parent.id, &ack.group, &child, state, &outcome)
+                    .await?
+            }
+            None => store::count_report(tx, parent.id, &ack.group, &child, state, &outcome).await?,
+        };
+        let mut group = match counted {
+            store::Counted::Counted(group) => group,
+            store::Counted::AlreadyReported => {
+                notes.push(format!("child {child} has already reported; counted once"));
+                return Ok(());
+            }
+            store::Counted::NoGroup => {
+                notes.push(format!("no group {} on this command", ack.group));
+                return Ok(());
+            }
+        };
+        if group.state != "open" {
+            notes.push(format!("group {} had already {}", group.name, group.state));
+            return Ok(());
+        }
+        self.settle_if_decided(tx, parent, event, &mut group, out, steps.as_deref_mut())
+            .await?;
+        if group.state != "open" {
+            // Settled by this report: its verdict is saved with it.
+            match steps {
+                Some(steps) => steps.keep_group(*group),
+                None => store::save_group(tx, &group).await?,
+            }
+        }
+        Ok(())
+    }
+
+    /// When the group's policy decides it, freezes it, aborts its open members, and tells the
+    /// parent with one `children.settled` event.
+    pub(super) async fn settle_if_decided(
+        &self,
+        tx: &mut Tx<'_>,
+        parent: &Command,
+        cause: &Event,
+        group: &mut GroupRow,
+        out: &mut Vec<Event>,
+        steps: Option<&mut store::Steps>,
+    ) -> Result<(), ApplyError> {
+        let verdict = verdict_of(group);
+        if verdict == Verdict::Open {
+            return Ok(());
+        }
+        let reason = format!("group {} settled ({})", group.name, verdict.as_str());
+        self.close_group(
+            tx, parent, cause, group, verdict, &reason, false, out, steps,
+        )
+        .await
+    }
+
+    /// Freezes a group at its verdict, cancels its deadline, aborts its open members, and tells
+    /// the parent with one `children.settled` event.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn close_group(
+        &self,
+        tx: &mut Tx<'_>,
+        parent: &Command,
+        cause: &Event,
+        group: &mut GroupRow,
+        verdict: Verdict,
+        reason: &str,
+        deadline: bool,
+        out: &mut Vec<Event>,
+        steps: Option<&mut store::Steps>,
+    ) -> Result<(), ApplyError> {
+        group.state = verdict.as_str().to_owned();
+        time::cancel_timer(tx, parent.id, &format!("group:{}", group.name)).await?;
+        // The members' rows may carry kept-back steps.
+        flush(tx, steps).await?;
+        for id in store::open_children(tx, parent.id, Some(&group.name), false).await? {
+            let data = obj(json!({ "reason": reason }));
+            out.push(self.engine_event(parent, cause, COMMAND_ABORT, data, Some(id)));
+        }
+        let data = obj(json!({
+            "group": group.name,
+            "policy": group.policy,
+            "quorum": group.quorum,
+            "outcome": verdict.as_str(),
+            "deadline": deadline,
+            "total": group.total,
+            "completed": group.completed,
+            "failed": group.failed,
+            "aborted": group.aborted,
+            "outcomes": group.outcomes,
+        }));
+        out.push(self.engine_event(parent, cause, CHILDREN_SETTLED, data, Some(parent.id)));
+        Ok(())
+    }
+
+    /// A group's deadline passed: if it is still open, it fails and its open children are aborted.
+    pub(super) async fn group_deadline(
+        &self,
+        tx: &mut Tx<'_>,
+        parent: &Command,
+        event: &Event,
+        out: &mut Vec<Event>,
+        notes: &mut Vec<String>,
+        steps: Option<&mut store::Steps>,
+    ) -> Result<(), ApplyError> {
+        let Some(name) = event.data.get("group").and_then(Value::as_str) else {
+            notes.push("a deadline without a group".to_owned());
+            return Ok(());
+        };
+        // The group may be kept back, counted into by an earlier report of the batch.
+        flush(tx, steps).await?;
+        let Some(mut group) = store::lock_group(tx, parent.id, name).await? else {
+            notes.push(format!("no group {name} on this command"));
+            return Ok(());
+        };
+        if group.state != "open" {
+            notes.push(format!("group {name} had already {}", group.state));
+            return Ok(());
+        }
+        let reason = format!("group {name} missed its deadline");
+        self.close_group(
+            tx,
+            parent,
+            event,
+            &mut group,
+            Verdict::Failed,
+            &reason,
+            true,
+            out,
+            None,
+        )
+        .await?;
+        store::save_group(tx, &group).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,559 @@
+//! Applying one event to one command inside a transaction: create on start, lock the row,
+//! dedupe, fold a child's ACK into its fan-in group, decide, check limits, guarded update,
+//! spawn children, cascade aborts, report to the parent, history, outbox.
+
+use chrono::Utc;
+use cmdflow_shared::contract::types::{
+    self, CHILDREN_DEADLINE, CHILDREN_SETTLED, COMMAND_ABORT, COMMAND_ABORTED, COMMAND_COMPLETED,
+    COMMAND_FAILED, COMMAND_START,
+};
+use cmdflow_shared::decision::{
+    AbortChildren, Channel, ChildSpec, Decision, FanIn, Outcome, TimerOp, WaitSpec, apply_data,
+};
+use cmdflow_shared::domain::{Kind, Owner};
+use cmdflow_shared::store::time::{self, NewTimer};
+use cmdflow_shared::store::{self, EntryKind, GroupRow, HistoryEntry, NewCommand, OutboxRow, Tx};
+use cmdflow_shared::time::{TimerSpec, check_delay};
+use cmdflow_shared::{Command, CommandId, CommandState, Event, HandlerError};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use super::{Applied, ApplyError, Engine};
+use crate::fanin::{Tally, Verdict, evaluate};
+use crate::remote::RemoteError;
+
+mod children;
+mod decision;
+mod timers;
+
+/// The data of a `command.start` event.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StartData {
+    kind: String,
+    owner: String,
+    #[serde(default)]
+    data: Option<Value>,
+    #[serde(default)]
+    parent_id: Option<CommandId>,
+}
+
+/// The data of a child's ACK to its parent.
+#[derive(Debug, Deserialize)]
+struct AckData {
+    child_id: CommandId,
+    group: String,
+    #[serde(default)]
+    kind: Option<String>,
+    #[serde(default)]
+    result: Option<Value>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// Why a child's report to `parent` does not count, if it does not: it names no child, or one
+/// that is not a member of the group it names. A report counts only from a member.
+async fn stranger(
+    tx: &mut Tx<'_>,
+    parent: &Command,
+    event: &Event,
+) -> Result<Option<String>, ApplyError> {
+    let ack: AckData = match serde_json::from_value(Value::Object(event.data.clone())) {
+        Ok(ack) => ack,
+        Err(e) => return Ok(Some(format!("not a child's report ({e}); not counted"))),
+    };
+    if store::is_group_member(tx, ack.child_id, parent.id, &ack.group).await? {
+        return Ok(None);
+    }
+    Ok(Some(format!(
+        "a report from {}, which is not a child of this command in group {}; not counted",
+        ack.child_id, ack.group
+    )))
+}
+
+/// A child's end, to be counted into its parent's group (whose reports are `settled`) at the end
+/// of the transaction. All of a transaction's reports are counted together, in (parent, group)
+/// order, after every event is applied: two batches that end children of the same parents then
+/// take the group rows in the same order and never wait on each other in a cycle.
+#[derive(Debug)]
+pub struct Report {
+    parent: CommandId,
+    group: String,
+    child: CommandId,
+    /// `completed`, `failed` or `aborted`.
+    state: &'static str,
+    outcome: Value,
+    /// The event that ended the child: the settled event it may cause is chained to it.
+    cause: Event,
+}
+
+/// The engine's name for the timer of a wait's timeout.
+pub fn wait_timer_name(event_type: &str, key: &str) -> String {
+    format!("wait:{event_type}:{key}")
+}
+
+/// What a group's policy says of its tally so far.
+fn verdict_of(group: &GroupRow) -> Verdict {
+    let policy = match (group.policy.as_str(), group.quorum) {
+        ("quorum", Some(q)) => FanIn::Quorum(q.max(0) as u32),
+        (name, _) => FanIn::parse(name).unwrap_or(FanIn::All),
+    };
+    let tally = Tally {
+        total: group.total.max(0) as u32,
+        completed: group.completed.max(0) as u32,
+        failed: group.failed.max(0) as u32,
+        aborted: group.aborted.max(0) as u32,
+    };
+    evaluate(policy, tally)
+}
+
+/// How a child ended, as its report and its group keep it: `{result}` when it completed,
+/// `{reason}` when it failed or was aborted.
+fn ended(state: &str, result: Option<Value>, reason: Option<String>) -> Map<String, Value> {
+    match state {
+        "completed" => obj(json!({ "result": result.unwrap_or(Value::Null) })),
+        _ => obj(json!({ "reason": reason })),
+    }
+}
+
+fn obj(value: Value) -> Map<String, Value> {
+    match value {
+        Value::Object(map) => map,
+        _ => Map::new(),
+    }
+}
+
+/// Writes the steps a batch kept back (if it keeps any), before a statement that reads other
+/// commands' rows.
+async fn flush(tx: &mut Tx<'_>, steps: Option<&mut store::Steps>) -> Result<(), ApplyError> {
+    if let Some(steps) = steps {
+        store::flush_steps(tx, steps).await?;
+    }
+    Ok(())
+}
+
+impl Engine {
+    /// Applies one event addressed to `command_id` inside `tx`. Returns the outbox rows to
+    /// publish after commit. A child that ends and counts itself into its group adds its
+    /// [`Report`] to `reports`, for [`Engine::count_reports`] before the commit.
+    pub async fn apply(
+        &self,
+        tx: &mut Tx<'_>,
+        command_id: CommandId,
+        event: &Event,
+        reports: &mut Vec<Report>,
+    ) -> Result<(Applied, Vec<OutboxRow>), ApplyError> {
+        let (applied, outbox, _) = self
+            .apply_locked(tx, command_id, event, None, reports, None)
+            .await?;
+        Ok((applied, outbox))
+    }
+
+    /// [`Engine::apply`], where `locked` is the command's row as this transaction already locked
+    /// it, with whether this event was fresh when it was marked (the batch path); `None` locks
+    /// and marks it here. Also returns the command's row as it is after the event, for the
+    /// command's next event in the same transaction. With `steps`, the command's row, history
+    /// and outbox events are kept back there (and no outbox rows are returned), to be written
+    /// with the batch's other steps.
+    pub async fn apply_locked(
+        &self,
+        tx: &mut Tx<'_>,
+        command_id: CommandId,
+        event: &Event,
+        locked: Option<store::Locked>,
+        reports: &mut Vec<Report>,
+        mut steps: Option<&mut store::Steps>,
+    ) -> Result<(Applied, Vec<OutboxRow>, Command), ApplyError> {
+        if event.ty == COMMAND_START {
+            // A child's row is created by its parent; a root's by its start event (a row locked
+            // already exists).
+            let new = self.new_command(command_id, event)?;
+            if new.parent_id.is_none() && locked.is_none() {
+                store::insert_command(tx, &new).await?;
+            }
+        }
+        let locked = match locked {
+            Some(locked) => Some(locked),
+            None => {
+                // Its row may carry a step kept back (a root's second event in the batch).
+                if steps.as_ref().is_some_and(|s| s.keeps(command_id)) {
+                    flush(tx, steps.as_deref_mut()).await?;
+                }
+                store::lock_and_mark(tx, command_id, &event.source, &event.id).await?
+            }
+        };
+        let Some(store::Locked {
+            command,
+            fresh,
+            counts_itself,
+        }) = locked
+        else {
+            return Err(ApplyError::NotFound(command_id));
+        };
+        if !fresh {
+            tracing::debug!("Already applied; ignoring the redelivery.");
+            return Ok((Applied::Duplicate, Vec::new(), command));
+        }
+        let starting = command.state == CommandState::Pending && command.version == 0;
+        let ignore = if command.state.is_terminal() {
+            Some(match event.ty.as_str() {
+                COMMAND_ABORT => {
+                    format!("abort reached a {} command; nothing to do", command.state)
+                }
+                ty if types::is_ack(ty) => format!(
+                    "a child's report reached a {} parent; nothing to do",
+                    command.state
+                ),
+                _ => format!(
+                    "the command is {}; a terminal command accepts no more events",
+                    command.state
+                ),
+            })
+        } else if event.ty == COMMAND_START && !starting {
+            Some("the command has already started; a second start changes nothing".to_owned())
+        } else if types::is_ack(&event.ty) {
+            stranger(tx, &command, event).await?
+        } else {
+            None
+        };
+        if let Some(reason) = ignore {
+            let line = [HistoryEntry {
+                entry: EntryKind::Ignored,
+                event_id: Some(event.id.clone()),
+                event_type: Some(event.ty.clone()),
+                from_state: None,
+                to_state: None,
+                detail: Some(json!({ "reason": reason, "source": event.source })),
+            }];
+            match steps {
+                Some(steps) => steps.history(command_id, command.version, &line),
+                None => store::append_history(tx, command_id, command.version, &line).await?,
+            }
+            return Ok((Applied::Ignored, Vec::new(), command));
+        }
+        let (outbox, report, written) = self
+            .decide_and_apply(tx, command, event, counts_itself, steps)
+            .await?;
+        reports.extend(report);
+        Ok((Applied::Applied, outbox, written))
+    }
+
+    /// Decides and applies one event to a locked command. Returns its outbox rows and, when it
+    /// ends a child that `counts_itself` into its group, the report to count before the commit.
+    pub(super) async fn decide_and_apply(
+        &self,
+        tx: &mut Tx<'_>,
+        command: Command,
+        event: &Event,
+        counts_itself: bool,
+        mut steps: Option<&mut store::Steps>,
+    ) -> Result<(Vec<OutboxRow>, Option<Report>, Command), ApplyError> {
+        let mut out: Vec<Event> = Vec::new();
+        let mut notes: Vec<String> = Vec::new();
+
+        // Only the definition the command started on decides it: without it, nothing is
+        // applied and the event waits.
+        let handler = match self
+            .registry
+            .handler_for(&command.kind, command.kind_version.as_deref())
+        {
+            Some(handler) => handler,
+            None if self.registry.contains(&command.kind) => {
+                return Err(ApplyError::VersionMissing {
+                    id: command.id,
+                    kind: command.kind.clone(),
+                    version: command.kind_version.clone().unwrap_or_default(),
+                });
+            }
+            None => {
+                return Err(ApplyError::Permanent(format!(
+                    "unknown command kind `{}`",
+                    command.kind
+                )));
+            }
+        };
+
+        if types::is_ack(&event.ty) {
+            self.fold_ack(
+                tx,
+                &command,
+                event,
+                &mut out,
+                &mut notes,
+                steps.as_deref_mut(),
+            )
+            .await?;
+        }
+        if event.ty == CHILDREN_DEADLINE {
+            self.group_deadline(
+                tx,
+                &command,
+                event,
+                &mut out,
+                &mut notes,
+                steps.as_deref_mut(),
+            )
+            .await?;
+        }
+
+        let aborting = event.ty == COMMAND_ABORT;
+        let decided = match self.registry.remote_decider(&command.kind) {
+            // Asked under the command's lock, within the decider's bound (below the lock's TTL).
+            Some(remote) => match self.ask_remote(remote, &command, event).await {
+                Ok(decision) => Ok(decision),
+                Err(e @ RemoteError::Unavailable { .. }) => {
+                    return Err(ApplyError::Unavailable(e.to_string()));
+                }
+                Err(e @ RemoteError::Invalid { .. }) => {
+                    return Err(ApplyError::Permanent(format!(
+                        "handler {} refused {}: {e}",
+                        command.kind, event.ty
+                    )));
+                }
+                Err(e @ RemoteError::Refused { .. }) => Err(HandlerError::Refused(e.to_string())),
+            },
+            None => handler.decide(&command, event),
+        };
+        let mut decision = match decided {
+            Ok(decision) => decision,
+            Err(HandlerError::UnexpectedEvent { .. }) if types::is_engine_event(&event.ty) => {
+                Decision::nothing()
+            }
+            Err(e) if aborting => {
+                notes.push(format!("the handler's cleanup failed: {e}"));
+                Decision::nothing()
+            }
+            Err(e) => {
+                return Err(ApplyError::Permanent(format!(
+                    "handler {} refused {}: {e}",
+                    command.kind, event.ty
+                )));
+            }
+        };
+        if let Err(reason) = self.check_limits(&command, &decision) {
+            notes.push(reason.clone());
+            decision = Decision::fail(reason);
+        }
+        // Render every message before anything is applied. A template error fails that message
+        // (stored `failed` with the error as its reason), never the command's step: the business
+        // decision stands, and no half-rendered message goes out.
+        let rendered = self.render_messages(&command, event, &decision);
+        notes.extend(rendered.iter().filter_map(|m| m.failed_reason.clone()));
+
+        let mut next = command.clone();
+        // A command that starts a fan-in group and names no state now waits for its children.
+        let default_state = if !decision.spawn_groups.is_empty() {
+            CommandState::Waiting
+        } else if command.state == CommandState::Pending {
+            CommandState::Running
+        } else {
+            command.state
+        };
+        let target = if aborting {
+            next.reason = Some(
+                event
+                    .data
+                    .get("reason")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| format!("aborted by {}", event.source)),
+            );
+            CommandState::Aborted
+        } else {
+            match &decision.outcome {
+                Some(Outcome::Complete(result)) => {
+                    next.result = Some(result.clone());
+                    CommandState::Completed
+                }
+                Some(Outcome::Fail(reason)) => {
+                    next.reason = Some(reason.clone());
+                    CommandState::Failed
+                }
+                None => decision.state.unwrap_or(default_state),
+            }
+        };
+        next.state = command.state.transition(target).map_err(|e| {
+            ApplyError::Permanent(format!(
+                "handler {} decided an illegal move: {e}",
+                command.kind
+            ))
+        })?;
+        if let Some(change) = &decision.data {
+            next.data = apply_data(&command.data, change);
+        }
+        if let Some(ui) = &decision.ui {
+            next.ui = if ui.is_null() { None } else { Some(ui.clone()) };
+        }
+        // A hint ends with its command, unless the ending decision sets one that outlives it
+        // (such as "your membership is approved").
+        if next.state.is_terminal() && decision.ui.is_none() {
+            next.ui = None;
+        }
+
+        for emit in &decision.emit {
+            let mut e = self.engine_event(&command, event, &emit.ty, emit.data.clone(), emit.to);
+            if let Some(key) = &emit.correlation {
+                e.correlationid = Some(key.clone());
+            }
+            out.push(e);
+        }
+        if !decision.spawn_groups.is_empty() && steps.as_ref().is_some_and(|s| s.keeps(command.id))
+        {
+            // Spawning into a group reads it, and it may be kept back.
+            flush(tx, steps.as_deref_mut()).await?;
+        }
+        self.spawn(tx, &command, event, &decision, &mut out).await?;
+        // A command's timers and waits belong to it: they end with it, and so do its open
+        // children whose parent-close policy is `abort`.
+        // A command that ends at its first event, spawning nothing, has none of these yet.
+        let first_and_alone = command.version == 0
+            && decision.spawn_groups.is_empty()
+            && decision.spawn_detached.is_empty();
+        let orphans = if next.state.is_terminal() && first_and_alone {
+            Vec::new()
+        } else if next.state.is_terminal() {
+            // It reads the children's rows, which may carry kept-back steps.
+            flush(tx, steps.as_deref_mut()).await?;
+            time::clear_time_of_ended(tx, command.id).await?
+        } else {
+            self.apply_time(tx, &command, &decision, &mut out).await?;
+            Vec::new()
+        };
+
+        // Aborts: the ones the handler asked for, and on ending, every open child whose
+        // parent-close policy is `abort`. Each child is told once.
+        let mut to_abort: Vec<(CommandId, String)> = Vec::new();
+        if let Some(which) = &decision.abort_children {
+            flush(tx, steps.as_deref_mut()).await?;
+            let ids = match which {
+                AbortChildren::All => store::open_children(tx, command.id, None, false).await?,
+                AbortChildren::Group(g) => {
+                    store::open_children(tx, command.id, Some(g), false).await?
+                }
+                AbortChildren::Ids(ids) => {
+                    let open = store::open_children(tx, command.id, None, false).await?;
+                    ids.iter().copied().filter(|id| open.contains(id)).collect()
+                }
+            };
+            to_abort.extend(
+                ids.into_iter()
+                    .map(|id| (id, format!("aborted by its parent {}", command.id))),
+            );
+        }
+        if next.state.is_terminal() {
+            let reason = format!("its parent {} ended ({})", command.id, next.state);
+            for id in orphans {
+                to_abort.push((id, reason.clone()));
+            }
+        }
+        if aborting && next.state == CommandState::Aborted {
+            // An abort reaches the whole tree, fire-and-forget children too.
+            let reason = format!("its parent {} was aborted", command.id);
+            for id in store::open_children(tx, command.id, None, false).await? {
+                to_abort.push((id, reason.clone()));
+            }
+        }
+        to_abort.sort_by_key(|(id, _)| *id);
+        to_abort.dedup_by_key(|(id, _)| *id);
+        for (id, reason) in to_abort {
+            let mut data = Map::new();
+            data.insert("reason".into(), json!(reason));
+            out.push(self.engine_event(&command, event, COMMAND_ABORT, data, Some(id)));
+        }
+
+        // A child that ends reports to its parent, if the parent waits for it: by an event, or
+        // by counting itself into the group before this transaction commits.
+        let mut report = None;
+        if next.state.is_terminal()
+            && let (Some(parent), Some(group)) = (command.parent_id, &command.group_name)
+        {
+            let (state, ty) = match next.state {
+                CommandState::Completed => ("completed", COMMAND_COMPLETED),
+                CommandState::Failed => ("failed", COMMAND_FAILED),
+                _ => ("aborted", COMMAND_ABORTED),
+            };
+            let mut data = ended(state, next.result.clone(), next.reason.clone());
+            data.insert("kind".into(), json!(command.kind));
+            if counts_itself {
+                data.insert("state".into(), json!(state));
+                notes.push(format!("counted into group {group} of {parent}"));
+                report = Some(Report {
+                    parent,
+                    group: group.clone(),
+                    child: command.id,
+                    state,
+                    outcome: Value::Object(data),
+                    cause: event.clone(),
+                });
+            } else {
+                data.insert("child_id".into(), json!(command.id));
+                data.insert("group".into(), json!(group));
+                out.push(self.engine_event(&command, event, ty, data, Some(parent)));
+            }
+        }
+
+        for (i, m) in rendered.iter().enumerate() {
+            let trigger = format!(
+                "{}/{}/{}/{}/{i}",
+                command.id, event.source, event.id, m.template
+            );
+            let stored = store::people::insert_message(tx, m, command.id, &trigger).await?;
+            if stored && let Some(reason) = &m.failed_reason {
+                tracing::warn!(command.id = %command.id, template = %m.template, reason = %reason, "A message failed to render; it is stored failed and the step goes on.");
+                metrics::counter!(cmdflow_shared::metrics::MESSAGES_FAILED_TOTAL).increment(1);
+            }
+        }
+
+        let mut detail = obj(json!({ "source": event.source, "data": event.data }));
+        if let Some(tp) = event.extensions.get(cmdflow_shared::trace::TRACEPARENT) {
+            detail.insert("traceparent".into(), tp.clone());
+        }
+        if !notes.is_empty() {
+            detail.insert("notes".into(), json!(notes));
+        }
+        // The version of the definition that decided it.
+        if let Some(version) = &command.kind_version {
+            detail.insert("kind_version".into(), json!(version));
+        }
+        let mut history = vec![HistoryEntry {
+            entry: EntryKind::Received,
+            event_id: Some(event.id.clone()),
+            event_type: Some(event.ty.clone()),
+            from_state: None,
+            to_state: None,
+            detail: Some(Value::Object(detail)),
+        }];
+        if next.state != command.state {
+            history.push(HistoryEntry {
+                entry: EntryKind::StateChanged,
+                event_id: Some(event.id.clone()),
+                event_type: None,
+                from_state: Some(command.state),
+                to_state: Some(next.state),
+                detail: match next.state {
+                    CommandState::Completed => Some(json!({ "result": next.result })),
+                    CommandState::Failed | CommandState::Aborted => {
+                        Some(json!({ "reason": next.reason }))
+                    }
+                    _ => None,
+                },
+            });
+        }
+        history.extend(out.iter().map(|e| HistoryEntry {
+            entry: EntryKind::Emitted,
+            event_id: Some(e.id.clone()),
+            event_type: Some(e.ty.clone()),
+            from_state: None,
+            to_state: None,
+            detail: Some(json!({ "commandid": e.commandid, "data": e.data })),
+        }));
+        let outbox = match steps {
+            Some(steps) => {
+                steps.step(&mut next, command.version, &history, &out);
+                Vec::new()
+            }
+            None => store::write_step(tx, &mut next, command.version, &history, &out).await?,
+        };
+        Ok((outbox, report, next))
+    }
+}
