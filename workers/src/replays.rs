@@ -33,6 +33,10 @@ const POLL: Duration = Duration::from_millis(250);
 /// is at most `CMDFLOW_DEAD_LETTER_MAX_BODY`).
 pub const BATCH_BYTES: i64 = 32 * 1024 * 1024;
 
+/// How many times in a row a runner takes up a job that stops on an error before it fails the
+/// job (a publish that can never succeed, say, to an exchange someone deleted).
+pub const GIVE_UP_AFTER: u32 = 5;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
     #[error(transparent)]
@@ -112,8 +116,11 @@ impl Runner {
         }
     }
 
-    /// Claims and runs jobs until `shutdown` fires; then lets go of its job.
+    /// Claims and runs jobs until `shutdown` fires; then lets go of its job. A job that stops
+    /// on an error [`GIVE_UP_AFTER`] times in a row here fails, with the last error, rather
+    /// than staying `running` for ever.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) {
+        let mut stopped: HashMap<uuid::Uuid, u32> = HashMap::new();
         loop {
             if shutdown.is_cancelled() {
                 break;
@@ -121,14 +128,28 @@ impl Runner {
             match dead::claim_job(&self.pool, &self.name, self.lease).await {
                 Ok(Some(job)) => {
                     tracing::info!(job = %job.id, replayed = job.replayed, total = job.total, "Running a replay.");
+                    let id = job.id;
                     match self.run(job, &shutdown).await {
-                        Ok(Stop::Done) => continue,
+                        Ok(Stop::Done) => {
+                            stopped.remove(&id);
+                            continue;
+                        }
                         Ok(Stop::Shutdown) => break,
                         Err(e) => {
-                            // The cursor stayed where the last batch left it: this or another
-                            // worker goes on from there.
-                            tracing::warn!(error = %e, "A replay stopped on an error; it will be taken up again.");
-                            self.release().await;
+                            let times = stopped.entry(id).or_default();
+                            *times += 1;
+                            if *times >= GIVE_UP_AFTER {
+                                let reason = format!(
+                                    "stopped on an error {times} times in a row; the last: {e}"
+                                );
+                                stopped.remove(&id);
+                                self.fail(id, &reason).await;
+                            } else {
+                                // The cursor stayed where the last batch left it: this or
+                                // another worker goes on from there.
+                                tracing::warn!(job = %id, error = %e, "A replay stopped on an error; it will be taken up again.");
+                                self.release().await;
+                            }
                         }
                     }
                 }
@@ -141,6 +162,23 @@ impl Runner {
             }
         }
         self.release().await;
+    }
+
+    /// Ends a job this runner holds as failed, with `reason`.
+    async fn fail(&self, id: uuid::Uuid, reason: &str) {
+        tracing::error!(job = %id, reason, "A replay job failed.");
+        if let Err(e) = dead::end_job(
+            &self.pool,
+            id,
+            &self.name,
+            ReplayState::Failed,
+            Some(reason),
+        )
+        .await
+        {
+            tracing::warn!(job = %id, error = %e, "Could not mark a replay job failed; it will be taken up again.");
+            self.release().await;
+        }
     }
 
     async fn release(&self) {

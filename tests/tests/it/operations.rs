@@ -412,3 +412,67 @@ async fn a_replay_whose_stored_filter_cannot_be_read_fails_and_replays_nothing()
     assert_eq!(dead, 3, "every letter stays dead");
     env.cleanup().await;
 }
+
+/// A replay that stops on the same error every time it is taken up (here every publish fails:
+/// someone deleted the events exchange) fails after a few tries, with the error, instead of
+/// staying `running` for ever; its dead letters stay dead.
+#[tokio::test]
+async fn a_replay_that_keeps_failing_is_given_up_with_its_error() {
+    let env = TestEnv::new().await;
+    sqlx::query(
+        "INSERT INTO dead_letters (routing_key, body, reason, error_class, signature, attempts,
+                                   first_failed_at, last_failed_at, event_id)
+         SELECT 'demo.increment', convert_to('{}', 'UTF8'), 'test', 'permanent', 'permanent:x', 1,
+                now(), now(), gen_random_uuid()::text
+           FROM generate_series(1, 2)",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let filter = cmdflow_shared::store::dead::Filter::default();
+    let job = cmdflow_shared::store::dead::create_job(&env.pool, "test", &filter, None, 2)
+        .await
+        .unwrap();
+    let exchange = env.bus.topology().events_exchange();
+    let channel = env.bus.channel().await.unwrap();
+    channel
+        .exchange_delete(
+            exchange.as_str().into(),
+            lapin::options::ExchangeDeleteOptions::default(),
+        )
+        .await
+        .unwrap();
+
+    let runner = cmdflow_workers::replays::Runner::new(
+        env.pool.clone(),
+        env.bus.clone(),
+        Duration::from_secs(30),
+    );
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(runner.run_until_stopped(stop.clone()));
+    let failed = eventually(Duration::from_secs(60), "the job failed", || async {
+        let job = cmdflow_shared::store::dead::get_job(&env.pool, job.id)
+            .await
+            .unwrap()
+            .unwrap();
+        (job.state == cmdflow_shared::store::dead::ReplayState::Failed).then_some(job)
+    })
+    .await;
+    stop.cancel();
+    running.await.unwrap();
+    let error = failed.error.unwrap_or_default();
+    assert!(
+        error.contains(&format!(
+            "stopped on an error {} times in a row",
+            cmdflow_workers::replays::GIVE_UP_AFTER
+        )),
+        "{error}"
+    );
+    assert_eq!(failed.replayed, 0);
+    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letters WHERE state = 'dead'")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(dead, 2, "every letter stays dead");
+    env.cleanup().await;
+}
