@@ -117,10 +117,12 @@ impl Runner {
     }
 
     /// Claims and runs jobs until `shutdown` fires; then lets go of its job. A job that stops
-    /// on an error [`GIVE_UP_AFTER`] times in a row here fails, with the last error, rather
-    /// than staying `running` for ever.
+    /// on an error [`GIVE_UP_AFTER`] times in a row here, its cursor not moving in between,
+    /// fails, with the last error, rather than staying `running` for ever.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) {
-        let mut stopped: HashMap<uuid::Uuid, u32> = HashMap::new();
+        // Per job: how many times in a row it stopped on an error without moving its cursor,
+        // and where the cursor was when it was last taken up.
+        let mut stopped: HashMap<uuid::Uuid, (u32, i64)> = HashMap::new();
         loop {
             if shutdown.is_cancelled() {
                 break;
@@ -128,7 +130,7 @@ impl Runner {
             match dead::claim_job(&self.pool, &self.name, self.lease).await {
                 Ok(Some(job)) => {
                     tracing::info!(job = %job.id, replayed = job.replayed, total = job.total, "Running a replay.");
-                    let id = job.id;
+                    let (id, cursor) = (job.id, job.last_id);
                     match self.run(job, &shutdown).await {
                         Ok(Stop::Done) => {
                             stopped.remove(&id);
@@ -136,11 +138,16 @@ impl Runner {
                         }
                         Ok(Stop::Shutdown) => break,
                         Err(e) => {
-                            let times = stopped.entry(id).or_default();
+                            let (times, at) = stopped.entry(id).or_insert((0, cursor));
+                            if cursor > *at {
+                                // It got further since it last stopped: a new count.
+                                (*times, *at) = (0, cursor);
+                            }
                             *times += 1;
-                            if *times >= GIVE_UP_AFTER {
+                            let times = *times;
+                            if times >= GIVE_UP_AFTER {
                                 let reason = format!(
-                                    "stopped on an error {times} times in a row; the last: {e}"
+                                    "stopped on an error {times} times in a row without getting further; the last: {e}"
                                 );
                                 stopped.remove(&id);
                                 self.fail(id, &reason).await;
