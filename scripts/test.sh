@@ -66,5 +66,8 @@ RUSTDOCFLAGS="-D warnings" cargo doc -p cmdflow --no-deps
 step "cargo test --workspace $*"
 cargo test --workspace "$@"
 
+step "rollback: the previous release's binary against today's schema (scripts/rollback-test.sh)"
+bash scripts/rollback-test.sh
+
 step "k8s manifests: scripts/k8s-validate.sh" && bash scripts/k8s-validate.sh
 step "all checks passed in $(((SECONDS - began) / 60)) min $(((SECONDS - began) % 60)) s"
