@@ -364,21 +364,35 @@ async fn a_replay_does_not_replay_its_own_new_dead_letters() {
     env.cleanup().await;
 }
 
+/// Keeps `n` dead letters of `demo.increment` (each with its own event id), as a keeper would.
+async fn keep_dead_letters(env: &TestEnv, n: i32) {
+    sqlx::query(
+        "INSERT INTO dead_letters (routing_key, body, reason, error_class, signature, attempts,
+                                   first_failed_at, last_failed_at, event_id)
+         SELECT 'demo.increment', convert_to('{}', 'UTF8'), 'test', 'permanent', 'permanent:x', 1,
+                now(), now(), gen_random_uuid()::text
+           FROM generate_series(1, $1)",
+    )
+    .bind(n)
+    .execute(&env.pool)
+    .await
+    .unwrap();
+}
+
+/// How many dead letters are still dead (neither replayed nor discarded).
+async fn still_dead(env: &TestEnv) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM dead_letters WHERE state = 'dead'")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap()
+}
+
 /// A replay job whose stored filter cannot be read fails, with the reason, and replays nothing:
 /// read as "no filter", it would replay every dead letter there is.
 #[tokio::test]
 async fn a_replay_whose_stored_filter_cannot_be_read_fails_and_replays_nothing() {
     let env = TestEnv::new().await;
-    sqlx::query(
-        "INSERT INTO dead_letters (routing_key, body, reason, error_class, signature, attempts,
-                                   first_failed_at, last_failed_at)
-         SELECT 'demo.increment', convert_to('{}', 'UTF8'), 'test', 'permanent', 'permanent:x', 1,
-                now(), now()
-           FROM generate_series(1, 3)",
-    )
-    .execute(&env.pool)
-    .await
-    .unwrap();
+    keep_dead_letters(&env, 3).await;
     let filter = cmdflow_shared::store::dead::Filter {
         kind: Some("quote".to_owned()),
         ..Default::default()
@@ -405,10 +419,7 @@ async fn a_replay_whose_stored_filter_cannot_be_read_fails_and_replays_nothing()
         "{error}"
     );
     assert_eq!(ended.replayed, 0);
-    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letters WHERE state = 'dead'")
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
+    let dead = still_dead(&env).await;
     assert_eq!(dead, 3, "every letter stays dead");
     env.cleanup().await;
 }
@@ -419,16 +430,7 @@ async fn a_replay_whose_stored_filter_cannot_be_read_fails_and_replays_nothing()
 #[tokio::test]
 async fn a_replay_that_keeps_failing_is_given_up_with_its_error() {
     let env = TestEnv::new().await;
-    sqlx::query(
-        "INSERT INTO dead_letters (routing_key, body, reason, error_class, signature, attempts,
-                                   first_failed_at, last_failed_at, event_id)
-         SELECT 'demo.increment', convert_to('{}', 'UTF8'), 'test', 'permanent', 'permanent:x', 1,
-                now(), now(), gen_random_uuid()::text
-           FROM generate_series(1, 2)",
-    )
-    .execute(&env.pool)
-    .await
-    .unwrap();
+    keep_dead_letters(&env, 2).await;
     let filter = cmdflow_shared::store::dead::Filter::default();
     let job = cmdflow_shared::store::dead::create_job(&env.pool, "test", &filter, None, 2)
         .await
@@ -469,10 +471,7 @@ async fn a_replay_that_keeps_failing_is_given_up_with_its_error() {
         "{error}"
     );
     assert_eq!(failed.replayed, 0);
-    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letters WHERE state = 'dead'")
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
+    let dead = still_dead(&env).await;
     assert_eq!(dead, 2, "every letter stays dead");
     env.cleanup().await;
 }
