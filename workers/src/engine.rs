@@ -21,8 +21,9 @@
 //! the command's events of the batch together. A broadcast, or an event whose transaction
 //! failed, goes alone.
 //!
-//! By file: [`consume`] (the loop, partitions, batches and retry lanes), `batch` (group
-//! commit), `process` (one event on its own), `apply` (a decision applied in a transaction,
+//! By file: [`consume`] (the loop, batches and retry lanes), `partitions` (the partitions this
+//! worker holds and their consumers), `forward` (events without a partition header), `batch`
+//! (group commit), `process` (one event on its own), `apply` (a decision applied in a transaction,
 //! with `apply/children` for spawning and fan-in, `apply/timers` for timers and waits, and
 //! `apply/decision` for the checks before it), `broadcast` (events addressed to no command),
 //! `parked` (events waiting for their start or their flow version), `outbox` (publishing after
@@ -34,9 +35,11 @@ mod apply;
 mod batch;
 mod broadcast;
 pub mod consume;
+mod forward;
 mod local;
 mod outbox;
 mod parked;
+mod partitions;
 mod process;
 mod settle;
 

@@ -1,0 +1,304 @@
+//! The partitions this worker holds: each claimed in PostgreSQL under a lease it renews
+//! ([`cmdflow_shared::store::partitions`]), its share kept as workers come and go, each
+//! consumed on a channel of its own, and let go only once what was taken from it is settled.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use cmdflow_shared::CommandId;
+use cmdflow_shared::bus::BusError;
+use cmdflow_shared::store::partitions;
+use futures::StreamExt;
+use lapin::Channel;
+use lapin::options::{BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use super::Engine;
+use super::consume::{Incoming, admit};
+
+/// How many deliveries of one partition are taken and not settled yet.
+#[derive(Default)]
+struct InFlight {
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+pub(super) struct InFlightGuard(Arc<InFlight>);
+
+impl InFlight {
+    fn enter(self: &Arc<Self>) -> InFlightGuard {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        InFlightGuard(Arc::clone(self))
+    }
+
+    /// Waits until nothing taken from the partition is left unsettled, at most `within`.
+    async fn settled(&self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        loop {
+            let idle = self.idle.notified();
+            if self.count.load(Ordering::SeqCst) == 0 {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || tokio::time::timeout(left, idle).await.is_err() {
+                return self.count.load(Ordering::SeqCst) == 0;
+            }
+        }
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// The partitions this worker holds, and their consumers.
+pub(super) struct Holder {
+    engine: Arc<Engine>,
+    /// Who holds a claim: this process.
+    me: String,
+    tx: mpsc::Sender<Incoming>,
+    consuming: BTreeMap<u32, Consuming>,
+    /// Partitions being let go: no longer consumed, their events in flight finishing.
+    draining: Arc<std::sync::Mutex<BTreeSet<u32>>>,
+}
+
+struct Consuming {
+    channel: Channel,
+    in_flight: Arc<InFlight>,
+    /// Stops taking deliveries, but keeps the consumer: see [`Consuming::pause`].
+    pause: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Consuming {
+    /// Stops taking deliveries from the partition, and keeps its (active) consumer until the
+    /// channel closes. Cancelling the consumer instead would let another worker consume the
+    /// partition while this one still applies what it took: the events behind those would
+    /// overtake them. What the broker sends meanwhile waits, unacked, and goes back to the
+    /// queue, in its place, when the channel closes.
+    fn pause(&self) {
+        self.pause.cancel();
+    }
+}
+
+impl Holder {
+    pub(super) fn new(engine: Arc<Engine>, tx: mpsc::Sender<Incoming>) -> Self {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".to_owned());
+        let me = format!(
+            "{host}/{}/{}",
+            std::process::id(),
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        Self {
+            engine,
+            me,
+            tx,
+            consuming: BTreeMap::new(),
+            draining: Arc::default(),
+        }
+    }
+
+    fn namespace(&self) -> &str {
+        self.engine.bus.topology().namespace()
+    }
+
+    /// Keeps this worker's share of the partitions until `shutdown`; then stops consuming,
+    /// waits for `drained`, closes the channels and lets every partition go.
+    pub(super) async fn run(mut self, shutdown: CancellationToken, drained: CancellationToken) {
+        let tick = (self.engine.settings.partition_lease / 4).max(Duration::from_millis(500));
+        loop {
+            if let Err(e) = self.rebalance().await {
+                tracing::warn!(error = %e, "Could not check this worker's partitions; trying again.");
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(tick) => {}
+            }
+        }
+        for c in self.consuming.values() {
+            c.pause();
+        }
+        // The batch loop ends when every sender is gone: this one, and the consumers' below.
+        let (closed, _) = mpsc::channel(1);
+        drop(std::mem::replace(&mut self.tx, closed));
+        drained.cancelled().await;
+        for (_, c) in std::mem::take(&mut self.consuming) {
+            c.task.abort();
+            drop(c.channel.close(200, "worker stopping".into()).await);
+        }
+        if let Err(e) = partitions::leave(&self.engine.pool, self.namespace(), &self.me).await {
+            tracing::warn!(error = %e, "Could not let go of the partitions; others take them when the lease runs out.");
+        }
+    }
+
+    /// Renews this worker's claims, takes or gives partitions to hold its share, and consumes
+    /// every partition it holds.
+    async fn rebalance(&mut self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let engine = Arc::clone(&self.engine);
+        let (pool, settings) = (&engine.pool, &engine.settings);
+        let n = engine.bus.topology().partitions();
+        let lease = settings.partition_lease;
+        let beat = partitions::beat(pool, self.namespace(), &self.me, n, lease).await?;
+        let held: BTreeSet<u32> = beat.held.iter().copied().collect();
+        // Claims lost (the lease ran out during a pause) and consumers that ended (the broker
+        // went away): stop those, consume again what is still held.
+        let gone: Vec<u32> = self
+            .consuming
+            .iter()
+            .filter(|(p, c)| !held.contains(p) || c.task.is_finished())
+            .map(|(p, _)| *p)
+            .collect();
+        for p in gone {
+            if let Some(c) = self.consuming.remove(&p) {
+                c.task.abort();
+                drop(c.channel.close(200, "partition let go".into()).await);
+            }
+        }
+        let draining = self
+            .draining
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut active: Vec<u32> = held.difference(&draining).copied().collect();
+        let share = n.div_ceil(beat.workers) as usize;
+        if active.len() > share {
+            for p in active.split_off(share) {
+                self.let_go(p);
+            }
+        } else if active.len() < share {
+            let wanted = (share - active.len()) as u32;
+            active.extend(
+                partitions::claim(pool, self.namespace(), &self.me, n, wanted, lease).await?,
+            );
+        }
+        let prefetch =
+            (usize::from(settings.prefetch) / share.max(1)).clamp(16, usize::from(u16::MAX)) as u16;
+        for p in active {
+            if self.consuming.contains_key(&p) {
+                continue;
+            }
+            // Before its first event: the commands whose events wait there for their start.
+            let parked = partitions::parked_commands(pool, &[p]).await?;
+            engine.note_parked(parked.into_iter().map(CommandId::from));
+            match self.consume(p, prefetch).await {
+                Ok(consuming) => {
+                    tracing::info!(partition = p, "Consuming a partition.");
+                    self.consuming.insert(p, consuming);
+                    // Events that wait for a definition: this worker may have it.
+                    let waiting = partitions::waiting_commands(pool, &[p]).await?;
+                    if !waiting.is_empty() {
+                        let ids = waiting.into_iter().map(CommandId::from).collect();
+                        tokio::spawn(engine.clone().resume_waiting(ids));
+                    }
+                }
+                // Still consumed by the worker that held it (finishing, or paused): next time.
+                Err(e) => {
+                    tracing::debug!(partition = p, error = %e, "Cannot consume a partition yet.")
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts consuming partition `p` (active once no other consumer is).
+    async fn consume(&self, p: u32, prefetch: u16) -> Result<Consuming, BusError> {
+        let bus = &self.engine.bus;
+        let queue = bus.topology().partition_queue(p);
+        let channel = bus.channel().await?;
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await?;
+        let tag = format!("cmdflow-worker-{}-{p}", uuid::Uuid::new_v4().simple());
+        let pause = CancellationToken::new();
+        let consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let in_flight = Arc::new(InFlight::default());
+        let (tx, counter, paused) = (self.tx.clone(), Arc::clone(&in_flight), pause.clone());
+        let bus = Arc::clone(bus);
+        let link_sources = self.engine.settings().link_sources.clone();
+        let task = tokio::spawn(async move {
+            let mut consumer = consumer;
+            loop {
+                let next = tokio::select! {
+                    biased;
+                    () = paused.cancelled() => break,
+                    next = consumer.next() => next,
+                };
+                let Some(Ok(delivery)) = next else { return };
+                let guard = counter.enter();
+                let event = admit(&bus, &link_sources, &delivery);
+                let incoming = Incoming {
+                    delivery,
+                    event,
+                    _in_flight: guard,
+                };
+                if tx.send(incoming).await.is_err() {
+                    return;
+                }
+            }
+            // Paused: the batch loop may end without this sender; the consumer stays, and
+            // with it the partition, until the channel is closed and this task aborted.
+            drop(tx);
+            std::future::pending::<()>().await;
+            drop(consumer);
+        });
+        Ok(Consuming {
+            channel,
+            in_flight,
+            pause,
+            task,
+        })
+    }
+
+    /// Stops consuming `p`; once what was taken from it is settled, lets it go for another
+    /// worker.
+    fn let_go(&mut self, p: u32) {
+        let Some(c) = self.consuming.remove(&p) else {
+            return;
+        };
+        self.draining
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(p);
+        let (engine, me, draining) = (
+            Arc::clone(&self.engine),
+            self.me.clone(),
+            Arc::clone(&self.draining),
+        );
+        tracing::info!(partition = p, "Letting a partition go to another worker.");
+        tokio::spawn(async move {
+            c.pause();
+            let grace = engine.settings.shutdown_grace;
+            if !c.in_flight.settled(grace).await {
+                tracing::warn!(
+                    partition = p,
+                    "A partition's events were not all settled in time; closing it anyway (the broker hands them on)."
+                );
+            }
+            c.task.abort();
+            drop(c.channel.close(200, "partition let go".into()).await);
+            let namespace = engine.bus.topology().namespace();
+            if let Err(e) = partitions::release(&engine.pool, namespace, &me, p).await {
+                tracing::warn!(partition = p, error = %e, "Could not let a partition go; another worker takes it when the lease runs out.");
+            }
+            draining
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&p);
+        });
+    }
+}
