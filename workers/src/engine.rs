@@ -252,6 +252,11 @@ fn lock_ran_out() -> Disposition {
     )
 }
 
+/// A commit that failed: nothing of it was written, so the event is tried again.
+fn commit_failed(e: &StoreError) -> Disposition {
+    Disposition::Retry(format!("PostgreSQL commit: {e}"))
+}
+
 /// A body that is not a valid event: a dead letter at once, with the reason.
 fn invalid(e: &EnvelopeError) -> Disposition {
     Disposition::Dead {

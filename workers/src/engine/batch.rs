@@ -306,8 +306,9 @@ impl Engine {
             Ok(written) => written,
             Err(e) => {
                 // An event the batch cannot take (a refusal, a command not there yet, a version
-                // this worker lacks) is routine: it is dealt with on its own. A PostgreSQL error
-                // is not, and an operator sees it.
+                // this worker lacks) is routine: it is tried alone, where [`Engine::failed`]
+                // sorts its failure as for any single event. A PostgreSQL error is not routine,
+                // and an operator sees it.
                 let cause = if matches!(e, ApplyError::Store(_)) {
                     tracing::warn!(error = %e, events = events.len(), "A batch's transaction failed in PostgreSQL; its events are tried one by one.");
                     "store"
@@ -326,8 +327,7 @@ impl Engine {
         }
         let committing = commit_span(&handles);
         if let Err(e) = self.commit_with_confirmed(tx).instrument(committing).await {
-            let reason = format!("PostgreSQL commit: {e}");
-            return Some(vec![Disposition::Retry(reason); events.len()]);
+            return Some(vec![commit_failed(&e); events.len()]);
         }
         metrics::histogram!(cm::BATCH_SIZE).record(events.len() as f64);
         let first = handles.first().cloned().unwrap_or_else(tracing::Span::none);

@@ -156,39 +156,7 @@ impl Engine {
             Ok(done) => done,
             Err(e) => {
                 drop(tx.rollback().await);
-                let disposition = match e {
-                    // PostgreSQL refused the data itself: another try would fail the same way.
-                    ApplyError::Store(e) if e.is_permanent() => Disposition::Dead {
-                        class: "store",
-                        reason: format!(
-                            "PostgreSQL refused the event's changes (SQLSTATE {}): {e}",
-                            e.sqlstate().unwrap_or_else(|| "-".to_owned())
-                        ),
-                    },
-                    ApplyError::Store(e) => Disposition::Retry(e.to_string()),
-                    ApplyError::Unavailable(reason) => {
-                        tracing::warn!(%reason, "A remote decider did not answer; the event is tried again later.");
-                        Disposition::Retry(reason)
-                    }
-                    // Its start may come the slower way (forwarded, or still in an outbox):
-                    // kept until then, in order.
-                    ApplyError::NotFound(id) if event.ty != COMMAND_START => {
-                        return (self.park(id, event).await, Vec::new());
-                    }
-                    ApplyError::NotFound(_) => Disposition::Retry(e.to_string()),
-                    ApplyError::VersionMissing { id, kind, version } => {
-                        let waiting_for = format!("{kind} version {version}");
-                        return (
-                            self.park_for(id, event, Some(&waiting_for)).await,
-                            Vec::new(),
-                        );
-                    }
-                    ApplyError::Permanent(reason) => Disposition::Dead {
-                        class: "permanent",
-                        reason,
-                    },
-                };
-                return (disposition, Vec::new());
+                return (self.failed(e, event).await, Vec::new());
             }
         };
         if applied == Applied::Duplicate {
@@ -209,10 +177,7 @@ impl Engine {
         }
         let committing = commit_span(&[tracing::Span::current()]);
         if let Err(e) = self.commit_with_confirmed(tx).instrument(committing).await {
-            return (
-                Disposition::Retry(format!("PostgreSQL commit: {e}")),
-                Vec::new(),
-            );
+            return (commit_failed(&e), Vec::new());
         }
         if publish {
             self.publish_outbox(&outbox).await;

@@ -4,6 +4,39 @@
 use super::*;
 
 impl Engine {
+    /// What becomes of an event whose transaction failed with `e` (rolled back): the one place
+    /// that sorts failures. A batch whose transaction fails tries its events alone, so each
+    /// one's failure is sorted here too.
+    pub(super) async fn failed(&self, e: ApplyError, event: &Event) -> Disposition {
+        match e {
+            // PostgreSQL refused the data itself: another try would fail the same way.
+            ApplyError::Store(e) if e.is_permanent() => Disposition::Dead {
+                class: "store",
+                reason: format!(
+                    "PostgreSQL refused the event's changes (SQLSTATE {}): {e}",
+                    e.sqlstate().unwrap_or_else(|| "-".to_owned())
+                ),
+            },
+            ApplyError::Store(e) => Disposition::Retry(e.to_string()),
+            ApplyError::Unavailable(reason) => {
+                tracing::warn!(%reason, "A remote decider did not answer; the event is tried again later.");
+                Disposition::Retry(reason)
+            }
+            // Its start may come the slower way (forwarded, or still in an outbox): kept until
+            // then, in order.
+            ApplyError::NotFound(id) if event.ty != COMMAND_START => self.park(id, event).await,
+            e @ ApplyError::NotFound(_) => Disposition::Retry(e.to_string()),
+            ApplyError::VersionMissing { id, kind, version } => {
+                let waiting_for = format!("{kind} version {version}");
+                self.park_for(id, event, Some(&waiting_for)).await
+            }
+            ApplyError::Permanent(reason) => Disposition::Dead {
+                class: "permanent",
+                reason,
+            },
+        }
+    }
+
     /// Settles a delivery with the broker according to its disposition: acks an event applied
     /// (or recognised, or ignored), dead-letters a permanently bad one and acks it. A
     /// [`Disposition::Retry`] or [`Disposition::Held`] is the retry lane's to try again in
