@@ -255,10 +255,14 @@ impl Bus {
         }
     }
 
-    /// A fresh channel on the live connection.
+    /// A fresh channel on the live connection. A connection that does not answer within
+    /// [`CONNECT_TIMEOUT`] (one the broker is dropping) is a [`BusError::Timeout`].
     pub async fn channel(&self) -> Result<Channel> {
         let conn = self.connection().await?;
-        Ok(conn.create_channel().await?)
+        match tokio::time::timeout(CONNECT_TIMEOUT, conn.create_channel()).await {
+            Ok(channel) => Ok(channel?),
+            Err(_) => Err(BusError::Timeout(CONNECT_TIMEOUT)),
+        }
     }
 
     async fn publisher(&self) -> Result<Channel> {

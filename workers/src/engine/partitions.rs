@@ -78,7 +78,23 @@ struct Consuming {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// The longest a call to the broker may take in the holder's loop: one that does not answer (a
+/// broker restarting, a connection not yet known dead) is given up for this tick, not waited on
+/// for ever, so the loop goes on renewing claims and consuming again what lost its consumer.
+const BROKER_CALL: Duration = Duration::from_secs(5);
+
+/// Closes `channel`, waiting at most [`BROKER_CALL`]: a channel of a dead connection dies with it.
+async fn close(channel: &Channel, why: &'static str) {
+    drop(tokio::time::timeout(BROKER_CALL, channel.close(200, why.into())).await);
+}
+
 impl Consuming {
+    /// Whether the broker still delivers to this consumer: its task runs and its channel is
+    /// open. A connection lost under it ends both, but the channel says so first.
+    fn alive(&self) -> bool {
+        !self.task.is_finished() && self.channel.status().connected()
+    }
+
     /// Stops taking deliveries from the partition, and keeps its (active) consumer until the
     /// channel closes. Cancelling the consumer instead would let another worker consume the
     /// partition while this one still applies what it took: the events behind those would
@@ -132,7 +148,7 @@ impl Holder {
         drained.cancelled().await;
         for (_, c) in std::mem::take(&mut self.consuming) {
             c.task.abort();
-            drop(c.channel.close(200, "worker stopping".into()).await);
+            close(&c.channel, "worker stopping").await;
         }
         if let Err(e) = partitions::leave(&self.engine.pool, self.namespace(), &self.me).await {
             tracing::warn!(error = %e, "Could not let go of the partitions; others take them when the lease runs out.");
@@ -153,13 +169,19 @@ impl Holder {
         let gone: Vec<u32> = self
             .consuming
             .iter()
-            .filter(|(p, c)| !held.contains(p) || c.task.is_finished())
+            .filter(|(p, c)| !held.contains(p) || !c.alive())
             .map(|(p, _)| *p)
             .collect();
         for p in gone {
             if let Some(c) = self.consuming.remove(&p) {
+                if held.contains(&p) {
+                    tracing::warn!(
+                        partition = p,
+                        "Lost the consumer of a partition (the broker went away); consuming it again."
+                    );
+                }
                 c.task.abort();
-                drop(c.channel.close(200, "partition let go".into()).await);
+                close(&c.channel, "partition let go").await;
             }
         }
         let draining = self
@@ -213,19 +235,33 @@ impl Holder {
         let bus = &self.engine.bus;
         let queue = bus.topology().partition_queue(p);
         let channel = bus.channel().await?;
-        channel
-            .basic_qos(prefetch, BasicQosOptions::default())
-            .await?;
         let tag = format!("cmdflow-worker-{}-{p}", uuid::Uuid::new_v4().simple());
         let pause = CancellationToken::new();
-        let consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let subscribe = async {
+            channel
+                .basic_qos(prefetch, BasicQosOptions::default())
+                .await?;
+            channel
+                .basic_consume(
+                    queue.as_str().into(),
+                    tag.as_str().into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+        };
+        let consumer = match tokio::time::timeout(BROKER_CALL, subscribe).await {
+            Ok(Ok(consumer)) => consumer,
+            failed => {
+                // A consumer the broker may have registered must not outlive this try: it
+                // would be the partition's active consumer with nobody reading it.
+                close(&channel, "could not consume").await;
+                return Err(match failed {
+                    Ok(Err(e)) => e.into(),
+                    _ => BusError::Timeout(BROKER_CALL),
+                });
+            }
+        };
         let in_flight = Arc::new(InFlight::default());
         let (tx, counter, paused) = (self.tx.clone(), Arc::clone(&in_flight), pause.clone());
         let bus = Arc::clone(bus);
@@ -290,7 +326,7 @@ impl Holder {
                 );
             }
             c.task.abort();
-            drop(c.channel.close(200, "partition let go".into()).await);
+            close(&c.channel, "partition let go").await;
             let namespace = engine.bus.topology().namespace();
             if let Err(e) = partitions::release(&engine.pool, namespace, &me, p).await {
                 tracing::warn!(partition = p, error = %e, "Could not let a partition go; another worker takes it when the lease runs out.");
