@@ -7,17 +7,14 @@
 //!   loopback ports inside a scratch directory. Tests restart those, never the shared local
 //!   services other people's tests use. Each is killed and its directory removed on drop, even
 //!   when the test fails.
-//! - [`World`] is one test's database and namespace on a given set of servers (shared or
-//!   private), with a pool and a bus for the test's own reads and clean-up.
+//! - A fleet's world is the one harness's [`crate::TestEnv`], made by [`crate::TestEnv::on`] on
+//!   the servers (shared or private) and the fault-test settings ([`fault_config`]).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cmdflow_shared::bus::Bus;
 use cmdflow_shared::{Config, store};
-use sqlx::PgPool;
 use tokio::process::{Child, Command};
 use uuid::Uuid;
 
@@ -356,7 +353,7 @@ impl PrivatePostgres {
         format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
     }
 
-    /// The server part of the URLs, for [`World::create`].
+    /// The server part of the URLs, for [`crate::TestEnv::on`].
     pub fn server(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}", self.port)
     }
@@ -619,16 +616,15 @@ impl Drop for PrivateRabbit {
 }
 
 // ---------------------------------------------------------------------------------------------
-// One test's database and namespace
+// Settings and checks of a world whose workers are processes
 
 /// The fleet's settings for fault tests: short delays so a test's faults heal in its time.
-/// Retries cover about a minute of outage before an event would become a dead letter.
-pub fn fault_config(database_url: &str, amqp_url: &str, redis_urls: &str, ns: &str) -> Config {
-    let config = Config {
-        database_url: database_url.to_owned(),
+/// Retries cover about a minute of outage before an event would become a dead letter. The
+/// database URL and namespace are the world's ([`crate::TestEnv::on`]).
+pub fn fault_config(amqp_url: &str, redis_urls: &str) -> Config {
+    Config {
         amqp_url: amqp_url.to_owned(),
         redis_urls: redis_urls.to_owned(),
-        namespace: ns.to_owned(),
         http_addr: "127.0.0.1:0".to_owned(),
         metrics_addr: "127.0.0.1:0".to_owned(),
         database_pool_size: 8,
@@ -645,59 +641,11 @@ pub fn fault_config(database_url: &str, amqp_url: &str, redis_urls: &str, ns: &s
         // A killed worker's partitions are taken over after this.
         partition_lease: Duration::from_secs(3),
         ..Config::default()
-    };
-    config.validate().expect("a valid fault-test config");
-    config
-}
-
-/// A fresh database on `pg_server` (`postgres://user@host:port`, migrated) and a fresh
-/// namespace on the broker, with the test's own pool and bus.
-pub struct World {
-    pub config: Config,
-    pub pool: PgPool,
-    pub bus: Arc<Bus>,
-    admin: String,
-    database: String,
-}
-
-impl World {
-    pub async fn create(pg_server: &str, amqp_url: &str, redis_urls: &str) -> World {
-        cmdflow_shared::telemetry::init_for_tests();
-        let suffix = Uuid::new_v4().simple().to_string()[..12].to_owned();
-        // The name scheme of the harness, so its sweep drops it if this test dies.
-        let database = format!("cmdflow_t_{}_{suffix}", chrono::Utc::now().timestamp());
-        let admin = format!("{pg_server}/postgres");
-        crate::create_database(&admin, &database)
-            .await
-            .expect("create the test database");
-        let config = fault_config(
-            &format!("{pg_server}/{database}"),
-            amqp_url,
-            redis_urls,
-            &format!("tf{suffix}"),
-        );
-        let pool = store::connect(&config.database_url, 4)
-            .await
-            .expect("connect to the test database");
-        store::migrate(&pool).await.expect("migrate");
-        let bus = Bus::for_config(&config, "cmdflow-faults")
-            .await
-            .expect("connect to RabbitMQ");
-        bus.declare_topology().await.expect("declare the topology");
-        // Its starts and aborts go straight to the broker, as the engine's would.
-        bus.set_engine_mark(store::engine_mark(&pool).await.expect("the engine's mark"));
-        store::kinds::publish(&pool, &crate::registry().catalogue())
-            .await
-            .expect("publish the kind catalogue");
-        World {
-            config,
-            pool,
-            bus,
-            admin,
-            database,
-        }
     }
+}
 
+/// What a test asks of a world whose workers are processes.
+impl crate::TestEnv {
     /// Messages ready in every queue of the namespace (the partitions, unkeyed work, dead), and
     /// consumers of the partition queues; `None` while the broker cannot say.
     pub async fn queues(&self) -> Option<(u32, u32)> {
@@ -748,14 +696,6 @@ impl World {
         let owners: std::collections::BTreeSet<&str> =
             holders.iter().filter_map(|(_, o)| o.as_deref()).collect();
         Some(owners.len() as u32)
-    }
-
-    /// Deletes the namespace's exchanges and queues and drops the database. Best effort.
-    pub async fn cleanup(self) {
-        drop(tokio::time::timeout(Duration::from_secs(20), self.bus.delete_topology()).await);
-        self.bus.close().await;
-        self.pool.close().await;
-        crate::drop_database(&self.admin, &self.database).await;
     }
 }
 
@@ -890,7 +830,7 @@ impl Fleet {
     }
 
     /// Starts `cmdflow worker` number `i` (again, after [`Fleet::kill_worker`]). It is up
-    /// when the work queue counts its consumer: see [`World::queues`].
+    /// when the work queue counts its consumer: see [`crate::TestEnv::queues`].
     pub fn start_worker(&mut self, i: usize) {
         if self.workers.len() <= i {
             self.workers.resize_with(i + 1, || None);
@@ -1012,6 +952,8 @@ impl Drop for Fleet {
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!("{}", self.log_tails(30));
+        }
+        if std::thread::panicking() || std::env::var_os("CMDFLOW_TEST_KEEP_LOGS").is_some() {
             // Kept for a look, whole; swept with the stale scratch after an hour.
             self.logs.keep = true;
             eprintln!("The whole logs are kept in {}.", self.logs.path().display());

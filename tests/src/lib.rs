@@ -1,5 +1,7 @@
 //! Test harness: each test gets its own PostgreSQL database, RabbitMQ namespace and lock-key
-//! prefix on the real local services, and runs the gateway and workers in-process on port 0.
+//! prefix ([`TestEnv`]), on the real local services, and runs the gateway and workers
+//! in-process on port 0, or as `cmdflow` processes ([`fleet`]) on the shared servers or
+//! private ones a fault test stops. A world is cleaned up when dropped, even by a failed test.
 
 pub mod fleet;
 pub mod proxy;
@@ -26,6 +28,27 @@ use uuid::Uuid;
 pub fn admin_url() -> String {
     std::env::var("CMDFLOW_TEST_ADMIN_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// The shared local services, as every test reaches them: the PostgreSQL server of
+/// [`admin_url`] (`postgres://user@host:port`), `CMDFLOW_TEST_AMQP_URL` and
+/// `CMDFLOW_TEST_REDIS_URLS` (default: cmdflow's defaults).
+pub struct Servers {
+    pub postgres: String,
+    pub amqp: String,
+    pub redis: String,
+}
+
+pub fn shared_servers() -> Servers {
+    let admin = admin_url();
+    let defaults = Config::default();
+    Servers {
+        postgres: admin
+            .rsplit_once('/')
+            .map_or_else(|| admin.clone(), |(s, _)| s.to_owned()),
+        amqp: std::env::var("CMDFLOW_TEST_AMQP_URL").unwrap_or(defaults.amqp_url),
+        redis: std::env::var("CMDFLOW_TEST_REDIS_URLS").unwrap_or(defaults.redis_urls),
+    }
 }
 
 /// Creates database `name` on the server of `admin` (a URL to an existing database).
@@ -90,9 +113,10 @@ impl Drop for TestEnv {
             token.cancel();
             handle.abort();
         }
-        let (amqp, namespace, database) = (
+        let (amqp, namespace, admin, database) = (
             self.config.amqp_url.clone(),
             self.config.namespace.clone(),
+            self.admin.clone(),
             self.database.clone(),
         );
         let (done, wait) = std::sync::mpsc::channel();
@@ -106,7 +130,7 @@ impl Drop for TestEnv {
                         drop(bus.delete_topology().await);
                         bus.close().await;
                     }
-                    drop_database(&admin_url(), &database).await;
+                    drop_database(&admin, &database).await;
                 });
             }
             done.send(()).ok();
@@ -161,12 +185,9 @@ fn base_config() -> Config {
     config.dev_key = Some(cmdflow_shared::config::Secret::new(TEST_KEY));
     // Tests send bursts far above what one caller may send in production.
     config.rate_limit_per_second = 0;
-    if let Ok(url) = std::env::var("CMDFLOW_TEST_AMQP_URL") {
-        config.amqp_url = url;
-    }
-    if let Ok(urls) = std::env::var("CMDFLOW_TEST_REDIS_URLS") {
-        config.redis_urls = urls;
-    }
+    let servers = shared_servers();
+    config.amqp_url = servers.amqp;
+    config.redis_urls = servers.redis;
     // Short delays, so retry schedules run in a test's time.
     config.retry_delays = "100ms,200ms,300ms".to_owned();
     // An event parked for a start that never comes is a dead letter after this.
@@ -185,6 +206,8 @@ pub struct TestEnv {
     pub config: Config,
     pub pool: PgPool,
     pub bus: Arc<Bus>,
+    /// A URL to the `postgres` database of the server that holds this world's database.
+    admin: String,
     database: String,
     tasks: Vec<(CancellationToken, JoinHandle<()>)>,
     /// Set by [`TestEnv::cleanup`]; a world dropped without it (a failed assertion) is cleaned
@@ -217,21 +240,49 @@ impl TestEnv {
 
     /// [`TestEnv::with`], with an empty kind catalogue: for a binary that brings its own kinds.
     pub async fn bare(adjust: impl FnOnce(&mut Config)) -> TestEnv {
-        cmdflow_shared::telemetry::init_for_tests();
         cmdflow_shared::tls::install_provider();
         cmdflow_shared::metrics::install();
-        sweep_stale_databases().await;
+        Self::create(&shared_servers().postgres, "t", base_config(), adjust).await
+    }
+
+    /// A world on the given servers (`postgres://user@host:port`, an AMQP URL, Redis URLs) with
+    /// [`fleet::fault_config`]'s settings and the example kinds in the catalogue: for a fleet of
+    /// `cmdflow` processes, and for fault tests that stop their own private servers.
+    pub async fn on(pg_server: &str, amqp_url: &str, redis_urls: &str) -> TestEnv {
+        let config = fleet::fault_config(amqp_url, redis_urls);
+        let env = Self::create(pg_server, "tf", config, |_| {}).await;
+        store::kinds::publish(&env.pool, &registry().catalogue())
+            .await
+            .expect("publish the kind catalogue");
+        env
+    }
+
+    /// A fresh database on `pg_server` (migrated) and a fresh namespace (`{prefix}{suffix}`)
+    /// with `config`'s settings, its topology declared. The names carry the creation time, so
+    /// the sweep of a later run drops what a dead test left.
+    async fn create(
+        pg_server: &str,
+        prefix: &str,
+        mut config: Config,
+        adjust: impl FnOnce(&mut Config),
+    ) -> TestEnv {
+        cmdflow_shared::telemetry::init_for_tests();
+        let shared = pg_server == shared_servers().postgres;
+        let admin = if shared {
+            admin_url()
+        } else {
+            format!("{pg_server}/postgres")
+        };
+        if shared {
+            sweep_stale_databases().await;
+        }
         let suffix = Uuid::new_v4().simple().to_string()[..12].to_owned();
         let database = format!("cmdflow_t_{}_{suffix}", chrono::Utc::now().timestamp());
-        create_database(&admin_url(), &database).await.expect(
+        create_database(&admin, &database).await.expect(
             "PostgreSQL must be running for the integration tests (see scripts/services.sh)",
         );
-
-        let mut config = base_config();
-        let base = admin_url();
-        let server = base.rsplit_once('/').map(|(s, _)| s).unwrap_or(&base);
-        config.database_url = format!("{server}/{database}");
-        config.namespace = format!("t{suffix}");
+        config.database_url = format!("{pg_server}/{database}");
+        config.namespace = format!("{prefix}{suffix}");
         adjust(&mut config);
         config.validate().expect("valid test config");
 
@@ -249,6 +300,7 @@ impl TestEnv {
             config,
             pool,
             bus,
+            admin,
             database,
             tasks: Vec::new(),
             cleaned: false,
@@ -347,7 +399,7 @@ impl TestEnv {
         drop(self.bus.delete_topology().await);
         self.bus.close().await;
         self.pool.close().await;
-        drop_database(&admin_url(), &self.database).await;
+        drop_database(&self.admin, &self.database).await;
         self.cleaned = true;
     }
 

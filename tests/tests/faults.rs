@@ -33,7 +33,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use cmdflow_tests::fleet::{Fleet, PrivatePostgres, PrivateRabbit, PrivateRedis, World};
+use cmdflow_tests::TestEnv;
+use cmdflow_tests::fleet::{Fleet, PrivatePostgres, PrivateRabbit, PrivateRedis};
 use cmdflow_tests::proxy::Proxy;
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -330,7 +331,7 @@ async fn out_of_order_detail(pool: &sqlx::PgPool, counters: &[Uuid]) -> String {
 }
 
 async fn snapshot(
-    world: &World,
+    world: &TestEnv,
     plan: &Plan,
     accepted: &[Planned],
 ) -> Result<Snapshot, sqlx::Error> {
@@ -461,7 +462,7 @@ impl Run {
     /// Starts the counters (and waits until they run), then the main load over `load_for`.
     async fn begin(
         fault: &'static str,
-        world: &World,
+        world: &TestEnv,
         fleet: &Fleet,
         shape: Shape,
         load_for: Duration,
@@ -520,7 +521,7 @@ impl Run {
 
     /// Milliseconds from `ended` until the first event (of `ty`, when given) applied after
     /// it, by the store's own timestamps (so how often this polls does not matter).
-    async fn recovered(&self, world: &World, ended: DateTime<Utc>, ty: Option<&str>) -> i64 {
+    async fn recovered(&self, world: &TestEnv, ended: DateTime<Utc>, ty: Option<&str>) -> i64 {
         let first = cmdflow_tests::eventually(
             DRAIN_WITHIN,
             "the first event applied after the fault",
@@ -542,7 +543,7 @@ impl Run {
     }
 
     /// Waits for the load to end and the fleet to apply it, prints the FAULT line and asserts.
-    async fn finish(mut self, world: &World, fleet: &mut Fleet, fault: Window) -> Snapshot {
+    async fn finish(mut self, world: &TestEnv, fleet: &mut Fleet, fault: Window) -> Snapshot {
         let recover_ms = self.recovered(world, fault.ended, fault.probe).await;
         if let Some(load) = self.load.take() {
             load.await.unwrap();
@@ -707,7 +708,7 @@ impl Window {
 }
 
 /// Waits until `n` workers share the partitions and each partition has its consumer.
-async fn consumers(world: &World, n: u32) {
+async fn consumers(world: &TestEnv, n: u32) {
     cmdflow_tests::eventually(
         Duration::from_secs(60),
         &format!("{n} workers sharing the partitions"),
@@ -718,21 +719,15 @@ async fn consumers(world: &World, n: u32) {
 
 /// The shared servers, as the harness reaches them.
 fn shared_pg_server() -> String {
-    let admin = cmdflow_tests::admin_url();
-    admin
-        .rsplit_once('/')
-        .map(|(s, _)| s.to_owned())
-        .unwrap_or(admin)
+    cmdflow_tests::shared_servers().postgres
 }
 
 fn shared_amqp() -> String {
-    std::env::var("CMDFLOW_TEST_AMQP_URL")
-        .unwrap_or_else(|_| cmdflow_shared::Config::default().amqp_url)
+    cmdflow_tests::shared_servers().amqp
 }
 
 fn shared_redis() -> String {
-    std::env::var("CMDFLOW_TEST_REDIS_URLS")
-        .unwrap_or_else(|_| cmdflow_shared::Config::default().redis_urls)
+    cmdflow_tests::shared_servers().redis
 }
 
 const SHAPE: Shape = Shape {
@@ -745,7 +740,7 @@ const SHAPE: Shape = Shape {
 const LOAD_FOR: Duration = Duration::from_secs(12);
 const FAULT_AT: Duration = Duration::from_secs(3);
 
-async fn fleet_of(world: &World, amqp_url: Option<String>, workers: usize) -> Fleet {
+async fn fleet_of(world: &TestEnv, amqp_url: Option<String>, workers: usize) -> Fleet {
     let mut config = world.config.clone();
     if let Some(url) = amqp_url {
         config.amqp_url = url;
@@ -764,7 +759,7 @@ async fn fleet_of(world: &World, amqp_url: Option<String>, workers: usize) -> Fl
 
 #[tokio::test]
 async fn a_worker_killed_with_kill_9_mid_load_loses_and_doubles_nothing() {
-    let world = World::create(&shared_pg_server(), &shared_amqp(), &shared_redis()).await;
+    let world = TestEnv::on(&shared_pg_server(), &shared_amqp(), &shared_redis()).await;
     let mut fleet = fleet_of(&world, None, 2).await;
     let run = Run::begin("worker kill -9", &world, &fleet, SHAPE, LOAD_FOR).await;
     run.at(FAULT_AT).await;
@@ -780,7 +775,7 @@ async fn a_worker_killed_with_kill_9_mid_load_loses_and_doubles_nothing() {
 #[tokio::test]
 async fn a_rabbitmq_restart_mid_load_loses_no_accepted_event() {
     let mut rabbit = PrivateRabbit::start().await;
-    let world = World::create(&shared_pg_server(), &rabbit.amqp_url(), &shared_redis()).await;
+    let world = TestEnv::on(&shared_pg_server(), &rabbit.amqp_url(), &shared_redis()).await;
     let mut fleet = fleet_of(&world, None, 2).await;
     let run = Run::begin("rabbitmq restart", &world, &fleet, SHAPE, LOAD_FOR).await;
     run.at(FAULT_AT).await;
@@ -800,7 +795,7 @@ async fn a_rabbitmq_restart_mid_load_loses_no_accepted_event() {
 #[tokio::test]
 async fn a_redis_restart_mid_load_loses_and_doubles_nothing() {
     let mut redis = PrivateRedis::start().await;
-    let world = World::create(&shared_pg_server(), &shared_amqp(), &redis.url()).await;
+    let world = TestEnv::on(&shared_pg_server(), &shared_amqp(), &redis.url()).await;
     let mut fleet = fleet_of(&world, None, 2).await;
     let run = Run::begin("redis restart", &world, &fleet, SHAPE, LOAD_FOR).await;
     run.at(FAULT_AT).await;
@@ -816,7 +811,7 @@ async fn a_redis_restart_mid_load_loses_and_doubles_nothing() {
 #[tokio::test]
 async fn a_postgres_restart_mid_load_loses_and_doubles_nothing() {
     let pg = PrivatePostgres::start().await;
-    let world = World::create(&pg.server(), &shared_amqp(), &shared_redis()).await;
+    let world = TestEnv::on(&pg.server(), &shared_amqp(), &shared_redis()).await;
     let mut fleet = fleet_of(&world, None, 2).await;
     let run = Run::begin("postgres restart", &world, &fleet, SHAPE, LOAD_FOR).await;
     run.at(FAULT_AT).await;
@@ -831,7 +826,7 @@ async fn a_postgres_restart_mid_load_loses_and_doubles_nothing() {
 
 #[tokio::test]
 async fn a_scheduler_killed_while_timers_are_due_fires_each_once_after_its_restart() {
-    let world = World::create(&shared_pg_server(), &shared_amqp(), &shared_redis()).await;
+    let world = TestEnv::on(&shared_pg_server(), &shared_amqp(), &shared_redis()).await;
     let mut fleet = fleet_of(&world, None, 2).await;
     fleet.start_scheduler();
     let shape = Shape {
@@ -867,7 +862,7 @@ async fn a_scheduler_killed_while_timers_are_due_fires_each_once_after_its_resta
 
 #[tokio::test]
 async fn a_network_cut_to_the_broker_loses_no_accepted_event() {
-    let world = World::create(&shared_pg_server(), &shared_amqp(), &shared_redis()).await;
+    let world = TestEnv::on(&shared_pg_server(), &shared_amqp(), &shared_redis()).await;
     let (proxy, through_proxy) = Proxy::for_amqp(&world.config.amqp_url).await.unwrap();
     let mut fleet = fleet_of(&world, Some(through_proxy), 2).await;
     let run = Run::begin("broker network cut", &world, &fleet, SHAPE, LOAD_FOR).await;

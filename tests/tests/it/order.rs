@@ -11,33 +11,21 @@
 
 use std::time::{Duration, Instant};
 
-use cmdflow_tests::fleet::{Fleet, World};
+use cmdflow_tests::TestEnv;
+use cmdflow_tests::fleet::Fleet;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
 const COMMANDS: usize = 40;
 const INCREMENTS: usize = 10;
 
-fn shared() -> (String, String, String) {
-    let admin = cmdflow_tests::admin_url();
-    let pg = admin
-        .rsplit_once('/')
-        .map(|(s, _)| s.to_owned())
-        .unwrap_or(admin);
-    let amqp = std::env::var("CMDFLOW_TEST_AMQP_URL")
-        .unwrap_or_else(|_| cmdflow_shared::Config::default().amqp_url);
-    let redis = std::env::var("CMDFLOW_TEST_REDIS_URLS")
-        .unwrap_or_else(|_| cmdflow_shared::Config::default().redis_urls);
-    (pg, amqp, redis)
-}
-
-async fn world() -> World {
-    let (pg, amqp, redis) = shared();
-    World::create(&pg, &amqp, &redis).await
+async fn world() -> TestEnv {
+    let shared = cmdflow_tests::shared_servers();
+    TestEnv::on(&shared.postgres, &shared.amqp, &shared.redis).await
 }
 
 /// A gateway and `n` workers, once the workers share every partition.
-async fn fleet(world: &World, n: usize) -> Fleet {
+async fn fleet(world: &TestEnv, n: usize) -> Fleet {
     let mut fleet = Fleet::new(&world.config);
     fleet.start_gateway().await;
     for i in 0..n {
@@ -108,7 +96,7 @@ async fn one_counter(gateway: String, pause: Duration) -> Uuid {
 
 /// How many counters completed at exactly 10, and how many received their events out of the
 /// order they were sent, once all have ended (or a minute has passed).
-async fn verdict(world: &World, ids: &[Uuid]) -> (i64, i64) {
+async fn verdict(world: &TestEnv, ids: &[Uuid]) -> (i64, i64) {
     let _ = tokio::time::timeout(Duration::from_secs(60), async {
         loop {
             let ended: i64 = sqlx::query_scalar(
@@ -153,7 +141,7 @@ async fn verdict(world: &World, ids: &[Uuid]) -> (i64, i64) {
 }
 
 /// One round: 40 counters at once, each with its events sent right after its start.
-async fn round(world: &World, fleet: &Fleet, workers: usize, round: usize, pause: Duration) {
+async fn round(world: &TestEnv, fleet: &Fleet, workers: usize, round: usize, pause: Duration) {
     let began = Instant::now();
     let sends: Vec<_> = (0..COMMANDS)
         .map(|_| tokio::spawn(one_counter(fleet.gateway_url().to_owned(), pause)))
