@@ -18,13 +18,8 @@
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use axum::extract::{MatchedPath, Request, State};
-use axum::http::header;
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 use cmdflow_shared::Config;
 use cmdflow_shared::domain::Owner;
 use governor::clock::Clock;
@@ -33,10 +28,11 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
 use crate::error::ApiError;
-use crate::scopes::{Need, RouteNeeds};
 
+mod gate;
 mod keys;
 
+pub use gate::{Gate, middleware};
 use keys::load_keys;
 pub use keys::{KEY_PREFIX, generate_key, hash_key, new_key_entry};
 
@@ -442,88 +438,6 @@ impl Authenticator {
             wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
         })
     }
-}
-
-/// The authenticator, and what each route declared it needs of its caller: what the
-/// middleware checks every request of the API against.
-#[derive(Debug)]
-pub struct Gate {
-    pub auth: Arc<Authenticator>,
-    pub needs: RouteNeeds,
-}
-
-/// Checks every request of the API against the need its route declared: none for a public
-/// route; otherwise authenticates the caller, applies its rate limit and the route's scope,
-/// and hands the [`Principal`] to the handler. A route that declared no need is refused,
-/// whatever the caller holds.
-pub async fn middleware(
-    State(gate): State<Arc<Gate>>,
-    mut request: Request,
-    next: Next,
-) -> Response {
-    let path = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| request.uri().path().to_owned());
-    let need = match gate.needs.get(request.method(), &path) {
-        Some(need) => need,
-        None if gate.needs.knows_path(&path) => {
-            return axum::http::StatusCode::METHOD_NOT_ALLOWED.into_response();
-        }
-        None => {
-            let route = format!("{} {path}", request.method());
-            tracing::error!(route = %route, "A route declares no scope; it is refused until it does.");
-            return refused(
-                "undeclared",
-                ApiError::Forbidden(format!(
-                    "`{route}` declares no scope, so no credential may call it"
-                )),
-            );
-        }
-    };
-    if need == Need::Public {
-        return next.run(request).await;
-    }
-    let auth = &gate.auth;
-    let principal = match auth.authenticate(
-        request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .map(|v| v.as_bytes()),
-    ) {
-        Ok(p) => p,
-        Err(e) => return refused("unauthorized", e),
-    };
-    if let Err(retry_after) = auth.check_rate(&principal) {
-        let caller = principal.id;
-        return refused(
-            "rate_limited",
-            ApiError::RateLimited {
-                caller,
-                retry_after,
-            },
-        );
-    }
-    let allowed = match need {
-        Need::Public | Need::Credential => Ok(()),
-        Need::Scope(scope) => principal.require(scope),
-        Need::Read if principal.has(Scope::CommandsRead) || principal.has(Scope::OwnerRead) => {
-            Ok(())
-        }
-        Need::Read => principal.require(Scope::CommandsRead),
-    };
-    if let Err(e) = allowed {
-        return refused("forbidden", e);
-    }
-    request.extensions_mut().insert(principal);
-    next.run(request).await
-}
-
-/// The answer to a request refused before its handler, counted by `reason`.
-fn refused(reason: &'static str, error: ApiError) -> Response {
-    metrics::counter!(cmdflow_shared::metrics::AUTH_FAILURES, "reason" => reason).increment(1);
-    error.into_response()
 }
 
 #[cfg(test)]
