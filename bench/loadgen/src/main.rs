@@ -140,7 +140,7 @@ struct Args {
     #[arg(long)]
     no_lock: bool,
     /// Partition queues of the run's namespace (`CMDFLOW_PARTITIONS`).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = cmdflow_shared::bus::DEFAULT_PARTITIONS)]
     partitions: u32,
     /// Publish without the partition header, as a service that publishes plain CloudEvents
     /// straight to the exchange does: a worker forwards each to its partition (one more hop).

@@ -74,8 +74,12 @@ pub const HEADER_PARTITION: &str = "cmdflow-partition";
 pub const HEADER_ENGINE: &str = "x-cmdflow-engine";
 /// The argument of `ns.route` that records the namespace's number of partitions.
 const PARTITIONS_ARG: &str = "x-cmdflow-partitions";
-/// How many partitions a namespace has unless configured (`CMDFLOW_PARTITIONS`).
-pub const DEFAULT_PARTITIONS: u32 = 16;
+/// How many partitions a namespace has unless configured (`CMDFLOW_PARTITIONS`): what suits a
+/// broker that shares its machine with PostgreSQL and the workers. Each partition is a quorum
+/// queue, and on a 2-core all-in-one box 16 of them cost W1 a fifth of its throughput against one
+/// work queue, where 4 cost none that could be measured (bench/2026-12-06-order-cost.md). A
+/// broker on machines of its own takes more (the Kubernetes manifests set 16).
+pub const DEFAULT_PARTITIONS: u32 = 4;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const DELIVERY_LIMIT: i64 = 20;
@@ -95,7 +99,7 @@ pub enum BusError {
     #[error("RabbitMQ: the batch of messages could not be sent: {0}")]
     Batch(String),
     #[error(
-        "the namespace {namespace} has another number of partitions than the {partitions} configured (CMDFLOW_PARTITIONS must be the same for every process of a namespace): {source}"
+        "the namespace {namespace} has another number of partitions than the {partitions} configured (CMDFLOW_PARTITIONS must be the same for every process of a namespace; a namespace declared before the default became 4 has 16: set CMDFLOW_PARTITIONS=16 for it): {source}"
     )]
     Partitions {
         namespace: String,
