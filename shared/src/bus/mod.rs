@@ -467,6 +467,23 @@ pub struct Outgoing<'a> {
     pub properties: BasicProperties,
 }
 
+/// A new command id in the same partition as `like`'s, out of `partitions`: the ids of a
+/// parent's children, so a family's events share a queue and a worker. A child's start, its
+/// own events and its report to the parent then come in the order they were published, close
+/// together, and a batch applies a parent's reports under one lock. Draws fresh (random) v7 ids
+/// until one falls in the partition: `partitions` draws on average.
+pub fn id_in_partition_of(like: crate::CommandId, partitions: u32) -> crate::CommandId {
+    let want = partition_of(like.as_uuid().as_bytes(), partitions);
+    // A bound that is never reached in practice (the chance is (1 - 1/N)^(64 N) < e^-64).
+    for _ in 0..64 * partitions.max(1) {
+        let id = crate::CommandId::new();
+        if partition_of(id.as_uuid().as_bytes(), partitions) == want {
+            return id;
+        }
+    }
+    crate::CommandId::new()
+}
+
 /// The partition of a routing key: FNV-1a (64 bits) of its bytes, modulo `partitions`. Stable
 /// across processes, platforms and releases: every publisher of a namespace agrees.
 pub fn partition_of(key: &[u8], partitions: u32) -> u32 {
@@ -540,5 +557,28 @@ pub fn header_str(headers: Option<&FieldTable>, name: &str) -> Option<String> {
         AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
         AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_childs_id_falls_in_its_parents_partition() {
+        for partitions in [1, 4, 16, 1024] {
+            let mut seen = std::collections::HashSet::new();
+            for _ in 0..100 {
+                let parent = crate::CommandId::new();
+                let child = id_in_partition_of(parent, partitions);
+                assert_eq!(
+                    partition_of(child.as_uuid().as_bytes(), partitions),
+                    partition_of(parent.as_uuid().as_bytes(), partitions),
+                    "{partitions} partitions"
+                );
+                assert!(seen.insert(child), "ids stay unique");
+                assert_ne!(child, parent);
+            }
+        }
     }
 }

@@ -19,8 +19,10 @@ impl Engine {
         }
         let mut rows = Vec::with_capacity(decision.spawn_count());
         let created_at = cause.accepted_at();
+        let partitions = self.bus.topology().partitions();
         let mut child = |spec: &ChildSpec, group: Option<&str>| {
-            let id = CommandId::new();
+            // In the parent's partition: see `bus::id_in_partition_of`.
+            let id = cmdflow_shared::bus::id_in_partition_of(parent.id, partitions);
             let owner = spec.owner.clone().unwrap_or_else(|| parent.owner.clone());
             rows.push(NewCommand {
                 id,
