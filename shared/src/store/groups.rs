@@ -17,6 +17,43 @@ macro_rules! group_columns {
     };
 }
 
+/// Where a fan-in group stands (`child_groups.state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupState {
+    /// Waiting for its children's reports.
+    Open,
+    Succeeded,
+    Failed,
+    /// Its parent ended first.
+    Closed,
+}
+
+impl GroupState {
+    pub const ALL: [GroupState; 4] = [Self::Open, Self::Succeeded, Self::Failed, Self::Closed];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Open => "open",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Closed => "closed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|g| g.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for GroupState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+text_enum!(GroupState, "group state");
+
 /// A parent's fan-in group.
 #[derive(Debug, Clone, sqlx::FromRow, Serialize, utoipa::ToSchema)]
 pub struct GroupRow {
@@ -34,8 +71,7 @@ pub struct GroupRow {
     /// Child id → `{state, kind, result | reason}`.
     #[schema(value_type = Object)]
     pub outcomes: Value,
-    /// `open`, `succeeded`, `failed`, or `closed` (its parent ended first).
-    pub state: String,
+    pub state: GroupState,
     pub deadline_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub settled_at: Option<DateTime<Utc>>,
@@ -219,7 +255,7 @@ pub async fn save_group(tx: &mut Tx<'_>, g: &GroupRow) -> Result<()> {
     .bind(g.failed)
     .bind(g.aborted)
     .bind(&g.outcomes)
-    .bind(&g.state)
+    .bind(g.state)
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -272,4 +308,19 @@ pub async fn children_counts(pool: &PgPool, parent: CommandId) -> Result<(i64, i
     .fetch_one(pool)
     .await?;
     Ok((total, open))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_group_state_reads_back_as_it_was_written() {
+        for state in GroupState::ALL {
+            assert_eq!(GroupState::parse(state.as_str()), Some(state));
+            let json = serde_json::to_value(state).unwrap_or_default();
+            assert_eq!(json, state.as_str(), "the API shows the column's word");
+        }
+        assert_eq!(GroupState::parse("settled"), None);
+    }
 }

@@ -13,6 +13,43 @@
 //! - the rest by area: [`dead`] letters, [`time`] (timers and waits), [`people`] (the owner
 //!   feed), [`partitions`], [`kinds`], [`flows`], [`archive`], [`console`].
 
+/// Reads and writes an enum as the `text` of a column with a CHECK of its names (the schema's
+/// way for every state but the command's): `$ty` has `as_str(self) -> &'static str` and
+/// `parse(&str) -> Option<Self>`. A value outside the enum reads as an error naming it. Kept as
+/// text, not a PostgreSQL enum type, so the release before can still read and write the column
+/// (`scripts/rollback-test.sh`).
+macro_rules! text_enum {
+    ($ty:ty, $what:literal) => {
+        impl sqlx::Type<sqlx::Postgres> for $ty {
+            fn type_info() -> sqlx::postgres::PgTypeInfo {
+                <&str as sqlx::Type<sqlx::Postgres>>::type_info()
+            }
+
+            fn compatible(ty: &sqlx::postgres::PgTypeInfo) -> bool {
+                <&str as sqlx::Type<sqlx::Postgres>>::compatible(ty)
+            }
+        }
+
+        impl<'r> sqlx::Decode<'r, sqlx::Postgres> for $ty {
+            fn decode(
+                value: sqlx::postgres::PgValueRef<'r>,
+            ) -> std::result::Result<Self, sqlx::error::BoxDynError> {
+                let s = <&str as sqlx::Decode<sqlx::Postgres>>::decode(value)?;
+                <$ty>::parse(s)
+                    .ok_or_else(|| format!(concat!("unknown ", $what, " `{}`"), s).into())
+            }
+        }
+
+        impl sqlx::Encode<'_, sqlx::Postgres> for $ty {
+            fn encode_by_ref(
+                &self,
+                buf: &mut sqlx::postgres::PgArgumentBuffer,
+            ) -> std::result::Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+                <&str as sqlx::Encode<sqlx::Postgres>>::encode(self.as_str(), buf)
+            }
+        }
+    };
+}
 pub mod commands;
 pub mod groups;
 pub mod history;

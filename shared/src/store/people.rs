@@ -52,25 +52,7 @@ impl Delivery {
     }
 }
 
-// Stored as text (with a CHECK of the same values), so read and written as text.
-impl sqlx::Type<sqlx::Postgres> for Delivery {
-    fn type_info() -> sqlx::postgres::PgTypeInfo {
-        <&str as sqlx::Type<sqlx::Postgres>>::type_info()
-    }
-
-    fn compatible(ty: &sqlx::postgres::PgTypeInfo) -> bool {
-        <&str as sqlx::Type<sqlx::Postgres>>::compatible(ty)
-    }
-}
-
-impl<'r> sqlx::Decode<'r, sqlx::Postgres> for Delivery {
-    fn decode(
-        value: sqlx::postgres::PgValueRef<'r>,
-    ) -> std::result::Result<Self, sqlx::error::BoxDynError> {
-        let s = <&str as sqlx::Decode<sqlx::Postgres>>::decode(value)?;
-        Delivery::parse(s).ok_or_else(|| format!("unknown delivery state `{s}`").into())
-    }
-}
+text_enum!(Delivery, "delivery state");
 
 /// A rendered message to store.
 #[derive(Debug, Clone)]

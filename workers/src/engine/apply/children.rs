@@ -124,7 +124,7 @@ impl Engine {
             )
             .await?
             {
-                store::Counted::Counted(group) if group.state == "open" => group,
+                store::Counted::Counted(group) if group.state == GroupState::Open => group,
                 store::Counted::Counted(group) => {
                     tracing::debug!(group = %group.name, state = %group.state, "Counted into a group that had already ended.");
                     continue;
@@ -198,13 +198,13 @@ impl Engine {
                 return Ok(());
             }
         };
-        if group.state != "open" {
+        if group.state != GroupState::Open {
             notes.push(format!("group {} had already {}", group.name, group.state));
             return Ok(());
         }
         self.settle_if_decided(tx, parent, event, &mut group, out, steps.as_deref_mut())
             .await?;
-        if group.state != "open" {
+        if group.state != GroupState::Open {
             // Settled by this report: its verdict is saved with it.
             match steps {
                 Some(steps) => steps.keep_group(*group),
@@ -251,7 +251,11 @@ impl Engine {
         out: &mut Vec<Event>,
         steps: Option<&mut store::Steps>,
     ) -> Result<(), ApplyError> {
-        group.state = verdict.as_str().to_owned();
+        group.state = match verdict {
+            Verdict::Open => GroupState::Open,
+            Verdict::Succeeded => GroupState::Succeeded,
+            Verdict::Failed => GroupState::Failed,
+        };
         time::cancel_timer(tx, parent.id, &format!("group:{}", group.name)).await?;
         // The members' rows may carry kept-back steps.
         flush(tx, steps).await?;
@@ -295,7 +299,7 @@ impl Engine {
             notes.push(format!("no group {name} on this command"));
             return Ok(());
         };
-        if group.state != "open" {
+        if group.state != GroupState::Open {
             notes.push(format!("group {name} had already {}", group.state));
             return Ok(());
         }

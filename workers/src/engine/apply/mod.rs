@@ -12,7 +12,9 @@ use cmdflow_shared::decision::{
 };
 use cmdflow_shared::domain::{Kind, Owner};
 use cmdflow_shared::store::time::{self, NewTimer};
-use cmdflow_shared::store::{self, EntryKind, GroupRow, HistoryEntry, NewCommand, OutboxRow, Tx};
+use cmdflow_shared::store::{
+    self, EntryKind, GroupRow, GroupState, HistoryEntry, NewCommand, OutboxRow, Tx,
+};
 use cmdflow_shared::time::{TimerSpec, check_delay};
 use cmdflow_shared::{Command, CommandId, CommandState, Event, HandlerError};
 use serde::Deserialize;
