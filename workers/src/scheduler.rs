@@ -18,7 +18,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use cmdflow_shared::bus::Bus;
 use cmdflow_shared::contract::types::{CHILDREN_DEADLINE, TIMER_FIRED, WAIT_TIMED_OUT};
-use cmdflow_shared::store::time::{self as timestore, TimerRow};
+use cmdflow_shared::store::time::{self as timestore, TimerKind, TimerRow};
 use cmdflow_shared::store::{StoreError, Tx};
 use cmdflow_shared::time::{Clock, SystemClock, next_cron};
 use cmdflow_shared::{Config, Event};
@@ -170,7 +170,7 @@ impl Scheduler {
             let late = (now - timer.due_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
             metrics::histogram!(cmdflow_shared::metrics::TIMER_LATENESS_SECONDS)
                 .record(late.max(0.0));
-            metrics::counter!(cmdflow_shared::metrics::TIMERS_FIRED, "kind" => timer.kind.clone())
+            metrics::counter!(cmdflow_shared::metrics::TIMERS_FIRED, "kind" => timer.kind.as_str())
                 .increment(1);
         }
         // One-shot timers were deleted by the claim; a cron timer moves to its next slot.
@@ -205,8 +205,8 @@ impl Scheduler {
             data.insert("fired_at".into(), json!(now));
             data
         };
-        let (ty, data) = match timer.kind.as_str() {
-            "wait_timeout" => {
+        let (ty, data) = match timer.kind {
+            TimerKind::WaitTimeout => {
                 let ty = payload
                     .get("type")
                     .and_then(Value::as_str)
@@ -223,7 +223,7 @@ impl Scheduler {
                 data.insert("key".into(), json!(key));
                 (WAIT_TIMED_OUT, times(data))
             }
-            "group_deadline" => {
+            TimerKind::GroupDeadline => {
                 let mut data = Map::new();
                 data.insert(
                     "group".into(),
@@ -231,7 +231,7 @@ impl Scheduler {
                 );
                 (CHILDREN_DEADLINE, times(data))
             }
-            _ => {
+            TimerKind::After | TimerKind::At | TimerKind::Cron => {
                 let mut data = Map::new();
                 data.insert("name".into(), json!(timer.name));
                 if let Some(cron) = &timer.cron {

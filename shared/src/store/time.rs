@@ -11,13 +11,50 @@ use sqlx::PgPool;
 use super::{Result, Tx};
 use crate::domain::CommandId;
 
+/// What a timer is (`timers.kind`): one a command set (`after`, `at`, `cron`), or one the engine
+/// keeps for a wait's timeout or a group's deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TimerKind {
+    After,
+    At,
+    Cron,
+    WaitTimeout,
+    GroupDeadline,
+}
+
+impl TimerKind {
+    pub const ALL: [TimerKind; 5] = [
+        Self::After,
+        Self::At,
+        Self::Cron,
+        Self::WaitTimeout,
+        Self::GroupDeadline,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::After => "after",
+            Self::At => "at",
+            Self::Cron => "cron",
+            Self::WaitTimeout => "wait_timeout",
+            Self::GroupDeadline => "group_deadline",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+text_enum!(TimerKind, "timer kind");
+
 #[derive(Debug, Clone, sqlx::FromRow, Serialize, utoipa::ToSchema)]
 pub struct TimerRow {
     #[serde(skip)]
     pub command_id: CommandId,
     pub name: String,
-    /// `after`, `at`, `cron`, `wait_timeout` or `group_deadline`.
-    pub kind: String,
+    pub kind: TimerKind,
     pub due_at: DateTime<Utc>,
     pub cron: Option<String>,
     pub tz: Option<String>,
@@ -33,7 +70,7 @@ pub struct TimerRow {
 pub struct NewTimer<'a> {
     pub command: CommandId,
     pub name: &'a str,
-    pub kind: &'a str,
+    pub kind: TimerKind,
     pub due_at: DateTime<Utc>,
     pub cron: Option<&'a str>,
     pub tz: Option<&'a str>,
@@ -504,4 +541,19 @@ pub async fn unmatched(
         }
     }
     Ok(page)
+}
+
+#[cfg(test)]
+mod kind_tests {
+    use super::*;
+
+    #[test]
+    fn a_timer_kind_reads_back_as_it_was_written() {
+        for kind in TimerKind::ALL {
+            assert_eq!(TimerKind::parse(kind.as_str()), Some(kind));
+            let json = serde_json::to_value(kind).unwrap_or_default();
+            assert_eq!(json, kind.as_str(), "the API shows the column's word");
+        }
+        assert_eq!(TimerKind::parse("deadline"), None);
+    }
 }

@@ -86,7 +86,7 @@ impl Engine {
                     &NewTimer {
                         command: parent.id,
                         name: &format!("group:{}", group.name),
-                        kind: "group_deadline",
+                        kind: time::TimerKind::GroupDeadline,
                         due_at,
                         cron: None,
                         tz: None,

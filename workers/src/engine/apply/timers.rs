@@ -1,6 +1,7 @@
 //! Time in a decision: timers set or cancelled, and waits for an event with their timeout.
 
 use super::*;
+use cmdflow_shared::store::time::TimerKind;
 
 impl Engine {
     /// Sets and cancels the decision's timers, and registers its waits. A wait whose event
@@ -41,9 +42,9 @@ impl Engine {
             .first_due(now)
             .map_err(|e| ApplyError::Permanent(format!("timer {}: {e}", spec.name)))?;
         let kind = match &spec.when {
-            cmdflow_shared::time::TimerWhen::After(_) => "after",
-            cmdflow_shared::time::TimerWhen::At(_) => "at",
-            cmdflow_shared::time::TimerWhen::Cron { .. } => "cron",
+            cmdflow_shared::time::TimerWhen::After(_) => TimerKind::After,
+            cmdflow_shared::time::TimerWhen::At(_) => TimerKind::At,
+            cmdflow_shared::time::TimerWhen::Cron { .. } => TimerKind::Cron,
         };
         let (cron, tz) = spec.cron().unzip();
         time::upsert_timer(
@@ -102,7 +103,7 @@ impl Engine {
                 &NewTimer {
                     command: command.id,
                     name: &wait_timer_name(&wait.event_type, &wait.key),
-                    kind: "wait_timeout",
+                    kind: TimerKind::WaitTimeout,
                     due_at,
                     cron: None,
                     tz: None,
