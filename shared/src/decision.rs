@@ -84,7 +84,7 @@ impl FanIn {
 }
 
 /// What happens to a child when its parent ends while the child still runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ParentClose {
     /// The child is aborted (the default: nothing is left running unowned).
@@ -101,6 +101,13 @@ impl ParentClose {
             Self::Abort => "abort",
             Self::Abandon => "abandon",
         }
+    }
+
+    /// Reads `abort` or `abandon`.
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Abort, Self::Abandon]
+            .into_iter()
+            .find(|p| p.as_str() == s)
     }
 }
 

@@ -233,7 +233,7 @@ mod tests {
             ui: None,
             version: 1,
             group_name: None,
-            parent_close: "abort".into(),
+            parent_close: ParentClose::Abort,
             created_at: Utc::now(),
             updated_at: Utc::now(),
             ended_at: None,

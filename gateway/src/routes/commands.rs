@@ -204,8 +204,8 @@ pub struct CommandView {
     pub root_id: CommandId,
     /// The fan-in group it reports to, if its parent waits for it.
     pub group: Option<String>,
-    /// `abort` or `abandon`: what happens to it when its parent ends first.
-    pub parent_close: String,
+    /// What happens to it when its parent ends first.
+    pub parent_close: cmdflow_shared::decision::ParentClose,
     #[schema(value_type = Option<Object>)]
     pub result: Option<Value>,
     pub reason: Option<String>,

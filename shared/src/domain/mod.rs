@@ -407,8 +407,8 @@ pub struct Command<D = Value> {
     pub version: i64,
     /// The fan-in group this child reports to; `None` for roots and fire-and-forget children.
     pub group_name: Option<String>,
-    /// `abort` or `abandon`: what happens to this child when its parent ends first.
-    pub parent_close: String,
+    /// What happens to this child when its parent ends first.
+    pub parent_close: crate::decision::ParentClose,
     /// When it was created.
     pub created_at: DateTime<Utc>,
     /// When it last changed.
@@ -440,7 +440,7 @@ impl<D> Command<D> {
             ui: None,
             version: 0,
             group_name: None,
-            parent_close: "abort".to_owned(),
+            parent_close: crate::decision::ParentClose::Abort,
             created_at: now,
             updated_at: now,
             ended_at: None,

@@ -9,6 +9,8 @@ use crate::domain::{Command, CommandId};
 
 use super::*;
 
+text_enum!(crate::decision::ParentClose, "parent_close");
+
 /// A command to create, as decided by a start event.
 #[derive(Debug, Clone)]
 pub struct NewCommand {
@@ -21,8 +23,7 @@ pub struct NewCommand {
     pub data: Value,
     /// The fan-in group the child reports to; `None` for a root or a fire-and-forget child.
     pub group_name: Option<String>,
-    /// `abort` or `abandon`.
-    pub parent_close: String,
+    pub parent_close: crate::decision::ParentClose,
     /// When the command counts as started: when the event that created it was accepted
     /// (`None`: now). An early event accepted before it never matches its waits.
     pub created_at: Option<chrono::DateTime<chrono::Utc>>,
@@ -45,7 +46,7 @@ pub async fn insert_command(tx: &mut Tx<'_>, new: &NewCommand) -> Result<bool> {
     .bind(new.depth)
     .bind(&new.data)
     .bind(&new.group_name)
-    .bind(&new.parent_close)
+    .bind(new.parent_close)
     .bind(new.created_at)
     .bind(&new.kind_version)
     .execute(&mut **tx)

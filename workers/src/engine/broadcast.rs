@@ -64,7 +64,7 @@ impl Engine {
                     depth: 0,
                     data: Value::Object(event.data.clone()),
                     group_name: None,
-                    parent_close: "abort".to_owned(),
+                    parent_close: cmdflow_shared::decision::ParentClose::Abort,
                     created_at: event.accepted_at(),
                     kind_version: self.registry.version_of(kind).map(str::to_owned),
                 };

@@ -36,8 +36,8 @@ impl Engine {
                 // A fire-and-forget child has no concern for its parent: the parent's end never
                 // aborts it (an abort of the parent does).
                 parent_close: match group {
-                    None => "abandon".to_owned(),
-                    Some(_) => spec.parent_close.as_str().to_owned(),
+                    None => cmdflow_shared::decision::ParentClose::Abandon,
+                    Some(_) => spec.parent_close,
                 },
                 created_at,
                 kind_version: self.registry.version_of(&spec.kind).map(str::to_owned),

@@ -265,7 +265,7 @@ impl Engine {
             depth: 0,
             data,
             group_name: None,
-            parent_close: "abort".to_owned(),
+            parent_close: cmdflow_shared::decision::ParentClose::Abort,
             // A root counts from when its start was accepted.
             created_at: event.accepted_at(),
             kind_version: self.registry.version_of(kind.as_str()).map(str::to_owned),
