@@ -200,7 +200,10 @@ impl WorkerProcess {
             )
             .env("CMDFLOW_METRICS_ADDR", &metrics)
             .env("CMDFLOW_LOG_FORMAT", "json")
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("CMDFLOW_TEST_LOG").unwrap_or_else(|_| "warn".to_owned()),
+            )
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -685,9 +688,17 @@ async fn a_worker_paused_past_its_lock_ttl_loses_no_update() {
                             .map(|v| String::from_utf8_lossy(&v).into_owned()),
                     );
                 }
+                // Who holds the partitions, and whether the broker has a consumer on each.
+                let holders =
+                    cmdflow_shared::store::partitions::holders(&env.pool, &env.config.namespace)
+                        .await
+                        .unwrap_or_default();
+                let queues = env.queues().await;
                 panic!(
                     "round {round}: {} did not take the lock over within {:?}; the masters hold \
-                     {values:?} (the paused holder: {}); its counters:\n{}\nits log:\n{}",
+                     {values:?} (the paused holder: {}); partition holders {holders:?}, \
+                     (ready messages, partition consumers) {queues:?}; its counters:\n{}\n\
+                     its log:\n{}",
                     other.name,
                     TTL * 15,
                     String::from_utf8_lossy(&held),
