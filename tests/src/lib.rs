@@ -471,8 +471,8 @@ impl TestEnv {
     pub fn partition_queue_of(&self, id: &str) -> String {
         let id: Uuid = id.parse().expect("a command id");
         let t = self.bus.topology();
-        t.partition_queue(cmdflow_shared::bus::partition_of(
-            id.as_bytes(),
+        t.partition_queue(cmdflow_shared::bus::command_partition(
+            id.into(),
             t.partitions(),
         ))
     }

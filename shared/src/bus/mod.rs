@@ -473,15 +473,20 @@ pub struct Outgoing<'a> {
 /// together, and a batch applies a parent's reports under one lock. Draws fresh (random) v7 ids
 /// until one falls in the partition: `partitions` draws on average.
 pub fn id_in_partition_of(like: crate::CommandId, partitions: u32) -> crate::CommandId {
-    let want = partition_of(like.as_uuid().as_bytes(), partitions);
+    let want = command_partition(like, partitions);
     // A bound that is never reached in practice (the chance is (1 - 1/N)^(64 N) < e^-64).
     for _ in 0..64 * partitions.max(1) {
         let id = crate::CommandId::new();
-        if partition_of(id.as_uuid().as_bytes(), partitions) == want {
+        if command_partition(id, partitions) == want {
             return id;
         }
     }
     crate::CommandId::new()
+}
+
+/// The partition of command `id`'s events: [`partition_of`] its [`route_key`].
+pub fn command_partition(id: crate::CommandId, partitions: u32) -> u32 {
+    partition_of(id.as_uuid().as_bytes(), partitions)
 }
 
 /// The partition of a routing key: FNV-1a (64 bits) of its bytes, modulo `partitions`. Stable
@@ -572,8 +577,8 @@ mod tests {
                 let parent = crate::CommandId::new();
                 let child = id_in_partition_of(parent, partitions);
                 assert_eq!(
-                    partition_of(child.as_uuid().as_bytes(), partitions),
-                    partition_of(parent.as_uuid().as_bytes(), partitions),
+                    command_partition(child, partitions),
+                    command_partition(parent, partitions),
                     "{partitions} partitions"
                 );
                 assert!(seen.insert(child), "ids stay unique");

@@ -40,8 +40,7 @@ impl Engine {
         event: &Event,
         waiting_for: Option<&str>,
     ) -> Disposition {
-        let partition =
-            bus::partition_of(id.as_uuid().as_bytes(), self.bus.topology().partitions());
+        let partition = bus::command_partition(id, self.bus.topology().partitions());
         let parked = store::partitions::park(
             &self.pool,
             id.as_uuid(),
