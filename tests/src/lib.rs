@@ -267,15 +267,12 @@ impl TestEnv {
         adjust: impl FnOnce(&mut Config),
     ) -> TestEnv {
         cmdflow_shared::telemetry::init_for_tests();
-        let shared = pg_server == shared_servers().postgres;
-        let admin = if shared {
+        let admin = if pg_server == shared_servers().postgres {
+            sweep_stale_databases().await;
             admin_url()
         } else {
             format!("{pg_server}/postgres")
         };
-        if shared {
-            sweep_stale_databases().await;
-        }
         let suffix = Uuid::new_v4().simple().to_string()[..12].to_owned();
         let database = format!("cmdflow_t_{}_{suffix}", chrono::Utc::now().timestamp());
         create_database(&admin, &database).await.expect(
