@@ -2,6 +2,7 @@
 //! never leave a group open once every child has reported.
 
 use cmdflow_shared::decision::FanIn;
+use cmdflow_shared::store::GroupState;
 
 /// Counts of a group's children that have reported back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +32,17 @@ impl Verdict {
             Self::Open => "open",
             Self::Succeeded => "succeeded",
             Self::Failed => "failed",
+        }
+    }
+}
+
+/// The group's state once frozen at a verdict (`Open` stays open).
+impl From<Verdict> for GroupState {
+    fn from(v: Verdict) -> Self {
+        match v {
+            Verdict::Open => GroupState::Open,
+            Verdict::Succeeded => GroupState::Succeeded,
+            Verdict::Failed => GroupState::Failed,
         }
     }
 }

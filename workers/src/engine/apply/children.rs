@@ -251,11 +251,7 @@ impl Engine {
         out: &mut Vec<Event>,
         steps: Option<&mut store::Steps>,
     ) -> Result<(), ApplyError> {
-        group.state = match verdict {
-            Verdict::Open => GroupState::Open,
-            Verdict::Succeeded => GroupState::Succeeded,
-            Verdict::Failed => GroupState::Failed,
-        };
+        group.state = verdict.into();
         time::cancel_timer(tx, parent.id, &format!("group:{}", group.name)).await?;
         // The members' rows may carry kept-back steps.
         flush(tx, steps).await?;
