@@ -11,6 +11,8 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 
+use super::partitions::close;
+
 /// Forwards the events published without a partition header (in `{ns}.unkeyed`) to their
 /// partitions, in order, when this worker is the one consumer of that queue; stands by
 /// otherwise. Until `shutdown`.
@@ -51,7 +53,7 @@ async fn forward_while_first(bus: &Bus, shutdown: &CancellationToken) -> Result<
     loop {
         let next = tokio::select! {
             () = shutdown.cancelled() => {
-                drop(channel.close(200, "worker stopping".into()).await);
+                close(&channel, "worker stopping").await;
                 return Ok(());
             }
             next = consumer.next() => next,
@@ -114,7 +116,7 @@ async fn forward_while_first(bus: &Bus, shutdown: &CancellationToken) -> Result<
                 Err(e) => Err(e),
             };
             if let Err(e) = acked {
-                drop(channel.close(200, "forwarding failed".into()).await);
+                close(&channel, "forwarding failed").await;
                 return Err(e);
             }
         }

@@ -84,7 +84,7 @@ struct Consuming {
 const BROKER_CALL: Duration = Duration::from_secs(5);
 
 /// Closes `channel`, waiting at most [`BROKER_CALL`]: a channel of a dead connection dies with it.
-async fn close(channel: &Channel, why: &'static str) {
+pub(super) async fn close(channel: &Channel, why: &'static str) {
     drop(tokio::time::timeout(BROKER_CALL, channel.close(200, why.into())).await);
 }
 
