@@ -442,12 +442,22 @@ impl Bus {
     /// Messages ready in `queue` (not those delivered and unacknowledged), by a passive declare
     /// on a channel of its own: a missing queue closes that channel, not a shared one.
     pub async fn queue_depth(&self, queue: &str) -> Result<u32> {
+        Ok(self.passive_counts(queue).await?.message_count())
+    }
+
+    /// Consumers of `queue` the broker knows of (active or standing by), as
+    /// [`Bus::queue_depth`] reads them.
+    pub async fn queue_consumers(&self, queue: &str) -> Result<u32> {
+        Ok(self.passive_counts(queue).await?.consumer_count())
+    }
+
+    async fn passive_counts(&self, queue: &str) -> Result<lapin::Queue> {
         let ch = self.channel().await?;
         let declared = passive_queue(&ch, queue).await;
         if ch.status().connected() {
             drop(ch.close(200, "counted".into()).await);
         }
-        Ok(declared?.message_count())
+        Ok(declared?)
     }
 }
 

@@ -68,7 +68,14 @@ pub(super) struct Holder {
     consuming: BTreeMap<u32, Consuming>,
     /// Partitions being let go: no longer consumed, their events in flight finishing.
     draining: Arc<std::sync::Mutex<BTreeSet<u32>>>,
+    /// Checks of the partitions done so far: every [`ASK_BROKER_EVERY`]th also asks the broker.
+    ticks: u64,
 }
+
+/// How often (in holder ticks) the holder asks the broker whether each partition it consumes
+/// has a consumer there: a connection broken under a consumer can leave the worker's side
+/// looking alive while the broker has none, and the partition would wait for ever.
+const ASK_BROKER_EVERY: u64 = 4;
 
 struct Consuming {
     channel: Channel,
@@ -119,6 +126,7 @@ impl Holder {
             tx,
             consuming: BTreeMap::new(),
             draining: Arc::default(),
+            ticks: 0,
         }
     }
 
@@ -166,12 +174,33 @@ impl Holder {
         let held: BTreeSet<u32> = beat.held.iter().copied().collect();
         // Claims lost (the lease ran out during a pause) and consumers that ended (the broker
         // went away): stop those, consume again what is still held.
-        let gone: Vec<u32> = self
+        let mut gone: Vec<u32> = self
             .consuming
             .iter()
             .filter(|(p, c)| !held.contains(p) || !c.alive())
             .map(|(p, _)| *p)
             .collect();
+        self.ticks += 1;
+        if self.ticks.is_multiple_of(ASK_BROKER_EVERY) {
+            let bus = &engine.bus;
+            let live: Vec<u32> = self
+                .consuming
+                .keys()
+                .filter(|p| !gone.contains(p))
+                .copied()
+                .collect();
+            for p in live {
+                let queue = bus.topology().partition_queue(p);
+                let asked = tokio::time::timeout(BROKER_CALL, bus.queue_consumers(&queue)).await;
+                if let Ok(Ok(0)) = asked {
+                    tracing::warn!(
+                        partition = p,
+                        "The broker has no consumer of a partition this worker consumes; consuming it again."
+                    );
+                    gone.push(p);
+                }
+            }
+        }
         for p in gone {
             if let Some(c) = self.consuming.remove(&p) {
                 if held.contains(&p) {
