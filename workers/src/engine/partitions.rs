@@ -70,7 +70,13 @@ pub(super) struct Holder {
     draining: Arc<std::sync::Mutex<BTreeSet<u32>>>,
     /// Checks of the partitions done so far: every [`ASK_BROKER_EVERY`]th also asks the broker.
     ticks: u64,
+    /// Partitions held but not consumed, since when, and when that was last said as a warning.
+    unconsumed: BTreeMap<u32, (Instant, Instant)>,
 }
+
+/// How long a held partition may go without a consumer before each try that fails is a warning
+/// (once per this long), not a debug line: a partition nobody reads is events nobody applies.
+const UNCONSUMED_WARN: Duration = Duration::from_secs(10);
 
 /// How often (in holder ticks) the holder asks the broker whether each partition it consumes
 /// has a consumer there: a connection broken under a consumer can leave the worker's side
@@ -127,6 +133,7 @@ impl Holder {
             consuming: BTreeMap::new(),
             draining: Arc::default(),
             ticks: 0,
+            unconsumed: BTreeMap::new(),
         }
     }
 
@@ -172,6 +179,7 @@ impl Holder {
         let lease = settings.partition_lease;
         let beat = partitions::beat(pool, self.namespace(), &self.me, n, lease).await?;
         let held: BTreeSet<u32> = beat.held.iter().copied().collect();
+        self.unconsumed.retain(|p, _| held.contains(p));
         // Claims lost (the lease ran out during a pause) and consumers that ended (the broker
         // went away): stop those, consume again what is still held.
         let mut gone: Vec<u32> = self
@@ -204,6 +212,8 @@ impl Holder {
         for p in gone {
             if let Some(c) = self.consuming.remove(&p) {
                 if held.contains(&p) {
+                    let now = Instant::now();
+                    self.unconsumed.insert(p, (now, now));
                     tracing::warn!(
                         partition = p,
                         "Lost the consumer of a partition (the broker went away); consuming it again."
@@ -241,7 +251,14 @@ impl Holder {
             engine.note_parked(parked.into_iter().map(CommandId::from));
             match self.consume(p, prefetch).await {
                 Ok(consuming) => {
-                    tracing::info!(partition = p, "Consuming a partition.");
+                    match self.unconsumed.remove(&p) {
+                        Some((since, _)) => tracing::info!(
+                            partition = p,
+                            unconsumed_s = since.elapsed().as_secs_f64(),
+                            "Consuming a partition again."
+                        ),
+                        None => tracing::info!(partition = p, "Consuming a partition."),
+                    }
                     self.consuming.insert(p, consuming);
                     // Events that wait for a definition: this worker may have it.
                     let waiting = partitions::waiting_commands(pool, &[p]).await?;
@@ -252,7 +269,21 @@ impl Holder {
                 }
                 // Still consumed by the worker that held it (finishing, or paused): next time.
                 Err(e) => {
-                    tracing::debug!(partition = p, error = %e, "Cannot consume a partition yet.")
+                    let now = Instant::now();
+                    let (since, said) = self.unconsumed.entry(p).or_insert((now, now));
+                    if now.duration_since(*since) >= UNCONSUMED_WARN
+                        && (*said == *since || now.duration_since(*said) >= UNCONSUMED_WARN)
+                    {
+                        *said = now;
+                        tracing::warn!(
+                            partition = p,
+                            unconsumed_s = now.duration_since(*since).as_secs(),
+                            error = %e,
+                            "A partition this worker holds has had no consumer for a while; its events wait."
+                        );
+                    } else {
+                        tracing::debug!(partition = p, error = %e, "Cannot consume a partition yet.");
+                    }
                 }
             }
         }
