@@ -5,7 +5,7 @@ use super::*;
 
 impl Run {
     /// Seeds `--feed-commands` commands of one owner per 10 commands (`member:0..owners`) with
-    /// their messages and identities, and analyzes. Returns the owners and how long it took.
+    /// their history (two lines and a dedupe row each), messages and identities, and analyzes. Returns the owners and how long it took.
     pub(crate) async fn seed_feed(&self) -> anyhow::Result<(u64, Duration)> {
         let commands = self.args.feed_commands.max(1) as i64;
         let owners = (commands / 10).max(1);
@@ -29,6 +29,22 @@ impl Run {
         )
         .bind(owners)
         .bind(commands)
+        .execute(&self.pool)
+        .await?;
+        // Each command's history as the engine writes it: its start received, its state
+        // changed, and the start's dedupe row.
+        sqlx::query(
+            "INSERT INTO command_events (command_id, version, entry, event_id, event_type, to_state, at)
+             SELECT id, 1, 'received', 'seed-' || id, 'command.start', NULL, created_at FROM commands
+             UNION ALL
+             SELECT id, 1, 'state_changed', NULL, NULL, state, updated_at FROM commands",
+        )
+        .execute(&self.pool)
+        .await?;
+        sqlx::query(
+            "INSERT INTO processed_events (command_id, source, event_id, processed_at)
+             SELECT id, 'seed', 'seed-' || id, created_at FROM commands",
+        )
         .execute(&self.pool)
         .await?;
         sqlx::query(

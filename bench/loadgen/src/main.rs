@@ -96,6 +96,10 @@ struct Args {
     /// W3: the span over which the timers are due, in seconds.
     #[arg(long, default_value_t = 30)]
     timer_span_s: u64,
+    /// W3: timers already pending (due in a day) before the measured ones are set: the cost of
+    /// a large timers table.
+    #[arg(long, default_value_t = 0)]
+    pending_timers: usize,
     /// W3: scheduler replicas.
     #[arg(long, default_value_t = 1)]
     schedulers: usize,

@@ -56,6 +56,18 @@ impl Run {
             })
         };
 
+        let pending = self.args.pending_timers;
+        if pending > 0 {
+            sqlx::query(
+                "INSERT INTO timers (command_id, name, kind, due_at)
+                 SELECT gen_random_uuid(), 'pending', 'at', now() + interval '1 day' + g * interval '1 ms'
+                   FROM generate_series(1, $1) g",
+            )
+            .bind(pending as i64)
+            .execute(&self.pool)
+            .await?;
+            sqlx::query("ANALYZE timers").execute(&self.pool).await?;
+        }
         let n = self.args.timers;
         let span_us = (self.args.timer_span_s * 1_000_000) as i64;
         // Leave time to create the commands (about 1,000 starts/s) before the first timer is due,
@@ -79,9 +91,10 @@ impl Run {
         self.publish_all(&starts).await?;
         let all_waiting = async {
             loop {
-                let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM timers")
-                    .fetch_one(&self.pool)
-                    .await?;
+                let waiting: i64 =
+                    sqlx::query_scalar("SELECT count(*) FROM timers WHERE name <> 'pending'")
+                        .fetch_one(&self.pool)
+                        .await?;
                 if waiting as usize >= n || chrono::Utc::now() >= t0 {
                     return anyhow::Ok(chrono::Utc::now());
                 }
@@ -138,6 +151,7 @@ impl Run {
         Ok(json!({
             "workload": "W3",
             "timers": n,
+            "pending_timers": pending,
             "span_s": self.args.timer_span_s,
             "schedulers": self.args.schedulers,
             "workers": self.args.workers,
