@@ -151,8 +151,9 @@ pub struct SpawnGroup {
     pub children: Vec<ChildSpec>,
 }
 
-/// How a group's children report to their parent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// How a group's children report to their parent (`child_groups.reports`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
 pub enum Reports {
     /// Each child's end is an event to the parent (`command.completed`, `command.failed`,
     /// `command.aborted`) that its handler sees, and the group's verdict follows as
@@ -167,7 +168,7 @@ pub enum Reports {
 
 impl Reports {
     /// `each` or `settled`.
-    pub fn name(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::Each => "each",
             Self::Settled => "settled",

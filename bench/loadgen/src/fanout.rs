@@ -18,7 +18,7 @@ impl Run {
                     "specversion": "1.0", "id": Uuid::now_v7().to_string(), "source": "loadgen",
                     "type": "command.start", "commandid": id.to_string(),
                     "data": {"kind": "demo.fanout", "owner": "system:loadgen",
-                             "data": {"children": self.args.children, "reports": reports.name()}},
+                             "data": {"children": self.args.children, "reports": reports.as_str()}},
                 })
             })
             .collect();
@@ -71,7 +71,7 @@ impl Run {
         let secs = elapsed.as_secs_f64();
         Ok(json!({
             "workload": name,
-            "reports": reports.name(),
+            "reports": reports.as_str(),
             "parents": self.args.parents,
             "children_per_parent": self.args.children,
             "workers": self.args.workers,

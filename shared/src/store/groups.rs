@@ -6,6 +6,7 @@ use serde::Serialize;
 use serde_json::Value;
 use sqlx::PgPool;
 
+use crate::decision::Reports;
 use crate::domain::CommandId;
 
 use super::*;
@@ -53,6 +54,7 @@ impl std::fmt::Display for GroupState {
 }
 
 text_enum!(GroupState, "group state");
+text_enum!(Reports, "reports mode");
 
 /// A parent's fan-in group.
 #[derive(Debug, Clone, sqlx::FromRow, Serialize, utoipa::ToSchema)]
@@ -62,8 +64,8 @@ pub struct GroupRow {
     pub name: String,
     pub policy: String,
     pub quorum: Option<i32>,
-    /// `each` or `settled`: how its children report (see `decision::Reports`).
-    pub reports: String,
+    /// How its children report.
+    pub reports: Reports,
     pub total: i32,
     pub completed: i32,
     pub failed: i32,
@@ -83,8 +85,8 @@ pub struct NewGroup<'a> {
     pub name: &'a str,
     pub policy: &'a str,
     pub quorum: Option<i32>,
-    /// `each` or `settled`; kept from the first spawn when the group exists.
-    pub reports: &'a str,
+    /// Kept from the first spawn when the group exists.
+    pub reports: Reports,
     /// The children this spawn adds.
     pub add_total: i32,
     pub deadline_at: Option<DateTime<Utc>>,
@@ -322,5 +324,15 @@ mod tests {
             assert_eq!(json, state.as_str(), "the API shows the column's word");
         }
         assert_eq!(GroupState::parse("settled"), None);
+    }
+
+    #[test]
+    fn a_reports_mode_reads_back_as_it_was_written() {
+        for mode in [Reports::Each, Reports::Settled] {
+            assert_eq!(Reports::parse(mode.as_str()), Some(mode));
+            let json = serde_json::to_value(mode).unwrap_or_default();
+            assert_eq!(json, mode.as_str(), "the API shows the column's word");
+        }
+        assert_eq!(Reports::parse("batched"), None);
     }
 }

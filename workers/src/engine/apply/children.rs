@@ -70,7 +70,7 @@ impl Engine {
                 name: &group.name,
                 policy: group.policy.name(),
                 quorum,
-                reports: group.reports.name(),
+                reports: group.reports,
                 add_total: group.children.len() as i32,
                 deadline_at,
             };
