@@ -3,7 +3,8 @@
 # (release build), under `perf record -a`, with PostgreSQL's WAL (`pg_stat_wal`) and Redis's call
 # counts (`INFO commandstats`) read before and after. Prints per run: the result, the WAL records,
 # bytes and syncs, the Redis calls, and the CPU share of each process name over the whole run
-# (set-up included). Needs `perf` (linux-perf), `psql` and `redis-cli`; run it alone on the machine.
+# (set-up included), with the CPU seconds that share is of the run's wall time. Needs `perf`
+# (linux-perf), `psql` and `redis-cli`; run it alone on the machine.
 #
 #   ./scripts/bottlenecks.sh                 all six runs
 #   BOTTLENECK_RUNS="w2:1 w2:4" ./scripts/bottlenecks.sh
@@ -36,8 +37,10 @@ for run in $runs; do
     workers=${run##*:}
     read -r rec0 sync0 bytes0 < <(wal)
     calls0=$(redis_calls)
+    began=$(date +%s.%N)
     result=$(perf record -q -a -F 199 -o "$data" -- "$loadgen" --workloads "$workload" \
         --workers "$workers" 2>/dev/null | tail -n 1)
+    elapsed=$(awk -v a="$began" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
     read -r rec1 sync1 bytes1 < <(wal)
     calls1=$(redis_calls)
     rate=$(printf '%s' "$result" | grep -o '"\(events\|parents\)_per_s":[0-9.]*' | head -n 1)
@@ -45,7 +48,11 @@ for run in $runs; do
     printf 'WAL: %d records, %.1f MB, %d syncs; Redis: %d calls\n' \
         $((rec1 - rec0)) "$(awk -v b=$((bytes1 - bytes0)) 'BEGIN { print b / 1e6 }')" \
         $((sync1 - sync0)) $((calls1 - calls0))
-    printf 'CPU share by process name:\n'
+    printf 'CPU share by process name, and CPU seconds (share x %d cores x %s s of the run):\n' \
+        "$(nproc)" "$elapsed"
     perf report -i "$data" --sort comm --no-children 2>/dev/null |
-        awk '/^ *[0-9.]+%/ { printf "  %-8s %s\n", $1, $2 }' | head -n 12
+        awk -v cores="$(nproc)" -v secs="$elapsed" '/^ *[0-9.]+%/ {
+            share = $1; sub(/%/, "", share)
+            printf "  %-8s %-16s %6.2f s\n", $1, $2, share / 100 * cores * secs
+        }' | head -n 12
 done
