@@ -323,6 +323,64 @@ async fn a_batch_counts_reports_into_a_group_once_each() {
     env.cleanup().await;
 }
 
+/// A batch checks its reports' membership in one statement, and counts only true members. In
+/// one batch: a real child's report, a report naming another real child under a group it is not
+/// in, one naming a command that is no child of the parent, and the remaining children's
+/// reports. The group counts the three children once each; the two strangers are ignored, and
+/// the parent's history says why.
+#[tokio::test]
+async fn a_batch_counts_only_members_of_the_group_a_report_names() {
+    let mut env = TestEnv::new().await;
+    let setup = env.start_worker_with(|c| c.batch = 1).await;
+    let parent = env
+        .start_raw(
+            "demo.fanout",
+            "member:1",
+            json!({"children": 3, "child_kind": "demo.counter"}),
+        )
+        .await;
+    let kids = env.children_running(&parent, 3).await;
+    let outsider = env.start_raw("demo.counter", "member:1", json!({})).await;
+    env.wait_state(&outsider, CommandState::Running).await;
+    stop_setup(setup).await;
+
+    let wrong_group = {
+        let data =
+            json!({"child_id": kids[1], "group": "others", "kind": "demo.counter", "result": {}});
+        serde_json::to_vec(&event("command.completed", Some(&parent), data)).unwrap()
+    };
+    let bodies = [
+        report(&parent, &kids[0]),
+        wrong_group,
+        report(&parent, &outsider),
+        report(&parent, &kids[1]),
+        report(&parent, &kids[2]),
+    ];
+    let outcomes = one_batch(&env, &bodies).await;
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, cmdflow_workers::Disposition::Ack(_))),
+        "{outcomes:?}"
+    );
+    assert_eq!(group_of(&env, &parent).await, (3, "succeeded".to_owned()));
+    let ignored: Vec<String> = sqlx::query_scalar(
+        "SELECT detail->>'reason' FROM command_events
+          WHERE command_id = $1::uuid AND entry = 'ignored' ORDER BY seq",
+    )
+    .bind(&parent)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(ignored.len(), 2, "{ignored:?}");
+    assert!(
+        ignored[0].contains(&kids[1]) && ignored[0].contains("group others"),
+        "{ignored:?}"
+    );
+    assert!(ignored[1].contains(&outsider), "{ignored:?}");
+    env.cleanup().await;
+}
+
 /// A root started in a batch takes its next event in the same batch: the start's step, kept
 /// back, is written before the row is read again for the second event.
 #[tokio::test]
