@@ -81,7 +81,7 @@ pub enum Disposition {
     /// Trouble that may pass (database, broker, a command not created yet, a lock that stays
     /// busy): tried again after each of the retry delays, in place, its command's later events
     /// waiting behind it; after the last, a dead letter.
-    Retry(String),
+    Retry(RetryCause),
     /// Not tried: an earlier event of its command waits to be tried again, and this one waits
     /// behind it (the order of a command's events is kept).
     Held,
@@ -97,6 +97,73 @@ pub enum Applied {
     Unmatched,
     /// Its command does not exist yet: kept, to be applied right after the command's start.
     Parked,
+}
+
+/// Why an event is tried again, with the error that caused it (its source chain kept for the
+/// attempt's record and the dead letter: see [`RetryCause::chain`]).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RetryCause {
+    #[error(transparent)]
+    Store(Arc<StoreError>),
+    #[error("PostgreSQL commit: {0}")]
+    Commit(#[source] Arc<StoreError>),
+    #[error(transparent)]
+    Bus(Arc<BusError>),
+    #[error("command {0} does not exist (yet): no start of it has been applied")]
+    NotFound(CommandId),
+    /// A remote decider did not answer now (its reason).
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("the command's lock ran out before the commit (a pause or a stall)")]
+    LockRanOut,
+    /// The batch ended without an outcome for it: never applied, so tried again.
+    #[error("not processed")]
+    NotProcessed,
+}
+
+impl RetryCause {
+    /// The error and each of its sources, as one line: `a: b: c`. A source whose words the
+    /// line already holds (an error that prints its source) is not said twice.
+    pub fn chain(&self) -> String {
+        let mut line = self.to_string();
+        let mut next = std::error::Error::source(self);
+        while let Some(e) = next {
+            let said = e.to_string();
+            if !line.contains(&said) {
+                line.push_str(": ");
+                line.push_str(&said);
+            }
+            next = e.source();
+        }
+        line
+    }
+}
+
+/// Two causes are equal when they are the same kind of trouble and say the same (errors from
+/// the crates below have no equality of their own).
+impl PartialEq for RetryCause {
+    fn eq(&self, other: &Self) -> bool {
+        std::mem::discriminant(self) == std::mem::discriminant(other)
+            && self.to_string() == other.to_string()
+    }
+}
+
+impl From<StoreError> for RetryCause {
+    fn from(e: StoreError) -> Self {
+        Self::Store(Arc::new(e))
+    }
+}
+
+impl From<sqlx::Error> for RetryCause {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Store(Arc::new(StoreError::Database(e)))
+    }
+}
+
+impl From<BusError> for RetryCause {
+    fn from(e: BusError) -> Self {
+        Self::Bus(Arc::new(e))
+    }
 }
 
 /// Errors inside the transaction, sorted where they happen.
@@ -247,14 +314,12 @@ impl Engine {
 
 /// An event whose lock ran out before its commit: tried again, not a failure of its own.
 fn lock_ran_out() -> Disposition {
-    Disposition::Retry(
-        "the command's lock ran out before the commit (a pause or a stall)".to_owned(),
-    )
+    Disposition::Retry(RetryCause::LockRanOut)
 }
 
 /// A commit that failed: nothing of it was written, so the event is tried again.
-fn commit_failed(e: &StoreError) -> Disposition {
-    Disposition::Retry(format!("PostgreSQL commit: {e}"))
+fn commit_failed(e: StoreError) -> Disposition {
+    Disposition::Retry(RetryCause::Commit(Arc::new(e)))
 }
 
 /// A body that is not a valid event: a dead letter at once, with the reason.
@@ -361,5 +426,38 @@ fn record_outcome(
             let latency = (chrono::Utc::now() - time).num_microseconds().unwrap_or(0) as f64 / 1e6;
             metrics::histogram!(cm::EVENT_LATENCY_SECONDS, "type" => ty).record(latency.max(0.0));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_retry_cause_keeps_its_source_chain_and_says_each_error_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer");
+        let cause = RetryCause::Commit(Arc::new(StoreError::Database(sqlx::Error::Io(io))));
+        let chain = cause.chain();
+        assert!(
+            chain.starts_with("PostgreSQL commit: PostgreSQL: "),
+            "{chain}"
+        );
+        assert_eq!(chain.matches("reset by peer").count(), 1, "{chain}");
+        let source = std::error::Error::source(&cause).map(ToString::to_string);
+        assert_eq!(
+            source.as_deref(),
+            Some(&chain["PostgreSQL commit: ".len()..])
+        );
+
+        let lock = RetryCause::LockRanOut;
+        assert_eq!(lock.chain(), lock.to_string());
+        let id = CommandId::new();
+        let missing = Disposition::Retry(RetryCause::NotFound(id));
+        assert_eq!(missing.clone(), missing);
+        assert_ne!(
+            missing,
+            Disposition::Retry(RetryCause::NotFound(CommandId::new())),
+            "causes are equal only when they say the same"
+        );
     }
 }

@@ -25,7 +25,7 @@ use cmdflow_shared::{Config, store};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-pub use engine::{Applied, Disposition, Engine, EngineSettings};
+pub use engine::{Applied, Disposition, Engine, EngineSettings, RetryCause};
 pub use registry::{Handler, Registry, RegistryError};
 pub use workflow::Workflow;
 

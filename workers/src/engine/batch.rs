@@ -140,7 +140,7 @@ impl Engine {
         }
         let dispositions = dispositions
             .into_iter()
-            .map(|d| d.unwrap_or_else(|| Disposition::Retry("not processed".to_owned())))
+            .map(|d| d.unwrap_or_else(|| Disposition::Retry(RetryCause::NotProcessed)))
             .collect();
         (dispositions, held)
     }
@@ -327,7 +327,7 @@ impl Engine {
         }
         let committing = commit_span(&handles);
         if let Err(e) = self.commit_with_confirmed(tx).instrument(committing).await {
-            return Some(vec![commit_failed(&e); events.len()]);
+            return Some(vec![commit_failed(e); events.len()]);
         }
         metrics::histogram!(cm::BATCH_SIZE).record(events.len() as f64);
         let first = handles.first().cloned().unwrap_or_else(tracing::Span::none);

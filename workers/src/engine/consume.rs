@@ -179,7 +179,8 @@ impl Engine {
             loop {
                 outcome = match outcome {
                     Disposition::Held => self.process_in_turn(event, true).await.0,
-                    Disposition::Retry(error) => {
+                    Disposition::Retry(cause) => {
+                        let error = cause.chain();
                         failures.attempts += 1;
                         failures.first_at.get_or_insert_with(chrono::Utc::now);
                         self.record_attempt(&incoming.delivery, failures.attempts, &error)

@@ -66,7 +66,7 @@ impl Engine {
                 }
                 Disposition::Ack(Applied::Parked)
             }
-            Err(e) => Disposition::Retry(e.to_string()),
+            Err(e) => Disposition::Retry(e.into()),
         }
     }
 
@@ -88,7 +88,7 @@ impl Engine {
     pub(super) async fn apply_parked(&self, id: CommandId) -> Result<(), Disposition> {
         let rows = store::partitions::parked_for(&self.pool, id.as_uuid())
             .await
-            .map_err(|e| Disposition::Retry(e.to_string()))?;
+            .map_err(|e| Disposition::Retry(e.into()))?;
         for row in &rows {
             let outcome = match Event::parse(&row.body) {
                 Ok(event) => self.process_in_turn(&event, true).await.0,
@@ -109,13 +109,13 @@ impl Engine {
                         &Failures::default(),
                     )
                     .await
-                    .map_err(|e| Disposition::Retry(e.to_string()))?;
+                    .map_err(|e| Disposition::Retry(e.into()))?;
                 }
                 retry @ (Disposition::Retry(_) | Disposition::Held) => return Err(retry),
             }
             store::partitions::unpark(&self.pool, row.id)
                 .await
-                .map_err(|e| Disposition::Retry(e.to_string()))?;
+                .map_err(|e| Disposition::Retry(e.into()))?;
         }
         self.parked
             .lock()

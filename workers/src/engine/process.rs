@@ -134,7 +134,7 @@ impl Engine {
     ) -> (Disposition, Vec<OutboxRow>) {
         let mut tx = match self.pool.begin().await {
             Ok(tx) => tx,
-            Err(e) => return (Disposition::Retry(format!("PostgreSQL: {e}")), Vec::new()),
+            Err(e) => return (Disposition::Retry(e.into()), Vec::new()),
         };
         if lock_lost(held) {
             // Paused (or starved) since the lock was taken: do not wait on a row another worker
@@ -177,7 +177,7 @@ impl Engine {
         }
         let committing = commit_span(&[tracing::Span::current()]);
         if let Err(e) = self.commit_with_confirmed(tx).instrument(committing).await {
-            return (commit_failed(&e), Vec::new());
+            return (commit_failed(e), Vec::new());
         }
         if publish {
             self.publish_outbox(&outbox).await;

@@ -17,15 +17,15 @@ impl Engine {
                     e.sqlstate().unwrap_or_else(|| "-".to_owned())
                 ),
             },
-            ApplyError::Store(e) => Disposition::Retry(e.to_string()),
+            ApplyError::Store(e) => Disposition::Retry(e.into()),
             ApplyError::Unavailable(reason) => {
                 tracing::warn!(%reason, "A remote decider did not answer; the event is tried again later.");
-                Disposition::Retry(reason)
+                Disposition::Retry(RetryCause::Unavailable(reason))
             }
             // Its start may come the slower way (forwarded, or still in an outbox): kept until
             // then, in order.
             ApplyError::NotFound(id) if event.ty != COMMAND_START => self.park(id, event).await,
-            e @ ApplyError::NotFound(_) => Disposition::Retry(e.to_string()),
+            ApplyError::NotFound(id) => Disposition::Retry(RetryCause::NotFound(id)),
             ApplyError::VersionMissing { id, kind, version } => {
                 let waiting_for = format!("{kind} version {version}");
                 self.park_for(id, event, Some(&waiting_for)).await
