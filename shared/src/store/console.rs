@@ -190,70 +190,49 @@ pub struct CommandSummary {
     pub ended_at: Option<DateTime<Utc>>,
 }
 
-/// The search's statement for the filters present in `filter`. Values are bound as
-/// parameters; states are written as literals (they come from a closed enum), so the planner
-/// can match them against the partial index of failed and aborted commands.
-fn search_sql(filter: &CommandFilter) -> String {
-    let mut sql = String::from(
+/// The search's statement for the filters present in `filter`, after `prefix` (an `EXPLAIN`,
+/// or nothing), with their values and the limit bound as parameters in order. States are
+/// written as literals (they come from a closed enum), so the planner can match them against
+/// the partial index of failed and aborted commands.
+fn search_query(
+    prefix: &str,
+    filter: &CommandFilter,
+    limit: i64,
+) -> sqlx::QueryBuilder<sqlx::Postgres> {
+    let mut q = sqlx::QueryBuilder::new(prefix);
+    q.push(
         "SELECT id, kind, owner, state, parent_id, root_id, ui, reason, created_at, updated_at, ended_at
            FROM commands WHERE true",
     );
-    let mut n = 0;
-    let mut next = || {
-        n += 1;
-        n
-    };
-    if filter.owner.is_some() {
-        sql.push_str(&format!(" AND owner = ${}", next()));
+    if let Some(owner) = &filter.owner {
+        q.push(" AND owner = ").push_bind(owner);
     }
-    if filter.kind.is_some() {
-        sql.push_str(&format!(" AND kind = ${}", next()));
+    if let Some(kind) = &filter.kind {
+        q.push(" AND kind = ").push_bind(kind);
     }
     if !filter.states.is_empty() {
         let mut states: Vec<&str> = filter.states.iter().map(|s| s.as_str()).collect();
         states.sort_unstable();
         states.dedup();
         let list: Vec<String> = states.iter().map(|s| format!("'{s}'")).collect();
-        sql.push_str(&format!(" AND state IN ({})", list.join(", ")));
+        q.push(format!(" AND state IN ({})", list.join(", ")));
     }
-    if filter.since.is_some() {
-        sql.push_str(&format!(" AND created_at >= ${}", next()));
+    if let Some(since) = filter.since {
+        q.push(" AND created_at >= ").push_bind(since);
     }
-    if filter.until.is_some() {
-        sql.push_str(&format!(" AND created_at < ${}", next()));
+    if let Some(until) = filter.until {
+        q.push(" AND created_at < ").push_bind(until);
     }
-    if filter.before.is_some() {
-        let (at, id) = (next(), next());
-        sql.push_str(&format!(" AND (created_at, id) < (${at}, ${id})"));
+    if let Some((at, id)) = filter.before {
+        q.push(" AND (created_at, id) < (")
+            .push_bind(at)
+            .push(", ")
+            .push_bind(id)
+            .push(")");
     }
-    sql.push_str(&format!(
-        " ORDER BY created_at DESC, id DESC LIMIT ${}",
-        next()
-    ));
-    sql
-}
-
-/// Binds the values of `filter`, in the order [`search_sql`] numbers them, and the limit.
-macro_rules! bind_search {
-    ($query:expr, $filter:expr, $limit:expr) => {{
-        let mut query = $query;
-        if let Some(owner) = &$filter.owner {
-            query = query.bind(owner);
-        }
-        if let Some(kind) = &$filter.kind {
-            query = query.bind(kind);
-        }
-        if let Some(since) = $filter.since {
-            query = query.bind(since);
-        }
-        if let Some(until) = $filter.until {
-            query = query.bind(until);
-        }
-        if let Some((at, id)) = $filter.before {
-            query = query.bind(at).bind(id);
-        }
-        query.bind($limit)
-    }};
+    q.push(" ORDER BY created_at DESC, id DESC LIMIT ")
+        .push_bind(limit);
+    q
 }
 
 /// A page of commands matching `filter`, newest first.
@@ -262,14 +241,10 @@ pub async fn search(
     filter: &CommandFilter,
     limit: i64,
 ) -> Result<Vec<CommandSummary>> {
-    let sql = search_sql(filter);
-    Ok(bind_search!(
-        sqlx::query_as::<_, CommandSummary>(sqlx::AssertSqlSafe(sql)),
-        filter,
-        limit
-    )
-    .fetch_all(pool)
-    .await?)
+    Ok(search_query("", filter, limit)
+        .build_query_as::<CommandSummary>()
+        .fetch_all(pool)
+        .await?)
 }
 
 /// The search's plan (`EXPLAIN (ANALYZE, BUFFERS)`), for checking that it stays an index scan.
@@ -278,14 +253,10 @@ pub async fn explain_search(
     filter: &CommandFilter,
     limit: i64,
 ) -> Result<Vec<String>> {
-    let sql = format!("EXPLAIN (ANALYZE, BUFFERS) {}", search_sql(filter));
-    Ok(bind_search!(
-        sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql)),
-        filter,
-        limit
-    )
-    .fetch_all(pool)
-    .await?)
+    Ok(search_query("EXPLAIN (ANALYZE, BUFFERS) ", filter, limit)
+        .build_query_scalar::<String>()
+        .fetch_all(pool)
+        .await?)
 }
 
 #[cfg(test)]
@@ -306,12 +277,12 @@ mod tests {
             until: Some(Utc::now()),
             before: Some((Utc::now(), CommandId::new())),
         };
-        let sql = search_sql(&all);
+        let sql = search_query("", &all, 20).into_string();
         assert!(sql.contains("owner = $1 AND kind = $2 AND state IN ('aborted', 'failed')"));
         assert!(sql.contains("created_at >= $3 AND created_at < $4"));
         assert!(sql.contains("(created_at, id) < ($5, $6)"));
         assert!(sql.ends_with("LIMIT $7"));
-        let none = search_sql(&CommandFilter::default());
+        let none = search_query("", &CommandFilter::default(), 20).into_string();
         assert!(!none.contains("AND"));
         assert!(none.ends_with("ORDER BY created_at DESC, id DESC LIMIT $1"));
     }
