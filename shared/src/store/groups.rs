@@ -206,7 +206,8 @@ pub async fn is_group_member(
 }
 
 /// [`count_report`] for a batch that keeps its steps back: the group is read and locked once,
-/// counted into in memory, and saved by the next [`flush_steps`].
+/// counted into in memory, and handed out of `steps` (not copied): the caller gives it back
+/// with [`Steps::keep_group`], and the next [`flush_steps`] saves it.
 pub async fn count_report_kept(
     tx: &mut Tx<'_>,
     steps: &mut Steps,
@@ -240,7 +241,7 @@ pub async fn count_report_kept(
     if let Value::Object(outcomes) = &mut group.outcomes {
         outcomes.insert(child.to_owned(), outcome.clone());
     }
-    steps.groups.insert(key, group.clone());
+    // Taken out of `steps`, not copied: the caller keeps it back again ([`Steps::keep_group`]).
     Ok(Counted::Counted(Box::new(group)))
 }
 

@@ -200,16 +200,19 @@ impl Engine {
         };
         if group.state != GroupState::Open {
             notes.push(format!("group {} had already {}", group.name, group.state));
+            if let Some(steps) = steps {
+                steps.keep_group(*group);
+            }
             return Ok(());
         }
         self.settle_if_decided(tx, parent, event, &mut group, out, steps.as_deref_mut())
             .await?;
-        if group.state != GroupState::Open {
+        match steps {
+            // Counted in memory (and settled, if this report decided it): kept back again.
+            Some(steps) => steps.keep_group(*group),
             // Settled by this report: its verdict is saved with it.
-            match steps {
-                Some(steps) => steps.keep_group(*group),
-                None => store::save_group(tx, &group).await?,
-            }
+            None if group.state != GroupState::Open => store::save_group(tx, &group).await?,
+            None => {}
         }
         Ok(())
     }
