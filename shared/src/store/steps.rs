@@ -99,9 +99,9 @@ pub async fn write_step(
 /// line and outbox event in the order they were written. What [`write_step`] writes, in one
 /// round trip for the whole batch instead of one per event.
 ///
-/// Nothing else in the transaction sees a kept-back step until it is flushed: flush before any
-/// statement that reads other commands' rows, their history, the outbox, or a group the batch
-/// counted into.
+/// Nothing else in the transaction sees a kept-back step until it is flushed: a statement that
+/// reads other commands' rows or a group the batch counted into goes after [`before_read`],
+/// which flushes when the read could miss a kept-back step.
 #[derive(Debug)]
 pub struct Steps {
     /// The transaction's `now()`, for the rows as they will be written.
@@ -174,6 +174,17 @@ impl Steps {
         }));
     }
 
+    /// Whether reading `what` now could miss a step kept back: the rule [`before_read`] keeps.
+    pub fn hides_from(&self, what: Read<'_>) -> bool {
+        match what {
+            // The row, or a group of it, kept back by an earlier event of the batch.
+            Read::Row(id) | Read::GroupsOf(id) => self.keeps(id),
+            // Counted into by an earlier report, or a member's row stepped: which rows are
+            // members is not known here, so anything kept back may be.
+            Read::Group(..) | Read::ChildrenOf(_) => !self.is_empty(),
+        }
+    }
+
     /// Whether a step of `command` is kept back: its row, or one of its groups.
     pub fn keeps(&self, command: CommandId) -> bool {
         self.index.contains_key(&command)
@@ -191,6 +202,30 @@ impl Steps {
             && self.history.is_empty()
             && self.outbox.is_empty()
             && self.groups.is_empty()
+    }
+}
+
+/// What a statement in a batch's transaction is about to read that the batch may keep back.
+/// [`before_read`] decides from it whether the kept-back steps must be written first.
+#[derive(Debug, Clone, Copy)]
+pub enum Read<'a> {
+    /// The command's own row: locking it again for its next event in the batch.
+    Row(CommandId),
+    /// The command's fan-in groups: spawning into one reads it.
+    GroupsOf(CommandId),
+    /// One group of the command, by name.
+    Group(CommandId, &'a str),
+    /// The rows of the command's children: its open children, a group's members.
+    ChildrenOf(CommandId),
+}
+
+/// Writes what `steps` keeps back when the statement about to read `what` could see it. This is
+/// the one place that knows which reads need that; without steps (an event applied by itself)
+/// nothing is kept back.
+pub async fn before_read(tx: &mut Tx<'_>, steps: Option<&mut Steps>, what: Read<'_>) -> Result<()> {
+    match steps {
+        Some(steps) if steps.hides_from(what) => flush_steps(tx, steps).await,
+        _ => Ok(()),
     }
 }
 
@@ -318,4 +353,41 @@ pub async fn flush_steps(tx: &mut Tx<'_>, steps: &mut Steps) -> Result<()> {
             }),
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_read_flushes_first_only_when_it_could_miss_a_kept_back_step() {
+        let mut steps = Steps::new(Utc::now());
+        let (mut parent, other) = (
+            Command::new("demo.fanout", "member:1", Value::Null),
+            CommandId::new(),
+        );
+        let all = |id| {
+            [
+                Read::Row(id),
+                Read::GroupsOf(id),
+                Read::Group(id, "g"),
+                Read::ChildrenOf(id),
+            ]
+        };
+        assert!(
+            all(parent.id).iter().all(|r| !steps.hides_from(*r)),
+            "nothing kept back"
+        );
+        steps.step(&mut parent, 0, &[], &[]);
+        assert!(steps.hides_from(Read::Row(parent.id)));
+        assert!(steps.hides_from(Read::GroupsOf(parent.id)));
+        assert!(
+            !steps.hides_from(Read::Row(other)),
+            "another command's row is not kept"
+        );
+        assert!(!steps.hides_from(Read::GroupsOf(other)));
+        // A member's row or a counted group may be among what is kept: any step counts.
+        assert!(steps.hides_from(Read::ChildrenOf(other)));
+        assert!(steps.hides_from(Read::Group(other, "g")));
+    }
 }

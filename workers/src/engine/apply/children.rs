@@ -256,8 +256,7 @@ impl Engine {
     ) -> Result<(), ApplyError> {
         group.state = verdict.into();
         time::cancel_timer(tx, parent.id, &format!("group:{}", group.name)).await?;
-        // The members' rows may carry kept-back steps.
-        flush(tx, steps).await?;
+        store::before_read(tx, steps, Read::ChildrenOf(parent.id)).await?;
         for id in store::open_children(tx, parent.id, Some(&group.name), false).await? {
             let data = obj(json!({ "reason": reason }));
             out.push(self.engine_event(parent, cause, COMMAND_ABORT, data, Some(id)));
@@ -292,8 +291,7 @@ impl Engine {
             notes.push("a deadline without a group".to_owned());
             return Ok(());
         };
-        // The group may be kept back, counted into by an earlier report of the batch.
-        flush(tx, steps).await?;
+        store::before_read(tx, steps, Read::Group(parent.id, name)).await?;
         let Some(mut group) = store::lock_group(tx, parent.id, name).await? else {
             notes.push(format!("no group {name} on this command"));
             return Ok(());

@@ -13,7 +13,7 @@ use cmdflow_shared::decision::{
 use cmdflow_shared::domain::{Kind, Owner};
 use cmdflow_shared::store::time::{self, NewTimer};
 use cmdflow_shared::store::{
-    self, EntryKind, GroupRow, GroupState, HistoryEntry, NewCommand, OutboxRow, Tx,
+    self, EntryKind, GroupRow, GroupState, HistoryEntry, NewCommand, OutboxRow, Read, Tx,
 };
 use cmdflow_shared::time::{TimerSpec, check_delay};
 use cmdflow_shared::{Command, CommandId, CommandState, Event, HandlerError};
@@ -125,15 +125,6 @@ fn obj(value: Value) -> Map<String, Value> {
     }
 }
 
-/// Writes the steps a batch kept back (if it keeps any), before a statement that reads other
-/// commands' rows.
-async fn flush(tx: &mut Tx<'_>, steps: Option<&mut store::Steps>) -> Result<(), ApplyError> {
-    if let Some(steps) = steps {
-        store::flush_steps(tx, steps).await?;
-    }
-    Ok(())
-}
-
 impl Engine {
     /// Applies one event addressed to `command_id` inside `tx`. Returns the outbox rows to
     /// publish after commit. A child that ends and counts itself into its group adds its
@@ -178,9 +169,7 @@ impl Engine {
             Some(locked) => Some(locked),
             None => {
                 // Its row may carry a step kept back (a root's second event in the batch).
-                if steps.as_ref().is_some_and(|s| s.keeps(command_id)) {
-                    flush(tx, steps.as_deref_mut()).await?;
-                }
+                store::before_read(tx, steps.as_deref_mut(), Read::Row(command_id)).await?;
                 store::lock_and_mark(tx, command_id, &event.source, &event.id).await?
             }
         };
@@ -399,10 +388,8 @@ impl Engine {
             }
             out.push(e);
         }
-        if !decision.spawn_groups.is_empty() && steps.as_ref().is_some_and(|s| s.keeps(command.id))
-        {
-            // Spawning into a group reads it, and it may be kept back.
-            flush(tx, steps.as_deref_mut()).await?;
+        if !decision.spawn_groups.is_empty() {
+            store::before_read(tx, steps.as_deref_mut(), Read::GroupsOf(command.id)).await?;
         }
         self.spawn(tx, &command, event, &decision, &mut out).await?;
         // A command's timers and waits belong to it: they end with it, and so do its open
@@ -414,8 +401,7 @@ impl Engine {
         let orphans = if next.state.is_terminal() && first_and_alone {
             Vec::new()
         } else if next.state.is_terminal() {
-            // It reads the children's rows, which may carry kept-back steps.
-            flush(tx, steps.as_deref_mut()).await?;
+            store::before_read(tx, steps.as_deref_mut(), Read::ChildrenOf(command.id)).await?;
             time::clear_time_of_ended(tx, command.id).await?
         } else {
             self.apply_time(tx, &command, &decision, &mut out).await?;
@@ -426,7 +412,7 @@ impl Engine {
         // parent-close policy is `abort`. Each child is told once.
         let mut to_abort: Vec<(CommandId, String)> = Vec::new();
         if let Some(which) = &decision.abort_children {
-            flush(tx, steps.as_deref_mut()).await?;
+            store::before_read(tx, steps.as_deref_mut(), Read::ChildrenOf(command.id)).await?;
             let ids = match which {
                 AbortChildren::All => store::open_children(tx, command.id, None, false).await?,
                 AbortChildren::Group(g) => {
