@@ -70,7 +70,7 @@ pub(super) struct Holder {
     draining: Arc<std::sync::Mutex<BTreeSet<u32>>>,
     /// Checks of the partitions done so far: every [`ASK_BROKER_EVERY`]th also asks the broker.
     ticks: u64,
-    /// Partitions held but not consumed, since when, and when that was last said as a warning.
+    /// Partitions held but not consumed: since when, and when a failed try is next a warning.
     unconsumed: BTreeMap<u32, (Instant, Instant)>,
 }
 
@@ -213,7 +213,7 @@ impl Holder {
             if let Some(c) = self.consuming.remove(&p) {
                 if held.contains(&p) {
                     let now = Instant::now();
-                    self.unconsumed.insert(p, (now, now));
+                    self.unconsumed.insert(p, (now, now + UNCONSUMED_WARN));
                     tracing::warn!(
                         partition = p,
                         "Lost the consumer of a partition (the broker went away); consuming it again."
@@ -270,11 +270,12 @@ impl Holder {
                 // Still consumed by the worker that held it (finishing, or paused): next time.
                 Err(e) => {
                     let now = Instant::now();
-                    let (since, said) = self.unconsumed.entry(p).or_insert((now, now));
-                    if now.duration_since(*since) >= UNCONSUMED_WARN
-                        && (*said == *since || now.duration_since(*said) >= UNCONSUMED_WARN)
-                    {
-                        *said = now;
+                    let (since, warn_at) = self
+                        .unconsumed
+                        .entry(p)
+                        .or_insert((now, now + UNCONSUMED_WARN));
+                    if now >= *warn_at {
+                        *warn_at = now + UNCONSUMED_WARN;
                         tracing::warn!(
                             partition = p,
                             unconsumed_s = now.duration_since(*since).as_secs(),
