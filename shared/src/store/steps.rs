@@ -175,13 +175,13 @@ impl Steps {
     }
 
     /// Whether reading `what` now could miss a step kept back: the rule [`before_read`] keeps.
-    pub fn hides_from(&self, what: Read<'_>) -> bool {
+    pub fn hides_from(&self, what: Read) -> bool {
         match what {
             // The row, or a group of it, kept back by an earlier event of the batch.
             Read::Row(id) | Read::GroupsOf(id) => self.keeps(id),
             // Counted into by an earlier report, or a member's row stepped: which rows are
             // members is not known here, so anything kept back may be.
-            Read::Group(..) | Read::ChildrenOf(_) => !self.is_empty(),
+            Read::Group(_) | Read::ChildrenOf(_) => !self.is_empty(),
         }
     }
 
@@ -208,13 +208,13 @@ impl Steps {
 /// What a statement in a batch's transaction is about to read that the batch may keep back.
 /// [`before_read`] decides from it whether the kept-back steps must be written first.
 #[derive(Debug, Clone, Copy)]
-pub enum Read<'a> {
+pub enum Read {
     /// The command's own row: locking it again for its next event in the batch.
     Row(CommandId),
     /// The command's fan-in groups: spawning into one reads it.
     GroupsOf(CommandId),
-    /// One group of the command, by name.
-    Group(CommandId, &'a str),
+    /// One of the command's groups.
+    Group(CommandId),
     /// The rows of the command's children: its open children, a group's members.
     ChildrenOf(CommandId),
 }
@@ -222,7 +222,7 @@ pub enum Read<'a> {
 /// Writes what `steps` keeps back when the statement about to read `what` could see it. This is
 /// the one place that knows which reads need that; without steps (an event applied by itself)
 /// nothing is kept back.
-pub async fn before_read(tx: &mut Tx<'_>, steps: Option<&mut Steps>, what: Read<'_>) -> Result<()> {
+pub async fn before_read(tx: &mut Tx<'_>, steps: Option<&mut Steps>, what: Read) -> Result<()> {
     match steps {
         Some(steps) if steps.hides_from(what) => flush_steps(tx, steps).await,
         _ => Ok(()),
@@ -370,7 +370,7 @@ mod tests {
             [
                 Read::Row(id),
                 Read::GroupsOf(id),
-                Read::Group(id, "g"),
+                Read::Group(id),
                 Read::ChildrenOf(id),
             ]
         };
@@ -388,6 +388,6 @@ mod tests {
         assert!(!steps.hides_from(Read::GroupsOf(other)));
         // A member's row or a counted group may be among what is kept: any step counts.
         assert!(steps.hides_from(Read::ChildrenOf(other)));
-        assert!(steps.hides_from(Read::Group(other, "g")));
+        assert!(steps.hides_from(Read::Group(other)));
     }
 }

@@ -291,7 +291,7 @@ impl Engine {
             notes.push("a deadline without a group".to_owned());
             return Ok(());
         };
-        store::before_read(tx, steps, Read::Group(parent.id, name)).await?;
+        store::before_read(tx, steps, Read::Group(parent.id)).await?;
         let Some(mut group) = store::lock_group(tx, parent.id, name).await? else {
             notes.push(format!("no group {name} on this command"));
             return Ok(());
