@@ -312,28 +312,3 @@ pub async fn children_counts(pool: &PgPool, parent: CommandId) -> Result<(i64, i
     .await?;
     Ok((total, open))
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_group_state_reads_back_as_it_was_written() {
-        for state in GroupState::ALL {
-            assert_eq!(GroupState::parse(state.as_str()), Some(state));
-            let json = serde_json::to_value(state).unwrap_or_default();
-            assert_eq!(json, state.as_str(), "the API shows the column's word");
-        }
-        assert_eq!(GroupState::parse("settled"), None);
-    }
-
-    #[test]
-    fn a_reports_mode_reads_back_as_it_was_written() {
-        for mode in [Reports::Each, Reports::Settled] {
-            assert_eq!(Reports::parse(mode.as_str()), Some(mode));
-            let json = serde_json::to_value(mode).unwrap_or_default();
-            assert_eq!(json, mode.as_str(), "the API shows the column's word");
-        }
-        assert_eq!(Reports::parse("batched"), None);
-    }
-}

@@ -74,3 +74,61 @@ pub mod kinds;
 pub mod partitions;
 pub mod people;
 pub mod time;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decision::{ParentClose, Reports};
+
+    /// Each of `values` reads back from its column's word, the API (JSON) shows that same word,
+    /// and `unknown` reads as none of them.
+    fn reads_back_as_written<T>(
+        values: &[T],
+        as_str: fn(T) -> &'static str,
+        parse: fn(&str) -> Option<T>,
+        unknown: &str,
+    ) where
+        T: Copy + PartialEq + std::fmt::Debug + serde::Serialize,
+    {
+        for &value in values {
+            assert_eq!(parse(as_str(value)), Some(value));
+            let json = serde_json::to_value(value).unwrap_or_default();
+            assert_eq!(json, as_str(value), "the API shows the column's word");
+        }
+        assert_eq!(parse(unknown), None, "{unknown}");
+    }
+
+    #[test]
+    fn every_text_enum_reads_back_as_it_was_written() {
+        reads_back_as_written(
+            &GroupState::ALL,
+            GroupState::as_str,
+            GroupState::parse,
+            "settled",
+        );
+        reads_back_as_written(
+            &[Reports::Each, Reports::Settled],
+            Reports::as_str,
+            Reports::parse,
+            "batched",
+        );
+        reads_back_as_written(
+            &time::TimerKind::ALL,
+            time::TimerKind::as_str,
+            time::TimerKind::parse,
+            "deadline",
+        );
+        reads_back_as_written(
+            &[ParentClose::Abort, ParentClose::Abandon],
+            ParentClose::as_str,
+            ParentClose::parse,
+            "orphan",
+        );
+        reads_back_as_written(
+            &people::Delivery::ALL,
+            people::Delivery::as_str,
+            people::Delivery::parse,
+            "read",
+        );
+    }
+}

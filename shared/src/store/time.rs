@@ -542,18 +542,3 @@ pub async fn unmatched(
     }
     Ok(page)
 }
-
-#[cfg(test)]
-mod kind_tests {
-    use super::*;
-
-    #[test]
-    fn a_timer_kind_reads_back_as_it_was_written() {
-        for kind in TimerKind::ALL {
-            assert_eq!(TimerKind::parse(kind.as_str()), Some(kind));
-            let json = serde_json::to_value(kind).unwrap_or_default();
-            assert_eq!(json, kind.as_str(), "the API shows the column's word");
-        }
-        assert_eq!(TimerKind::parse("deadline"), None);
-    }
-}
