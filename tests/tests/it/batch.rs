@@ -265,16 +265,7 @@ async fn a_batch_reads_the_steps_it_kept_back() {
 #[tokio::test]
 async fn a_batch_counts_reports_into_a_group_once_each() {
     let mut env = TestEnv::new().await;
-    let setup = env.start_worker_with(|c| c.batch = 1).await;
-    let parent = env
-        .start_raw(
-            "demo.fanout",
-            "member:1",
-            json!({"children": 3, "child_kind": "demo.counter"}),
-        )
-        .await;
-    let kids = env.children_running(&parent, 3).await;
-    stop_setup(setup).await;
+    let (parent, kids) = fanout_last_in_batch(&mut env, json!({})).await;
 
     let bodies = [
         report(&parent, &kids[0]),
@@ -331,18 +322,10 @@ async fn a_batch_counts_reports_into_a_group_once_each() {
 #[tokio::test]
 async fn a_batch_counts_only_members_of_the_group_a_report_names() {
     let mut env = TestEnv::new().await;
-    let setup = env.start_worker_with(|c| c.batch = 1).await;
-    let parent = env
-        .start_raw(
-            "demo.fanout",
-            "member:1",
-            json!({"children": 3, "child_kind": "demo.counter"}),
-        )
-        .await;
-    let kids = env.children_running(&parent, 3).await;
-    let outsider = env.start_raw("demo.counter", "member:1", json!({})).await;
-    env.wait_state(&outsider, CommandState::Running).await;
+    let (parent, kids) = fanout_last_in_batch(&mut env, json!({})).await;
+    let (counters, setup) = started_counters(&mut env, 1).await;
     stop_setup(setup).await;
+    let outsider = &counters[0];
 
     let wrong_group = {
         let data =
@@ -352,7 +335,7 @@ async fn a_batch_counts_only_members_of_the_group_a_report_names() {
     let bodies = [
         report(&parent, &kids[0]),
         wrong_group,
-        report(&parent, &outsider),
+        report(&parent, outsider),
         report(&parent, &kids[1]),
         report(&parent, &kids[2]),
     ];
@@ -377,7 +360,7 @@ async fn a_batch_counts_only_members_of_the_group_a_report_names() {
         ignored[0].contains(&kids[1]) && ignored[0].contains("group others"),
         "{ignored:?}"
     );
-    assert!(ignored[1].contains(&outsider), "{ignored:?}");
+    assert!(ignored[1].contains(outsider.as_str()), "{ignored:?}");
     env.cleanup().await;
 }
 
