@@ -58,14 +58,7 @@ impl Run {
 
         let pending = self.args.pending_timers;
         if pending > 0 {
-            sqlx::query(
-                "INSERT INTO timers (command_id, name, kind, due_at)
-                 SELECT gen_random_uuid(), 'pending', 'at', now() + interval '1 day' + g * interval '1 ms'
-                   FROM generate_series(1, $1) g",
-            )
-            .bind(pending as i64)
-            .execute(&self.pool)
-            .await?;
+            self.add_pending_timers(pending).await?;
             sqlx::query("ANALYZE timers").execute(&self.pool).await?;
         }
         let n = self.args.timers;
@@ -166,14 +159,22 @@ impl Run {
         }))
     }
 
-    pub(crate) async fn timers_1m(&self) -> anyhow::Result<Value> {
+    /// Puts `n` timers named `pending` into the table, due in a day (1 ms apart), for no command:
+    /// nothing fires them while a run lasts.
+    async fn add_pending_timers(&self, n: usize) -> anyhow::Result<()> {
         sqlx::query(
             "INSERT INTO timers (command_id, name, kind, due_at)
              SELECT gen_random_uuid(), 'pending', 'at', now() + interval '1 day' + g * interval '1 ms'
-               FROM generate_series(1, 1000000) g",
+               FROM generate_series(1, $1) g",
         )
+        .bind(n as i64)
         .execute(&self.pool)
         .await?;
+        Ok(())
+    }
+
+    pub(crate) async fn timers_1m(&self) -> anyhow::Result<Value> {
+        self.add_pending_timers(1_000_000).await?;
         sqlx::query(
             "INSERT INTO timers (command_id, name, kind, due_at)
              SELECT gen_random_uuid(), 'due', 'at', now() + interval '2 seconds' + g * interval '1 ms'
