@@ -51,7 +51,7 @@ use cmdflow_shared::contract::EnvelopeError;
 use cmdflow_shared::contract::types::COMMAND_START;
 use cmdflow_shared::lock::{Held, Locks};
 use cmdflow_shared::metrics as cm;
-use cmdflow_shared::store::{self, OutboxRow, StoreError};
+use cmdflow_shared::store::{self, OutboxRow, StoreError, Writer};
 use cmdflow_shared::time::{Clock, SystemClock};
 use cmdflow_shared::{CommandId, Event};
 use lapin::message::Delivery;

@@ -172,7 +172,7 @@ pub struct Locked {
 /// Locks a command's row until the transaction ends and, in the same round trip, records that
 /// `(source, event_id)` is applied to it, and reads how it reports to its group. `None` when the
 /// command does not exist.
-pub async fn lock_and_mark(
+pub(crate) async fn lock_and_mark(
     tx: &mut Tx<'_>,
     id: CommandId,
     source: &str,
@@ -247,7 +247,7 @@ pub async fn lock_and_mark_batch(
 }
 
 /// A live command as this transaction sees it, without locking it.
-pub async fn command_in(tx: &mut Tx<'_>, id: CommandId) -> Result<Option<Command>> {
+pub(crate) async fn command_in(tx: &mut Tx<'_>, id: CommandId) -> Result<Option<Command>> {
     const SQL: &str = concat!(
         "SELECT ",
         command_columns!(),

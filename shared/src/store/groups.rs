@@ -94,7 +94,7 @@ pub struct NewGroup<'a> {
 
 /// Creates a group, or adds `add_total` children to the open group of that name. `None` when a
 /// group of that name has already settled.
-pub async fn upsert_group(tx: &mut Tx<'_>, g: &NewGroup<'_>) -> Result<Option<GroupRow>> {
+pub(crate) async fn upsert_group(tx: &mut Tx<'_>, g: &NewGroup<'_>) -> Result<Option<GroupRow>> {
     const SQL: &str = concat!(
         "INSERT INTO child_groups (parent_id, name, policy, quorum, total, deadline_at, reports)
          VALUES ($1, $2, $3, $4, $5, $6, $7)
@@ -116,7 +116,7 @@ pub async fn upsert_group(tx: &mut Tx<'_>, g: &NewGroup<'_>) -> Result<Option<Gr
 }
 
 /// A group, locked until the transaction ends.
-pub async fn lock_group(
+pub(crate) async fn lock_group(
     tx: &mut Tx<'_>,
     parent: CommandId,
     name: &str,
@@ -145,7 +145,7 @@ pub enum Counted {
 
 /// Counts a child's report into its parent's group in one statement: its state
 /// (`completed`, `failed` or `aborted`) and its outcome, once per child.
-pub async fn count_report(
+pub(crate) async fn count_report(
     tx: &mut Tx<'_>,
     parent: CommandId,
     name: &str,
@@ -208,7 +208,7 @@ pub async fn is_group_member(
 /// [`count_report`] for a batch that keeps its steps back: the group is read and locked once,
 /// counted into in memory, and handed out of `steps` (not copied): the caller gives it back
 /// with [`Steps::keep_group`], and the next [`flush_steps`] saves it.
-pub async fn count_report_kept(
+pub(crate) async fn count_report_kept(
     tx: &mut Tx<'_>,
     steps: &mut Steps,
     parent: CommandId,
@@ -245,7 +245,7 @@ pub async fn count_report_kept(
     Ok(Counted::Counted(Box::new(group)))
 }
 
-pub async fn save_group(tx: &mut Tx<'_>, g: &GroupRow) -> Result<()> {
+pub(crate) async fn save_group(tx: &mut Tx<'_>, g: &GroupRow) -> Result<()> {
     sqlx::query(
         "UPDATE child_groups
             SET completed = $3, failed = $4, aborted = $5, outcomes = $6, state = $7,
@@ -278,7 +278,7 @@ pub async fn groups_of(pool: &PgPool, parent: CommandId) -> Result<Vec<GroupRow>
 
 /// Open children of `parent`: all of them, or one group's; only those whose parent-close
 /// policy is `abort` when `abortable_only`.
-pub async fn open_children(
+pub(crate) async fn open_children(
     tx: &mut Tx<'_>,
     parent: CommandId,
     group: Option<&str>,

@@ -34,7 +34,7 @@ pub enum EntryKind {
 }
 
 /// Appends history lines for `command` at `version`, in order, in one statement.
-pub async fn append_history(
+pub(crate) async fn append_history(
     tx: &mut Tx<'_>,
     command: CommandId,
     version: i64,

@@ -7,7 +7,9 @@
 //! - [`schema`]: migrations, and the databases a binary may run against;
 //! - [`commands`]: command rows, created, read, and locked with their events' dedupe rows;
 //! - [`groups`]: fan-in groups and the reports that count each child once;
-//! - [`steps`]: the batch writer (fenced steps, kept back and flushed before a read or commit);
+//! - [`steps`]: fenced steps, kept back by a batch and flushed together;
+//! - [`writer`]: the apply code's way to its transaction, which flushes kept-back steps before
+//!   a read that could miss them;
 //! - [`history`](mod@history): a command's history;
 //! - [`outbox`]: events decided in a step, published after its commit, swept when unconfirmed;
 //! - the rest by area: [`dead`] letters, [`time`] (timers and waits), [`people`] (the owner
@@ -57,6 +59,7 @@ pub mod outbox;
 pub mod pool;
 pub mod schema;
 pub mod steps;
+pub mod writer;
 
 pub use commands::*;
 pub use groups::*;
@@ -64,7 +67,8 @@ pub use history::*;
 pub use outbox::*;
 pub use pool::*;
 pub use schema::*;
-pub use steps::*;
+pub(crate) use steps::*;
+pub use writer::*;
 
 pub mod archive;
 pub mod console;

@@ -1,4 +1,4 @@
-//! The batch writer: each event's step (the command's new state, its history and its outbox
+//! Each event's step (the command's new state, its history and its outbox
 //! rows), fenced by the version its transaction read, written one at a time or kept back and
 //! flushed together before the commit.
 
@@ -14,7 +14,7 @@ use super::*;
 /// written); its history lines at the new version, in order; and the events it emits into the
 /// outbox, whose rows are returned. `next` is then brought up to the row as written (version,
 /// `updated_at`, `ended_at`).
-pub async fn write_step(
+pub(crate) async fn write_step(
     tx: &mut Tx<'_>,
     next: &mut Command,
     seen_version: i64,
@@ -100,10 +100,10 @@ pub async fn write_step(
 /// round trip for the whole batch instead of one per event.
 ///
 /// Nothing else in the transaction sees a kept-back step until it is flushed: a statement that
-/// reads other commands' rows or a group the batch counted into goes after [`before_read`],
+/// reads other commands' rows or a group the batch counted into goes through a [`Writer`],
 /// which flushes when the read could miss a kept-back step.
 #[derive(Debug)]
-pub struct Steps {
+pub(crate) struct Steps {
     /// The transaction's `now()`, for the rows as they will be written.
     now: DateTime<Utc>,
     rows: Vec<(i64, Command)>,
@@ -174,14 +174,13 @@ impl Steps {
         }));
     }
 
-    /// Whether reading `what` now could miss a step kept back: the rule [`before_read`] keeps.
+    /// Whether reading `what` now could miss a step kept back: the rule the [`Writer`] keeps.
     pub fn hides_from(&self, what: Read) -> bool {
         match what {
             // The row, or a group of it, kept back by an earlier event of the batch.
             Read::Row(id) | Read::GroupsOf(id) => self.keeps(id),
-            // Counted into by an earlier report, or a member's row stepped: which rows are
-            // members is not known here, so anything kept back may be.
-            Read::Group(_) | Read::ChildrenOf(_) => !self.is_empty(),
+            // Counted into by an earlier report, or a member's row stepped.
+            Read::Group | Read::Children => !self.is_empty(),
         }
     }
 
@@ -206,34 +205,25 @@ impl Steps {
 }
 
 /// What a statement in a batch's transaction is about to read that the batch may keep back.
-/// [`before_read`] decides from it whether the kept-back steps must be written first.
+/// The [`Writer`] decides from it whether the kept-back steps must be written first.
 #[derive(Debug, Clone, Copy)]
-pub enum Read {
+pub(crate) enum Read {
     /// The command's own row: locking it again for its next event in the batch.
     Row(CommandId),
     /// The command's fan-in groups: spawning into one reads it.
     GroupsOf(CommandId),
-    /// One of the command's groups.
-    Group(CommandId),
-    /// The rows of the command's children: its open children, a group's members.
-    ChildrenOf(CommandId),
-}
-
-/// Writes what `steps` keeps back when the statement about to read `what` could see it. This is
-/// the one place that knows which reads need that; without steps (an event applied by itself)
-/// nothing is kept back.
-pub async fn before_read(tx: &mut Tx<'_>, steps: Option<&mut Steps>, what: Read) -> Result<()> {
-    match steps {
-        Some(steps) if steps.hides_from(what) => flush_steps(tx, steps).await,
-        _ => Ok(()),
-    }
+    /// A group, which an earlier report of the batch may have counted into.
+    Group,
+    /// Children's rows: open children, a group's members. Which rows are members is not
+    /// known here, so any kept-back row may be one.
+    Children,
 }
 
 /// Writes the steps `steps` kept back, in one round trip: each command's row, fenced by the
 /// version the transaction first read (a row that moved on is a conflict, and the caller rolls
 /// back), the history lines and the outbox events in order, and the groups counted into. The
 /// outbox rows join `steps.written`; the groups are forgotten (read again when needed).
-pub async fn flush_steps(tx: &mut Tx<'_>, steps: &mut Steps) -> Result<()> {
+pub(crate) async fn flush_steps(tx: &mut Tx<'_>, steps: &mut Steps) -> Result<()> {
     if steps.is_empty() {
         return Ok(());
     }
@@ -370,8 +360,8 @@ mod tests {
             [
                 Read::Row(id),
                 Read::GroupsOf(id),
-                Read::Group(id),
-                Read::ChildrenOf(id),
+                Read::Group,
+                Read::Children,
             ]
         };
         assert!(
@@ -387,7 +377,7 @@ mod tests {
         );
         assert!(!steps.hides_from(Read::GroupsOf(other)));
         // A member's row or a counted group may be among what is kept: any step counts.
-        assert!(steps.hides_from(Read::ChildrenOf(other)));
-        assert!(steps.hides_from(Read::Group(other)));
+        assert!(steps.hides_from(Read::Children));
+        assert!(steps.hides_from(Read::Group));
     }
 }

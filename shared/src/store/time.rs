@@ -110,7 +110,10 @@ pub async fn cancel_timer(tx: &mut Tx<'_>, command: CommandId, name: &str) -> Re
 /// For a command that has ended, in one round trip: removes its timers and waits (they end
 /// with it), closes its fan-in groups that had not settled (nothing waits for them now), and
 /// returns its open children whose parent-close policy is `abort`.
-pub async fn clear_time_of_ended(tx: &mut Tx<'_>, command: CommandId) -> Result<Vec<CommandId>> {
+pub(crate) async fn clear_time_of_ended(
+    tx: &mut Tx<'_>,
+    command: CommandId,
+) -> Result<Vec<CommandId>> {
     Ok(sqlx::query_scalar(
         "WITH t AS (DELETE FROM timers WHERE command_id = $1),
               w AS (DELETE FROM waits WHERE command_id = $1),

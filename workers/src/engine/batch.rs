@@ -244,7 +244,6 @@ impl Engine {
         }
         let written = async {
             let mut applied = Vec::with_capacity(events.len());
-            let mut outbox = Vec::new();
             let mut reports = Vec::new();
             // Every event marked and every row locked in one statement; then each command's row
             // is carried from one of its events to the next, as the last one wrote it.
@@ -263,7 +262,7 @@ impl Engine {
                 .values()
                 .next()
                 .map_or_else(chrono::Utc::now, |r| r.now);
-            let mut steps = store::Steps::new(now);
+            let mut w = Writer::batched(&mut tx, now);
             for (_, id, event) in events {
                 let span = event_span(event);
                 span.record("command.id", tracing::field::display(id));
@@ -286,20 +285,17 @@ impl Engine {
                         counts_itself: row.counts_itself,
                     }
                 });
-                let (done, written, command) = self
-                    .apply_locked(&mut tx, *id, event, locked, &mut reports, Some(&mut steps))
+                let (done, command) = self
+                    .apply(&mut w, *id, event, locked, &mut reports)
                     .instrument(span)
                     .await?;
                 if let Some(row) = rows.get_mut(id) {
                     row.command = command;
                 }
                 applied.push(done);
-                outbox.extend(written);
             }
-            store::flush_steps(&mut tx, &mut steps).await?;
-            outbox.extend(steps.written);
-            outbox.extend(self.count_reports(&mut tx, reports).await?);
-            Ok::<_, ApplyError>((applied, outbox))
+            self.count_reports(&mut w, reports).await?;
+            Ok::<_, ApplyError>((applied, w.finish().await?))
         }
         .await;
         let (applied, outbox) = match written {

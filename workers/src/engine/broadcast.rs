@@ -5,7 +5,7 @@
 use cmdflow_shared::contract::types::OWNER_LINKED;
 use cmdflow_shared::domain::Owner;
 use cmdflow_shared::store::time;
-use cmdflow_shared::store::{self, NewCommand, OutboxRow, Tx};
+use cmdflow_shared::store::{self, NewCommand, Tx, Writer};
 use cmdflow_shared::{CommandId, Event};
 use serde_json::Value;
 
@@ -25,11 +25,10 @@ impl Engine {
     /// unmatched when it did neither.
     pub async fn apply_broadcast(
         &self,
-        tx: &mut Tx<'_>,
+        w: &mut Writer<'_, '_>,
         event: &Event,
         kinds: &[String],
-    ) -> Result<(Applied, Vec<OutboxRow>), ApplyError> {
-        let mut outbox = Vec::new();
+    ) -> Result<Applied, ApplyError> {
         let mut applied = Applied::Duplicate;
         let mut matched = !kinds.is_empty();
         if !kinds.is_empty() {
@@ -47,10 +46,13 @@ impl Engine {
                 })?;
             for kind in kinds {
                 let id = CommandId::new();
-                if !store::record_event_start(tx, &event.source, &event.id, kind, id).await? {
+                if !store::record_event_start(w.tx(), &event.source, &event.id, kind, id).await? {
                     continue;
                 }
-                if self.in_track_already(tx, &owner, kind, &event.ty).await? {
+                if self
+                    .in_track_already(w.tx(), &owner, kind, &event.ty)
+                    .await?
+                {
                     // One open funnel per person and track: this person is on it already.
                     matched = true;
                     continue;
@@ -68,16 +70,15 @@ impl Engine {
                     created_at: event.accepted_at(),
                     kind_version: self.registry.version_of(kind).map(str::to_owned),
                 };
-                store::insert_command(tx, &new).await?;
+                store::insert_command(w.tx(), &new).await?;
                 // Just created: the event is new to it.
-                let locked = store::lock_and_mark(tx, id, &event.source, &event.id)
+                let locked = w
+                    .lock_and_mark(id, &event.source, &event.id)
                     .await?
                     .ok_or(ApplyError::NotFound(id))?;
                 // A root: it has no group to report to.
-                let (rows, _, _) = self
-                    .decide_and_apply(tx, locked.command, event, false, None)
+                self.decide_and_apply(w, locked.command, event, false)
                     .await?;
-                outbox.extend(rows);
                 applied = Applied::Applied;
             }
         }
@@ -106,6 +107,7 @@ impl Engine {
             };
             // A broadcast about any of these identities is decided either wholly before the link
             // or wholly after it (see `IDENTITY_LOCK`).
+            let tx = w.tx();
             let mut both = store::people::owners_of(&mut **tx, &from.to_string()).await?;
             both.extend(store::people::owners_of(&mut **tx, &to.to_string()).await?);
             both.sort();
@@ -118,13 +120,11 @@ impl Engine {
             // reaches the waits on the others. The joined person's identities are `both`: the
             // link moved all of `from`'s to `to`'s person.
             let window = self.settings.early_event_window;
-            for (waiter, ty, key, body) in time::take_across_link(tx, &both, window).await? {
-                time::cancel_timer(tx, waiter, &wait_timer_name(&ty, &key)).await?;
+            for (waiter, ty, key, body) in time::take_across_link(w.tx(), &both, window).await? {
+                time::cancel_timer(w.tx(), waiter, &wait_timer_name(&ty, &key)).await?;
                 if let Ok(mut woken) = serde_json::from_value::<Event>(body) {
                     woken.commandid = Some(waiter);
-                    outbox.extend(
-                        store::insert_outbox(tx, waiter, std::slice::from_ref(&woken)).await?,
-                    );
+                    w.outbox(waiter, std::slice::from_ref(&woken)).await?;
                 }
             }
             matched = true;
@@ -134,20 +134,19 @@ impl Engine {
         if let Some(key) = &event.correlationid {
             // A person's event wakes the waits on every identity linked to them, as linked when
             // it is decided: a link being applied for it waits, or is waited for.
+            let tx = w.tx();
             time::lock_key(tx, IDENTITY_LOCK, key).await?;
             let keys = self.linked_keys(tx, key).await?;
             for k in &keys {
                 time::lock_key(tx, &event.ty, k).await?;
             }
-            if time::record_recent(tx, event, key, &body).await? {
+            if time::record_recent(w.tx(), event, key, &body).await? {
                 for k in &keys {
-                    for waiter in time::take_waiters(tx, &event.ty, k).await? {
-                        time::cancel_timer(tx, waiter, &wait_timer_name(&event.ty, k)).await?;
+                    for waiter in time::take_waiters(w.tx(), &event.ty, k).await? {
+                        time::cancel_timer(w.tx(), waiter, &wait_timer_name(&event.ty, k)).await?;
                         let mut copy = event.clone();
                         copy.commandid = Some(waiter);
-                        outbox.extend(
-                            store::insert_outbox(tx, waiter, std::slice::from_ref(&copy)).await?,
-                        );
+                        w.outbox(waiter, std::slice::from_ref(&copy)).await?;
                         matched = true;
                         applied = Applied::Applied;
                     }
@@ -159,7 +158,7 @@ impl Engine {
         }
         if !matched {
             time::record_unmatched(
-                tx,
+                w.tx(),
                 &event.source,
                 &event.id,
                 &event.ty,
@@ -170,7 +169,7 @@ impl Engine {
             tracing::info!(event.type = %event.ty, "A broadcast event matched nothing; kept as unmatched.");
             applied = Applied::Unmatched;
         }
-        Ok((applied, outbox))
+        Ok(applied)
     }
 
     /// Every identity linked to `key` when it names an owner (`lead:alice`), sorted; else

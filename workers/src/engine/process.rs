@@ -143,13 +143,14 @@ impl Engine {
             return (lock_ran_out(), Vec::new());
         }
         let applied = async {
+            let mut w = Writer::at_once(&mut tx);
             let mut reports = Vec::new();
-            let (applied, mut outbox) = match target {
-                Target::Command(id) => self.apply(&mut tx, id, event, &mut reports).await?,
-                Target::Broadcast(kinds) => self.apply_broadcast(&mut tx, event, kinds).await?,
+            let applied = match target {
+                Target::Command(id) => self.apply(&mut w, id, event, None, &mut reports).await?.0,
+                Target::Broadcast(kinds) => self.apply_broadcast(&mut w, event, kinds).await?,
             };
-            outbox.extend(self.count_reports(&mut tx, reports).await?);
-            Ok::<_, ApplyError>((applied, outbox))
+            self.count_reports(&mut w, reports).await?;
+            Ok::<_, ApplyError>((applied, w.finish().await?))
         }
         .await;
         let (applied, outbox) = match applied {

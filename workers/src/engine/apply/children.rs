@@ -8,7 +8,7 @@ impl Engine {
     /// queues their start events.
     pub(super) async fn spawn(
         &self,
-        tx: &mut Tx<'_>,
+        w: &mut Writer<'_, '_>,
         parent: &Command,
         cause: &Event,
         decision: &Decision,
@@ -55,7 +55,7 @@ impl Engine {
                 child(spec, Some(&group.name));
             }
         }
-        store::insert_children(tx, &rows).await?;
+        store::insert_children(w.tx(), &rows).await?;
         for group in &decision.spawn_groups {
             let quorum = match group.policy {
                 FanIn::Quorum(q) => Some(q as i32),
@@ -74,7 +74,7 @@ impl Engine {
                 add_total: group.children.len() as i32,
                 deadline_at,
             };
-            let row = store::upsert_group(tx, &new).await?.ok_or_else(|| {
+            let row = w.upsert_group(&new).await?.ok_or_else(|| {
                 ApplyError::Permanent(format!(
                     "group {} of {} has already settled; spawn into a new group",
                     group.name, parent.id
@@ -82,7 +82,7 @@ impl Engine {
             })?;
             if let Some(due_at) = deadline_at {
                 time::upsert_timer(
-                    tx,
+                    w.tx(),
                     &NewTimer {
                         command: parent.id,
                         name: &format!("group:{}", group.name),
@@ -98,10 +98,9 @@ impl Engine {
             // An empty group settles at once, so a parent never waits on nothing.
             if row.total == 0 {
                 let mut row = row;
-                // A group just made has no members to read.
-                self.settle_if_decided(tx, parent, cause, &mut row, out, None)
+                self.settle_if_decided(w, parent, cause, &mut row, out)
                     .await?;
-                store::save_group(tx, &row).await?;
+                w.save_group(row).await?;
             }
         }
         Ok(())
@@ -109,58 +108,58 @@ impl Engine {
 
     /// Counts the transaction's reports into their groups, in (parent, group, child) order, and
     /// settles each group its policy decides: its open members are aborted and the parent gets
-    /// one `children.settled`. Returns the outbox rows of those events.
+    /// one `children.settled`.
     pub async fn count_reports(
         &self,
-        tx: &mut Tx<'_>,
+        w: &mut Writer<'_, '_>,
         mut reports: Vec<Report>,
-    ) -> Result<Vec<OutboxRow>, ApplyError> {
+    ) -> Result<(), ApplyError> {
         reports.sort_by(|a, b| (a.parent, &a.group, a.child).cmp(&(b.parent, &b.group, b.child)));
-        let mut outbox = Vec::new();
         for r in reports {
             let child = r.child.to_string();
-            let mut group = match store::count_report(
-                tx, r.parent, &r.group, &child, r.state, &r.outcome,
-            )
-            .await?
+            let mut group = match w
+                .count_report(r.parent, &r.group, &child, r.state, &r.outcome)
+                .await?
             {
-                store::Counted::Counted(group) if group.state == GroupState::Open => group,
-                store::Counted::Counted(group) => {
-                    tracing::debug!(group = %group.name, state = %group.state, "Counted into a group that had already ended.");
-                    continue;
-                }
+                store::Counted::Counted(group) => group,
                 store::Counted::AlreadyReported | store::Counted::NoGroup => continue,
             };
-            let verdict = verdict_of(&group);
-            if verdict == Verdict::Open {
+            if group.state != GroupState::Open {
+                tracing::debug!(group = %group.name, state = %group.state, "Counted into a group that had already ended.");
+                w.counted(*group, false).await?;
                 continue;
             }
-            let Some(parent) = store::command_in(tx, r.parent).await? else {
+            let verdict = verdict_of(&group);
+            if verdict == Verdict::Open {
+                w.counted(*group, false).await?;
+                continue;
+            }
+            let Some(parent) = w.command(r.parent).await? else {
                 tracing::warn!(parent = %r.parent, group = %group.name, "A group decided by a child's report has no live parent; left as it is.");
+                w.counted(*group, false).await?;
                 continue;
             };
             let reason = format!("group {} settled ({})", group.name, verdict.as_str());
             let mut out = Vec::new();
             self.close_group(
-                tx, &parent, &r.cause, &mut group, verdict, &reason, false, &mut out, None,
+                w, &parent, &r.cause, &mut group, verdict, &reason, false, &mut out,
             )
             .await?;
-            store::save_group(tx, &group).await?;
-            outbox.extend(store::insert_outbox(tx, r.child, &out).await?);
+            w.counted(*group, true).await?;
+            w.outbox(r.child, &out).await?;
         }
-        Ok(outbox)
+        Ok(())
     }
 
     /// Folds a child's ACK into its group: counts it once, and settles the group when its policy
     /// says so.
     pub(super) async fn fold_ack(
         &self,
-        tx: &mut Tx<'_>,
+        w: &mut Writer<'_, '_>,
         parent: &Command,
         event: &Event,
         out: &mut Vec<Event>,
         notes: &mut Vec<String>,
-        mut steps: Option<&mut store::Steps>,
     ) -> Result<(), ApplyError> {
         let ack: AckData = match serde_json::from_value(Value::Object(event.data.clone())) {
             Ok(ack) => ack,
@@ -180,13 +179,9 @@ impl Engine {
         outcome.insert("kind".into(), json!(ack.kind));
         let child = ack.child_id.to_string();
         let outcome = Value::Object(outcome);
-        let counted = match steps.as_deref_mut() {
-            Some(steps) => {
-                store::count_report_kept(tx, steps, parent.id, &ack.group, &child, state, &outcome)
-                    .await?
-            }
-            None => store::count_report(tx, parent.id, &ack.group, &child, state, &outcome).await?,
-        };
+        let counted = w
+            .count_report(parent.id, &ack.group, &child, state, &outcome)
+            .await?;
         let mut group = match counted {
             store::Counted::Counted(group) => group,
             store::Counted::AlreadyReported => {
@@ -200,20 +195,14 @@ impl Engine {
         };
         if group.state != GroupState::Open {
             notes.push(format!("group {} had already {}", group.name, group.state));
-            if let Some(steps) = steps {
-                steps.keep_group(*group);
-            }
+            w.counted(*group, false).await?;
             return Ok(());
         }
-        self.settle_if_decided(tx, parent, event, &mut group, out, steps.as_deref_mut())
+        self.settle_if_decided(w, parent, event, &mut group, out)
             .await?;
-        match steps {
-            // Counted in memory (and settled, if this report decided it): kept back again.
-            Some(steps) => steps.keep_group(*group),
-            // Settled by this report: its verdict is saved with it.
-            None if group.state != GroupState::Open => store::save_group(tx, &group).await?,
-            None => {}
-        }
+        // Settled by this report, if its verdict is in: saved with it.
+        let settled = group.state != GroupState::Open;
+        w.counted(*group, settled).await?;
         Ok(())
     }
 
@@ -221,22 +210,19 @@ impl Engine {
     /// parent with one `children.settled` event.
     pub(super) async fn settle_if_decided(
         &self,
-        tx: &mut Tx<'_>,
+        w: &mut Writer<'_, '_>,
         parent: &Command,
         cause: &Event,
         group: &mut GroupRow,
         out: &mut Vec<Event>,
-        steps: Option<&mut store::Steps>,
     ) -> Result<(), ApplyError> {
         let verdict = verdict_of(group);
         if verdict == Verdict::Open {
             return Ok(());
         }
         let reason = format!("group {} settled ({})", group.name, verdict.as_str());
-        self.close_group(
-            tx, parent, cause, group, verdict, &reason, false, out, steps,
-        )
-        .await
+        self.close_group(w, parent, cause, group, verdict, &reason, false, out)
+            .await
     }
 
     /// Freezes a group at its verdict, cancels its deadline, aborts its open members, and tells
@@ -244,7 +230,7 @@ impl Engine {
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn close_group(
         &self,
-        tx: &mut Tx<'_>,
+        w: &mut Writer<'_, '_>,
         parent: &Command,
         cause: &Event,
         group: &mut GroupRow,
@@ -252,12 +238,10 @@ impl Engine {
         reason: &str,
         deadline: bool,
         out: &mut Vec<Event>,
-        steps: Option<&mut store::Steps>,
     ) -> Result<(), ApplyError> {
         group.state = verdict.into();
-        time::cancel_timer(tx, parent.id, &format!("group:{}", group.name)).await?;
-        store::before_read(tx, steps, Read::ChildrenOf(parent.id)).await?;
-        for id in store::open_children(tx, parent.id, Some(&group.name), false).await? {
+        time::cancel_timer(w.tx(), parent.id, &format!("group:{}", group.name)).await?;
+        for id in w.open_children(parent.id, Some(&group.name), false).await? {
             let data = obj(json!({ "reason": reason }));
             out.push(self.engine_event(parent, cause, COMMAND_ABORT, data, Some(id)));
         }
@@ -280,19 +264,17 @@ impl Engine {
     /// A group's deadline passed: if it is still open, it fails and its open children are aborted.
     pub(super) async fn group_deadline(
         &self,
-        tx: &mut Tx<'_>,
+        w: &mut Writer<'_, '_>,
         parent: &Command,
         event: &Event,
         out: &mut Vec<Event>,
         notes: &mut Vec<String>,
-        steps: Option<&mut store::Steps>,
     ) -> Result<(), ApplyError> {
         let Some(name) = event.data.get("group").and_then(Value::as_str) else {
             notes.push("a deadline without a group".to_owned());
             return Ok(());
         };
-        store::before_read(tx, steps, Read::Group(parent.id)).await?;
-        let Some(mut group) = store::lock_group(tx, parent.id, name).await? else {
+        let Some(mut group) = w.lock_group(parent.id, name).await? else {
             notes.push(format!("no group {name} on this command"));
             return Ok(());
         };
@@ -302,7 +284,7 @@ impl Engine {
         }
         let reason = format!("group {name} missed its deadline");
         self.close_group(
-            tx,
+            w,
             parent,
             event,
             &mut group,
@@ -310,10 +292,9 @@ impl Engine {
             &reason,
             true,
             out,
-            None,
         )
         .await?;
-        store::save_group(tx, &group).await?;
+        w.save_group(group).await?;
         Ok(())
     }
 }

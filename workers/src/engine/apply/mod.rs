@@ -13,7 +13,7 @@ use cmdflow_shared::decision::{
 use cmdflow_shared::domain::{Kind, Owner};
 use cmdflow_shared::store::time::{self, NewTimer};
 use cmdflow_shared::store::{
-    self, EntryKind, GroupRow, GroupState, HistoryEntry, NewCommand, OutboxRow, Read, Tx,
+    self, EntryKind, GroupRow, GroupState, HistoryEntry, NewCommand, Tx, Writer,
 };
 use cmdflow_shared::time::{TimerSpec, check_delay};
 use cmdflow_shared::{Command, CommandId, CommandState, Event, HandlerError};
@@ -26,7 +26,10 @@ use crate::remote::RemoteError;
 
 mod children;
 mod decision;
+mod plan;
 mod timers;
+
+use plan::{End, Plan, history, plan};
 
 /// The data of a `command.start` event.
 #[derive(Debug, Deserialize)]
@@ -126,51 +129,33 @@ fn obj(value: Value) -> Map<String, Value> {
 }
 
 impl Engine {
-    /// Applies one event addressed to `command_id` inside `tx`. Returns the outbox rows to
-    /// publish after commit. A child that ends and counts itself into its group adds its
-    /// [`Report`] to `reports`, for [`Engine::count_reports`] before the commit.
+    /// Applies one event addressed to `command_id` through `w`, which gathers the outbox rows
+    /// to publish after the commit. `locked` is the command's row as this transaction already
+    /// locked it, with whether this event was fresh when it was marked (the batch path); `None`
+    /// locks and marks it here. Returns the command's row as it is after the event, for its
+    /// next event in the same transaction. A child that ends and counts itself into its group
+    /// adds its [`Report`] to `reports`, for [`Engine::count_reports`] before the commit.
     pub async fn apply(
         &self,
-        tx: &mut Tx<'_>,
-        command_id: CommandId,
-        event: &Event,
-        reports: &mut Vec<Report>,
-    ) -> Result<(Applied, Vec<OutboxRow>), ApplyError> {
-        let (applied, outbox, _) = self
-            .apply_locked(tx, command_id, event, None, reports, None)
-            .await?;
-        Ok((applied, outbox))
-    }
-
-    /// [`Engine::apply`], where `locked` is the command's row as this transaction already locked
-    /// it, with whether this event was fresh when it was marked (the batch path); `None` locks
-    /// and marks it here. Also returns the command's row as it is after the event, for the
-    /// command's next event in the same transaction. With `steps`, the command's row, history
-    /// and outbox events are kept back there (and no outbox rows are returned), to be written
-    /// with the batch's other steps.
-    pub async fn apply_locked(
-        &self,
-        tx: &mut Tx<'_>,
+        w: &mut Writer<'_, '_>,
         command_id: CommandId,
         event: &Event,
         locked: Option<store::Locked>,
         reports: &mut Vec<Report>,
-        mut steps: Option<&mut store::Steps>,
-    ) -> Result<(Applied, Vec<OutboxRow>, Command), ApplyError> {
+    ) -> Result<(Applied, Command), ApplyError> {
         if event.ty == COMMAND_START {
             // A child's row is created by its parent; a root's by its start event (a row locked
             // already exists).
             let new = self.new_command(command_id, event)?;
             if new.parent_id.is_none() && locked.is_none() {
-                store::insert_command(tx, &new).await?;
+                store::insert_command(w.tx(), &new).await?;
             }
         }
         let locked = match locked {
             Some(locked) => Some(locked),
             None => {
-                // Its row may carry a step kept back (a root's second event in the batch).
-                store::before_read(tx, steps.as_deref_mut(), Read::Row(command_id)).await?;
-                store::lock_and_mark(tx, command_id, &event.source, &event.id).await?
+                w.lock_and_mark(command_id, &event.source, &event.id)
+                    .await?
             }
         };
         let Some(store::Locked {
@@ -183,7 +168,7 @@ impl Engine {
         };
         if !fresh {
             tracing::debug!("Already applied; ignoring the redelivery.");
-            return Ok((Applied::Duplicate, Vec::new(), command));
+            return Ok((Applied::Duplicate, command));
         }
         let starting = command.state == CommandState::Pending && command.version == 0;
         let ignore = if command.state.is_terminal() {
@@ -203,7 +188,7 @@ impl Engine {
         } else if event.ty == COMMAND_START && !starting {
             Some("the command has already started; a second start changes nothing".to_owned())
         } else if types::is_ack(&event.ty) {
-            stranger(tx, &command, event).await?
+            stranger(w.tx(), &command, event).await?
         } else {
             None
         };
@@ -216,29 +201,26 @@ impl Engine {
                 to_state: None,
                 detail: Some(json!({ "reason": reason, "source": event.source })),
             }];
-            match steps {
-                Some(steps) => steps.history(command_id, command.version, &line),
-                None => store::append_history(tx, command_id, command.version, &line).await?,
-            }
-            return Ok((Applied::Ignored, Vec::new(), command));
+            w.history(command_id, command.version, &line).await?;
+            return Ok((Applied::Ignored, command));
         }
-        let (outbox, report, written) = self
-            .decide_and_apply(tx, command, event, counts_itself, steps)
+        let (report, written) = self
+            .decide_and_apply(w, command, event, counts_itself)
             .await?;
         reports.extend(report);
-        Ok((Applied::Applied, outbox, written))
+        Ok((Applied::Applied, written))
     }
 
-    /// Decides and applies one event to a locked command. Returns its outbox rows and, when it
-    /// ends a child that `counts_itself` into its group, the report to count before the commit.
+    /// Decides and applies one event to a locked command. Returns, when it ends a child that
+    /// `counts_itself` into its group, the report to count before the commit, and the command's
+    /// row as written.
     pub(super) async fn decide_and_apply(
         &self,
-        tx: &mut Tx<'_>,
+        w: &mut Writer<'_, '_>,
         command: Command,
         event: &Event,
         counts_itself: bool,
-        mut steps: Option<&mut store::Steps>,
-    ) -> Result<(Vec<OutboxRow>, Option<Report>, Command), ApplyError> {
+    ) -> Result<(Option<Report>, Command), ApplyError> {
         let mut out: Vec<Event> = Vec::new();
         let mut notes: Vec<String> = Vec::new();
 
@@ -265,26 +247,12 @@ impl Engine {
         };
 
         if types::is_ack(&event.ty) {
-            self.fold_ack(
-                tx,
-                &command,
-                event,
-                &mut out,
-                &mut notes,
-                steps.as_deref_mut(),
-            )
-            .await?;
+            self.fold_ack(w, &command, event, &mut out, &mut notes)
+                .await?;
         }
         if event.ty == CHILDREN_DEADLINE {
-            self.group_deadline(
-                tx,
-                &command,
-                event,
-                &mut out,
-                &mut notes,
-                steps.as_deref_mut(),
-            )
-            .await?;
+            self.group_deadline(w, &command, event, &mut out, &mut notes)
+                .await?;
         }
 
         let aborting = event.ty == COMMAND_ABORT;
@@ -331,55 +299,12 @@ impl Engine {
         let rendered = self.render_messages(&command, event, &decision);
         notes.extend(rendered.iter().filter_map(|m| m.failed_reason.clone()));
 
-        let mut next = command.clone();
-        // A command that starts a fan-in group and names no state now waits for its children.
-        let default_state = if !decision.spawn_groups.is_empty() {
-            CommandState::Waiting
-        } else if command.state == CommandState::Pending {
-            CommandState::Running
-        } else {
-            command.state
-        };
-        let target = if aborting {
-            next.reason = Some(
-                event
-                    .data
-                    .get("reason")
-                    .and_then(Value::as_str)
-                    .map(str::to_owned)
-                    .unwrap_or_else(|| format!("aborted by {}", event.source)),
-            );
-            CommandState::Aborted
-        } else {
-            match &decision.outcome {
-                Some(Outcome::Complete(result)) => {
-                    next.result = Some(result.clone());
-                    CommandState::Completed
-                }
-                Some(Outcome::Fail(reason)) => {
-                    next.reason = Some(reason.clone());
-                    CommandState::Failed
-                }
-                None => decision.state.unwrap_or(default_state),
-            }
-        };
-        next.state = command.state.transition(target).map_err(|e| {
+        let Plan { mut next, end } = plan(&command, event, &decision).map_err(|e| {
             ApplyError::Permanent(format!(
                 "handler {} decided an illegal move: {e}",
                 command.kind
             ))
         })?;
-        if let Some(change) = &decision.data {
-            next.data = apply_data(&command.data, change);
-        }
-        if let Some(ui) = &decision.ui {
-            next.ui = if ui.is_null() { None } else { Some(ui.clone()) };
-        }
-        // A hint ends with its command, unless the ending decision sets one that outlives it
-        // (such as "your membership is approved").
-        if next.state.is_terminal() && decision.ui.is_none() {
-            next.ui = None;
-        }
 
         for emit in &decision.emit {
             let mut e = self.engine_event(&command, event, &emit.ty, emit.data.clone(), emit.to);
@@ -388,10 +313,7 @@ impl Engine {
             }
             out.push(e);
         }
-        if !decision.spawn_groups.is_empty() {
-            store::before_read(tx, steps.as_deref_mut(), Read::GroupsOf(command.id)).await?;
-        }
-        self.spawn(tx, &command, event, &decision, &mut out).await?;
+        self.spawn(w, &command, event, &decision, &mut out).await?;
         // A command's timers and waits belong to it: they end with it, and so do its open
         // children whose parent-close policy is `abort`.
         // A command that ends at its first event, spawning nothing, has none of these yet.
@@ -401,10 +323,10 @@ impl Engine {
         let orphans = if next.state.is_terminal() && first_and_alone {
             Vec::new()
         } else if next.state.is_terminal() {
-            store::before_read(tx, steps.as_deref_mut(), Read::ChildrenOf(command.id)).await?;
-            time::clear_time_of_ended(tx, command.id).await?
+            w.clear_time_of_ended(command.id).await?
         } else {
-            self.apply_time(tx, &command, &decision, &mut out).await?;
+            self.apply_time(w.tx(), &command, &decision, &mut out)
+                .await?;
             Vec::new()
         };
 
@@ -412,14 +334,11 @@ impl Engine {
         // parent-close policy is `abort`. Each child is told once.
         let mut to_abort: Vec<(CommandId, String)> = Vec::new();
         if let Some(which) = &decision.abort_children {
-            store::before_read(tx, steps.as_deref_mut(), Read::ChildrenOf(command.id)).await?;
             let ids = match which {
-                AbortChildren::All => store::open_children(tx, command.id, None, false).await?,
-                AbortChildren::Group(g) => {
-                    store::open_children(tx, command.id, Some(g), false).await?
-                }
+                AbortChildren::All => w.open_children(command.id, None, false).await?,
+                AbortChildren::Group(g) => w.open_children(command.id, Some(g), false).await?,
                 AbortChildren::Ids(ids) => {
-                    let open = store::open_children(tx, command.id, None, false).await?;
+                    let open = w.open_children(command.id, None, false).await?;
                     ids.iter().copied().filter(|id| open.contains(id)).collect()
                 }
             };
@@ -437,7 +356,7 @@ impl Engine {
         if aborting && next.state == CommandState::Aborted {
             // An abort reaches the whole tree, fire-and-forget children too.
             let reason = format!("its parent {} was aborted", command.id);
-            for id in store::open_children(tx, command.id, None, false).await? {
+            for id in w.open_children(command.id, None, false).await? {
                 to_abort.push((id, reason.clone()));
             }
         }
@@ -451,97 +370,54 @@ impl Engine {
 
         // A child that ends reports to its parent, if the parent waits for it: by an event, or
         // by counting itself into the group before this transaction commits.
-        let mut report = None;
-        if next.state.is_terminal()
-            && let (Some(parent), Some(group)) = (command.parent_id, &command.group_name)
-        {
-            let (state, ty) = match next.state {
-                CommandState::Completed => ("completed", COMMAND_COMPLETED),
-                CommandState::Failed => ("failed", COMMAND_FAILED),
-                _ => ("aborted", COMMAND_ABORTED),
-            };
-            let mut data = ended(state, next.result.clone(), next.reason.clone());
-            data.insert("kind".into(), json!(command.kind));
-            if counts_itself {
+        let report = match end {
+            Some(End {
+                parent,
+                group,
+                state,
+                mut data,
+                ..
+            }) if counts_itself => {
                 data.insert("state".into(), json!(state));
                 notes.push(format!("counted into group {group} of {parent}"));
-                report = Some(Report {
+                Some(Report {
                     parent,
-                    group: group.clone(),
+                    group,
                     child: command.id,
                     state,
                     outcome: Value::Object(data),
                     cause: event.clone(),
-                });
-            } else {
+                })
+            }
+            Some(End {
+                parent,
+                group,
+                ty,
+                mut data,
+                ..
+            }) => {
                 data.insert("child_id".into(), json!(command.id));
                 data.insert("group".into(), json!(group));
                 out.push(self.engine_event(&command, event, ty, data, Some(parent)));
+                None
             }
-        }
+            None => None,
+        };
 
         for (i, m) in rendered.iter().enumerate() {
             let trigger = format!(
                 "{}/{}/{}/{}/{i}",
                 command.id, event.source, event.id, m.template
             );
-            let stored = store::people::insert_message(tx, m, command.id, &trigger).await?;
+            let stored = store::people::insert_message(w.tx(), m, command.id, &trigger).await?;
             if stored && let Some(reason) = &m.failed_reason {
                 tracing::warn!(command.id = %command.id, template = %m.template, reason = %reason, "A message failed to render; it is stored failed and the step goes on.");
                 metrics::counter!(cmdflow_shared::metrics::MESSAGES_FAILED_TOTAL).increment(1);
             }
         }
 
-        let mut detail = obj(json!({ "source": event.source, "data": event.data }));
-        if let Some(tp) = event.extensions.get(cmdflow_shared::trace::TRACEPARENT) {
-            detail.insert("traceparent".into(), tp.clone());
-        }
-        if !notes.is_empty() {
-            detail.insert("notes".into(), json!(notes));
-        }
-        // The version of the definition that decided it.
-        if let Some(version) = &command.kind_version {
-            detail.insert("kind_version".into(), json!(version));
-        }
-        let mut history = vec![HistoryEntry {
-            entry: EntryKind::Received,
-            event_id: Some(event.id.clone()),
-            event_type: Some(event.ty.clone()),
-            from_state: None,
-            to_state: None,
-            detail: Some(Value::Object(detail)),
-        }];
-        if next.state != command.state {
-            history.push(HistoryEntry {
-                entry: EntryKind::StateChanged,
-                event_id: Some(event.id.clone()),
-                event_type: None,
-                from_state: Some(command.state),
-                to_state: Some(next.state),
-                detail: match next.state {
-                    CommandState::Completed => Some(json!({ "result": next.result })),
-                    CommandState::Failed | CommandState::Aborted => {
-                        Some(json!({ "reason": next.reason }))
-                    }
-                    _ => None,
-                },
-            });
-        }
-        history.extend(out.iter().map(|e| HistoryEntry {
-            entry: EntryKind::Emitted,
-            event_id: Some(e.id.clone()),
-            event_type: Some(e.ty.clone()),
-            from_state: None,
-            to_state: None,
-            detail: Some(json!({ "commandid": e.commandid, "data": e.data })),
-        }));
-        let outbox = match steps {
-            Some(steps) => {
-                steps.step(&mut next, command.version, &history, &out);
-                Vec::new()
-            }
-            None => store::write_step(tx, &mut next, command.version, &history, &out).await?,
-        };
-        Ok((outbox, report, next))
+        let lines = history(&command, &next, event, &notes, &out);
+        w.step(&mut next, command.version, &lines, &out).await?;
+        Ok((report, next))
     }
 }
