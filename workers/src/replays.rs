@@ -337,7 +337,7 @@ mod tests {
             attempts: 1,
             first_failed_at: chrono::Utc::now(),
             last_failed_at: chrono::Utc::now(),
-            state: "dead".to_owned(),
+            state: cmdflow_shared::store::dead::DeadState::Dead,
             replayed_at: None,
             discarded_at: None,
             discard_reason: None,

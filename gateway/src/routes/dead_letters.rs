@@ -15,7 +15,9 @@ use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
-use cmdflow_shared::store::dead::{self, DeadLetter, Filter, Group, ReplayJob, ReplayState};
+use cmdflow_shared::store::dead::{
+    self, DeadLetter, DeadState, Filter, Group, ReplayJob, ReplayState,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::app::AppState;
@@ -47,7 +49,7 @@ pub struct DeadLetterQuery {
 
 impl DeadLetterQuery {
     fn filter(&self) -> ApiResult<Filter> {
-        check_state(self.state.as_deref())?;
+        let state = dead_state(self.state.as_deref())?;
         check_texts(&[
             ("type", &self.event_type),
             ("kind", &self.kind),
@@ -63,7 +65,7 @@ impl DeadLetterQuery {
             signature: self.signature.clone(),
             since: self.since,
             until: self.until,
-            state: self.state.clone(),
+            state,
             ids: None,
         })
     }
@@ -79,14 +81,17 @@ fn check_texts(fields: &[(&str, &Option<String>)]) -> ApiResult<()> {
     Ok(())
 }
 
-fn check_state(state: Option<&str>) -> ApiResult<()> {
-    match state {
-        None | Some("dead" | "replayed" | "discarded") => Ok(()),
-        Some(other) => Err(ApiError::invalid(
-            "state",
-            format!("`{other}` is not one of dead, replayed, discarded"),
-        )),
-    }
+fn dead_state(state: Option<&str>) -> ApiResult<Option<DeadState>> {
+    state
+        .map(|s| {
+            DeadState::parse(s).ok_or_else(|| {
+                ApiError::invalid(
+                    "state",
+                    format!("`{s}` is not one of dead, replayed, discarded"),
+                )
+            })
+        })
+        .transpose()
 }
 
 /// Who acts, for the audit: the authenticated caller, with the person it names in
@@ -344,7 +349,7 @@ impl Operation {
         let body = json_body(headers, body, &["application/json"])?;
         let op: Operation =
             serde_json::from_slice(&body).map_err(|e| ApiError::invalid("body", e.to_string()))?;
-        check_state(op.state.as_deref())?;
+        let state = dead_state(op.state.as_deref())?;
         check_texts(&[
             ("type", &op.event_type),
             ("kind", &op.kind),
@@ -353,7 +358,7 @@ impl Operation {
             ("signature", &op.signature),
             ("reason", &op.reason),
         ])?;
-        if op.state.as_deref() == Some("discarded") {
+        if state == Some(DeadState::Discarded) {
             return Err(ApiError::invalid(
                 "state",
                 "discarded dead letters stay discarded",
@@ -379,7 +384,8 @@ impl Operation {
             signature: self.signature.clone(),
             since: self.since,
             until: self.until,
-            state: self.state.clone(),
+            // Checked by `parse`.
+            state: self.state.as_deref().and_then(DeadState::parse),
             ids: self.ids.clone(),
         }
     }

@@ -134,5 +134,11 @@ mod tests {
             people::Delivery::parse,
             "read",
         );
+        reads_back_as_written(
+            &dead::DeadState::ALL,
+            dead::DeadState::as_str,
+            dead::DeadState::parse,
+            "pending",
+        );
     }
 }

@@ -127,11 +127,48 @@ pub struct Filter {
     /// Failed before (RFC 3339).
     pub until: Option<DateTime<Utc>>,
     /// `dead` (default), `replayed` or `discarded`.
-    pub state: Option<String>,
+    #[param(value_type = Option<String>)]
+    pub state: Option<DeadState>,
     /// Exactly these dead letters.
     #[param(value_type = Option<Vec<i64>>)]
     pub ids: Option<Vec<i64>>,
 }
+
+/// Where a dead letter stands (`dead_letters.state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DeadState {
+    /// Waiting for an operator: replayable.
+    Dead,
+    /// Sent back to the workers.
+    Replayed,
+    /// Given up on, with a reason.
+    Discarded,
+}
+
+impl DeadState {
+    pub const ALL: [DeadState; 3] = [Self::Dead, Self::Replayed, Self::Discarded];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Dead => "dead",
+            Self::Replayed => "replayed",
+            Self::Discarded => "discarded",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|d| d.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for DeadState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+text_enum!(DeadState, "dead letter state");
 
 #[derive(Debug, Clone, sqlx::FromRow, Serialize, utoipa::ToSchema)]
 pub struct DeadLetter {
@@ -166,7 +203,7 @@ pub struct DeadLetter {
     pub attempts: i32,
     pub first_failed_at: DateTime<Utc>,
     pub last_failed_at: DateTime<Utc>,
-    pub state: String,
+    pub state: DeadState,
     pub replayed_at: Option<DateTime<Utc>>,
     pub discarded_at: Option<DateTime<Utc>>,
     pub discard_reason: Option<String>,
