@@ -3,6 +3,9 @@
 //! `query`, `membership` and the sales funnels): `cmdflow up` runs them for development, and
 //! the other roles only with `CMDFLOW_EXAMPLES=true`.
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     cmdflow::App::from_env()?
