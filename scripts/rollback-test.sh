@@ -41,10 +41,20 @@ db="cmdflow_rollback_$$"
 admin="postgres://postgres@127.0.0.1:5432/postgres"
 url="postgres://postgres@127.0.0.1:5432/$db"
 worker_pid=""
+namespace="rollback$$"
 cleanup() {
     [ -n "$worker_pid" ] && kill "$worker_pid" 2>/dev/null || true
     git worktree remove --force "$worktree" >/dev/null 2>&1 || rm -rf "$worktree"
     psql -q "$admin" -c "DROP DATABASE IF EXISTS $db" >/dev/null 2>&1 || true
+    # The worker declared the namespace's queues (quorum queues, each a replicated log the
+    # broker keeps): delete them, or every run leaves its set behind. The exchanges are left;
+    # rabbitmqctl cannot delete one, and they hold nothing.
+    if command -v rabbitmqctl >/dev/null 2>&1; then
+        rabbitmqctl -q list_queues name 2>/dev/null | grep "^$namespace\." |
+            while read -r queue; do
+                rabbitmqctl -q delete_queue "$queue" </dev/null >/dev/null 2>&1 || true
+            done
+    fi
 }
 trap cleanup EXIT
 
@@ -54,7 +64,7 @@ git worktree add --detach -q "$worktree" "$previous_commit"
 previous="$old_target/debug/cmdflow"
 
 export CMDFLOW_DATABASE_URL="$url" CMDFLOW_EXAMPLES=true RUST_LOG=warn
-export CMDFLOW_NAMESPACE="rollback$$" CMDFLOW_HTTP_ADDR=127.0.0.1:0 CMDFLOW_METRICS_ADDR=127.0.0.1:0
+export CMDFLOW_NAMESPACE="$namespace" CMDFLOW_HTTP_ADDR=127.0.0.1:0 CMDFLOW_METRICS_ADDR=127.0.0.1:0
 
 "$today" migrate >/dev/null
 echo "today's binary migrated $db"
