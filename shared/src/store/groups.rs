@@ -30,30 +30,12 @@ pub enum GroupState {
     Closed,
 }
 
-impl GroupState {
-    pub const ALL: [GroupState; 4] = [Self::Open, Self::Succeeded, Self::Failed, Self::Closed];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Open => "open",
-            Self::Succeeded => "succeeded",
-            Self::Failed => "failed",
-            Self::Closed => "closed",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|g| g.as_str() == s)
-    }
-}
-
-impl std::fmt::Display for GroupState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-text_enum!(GroupState, "group state");
+text_enum!(GroupState, "group state", {
+    Open => "open",
+    Succeeded => "succeeded",
+    Failed => "failed",
+    Closed => "closed",
+});
 text_enum!(Reports, "reports mode");
 
 /// A parent's fan-in group.

@@ -17,10 +17,35 @@
 
 /// Reads and writes an enum as the `text` of a column with a CHECK of its names (the schema's
 /// way for every state but the command's): `$ty` has `as_str(self) -> &'static str` and
-/// `parse(&str) -> Option<Self>`. A value outside the enum reads as an error naming it. Kept as
+/// `parse(&str) -> Option<Self>`, or they are written from the words given after the name. A value outside the enum reads as an error naming it. Kept as
 /// text, not a PostgreSQL enum type, so the release before can still read and write the column
 /// (`scripts/rollback-test.sh`).
 macro_rules! text_enum {
+    // With its words: also writes `ALL`, `as_str`, `parse` and `Display` from them.
+    ($ty:ident, $what:literal, { $($variant:ident => $word:literal),+ $(,)? }) => {
+        impl $ty {
+            pub const ALL: [$ty; [$($word),+].len()] = [$(Self::$variant),+];
+
+            /// The column's word.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $word),+
+                }
+            }
+
+            pub fn parse(s: &str) -> Option<Self> {
+                Self::ALL.into_iter().find(|v| v.as_str() == s)
+            }
+        }
+
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        text_enum!($ty, $what);
+    };
     ($ty:ty, $what:literal) => {
         impl sqlx::Type<sqlx::Postgres> for $ty {
             fn type_info() -> sqlx::postgres::PgTypeInfo {

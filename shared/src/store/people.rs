@@ -27,32 +27,14 @@ pub enum Delivery {
     Failed,
 }
 
-impl Delivery {
-    pub const ALL: [Delivery; 5] = [
-        Delivery::InApp,
-        Delivery::Pending,
-        Delivery::Sent,
-        Delivery::Kept,
-        Delivery::Failed,
-    ];
-
-    /// The value in `messages.delivery`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Delivery::InApp => "in_app",
-            Delivery::Pending => "pending",
-            Delivery::Sent => "sent",
-            Delivery::Kept => "kept",
-            Delivery::Failed => "failed",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Delivery> {
-        Self::ALL.into_iter().find(|d| d.as_str() == s)
-    }
-}
-
-text_enum!(Delivery, "delivery state");
+// The words are the values in `messages.delivery`.
+text_enum!(Delivery, "delivery state", {
+    InApp => "in_app",
+    Pending => "pending",
+    Sent => "sent",
+    Kept => "kept",
+    Failed => "failed",
+});
 
 /// A rendered message to store.
 #[derive(Debug, Clone)]

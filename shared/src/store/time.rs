@@ -23,31 +23,13 @@ pub enum TimerKind {
     GroupDeadline,
 }
 
-impl TimerKind {
-    pub const ALL: [TimerKind; 5] = [
-        Self::After,
-        Self::At,
-        Self::Cron,
-        Self::WaitTimeout,
-        Self::GroupDeadline,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::After => "after",
-            Self::At => "at",
-            Self::Cron => "cron",
-            Self::WaitTimeout => "wait_timeout",
-            Self::GroupDeadline => "group_deadline",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.as_str() == s)
-    }
-}
-
-text_enum!(TimerKind, "timer kind");
+text_enum!(TimerKind, "timer kind", {
+    After => "after",
+    At => "at",
+    Cron => "cron",
+    WaitTimeout => "wait_timeout",
+    GroupDeadline => "group_deadline",
+});
 
 #[derive(Debug, Clone, sqlx::FromRow, Serialize, utoipa::ToSchema)]
 pub struct TimerRow {

@@ -146,29 +146,11 @@ pub enum DeadState {
     Discarded,
 }
 
-impl DeadState {
-    pub const ALL: [DeadState; 3] = [Self::Dead, Self::Replayed, Self::Discarded];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Dead => "dead",
-            Self::Replayed => "replayed",
-            Self::Discarded => "discarded",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|d| d.as_str() == s)
-    }
-}
-
-impl std::fmt::Display for DeadState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-text_enum!(DeadState, "dead letter state");
+text_enum!(DeadState, "dead letter state", {
+    Dead => "dead",
+    Replayed => "replayed",
+    Discarded => "discarded",
+});
 
 #[derive(Debug, Clone, sqlx::FromRow, Serialize, utoipa::ToSchema)]
 pub struct DeadLetter {
