@@ -53,14 +53,14 @@ impl<'t, 'c> Writer<'t, 'c> {
 
     /// Writes what is kept back when reading `what` now could miss it.
     async fn before(&mut self, what: Read) -> Result<()> {
-        match &mut self.steps {
-            Some(steps) if steps.hides_from(what) => {
-                flush_steps(self.tx, steps).await?;
-                self.written.append(&mut steps.written);
-                Ok(())
-            }
-            _ => Ok(()),
+        if self
+            .steps
+            .as_ref()
+            .is_some_and(|steps| steps.hides_from(what))
+        {
+            self.flush().await?;
         }
+        Ok(())
     }
 
     /// Writes everything kept back.
