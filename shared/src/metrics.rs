@@ -20,6 +20,7 @@ pub const AUTH_FAILURES: &str = "cmdflow_auth_refused_total";
 pub const LOCK_LOST: &str = "cmdflow_lock_lost_total";
 pub const BATCH_SIZE: &str = "cmdflow_batch_size";
 pub const BATCH_FAILURES: &str = "cmdflow_batch_failures_total";
+pub const EAGER_STARTS_TOTAL: &str = "cmdflow_eager_starts_total";
 pub const MAIL_ATTEMPTS: &str = "cmdflow_mail_attempts_total";
 pub const MESSAGES_FAILED_TOTAL: &str = "cmdflow_messages_failed_total";
 pub const MESSAGES_FAILED: &str = "cmdflow_messages_failed";
@@ -91,6 +92,10 @@ fn describe() {
     describe_histogram!(
         BATCH_SIZE,
         "Events committed together in one transaction (group commit), per batch of two or more."
+    );
+    describe_counter!(
+        EAGER_STARTS_TOTAL,
+        "Children started in the transaction that spawned them, without a message of their own."
     );
     describe_counter!(
         BATCH_FAILURES,

@@ -197,6 +197,9 @@ pub struct EngineSettings {
     pub concurrency: usize,
     /// The most deliveries (for distinct commands) applied in one transaction.
     pub batch: usize,
+    /// The most children started in the transaction that spawns them (see
+    /// `apply::children`'s eager starts).
+    pub eager_starts: usize,
     pub retry_delays: Vec<Duration>,
     /// The Redlock TTL: a worker that waits for a lock says so once per TTL.
     pub lock_ttl: Duration,
@@ -225,6 +228,7 @@ impl EngineSettings {
             prefetch: config.prefetch,
             concurrency: config.concurrency,
             batch: config.batch,
+            eager_starts: config.eager_starts,
             retry_delays: config.retry_delay_list()?,
             lock_ttl: config.lock_ttl,
             lock_wait: config.lock_wait,

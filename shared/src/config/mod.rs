@@ -58,6 +58,10 @@ pub struct Config {
     /// The most deliveries, for distinct commands, applied in one transaction
     /// (`CMDFLOW_BATCH`; 1 turns group commit off).
     pub batch: usize,
+    /// The most children a worker starts in the transaction that spawns them, without a
+    /// message of their own (`CMDFLOW_EAGER_STARTS`; 0 sends every child's start through the
+    /// broker).
+    pub eager_starts: usize,
     /// Whether workers take the Redlock lock (`CMDFLOW_LOCK_ENABLED`). Off only for tests and
     /// benchmarks: the guarded update in PostgreSQL still fences every write.
     pub lock_enabled: bool,
@@ -246,6 +250,7 @@ impl Default for Config {
             prefetch: 1024,
             concurrency: 4,
             batch: 128,
+            eager_starts: 10_000,
             lock_enabled: true,
             lock_ttl: Duration::from_secs(30),
             lock_wait: Duration::from_millis(200),

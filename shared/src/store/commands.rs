@@ -31,6 +31,33 @@ pub struct NewCommand {
     pub kind_version: Option<String>,
 }
 
+impl NewCommand {
+    /// The row as it is inserted: `pending`, at version 0, created at `now` unless it says
+    /// when.
+    pub fn row(&self, now: chrono::DateTime<chrono::Utc>) -> Command {
+        Command {
+            id: self.id,
+            kind: self.kind.clone(),
+            owner: self.owner.clone(),
+            parent_id: self.parent_id,
+            root_id: self.root_id,
+            depth: self.depth,
+            state: crate::domain::CommandState::Pending,
+            data: self.data.clone(),
+            result: None,
+            reason: None,
+            ui: None,
+            version: 0,
+            group_name: self.group_name.clone(),
+            parent_close: self.parent_close,
+            created_at: self.created_at.unwrap_or(now),
+            updated_at: now,
+            ended_at: None,
+            kind_version: self.kind_version.clone(),
+        }
+    }
+}
+
 /// Inserts a command in `pending` unless its id exists. Returns whether it was created.
 pub async fn insert_command(tx: &mut Tx<'_>, new: &NewCommand) -> Result<bool> {
     let done = sqlx::query(

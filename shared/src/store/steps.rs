@@ -106,7 +106,9 @@ pub(crate) async fn write_step(
 pub(crate) struct Steps {
     /// The transaction's `now()`, for the rows as they will be written.
     now: DateTime<Utc>,
-    rows: Vec<(i64, Command)>,
+    /// Each command's row as it will be written, with the version the transaction read
+    /// (`None`: created in this transaction, and inserted by the flush).
+    rows: Vec<(Option<i64>, Command)>,
     index: std::collections::HashMap<CommandId, usize>,
     history: Vec<Value>,
     /// Each event to the outbox: its command, type and body.
@@ -152,7 +154,7 @@ impl Steps {
             Some(&i) => self.rows[i].1 = next.clone(),
             None => {
                 self.index.insert(next.id, self.rows.len());
-                self.rows.push((seen_version, next.clone()));
+                self.rows.push((Some(seen_version), next.clone()));
             }
         }
         self.history(next.id, next.version, history);
@@ -160,6 +162,17 @@ impl Steps {
             let body = serde_json::to_value(e).unwrap_or(Value::Null);
             (next.id, e.ty.clone(), body)
         }));
+    }
+
+    /// [`insert_children`], kept back: the row is inserted by the flush as the steps left it.
+    pub fn create(&mut self, child: &NewCommand) {
+        self.index.insert(child.id, self.rows.len());
+        self.rows.push((None, child.row(self.now)));
+    }
+
+    /// The transaction's `now()`.
+    pub fn now(&self) -> DateTime<Utc> {
+        self.now
     }
 
     /// [`append_history`], kept back.
@@ -237,10 +250,27 @@ pub(crate) async fn flush_steps(tx: &mut Tx<'_>, steps: &mut Steps) -> Result<()
         .rows
         .iter()
         .map(|(seen, c)| {
-            serde_json::json!({
+            let mut row = serde_json::json!({
                 "id": c.id, "seen": seen, "version": c.version, "state": c.state.as_str(),
                 "data": c.data, "result": c.result, "reason": c.reason, "ui": c.ui,
-            })
+            });
+            // A new row: what an insert needs besides.
+            if seen.is_none()
+                && let Value::Object(row) = &mut row
+            {
+                row.extend([
+                    ("kind".to_owned(), serde_json::json!(c.kind)),
+                    ("owner".to_owned(), serde_json::json!(c.owner)),
+                    ("parent_id".to_owned(), serde_json::json!(c.parent_id)),
+                    ("root_id".to_owned(), serde_json::json!(c.root_id)),
+                    ("depth".to_owned(), serde_json::json!(c.depth)),
+                    ("group_name".to_owned(), serde_json::json!(c.group_name)),
+                    ("parent_close".to_owned(), serde_json::json!(c.parent_close)),
+                    ("created_at".to_owned(), serde_json::json!(c.created_at)),
+                    ("kind_version".to_owned(), serde_json::json!(c.kind_version)),
+                ]);
+            }
+            row
         })
         .collect();
     let (group_parents, groups): (Vec<uuid::Uuid>, Vec<Value>) = steps
@@ -260,7 +290,21 @@ pub(crate) async fn flush_steps(tx: &mut Tx<'_>, steps: &mut Steps) -> Result<()
         "WITH v AS (
             SELECT * FROM jsonb_to_recordset($1)
                 AS v(id uuid, seen bigint, version bigint, state command_state, data jsonb,
-                     result jsonb, reason text, ui jsonb)),
+                     result jsonb, reason text, ui jsonb, kind text, owner text,
+                     parent_id uuid, root_id uuid, depth int, group_name text,
+                     parent_close text, created_at timestamptz, kind_version text)),
+         n AS (
+            INSERT INTO commands (id, kind, owner, parent_id, root_id, depth, state, data, result,
+                                  reason, ui, version, group_name, parent_close, created_at,
+                                  updated_at, ended_at, kind_version)
+            SELECT v.id, v.kind, v.owner, v.parent_id, v.root_id, v.depth, v.state, v.data,
+                   v.result, v.reason, v.ui, v.version, v.group_name, v.parent_close,
+                   v.created_at, now(),
+                   CASE WHEN v.state IN ('completed'::command_state, 'failed'::command_state, 'aborted'::command_state)
+                        THEN now() END,
+                   v.kind_version
+              FROM v WHERE v.seen IS NULL
+         RETURNING id),
          u AS (
             UPDATE commands c
                SET state = v.state, data = v.data, result = v.result, reason = v.reason,
@@ -292,7 +336,7 @@ pub(crate) async fn flush_steps(tx: &mut Tx<'_>, steps: &mut Steps) -> Result<()
                 AS gv(parent_id uuid, name text, completed int, failed int, aborted int,
                       outcomes jsonb, state text)
              WHERE x.parent_id = ANY($6) AND x.parent_id = gv.parent_id AND x.name = gv.name)
-         SELECT ARRAY(SELECT id FROM u) AS updated, o.id
+         SELECT ARRAY(SELECT id FROM u UNION ALL SELECT id FROM n) AS updated, o.id
            FROM (SELECT 1) AS one LEFT JOIN o ON true
           ORDER BY o.id",
     )
@@ -324,7 +368,7 @@ pub(crate) async fn flush_steps(tx: &mut Tx<'_>, steps: &mut Steps) -> Result<()
     {
         return Err(StoreError::Conflict {
             id: c.id,
-            version: *seen,
+            version: seen.unwrap_or_default(),
         });
     }
     steps.rows.clear();
@@ -379,5 +423,37 @@ mod tests {
         // A member's row or a counted group may be among what is kept: any step counts.
         assert!(steps.hides_from(Read::Children));
         assert!(steps.hides_from(Read::Group));
+    }
+
+    #[test]
+    fn a_child_created_in_a_batch_is_kept_back_and_its_step_keeps_it_new() {
+        let mut steps = Steps::new(Utc::now());
+        let child = NewCommand {
+            id: CommandId::new(),
+            kind: "demo.noop".into(),
+            owner: "member:1".into(),
+            parent_id: Some(CommandId::new()),
+            root_id: CommandId::new(),
+            depth: 1,
+            data: serde_json::json!({}),
+            group_name: Some("children".into()),
+            parent_close: crate::decision::ParentClose::Abort,
+            created_at: None,
+            kind_version: None,
+        };
+        steps.create(&child);
+        assert!(steps.hides_from(Read::Row(child.id)));
+        assert!(steps.hides_from(Read::Children));
+        let mut next = child.row(steps.now());
+        next.state = crate::domain::CommandState::Completed;
+        steps.step(&mut next, 0, &[], &[]);
+        // Still one row, still to be inserted (no version read), now as its step left it.
+        assert_eq!(steps.rows.len(), 1);
+        assert_eq!(steps.rows[0].0, None);
+        assert_eq!(
+            steps.rows[0].1.state,
+            crate::domain::CommandState::Completed
+        );
+        assert_eq!(steps.rows[0].1.version, 1);
     }
 }

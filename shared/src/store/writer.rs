@@ -79,6 +79,27 @@ impl<'t, 'c> Writer<'t, 'c> {
         Ok(self.written)
     }
 
+    /// Children of a step, to be created: inserted at once, or in a batch kept back and
+    /// inserted by the flush, as their first steps leave them (an insert instead of an insert
+    /// and an update).
+    pub async fn create_children(&mut self, children: &[NewCommand]) -> Result<()> {
+        match &mut self.steps {
+            Some(steps) => {
+                for child in children {
+                    steps.create(child);
+                }
+            }
+            None => insert_children(self.tx, children).await?,
+        }
+        Ok(())
+    }
+
+    /// The transaction's `now()` as the rows kept back will have it, or the clock's now when
+    /// each step is written at once.
+    pub fn now(&self) -> DateTime<Utc> {
+        self.steps.as_ref().map_or_else(Utc::now, Steps::now)
+    }
+
     /// One step of a command: its new state, fenced by `seen_version`, its history lines and
     /// the events it emits. `next` is brought up to the row as written (or as it will be).
     pub async fn step(

@@ -12,6 +12,7 @@ mod console;
 mod console_api;
 mod deciders;
 mod drain;
+mod eager;
 mod flows;
 mod funnels;
 mod hostile;

@@ -244,7 +244,7 @@ impl Engine {
         }
         let written = async {
             let mut applied = Vec::with_capacity(events.len());
-            let mut reports = Vec::new();
+            let mut carry = self.carry();
             // Every event marked and every row locked in one statement; then each command's row
             // is carried from one of its events to the next, as the last one wrote it.
             let ids: Vec<CommandId> = events.iter().map(|(_, id, _)| *id).collect();
@@ -286,7 +286,7 @@ impl Engine {
                     }
                 });
                 let (done, command) = self
-                    .apply(&mut w, *id, event, locked, &mut reports)
+                    .apply(&mut w, *id, event, locked, &mut carry)
                     .instrument(span)
                     .await?;
                 if let Some(row) = rows.get_mut(id) {
@@ -294,7 +294,7 @@ impl Engine {
                 }
                 applied.push(done);
             }
-            self.count_reports(&mut w, reports).await?;
+            self.count_reports(&mut w, carry.reports).await?;
             Ok::<_, ApplyError>((applied, w.finish().await?))
         }
         .await;

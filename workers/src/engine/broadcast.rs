@@ -28,6 +28,7 @@ impl Engine {
         w: &mut Writer<'_, '_>,
         event: &Event,
         kinds: &[String],
+        carry: &mut super::apply::Carry,
     ) -> Result<Applied, ApplyError> {
         let mut applied = Applied::Duplicate;
         let mut matched = !kinds.is_empty();
@@ -77,7 +78,7 @@ impl Engine {
                     .await?
                     .ok_or(ApplyError::NotFound(id))?;
                 // A root: it has no group to report to.
-                self.decide_and_apply(w, locked.command, event, false)
+                self.decide_and_apply(w, locked.command, event, false, carry)
                     .await?;
                 applied = Applied::Applied;
             }

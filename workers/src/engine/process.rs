@@ -144,12 +144,15 @@ impl Engine {
         }
         let applied = async {
             let mut w = Writer::at_once(&mut tx);
-            let mut reports = Vec::new();
+            let mut carry = self.carry();
             let applied = match target {
-                Target::Command(id) => self.apply(&mut w, id, event, None, &mut reports).await?.0,
-                Target::Broadcast(kinds) => self.apply_broadcast(&mut w, event, kinds).await?,
+                Target::Command(id) => self.apply(&mut w, id, event, None, &mut carry).await?.0,
+                Target::Broadcast(kinds) => {
+                    self.apply_broadcast(&mut w, event, kinds, &mut carry)
+                        .await?
+                }
             };
-            self.count_reports(&mut w, reports).await?;
+            self.count_reports(&mut w, carry.reports).await?;
             Ok::<_, ApplyError>((applied, w.finish().await?))
         }
         .await;

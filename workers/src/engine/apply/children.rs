@@ -3,9 +3,30 @@
 
 use super::*;
 
+/// A child to start in its parent's transaction (see [`Engine::spawn`]): its row as created,
+/// its start, and the decision its handler made on it.
+pub(super) struct Eager {
+    pub(super) command: Command,
+    /// Its group's reports are `settled`: it counts itself into the group when it ends.
+    counts_itself: bool,
+    start: Event,
+    decision: Decision,
+}
+
 impl Engine {
     /// Creates the decision's children as rows in this transaction, opens their groups, and
-    /// queues their start events.
+    /// queues their start events in `out`. Returns the children to start in this transaction.
+    ///
+    /// A child starts here, with no message, no lock and no dedupe row, its step joining the
+    /// parent's commit, when the transaction may start more (`CMDFLOW_EAGER_STARTS` in all),
+    /// its kind is decided in this process (a remote decider is asked over the network, never
+    /// under the parent's transaction), and its start would be applied on the broker's path:
+    /// it passes the start's checks, and its handler decides a legal step within the limits.
+    /// Nobody can have sent such a child anything yet (its id is new in this transaction), so
+    /// its start is its first event wherever it is applied, and the order promise holds. Any
+    /// other child's start goes through the broker, where whatever is wrong with it is handled
+    /// as for any event. The history names every start; the step publishes only the others
+    /// (see [`Engine::apply_decided`]).
     pub(super) async fn spawn(
         &self,
         w: &mut Writer<'_, '_>,
@@ -13,18 +34,20 @@ impl Engine {
         cause: &Event,
         decision: &Decision,
         out: &mut Vec<Event>,
-    ) -> Result<(), ApplyError> {
+        carry: &mut Carry,
+    ) -> Result<Vec<Eager>, ApplyError> {
         if decision.spawn_count() == 0 {
-            return Ok(());
+            return Ok(Vec::new());
         }
-        let mut rows = Vec::with_capacity(decision.spawn_count());
+        // Each child's row, start, and whether it counts itself into its group.
+        let mut children = Vec::with_capacity(decision.spawn_count());
         let created_at = cause.accepted_at();
         let partitions = self.bus.topology().partitions();
-        let mut child = |spec: &ChildSpec, group: Option<&str>| {
+        let mut child = |spec: &ChildSpec, group: Option<&str>, counts_itself: bool| {
             // In the parent's partition: see `bus::id_in_partition_of`.
             let id = cmdflow_shared::bus::id_in_partition_of(parent.id, partitions);
             let owner = spec.owner.clone().unwrap_or_else(|| parent.owner.clone());
-            rows.push(NewCommand {
+            let row = NewCommand {
                 id,
                 kind: spec.kind.clone(),
                 owner: owner.clone(),
@@ -41,19 +64,43 @@ impl Engine {
                 },
                 created_at,
                 kind_version: self.registry.version_of(&spec.kind).map(str::to_owned),
-            });
+            };
             let start = obj(json!({
                 "kind": spec.kind, "owner": owner, "data": spec.data, "parent_id": parent.id,
             }));
-            out.push(self.engine_event(parent, cause, COMMAND_START, start, Some(id)));
+            let start = self.engine_event(parent, cause, COMMAND_START, start, Some(id));
+            children.push((row, start, counts_itself));
         };
         for spec in &decision.spawn_detached {
-            child(spec, None);
+            child(spec, None, false);
         }
         for group in &decision.spawn_groups {
             for spec in &group.children {
-                child(spec, Some(&group.name));
+                child(spec, Some(&group.name), group.reports == Reports::Settled);
             }
+        }
+        let now = w.now();
+        let (mut rows, mut created, mut eager) = (Vec::new(), Vec::new(), Vec::new());
+        for (row, start, counts_itself) in children {
+            let command = row.row(now);
+            let decided = match carry.starts_left {
+                0 => None,
+                _ => self.decide_eagerly(&command, &start),
+            };
+            match decided {
+                Some(decision) => {
+                    carry.starts_left -= 1;
+                    created.push(row);
+                    eager.push(Eager {
+                        command,
+                        counts_itself,
+                        start: start.clone(),
+                        decision,
+                    });
+                }
+                None => rows.push(row),
+            }
+            out.push(start);
         }
         store::insert_children(w.tx(), &rows).await?;
         for group in &decision.spawn_groups {
@@ -103,6 +150,51 @@ impl Engine {
                 w.save_group(row).await?;
             }
         }
+        // After the groups, whose upsert would write them at once.
+        w.create_children(&created).await?;
+        Ok(eager)
+    }
+
+    /// The decision of a child's handler on its start, when the start can be applied in its
+    /// parent's transaction (see [`Engine::spawn`]).
+    fn decide_eagerly(&self, child: &Command, start: &Event) -> Option<Decision> {
+        if self.registry.remote_decider(&child.kind).is_some() || self.has_parked(child.id) {
+            return None;
+        }
+        self.new_command(child.id, start).ok()?;
+        let handler = self
+            .registry
+            .handler_for(&child.kind, child.kind_version.as_deref())?;
+        let decision = handler.decide(child, start).ok()?;
+        self.check_limits(child, &decision).ok()?;
+        plan(child, start, &decision).ok()?;
+        Some(decision)
+    }
+
+    /// Applies a child's start in its parent's transaction, as the broker's path would have.
+    pub(super) async fn start_eagerly(
+        &self,
+        w: &mut Writer<'_, '_>,
+        eager: Eager,
+        carry: &mut Carry,
+    ) -> Result<(), ApplyError> {
+        let Eager {
+            command,
+            counts_itself,
+            start,
+            decision,
+        } = eager;
+        let span = super::super::event_span(&start);
+        span.record("command.id", tracing::field::display(command.id));
+        metrics::counter!(cmdflow_shared::metrics::EAGER_STARTS_TOTAL).increment(1);
+        let decided = Decided {
+            decision,
+            out: Vec::new(),
+            notes: Vec::new(),
+        };
+        self.apply_decided(w, command, &start, decided, counts_itself, carry)
+            .instrument(span)
+            .await?;
         Ok(())
     }
 

@@ -8,7 +8,8 @@ use cmdflow_shared::contract::types::{
     COMMAND_FAILED, COMMAND_START,
 };
 use cmdflow_shared::decision::{
-    AbortChildren, Channel, ChildSpec, Decision, FanIn, Outcome, TimerOp, WaitSpec, apply_data,
+    AbortChildren, Channel, ChildSpec, Decision, FanIn, Outcome, Reports, TimerOp, WaitSpec,
+    apply_data,
 };
 use cmdflow_shared::domain::{Kind, Owner};
 use cmdflow_shared::store::time::{self, NewTimer};
@@ -19,6 +20,7 @@ use cmdflow_shared::time::{TimerSpec, check_delay};
 use cmdflow_shared::{Command, CommandId, CommandState, Event, HandlerError};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
+use tracing::Instrument;
 
 use super::{Applied, ApplyError, Engine};
 use crate::fanin::{Tally, Verdict, evaluate};
@@ -74,6 +76,34 @@ async fn stranger(
         "a report from {}, which is not a child of this command in group {}; not counted",
         ack.child_id, ack.group
     )))
+}
+
+/// What a transaction carries from one event it applies to the next, until its commit: the
+/// reports of children that counted themselves into their groups, to count before the commit,
+/// and how many more children may start in it without a message (see
+/// [`Engine::spawn`]).
+#[derive(Debug)]
+pub struct Carry {
+    pub(in crate::engine) reports: Vec<Report>,
+    starts_left: usize,
+}
+
+impl Engine {
+    /// Nothing carried yet: a transaction's start.
+    pub(in crate::engine) fn carry(&self) -> Carry {
+        Carry {
+            reports: Vec::new(),
+            starts_left: self.settings.eager_starts,
+        }
+    }
+}
+
+/// A step's decision with what was noted and emitted before it was made (a report folded into
+/// its group, a deadline).
+struct Decided {
+    decision: Decision,
+    out: Vec<Event>,
+    notes: Vec<String>,
 }
 
 /// A child's end, to be counted into its parent's group (whose reports are `settled`) at the end
@@ -134,14 +164,14 @@ impl Engine {
     /// locked it, with whether this event was fresh when it was marked (the batch path); `None`
     /// locks and marks it here. Returns the command's row as it is after the event, for its
     /// next event in the same transaction. A child that ends and counts itself into its group
-    /// adds its [`Report`] to `reports`, for [`Engine::count_reports`] before the commit.
+    /// adds its [`Report`] to `carry`, for [`Engine::count_reports`] before the commit.
     pub async fn apply(
         &self,
         w: &mut Writer<'_, '_>,
         command_id: CommandId,
         event: &Event,
         locked: Option<store::Locked>,
-        reports: &mut Vec<Report>,
+        carry: &mut Carry,
     ) -> Result<(Applied, Command), ApplyError> {
         if event.ty == COMMAND_START {
             // A child's row is created by its parent; a root's by its start event (a row locked
@@ -204,23 +234,23 @@ impl Engine {
             w.history(command_id, command.version, &line).await?;
             return Ok((Applied::Ignored, command));
         }
-        let (report, written) = self
-            .decide_and_apply(w, command, event, counts_itself)
+        let written = self
+            .decide_and_apply(w, command, event, counts_itself, carry)
             .await?;
-        reports.extend(report);
         Ok((Applied::Applied, written))
     }
 
-    /// Decides and applies one event to a locked command. Returns, when it ends a child that
-    /// `counts_itself` into its group, the report to count before the commit, and the command's
-    /// row as written.
+    /// Decides and applies one event to a locked command. Returns the command's row as written.
+    /// When the event ends a child that `counts_itself` into its group, its report joins
+    /// `carry`, to be counted before the commit.
     pub(super) async fn decide_and_apply(
         &self,
         w: &mut Writer<'_, '_>,
         command: Command,
         event: &Event,
         counts_itself: bool,
-    ) -> Result<(Option<Report>, Command), ApplyError> {
+        carry: &mut Carry,
+    ) -> Result<Command, ApplyError> {
         let mut out: Vec<Event> = Vec::new();
         let mut notes: Vec<String> = Vec::new();
 
@@ -273,7 +303,7 @@ impl Engine {
             },
             None => handler.decide(&command, event),
         };
-        let mut decision = match decided {
+        let decision = match decided {
             Ok(decision) => decision,
             Err(HandlerError::UnexpectedEvent { .. }) if types::is_engine_event(&event.ty) => {
                 Decision::nothing()
@@ -289,6 +319,31 @@ impl Engine {
                 )));
             }
         };
+        let decided = Decided {
+            decision,
+            out,
+            notes,
+        };
+        self.apply_decided(w, command, event, decided, counts_itself, carry)
+            .await
+    }
+
+    /// Applies a decision made on `event` to the locked `command`: its limits, its step, its
+    /// children (the first ones started in this transaction), time, aborts and its report.
+    async fn apply_decided(
+        &self,
+        w: &mut Writer<'_, '_>,
+        command: Command,
+        event: &Event,
+        decided: Decided,
+        counts_itself: bool,
+        carry: &mut Carry,
+    ) -> Result<Command, ApplyError> {
+        let Decided {
+            mut decision,
+            mut out,
+            mut notes,
+        } = decided;
         if let Err(reason) = self.check_limits(&command, &decision) {
             notes.push(reason.clone());
             decision = Decision::fail(reason);
@@ -313,7 +368,9 @@ impl Engine {
             }
             out.push(e);
         }
-        self.spawn(w, &command, event, &decision, &mut out).await?;
+        let eager = self
+            .spawn(w, &command, event, &decision, &mut out, carry)
+            .await?;
         // A command's timers and waits belong to it: they end with it, and so do its open
         // children whose parent-close policy is `abort`.
         // A command that ends at its first event, spawning nothing, has none of these yet.
@@ -353,7 +410,7 @@ impl Engine {
                 to_abort.push((id, reason.clone()));
             }
         }
-        if aborting && next.state == CommandState::Aborted {
+        if event.ty == COMMAND_ABORT && next.state == CommandState::Aborted {
             // An abort reaches the whole tree, fire-and-forget children too.
             let reason = format!("its parent {} was aborted", command.id);
             for id in w.open_children(command.id, None, false).await? {
@@ -370,7 +427,7 @@ impl Engine {
 
         // A child that ends reports to its parent, if the parent waits for it: by an event, or
         // by counting itself into the group before this transaction commits.
-        let report = match end {
+        match end {
             Some(End {
                 parent,
                 group,
@@ -380,14 +437,14 @@ impl Engine {
             }) if counts_itself => {
                 data.insert("state".into(), json!(state));
                 notes.push(format!("counted into group {group} of {parent}"));
-                Some(Report {
+                carry.reports.push(Report {
                     parent,
                     group,
                     child: command.id,
                     state,
                     outcome: Value::Object(data),
                     cause: event.clone(),
-                })
+                });
             }
             Some(End {
                 parent,
@@ -399,10 +456,9 @@ impl Engine {
                 data.insert("child_id".into(), json!(command.id));
                 data.insert("group".into(), json!(group));
                 out.push(self.engine_event(&command, event, ty, data, Some(parent)));
-                None
             }
-            None => None,
-        };
+            None => {}
+        }
 
         for (i, m) in rendered.iter().enumerate() {
             let trigger = format!(
@@ -416,8 +472,19 @@ impl Engine {
             }
         }
 
+        // The history names every child's start; those started here send no message.
         let lines = history(&command, &next, event, &notes, &out);
+        if !eager.is_empty() {
+            let here: std::collections::HashSet<CommandId> =
+                eager.iter().map(|e| e.command.id).collect();
+            out.retain(|e| {
+                e.ty != COMMAND_START || !e.commandid.is_some_and(|id| here.contains(&id))
+            });
+        }
         w.step(&mut next, command.version, &lines, &out).await?;
-        Ok((report, next))
+        for child in eager {
+            Box::pin(self.start_eagerly(w, child, carry)).await?;
+        }
+        Ok(next)
     }
 }
