@@ -157,12 +157,12 @@ pub struct SpawnGroup {
 pub enum Reports {
     /// Each child's end is an event to the parent (`command.completed`, `command.failed`,
     /// `command.aborted`) that its handler sees, and the group's verdict follows as
-    /// `children.settled`.
-    #[default]
+    /// `children.settled`. For a parent that acts on each child's end.
     Each,
     /// Each child counts itself into the group in the transaction that ends it; the parent hears
     /// only `children.settled`, with every child's outcome. One event per group instead of one
-    /// per child, for a parent that only acts on the verdict.
+    /// per child: the default, for a parent that waits for its group's verdict.
+    #[default]
     Settled,
 }
 
@@ -376,7 +376,7 @@ impl Decision {
             name: name.to_owned(),
             policy,
             deadline: None,
-            reports: Reports::Each,
+            reports: Reports::default(),
             children,
         });
         self
@@ -570,6 +570,17 @@ mod tests {
         assert_eq!(FanIn::parse("quorum:3"), Ok(FanIn::Quorum(3)));
         assert!(FanIn::parse("quorum:0").is_err());
         assert!(FanIn::parse("most").unwrap_err().contains("all_settled"));
+    }
+
+    #[test]
+    fn a_group_reports_settled_unless_told_each() {
+        let spawn = |d: Decision| d.spawn_group("g", FanIn::All, vec![]);
+        assert_eq!(
+            spawn(Decision::nothing()).spawn_groups[0].reports,
+            Reports::Settled
+        );
+        let each = spawn(Decision::nothing()).with_group_reports("g", Reports::Each);
+        assert_eq!(each.spawn_groups[0].reports, Reports::Each);
     }
 
     #[test]

@@ -301,7 +301,7 @@ impl WireDecision {
             let policy = FanIn::parse(g.policy.as_deref().unwrap_or("all"))
                 .map_err(|e| format!("{at}.policy: {e}"))?;
             let reports = match g.reports.as_deref() {
-                None => Reports::Each,
+                None => Reports::default(),
                 Some(r) => Reports::parse(r)
                     .ok_or_else(|| format!("{at}.reports: `{r}` is neither each nor settled"))?,
             };

@@ -13,8 +13,9 @@
 //!   `data.detached = true` the children are fire-and-forget and the fan-out completes on
 //!   `demo.finish`; with `data.abandon = true` they run on when the fan-out ends first. With
 //!   `data.deadline_ms` the group fails if it has not settled in time. With
-//!   `data.reports = "settled"` the children count themselves into the group and the fan-out
-//!   hears only `children.settled` (default `"each"`: an event per child first).
+//!   `data.reports = "each"` the fan-out hears each child's end as an event before the verdict
+//!   (default `"settled"`: the children count themselves into the group and the fan-out hears
+//!   only `children.settled`).
 
 use cmdflow_shared::contract::types::{self, CHILDREN_SETTLED, COMMAND_START};
 use std::time::Duration;
@@ -122,7 +123,7 @@ pub fn fanout(command: &Command, event: &Event) -> Result<Decision, HandlerError
                 }
             };
             let reports = match data.get("reports") {
-                None => Reports::Each,
+                None => Reports::default(),
                 Some(v) => v.as_str().and_then(Reports::parse).ok_or_else(|| {
                     HandlerError::InvalidData("`reports` must be \"each\" or \"settled\"".into())
                 })?,

@@ -101,8 +101,6 @@ impl Workflow for PurchaseApproval {
                     )))
                 }
             }
-            // Each check's end is reported before the group's verdict; the verdict decides.
-            _ if cmdflow::types::is_ack(&event.ty) => Ok(Decision::nothing()),
             _ => Err(HandlerError::unexpected(Self::KIND, event)),
         }
     }

@@ -440,7 +440,8 @@ async fn fanout_last_in_batch(env: &mut TestEnv, data: serde_json::Value) -> (St
     } else {
         CommandState::Waiting
     };
-    let mut fanout = json!({"children": 3, "child_kind": "demo.counter"});
+    // Reports by event (`each`): the tests send the children's reports themselves.
+    let mut fanout = json!({"children": 3, "child_kind": "demo.counter", "reports": "each"});
     if let (Some(fanout), serde_json::Value::Object(data)) = (fanout.as_object_mut(), data) {
         fanout.extend(data);
     }

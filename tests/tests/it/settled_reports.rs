@@ -271,3 +271,20 @@ async fn an_aborted_parent_closes_the_group_and_its_children_wake_nobody() {
     );
     env.cleanup().await;
 }
+
+/// A group opened without a reports mode reports `settled`: the parent hears its start and the
+/// verdict, never a child's end.
+#[tokio::test]
+async fn a_group_reports_settled_unless_it_asks_for_each() {
+    let mut env = TestEnv::new().await;
+    env.start_worker().await;
+    let parent = env
+        .start_raw("demo.fanout", "client:default", json!({"children": 3}))
+        .await;
+    env.wait_state(&parent, CommandState::Completed).await;
+    assert_eq!(group(&env, &parent).await.0, "settled");
+    assert_eq!(
+        received(&env, &parent).await,
+        ["command.start", "children.settled"]
+    );
+}

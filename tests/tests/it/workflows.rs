@@ -39,7 +39,7 @@ async fn a_hundred_parents_with_ten_children_each_all_complete() {
                 &gw.url,
                 "demo.fanout",
                 &format!("client:{i}"),
-                json!({"children": 10}),
+                json!({"children": 10, "reports": "each"}),
             )
             .await,
         );
@@ -461,7 +461,8 @@ async fn a_duplicated_ack_is_counted_once() {
 async fn a_worker_killed_between_commit_and_publish_is_covered_by_the_sweeper() {
     let mut env = TestEnv::new().await;
     let gw = env.start_gateway().await;
-    let doomed = env.build_worker(|_| {}).await;
+    // Its children start through the broker, so that their starts wait in the outbox.
+    let doomed = env.build_worker(|c| c.eager_starts = 0).await;
     let parent = start_command(&gw.url, "demo.fanout", "client:9", json!({"children": 5})).await;
 
     // The doomed worker takes the start, commits, and dies before publishing its outbox.
