@@ -6,7 +6,8 @@
 #      requests/s in all) with 0, 1,000,000 and 10,000,000 ended commands and their history
 #      already in the tables;
 #   2. W3 (10,000 timers due over 30 s) with 10,000, 100,000 and 1,000,000 timers pending;
-#   3. W2 with 10, 100 and 1,000 children per parent (10,000 children in each run).
+#   3. W2 with 10, 100 and 1,000 children per parent (10,000 children in each run), in the
+#      default mode (`settled`, W2s) and with a report per child (`each`, W2).
 #
 # The hand-written baseline (b1, b2) runs first, so each point reads as a ratio too.
 #
@@ -46,7 +47,7 @@ for curve in $curves; do
         ;;
     w2)
         for c in 10 100 1000; do
-            run --workers 1 --schedulers 0 --workloads w2 --parents $((10000 / c)) --children "$c"
+            run --workers 1 --schedulers 0 --workloads w2s,w2 --parents $((10000 / c)) --children "$c"
         done
         ;;
     w3)

@@ -245,20 +245,27 @@ pub(crate) async fn flush_steps(tx: &mut Tx<'_>, steps: &mut Steps) -> Result<()
         updated: Vec<uuid::Uuid>,
         id: Option<i64>,
     }
-    let ids: Vec<uuid::Uuid> = steps.rows.iter().map(|(_, c)| c.id.as_uuid()).collect();
-    let rows: Vec<Value> = steps
-        .rows
-        .iter()
-        .map(|(seen, c)| {
-            let mut row = serde_json::json!({
-                "id": c.id, "seen": seen, "version": c.version, "state": c.state.as_str(),
-                "data": c.data, "result": c.result, "reason": c.reason, "ui": c.ui,
-            });
-            // A new row: what an insert needs besides.
-            if seen.is_none()
-                && let Value::Object(row) = &mut row
-            {
-                row.extend([
+    // Rows read by this transaction are updated, fenced by the version read; rows created in it
+    // are inserted. Apart, so that the update's join is as large as the batch's commands, not
+    // as all the children it started.
+    let mut ids: Vec<uuid::Uuid> = Vec::new();
+    let (mut updates, mut inserts): (Vec<Value>, Vec<Value>) = (Vec::new(), Vec::new());
+    for (seen, c) in &steps.rows {
+        let mut row = serde_json::json!({
+            "id": c.id, "version": c.version, "state": c.state.as_str(),
+            "data": c.data, "result": c.result, "reason": c.reason, "ui": c.ui,
+        });
+        let Value::Object(fields) = &mut row else {
+            continue;
+        };
+        match seen {
+            Some(seen) => {
+                fields.insert("seen".to_owned(), serde_json::json!(seen));
+                ids.push(c.id.as_uuid());
+                updates.push(row);
+            }
+            None => {
+                fields.extend([
                     ("kind".to_owned(), serde_json::json!(c.kind)),
                     ("owner".to_owned(), serde_json::json!(c.owner)),
                     ("parent_id".to_owned(), serde_json::json!(c.parent_id)),
@@ -269,10 +276,10 @@ pub(crate) async fn flush_steps(tx: &mut Tx<'_>, steps: &mut Steps) -> Result<()
                     ("created_at".to_owned(), serde_json::json!(c.created_at)),
                     ("kind_version".to_owned(), serde_json::json!(c.kind_version)),
                 ]);
+                inserts.push(row);
             }
-            row
-        })
-        .collect();
+        }
+    }
     let (group_parents, groups): (Vec<uuid::Uuid>, Vec<Value>) = steps
         .groups
         .drain()
@@ -290,20 +297,22 @@ pub(crate) async fn flush_steps(tx: &mut Tx<'_>, steps: &mut Steps) -> Result<()
         "WITH v AS (
             SELECT * FROM jsonb_to_recordset($1)
                 AS v(id uuid, seen bigint, version bigint, state command_state, data jsonb,
-                     result jsonb, reason text, ui jsonb, kind text, owner text,
-                     parent_id uuid, root_id uuid, depth int, group_name text,
-                     parent_close text, created_at timestamptz, kind_version text)),
+                     result jsonb, reason text, ui jsonb)),
          n AS (
             INSERT INTO commands (id, kind, owner, parent_id, root_id, depth, state, data, result,
                                   reason, ui, version, group_name, parent_close, created_at,
                                   updated_at, ended_at, kind_version)
-            SELECT v.id, v.kind, v.owner, v.parent_id, v.root_id, v.depth, v.state, v.data,
-                   v.result, v.reason, v.ui, v.version, v.group_name, v.parent_close,
-                   v.created_at, now(),
-                   CASE WHEN v.state IN ('completed'::command_state, 'failed'::command_state, 'aborted'::command_state)
+            SELECT n.id, n.kind, n.owner, n.parent_id, n.root_id, n.depth, n.state, n.data,
+                   n.result, n.reason, n.ui, n.version, n.group_name, n.parent_close,
+                   n.created_at, now(),
+                   CASE WHEN n.state IN ('completed'::command_state, 'failed'::command_state, 'aborted'::command_state)
                         THEN now() END,
-                   v.kind_version
-              FROM v WHERE v.seen IS NULL
+                   n.kind_version
+              FROM jsonb_to_recordset($7)
+                AS n(id uuid, version bigint, state command_state, data jsonb, result jsonb,
+                     reason text, ui jsonb, kind text, owner text, parent_id uuid,
+                     root_id uuid, depth int, group_name text, parent_close text,
+                     created_at timestamptz, kind_version text)
          RETURNING id),
          u AS (
             UPDATE commands c
@@ -340,7 +349,7 @@ pub(crate) async fn flush_steps(tx: &mut Tx<'_>, steps: &mut Steps) -> Result<()
            FROM (SELECT 1) AS one LEFT JOIN o ON true
           ORDER BY o.id",
     )
-    .bind(Value::Array(rows))
+    .bind(Value::Array(updates))
     .bind(Value::Array(std::mem::take(&mut steps.history)))
     .bind(Value::Array(
         steps
@@ -355,6 +364,7 @@ pub(crate) async fn flush_steps(tx: &mut Tx<'_>, steps: &mut Steps) -> Result<()
     .bind(Value::Array(groups))
     // The groups' parents, for the same reason: a scan of `child_groups` for each batch.
     .bind(group_parents)
+    .bind(Value::Array(inserts))
     .fetch_all(&mut **tx)
     .await?;
     let updated = written
