@@ -242,7 +242,7 @@ pub(crate) async fn flush_steps(tx: &mut Tx<'_>, steps: &mut Steps) -> Result<()
     }
     #[derive(sqlx::FromRow)]
     struct Written {
-        updated: Vec<uuid::Uuid>,
+        updated: Option<Vec<uuid::Uuid>>,
         id: Option<i64>,
     }
     // Rows read by this transaction are updated, fenced by the version read; rows created in it
@@ -312,8 +312,7 @@ pub(crate) async fn flush_steps(tx: &mut Tx<'_>, steps: &mut Steps) -> Result<()
                 AS n(id uuid, version bigint, state command_state, data jsonb, result jsonb,
                      reason text, ui jsonb, kind text, owner text, parent_id uuid,
                      root_id uuid, depth int, group_name text, parent_close text,
-                     created_at timestamptz, kind_version text)
-         RETURNING id),
+                     created_at timestamptz, kind_version text)),
          u AS (
             UPDATE commands c
                SET state = v.state, data = v.data, result = v.result, reason = v.reason,
@@ -345,9 +344,9 @@ pub(crate) async fn flush_steps(tx: &mut Tx<'_>, steps: &mut Steps) -> Result<()
                 AS gv(parent_id uuid, name text, completed int, failed int, aborted int,
                       outcomes jsonb, state text)
              WHERE x.parent_id = ANY($6) AND x.parent_id = gv.parent_id AND x.name = gv.name)
-         SELECT ARRAY(SELECT id FROM u UNION ALL SELECT id FROM n) AS updated, o.id
-           FROM (SELECT 1) AS one LEFT JOIN o ON true
-          ORDER BY o.id",
+         SELECT ARRAY(SELECT id FROM u) AS updated, NULL::bigint AS id
+         UNION ALL
+         SELECT NULL, o.id FROM o",
     )
     .bind(Value::Array(updates))
     .bind(Value::Array(std::mem::take(&mut steps.history)))
@@ -367,14 +366,18 @@ pub(crate) async fn flush_steps(tx: &mut Tx<'_>, steps: &mut Steps) -> Result<()
     .bind(Value::Array(inserts))
     .fetch_all(&mut **tx)
     .await?;
-    let updated = written
-        .first()
-        .map(|w| w.updated.as_slice())
+    // One row names the rows updated (once: not beside each outbox row), the others are the
+    // outbox ids. A row read but not updated had moved on. A new row is inserted or the
+    // statement fails.
+    let updated: std::collections::HashSet<uuid::Uuid> = written
+        .iter()
+        .find_map(|w| w.updated.as_ref())
+        .map(|ids| ids.iter().copied().collect())
         .unwrap_or_default();
     if let Some((seen, c)) = steps
         .rows
         .iter()
-        .find(|(_, c)| !updated.contains(&c.id.as_uuid()))
+        .find(|(seen, c)| seen.is_some() && !updated.contains(&c.id.as_uuid()))
     {
         return Err(StoreError::Conflict {
             id: c.id,
@@ -383,19 +386,19 @@ pub(crate) async fn flush_steps(tx: &mut Tx<'_>, steps: &mut Steps) -> Result<()
     }
     steps.rows.clear();
     steps.index.clear();
-    // The ids come back ascending, as the rows were inserted: in the order of `outbox`. The
+    // Sorted, the ids are in the order the rows were inserted: the order of `outbox`. The
     // bodies stay here instead of coming back over the wire.
-    let ids = written.iter().filter_map(|w| w.id);
+    let mut ids: Vec<i64> = written.iter().filter_map(|w| w.id).collect();
+    ids.sort_unstable();
     let events = std::mem::take(&mut steps.outbox);
-    steps.written.extend(
-        ids.zip(events)
-            .map(|(id, (command_id, event_type, body))| OutboxRow {
-                id,
-                command_id,
-                event_type,
-                body,
-            }),
-    );
+    steps.written.extend(ids.into_iter().zip(events).map(
+        |(id, (command_id, event_type, body))| OutboxRow {
+            id,
+            command_id,
+            event_type,
+            body,
+        },
+    ));
     Ok(())
 }
 
