@@ -222,8 +222,10 @@ impl Bus {
             return Ok(Arc::clone(conn));
         }
         if let Some(old) = guard.take() {
-            // Best effort: the old connection is already broken or closing.
-            drop(old.close(0, "reconnecting".into()).await);
+            // Best effort: the old connection is already broken or closing. Bounded: a close
+            // that never hears back (a connection cut under it) would hold this lock, and every
+            // caller that wants a channel, for ever.
+            drop(tokio::time::timeout(CONNECT_TIMEOUT, old.close(0, "reconnecting".into())).await);
         }
         let props = ConnectionProperties::default()
             .with_connection_name(LongString::from(self.name.as_str()));

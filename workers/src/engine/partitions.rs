@@ -200,12 +200,24 @@ impl Holder {
             for p in live {
                 let queue = bus.topology().partition_queue(p);
                 let asked = tokio::time::timeout(BROKER_CALL, bus.queue_consumers(&queue)).await;
-                if let Ok(Ok(0)) = asked {
-                    tracing::warn!(
-                        partition = p,
-                        "The broker has no consumer of a partition this worker consumes; consuming it again."
-                    );
-                    gone.push(p);
+                match asked {
+                    Ok(Ok(0)) => {
+                        tracing::warn!(
+                            partition = p,
+                            "The broker has no consumer of a partition this worker consumes; consuming it again."
+                        );
+                        gone.push(p);
+                    }
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(partition = p, error = %e, "Could not ask the broker whether it has a consumer of a partition this worker consumes.");
+                    }
+                    Err(_) => {
+                        tracing::warn!(
+                            partition = p,
+                            "The broker did not say within {BROKER_CALL:?} whether it has a consumer of a partition this worker consumes."
+                        );
+                    }
                 }
             }
         }
@@ -295,7 +307,11 @@ impl Holder {
     async fn consume(&self, p: u32, prefetch: u16) -> Result<Consuming, BusError> {
         let bus = &self.engine.bus;
         let queue = bus.topology().partition_queue(p);
-        let channel = bus.channel().await?;
+        // Bounded, as every broker call of the holder's loop: a loop stuck here would consume
+        // nothing again, and say nothing.
+        let channel = tokio::time::timeout(BROKER_CALL, bus.channel())
+            .await
+            .map_err(|_| BusError::Timeout(BROKER_CALL))??;
         let tag = format!("cmdflow-worker-{}-{p}", uuid::Uuid::new_v4().simple());
         let pause = CancellationToken::new();
         let subscribe = async {
