@@ -16,7 +16,7 @@ use cmdflow_shared::bus::{self, Bus, BusError};
 use cmdflow_shared::store::dead::{self, Filter, NewDeadLetter};
 use futures::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use serde_json::Value;
 use sqlx::PgPool;
@@ -146,7 +146,9 @@ async fn keep(
                         "A dead letter's body passed CMDFLOW_DEAD_LETTER_MAX_BODY; its first bytes are kept, and it cannot be replayed."
                     );
                 }
-                drop(delivery.acker.ack(BasicAckOptions::default()).await);
+                if let Err(e) = bus::ack(&delivery.acker).await {
+                    tracing::warn!(error = %e, "Could not ack a dead letter kept; it comes again and is kept once.");
+                }
                 metrics::counter!(cmdflow_shared::metrics::DEAD_LETTERS_KEPT, "class" => letter.error_class.clone())
                     .increment(1);
                 if counted.is_none_or(|at| at.elapsed() > Duration::from_secs(1)) {
@@ -159,15 +161,9 @@ async fn keep(
             }
             Err(e) => {
                 tracing::warn!(error = %e, "Could not keep a dead letter; it stays in the queue.");
-                drop(
-                    delivery
-                        .acker
-                        .nack(BasicNackOptions {
-                            requeue: true,
-                            ..BasicNackOptions::default()
-                        })
-                        .await,
-                );
+                if let Err(e) = bus::nack(&delivery.acker, true).await {
+                    tracing::warn!(error = %e, "Could not hand a dead letter back; the broker does when its channel closes.");
+                }
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }

@@ -55,7 +55,6 @@ use cmdflow_shared::store::{self, OutboxRow, StoreError, Writer};
 use cmdflow_shared::time::{Clock, SystemClock};
 use cmdflow_shared::{CommandId, Event};
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::Value;
 use sqlx::PgPool;

@@ -30,9 +30,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use lapin::Acker;
 use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeBindOptions, ExchangeDeclareOptions,
-    ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions,
+    ExchangeBindOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{
@@ -253,6 +255,20 @@ impl Bus {
         Ok(conn)
     }
 
+    /// Closes the connection, and with it every channel on it and every consumer the broker
+    /// knows there, so that the next caller connects anew. For a consumer this process no
+    /// longer reads and the broker still delivers to: only its connection ending is sure to
+    /// end it. Bounded as every close here.
+    pub async fn reconnect(&self) {
+        let old = self.connection.lock().await.take();
+        if let Some(old) = old {
+            drop(
+                tokio::time::timeout(CONNECT_TIMEOUT, old.close(200, "reconnecting".into())).await,
+            );
+        }
+        self.publisher.lock().await.take();
+    }
+
     /// Whether the connection is up right now (for readiness).
     pub async fn is_connected(&self) -> bool {
         match self.connection.lock().await.as_ref() {
@@ -447,10 +463,13 @@ impl Bus {
         Ok(self.passive_counts(queue).await?.message_count())
     }
 
-    /// Consumers of `queue` the broker knows of (active or standing by), as
-    /// [`Bus::queue_depth`] reads them.
-    pub async fn queue_consumers(&self, queue: &str) -> Result<u32> {
-        Ok(self.passive_counts(queue).await?.consumer_count())
+    /// Messages ready in `queue` and its consumers, in one passive declare.
+    pub async fn queue_counts(&self, queue: &str) -> Result<QueueCounts> {
+        let q = self.passive_counts(queue).await?;
+        Ok(QueueCounts {
+            ready: q.message_count(),
+            consumers: q.consumer_count(),
+        })
     }
 
     async fn passive_counts(&self, queue: &str) -> Result<lapin::Queue> {
@@ -468,6 +487,45 @@ pub fn amqp_code(e: &lapin::Error) -> Option<u16> {
     match e.kind() {
         lapin::ErrorKind::ProtocolError(amqp) => Some(amqp.get_id()),
         _ => None,
+    }
+}
+
+/// What the broker says of a queue: messages ready (not those delivered and unacknowledged),
+/// and consumers (active or standing by).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueCounts {
+    pub ready: u32,
+    pub consumers: u32,
+}
+
+/// The longest an ack or a nack may take to be handed to the broker. On a connection that broke
+/// under it, lapin may never answer one: whoever waits on it (a batch holding its commands'
+/// turns, a partition's in-flight count) would wait for ever, and so would every later event
+/// of those commands. Given up, the delivery is not lost: its channel is gone or going, and the
+/// broker hands it back to the next consumer, where it is deduplicated.
+pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Acks a delivery, waiting at most [`SETTLE_TIMEOUT`]. `Ok` also when lapin no longer can (its
+/// channel closed): the broker redelivers it then.
+pub async fn ack(acker: &Acker) -> Result<()> {
+    settle(acker.ack(BasicAckOptions::default())).await
+}
+
+/// Hands a delivery back to the broker (`requeue`) or drops it, waiting at most
+/// [`SETTLE_TIMEOUT`].
+pub async fn nack(acker: &Acker, requeue: bool) -> Result<()> {
+    settle(acker.nack(BasicNackOptions {
+        requeue,
+        ..BasicNackOptions::default()
+    }))
+    .await
+}
+
+async fn settle(settling: impl std::future::Future<Output = lapin::Result<bool>>) -> Result<()> {
+    match tokio::time::timeout(SETTLE_TIMEOUT, settling).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(BusError::Timeout(SETTLE_TIMEOUT)),
     }
 }
 

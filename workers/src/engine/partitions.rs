@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use cmdflow_shared::CommandId;
@@ -25,12 +25,17 @@ use super::consume::{Incoming, admit};
 struct InFlight {
     count: AtomicUsize,
     idle: Notify,
+    /// Deliveries taken from the partition so far, and those settled (acked, dead-lettered or
+    /// handed back): what the holder's checks read as progress.
+    received: AtomicU64,
+    settled: AtomicU64,
 }
 
 pub(super) struct InFlightGuard(Arc<InFlight>);
 
 impl InFlight {
     fn enter(self: &Arc<Self>) -> InFlightGuard {
+        self.received.fetch_add(1, Ordering::Relaxed);
         self.count.fetch_add(1, Ordering::SeqCst);
         InFlightGuard(Arc::clone(self))
     }
@@ -53,6 +58,7 @@ impl InFlight {
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
+        self.0.settled.fetch_add(1, Ordering::Relaxed);
         if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.0.idle.notify_waiters();
         }
@@ -72,6 +78,9 @@ pub(super) struct Holder {
     ticks: u64,
     /// Partitions held but not consumed: since when, and when a failed try is next a warning.
     unconsumed: BTreeMap<u32, (Instant, Instant)>,
+    /// Partitions whose consumer was found idle while events waited, and consumed again, and
+    /// whose new consumer has taken nothing yet: how many times in a row.
+    idle_again: BTreeMap<u32, u32>,
 }
 
 /// How long a held partition may go without a consumer before each try that fails is a warning
@@ -89,12 +98,102 @@ struct Consuming {
     /// Stops taking deliveries, but keeps the consumer: see [`Consuming::pause`].
     pause: CancellationToken,
     task: tokio::task::JoinHandle<()>,
+    /// What the last check of the broker saw of this consumer's progress.
+    watch: Watch,
+}
+
+/// How many checks of the broker in a row may find a partition's events ready while its
+/// consumer here takes none and has none in flight, before the consumer is taken for dead and
+/// consumed again. The broker hands ready events to an active consumer with room at once: one
+/// that gets none for a whole check interval is not the one the broker delivers to (a consumer
+/// left behind by a broken connection can stand in front of it), or lapin no longer passes
+/// them on.
+const IDLE_CHECKS: u32 = 2;
+
+/// How many times in a row a partition may be found idle and consumed again before this
+/// worker's connection to the broker is closed and opened anew.
+const IDLE_AGAIN: u32 = 2;
+
+/// How many checks in a row may find a partition's events in flight here with none taken or
+/// settled since the last, before each further such check is a warning: an event stuck in its
+/// apply holds its command's turn, and every later event of that command waits behind it.
+const STUCK_CHECKS: u32 = 3;
+
+/// Checks between two warnings of the same events in flight without progress.
+const STUCK_REPEAT: u32 = 30;
+
+/// A consumer's progress as the broker checks see it.
+#[derive(Default)]
+struct Watch {
+    /// Deliveries taken and settled at the last check.
+    received: u64,
+    settled: u64,
+    /// Checks in a row that found events ready and this consumer idle.
+    idle: u32,
+    /// Checks in a row that found events in flight and none taken or settled.
+    stuck: u32,
+}
+
+/// What a check of the broker makes of one consumed partition.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Fine,
+    /// Events wait in the queue and this consumer takes none: consume it again.
+    Idle,
+    /// Events taken here make no progress: say so (they cannot be taken back safely).
+    Stuck,
+}
+
+impl Watch {
+    /// Reads one check: `ready` events in the queue; `received`, `settled` and `in_flight`
+    /// here.
+    fn check(&mut self, ready: u32, received: u64, settled: u64, in_flight: usize) -> Verdict {
+        let moved = received != self.received || settled != self.settled;
+        self.received = received;
+        self.settled = settled;
+        self.idle = if ready > 0 && !moved && in_flight == 0 {
+            self.idle + 1
+        } else {
+            0
+        };
+        self.stuck = if in_flight > 0 && !moved {
+            self.stuck + 1
+        } else {
+            0
+        };
+        if self.idle >= IDLE_CHECKS {
+            Verdict::Idle
+        } else if self.stuck == STUCK_CHECKS
+            || (self.stuck > 0 && self.stuck.is_multiple_of(STUCK_REPEAT))
+        {
+            // Once when it starts, then now and then: a retry lane waits its delay this way too.
+            Verdict::Stuck
+        } else {
+            Verdict::Fine
+        }
+    }
+}
+
+/// Says so, once per `lease`, while the holder's last check of the partitions is older than
+/// `lease`: its claims are not being renewed, and what it consumes is not being checked.
+async fn watch_checks(checked: Arc<std::sync::Mutex<Instant>>, lease: Duration) {
+    loop {
+        tokio::time::sleep(lease).await;
+        let last = *checked.lock().unwrap_or_else(|e| e.into_inner());
+        if last.elapsed() > lease {
+            tracing::warn!(
+                since_s = last.elapsed().as_secs(),
+                lease_s = lease.as_secs(),
+                "This worker has not finished a check of its partitions for longer than their lease: their claims are not renewed, and another worker may take them."
+            );
+        }
+    }
 }
 
 /// The longest a call to the broker may take in the holder's loop: one that does not answer (a
 /// broker restarting, a connection not yet known dead) is given up for this tick, not waited on
 /// for ever, so the loop goes on renewing claims and consuming again what lost its consumer.
-const BROKER_CALL: Duration = Duration::from_secs(5);
+pub(super) const BROKER_CALL: Duration = Duration::from_secs(5);
 
 /// Closes `channel`, waiting at most [`BROKER_CALL`]: a channel of a dead connection dies with it.
 pub(super) async fn close(channel: &Channel, why: &'static str) {
@@ -134,6 +233,7 @@ impl Holder {
             draining: Arc::default(),
             ticks: 0,
             unconsumed: BTreeMap::new(),
+            idle_again: BTreeMap::new(),
         }
     }
 
@@ -144,16 +244,21 @@ impl Holder {
     /// Keeps this worker's share of the partitions until `shutdown`; then stops consuming,
     /// waits for `drained`, closes the channels and lets every partition go.
     pub(super) async fn run(mut self, shutdown: CancellationToken, drained: CancellationToken) {
-        let tick = (self.engine.settings.partition_lease / 4).max(Duration::from_millis(500));
+        let lease = self.engine.settings.partition_lease;
+        let tick = (lease / 4).max(Duration::from_millis(500));
+        let checked = Arc::new(std::sync::Mutex::new(Instant::now()));
+        let watchdog = tokio::spawn(watch_checks(Arc::clone(&checked), lease));
         loop {
             if let Err(e) = self.rebalance().await {
                 tracing::warn!(error = %e, "Could not check this worker's partitions; trying again.");
             }
+            *checked.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 () = tokio::time::sleep(tick) => {}
             }
         }
+        watchdog.abort();
         for c in self.consuming.values() {
             c.pause();
         }
@@ -199,24 +304,80 @@ impl Holder {
                 .collect();
             for p in live {
                 let queue = bus.topology().partition_queue(p);
-                let asked = tokio::time::timeout(BROKER_CALL, bus.queue_consumers(&queue)).await;
+                let asked = tokio::time::timeout(BROKER_CALL, bus.queue_counts(&queue)).await;
                 match asked {
-                    Ok(Ok(0)) => {
+                    Ok(Ok(counts)) if counts.consumers == 0 => {
                         tracing::warn!(
                             partition = p,
                             "The broker has no consumer of a partition this worker consumes; consuming it again."
                         );
                         gone.push(p);
                     }
-                    Ok(Ok(_)) => {}
+                    Ok(Ok(counts)) => {
+                        let Some(c) = self.consuming.get_mut(&p) else {
+                            continue;
+                        };
+                        let f = &c.in_flight;
+                        let (received, settled, in_flight) = (
+                            f.received.load(Ordering::Relaxed),
+                            f.settled.load(Ordering::Relaxed),
+                            f.count.load(Ordering::SeqCst),
+                        );
+                        if received > 0 {
+                            self.idle_again.remove(&p);
+                        }
+                        match c.watch.check(counts.ready, received, settled, in_flight) {
+                            Verdict::Fine => {}
+                            Verdict::Idle => {
+                                let times = self.idle_again.entry(p).or_default();
+                                *times += 1;
+                                if *times < IDLE_AGAIN {
+                                    tracing::warn!(
+                                        partition = p,
+                                        ready = counts.ready,
+                                        consumers = counts.consumers,
+                                        "A partition's events wait in the broker and its consumer here takes none; consuming it again."
+                                    );
+                                    gone.push(p);
+                                } else {
+                                    // Consumed again, and still nothing: the consumer the
+                                    // broker delivers to may be one of this connection's that
+                                    // nothing reads any more (its channel lost here, open
+                                    // there). Ending the connection ends it.
+                                    tracing::warn!(
+                                        partition = p,
+                                        ready = counts.ready,
+                                        consumers = counts.consumers,
+                                        "A partition consumed again still gets none of its waiting events; closing this worker's connection to the broker, and every consumer on it."
+                                    );
+                                    self.idle_again.clear();
+                                    bus.reconnect().await;
+                                    gone = self.consuming.keys().copied().collect();
+                                    break;
+                                }
+                            }
+                            Verdict::Stuck => {
+                                tracing::warn!(
+                                    partition = p,
+                                    in_flight,
+                                    ready = counts.ready,
+                                    "A partition's events taken by this worker have made no progress since the last checks; their commands' later events wait behind them."
+                                );
+                            }
+                        }
+                    }
+                    // The rest wait for the next check: one unanswered call per partition in a
+                    // row would keep the claims from being renewed within their lease.
                     Ok(Err(e)) => {
                         tracing::warn!(partition = p, error = %e, "Could not ask the broker whether it has a consumer of a partition this worker consumes.");
+                        break;
                     }
                     Err(_) => {
                         tracing::warn!(
                             partition = p,
                             "The broker did not say within {BROKER_CALL:?} whether it has a consumer of a partition this worker consumes."
                         );
+                        break;
                     }
                 }
             }
@@ -226,10 +387,12 @@ impl Holder {
                 if held.contains(&p) {
                     let now = Instant::now();
                     self.unconsumed.insert(p, (now, now + UNCONSUMED_WARN));
-                    tracing::warn!(
-                        partition = p,
-                        "Lost the consumer of a partition (the broker went away); consuming it again."
-                    );
+                    if !c.alive() {
+                        tracing::warn!(
+                            partition = p,
+                            "Lost the consumer of a partition (the broker went away); consuming it again."
+                        );
+                    }
                 }
                 c.task.abort();
                 close(&c.channel, "partition let go").await;
@@ -374,6 +537,7 @@ impl Holder {
             in_flight,
             pause,
             task,
+            watch: Watch::default(),
         })
     }
 
@@ -413,5 +577,48 @@ impl Holder {
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&p);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_consumer_that_takes_nothing_while_events_wait_is_idle_after_two_checks() {
+        let mut w = Watch::default();
+        assert_eq!(w.check(42, 0, 0, 0), Verdict::Fine);
+        assert_eq!(w.check(42, 0, 0, 0), Verdict::Idle);
+        // Consumed again: a new watch, and this time the broker delivers.
+        let mut w = Watch::default();
+        assert_eq!(w.check(42, 0, 0, 0), Verdict::Fine);
+        assert_eq!(w.check(40, 7, 7, 0), Verdict::Fine);
+        assert_eq!(w.check(30, 9, 9, 0), Verdict::Fine);
+    }
+
+    #[test]
+    fn an_empty_queue_or_a_busy_consumer_is_not_idle() {
+        let mut w = Watch::default();
+        for _ in 0..5 {
+            assert_eq!(w.check(0, 3, 3, 0), Verdict::Fine, "nothing waits");
+        }
+        let mut w = Watch::default();
+        let mut n = 0;
+        for _ in 0..5 {
+            n += 10;
+            assert_eq!(w.check(500, n, n - 4, 4), Verdict::Fine, "taking events");
+        }
+    }
+
+    #[test]
+    fn events_in_flight_with_no_progress_are_stuck_from_the_third_check() {
+        let mut w = Watch::default();
+        assert_eq!(w.check(5, 10, 8, 2), Verdict::Fine);
+        assert_eq!(w.check(5, 10, 8, 2), Verdict::Fine);
+        assert_eq!(w.check(5, 10, 8, 2), Verdict::Fine);
+        assert_eq!(w.check(5, 10, 8, 2), Verdict::Stuck);
+        assert_eq!(w.check(5, 10, 9, 1), Verdict::Fine, "one settled");
+        // Not idle either while something is in flight: taking it back is not safe.
+        assert_eq!(w.check(5, 10, 9, 1), Verdict::Fine);
     }
 }

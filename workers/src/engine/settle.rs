@@ -62,21 +62,15 @@ impl Engine {
                 tracing::warn!(
                     "An event to be tried again reached no retry lane; handing it back to the broker."
                 );
-                drop(
-                    delivery
-                        .acker
-                        .nack(BasicNackOptions {
-                            requeue: true,
-                            ..BasicNackOptions::default()
-                        })
-                        .await,
-                );
+                if let Err(e) = bus::nack(&delivery.acker, true).await {
+                    tracing::warn!(error = %e, "Could not hand an event back; the broker will redeliver it when its channel closes.");
+                }
                 return;
             }
         };
         match forwarded {
             Ok(()) => {
-                if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+                if let Err(e) = bus::ack(&delivery.acker).await {
                     tracing::warn!(error = %e, "Could not ack; the broker will redeliver and the event will be deduplicated.");
                 }
             }
