@@ -750,7 +750,11 @@ impl Fleet {
             ("CMDFLOW_EXAMPLES", "true".to_owned()),
             (
                 "RUST_LOG",
-                std::env::var("CMDFLOW_TEST_LOG").unwrap_or_else(|_| "warn,lapin=error".to_owned()),
+                // The partitions' comings and goings too: when a fault test fails, they say which
+                // worker consumed what, and when.
+                std::env::var("CMDFLOW_TEST_LOG").unwrap_or_else(|_| {
+                    "warn,lapin=error,cmdflow_workers::engine::partitions=info".to_owned()
+                }),
             ),
         ]
         .into_iter()

@@ -10,6 +10,7 @@ mod batch;
 mod cloudevents_binary;
 mod console;
 mod console_api;
+mod consumers;
 mod deciders;
 mod drain;
 mod eager;
