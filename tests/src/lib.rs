@@ -474,6 +474,17 @@ impl TestEnv {
         ))
     }
 
+    /// Deletes a queue of this world's namespace that [`TestEnv::cleanup`] does not know of (an
+    /// activity's, say), so that no test leaves one behind on the shared broker.
+    pub async fn delete_queue(&self, queue: &str) {
+        let channel = self.bus.channel().await.expect("channel");
+        channel
+            .queue_delete(queue.into(), lapin::options::QueueDeleteOptions::default())
+            .await
+            .expect("delete the queue");
+        drop(channel.close(200, "done".into()).await);
+    }
+
     /// Messages ready in a queue.
     pub async fn queue_depth(&self, queue: &str) -> u32 {
         let channel = self.bus.channel().await.expect("channel");

@@ -288,5 +288,8 @@ async fn a_purchase_approval_runs_in_its_own_binary() {
 
     drop(up.child.start_kill());
     drop(up.child.wait().await);
+    // The activity's queue is the application's, not the namespace's core topology.
+    env.delete_queue(&env.bus.topology().activity_queue("budget"))
+        .await;
     env.cleanup().await;
 }
