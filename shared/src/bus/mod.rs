@@ -224,10 +224,8 @@ impl Bus {
             return Ok(Arc::clone(conn));
         }
         if let Some(old) = guard.take() {
-            // Best effort: the old connection is already broken or closing. Bounded: a close
-            // that never hears back (a connection cut under it) would hold this lock, and every
-            // caller that wants a channel, for ever.
-            drop(tokio::time::timeout(CONNECT_TIMEOUT, old.close(0, "reconnecting".into())).await);
+            // Best effort: the old connection is already broken or closing.
+            close_connection(&old, 0).await;
         }
         let props = ConnectionProperties::default()
             .with_connection_name(LongString::from(self.name.as_str()));
@@ -262,9 +260,7 @@ impl Bus {
     pub async fn reconnect(&self) {
         let old = self.connection.lock().await.take();
         if let Some(old) = old {
-            drop(
-                tokio::time::timeout(CONNECT_TIMEOUT, old.close(200, "reconnecting".into())).await,
-            );
+            close_connection(&old, 200).await;
         }
         self.publisher.lock().await.take();
     }
@@ -488,6 +484,13 @@ pub fn amqp_code(e: &lapin::Error) -> Option<u16> {
         lapin::ErrorKind::ProtocolError(amqp) => Some(amqp.get_id()),
         _ => None,
     }
+}
+
+/// Closes `conn` with reply `code`, waiting at most [`CONNECT_TIMEOUT`]: a close that never
+/// hears back (a connection cut under it) would otherwise hold the connection's lock, and every
+/// caller that wants a channel, for ever.
+async fn close_connection(conn: &Connection, code: u16) {
+    drop(tokio::time::timeout(CONNECT_TIMEOUT, conn.close(code, "reconnecting".into())).await);
 }
 
 /// What the broker says of a queue: messages ready (not those delivered and unacknowledged),

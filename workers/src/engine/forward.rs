@@ -7,11 +7,9 @@ use std::time::Duration;
 use cmdflow_shared::bus::{self, Bus, BusError};
 use cmdflow_shared::contract::binary;
 use futures::{FutureExt, StreamExt};
-use lapin::options::{BasicConsumeOptions, BasicQosOptions};
-use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 
-use super::partitions::{BROKER_CALL, close};
+use super::partitions::{close, subscribe};
 
 /// Forwards the events published without a partition header (in `{ns}.unkeyed`) to their
 /// partitions, in order, when this worker is the one consumer of that queue; stands by
@@ -37,31 +35,10 @@ const FORWARD_BATCH: u16 = 256;
 async fn forward_while_first(bus: &Bus, shutdown: &CancellationToken) -> Result<(), BusError> {
     let t = bus.topology();
     let channel = bus.channel().await?;
-    let subscribe = async {
-        channel
-            .basic_qos(FORWARD_BATCH, BasicQosOptions::default())
-            .await?;
-        channel
-            .basic_consume(
-                t.work_queue().as_str().into(),
-                "cmdflow-router".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-    };
     // Bounded, as the partitions' consumers are: a broker that never answers would leave the
     // unkeyed events with no forwarder and no line said.
-    let mut consumer = match tokio::time::timeout(BROKER_CALL, subscribe).await {
-        Ok(Ok(consumer)) => consumer,
-        failed => {
-            close(&channel, "could not consume").await;
-            return Err(match failed {
-                Ok(Err(e)) => e.into(),
-                _ => BusError::Timeout(BROKER_CALL),
-            });
-        }
-    };
+    let mut consumer =
+        subscribe(&channel, &t.work_queue(), "cmdflow-router", FORWARD_BATCH).await?;
     tracing::info!(queue.name = %t.work_queue(), "Forwarding unkeyed events to their partitions.");
     let route = t.route_exchange();
     loop {

@@ -11,9 +11,9 @@ use cmdflow_shared::CommandId;
 use cmdflow_shared::bus::BusError;
 use cmdflow_shared::store::partitions;
 use futures::StreamExt;
-use lapin::Channel;
 use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
+use lapin::{Channel, Consumer};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -193,7 +193,41 @@ async fn watch_checks(checked: Arc<std::sync::Mutex<Instant>>, lease: Duration) 
 /// The longest a call to the broker may take in the holder's loop: one that does not answer (a
 /// broker restarting, a connection not yet known dead) is given up for this tick, not waited on
 /// for ever, so the loop goes on renewing claims and consuming again what lost its consumer.
-pub(super) const BROKER_CALL: Duration = Duration::from_secs(5);
+const BROKER_CALL: Duration = Duration::from_secs(5);
+
+/// Consumes `queue` on `channel` with `prefetch` deliveries at most unacknowledged, waiting at
+/// most [`BROKER_CALL`]. On failure the channel is closed: a consumer the broker may have
+/// registered must not outlive the try, as the queue's active consumer with nobody reading it.
+pub(super) async fn subscribe(
+    channel: &Channel,
+    queue: &str,
+    tag: &str,
+    prefetch: u16,
+) -> Result<Consumer, BusError> {
+    let subscribing = async {
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await?;
+        channel
+            .basic_consume(
+                queue.into(),
+                tag.into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+    };
+    match tokio::time::timeout(BROKER_CALL, subscribing).await {
+        Ok(Ok(consumer)) => Ok(consumer),
+        failed => {
+            close(channel, "could not consume").await;
+            Err(match failed {
+                Ok(Err(e)) => e.into(),
+                _ => BusError::Timeout(BROKER_CALL),
+            })
+        }
+    }
+}
 
 /// Closes `channel`, waiting at most [`BROKER_CALL`]: a channel of a dead connection dies with it.
 pub(super) async fn close(channel: &Channel, why: &'static str) {
@@ -477,31 +511,7 @@ impl Holder {
             .map_err(|_| BusError::Timeout(BROKER_CALL))??;
         let tag = format!("cmdflow-worker-{}-{p}", uuid::Uuid::new_v4().simple());
         let pause = CancellationToken::new();
-        let subscribe = async {
-            channel
-                .basic_qos(prefetch, BasicQosOptions::default())
-                .await?;
-            channel
-                .basic_consume(
-                    queue.as_str().into(),
-                    tag.as_str().into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-        };
-        let consumer = match tokio::time::timeout(BROKER_CALL, subscribe).await {
-            Ok(Ok(consumer)) => consumer,
-            failed => {
-                // A consumer the broker may have registered must not outlive this try: it
-                // would be the partition's active consumer with nobody reading it.
-                close(&channel, "could not consume").await;
-                return Err(match failed {
-                    Ok(Err(e)) => e.into(),
-                    _ => BusError::Timeout(BROKER_CALL),
-                });
-            }
-        };
+        let consumer = subscribe(&channel, &queue, &tag, prefetch).await?;
         let in_flight = Arc::new(InFlight::default());
         let (tx, counter, paused) = (self.tx.clone(), Arc::clone(&in_flight), pause.clone());
         let bus = Arc::clone(bus);
